@@ -1,0 +1,228 @@
+"""One M2-BERT layer: the Monarch Mixer sequence mixer and the block-diagonal GLU MLP (M2_SPEC 1.1-1.3).
+
+Module and parameter names follow the released upstream checkpoints (M2_UPSTREAM_KEYS.txt), so a
+state dict of these modules IS the upstream layout.
+
+Shape legend: B batch, L sequence length, D hidden size, I MLP inner size, O filter MLP order,
+E positional feature size, N = 2L the long-conv FFT size.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+
+import kernels.blockdiag
+import kernels.fftconv
+from m2dist.config import ModelConfig
+
+
+class Sin(nn.Module):
+    """sin(freq * x) with a trainable frequency per channel; one instance is shared by every
+    activation of both filter MLPs of a HyenaFilter."""
+
+    def __init__(self, dim: int, freq: float):
+        super().__init__()
+        self.freq = nn.Parameter(torch.full((1, dim), float(freq)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sin(self.freq * x)
+
+
+class PositionalFeatures(nn.Module):
+    """z = [t, Re(exp(-i f w)), Im(exp(-i f w))] of shape (1, l_max, E); z is trained, t is a buffer.
+
+    Built once for l_max; a shorter input uses the first L rows (t is not re-spaced).
+    """
+
+    def __init__(self, emb_dim: int, l_max: int):
+        super().__init__()
+        bands = (emb_dim - 1) // 2
+        t_1L1 = torch.linspace(0, 1, l_max)[None, :, None]
+        w_1L1 = 2 * math.pi * torch.arange(l_max, dtype=torch.float32)[None, :, None] / l_max
+        f_11F = torch.linspace(1e-4, bands - 1, bands)[None, None]
+        z = torch.exp(-1j * f_11F * w_1L1)
+        self.z = nn.Parameter(torch.cat([t_1L1, z.real, z.imag], dim=-1))
+        self.register_buffer("t", t_1L1)
+
+    def forward(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.z[:, :length], self.t[:, :length]
+
+
+class ExponentialModulation(nn.Module):
+    """k[t, c] *= exp(-t |delta_c|) with fixed decay rates from fast (30%) to slow (150%) to 1e-2."""
+
+    def __init__(self, d_model: int, fast_decay_pct: float = 0.3, slow_decay_pct: float = 1.5, target: float = 1e-2):
+        super().__init__()
+        max_decay = math.log(target) / fast_decay_pct
+        min_decay = math.log(target) / slow_decay_pct
+        self.register_buffer("deltas", torch.linspace(min_decay, max_decay, d_model)[None, None])
+
+    def forward(self, t_1L1: torch.Tensor, k_1LD: torch.Tensor) -> torch.Tensor:
+        return k_1LD * torch.exp(-t_1L1 * self.deltas.abs())
+
+
+def _filter_mlp(emb_dim: int, order: int, d_model: int, act: Sin) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(emb_dim, order), act,
+        nn.Linear(order, order), act,
+        nn.Linear(order, order), act,
+        nn.Linear(order, d_model, bias=False),
+    )  # fmt: skip
+
+
+class HyenaFilter(nn.Module):
+    """Implicit long-conv filter: an MLP of positional features, exponentially modulated.
+
+    `bias` is the skip weight D of the convolution (named as upstream).
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        d = config.hidden_size
+        self.bias = nn.Parameter(torch.randn(d))
+        self.pos_emb = PositionalFeatures(config.filter_emb_dim, config.l_max)
+        act = Sin(config.filter_order, config.filter_sin_freq)
+        self.implicit_filter = _filter_mlp(config.filter_emb_dim, config.filter_order, d, act)
+        if config.bidirectional:
+            self.implicit_filter_rev = _filter_mlp(config.filter_emb_dim, config.filter_order, d, act)
+        self.modulation = ExponentialModulation(d)
+        self.bidirectional = config.bidirectional
+
+    def kernel(self, length: int) -> torch.Tensor:
+        """The (D, 2L) circular kernel for inputs of length L."""
+        z_1LE, t_1L1 = self.pos_emb(length)
+        k_fwd_DL = self.modulation(t_1L1, self.implicit_filter(z_1LE))[0].transpose(0, 1)
+        k_rev_DL = None
+        if self.bidirectional:
+            k_rev_DL = self.modulation(t_1L1, self.implicit_filter_rev(z_1LE))[0].transpose(0, 1)
+        return kernels.fftconv.bidirectional_kernel(k_fwd_DL, k_rev_DL)
+
+
+class MonarchMixerSequenceMixing(nn.Module):
+    """The sequence mixer that replaces attention. (B, L, D) -> (B, L, D); no residual, no norm around it."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        d = config.hidden_size
+        self.d_model = d
+        self.l_max = config.l_max
+        self.backend = config.kernels.fftconv
+        self.filter_fn = HyenaFilter(config)
+        self.filter_fn2 = HyenaFilter(config) if config.residual_long_conv else None
+        self.in_linear = nn.Linear(d, 3 * d)
+        self.out_linear = nn.Linear(d, d)
+        # Upstream's `hyena_training_additions`: default nn.LayerNorm eps (1e-5), not layer_norm_eps.
+        self.layernorm = nn.LayerNorm(d) if config.pre_layernorm else None
+        self.short_filter = nn.Conv1d(3 * d, 3 * d, kernel_size=3, groups=3 * d, padding=2)
+
+    def forward(self, u_BLD: torch.Tensor) -> torch.Tensor:
+        length = u_BLD.shape[1]
+        if self.layernorm is not None:
+            u_BLD = self.layernorm(u_BLD)
+        projected_BCL = self.in_linear(u_BLD).transpose(1, 2)
+        # Padding 2 on both sides and keeping the first L outputs makes the short conv causal.
+        short_BCL = self.short_filter(projected_BCL)[..., :length]
+        x1_BDL, x2_BDL, v_BDL = short_BCL.split(self.d_model, dim=1)
+        k2_DN = d2_D = None
+        if self.filter_fn2 is not None:
+            k2_DN, d2_D = self.filter_fn2.kernel(length), self.filter_fn2.bias
+        y_BDL = kernels.fftconv.gated_long_conv(
+            u_BLD.transpose(1, 2), x1_BDL, x2_BDL, v_BDL,
+            self.filter_fn.kernel(length), self.filter_fn.bias, k2_DN, d2_D,
+            backend=self.backend,
+        )  # fmt: skip
+        return self.out_linear(y_BDL.transpose(1, 2))
+
+
+class BlockdiagLinear(nn.Module):
+    """Linear layer with a block-diagonal weight (nblocks, out/nblocks, in/nblocks), no permutation."""
+
+    def __init__(self, in_features: int, out_features: int, nblocks: int, bias: bool = True, backend: str = "reference"):
+        super().__init__()
+        if in_features % nblocks or out_features % nblocks:
+            raise ValueError(f"in_features={in_features} and out_features={out_features} must divide by nblocks={nblocks}")
+        self.in_features, self.out_features, self.backend = in_features, out_features, backend
+        # Registered before the weight, as upstream, so state dicts list keys in the same order.
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.weight = nn.Parameter(torch.empty(nblocks, out_features // nblocks, in_features // nblocks))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Dense kaiming-uniform(a=sqrt(5)) init scaled by sqrt(nblocks), keeping the diagonal blocks."""
+        nblocks, q, p = self.weight.shape
+        dense = torch.empty(self.out_features, self.in_features, device=self.weight.device)
+        nn.init.kaiming_uniform_(dense, a=math.sqrt(5))
+        dense *= math.sqrt(nblocks)
+        for i in range(nblocks):
+            self.weight[i].copy_(dense[i * q : (i + 1) * q, i * p : (i + 1) * p])
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.blockdiag.blockdiag_matmul(x, self.weight, self.bias, backend=self.backend)
+
+
+class GatedBlockdiagMLP(nn.Module):
+    """`LayerNorm(BlockDiag_I->d(GELU(g) * n) + x)` with [g, n] = BlockDiag_d->2I(x) (post-LN GLU)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        d, inner, nblocks = config.hidden_size, config.intermediate_size, config.mlp_nblocks
+        backend = config.kernels.blockdiag
+        self.gated_layers = BlockdiagLinear(d, 2 * inner, nblocks, bias=False, backend=backend)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.wo = BlockdiagLinear(inner, d, nblocks, backend=backend)
+        self.layernorm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.backend = backend
+
+    def forward(self, x_BLD: torch.Tensor) -> torch.Tensor:
+        a_BLI = kernels.blockdiag.blockdiag_glu(x_BLD, self.gated_layers.weight, backend=self.backend)
+        return self.layernorm(self.wo(self.dropout(a_BLI)) + x_BLD)
+
+
+class M2Layer(nn.Module):
+    """`h_out = MLP(SeqMixer(h))`; the mixer ignores the attention mask, as upstream."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.attention = MonarchMixerSequenceMixing(config)
+        self.mlp = GatedBlockdiagMLP(config)
+
+    def forward(self, h_BLD: torch.Tensor, attention_mask_BL: torch.Tensor | None = None) -> torch.Tensor:
+        return self.mlp(self.attention(h_BLD))
+
+
+def m2_special_parameters(module: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(forward filter MLP params incl. the shared Sin frequency, positional features z) of every
+    HyenaFilter under `module`: the two groups with their own lr/weight decay (M2_SPEC 3)."""
+    filter_params: dict[int, nn.Parameter] = {}
+    pos_params: dict[int, nn.Parameter] = {}
+    for sub in module.modules():
+        if isinstance(sub, HyenaFilter):
+            for p in sub.implicit_filter.parameters():
+                filter_params[id(p)] = p
+            pos_params[id(sub.pos_emb.z)] = sub.pos_emb.z
+    return list(filter_params.values()), list(pos_params.values())
+
+
+def init_weights(module: nn.Module, initializer_range: float) -> None:
+    """Upstream init: nn.Linear and embeddings N(0, std), zero bias, padding row zero; LayerNorm (1, 0).
+    BlockdiagLinear, convs, D, freq and z keep their own init."""
+    for sub in module.modules():
+        if isinstance(sub, nn.Linear):
+            nn.init.normal_(sub.weight, std=initializer_range)
+            if sub.bias is not None:
+                nn.init.zeros_(sub.bias)
+        elif isinstance(sub, nn.Embedding):
+            nn.init.normal_(sub.weight, std=initializer_range)
+            if sub.padding_idx is not None:
+                with torch.no_grad():
+                    sub.weight[sub.padding_idx].zero_()
+        elif isinstance(sub, nn.LayerNorm):
+            nn.init.ones_(sub.weight)
+            nn.init.zeros_(sub.bias)
+
+

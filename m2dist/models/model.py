@@ -1,0 +1,209 @@
+"""Encoders and heads shared by M2-BERT and the BERT baseline (M2_SPEC 1.4).
+
+`MaskedLM` and `SequenceClassifier` hold the encoder under `bert` and the heads under upstream's
+names (`cls.predictions`, `bert.pooler`, `classifier`), so their state dicts are upstream's layout.
+
+Shape legend: B batch, L sequence length, D hidden size, V vocabulary, M masked tokens, C labels.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from m2dist.config import ModelConfig
+from m2dist.models.bert import BertLayer
+from m2dist.models.m2 import M2Layer, init_weights
+
+
+class Embeddings(nn.Module):
+    """word (padding_idx) + token type + learned absolute position -> LayerNorm -> dropout."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.l_max = config.l_max
+        self.register_buffer("position_ids", torch.arange(config.l_max)[None])
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.l_max, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, input_ids_BL: torch.Tensor, token_type_ids_BL: torch.Tensor | None = None) -> torch.Tensor:
+        length = input_ids_BL.shape[1]
+        if length > self.l_max:
+            raise ValueError(f"input length {length} exceeds the model's l_max={self.l_max}")
+        h_BLD = self.word_embeddings(input_ids_BL) + self.position_embeddings(self.position_ids[:, :length])
+        if token_type_ids_BL is None:
+            h_BLD = h_BLD + self.token_type_embeddings.weight[0]
+        else:
+            h_BLD = h_BLD + self.token_type_embeddings(token_type_ids_BL)
+        return self.dropout(self.LayerNorm(h_BLD))
+
+
+class LayerStack(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        layer_cls = M2Layer if config.architecture == "m2" else BertLayer
+        self.layer = nn.ModuleList(layer_cls(config) for _ in range(config.num_layers))
+
+    def forward(self, h_BLD: torch.Tensor, attention_mask_BL: torch.Tensor | None) -> torch.Tensor:
+        for layer in self.layer:
+            h_BLD = layer(h_BLD, attention_mask_BL)
+        return h_BLD
+
+
+class Pooler(nn.Module):
+    """dense + tanh on the first token ("cls") or on the masked mean over tokens ("mean")."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.mean = config.pool == "mean"
+
+    def forward(self, h_BLD: torch.Tensor, attention_mask_BL: torch.Tensor | None) -> torch.Tensor:
+        if not self.mean:
+            pooled_BD = h_BLD[:, 0]
+        elif attention_mask_BL is None:
+            pooled_BD = h_BLD.mean(dim=1)
+        else:
+            mask_BL1 = attention_mask_BL.to(h_BLD.dtype)[..., None]
+            pooled_BD = (h_BLD * mask_BL1).sum(dim=1) / mask_BL1.sum(dim=1)
+        return torch.tanh(self.dense(pooled_BD))
+
+
+class Encoder(nn.Module):
+    """Embeddings + layers (+ pooler for classification). (B, L) token ids -> (B, L, D)."""
+
+    def __init__(self, config: ModelConfig, with_pooler: bool = False):
+        super().__init__()
+        self.embeddings = Embeddings(config)
+        self.encoder = LayerStack(config)
+        self.pooler = Pooler(config) if with_pooler else None
+
+    def forward(
+        self,
+        input_ids_BL: torch.Tensor,
+        attention_mask_BL: torch.Tensor | None = None,
+        token_type_ids_BL: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return self.encoder(self.embeddings(input_ids_BL, token_type_ids_BL), attention_mask_BL)
+
+
+class PredictionHeadTransform(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=1e-12)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(F.gelu(self.dense(h)))
+
+
+class LMPredictionHead(nn.Module):
+    """dense -> GELU -> LayerNorm -> decoder tied to the word embeddings, with its own bias."""
+
+    def __init__(self, config: ModelConfig, word_embeddings: nn.Embedding):
+        super().__init__()
+        self.transform = PredictionHeadTransform(config)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
+        self.decoder.weight = word_embeddings.weight
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.transform(h))
+
+
+class MLMHead(nn.Module):
+    def __init__(self, config: ModelConfig, word_embeddings: nn.Embedding):
+        super().__init__()
+        self.predictions = LMPredictionHead(config, word_embeddings)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.predictions(h)
+
+
+@dataclass
+class MaskedLMOutput:
+    # Mean cross entropy over the masked tokens (None without labels).
+    loss: torch.Tensor | None
+    # (M, V) logits of the masked tokens when labels are given, else (B, L, V) for every token.
+    logits: torch.Tensor
+    # Number of masked tokens the loss averages over (0 without labels).
+    num_masked: int
+
+
+class MaskedLM(nn.Module):
+    """Encoder + tied MLM head; with labels, the head and the loss run on masked positions only."""
+
+    IGNORE_INDEX = -100
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.bert = Encoder(config)
+        self.cls = MLMHead(config, self.bert.embeddings.word_embeddings)
+        init_weights(self, config.initializer_range)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> MaskedLMOutput:
+        """input_ids, attention_mask, token_type_ids, labels: (B, L); labels -100 where not masked."""
+        h_BLD = self.bert(input_ids, attention_mask, token_type_ids)
+        if labels is None:
+            return MaskedLMOutput(loss=None, logits=self.cls(h_BLD), num_masked=0)
+        masked_M = (labels != self.IGNORE_INDEX).flatten().nonzero().squeeze(1)
+        logits_MV = self.cls(h_BLD.flatten(0, 1).index_select(0, masked_M))
+        targets_M = labels.flatten().index_select(0, masked_M)
+        loss = F.cross_entropy(logits_MV.float(), targets_M)
+        return MaskedLMOutput(loss=loss, logits=logits_MV, num_masked=int(masked_M.numel()))
+
+
+@dataclass
+class ClassifierOutput:
+    # MSE for one label (regression), else cross entropy (None without labels).
+    loss: torch.Tensor | None
+    # (B, C) scores.
+    logits: torch.Tensor
+
+
+class SequenceClassifier(nn.Module):
+    """Encoder + pooler + dropout + Linear(D, C); C = 1 is regression (e.g. STS-B)."""
+
+    def __init__(self, config: ModelConfig, num_labels: int):
+        super().__init__()
+        if num_labels < 1:
+            raise ValueError(f"num_labels must be >= 1, got {num_labels}")
+        self.config = config
+        self.num_labels = num_labels
+        self.bert = Encoder(config, with_pooler=True)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.classifier = nn.Linear(config.hidden_size, num_labels)
+        init_weights(self, config.initializer_range)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> ClassifierOutput:
+        """input_ids, attention_mask, token_type_ids: (B, L); labels: (B,) ints, or floats when C = 1."""
+        h_BLD = self.bert(input_ids, attention_mask, token_type_ids)
+        logits_BC = self.classifier(self.dropout(self.bert.pooler(h_BLD, attention_mask)))
+        loss = None
+        if labels is not None:
+            if self.num_labels == 1:
+                loss = F.mse_loss(logits_BC.squeeze(-1).float(), labels.float())
+            else:
+                loss = F.cross_entropy(logits_BC.float(), labels)
+        return ClassifierOutput(loss=loss, logits=logits_BC)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Trainable parameters, each shared tensor (tied decoder, shared Sin) counted once."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,30 @@
+"""Entry point: `python m2dist/train.py --config configs/debug.yaml [key=value ...]`."""
+
+import argparse
+import sys
+from pathlib import Path
+
+# Run as a script, Python puts m2dist/ itself first on sys.path, where its submodules would
+# shadow top-level packages of the same name; the installed package is what we want.
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)
+
+from m2dist.config import load_config  # noqa: E402
+from m2dist.trainer import train_synthetic  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", default="debug", help="a YAML file, or the name of one in configs/")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=5")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    config = load_config(args.config, args.overrides)
+    train_synthetic(config)
+
+
+if __name__ == "__main__":
+    main()
