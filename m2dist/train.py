@@ -9,6 +9,7 @@ from pathlib import Path
 if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path.pop(0)
 
+from m2dist.cli import run_cli  # noqa: E402
 from m2dist.config import load_config  # noqa: E402
 from m2dist.trainer import train_synthetic  # noqa: E402
 
@@ -27,4 +28,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

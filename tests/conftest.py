@@ -1,0 +1,27 @@
+"""Shared test fixtures: paths of the project's shared material and the `gpu` marker."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# The shared folder (spec, upstream key list, upstream fixtures) lies beside the clone.
+SHARED = REPO_ROOT.parent / "shared"
+UPSTREAM_FIXTURES = SHARED / "fixtures" / "upstream_m2"
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def upstream_fixture_dir():
+    if not UPSTREAM_FIXTURES.exists():
+        pytest.fail(f"upstream fixtures not found at {UPSTREAM_FIXTURES}; the shared folder must lie beside the clone")
+    return UPSTREAM_FIXTURES

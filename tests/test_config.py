@@ -1,0 +1,79 @@
+from pathlib import Path
+
+import pytest
+
+from m2dist.config import CONFIG_DIR, ConfigError, load_config
+
+ALL_CONFIGS = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+REQUIRED = {
+    "debug", "bert-base", "m2-bert-80M", "m2-bert-80M-preln", "m2-bert-110M", "m2-bert-260M",
+    "m2-bert-341M", "m2-bert-80M-2k", "m2-bert-80M-8k", "m2-bert-80M-32k",
+}  # fmt: skip
+
+
+def test_every_required_config_is_shipped():
+    assert REQUIRED <= set(ALL_CONFIGS)
+
+
+@pytest.mark.parametrize("name", ALL_CONFIGS)
+def test_every_config_loads(name):
+    config = load_config(name)
+    assert config.name == name
+
+
+def test_base_inheritance_and_sizes():
+    assert load_config("m2-bert-110M").model.hidden_size == 960
+    assert load_config("m2-bert-260M").model.hidden_size == 1536
+    assert load_config("m2-bert-341M").model.hidden_size == 1792
+    long = load_config("m2-bert-80M-32k")
+    assert long.model.l_max == 32768 and long.model.hidden_size == 768
+    assert load_config("m2-bert-80M-preln").model.pre_layernorm is True
+    bert = load_config("bert-base")
+    assert bert.model.architecture == "bert"
+    assert bert.train.optimizer.lr == pytest.approx(5e-4) and bert.train.mlm_probability == pytest.approx(0.15)
+    recipe = load_config("m2-bert-80M").train.optimizer
+    assert (recipe.lr, recipe.betas, recipe.eps, recipe.weight_decay) == (8e-4, (0.9, 0.98), 1e-6, 1e-5)
+
+
+def test_overrides_are_typed():
+    config = load_config("debug", ["model.hidden_size=256", "train.steps=3", "model.bidirectional=false"])
+    assert config.model.hidden_size == 256 and config.train.steps == 3 and config.model.bidirectional is False
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    "text, needles",
+    [
+        ("model:\n  hidden_sise: 64\n", ["bad.yaml", "model.hidden_sise", "unknown key", "hidden_size"]),
+        ("model:\n  hidden_size: 64.5\n", ["bad.yaml", "model.hidden_size", "expected an integer", "64.5"]),
+        ("model:\n  hidden_size: 66\n", ["bad.yaml", "model.hidden_size", "multiple of model.mlp_nblocks=4", "66"]),
+        ("model:\n  l_max: 0\n", ["bad.yaml", "model.l_max", ">= 1", "0"]),
+        ("model:\n  architecture: gpt\n", ["bad.yaml", "model.architecture", "'m2', 'bert'", "gpt"]),
+        ("train:\n  optimizer:\n    lr: 8e-4\n", ["bad.yaml", "train.optimizer.lr", "expected a number", "8e-4"]),
+        ("model:\n  kernels:\n    fftconv: cuda\n", ["bad.yaml", "kernels.fftconv", "cuda"]),
+        ("train:\n  seq_len: 512\n", ["bad.yaml", "train.seq_len", "model.l_max=128"]),
+        ("model: [1, 2]\n", ["bad.yaml", "model", "mapping"]),
+    ],
+)
+def test_bad_values_name_file_key_and_expectation(tmp_path, text, needles):
+    with pytest.raises(ConfigError) as err:
+        load_config(_write(tmp_path, text))
+    for needle in needles:
+        assert needle in str(err.value), (needle, str(err.value))
+
+
+def test_bad_override_is_named():
+    with pytest.raises(ConfigError, match=r"debug.yaml.*model.num_layers: expected an integer"):
+        load_config("debug", ["model.num_layers=two"])
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config("debug", ["model.num_layers"])
+
+
+def test_missing_file_lists_shipped_configs():
+    with pytest.raises(ConfigError, match="no such config file.*m2-bert-80M"):
+        load_config("m2-bert-999M")
