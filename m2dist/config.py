@@ -159,15 +159,43 @@ class OptimizerConfig:
 
 @dataclass
 class TrainConfig:
-    # Optimizer steps to run.
-    steps: int = 20
-    # Sequences per step.
-    batch_size: int = 8
-    # Tokens per sequence (0 = model.l_max).
+    # Length of training, in `duration_unit`s.
+    duration: int = 20
+    # "steps" (optimizer steps), "samples" (sequences) or "tokens" (sequence slots, L per sample).
+    duration_unit: Literal["steps", "samples", "tokens"] = "steps"
+    # Sequences per optimizer step over all ranks (the recipe's 4096).
+    global_batch_size: int = 8
+    # Sequences per rank per forward pass; 0 = global_batch_size / world size (no accumulation).
+    # Gradient accumulation = global_batch_size / (micro_batch_size x world size), which must divide.
+    micro_batch_size: int = 0
+    # Tokens per sequence of the synthetic quickstart data (0 = model.l_max).
     seq_len: int = 0
     # Share of tokens selected for MLM prediction (M2 0.30, BERT 0.15), replaced 80/10/10.
     mlm_probability: float = 0.30
-    # Seed of parameters init, data and masking.
+    # "bf16": bf16 autocast with fp32 master weights; "fp32": everything in fp32.
+    precision: Literal["bf16", "fp32"] = "bf16"
+    # DeepSpeed ZeRO stage: 0 (plain data parallel), 1 (optimizer state), 2 (+ gradients), 3 (+ parameters).
+    zero_stage: int = 2
+    # Keep optimizer state in CPU memory (ZeRO 1-3).
+    offload_optimizer: bool = False
+    # Clip the global gradient norm to this (0 = no clipping).
+    grad_clip: float = 1.0
+    # Linear warmup over this share of training, then linear decay to final_lr_fraction x peak.
+    warmup_fraction: float = 0.06
+    final_lr_fraction: float = 0.02
+    # Evaluate MLM loss and accuracy on the validation split every this many steps (0 = only at the end).
+    eval_every: int = 0
+    # Validation batches per evaluation (0 = the whole validation split).
+    eval_batches: int = 0
+    # Save a checkpoint every this many steps (0 = only at the end); keep the newest keep_last.
+    checkpoint_every: int = 0
+    keep_last: int = 2
+    # Leave this job after this many steps with a checkpoint (0 = run to the end); a job with the
+    # same output_dir continues from it, e.g. to fit training into time-limited allocations.
+    stop_after: int = 0
+    # Run folder: checkpoints, logs and the default MLflow store; "{name}" is the config's name.
+    output_dir: str = "outputs/{name}"
+    # Seed of parameter init, data order and masking.
     seed: int = 17
     # "cpu", "cuda", or "auto" (cuda when available).
     device: str = "auto"
@@ -176,11 +204,124 @@ class TrainConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "log_every"):
+        for name in ("duration", "global_batch_size", "log_every", "keep_last"):
             _require(getattr(self, name) >= 1, f"train.{name}", "an integer >= 1", getattr(self, name))
-        _require(self.seq_len >= 0, "train.seq_len", "an integer >= 0 (0 = model.l_max)", self.seq_len)
+        for name in ("micro_batch_size", "seq_len", "eval_every", "eval_batches", "checkpoint_every", "stop_after"):
+            _require(getattr(self, name) >= 0, f"train.{name}", "an integer >= 0", getattr(self, name))
         _require(0.0 < self.mlm_probability < 1.0, "train.mlm_probability", "in (0, 1)", self.mlm_probability)
+        _require(self.zero_stage in (0, 1, 2, 3), "train.zero_stage", "0, 1, 2 or 3", self.zero_stage)
+        _require(self.grad_clip >= 0, "train.grad_clip", ">= 0", self.grad_clip)
+        _require(0.0 <= self.warmup_fraction < 1.0, "train.warmup_fraction", "in [0, 1)", self.warmup_fraction)
+        _require(0.0 <= self.final_lr_fraction <= 1.0, "train.final_lr_fraction", "in [0, 1]", self.final_lr_fraction)
         _require(self.device in ("auto", "cpu", "cuda"), "train.device", "auto, cpu or cuda", self.device)
+        _require(
+            not (self.offload_optimizer and self.zero_stage == 0),
+            "train.offload_optimizer",
+            "false with train.zero_stage=0 (offload needs ZeRO 1-3)",
+            self.offload_optimizer,
+        )
+
+
+@dataclass
+class DataConfig:
+    # Training shards: comma-separated MDS directories or s3:// URLs written by tools/prepare_mds.py,
+    # each optionally weighted PATH@PROPORTION to mix corpora ("s3://b/c4/train@0.8,/d/books/train@0.2");
+    # "" = the embedded corpus (Python docs), tokenized on first use under `prepared_dir`.
+    train: str = ""
+    # Validation shards in the same form, without weights; "" = the embedded corpus' split when
+    # `train` is "" too (otherwise no validation).
+    val: str = ""
+    # Tokenizer the shards were made with: a WordPiece vocab.txt or a sentencepiece .model;
+    # "" = the bert-base-uncased vocab.txt shipped in m2dist/data/assets. Its SHA-256 must match the
+    # shards' manifest.
+    tokenizer: str = ""
+    # Where the embedded corpus is tokenized when `train` is ""; "" = ~/.cache/m2dist/embedded.
+    prepared_dir: str = ""
+    # Root of streaming's local cache of remote shards; each job gets a fresh folder under it.
+    # "" = the system temporary directory.
+    cache_dir: str = ""
+    # DataLoader worker processes per rank (0 = load in the training process).
+    num_workers: int = 2
+    # Batches each worker prepares ahead.
+    prefetch_factor: int = 2
+    # Shuffle training samples (validation is never shuffled).
+    shuffle: bool = True
+    # Samples per shuffle block of streaming's py1e shuffle (0 = streaming's default).
+    shuffle_block_size: int = 0
+    # MLM rate of validation batches (0.15 as upstream evaluates, whatever train.mlm_probability is).
+    eval_mlm_probability: float = 0.15
+
+    def __post_init__(self) -> None:
+        from m2dist.data.streams import parse_streams
+
+        for key in ("train", "val"):
+            try:
+                streams = parse_streams(getattr(self, key))
+            except ValueError as err:
+                raise ConfigError(f"data.{key}: {err}") from None
+            if key == "val":
+                _require(
+                    all(s.proportion is None for s in streams),
+                    "data.val",
+                    "streams without @PROPORTION (validation reads each stream whole)",
+                    self.val,
+                )
+        _require(
+            self.tokenizer == "" or self.tokenizer.endswith((".txt", ".model")),
+            "data.tokenizer",
+            'a WordPiece vocab ending in .txt, a sentencepiece model ending in .model, or ""',
+            self.tokenizer,
+        )
+        _require(self.num_workers >= 0, "data.num_workers", "an integer >= 0", self.num_workers)
+        _require(self.prefetch_factor >= 1, "data.prefetch_factor", "an integer >= 1", self.prefetch_factor)
+        _require(self.shuffle_block_size >= 0, "data.shuffle_block_size", "an integer >= 0", self.shuffle_block_size)
+        _require(
+            0.0 < self.eval_mlm_probability < 1.0, "data.eval_mlm_probability", "in (0, 1)", self.eval_mlm_probability
+        )
+
+
+@dataclass
+class TrackingConfig:
+    # Log params, metrics and artifacts to MLflow from rank 0 (false: no tracking at all).
+    enabled: bool = True
+    # MLflow tracking URI; "" = $MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/mlflow.db (no server).
+    tracking_uri: str = ""
+    # Experiment the runs go to (created on first use).
+    experiment: str = "m2dist"
+    # Send buffered metrics at least this often, in seconds.
+    flush_every_seconds: float = 10.0
+    # Send buffered metrics as soon as this many points are waiting.
+    flush_every_entries: int = 1000
+    # Metric points kept while the server is unreachable; beyond it the oldest are dropped and counted.
+    max_buffered_metrics: int = 100_000
+    # Seconds between attempts to reach the server again after a failed call.
+    retry_every_seconds: float = 15.0
+    # Longest wait in start() for the run to be created or reopened; training starts anyway after it.
+    start_timeout_seconds: float = 20.0
+    # Longest wait in close() for the last metrics and artifacts to be sent.
+    close_timeout_seconds: float = 30.0
+
+    def __post_init__(self) -> None:
+        uri = self.tracking_uri
+        _require(
+            uri in ("", "databricks") or ("://" in uri and not uri.startswith("file:")),
+            "tracking.tracking_uri",
+            'a URI such as http://127.0.0.1:5000 or sqlite:////abs/mlflow.db (file: stores are deprecated), or ""',
+            self.tracking_uri,
+        )
+        _require(self.experiment.strip() != "", "tracking.experiment", "a non-empty name", self.experiment)
+        for name in ("flush_every_seconds", "retry_every_seconds"):
+            _require(getattr(self, name) > 0, f"tracking.{name}", "> 0", getattr(self, name))
+        for name in ("start_timeout_seconds", "close_timeout_seconds"):
+            _require(getattr(self, name) >= 0, f"tracking.{name}", ">= 0", getattr(self, name))
+        entries = self.flush_every_entries
+        _require(entries >= 1, "tracking.flush_every_entries", "an integer >= 1", entries)
+        _require(
+            self.max_buffered_metrics >= self.flush_every_entries,
+            "tracking.max_buffered_metrics",
+            f">= tracking.flush_every_entries={self.flush_every_entries}",
+            self.max_buffered_metrics,
+        )
 
 
 @dataclass
@@ -189,6 +330,10 @@ class Config:
     name: str = "debug"
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # Pretraining shards, tokenizer and loader.
+    data: DataConfig = field(default_factory=DataConfig)
+    # MLflow experiment tracking (rank 0 only).
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
         _require(

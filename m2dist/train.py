@@ -1,4 +1,9 @@
-"""Entry point: `python m2dist/train.py --config configs/debug.yaml [key=value ...]`."""
+"""Pretraining entry point.
+
+  deepspeed --num_gpus 8 m2dist/train.py --config configs/m2-bert-80M.yaml [key=value ...]
+  torchrun --nproc_per_node 2 m2dist/train.py --config configs/debug.yaml
+  python m2dist/train.py --config configs/debug.yaml
+"""
 
 import argparse
 import sys
@@ -11,20 +16,23 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
 
 from m2dist.cli import run_cli  # noqa: E402
 from m2dist.config import load_config  # noqa: E402
-from m2dist.trainer import train_synthetic  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="debug", help="a YAML file, or the name of one in configs/")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=5")
+    # The deepspeed launcher appends --local_rank; LOCAL_RANK in the environment says the same.
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.duration=50")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     config = load_config(args.config, args.overrides)
-    train_synthetic(config)
+    from m2dist.engine.trainer import train
+
+    train(config)
 
 
 if __name__ == "__main__":

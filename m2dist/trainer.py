@@ -37,7 +37,7 @@ def _format_eta(seconds: float) -> str:
 
 
 def train_synthetic(config: Config, log=print) -> tuple[MaskedLM, TrainResult]:
-    """Train `config.model` for `config.train.steps` steps on random tokens; returns the model and losses."""
+    """Train `config.model` for `config.train.duration` steps on random tokens; returns the model and losses."""
     train = config.train
     torch.manual_seed(train.seed)
     device = resolve_device(train.device)
@@ -45,17 +45,17 @@ def train_synthetic(config: Config, log=print) -> tuple[MaskedLM, TrainResult]:
     model = build_masked_lm(config.model).to(device)
     optimizer = build_optimizer(model, train.optimizer)
     peak_lrs = [group["lr"] for group in optimizer.param_groups]
-    corpus = synthetic_corpus(max(4 * train.batch_size, 64), seq_len, config.model.vocab_size, train.seed)
-    batches = synthetic_mlm_batches(corpus, train.batch_size, config.model.vocab_size, train.mlm_probability, train.seed)
+    corpus = synthetic_corpus(max(4 * train.global_batch_size, 64), seq_len, config.model.vocab_size, train.seed)
+    batches = synthetic_mlm_batches(corpus, train.global_batch_size, config.model.vocab_size, train.mlm_probability, train.seed)
     log(
         f"{config.name}: {config.model.architecture} model, {count_parameters(model):,} parameters, "
-        f"{train.steps} steps of {train.batch_size} x {seq_len} tokens on {device}"
+        f"{train.duration} steps of {train.global_batch_size} x {seq_len} tokens on {device}"
     )
     result = TrainResult()
     model.train()
     start = time.perf_counter()
-    for step in range(train.steps):
-        scale = warmup_linear_decay(step, train.steps)
+    for step in range(train.duration):
+        scale = warmup_linear_decay(step, train.duration)
         for group, peak in zip(optimizer.param_groups, peak_lrs):
             group["lr"] = peak * scale
         batch = {k: v.to(device) for k, v in next(batches).items()}
@@ -69,11 +69,11 @@ def train_synthetic(config: Config, log=print) -> tuple[MaskedLM, TrainResult]:
             raise FloatingPointError(f"loss is {loss_value} at step {step + 1}")
         result.losses.append(loss_value)
         elapsed = time.perf_counter() - start
-        result.tokens_per_second = (step + 1) * train.batch_size * seq_len / elapsed
-        if (step + 1) % train.log_every == 0 or step + 1 == train.steps:
-            eta = elapsed / (step + 1) * (train.steps - step - 1)
+        result.tokens_per_second = (step + 1) * train.global_batch_size * seq_len / elapsed
+        if (step + 1) % train.log_every == 0 or step + 1 == train.duration:
+            eta = elapsed / (step + 1) * (train.duration - step - 1)
             log(
-                f"step {step + 1:>5}/{train.steps}  loss {loss_value:.4f}  lr {optimizer.param_groups[0]['lr']:.2e}  "
+                f"step {step + 1:>5}/{train.duration}  loss {loss_value:.4f}  lr {optimizer.param_groups[0]['lr']:.2e}  "
                 f"grad_norm {grad_norm:.3f}  tokens/s {result.tokens_per_second:,.0f}  MFU n/a  ETA {_format_eta(eta)}"
             )
     return model, result

@@ -25,3 +25,12 @@ def upstream_fixture_dir():
     if not UPSTREAM_FIXTURES.exists():
         pytest.fail(f"upstream fixtures not found at {UPSTREAM_FIXTURES}; the shared folder must lie beside the clone")
     return UPSTREAM_FIXTURES
+
+
+@pytest.fixture(scope="session")
+def embedded_dataset(tmp_path_factory):
+    """The embedded corpus as train/val shards at L=64 with the bert-base-uncased vocab (what the
+    debug config trains on), made once per test session."""
+    from m2dist.data.corpus import prepare_default_dataset
+
+    return prepare_default_dataset(tmp_path_factory.mktemp("embedded") / "L64", max_len=64)

@@ -36,8 +36,8 @@ def test_base_inheritance_and_sizes():
 
 
 def test_overrides_are_typed():
-    config = load_config("debug", ["model.hidden_size=256", "train.steps=3", "model.bidirectional=false"])
-    assert config.model.hidden_size == 256 and config.train.steps == 3 and config.model.bidirectional is False
+    config = load_config("debug", ["model.hidden_size=256", "train.duration=3", "model.bidirectional=false"])
+    assert config.model.hidden_size == 256 and config.train.duration == 3 and config.model.bidirectional is False
 
 
 def _write(tmp_path: Path, text: str) -> Path:

@@ -15,7 +15,7 @@ from tests.conftest import REPO_ROOT
 
 def test_debug_model_learns_on_synthetic_tokens():
     lines = []
-    config = load_config("debug", ["train.steps=30"])
+    config = load_config("debug", ["train.duration=30"])
     _, result = train_synthetic(config, log=lines.append)
     first, last = sum(result.losses[:5]) / 5, sum(result.losses[-5:]) / 5
     assert last < first - 1.0, result.losses
@@ -23,7 +23,7 @@ def test_debug_model_learns_on_synthetic_tokens():
 
 
 def test_cli_runs_and_reports_config_errors(capsys):
-    train_main(["--config", "debug", "train.steps=2", "train.log_every=1"])
+    train_main(["--config", "debug", "train.duration=2", "train.log_every=1"])
     assert "step     2/2" in capsys.readouterr().out
     completed = subprocess.run(
         [sys.executable, "m2dist/train.py", "--config", "debug", "model.hidden_sise=3"],

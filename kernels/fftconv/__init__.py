@@ -9,7 +9,17 @@ import torch
 from kernels.fftconv import reference
 from kernels.fftconv.reference import bidirectional_kernel
 
-_BACKENDS = {"reference": reference.gated_long_conv}
+
+
+def _triton_gated_long_conv(*args):
+    # Imported on first use: the Triton module must be imported after TRITON_INTERPRET is set,
+    # and `import kernels.fftconv` must work on machines without a GPU.
+    from kernels.fftconv import triton_fftconv
+
+    return triton_fftconv.gated_long_conv(*args)
+
+
+_BACKENDS = {"reference": reference.gated_long_conv, "triton": _triton_gated_long_conv}
 BACKENDS = tuple(_BACKENDS)
 
 

@@ -1,0 +1,717 @@
+"""Triton path of the gated bidirectional FFT long convolution (M2_SPEC 1.1 steps 4-7).
+
+`y = (conv(v * x1; k1) + (v * x1) * d1) * x2 + conv(u; k2) + u * d2`, forward and backward.
+
+Algorithm (FlashFFTConv's, in Triton): an FFT of size N is Bailey's four-step FFT. The on-chip
+transform of size M = M1 * M2 is two matrix products with small DFT matrices (tl.dot on tensor
+cores, complex numbers as pairs of real tiles) and a twiddle product between them:
+    time n = M2 * n1 + n2, frequency k = k1 + M1 * k2,
+    X[k1, k2] = sum_n2 W_M^(n2 k1) (sum_n1 x[n1, n2] W_M1^(n1 k1)) W_M2^(n2 k2).
+The sequence of a (batch, channel block) stays in registers from the gated input to the gated
+output: the zero padding to 2L is never materialised (the first stage contracts only the
+M1 / 2 rows that hold data), the product with the filter spectrum, the output cut to L, the skip
+terms, the post-gate and the residual convolution are all fused, so each input and output crosses
+HBM once. The two inverse transforms of a step share one complex transform: both results are real,
+so `IDFT(Y1 + i Y2) = y1 + i y2`.
+Sizes above the on-chip limit (N > `_MAX_ONCHIP`) add an outer radix R = N / M: one program per
+(channel, outer frequency r) computes row r of the outer R-point DFT from the data (read through
+L2 R times), runs the on-chip transform, and writes its inverse row to a complex fp32 scratch; a
+second kernel combines the R rows (the outer inverse DFT) and applies the gates.
+The filter spectra are computed once per call in torch (`torch.fft`, O(D N)) and arranged in the
+kernel's frequency order; their gradient `sum_b conj(X) G` is accumulated by the backward kernel,
+and autograd carries it back to the time-domain filters.
+
+Shape legend: B batch, D channels, L sequence length, N = 2 * Lp the FFT size (Lp = L rounded up to
+a power of two, at least 128), R outer radix, M = M1 * M2 on-chip transform size (N = R * M),
+C channels per program.
+"""
+
+import functools
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Largest transform kept on chip (elements of one channel's complex spectrum).
+_MAX_ONCHIP = 4096
+# Elements (channels x spectrum) of one program's tile when the transform is small.
+_TILE = 2048
+MAX_SEQLEN = 32768
+# Tests set this to fill every output with NaN before a kernel writes it.
+POISON_OUTPUTS = False
+
+
+@triton.jit
+def _cmul(ar, ai, br, bi):
+    return ar * br - ai * bi, ar * bi + ai * br
+
+
+@triton.jit
+def _dft(
+    xr, xi, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, twr_ptr, twi_ptr,
+    C: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr, K1: tl.constexpr,
+    HAS_IMAG: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """Forward DFT of C sequences of length M = M1 * M2.
+
+    xr, xi: [C * M2, K1] time tiles, row c * M2 + n2, column n1 (only n1 < K1 hold data).
+    Returns the spectra as [C * M1, M2] tiles, row c * M1 + k1, column k2 (frequency k1 + M1 k2).
+    """
+    o_k = tl.arange(0, K1)
+    o_m1 = tl.arange(0, M1)
+    o_m2 = tl.arange(0, M2)
+    # [K1, M1]
+    p_f1 = o_k[:, None] * M1 + o_m1[None, :]
+    b_f1r = tl.load(f1r_ptr + p_f1)
+    b_f1i = tl.load(f1i_ptr + p_f1)
+    b_br = tl.dot(xr, b_f1r, input_precision=PREC)
+    b_bi = tl.dot(xr, b_f1i, input_precision=PREC)
+    if HAS_IMAG:
+        b_br = tl.dot(xi, -b_f1i, b_br, input_precision=PREC)
+        b_bi = tl.dot(xi, b_f1r, b_bi, input_precision=PREC)
+    # [M2, M1]
+    p_tw = o_m2[:, None] * M1 + o_m1[None, :]
+    b_twr = tl.load(twr_ptr + p_tw)
+    b_twi = tl.load(twi_ptr + p_tw)
+    b_cr, b_ci = _cmul(
+        tl.reshape(b_br, (C, M2, M1)), tl.reshape(b_bi, (C, M2, M1)), b_twr[None, :, :], b_twi[None, :, :]
+    )
+    b_cr = tl.reshape(tl.permute(b_cr, (0, 2, 1)), (C * M1, M2))
+    b_ci = tl.reshape(tl.permute(b_ci, (0, 2, 1)), (C * M1, M2))
+    # [M2, M2]
+    p_f2 = o_m2[:, None] * M2 + o_m2[None, :]
+    b_f2r = tl.load(f2r_ptr + p_f2)
+    b_f2i = tl.load(f2i_ptr + p_f2)
+    b_xr = tl.dot(b_cr, b_f2r, input_precision=PREC)
+    b_xr = tl.dot(b_ci, -b_f2i, b_xr, input_precision=PREC)
+    b_xi = tl.dot(b_cr, b_f2i, input_precision=PREC)
+    b_xi = tl.dot(b_ci, b_f2r, b_xi, input_precision=PREC)
+    return b_xr, b_xi
+
+
+@triton.jit
+def _idft(
+    yr, yi, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, twr_ptr, twi_ptr,
+    C: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr, K1: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """Unnormalised inverse DFT (exponent +) of C spectra in the layout `_dft` returns.
+
+    yr, yi: [C * M1, M2]. Returns the time tiles [C * M2, K1] (real, imaginary), n1 < K1 only.
+    """
+    o_k = tl.arange(0, K1)
+    o_m1 = tl.arange(0, M1)
+    o_m2 = tl.arange(0, M2)
+    # [M2, M2]
+    p_f2 = o_m2[:, None] * M2 + o_m2[None, :]
+    b_f2r = tl.load(f2r_ptr + p_f2)
+    b_f2i = tl.load(f2i_ptr + p_f2)
+    b_dr = tl.dot(yr, b_f2r, input_precision=PREC)
+    b_dr = tl.dot(yi, b_f2i, b_dr, input_precision=PREC)
+    b_di = tl.dot(yi, b_f2r, input_precision=PREC)
+    b_di = tl.dot(yr, -b_f2i, b_di, input_precision=PREC)
+    # [M1, M2]: the transposed twiddles, conjugated
+    p_tw = o_m2[None, :] * M1 + o_m1[:, None]
+    b_twr = tl.load(twr_ptr + p_tw)
+    b_twi = tl.load(twi_ptr + p_tw)
+    b_er, b_ei = _cmul(
+        tl.reshape(b_dr, (C, M1, M2)), tl.reshape(b_di, (C, M1, M2)), b_twr[None, :, :], -b_twi[None, :, :]
+    )
+    b_er = tl.reshape(tl.permute(b_er, (0, 2, 1)), (C * M2, M1))
+    b_ei = tl.reshape(tl.permute(b_ei, (0, 2, 1)), (C * M2, M1))
+    # [M1, K1]
+    p_f1 = o_m1[:, None] * M1 + o_k[None, :]
+    b_f1r = tl.load(f1r_ptr + p_f1)
+    b_f1i = tl.load(f1i_ptr + p_f1)
+    b_or = tl.dot(b_er, b_f1r, input_precision=PREC)
+    b_or = tl.dot(b_ei, b_f1i, b_or, input_precision=PREC)
+    b_oi = tl.dot(b_ei, b_f1r, input_precision=PREC)
+    b_oi = tl.dot(b_er, -b_f1i, b_oi, input_precision=PREC)
+    return b_or, b_oi
+
+
+@triton.jit
+def _load_outer_row(
+    pa_ptr, s_ab, s_ad, s_al, pb_ptr, s_bb, s_bd, s_bl, wc_ptr, ws_ptr,
+    i_b, i_r, o_d, o_t, m_d, L,
+    R: tl.constexpr, M: tl.constexpr, HAS_B: tl.constexpr,
+):  # fmt: skip
+    """Row r of the outer R-point DFT of the zero-padded product a * b (b optional), before the
+    outer twiddle. o_d, o_t, m_d: [C * M2, K1] channel, inner time and channel mask of the tile.
+    With R == 1 this is the plain (real) sequence."""
+    b_zr = tl.zeros(o_t.shape, tl.float32)
+    b_zi = tl.zeros(o_t.shape, tl.float32)
+    # Only the first R / 2 outer rows hold data (the rest is the zero padding to 2L).
+    for n0 in tl.static_range(max(R // 2, 1)):
+        o_tn = o_t + n0 * M
+        m_x = m_d & (o_tn < L)
+        b_x = tl.load(pa_ptr + i_b * s_ab + o_d * s_ad + o_tn * s_al, mask=m_x, other=0.0).to(tl.float32)
+        if HAS_B:
+            b_x *= tl.load(pb_ptr + i_b * s_bb + o_d * s_bd + o_tn * s_bl, mask=m_x, other=0.0).to(tl.float32)
+        if R == 1:
+            b_zr = b_x
+        else:
+            i_w = (n0 * i_r) % R
+            b_zr += b_x * tl.load(wc_ptr + i_w)
+            b_zi -= b_x * tl.load(ws_ptr + i_w)
+    return b_zr, b_zi
+
+
+@triton.jit
+def _fwd_kernel(
+    u_ptr, x1_ptr, x2_ptr, v_ptr, y_ptr, sr_ptr, si_ptr,
+    k1r_ptr, k1i_ptr, k2r_ptr, k2i_ptr, d1_ptr, d2_ptr,
+    f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, twr_ptr, twi_ptr, otr_ptr, oti_ptr, wc_ptr, ws_ptr,
+    B, D, L, B_PER,
+    s_ub, s_ud, s_ul, s_x1b, s_x1d, s_x1l, s_x2b, s_x2d, s_x2l, s_vb, s_vd, s_vl, s_yb, s_yd, s_yl,
+    R: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr, K1: tl.constexpr, C: tl.constexpr,
+    HAS_RES: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    i_dc = tl.program_id(0).to(tl.int64)
+    i_bs = tl.program_id(1).to(tl.int64)
+    i_r = tl.program_id(2).to(tl.int64)
+    M: tl.constexpr = M1 * M2
+    # Time tile [C * M2, K1]: row c * M2 + n2, column n1, inner time M2 * n1 + n2.
+    o_row = tl.arange(0, C * M2)
+    o_d = i_dc * C + o_row[:, None] // M2
+    o_t = tl.arange(0, K1)[None, :] * M2 + (o_row % M2)[:, None]
+    m_d = o_d < D
+    # Frequency tile [C * M1, M2]: filter spectra in the layout [D, R, M1, M2].
+    o_frow = tl.arange(0, C * M1)
+    o_fd = i_dc * C + o_frow // M1
+    p_k = (o_fd * R + i_r)[:, None] * M + ((o_frow % M1) * M2)[:, None] + tl.arange(0, M2)[None, :]
+    m_k = (o_fd < D)[:, None]
+    if R > 1:
+        # Outer twiddle W_N^(r m) at the tile's inner times, [C * M2, K1].
+        b_otr = tl.load(otr_ptr + i_r * M + o_t)
+        b_oti = tl.load(oti_ptr + i_r * M + o_t)
+    else:
+        b_d1 = tl.load(d1_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)
+        if HAS_RES:
+            b_d2 = tl.load(d2_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)
+    i_blo = i_bs * B_PER
+    i_bhi = tl.minimum(i_blo + B_PER, B)
+    for i_b in range(i_blo, i_bhi):
+        b_ar, b_ai = _load_outer_row(
+            v_ptr, s_vb, s_vd, s_vl, x1_ptr, s_x1b, s_x1d, s_x1l, wc_ptr, ws_ptr,
+            i_b, i_r, o_d, o_t, m_d, L, R, M, True,
+        )  # fmt: skip
+        if R > 1:
+            b_ar, b_ai = _cmul(b_ar, b_ai, b_otr, b_oti)
+        b_ar, b_ai = _dft(b_ar, b_ai, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, twr_ptr, twi_ptr, C, M1, M2, K1, R > 1, PREC)
+        # The spectra are re-read (from L2) every iteration: holding them costs registers.
+        b_yr, b_yi = _cmul(
+            b_ar, b_ai, tl.load(k1r_ptr + p_k, mask=m_k, other=0.0), tl.load(k1i_ptr + p_k, mask=m_k, other=0.0)
+        )
+        if HAS_RES:
+            b_ur, b_ui = _load_outer_row(
+                u_ptr, s_ub, s_ud, s_ul, u_ptr, s_ub, s_ud, s_ul, wc_ptr, ws_ptr,
+                i_b, i_r, o_d, o_t, m_d, L, R, M, False,
+            )  # fmt: skip
+            if R > 1:
+                b_ur, b_ui = _cmul(b_ur, b_ui, b_otr, b_oti)
+            b_ur, b_ui = _dft(
+                b_ur, b_ui, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, twr_ptr, twi_ptr, C, M1, M2, K1, R > 1, PREC
+            )
+            b_ur, b_ui = _cmul(
+                b_ur, b_ui, tl.load(k2r_ptr + p_k, mask=m_k, other=0.0), tl.load(k2i_ptr + p_k, mask=m_k, other=0.0)
+            )
+            # Y1 + i Y2: one inverse transform gives y1 (real part) and y2 (imaginary part).
+            b_yr -= b_ui
+            b_yi += b_ur
+        b_y1, b_y2 = _idft(b_yr, b_yi, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, twr_ptr, twi_ptr, C, M1, M2, K1, PREC)
+        if R == 1:
+            m_x = m_d & (o_t < L)
+            b_v = tl.load(v_ptr + i_b * s_vb + o_d * s_vd + o_t * s_vl, mask=m_x, other=0.0).to(tl.float32)
+            b_x1 = tl.load(x1_ptr + i_b * s_x1b + o_d * s_x1d + o_t * s_x1l, mask=m_x, other=0.0).to(tl.float32)
+            b_x2 = tl.load(x2_ptr + i_b * s_x2b + o_d * s_x2d + o_t * s_x2l, mask=m_x, other=0.0).to(tl.float32)
+            b_y = (b_y1 + b_d1 * b_v * b_x1) * b_x2
+            if HAS_RES:
+                b_u = tl.load(u_ptr + i_b * s_ub + o_d * s_ud + o_t * s_ul, mask=m_x, other=0.0).to(tl.float32)
+                b_y += b_y2 + b_d2 * b_u
+            tl.store(y_ptr + i_b * s_yb + o_d * s_yd + o_t * s_yl, b_y.to(y_ptr.dtype.element_ty), mask=m_x)
+        else:
+            # Conjugate outer twiddle, then the row goes to the scratch [B, D, R, M].
+            b_sr, b_si = _cmul(b_y1, b_y2, b_otr, -b_oti)
+            p_s = ((i_b * D + o_d) * R + i_r) * M + o_t
+            tl.store(sr_ptr + p_s, b_sr, mask=m_d)
+            tl.store(si_ptr + p_s, b_si, mask=m_d)
+
+
+@triton.jit
+def _outer_inverse(sr_ptr, si_ptr, wc_ptr, ws_ptr, i_b, i_d, o_m, D, R: tl.constexpr, M: tl.constexpr):
+    """sum_r W_R^(-n0 r) S[b, d, r, m] for n0 < R / 2: [R / 2, BLK] (real, imaginary)."""
+    o_n0 = tl.arange(0, R // 2)
+    b_pr = tl.zeros((R // 2, o_m.shape[0]), tl.float32)
+    b_pi = tl.zeros((R // 2, o_m.shape[0]), tl.float32)
+    for r in tl.static_range(R):
+        # [BLK]
+        p_s = ((i_b * D + i_d) * R + r) * M + o_m
+        b_sr = tl.load(sr_ptr + p_s)[None, :]
+        b_si = tl.load(si_ptr + p_s)[None, :]
+        # [R / 2]
+        b_wc = tl.load(wc_ptr + (o_n0 * r) % R)[:, None]
+        b_ws = tl.load(ws_ptr + (o_n0 * r) % R)[:, None]
+        b_pr += b_wc * b_sr - b_ws * b_si
+        b_pi += b_wc * b_si + b_ws * b_sr
+    return b_pr, b_pi
+
+
+@triton.jit
+def _fwd_combine_kernel(
+    sr_ptr, si_ptr, u_ptr, x1_ptr, x2_ptr, v_ptr, y_ptr, d1_ptr, d2_ptr, wc_ptr, ws_ptr,
+    D, L,
+    s_ub, s_ud, s_ul, s_x1b, s_x1d, s_x1l, s_x2b, s_x2d, s_x2l, s_vb, s_vd, s_vl, s_yb, s_yd, s_yl,
+    R: tl.constexpr, M: tl.constexpr, BLK: tl.constexpr, HAS_RES: tl.constexpr,
+):  # fmt: skip
+    i_m = tl.program_id(0).to(tl.int64)
+    i_d = tl.program_id(1).to(tl.int64)
+    i_b = tl.program_id(2).to(tl.int64)
+    o_m = i_m * BLK + tl.arange(0, BLK)
+    b_y1, b_y2 = _outer_inverse(sr_ptr, si_ptr, wc_ptr, ws_ptr, i_b, i_d, o_m, D, R, M)
+    # [R / 2, BLK]
+    o_t = tl.arange(0, R // 2)[:, None] * M + o_m[None, :]
+    m_t = o_t < L
+    b_v = tl.load(v_ptr + i_b * s_vb + i_d * s_vd + o_t * s_vl, mask=m_t, other=0.0).to(tl.float32)
+    b_x1 = tl.load(x1_ptr + i_b * s_x1b + i_d * s_x1d + o_t * s_x1l, mask=m_t, other=0.0).to(tl.float32)
+    b_x2 = tl.load(x2_ptr + i_b * s_x2b + i_d * s_x2d + o_t * s_x2l, mask=m_t, other=0.0).to(tl.float32)
+    b_y = (b_y1 + tl.load(d1_ptr + i_d).to(tl.float32) * b_v * b_x1) * b_x2
+    if HAS_RES:
+        b_u = tl.load(u_ptr + i_b * s_ub + i_d * s_ud + o_t * s_ul, mask=m_t, other=0.0).to(tl.float32)
+        b_y += b_y2 + tl.load(d2_ptr + i_d).to(tl.float32) * b_u
+    tl.store(y_ptr + i_b * s_yb + i_d * s_yd + o_t * s_yl, b_y.to(y_ptr.dtype.element_ty), mask=m_t)
+
+
+@triton.jit
+def _bwd_kernel(
+    u_ptr, x1_ptr, x2_ptr, v_ptr, dy_ptr, du_ptr, dx1_ptr, dx2_ptr, dv_ptr,
+    s1r_ptr, s1i_ptr, s2r_ptr, s2i_ptr, dd1_ptr, dd2_ptr,
+    k1r_ptr, k1i_ptr, k2r_ptr, k2i_ptr, dk1r_ptr, dk1i_ptr, dk2r_ptr, dk2i_ptr, d1_ptr, d2_ptr,
+    f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, twr_ptr, twi_ptr, otr_ptr, oti_ptr, wc_ptr, ws_ptr,
+    B, D, L, B_PER,
+    s_ub, s_ud, s_ul, s_x1b, s_x1d, s_x1l, s_x2b, s_x2d, s_x2l, s_vb, s_vd, s_vl, s_gb, s_gd, s_gl,
+    R: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr, K1: tl.constexpr, C: tl.constexpr,
+    HAS_RES: tl.constexpr, ATOMIC: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """Gradients of `_fwd_kernel`. Input gradients are written (B, D, L) contiguous; with R > 1
+    the inverse rows go to the scratches S1 = y1 + i da_conv and S2 = du_conv, and the gradients
+    are finished by `_bwd_combine_kernel`. dk*: spectrum gradients sum_b conj(X) G in the filter
+    layout; dd*: per-program partial sums of the skip-weight gradients, [n_bsplit, D]."""
+    i_dc = tl.program_id(0).to(tl.int64)
+    i_bs = tl.program_id(1).to(tl.int64)
+    i_r = tl.program_id(2).to(tl.int64)
+    M: tl.constexpr = M1 * M2
+    o_row = tl.arange(0, C * M2)
+    o_d = i_dc * C + o_row[:, None] // M2
+    o_t = tl.arange(0, K1)[None, :] * M2 + (o_row % M2)[:, None]
+    m_d = o_d < D
+    o_frow = tl.arange(0, C * M1)
+    o_fd = i_dc * C + o_frow // M1
+    p_k = (o_fd * R + i_r)[:, None] * M + ((o_frow % M1) * M2)[:, None] + tl.arange(0, M2)[None, :]
+    m_k = (o_fd < D)[:, None]
+    b_dk1r = tl.zeros((C * M1, M2), tl.float32)
+    b_dk1i = tl.zeros((C * M1, M2), tl.float32)
+    if HAS_RES:
+        b_dk2r = tl.zeros((C * M1, M2), tl.float32)
+        b_dk2i = tl.zeros((C * M1, M2), tl.float32)
+    if R > 1:
+        b_otr = tl.load(otr_ptr + i_r * M + o_t)
+        b_oti = tl.load(oti_ptr + i_r * M + o_t)
+    else:
+        b_d1 = tl.load(d1_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)
+        b_dd1 = tl.zeros((C,), tl.float32)
+        if HAS_RES:
+            b_d2 = tl.load(d2_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)
+            b_dd2 = tl.zeros((C,), tl.float32)
+    i_blo = i_bs * B_PER
+    i_bhi = tl.minimum(i_blo + B_PER, B)
+    for i_b in range(i_blo, i_bhi):
+        # Conv 1: a = v * x1 and its upstream gradient g1 = dy * x2.
+        b_ar, b_ai = _load_outer_row(
+            v_ptr, s_vb, s_vd, s_vl, x1_ptr, s_x1b, s_x1d, s_x1l, wc_ptr, ws_ptr,
+            i_b, i_r, o_d, o_t, m_d, L, R, M, True,
+        )  # fmt: skip
+        b_gr, b_gi = _load_outer_row(
+            dy_ptr, s_gb, s_gd, s_gl, x2_ptr, s_x2b, s_x2d, s_x2l, wc_ptr, ws_ptr,
+            i_b, i_r, o_d, o_t, m_d, L, R, M, True,
+        )  # fmt: skip
+        if R > 1:
+            b_ar, b_ai = _cmul(b_ar, b_ai, b_otr, b_oti)
+            b_gr, b_gi = _cmul(b_gr, b_gi, b_otr, b_oti)
+        b_ar, b_ai = _dft(b_ar, b_ai, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, twr_ptr, twi_ptr, C, M1, M2, K1, R > 1, PREC)
+        b_gr, b_gi = _dft(b_gr, b_gi, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, twr_ptr, twi_ptr, C, M1, M2, K1, R > 1, PREC)
+        b_dk1r += b_ar * b_gr + b_ai * b_gi
+        b_dk1i += b_ar * b_gi - b_ai * b_gr
+        # A K1 (for y1, needed by dx2) + i G1 conj(K1) (the correlation giving da): one inverse.
+        b_k1r = tl.load(k1r_ptr + p_k, mask=m_k, other=0.0)
+        b_k1i = tl.load(k1i_ptr + p_k, mask=m_k, other=0.0)
+        b_pr, b_pi = _cmul(b_ar, b_ai, b_k1r, b_k1i)
+        b_qr, b_qi = _cmul(b_gr, b_gi, b_k1r, -b_k1i)
+        b_y1, b_dac = _idft(
+            b_pr - b_qi, b_pi + b_qr, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, twr_ptr, twi_ptr, C, M1, M2, K1, PREC
+        )
+        if R == 1:
+            m_x = m_d & (o_t < L)
+            p_x = i_b * (D * L) + o_d * L + o_t
+            b_v = tl.load(v_ptr + i_b * s_vb + o_d * s_vd + o_t * s_vl, mask=m_x, other=0.0).to(tl.float32)
+            b_x1 = tl.load(x1_ptr + i_b * s_x1b + o_d * s_x1d + o_t * s_x1l, mask=m_x, other=0.0).to(tl.float32)
+            b_x2 = tl.load(x2_ptr + i_b * s_x2b + o_d * s_x2d + o_t * s_x2l, mask=m_x, other=0.0).to(tl.float32)
+            b_dy = tl.load(dy_ptr + i_b * s_gb + o_d * s_gd + o_t * s_gl, mask=m_x, other=0.0).to(tl.float32)
+            b_a = b_v * b_x1
+            b_g1 = b_dy * b_x2
+            b_da = b_dac + b_d1 * b_g1
+            tl.store(dv_ptr + p_x, (b_da * b_x1).to(dv_ptr.dtype.element_ty), mask=m_x)
+            tl.store(dx1_ptr + p_x, (b_da * b_v).to(dx1_ptr.dtype.element_ty), mask=m_x)
+            tl.store(dx2_ptr + p_x, (b_dy * (b_y1 + b_d1 * b_a)).to(dx2_ptr.dtype.element_ty), mask=m_x)
+            b_dd1 += tl.sum(tl.reshape(b_g1 * b_a, (C, M2 * K1)), axis=1)
+        else:
+            b_sr, b_si = _cmul(b_y1, b_dac, b_otr, -b_oti)
+            p_s = ((i_b * D + o_d) * R + i_r) * M + o_t
+            tl.store(s1r_ptr + p_s, b_sr, mask=m_d)
+            tl.store(s1i_ptr + p_s, b_si, mask=m_d)
+        if HAS_RES:
+            # Conv 2 on u with upstream gradient dy.
+            b_ur, b_ui = _load_outer_row(
+                u_ptr, s_ub, s_ud, s_ul, u_ptr, s_ub, s_ud, s_ul, wc_ptr, ws_ptr,
+                i_b, i_r, o_d, o_t, m_d, L, R, M, False,
+            )  # fmt: skip
+            b_hr, b_hi = _load_outer_row(
+                dy_ptr, s_gb, s_gd, s_gl, dy_ptr, s_gb, s_gd, s_gl, wc_ptr, ws_ptr,
+                i_b, i_r, o_d, o_t, m_d, L, R, M, False,
+            )  # fmt: skip
+            if R > 1:
+                b_ur, b_ui = _cmul(b_ur, b_ui, b_otr, b_oti)
+                b_hr, b_hi = _cmul(b_hr, b_hi, b_otr, b_oti)
+            b_ur, b_ui = _dft(
+                b_ur, b_ui, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, twr_ptr, twi_ptr, C, M1, M2, K1, R > 1, PREC
+            )
+            b_hr, b_hi = _dft(
+                b_hr, b_hi, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, twr_ptr, twi_ptr, C, M1, M2, K1, R > 1, PREC
+            )
+            b_dk2r += b_ur * b_hr + b_ui * b_hi
+            b_dk2i += b_ur * b_hi - b_ui * b_hr
+            b_qr, b_qi = _cmul(
+                b_hr, b_hi, tl.load(k2r_ptr + p_k, mask=m_k, other=0.0), -tl.load(k2i_ptr + p_k, mask=m_k, other=0.0)
+            )
+            b_duc, b_duci = _idft(b_qr, b_qi, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, twr_ptr, twi_ptr, C, M1, M2, K1, PREC)
+            if R == 1:
+                b_u = tl.load(u_ptr + i_b * s_ub + o_d * s_ud + o_t * s_ul, mask=m_x, other=0.0).to(tl.float32)
+                tl.store(du_ptr + p_x, (b_duc + b_d2 * b_dy).to(du_ptr.dtype.element_ty), mask=m_x)
+                b_dd2 += tl.sum(tl.reshape(b_dy * b_u, (C, M2 * K1)), axis=1)
+            else:
+                b_sr, b_si = _cmul(b_duc, b_duci, b_otr, -b_oti)
+                tl.store(s2r_ptr + p_s, b_sr, mask=m_d)
+                tl.store(s2i_ptr + p_s, b_si, mask=m_d)
+    if ATOMIC:
+        tl.atomic_add(dk1r_ptr + p_k, b_dk1r, mask=m_k)
+        tl.atomic_add(dk1i_ptr + p_k, b_dk1i, mask=m_k)
+    else:
+        tl.store(dk1r_ptr + p_k, b_dk1r, mask=m_k)
+        tl.store(dk1i_ptr + p_k, b_dk1i, mask=m_k)
+    if HAS_RES:
+        if ATOMIC:
+            tl.atomic_add(dk2r_ptr + p_k, b_dk2r, mask=m_k)
+            tl.atomic_add(dk2i_ptr + p_k, b_dk2i, mask=m_k)
+        else:
+            tl.store(dk2r_ptr + p_k, b_dk2r, mask=m_k)
+            tl.store(dk2i_ptr + p_k, b_dk2i, mask=m_k)
+    if R == 1:
+        o_c = i_dc * C + tl.arange(0, C)
+        tl.store(dd1_ptr + i_bs * D + o_c, b_dd1, mask=o_c < D)
+        if HAS_RES:
+            tl.store(dd2_ptr + i_bs * D + o_c, b_dd2, mask=o_c < D)
+
+
+@triton.jit
+def _bwd_combine_kernel(
+    s1r_ptr, s1i_ptr, s2r_ptr, s2i_ptr, u_ptr, x1_ptr, x2_ptr, v_ptr, dy_ptr,
+    du_ptr, dx1_ptr, dx2_ptr, dv_ptr, dd1_ptr, dd2_ptr, d1_ptr, d2_ptr, wc_ptr, ws_ptr,
+    D, L,
+    s_ub, s_ud, s_ul, s_x1b, s_x1d, s_x1l, s_x2b, s_x2d, s_x2l, s_vb, s_vd, s_vl, s_gb, s_gd, s_gl,
+    R: tl.constexpr, M: tl.constexpr, BLK: tl.constexpr, HAS_RES: tl.constexpr,
+):  # fmt: skip
+    """Outer inverse of the backward's scratch rows and the gradients' gates. dd*: partial sums
+    [B, n_mblocks, D]."""
+    i_m = tl.program_id(0).to(tl.int64)
+    i_d = tl.program_id(1).to(tl.int64)
+    i_b = tl.program_id(2).to(tl.int64)
+    o_m = i_m * BLK + tl.arange(0, BLK)
+    b_y1, b_dac = _outer_inverse(s1r_ptr, s1i_ptr, wc_ptr, ws_ptr, i_b, i_d, o_m, D, R, M)
+    # [R / 2, BLK]
+    o_t = tl.arange(0, R // 2)[:, None] * M + o_m[None, :]
+    m_t = o_t < L
+    p_x = i_b * (D * L) + i_d * L + o_t
+    b_v = tl.load(v_ptr + i_b * s_vb + i_d * s_vd + o_t * s_vl, mask=m_t, other=0.0).to(tl.float32)
+    b_x1 = tl.load(x1_ptr + i_b * s_x1b + i_d * s_x1d + o_t * s_x1l, mask=m_t, other=0.0).to(tl.float32)
+    b_x2 = tl.load(x2_ptr + i_b * s_x2b + i_d * s_x2d + o_t * s_x2l, mask=m_t, other=0.0).to(tl.float32)
+    b_dy = tl.load(dy_ptr + i_b * s_gb + i_d * s_gd + o_t * s_gl, mask=m_t, other=0.0).to(tl.float32)
+    b_d1 = tl.load(d1_ptr + i_d).to(tl.float32)
+    b_a = b_v * b_x1
+    b_g1 = b_dy * b_x2
+    b_da = b_dac + b_d1 * b_g1
+    tl.store(dv_ptr + p_x, (b_da * b_x1).to(dv_ptr.dtype.element_ty), mask=m_t)
+    tl.store(dx1_ptr + p_x, (b_da * b_v).to(dx1_ptr.dtype.element_ty), mask=m_t)
+    tl.store(dx2_ptr + p_x, (b_dy * (b_y1 + b_d1 * b_a)).to(dx2_ptr.dtype.element_ty), mask=m_t)
+    p_dd = (i_b * tl.num_programs(0) + i_m) * D + i_d
+    tl.store(dd1_ptr + p_dd, tl.sum(tl.sum(b_g1 * b_a, axis=1), axis=0))
+    if HAS_RES:
+        b_duc, b_unused = _outer_inverse(s2r_ptr, s2i_ptr, wc_ptr, ws_ptr, i_b, i_d, o_m, D, R, M)
+        b_u = tl.load(u_ptr + i_b * s_ub + i_d * s_ud + o_t * s_ul, mask=m_t, other=0.0).to(tl.float32)
+        tl.store(du_ptr + p_x, (b_duc + tl.load(d2_ptr + i_d).to(tl.float32) * b_dy).to(du_ptr.dtype.element_ty), mask=m_t)
+        tl.store(dd2_ptr + p_dd, tl.sum(tl.sum(b_dy * b_u, axis=1), axis=0))
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(x - 1, 0).bit_length()
+
+
+@functools.lru_cache(maxsize=None)
+def _plan(length: int, max_onchip: int) -> tuple[int, int, int, int, int, int]:
+    """(N, R, M1, M2, K1, C) for sequences of `length`: FFT size N = R * M1 * M2, K1 columns of the
+    time tile that hold data, C channels per program."""
+    n = 2 * max(128, _next_pow2(length))
+    m = min(n, max_onchip)
+    r = n // m
+    m1 = 1 << ((m.bit_length() - 1 + 1) // 2)
+    m2 = m // m1
+    k1 = max(m1 // 2, 16) if r == 1 else m1
+    c = max(1, _TILE // m) if r == 1 else 1
+    return n, r, m1, m2, k1, c
+
+
+@functools.lru_cache(maxsize=None)
+def _tables(n: int, r: int, m1: int, m2: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """DFT matrices and twiddles (computed in float64, stored fp32) for one plan."""
+    m = m1 * m2
+
+    def w(num, den):  # W_den^num = exp(-2 pi i num / den)
+        ang = 2 * math.pi * (num % den).double() / den
+        return torch.cos(ang).float().to(device).contiguous(), (-torch.sin(ang)).float().to(device).contiguous()
+
+    a1 = torch.arange(m1, dtype=torch.int64)
+    a2 = torch.arange(m2, dtype=torch.int64)
+    ar = torch.arange(r, dtype=torch.int64)
+    tabs = {}
+    tabs["f1r"], tabs["f1i"] = w(a1[:, None] * a1[None, :], m1)
+    tabs["f2r"], tabs["f2i"] = w(a2[:, None] * a2[None, :], m2)
+    tabs["twr"], tabs["twi"] = w(a2[:, None] * a1[None, :], m)
+    tabs["otr"], tabs["oti"] = w(ar[:, None] * torch.arange(m, dtype=torch.int64)[None, :], n)
+    tabs["wc"], ws = w(ar, r)
+    tabs["ws"] = -ws
+    return tabs
+
+
+def _new_output(shape, dtype, device) -> torch.Tensor:
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    # Interpreter: a few programs, enough to exercise the batch split and its atomics.
+    return 2
+
+
+def _launch_config(batch: int, dim: int, plan, device: torch.device) -> tuple[int, int, int]:
+    """(B_PER, n_bsplit, num_warps): programs loop over B_PER batch elements (reusing the filter
+    spectra and accumulating their gradient in registers) while still filling the GPU."""
+    n, r, m1, m2, k1, c = plan
+    per_split = triton.cdiv(dim, c) * r
+    nsplit = min(batch, max(1, triton.cdiv(2 * _num_sms(device), per_split)))
+    b_per = triton.cdiv(batch, nsplit)
+    nsplit = triton.cdiv(batch, b_per)
+    tile = c * m1 * m2
+    num_warps = 4 if tile <= 2048 else 8
+    return b_per, nsplit, num_warps
+
+
+def _strides(*tensors):
+    return [s for t in tensors for s in t.stride()]
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # tf32 operands carry 10 mantissa bits, finer than the bf16/fp16 inputs; fp32 inputs get the
+    # 3-pass tf32 product, accurate to about fp32.
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+def fftconv_fwd(u, x1, x2, v, k1r, k1i, d1, k2r, k2i, d2, plan) -> torch.Tensor:
+    """Forward launcher. u, x1, x2, v: (B, D, L); k*r, k*i: (D, R, M1, M2) fp32 spectra; d*: (D,).
+    k2r/k2i/d2 None drop the residual convolution. Returns y: (B, D, L) in the inputs' dtype."""
+    batch, dim, length = v.shape
+    n, r, m1, m2, k1, c = plan
+    has_res = k2r is not None
+    y = _new_output((batch, dim, length), v.dtype, v.device)
+    tabs = _tables(n, r, m1, m2, v.device)
+    b_per, nsplit, num_warps = _launch_config(batch, dim, plan, v.device)
+    m = m1 * m2
+    if r > 1:
+        sr = torch.empty((batch, dim, r, m), dtype=torch.float32, device=v.device)
+        si = torch.empty_like(sr)
+    else:
+        sr = si = y
+    uu = u if has_res else v
+    grid = (triton.cdiv(dim, c), nsplit, r)
+    _fwd_kernel[grid](
+        uu, x1, x2, v, y, sr, si,
+        k1r, k1i, k2r if has_res else k1r, k2i if has_res else k1i, d1, d2 if has_res else d1,
+        tabs["f1r"], tabs["f1i"], tabs["f2r"], tabs["f2i"], tabs["twr"], tabs["twi"],
+        tabs["otr"], tabs["oti"], tabs["wc"], tabs["ws"],
+        batch, dim, length, b_per, *_strides(uu, x1, x2, v, y),
+        R=r, M1=m1, M2=m2, K1=k1, C=c, HAS_RES=has_res, PREC=_precision(v.dtype), num_warps=num_warps,
+    )  # fmt: skip
+    if r > 1:
+        blk = min(m, 1024)
+        _fwd_combine_kernel[(m // blk, dim, batch)](
+            sr, si, uu, x1, x2, v, y, d1, d2 if has_res else d1, tabs["wc"], tabs["ws"],
+            dim, length, *_strides(uu, x1, x2, v, y),
+            R=r, M=m, BLK=blk, HAS_RES=has_res, num_warps=4,
+        )  # fmt: skip
+    return y
+
+
+def fftconv_bwd(dy, u, x1, x2, v, k1r, k1i, d1, k2r, k2i, d2, plan):
+    """Backward launcher: (du, dx1, dx2, dv, dk1r, dk1i, dd1, dk2r, dk2i, dd2); the residual's
+    gradients are None without it. Spectrum gradients are fp32 in the spectra's layout."""
+    batch, dim, length = v.shape
+    n, r, m1, m2, k1, c = plan
+    m = m1 * m2
+    has_res = k2r is not None
+    dev = v.device
+    grads = [_new_output((batch, dim, length), t.dtype, dev) for t in ((u if has_res else v), x1, x2, v)]
+    du, dx1, dx2, dv = grads
+    tabs = _tables(n, r, m1, m2, dev)
+    b_per, nsplit, num_warps = _launch_config(batch, dim, plan, v.device)
+    atomic = nsplit > 1
+    alloc = torch.zeros if atomic else torch.empty
+    dk1r, dk1i = alloc(k1r.shape, dtype=torch.float32, device=dev), alloc(k1r.shape, dtype=torch.float32, device=dev)
+    dk2r, dk2i = (alloc(k1r.shape, dtype=torch.float32, device=dev) for _ in range(2)) if has_res else (dk1r, dk1i)
+    if r > 1:
+        s1r, s1i = (torch.empty((batch, dim, r, m), dtype=torch.float32, device=dev) for _ in range(2))
+        s2r, s2i = (torch.empty((batch, dim, r, m), dtype=torch.float32, device=dev) for _ in range(2)) if has_res else (s1r, s1i)
+        blk = min(m, 1024)
+        dd1 = torch.empty((batch, m // blk, dim), dtype=torch.float32, device=dev)
+    else:
+        s1r = s1i = s2r = s2i = dv
+        dd1 = torch.empty((nsplit, dim), dtype=torch.float32, device=dev)
+    dd2 = torch.empty_like(dd1) if has_res else dd1
+    uu = u if has_res else v
+    _bwd_kernel[(triton.cdiv(dim, c), nsplit, r)](
+        uu, x1, x2, v, dy, du, dx1, dx2, dv, s1r, s1i, s2r, s2i, dd1, dd2,
+        k1r, k1i, k2r if has_res else k1r, k2i if has_res else k1i, dk1r, dk1i, dk2r, dk2i,
+        d1, d2 if has_res else d1,
+        tabs["f1r"], tabs["f1i"], tabs["f2r"], tabs["f2i"], tabs["twr"], tabs["twi"],
+        tabs["otr"], tabs["oti"], tabs["wc"], tabs["ws"],
+        batch, dim, length, b_per, *_strides(uu, x1, x2, v, dy),
+        R=r, M1=m1, M2=m2, K1=k1, C=c, HAS_RES=has_res, ATOMIC=atomic, PREC=_precision(v.dtype),
+        num_warps=num_warps,
+    )  # fmt: skip
+    if r > 1:
+        _bwd_combine_kernel[(m // blk, dim, batch)](
+            s1r, s1i, s2r, s2i, uu, x1, x2, v, dy, du, dx1, dx2, dv, dd1, dd2,
+            d1, d2 if has_res else d1, tabs["wc"], tabs["ws"],
+            dim, length, *_strides(uu, x1, x2, v, dy),
+            R=r, M=m, BLK=blk, HAS_RES=has_res, num_warps=4,
+        )  # fmt: skip
+    dd1 = dd1.reshape(-1, dim).sum(0).to(d1.dtype)
+    if not has_res:
+        return None, dx1, dx2, dv, dk1r, dk1i, dd1, None, None, None
+    dd2 = dd2.reshape(-1, dim).sum(0).to(d2.dtype)
+    return du, dx1, dx2, dv, dk1r, dk1i, dd1, dk2r, dk2i, dd2
+
+
+class GatedLongConvFunction(torch.autograd.Function):
+    """Autograd wrapper of the fused kernels; the filters enter as spectra (see `filter_spectrum`)."""
+
+    @staticmethod
+    def forward(ctx, u, x1, x2, v, k1r, k1i, d1, k2r, k2i, d2, plan):
+        ctx.save_for_backward(u, x1, x2, v, k1r, k1i, d1, k2r, k2i, d2)
+        ctx.plan = plan
+        return fftconv_fwd(u, x1, x2, v, k1r, k1i, d1, k2r, k2i, d2, plan)
+
+    @staticmethod
+    def backward(ctx, dy):
+        u, x1, x2, v, k1r, k1i, d1, k2r, k2i, d2 = ctx.saved_tensors
+        grads = fftconv_bwd(dy, u, x1, x2, v, k1r, k1i, d1, k2r, k2i, d2, ctx.plan)
+        return (*grads, None)
+
+
+def filter_spectrum(k_DN: torch.Tensor, length: int, plan) -> tuple[torch.Tensor, torch.Tensor]:
+    """FFT(k) / N of a (D, 2L) circular kernel, re-laid out for the FFT size N >= 2L of `plan` (the
+    taps keep their lags, so the convolution of the first L outputs is unchanged) and arranged in
+    the kernels' frequency order. Returns (real, imaginary), each (D, R, M1, M2) fp32; differentiable."""
+    n, r, m1, m2, _, _ = plan
+    dim = k_DN.shape[0]
+    k_DN = k_DN.float()
+    if n != 2 * length:
+        # Lags 0..L-1 stay at the front and lags -(L-1)..-1 at the back; index L is never used.
+        gap = k_DN.new_zeros(dim, n - 2 * length + 1)
+        k_DN = torch.cat([k_DN[:, :length], gap, k_DN[:, length + 1 :]], dim=-1)
+    k_f = torch.fft.fft(k_DN, n=n) / n
+    # Frequency r + R * (k1 + M1 * k2) goes to [r, k1, k2].
+    k_f = k_f.reshape(dim, m2, m1, r).permute(0, 3, 2, 1)
+    return k_f.real.contiguous(), k_f.imag.contiguous()
+
+
+_WARNED = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _WARNED:
+        _WARNED.add(msg)
+        import warnings
+
+        warnings.warn(msg, stacklevel=3)
+
+
+def gated_long_conv(
+    u_BDL: torch.Tensor,
+    x1_BDL: torch.Tensor,
+    x2_BDL: torch.Tensor,
+    v_BDL: torch.Tensor,
+    k1_DN: torch.Tensor,
+    d1_D: torch.Tensor,
+    k2_DN: torch.Tensor | None = None,
+    d2_D: torch.Tensor | None = None,
+    *,
+    max_onchip: int = _MAX_ONCHIP,
+) -> torch.Tensor:
+    """`y = (conv(v * x1; k1) + (v * x1) * d1) * x2 + conv(u; k2) + u * d2` through Triton.
+
+    u_BDL, x1_BDL, x2_BDL, v_BDL: (B, D, L), fp32/bf16/fp16 (one dtype); k1_DN, k2_DN: (D, 2L)
+    circular kernels; d1_D, d2_D: (D,). k2/d2 None drop the residual convolution. Returns (B, D, L).
+    L above MAX_SEQLEN, or CPU tensors without TRITON_INTERPRET=1, run the reference (warned once).
+    `max_onchip` (a power of two >= 256) caps the on-chip transform; tests lower it to reach the
+    outer-radix path at small L.
+    """
+    from kernels.fftconv import reference
+
+    batch, dim, length = v_BDL.shape
+    for name, t in (("x1_BDL", x1_BDL), ("x2_BDL", x2_BDL)) + ((("u_BDL", u_BDL),) if k2_DN is not None else ()):
+        if t.shape != v_BDL.shape or t.dtype != v_BDL.dtype:
+            raise ValueError(f"{name} must match v_BDL {tuple(v_BDL.shape)} {v_BDL.dtype}, got {tuple(t.shape)} {t.dtype}")
+    for name, k, d in (("k1_DN", k1_DN, d1_D), ("k2_DN", k2_DN, d2_D)):
+        if k is not None and (k.shape != (dim, 2 * length) or d.shape != (dim,)):
+            raise ValueError(
+                f"{name} must be ({dim}, {2 * length}) with a ({dim},) skip weight, got {tuple(k.shape)}, {tuple(d.shape)}"
+            )
+    if max_onchip < 256 or max_onchip & (max_onchip - 1):
+        raise ValueError(f"max_onchip must be a power of two >= 256, got {max_onchip}")
+    if length > MAX_SEQLEN or (v_BDL.device.type != "cuda" and not INTERPRET):
+        _warn_once(
+            f"fftconv triton backend: L={length} on {v_BDL.device.type} is not supported "
+            f"(L <= {MAX_SEQLEN}, CUDA or TRITON_INTERPRET=1); using the reference"
+        )
+        return reference.gated_long_conv(u_BDL, x1_BDL, x2_BDL, v_BDL, k1_DN, d1_D, k2_DN, d2_D)
+    plan = _plan(length, max_onchip)
+    k1r, k1i = filter_spectrum(k1_DN, length, plan)
+    k2r = k2i = None
+    if k2_DN is not None:
+        k2r, k2i = filter_spectrum(k2_DN, length, plan)
+    return GatedLongConvFunction.apply(
+        u_BDL if k2_DN is not None else None, x1_BDL, x2_BDL, v_BDL, k1r, k1i, d1_D, k2r, k2i, d2_D, plan
+    )

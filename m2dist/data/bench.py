@@ -1,0 +1,93 @@
+"""Throughput of the data path (MDS shards -> masked MLM batches), what tools/bench_data.py runs.
+
+Goal of the data issue: one node's loader (8 worker processes) delivers at least 10x the tokens/s
+that 8 GPUs consume training M2-BERT-80M, i.e. each worker at least 10x one GPU's rate.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+# Tokens/s of one H200 training M2-BERT-80M with the upstream code (bf16, torch.fft path), by
+# sequence length; measured for ../shared/PLATFORM_NOTES.md. The nearest length below is used.
+GPU_TOKENS_PER_S_80M = {128: 41_000, 512: 60_000, 2048: 60_000, 8192: 57_000}
+GOAL_RATIO = 10.0
+
+
+@dataclass
+class BenchResult:
+    seq_len: int
+    micro_batch_size: int
+    num_workers: int
+    batches: int
+    seconds: float
+    # Token positions delivered per second (B * L per batch), all workers together.
+    tokens_per_s: float
+    # The same per worker process (per process when num_workers is 0).
+    tokens_per_s_per_worker: float
+    # tokens_per_s_per_worker / one GPU's consumption: the goal is >= 10.
+    ratio_to_gpu: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def gpu_tokens_per_s(seq_len: int) -> int:
+    lengths = [length for length in sorted(GPU_TOKENS_PER_S_80M) if length <= seq_len] or [min(GPU_TOKENS_PER_S_80M)]
+    return GPU_TOKENS_PER_S_80M[lengths[-1]]
+
+
+def bench_data_path(
+    seq_len: int,
+    work_dir: str | Path,
+    tokens_per_batch: int = 32768,
+    num_workers: int = 1,
+    num_batches: int = 50,
+    warmup_batches: int = 3,
+    mlm_probability: float = 0.30,
+) -> BenchResult:
+    """Make `concat` shards of the embedded corpus at `seq_len` under `work_dir` (reused if there),
+    then time `num_batches` batches of B = tokens_per_batch // seq_len sequences from the
+    training loader (shuffle on, masking on), cycling epochs, after `warmup_batches`."""
+    from m2dist.config import config_from_dict
+    from m2dist.data.corpus import prepare_default_dataset
+    from m2dist.data.loader import build_mlm_dataloader, close_mlm_dataloader
+
+    micro_batch_size = max(1, tokens_per_batch // seq_len)
+    shards = prepare_default_dataset(Path(work_dir) / f"embedded-concat-L{seq_len}", max_len=seq_len, mode="concat")
+    config = config_from_dict(
+        {
+            "model": {"l_max": seq_len},
+            "train": {"seq_len": seq_len, "mlm_probability": mlm_probability},
+            "data": {"train": str(shards.train), "num_workers": num_workers, "cache_dir": str(work_dir)},
+        },
+        source="bench_data_path",
+    )
+    loader = build_mlm_dataloader(config, micro_batch_size)
+    seen, tokens = 0, 0
+    started = time.perf_counter()
+    while seen < warmup_batches + num_batches:
+        for batch in loader:
+            seen += 1
+            if seen == warmup_batches:
+                started = time.perf_counter()
+            elif seen > warmup_batches:
+                tokens += batch["input_ids"].numel()
+            if seen == warmup_batches + num_batches:
+                break
+    seconds = time.perf_counter() - started
+    close_mlm_dataloader(loader)
+    tokens_per_s = tokens / seconds
+    per_worker = tokens_per_s / max(num_workers, 1)
+    return BenchResult(
+        seq_len=seq_len,
+        micro_batch_size=micro_batch_size,
+        num_workers=num_workers,
+        batches=num_batches,
+        seconds=seconds,
+        tokens_per_s=tokens_per_s,
+        tokens_per_s_per_worker=per_worker,
+        ratio_to_gpu=per_worker / gpu_tokens_per_s(seq_len),
+    )

@@ -1,0 +1,344 @@
+"""Streaming MLM batches from MDS shards, with exact resume: what the training engine consumes.
+
+Shapes: B = micro-batch size (per rank), L = sequence length (the shards' max_len).
+
+`build_mlm_dataloader(cfg, micro_batch_size)` returns a `StreamingDataLoader` whose batches are
+dicts of CPU tensors:
+    input_ids       (B, L) int64  ids after MLM corruption ([MASK] / random / kept)
+    attention_mask  (B, L) int64  1 on tokens, 0 on padding
+    token_type_ids  (B, L) int64  zeros (one segment)
+    labels          (B, L) int64  the original id where selected for prediction, -100 elsewhere
+    sample_index    (B,)   int64  global index of the sample in the dataset (logging, tests)
+Its `state_dict()` / `load_state_dict()` go into checkpoints: a restored loader continues with the
+same samples, and, since masks depend only on (seed, epoch, sample index), the same masks, also
+on another number of ranks. Rank and world come from the launcher's environment (RANK,
+WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE); initialise torch.distributed before building.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import tempfile
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from streaming import Stream, StreamingDataLoader, StreamingDataset
+
+from m2dist.data.manifest import DataError, Expected, Manifest, check_manifest, read_manifest
+from m2dist.data.masking import mask_sample
+from m2dist.data.streams import StreamSpec, parse_streams
+from m2dist.data.tokenizer import DEFAULT_VOCAB, SpecialIds, file_sha256
+
+if TYPE_CHECKING:
+    from m2dist.config import Config
+
+log = logging.getLogger(__name__)
+
+# Names of streaming's shared-memory segments: a 6-digit prefix and one of its SHM_TO_CLEAN names.
+STREAMING_SHM = re.compile(
+    r"^\d{6}_(locals|barrier|next_epoch|cache_usage|shard_states|shard_access_times|resume|epoch_shape|epoch_data)$"
+)
+
+
+def clean_stale_shared_memory(shm_dir: str = "/dev/shm") -> list[str]:
+    """Unlink streaming's shared-memory segments that no live process maps; returns their names.
+
+    A run killed with SIGKILL leaves them behind and a later run fails (`FileExistsError`,
+    `Reused local directory`). Unlike `streaming.base.util.clean_stale_shared_memory`, which
+    unlinks every segment it finds (and stops at the first free prefix), this keeps those of other
+    jobs that are still running on the node, so it is safe on a shared machine.
+    """
+    if not os.path.isdir(shm_dir):
+        return []
+    candidates = {name for name in os.listdir(shm_dir) if STREAMING_SHM.match(name)}
+    if not candidates:
+        return []
+    in_use = set()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/maps") as maps:
+                for line in maps:
+                    if shm_dir in line:
+                        in_use.add(os.path.basename(line.split()[-1]))
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        except PermissionError:
+            # Another user's process: its segments are not ours to remove either.
+            continue
+    removed = []
+    for name in sorted(candidates - in_use):
+        path = os.path.join(shm_dir, name)
+        try:
+            if os.stat(path).st_uid != os.getuid():
+                continue
+            os.unlink(path)
+            removed.append(name)
+        except (FileNotFoundError, PermissionError):
+            continue
+    if removed:
+        log.warning("removed %d stale streaming shared-memory segments: %s", len(removed), ", ".join(removed))
+    return removed
+
+
+def _local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def job_cache_dir(root: str = "") -> Path:
+    """A folder for streaming's local copies of the shards, new for each job: the same path on
+    every rank of the job (rank 0 picks it), under `root` or the system temporary folder."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            f"WORLD_SIZE={os.environ['WORLD_SIZE']} but torch.distributed is not initialised: "
+            "initialise it before building a data loader, so that all ranks share one cache folder"
+        )
+    job = os.environ.get("SLURM_JOB_ID", "local")
+    name = [f"m2dist-cache-{job}-{uuid.uuid4().hex[:12]}"]
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast_object_list(name, src=0)
+    return Path(root or tempfile.gettempdir()) / name[0]
+
+
+@dataclass(frozen=True)
+class MaskingSpec:
+    """How samples are corrupted: rate, special ids (never masked), id range of random tokens."""
+
+    probability: float
+    special: SpecialIds
+    # Random replacements are drawn from [0, vocab_size): the tokenizer's real tokens.
+    vocab_size: int
+    seed: int
+    # True for validation: every pass masks as epoch 0, so evaluations are comparable.
+    same_masks_every_epoch: bool = False
+
+
+class MLMStreamingDataset(StreamingDataset):
+    """StreamingDataset whose samples are masked MLM examples of length L (see module doc)."""
+
+    def __init__(self, *, seq_len: int, masking: MaskingSpec, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.seq_len = seq_len
+        self.masking = masking
+        self.special_ids = masking.special.as_tuple()
+        self.epoch_of_work = 0
+
+    def _get_work(self, epoch: int, sample_in_epoch: int) -> np.ndarray:
+        # __iter__ calls this once per epoch in each worker, before any sample is read: the one
+        # place where the epoch is known for sure (the shared next_epoch counter is bumped by
+        # the local leader at a moment other workers do not see).
+        self.epoch_of_work = epoch
+        return super()._get_work(epoch, sample_in_epoch)
+
+    def get_item(self, sample_id: int, retry: int = 7) -> dict[str, np.ndarray | int]:
+        """One sample as numpy (cheaper than torch per sample; `collate_mlm` makes the tensors):
+        input_ids and labels (L,) int64, length (tokens before padding), sample_index."""
+        stored = super().get_item(sample_id, retry)["input_ids"]
+        length = len(stored)
+        if length > self.seq_len:
+            raise DataError(f"sample {sample_id} has {length} tokens, more than the loader's {self.seq_len}")
+        ids_L = np.full(self.seq_len, self.masking.special.pad, dtype=np.int64)
+        ids_L[:length] = stored
+        epoch = 0 if self.masking.same_masks_every_epoch else self.epoch_of_work
+        corrupted_L, labels_L = mask_sample(
+            ids_L,
+            mask_token_id=self.masking.special.mask,
+            vocab_size=self.masking.vocab_size,
+            probability=self.masking.probability,
+            special_ids=self.special_ids,
+            seed=self.masking.seed,
+            epoch=epoch,
+            sample_index=int(sample_id),
+        )
+        return {"input_ids": corrupted_L, "labels": labels_L, "length": length, "sample_index": int(sample_id)}
+
+
+def collate_mlm(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Stack MLMStreamingDataset samples into the batch of the module docstring ((B, L) int64)."""
+    input_ids_BL = torch.from_numpy(np.stack([s["input_ids"] for s in samples]))
+    lengths_B = torch.tensor([s["length"] for s in samples], dtype=torch.int64)
+    positions_L = torch.arange(input_ids_BL.shape[1])
+    return {
+        "input_ids": input_ids_BL,
+        "attention_mask": (positions_L[None, :] < lengths_B[:, None]).to(torch.int64),
+        "token_type_ids": torch.zeros_like(input_ids_BL),
+        "labels": torch.from_numpy(np.stack([s["labels"] for s in samples])),
+        "sample_index": torch.tensor([s["sample_index"] for s in samples], dtype=torch.int64),
+    }
+
+
+def close_mlm_dataloader(loader: StreamingDataLoader) -> None:
+    """Stop the shard-prefetch threads a loader with num_workers=0 leaves running when its epoch
+    is not read to the end; call before deleting its cache. (Worker processes stop by themselves
+    when the loop over the loader is left.)"""
+    iterator = getattr(loader.dataset, "_iterator", None)
+    if iterator is not None:
+        iterator.exit()
+
+
+def checked_manifests(streams: Sequence[StreamSpec], expected: Expected, download_dir: Path) -> list[Manifest]:
+    """Each stream's manifest, checked against `expected`; all streams must agree on the layout."""
+    manifests = []
+    for index, stream in enumerate(streams):
+        location = f"{stream.path.rstrip('/')}/m2dist_manifest.json"
+        manifest = read_manifest(stream.path, download_dir / f"manifest-{index}")
+        check_manifest(manifest, expected, location)
+        manifests.append(manifest)
+    first = manifests[0]
+    for stream, manifest in zip(streams[1:], manifests[1:]):
+        if (manifest.special_ids, manifest.vocab_size) != (first.special_ids, first.vocab_size):
+            raise DataError(f"{stream.path}: special ids or vocab size differ from {streams[0].path}")
+    return manifests
+
+
+def build_mlm_dataset(
+    streams: Sequence[StreamSpec],
+    *,
+    manifest: Manifest,
+    seq_len: int,
+    micro_batch_size: int,
+    mlm_probability: float,
+    seed: int,
+    shuffle: bool,
+    cache_dir: Path,
+    shuffle_block_size: int = 0,
+    same_masks_every_epoch: bool = False,
+) -> Any:
+    """An MLMStreamingDataset over `streams` (already checked; `manifest` gives the special ids
+    and vocab). Shards are copied and decompressed under `cache_dir`, which must be the same on
+    all ranks of a node and used by no other job (see `job_cache_dir`)."""
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    if not streams:
+        raise ValueError("no streams given")
+    stream_objects = []
+    for index, spec in enumerate(streams):
+        if not spec.is_remote and not (Path(spec.path) / "index.json").is_file():
+            raise DataError(f"{spec.path}: no index.json; not an MDS shard folder")
+        # Local folders are read like remote ones, through this job's cache: streaming writes the
+        # decompressed shards there, never into the source folder, which may be read-only or
+        # shared with another job decompressing the same files.
+        remote = spec.path if spec.is_remote else str(Path(spec.path).resolve())
+        digest = hashlib.sha1(remote.encode()).hexdigest()[:8]
+        local = str(cache_dir / f"stream-{index}-{digest}")
+        stream_objects.append(Stream(remote=remote, local=local, proportion=spec.proportion))
+    masking = MaskingSpec(
+        probability=mlm_probability,
+        special=SpecialIds(**manifest.special_ids),
+        vocab_size=manifest.vocab_size,
+        seed=seed,
+        same_masks_every_epoch=same_masks_every_epoch,
+    )
+    return MLMStreamingDataset(
+        streams=stream_objects,
+        seq_len=seq_len,
+        masking=masking,
+        batch_size=micro_batch_size,
+        shuffle=shuffle,
+        shuffle_seed=seed,
+        shuffle_block_size=shuffle_block_size or None,
+    )
+
+
+def resolve_streams(cfg: Config, split: Literal["train", "val"], seq_len: int, tokenizer_path: Path) -> list[StreamSpec]:
+    """The streams of `data.train` / `data.val`; the embedded corpus (prepared once per node,
+    local rank 0 first) when `data.train` is empty."""
+    from m2dist.config import ConfigError
+
+    data = cfg.data
+    if data.train:
+        streams = parse_streams(data.train if split == "train" else data.val)
+        if not streams:
+            raise ConfigError(f"data.{split}: no validation streams given (data.train is set, data.val is empty)")
+        return streams
+    if data.val:
+        raise ConfigError(f"data.val: expected empty when data.train is empty (the embedded corpus), got {data.val!r}")
+    from m2dist.data.corpus import default_prepared_dir, prepare_default_dataset
+
+    out_dir = Path(data.prepared_dir) if data.prepared_dir else default_prepared_dir(seq_len, tokenizer_path)
+    if _local_rank() == 0:
+        prepare_default_dataset(out_dir, max_len=seq_len, tokenizer_path=tokenizer_path)
+    _barrier()
+    # Other ranks find it made (a shared file system with several nodes: whoever renames first wins).
+    prepared = prepare_default_dataset(out_dir, max_len=seq_len, tokenizer_path=tokenizer_path)
+    return [StreamSpec(str(prepared[split]))]
+
+
+def build_mlm_dataloader(
+    cfg: Config,
+    micro_batch_size: int,
+    split: Literal["train", "val"] = "train",
+) -> StreamingDataLoader:
+    """The loader of one rank for `split`, from the config tree:
+
+    - streams: `data.train` / `data.val` (the embedded corpus when empty), each manifest checked
+      against model.vocab_size, the sequence length (train.seq_len or model.l_max) and the SHA-256
+      of `data.tokenizer` before anything else happens;
+    - masking: train.mlm_probability for train, data.eval_mlm_probability for val, seeded by
+      train.seed; train is shuffled and drops the last partial batch, val is neither;
+    - stale streaming shared memory of dead jobs is removed first (local rank 0), and remote
+      shards are cached in a folder of this job only (under data.cache_dir).
+
+    Batches are as described in the module docstring, (B, L) with B = micro_batch_size.
+    """
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    data = cfg.data
+    seq_len = cfg.train.seq_len or cfg.model.l_max
+    tokenizer_path = Path(data.tokenizer) if data.tokenizer else DEFAULT_VOCAB
+    if not tokenizer_path.is_file():
+        raise FileNotFoundError(f"data.tokenizer: file not found: {tokenizer_path}")
+    expected = Expected(
+        padded_vocab_size=cfg.model.vocab_size,
+        max_len=seq_len,
+        tokenizer_sha256=file_sha256(tokenizer_path),
+        sources={
+            "padded_vocab_size": "model.vocab_size",
+            "max_len": "train.seq_len" if cfg.train.seq_len else "model.l_max (train.seq_len is 0)",
+            "tokenizer_sha256": f"sha256 of data.tokenizer={str(tokenizer_path)!r}",
+        },
+    )
+    streams = resolve_streams(cfg, split, seq_len, tokenizer_path)
+    cache_dir = job_cache_dir(data.cache_dir) / split
+    manifests = checked_manifests(streams, expected, cache_dir)
+    if _local_rank() == 0:
+        clean_stale_shared_memory()
+    _barrier()
+    is_train = split == "train"
+    dataset = build_mlm_dataset(
+        streams,
+        manifest=manifests[0],
+        seq_len=seq_len,
+        micro_batch_size=micro_batch_size,
+        mlm_probability=cfg.train.mlm_probability if is_train else data.eval_mlm_probability,
+        seed=cfg.train.seed,
+        shuffle=data.shuffle and is_train,
+        cache_dir=cache_dir,
+        shuffle_block_size=data.shuffle_block_size,
+        same_masks_every_epoch=not is_train,
+    )
+    return StreamingDataLoader(
+        dataset,
+        batch_size=micro_batch_size,
+        collate_fn=collate_mlm,
+        num_workers=data.num_workers,
+        prefetch_factor=data.prefetch_factor if data.num_workers > 0 else None,
+        pin_memory=torch.cuda.is_available(),
+        drop_last=is_train,
+        persistent_workers=False,
+    )

@@ -1,0 +1,2 @@
+"""The DeepSpeed training engine: distributed set-up, generated DeepSpeed config, checkpoints,
+metrics and the training loop."""

@@ -1,0 +1,128 @@
+"""Training-step throughput on one GPU: m2dist models and Hugging Face's BERT in the same run.
+
+A step is forward + backward + AdamW (fused on CUDA) under bf16 autocast, on random tokens with
+the config's MLM masking rate; the m2dist models compute the MLM head on masked positions only,
+Hugging Face's BertForMaskedLM on every position (as it does). Tokens per step are the same for
+every model at a given length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from m2dist.config import ModelConfig, load_config
+from m2dist.engine.metrics import peak_flops, training_flops_per_token
+from m2dist.models import build_masked_lm
+from m2dist.optim import build_optimizer
+
+
+@dataclass
+class BenchResult:
+    model: str
+    seq_len: int
+    batch_size: int
+    tokens_per_s: float
+    step_ms: float
+    tflops: float | None
+    mfu: float | None
+    peak_memory_gib: float
+    error: str = ""
+
+
+def _hf_bert(config: ModelConfig):
+    from transformers import BertConfig, BertForMaskedLM
+
+    hf_config = BertConfig(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_attention_heads, intermediate_size=config.intermediate_size,
+        max_position_embeddings=max(config.l_max, 512), attn_implementation="sdpa",
+    )  # fmt: skip
+    return BertForMaskedLM(hf_config)
+
+
+def benchmark_step(
+    name: str,
+    build: Callable[[], torch.nn.Module],
+    model_config: ModelConfig,
+    seq_len: int,
+    batch_size: int,
+    mlm_probability: float,
+    device: torch.device,
+    steps: int = 10,
+    warmup: int = 3,
+) -> BenchResult:
+    torch.manual_seed(0)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    try:
+        model = build().to(device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+        input_ids = torch.randint(1000, model_config.vocab_size, (batch_size, seq_len), device=device)
+        labels = torch.where(torch.rand(input_ids.shape, device=device) < mlm_probability, input_ids, -100)
+
+        def step() -> None:
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+                loss = model(input_ids=input_ids, labels=labels).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        for _ in range(warmup):
+            step()
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize(device)
+        seconds = (time.perf_counter() - start) / steps
+    except torch.OutOfMemoryError:
+        return BenchResult(name, seq_len, batch_size, 0.0, 0.0, None, None, 0.0, error="OOM")
+    tokens_per_s = batch_size * seq_len / seconds
+    flops = tokens_per_s * training_flops_per_token(model_config, seq_len, mlm_probability)
+    peak = peak_flops(device, "bf16")
+    return BenchResult(
+        name, seq_len, batch_size, tokens_per_s, 1000 * seconds, flops / 1e12,
+        None if peak is None else flops / peak, torch.cuda.max_memory_allocated(device) / 2**30,
+    )  # fmt: skip
+
+
+def run_benchmark(
+    config_names: list[str], seq_lens: list[int], tokens_per_step: int, include_hf: bool, steps: int = 10
+) -> list[BenchResult]:
+    device = torch.device("cuda")
+    results = []
+    for seq_len in seq_lens:
+        batch = max(1, tokens_per_step // seq_len)
+        for name in config_names:
+            config = load_config(name)
+            model_config = dataclasses.replace(config.model, l_max=max(config.model.l_max, seq_len), hidden_dropout=0.0)
+            mlm = config.train.mlm_probability
+            results.append(
+                benchmark_step(name, lambda: build_masked_lm(model_config), model_config, seq_len, batch, mlm, device, steps)
+            )
+            print(format_row(results[-1]), flush=True)
+            if include_hf and model_config.architecture == "bert":
+                hf = benchmark_step(
+                    "hf-bert-base (sdpa)", lambda: _hf_bert(model_config), model_config, seq_len, batch, mlm, device, steps
+                )
+                results.append(hf)
+                print(format_row(hf), flush=True)
+    return results
+
+
+HEADER = "| model | L | batch | tokens/s | step ms | TFLOP/s | MFU | peak GiB |\n|---|---|---|---|---|---|---|---|"
+
+
+def format_row(r: BenchResult) -> str:
+    if r.error:
+        return f"| {r.model} | {r.seq_len} | {r.batch_size} | {r.error} | | | | |"
+    mfu = "n/a" if r.mfu is None else f"{100 * r.mfu:.1f}%"
+    return (
+        f"| {r.model} | {r.seq_len} | {r.batch_size} | {r.tokens_per_s:,.0f} | {r.step_ms:.1f} | "
+        f"{r.tflops:.1f} | {mfu} | {r.peak_memory_gib:.1f} |"
+    )

@@ -1,0 +1,69 @@
+"""The engine's view of the data: endless training micro-batches, validation passes, loader state."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from m2dist.config import Config
+from m2dist.engine.deepspeed_config import BatchLayout
+from m2dist.engine.distributed import DistEnv
+
+
+class TrainingData:
+    """Training batches of one rank from `data.train`, validation batches from `data.val`.
+
+    The training loader restarts at each epoch end; its state (epoch, samples seen) goes into
+    checkpoints so that a resumed run sees the same samples, with the same masks, in the same order.
+    """
+
+    def __init__(self, config: Config, env: DistEnv, layout: BatchLayout):
+        from m2dist.data.loader import DEFAULT_VOCAB, build_mlm_dataloader
+
+        self.config = config
+        self.layout = layout
+        self.seq_len = config.train.seq_len or config.model.l_max
+        self.train_loader = build_mlm_dataloader(config, layout.micro_batch_size, "train")
+        self.has_validation = not config.data.train or bool(config.data.val)
+        self._eval_loader = None
+        self._train_iter: Iterator[dict[str, torch.Tensor]] | None = None
+        tokenizer = Path(config.data.tokenizer) if config.data.tokenizer else DEFAULT_VOCAB
+        self.artifacts = [tokenizer]
+
+    def next_train_batch(self) -> dict[str, torch.Tensor]:
+        """(micro_batch, L) tensors: input_ids, attention_mask, labels (and token_type_ids if present)."""
+        while True:
+            if self._train_iter is None:
+                self._train_iter = iter(self.train_loader)
+            try:
+                return next(self._train_iter)
+            except StopIteration:
+                self._train_iter = None
+
+    def eval_batches(self, max_batches: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+        """One pass over the validation split (the first `max_batches` batches if > 0)."""
+        from m2dist.data.loader import build_mlm_dataloader
+
+        if self._eval_loader is None:
+            self._eval_loader = build_mlm_dataloader(self.config, self.layout.micro_batch_size, "val")
+        for index, batch in enumerate(self._eval_loader):
+            if max_batches and index >= max_batches:
+                break
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.train_loader.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.train_loader.load_state_dict(state)
+        self._train_iter = None
+
+    def close(self) -> None:
+        self._train_iter = None
+
+
+def build_data(config: Config, env: DistEnv, layout: BatchLayout) -> TrainingData:
+    return TrainingData(config, env, layout)

@@ -1,0 +1,57 @@
+"""The DeepSpeed JSON, generated from the typed config (never written by hand)."""
+
+from dataclasses import dataclass
+from typing import Any
+
+from m2dist.config import Config, ConfigError
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    global_batch_size: int
+    micro_batch_size: int
+    grad_accumulation: int
+    world_size: int
+
+
+def batch_layout(config: Config, world_size: int) -> BatchLayout:
+    """Micro-batch and gradient accumulation from the global batch and the world size."""
+    train = config.train
+    global_batch = train.global_batch_size
+    if global_batch % world_size:
+        raise ConfigError(
+            f"train.global_batch_size: expected a multiple of the world size {world_size}, got {global_batch}"
+        )
+    per_rank = global_batch // world_size
+    micro = train.micro_batch_size or per_rank
+    if per_rank % micro:
+        raise ConfigError(
+            f"train.micro_batch_size: expected a divisor of global_batch_size / world size = "
+            f"{global_batch} / {world_size} = {per_rank}, got {micro}"
+        )
+    return BatchLayout(global_batch, micro, per_rank // micro, world_size)
+
+
+def build_deepspeed_config(config: Config, layout: BatchLayout) -> dict[str, Any]:
+    """ZeRO stage, batch sizes, clipping and offload. Mixed precision is bf16 autocast in the
+    training step (fp32 master weights and gradients), as upstream's Composer amp_bf16, so no
+    `bf16` section: DeepSpeed's bf16 mode would cast the filters and FFTs to bf16 too."""
+    train = config.train
+    zero: dict[str, Any] = {"stage": train.zero_stage}
+    if train.zero_stage >= 1:
+        zero.update(overlap_comm=True, contiguous_gradients=True, reduce_bucket_size=int(5e7))
+    if train.zero_stage == 3:
+        zero.update(stage3_gather_16bit_weights_on_model_save=False)
+    if train.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    return {
+        "train_batch_size": layout.global_batch_size,
+        "train_micro_batch_size_per_gpu": layout.micro_batch_size,
+        "gradient_accumulation_steps": layout.grad_accumulation,
+        "gradient_clipping": train.grad_clip,
+        "zero_optimization": zero,
+        # The optimizer is torch's AdamW with the M2 parameter groups, handed to DeepSpeed.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }

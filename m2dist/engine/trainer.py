@@ -1,0 +1,322 @@
+"""The pretraining loop: DeepSpeed ZeRO 0-3, bf16 autocast, the M2 recipe, exact resume.
+
+`Trainer(config).fit()` builds everything, resumes from the newest complete checkpoint in the run
+folder if there is one, trains, evaluates, checkpoints and closes. It runs under the `deepspeed`
+launcher, `torchrun`, SLURM `srun`, or as a single plain process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from m2dist.config import Config
+from m2dist.engine.checkpoint import CheckpointManager, find_resume_tag
+from m2dist.engine.deepspeed_config import batch_layout, build_deepspeed_config
+from m2dist.engine.distributed import all_reduce_sum, init_distributed
+from m2dist.engine.metrics import ThroughputMeter, console_line, peak_flops, training_flops_per_token
+from m2dist.models import build_masked_lm, count_parameters
+from m2dist.optim import build_optimizer, warmup_linear_decay
+
+log = logging.getLogger("m2dist")
+
+# Batch entries the model takes; loaders may add others (e.g. sample indices).
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels")
+
+# Exit status after a checkpoint taken on SIGUSR1/SIGTERM: the SLURM script requeues the job on it.
+REQUEUE_EXIT_CODE = 85
+
+
+class WarmupLinearDecay:
+    """Per-group lr = peak x `warmup_linear_decay(step)`; stepped by DeepSpeed at optimizer steps."""
+
+    def __init__(self, optimizer, total_steps: int, warmup_fraction: float, final_fraction: float):
+        self.optimizer = optimizer
+        self.total_steps = total_steps
+        self.warmup_fraction = warmup_fraction
+        self.final_fraction = final_fraction
+        self.peak_lrs = [group["lr"] for group in optimizer.param_groups]
+        self.step_count = 0
+        self._apply()
+
+    def _apply(self) -> None:
+        scale = warmup_linear_decay(self.step_count, self.total_steps, self.warmup_fraction, self.final_fraction)
+        for group, peak in zip(self.optimizer.param_groups, self.peak_lrs):
+            group["lr"] = peak * scale
+
+    def step(self) -> None:
+        self.step_count += 1
+        self._apply()
+
+    def get_last_lr(self) -> list[float]:
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step_count": self.step_count, "peak_lrs": self.peak_lrs}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step_count = state["step_count"]
+        self.peak_lrs = state["peak_lrs"]
+        self._apply()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device=cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+class Trainer:
+    def __init__(self, config: Config):
+        import deepspeed
+
+        from m2dist.engine.data import build_data
+        from m2dist.tracking import build_tracker, collect_run_params
+
+        self.config = config
+        train = config.train
+        self.device = resolve_device(train.device)
+        self.env = init_distributed(self.device)
+        self.layout = batch_layout(config, self.env.world_size)
+        self.output_dir = Path(train.output_dir.format(name=config.name)).resolve()
+        self.data = build_data(config, self.env, self.layout)
+        self.seq_len = self.data.seq_len
+        self.total_steps = self._steps_from_duration()
+
+        self.checkpoints = CheckpointManager(self.output_dir / "checkpoints", self.env, train.keep_last)
+        resume_tag = find_resume_tag(self.checkpoints.root)
+        self.ds_config = build_deepspeed_config(config, self.layout)
+        if resume_tag is not None and self.checkpoints.needs_universal(resume_tag):
+            resume_tag = self.checkpoints.prepare_universal(resume_tag)
+            self.ds_config["checkpoint"] = {"load_universal": True}
+
+        # Same seed on every rank: identical initial weights (DeepSpeed also broadcasts them).
+        torch.manual_seed(train.seed)
+        model = build_masked_lm(config.model)
+        optimizer = build_optimizer(model, train.optimizer)
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=lambda opt: WarmupLinearDecay(
+                opt, self.total_steps, train.warmup_fraction, train.final_lr_fraction
+            ),
+            config=self.ds_config,
+            dist_init_required=False,
+        )
+        self.num_parameters = count_parameters(model)
+        self.step = 0
+        self.losses: list[tuple[int, float]] = []
+        self._stop_signal: int | None = None
+        client_state = self._resume(resume_tag) if resume_tag is not None else {}
+
+        self.tracker = build_tracker(config.tracking, self.env.rank, self.output_dir)
+        params = collect_run_params(config.to_dict(), self.env.world_size)
+        params["model.num_parameters"] = str(self.num_parameters)
+        self.tracker.start(config.name, params, client_state.get("mlflow_run_id"))
+        if self.env.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1) + "\n")
+            (self.output_dir / "deepspeed.json").write_text(json.dumps(self.ds_config, indent=1) + "\n")
+            self.tracker.log_artifact(self.output_dir / "config.json")
+            self.tracker.log_artifact(self.output_dir / "deepspeed.json")
+            for path in self.data.artifacts:
+                self.tracker.log_artifact(path)
+
+    def _steps_from_duration(self) -> int:
+        train = self.config.train
+        per_step = {"steps": 1, "samples": train.global_batch_size, "tokens": train.global_batch_size * self.seq_len}
+        return math.ceil(train.duration / per_step[train.duration_unit])
+
+    def _resume(self, tag: str) -> dict[str, Any]:
+        client_state = self.checkpoints.load(self.engine, tag)
+        self.step = int(client_state["step"])
+        self.losses = [tuple(x) for x in client_state.get("losses", [])]
+        self.data.load_state_dict(client_state["data"])
+        self._log(f"resumed from {self.checkpoints.root / tag} at step {self.step}")
+        return client_state
+
+    def _log(self, message: str) -> None:
+        if self.env.is_main:
+            print(message, flush=True)
+
+    def _install_signal_handlers(self) -> None:
+        def request_stop(signum, _frame):
+            self._stop_signal = signum
+
+        for signum in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(signum, request_stop)
+
+    def _stop_requested(self) -> bool:
+        """True on every rank once any rank got SIGUSR1/SIGTERM (one tiny collective)."""
+        flag = torch.tensor([0.0 if self._stop_signal is None else 1.0], device=self.device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _autocast(self):
+        return torch.autocast(
+            device_type=self.device.type, dtype=torch.bfloat16, enabled=self.config.train.precision == "bf16"
+        )
+
+    def train_step(self) -> tuple[torch.Tensor, float]:
+        """One optimizer step over `grad_accumulation` micro-batches; returns (mean loss tensor,
+        seconds spent waiting for data)."""
+        self.engine.train()
+        total = torch.zeros((), device=self.device)
+        data_wait = 0.0
+        for _ in range(self.layout.grad_accumulation):
+            start = time.perf_counter()
+            batch = self.data.next_train_batch()
+            data_wait += time.perf_counter() - start
+            batch = {k: batch[k].to(self.device, non_blocking=True) for k in MODEL_INPUTS if k in batch}
+            with self._autocast():
+                loss = self.engine(**batch).loss
+            self.engine.backward(loss)
+            self.engine.step()
+            total += loss.detach()
+        return total / self.layout.grad_accumulation, data_wait
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """MLM loss and accuracy on the validation split at the evaluation masking rate."""
+        if not self.data.has_validation:
+            return {}
+        self.engine.eval()
+        loss_sum = correct = masked = 0.0
+        for batch in self.data.eval_batches(self.config.train.eval_batches):
+            batch = {k: batch[k].to(self.device) for k in MODEL_INPUTS if k in batch}
+            with self._autocast():
+                out = self.engine(**batch)
+            targets = batch["labels"][batch["labels"] != -100]
+            loss_sum += out.loss.float().item() * out.num_masked
+            correct += (out.logits.argmax(-1) == targets).sum().item()
+            masked += out.num_masked
+        loss_sum, correct, masked = all_reduce_sum([loss_sum, correct, masked], self.device)
+        self.engine.train()
+        return {"eval/mlm_loss": loss_sum / max(masked, 1), "eval/mlm_accuracy": correct / max(masked, 1)}
+
+    def save(self) -> None:
+        client_state = {
+            "step": self.step,
+            "samples_seen": self.step * self.layout.global_batch_size,
+            "tokens_seen": self.step * self.layout.global_batch_size * self.seq_len,
+            "data": self.data.state_dict(),
+            "losses": self.losses,
+            # The tracker's current id: None while the server was never reached.
+            "mlflow_run_id": self.tracker.run_id,
+            "config": self.config.to_dict(),
+        }
+        tag = self.checkpoints.save(self.engine, self.step, client_state)
+        self._log(f"saved checkpoint {self.checkpoints.root / tag}")
+
+    def fit(self) -> list[tuple[int, float]]:
+        """Train to the configured duration; returns [(step, loss)] of the whole run (resumed included)."""
+        train = self.config.train
+        self._install_signal_handlers()
+        tokens_per_step = self.layout.global_batch_size * self.seq_len
+        flops = training_flops_per_token(self.config.model, self.seq_len, train.mlm_probability)
+        meter = ThroughputMeter(
+            tokens_per_step, self.env.world_size, flops, peak_flops(self.device, train.precision), self.device
+        )
+        self._log(
+            f"{self.config.name}: {self.config.model.architecture} model, {self.num_parameters:,} parameters; "
+            f"{self.env.world_size} rank(s) on {self.device.type}, ZeRO-{train.zero_stage}, {train.precision}; "
+            f"global batch {self.layout.global_batch_size} = {self.layout.micro_batch_size} x "
+            f"{self.layout.grad_accumulation} accumulation x {self.env.world_size} ranks, L={self.seq_len}; "
+            f"steps {self.step} -> {self.total_steps}; output {self.output_dir}"
+        )
+        pending: list[tuple[int, torch.Tensor]] = []
+        stop_at = self.step + train.stop_after if train.stop_after else self.total_steps
+        while self.step < self.total_steps:
+            loss, data_wait = self.train_step()
+            self.step += 1
+            pending.append((self.step, loss))
+            meter.record_step(data_wait)
+            last = self.step == self.total_steps
+            if self.step % train.log_every == 0 or last:
+                self._flush_losses(pending, meter)
+            if train.eval_every and self.step % train.eval_every == 0 and not last:
+                self._log_eval()
+            if train.checkpoint_every and self.step % train.checkpoint_every == 0 and not last:
+                self.save()
+            if self.step == stop_at and not last:
+                self._flush_losses(pending, meter)
+                self._log(f"train.stop_after={train.stop_after}: checkpointing at step {self.step} and leaving")
+                self.save()
+                return self.losses
+            if self._stop_requested():
+                self._flush_losses(pending, meter)
+                self._log(f"signal {self._stop_signal or 'on another rank'}: checkpointing at step {self.step}")
+                self.save()
+                self.close(status="KILLED")
+                raise SystemExit(REQUEUE_EXIT_CODE)
+        self._log_eval()
+        self.save()
+        return self.losses
+
+    def _flush_losses(self, pending: list[tuple[int, torch.Tensor]], meter: ThroughputMeter) -> None:
+        if not pending:
+            return
+        # One host sync per log step: the losses of all steps since the last one.
+        values = torch.stack([loss for _, loss in pending])
+        if dist.is_initialized():
+            dist.all_reduce(values)
+            values /= self.env.world_size
+        steps = [step for step, _ in pending]
+        self.losses.extend(zip(steps, values.tolist()))
+        pending.clear()
+        scalars = meter.summary(self.total_steps - self.step)
+        scalars.update(
+            {
+                "train/loss": self.losses[-1][1],
+                "train/lr": self.scheduler.get_last_lr()[0],
+                "train/grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+                "train/tokens_seen": float(self.step * self.layout.global_batch_size * self.seq_len),
+            }
+        )
+        self._log(console_line(self.step, self.total_steps, scalars))
+        self.tracker.log_metrics({k: v for k, v in scalars.items()}, step=self.step)
+        for step, value in zip(steps[:-1], values.tolist()[:-1]):
+            self.tracker.log_metrics({"train/loss": value}, step=step)
+
+    def _log_eval(self) -> None:
+        metrics = self.evaluate()
+        if metrics:
+            self._log(f"eval at step {self.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            self.tracker.log_metrics(metrics, step=self.step)
+
+    def close(self, status: str = "FINISHED") -> None:
+        if self.env.is_main and self.losses:
+            from m2dist.tracking import plot_loss_curve
+
+            plot = self.output_dir / "loss.png"
+            steps, losses = zip(*self.losses)
+            plot_loss_curve(list(steps), list(losses), plot)
+            self.tracker.log_artifact(plot)
+        self.tracker.close(status=status)
+        self.data.close()
+
+
+def train(config: Config) -> list[tuple[int, float]]:
+    trainer = Trainer(config)
+    try:
+        losses = trainer.fit()
+    except SystemExit:
+        raise  # a checkpointed stop on a signal: fit() closed the run as KILLED
+    except BaseException:
+        trainer.tracker.close(status="FAILED")
+        raise
+    trainer.close()
+    return losses
+
+

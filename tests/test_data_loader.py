@@ -1,0 +1,156 @@
+"""Streaming MLM batches in one process: layout, manifest check before training, stream mixing,
+masks independent of the worker count, stale shared memory, config checks."""
+
+import os
+import shutil
+from multiprocessing import shared_memory
+
+import numpy as np
+import pytest
+import torch
+
+from m2dist.config import ConfigError, config_from_dict
+from m2dist.data.loader import build_mlm_dataloader, clean_stale_shared_memory, close_mlm_dataloader
+from m2dist.data.manifest import ManifestMismatchError, read_manifest
+from m2dist.data.masking import IGNORE_INDEX
+from m2dist.data.tokenizer import DEFAULT_VOCAB
+
+SPECIAL_IDS = (0, 100, 101, 102, 103)
+
+
+def debug_config(embedded_dataset, tmp_path, **data):
+    """configs/debug.yaml's model and length (L=64) reading the session's embedded shards."""
+    values = {
+        "model": {"hidden_size": 128, "intermediate_size": 512, "num_layers": 2, "l_max": 128},
+        "train": {"seq_len": 64, "seed": 11},
+        "data": {"prepared_dir": str(embedded_dataset.train.parent), "num_workers": 0, "cache_dir": str(tmp_path)},
+    }
+    values["data"].update(data)
+    return config_from_dict(values, source="test")
+
+
+def take(loader, count):
+    batches = []
+    for batch in loader:
+        batches.append(batch)
+        if len(batches) == count:
+            break
+    close_mlm_dataloader(loader)
+    return batches
+
+
+def test_batches_have_the_documented_layout(embedded_dataset, tmp_path):
+    loader = build_mlm_dataloader(debug_config(embedded_dataset, tmp_path), micro_batch_size=16)
+    raw = loader.dataset
+    for batch in take(loader, 5):
+        assert list(batch) == ["input_ids", "attention_mask", "token_type_ids", "labels", "sample_index"]
+        for key in ("input_ids", "attention_mask", "token_type_ids", "labels"):
+            assert batch[key].shape == (16, 64) and batch[key].dtype == torch.int64, key
+        assert batch["sample_index"].shape == (16,)
+        ids, labels = batch["input_ids"], batch["labels"]
+        # Put the selected tokens back: that must give exactly the stored sample.
+        original = torch.where(labels != IGNORE_INDEX, labels, ids)
+        for row, index in enumerate(batch["sample_index"].tolist()):
+            stored = torch.from_numpy(super(type(raw), raw).get_item(index)["input_ids"].astype(np.int64))
+            assert torch.equal(original[row, : len(stored)], stored)
+            assert (original[row, len(stored) :] == 0).all()
+            assert batch["attention_mask"][row].sum() == len(stored)
+        assert (batch["attention_mask"] == (original != 0)).all()
+        assert (labels[torch.isin(original, torch.tensor(SPECIAL_IDS))] == IGNORE_INDEX).all()
+        assert (batch["token_type_ids"] == 0).all()
+    selected = torch.cat([b["labels"] != IGNORE_INDEX for b in take(loader, 5)])
+    real = torch.cat([b["attention_mask"] for b in take(loader, 5)]).sum()
+    assert 0.2 < selected.sum() / real < 0.4  # train.mlm_probability 0.30 ([CLS]/[SEP] excluded)
+
+
+def test_validation_masks_at_the_eval_rate_and_identically_every_pass(embedded_dataset, tmp_path):
+    loader = build_mlm_dataloader(debug_config(embedded_dataset, tmp_path), micro_batch_size=32, split="val")
+    first = list(loader)
+    second = list(loader)
+    assert sum(len(b["sample_index"]) for b in first) == read_manifest(embedded_dataset.val).counts.samples
+    for a, b in zip(first, second):
+        assert torch.equal(a["sample_index"], b["sample_index"]) and torch.equal(a["labels"], b["labels"])
+    selected = sum((b["labels"] != IGNORE_INDEX).sum() for b in first)
+    tokens = sum(b["attention_mask"].sum() for b in first)
+    assert 0.10 < selected / tokens < 0.15  # 0.15 of the tokens that are not [CLS]/[SEP]
+
+
+def test_manifest_mismatch_is_an_error_before_loading(embedded_dataset, tmp_path):
+    manifest = f"{embedded_dataset.train}/m2dist_manifest.json"
+    cfg = debug_config(embedded_dataset, tmp_path, train=str(embedded_dataset.train))
+    cfg.model.vocab_size = 30592
+    with pytest.raises(ManifestMismatchError, match=rf"^{manifest}: key 'padded_vocab_size': expected 30592 \(model.vocab_size\), found 30528"):
+        build_mlm_dataloader(cfg, 8)
+    cfg = debug_config(embedded_dataset, tmp_path, train=str(embedded_dataset.train))
+    cfg.train.seq_len = 0
+    with pytest.raises(ManifestMismatchError, match=r"key 'max_len': expected 128 \(model.l_max \(train.seq_len is 0\)\), found 64"):
+        build_mlm_dataloader(cfg, 8)
+    other_vocab = tmp_path / "vocab.txt"
+    shutil.copy(DEFAULT_VOCAB, other_vocab)
+    with open(other_vocab, "a") as f:
+        f.write("newtoken\n")
+    cfg = debug_config(embedded_dataset, tmp_path, train=str(embedded_dataset.train), tokenizer=str(other_vocab))
+    with pytest.raises(ManifestMismatchError, match=r"key 'tokenizer_sha256': expected '[0-9a-f]{64}' \(sha256 of data.tokenizer="):
+        build_mlm_dataloader(cfg, 8)
+
+
+def test_streams_mix_in_the_given_proportions(embedded_dataset, tmp_path):
+    from m2dist.data.corpus import prepare_default_dataset
+
+    first = prepare_default_dataset(tmp_path / "first", max_len=64, mode="pad", max_documents=1000)
+    second = prepare_default_dataset(tmp_path / "second", max_len=64, mode="concat", max_documents=600)
+    n_first, n_second = (read_manifest(d.train).counts.samples for d in (first, second))
+    assert n_first > 2 * n_second
+    spec = f"{first.train}@0.25,{second.train}@0.75"
+    loader = build_mlm_dataloader(debug_config(embedded_dataset, tmp_path, train=spec), micro_batch_size=50)
+    # An epoch has as many samples as the streams together, drawn 1:3 (the small stream repeats).
+    indices = torch.cat([b["sample_index"] for b in loader])
+    assert abs(len(indices) - (n_first + n_second)) < 50
+    share_second = (indices >= n_first).float().mean().item()
+    assert abs(share_second - 0.75) < 0.03
+
+
+def test_masks_do_not_depend_on_the_number_of_workers(embedded_dataset, tmp_path):
+    by_workers = {}
+    for workers in (0, 2):
+        loader = build_mlm_dataloader(debug_config(embedded_dataset, tmp_path, num_workers=workers), micro_batch_size=32)
+        by_workers[workers] = {
+            int(i): (ids, labels)
+            for b in take(loader, 12)
+            for i, ids, labels in zip(b["sample_index"], b["input_ids"], b["labels"])
+        }
+    common = set(by_workers[0]) & set(by_workers[2])
+    assert len(common) > 20
+    for index in common:
+        assert all(torch.equal(a, b) for a, b in zip(by_workers[0][index], by_workers[2][index])), index
+
+
+def test_stale_shared_memory_is_removed_and_live_segments_kept():
+    stale = shared_memory.SharedMemory(name="999990_resume", create=True, size=64)
+    stale.close()  # unmapped, never unlinked: what a SIGKILLed run leaves behind
+    live = shared_memory.SharedMemory(name="999991_resume", create=True, size=64)
+    try:
+        removed = clean_stale_shared_memory()
+        assert "999990_resume" in removed
+        assert not os.path.exists("/dev/shm/999990_resume")
+        assert os.path.exists("/dev/shm/999991_resume")
+    finally:
+        live.close()
+        live.unlink()
+        if os.path.exists("/dev/shm/999990_resume"):
+            os.unlink("/dev/shm/999990_resume")
+
+
+def test_data_config_checks_name_the_key():
+    with pytest.raises(ConfigError, match=r"data.train: stream '/d@x': expected PATH@PROPORTION"):
+        config_from_dict({"data": {"train": "/d@x"}})
+    with pytest.raises(ConfigError, match="data.train: .*give a @PROPORTION to every stream or to none"):
+        config_from_dict({"data": {"train": "/a@0.5,/b"}})
+    with pytest.raises(ConfigError, match=r"data.val: expected streams without @PROPORTION"):
+        config_from_dict({"data": {"train": "/a", "val": "/b@1"}})
+    with pytest.raises(ConfigError, match=r"data.num_workers: expected an integer >= 0, got -1"):
+        config_from_dict({"data": {"num_workers": -1}})
+    with pytest.raises(ConfigError, match=r"data.tokenizer: expected a WordPiece vocab"):
+        config_from_dict({"data": {"tokenizer": "tok.json"}})
+    streams = config_from_dict({"data": {"train": "s3://b/c4/train@0.8, /d/books/train@0.2"}}).data.train
+    assert streams == "s3://b/c4/train@0.8, /d/books/train@0.2"

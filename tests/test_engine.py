@@ -1,0 +1,205 @@
+"""The training engine end to end: real DeepSpeed ZeRO runs of 2 processes over gloo on real MDS shards."""
+
+import gzip
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from m2dist.data.prepare import prepare_mds
+from tests.conftest import REPO_ROOT
+
+pytestmark = pytest.mark.slow
+
+EMBEDDED_TEXT = REPO_ROOT / "m2dist" / "data" / "assets" / "python-docs-3.11.txt.gz"
+# Small and fast: 2 layers of d=128, L=64; dropout off where runs on different world sizes are compared.
+BASE = ["train.seq_len=64", "train.log_every=1", "train.global_batch_size=8", "data.num_workers=1"]
+
+
+@pytest.fixture(scope="module")
+def tiny_shards(tmp_path_factory) -> Path:
+    """~60 training samples of real English (7 steps of 8 per epoch) and a validation split."""
+    root = tmp_path_factory.mktemp("shards")
+    text = root / "docs.txt"
+    with gzip.open(EMBEDDED_TEXT, "rt") as source:
+        lines = [line for line in source.read().splitlines() if len(line.split()) > 8][:80]
+    text.write_text("\n".join(lines) + "\n")
+    prepare_mds([text], root / "mds", None, max_len=64, val_fraction=0.2, progress=False)
+    return root / "mds"
+
+
+def _data_args(shards: Path) -> list[str]:
+    return [f"data.train={shards / 'train'}", f"data.val={shards / 'val'}"]
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", TMPDIR=str(tmp_path), PYTHONUNBUFFERED="1", DS_ACCELERATOR="cpu")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def launch(tmp_path: Path, args: list[str], nproc: int = 2, launcher: str = "torchrun", timeout: int = 400):
+    """Run m2dist/train.py under a launcher in its own process group; kill the group on timeout."""
+    script = str(REPO_ROOT / "m2dist" / "train.py")
+    bin_dir = Path(sys.executable).parent
+    if launcher == "torchrun":
+        command = [str(bin_dir / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(_free_port()), script]
+    elif launcher == "deepspeed":
+        command = [str(bin_dir / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(_free_port()), script]
+    else:
+        command = [sys.executable, script]
+    process = subprocess.Popen(
+        command + ["--config", "debug", *args], cwd=tmp_path, env=_env(tmp_path),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        pytest.fail(f"run timed out after {timeout}s:\n{output[-4000:]}")
+    return process.returncode, output
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def final_losses(output_dir: Path) -> list[tuple[int, float]]:
+    latest = (output_dir / "checkpoints" / "latest").read_text().strip()
+    state = torch.load(output_dir / "checkpoints" / latest / "client_state.pt", weights_only=True)
+    return [tuple(x) for x in state["losses"]]
+
+
+def _assert_ok(returncode: int, output: str) -> None:
+    assert returncode == 0, output[-5000:]
+
+
+@pytest.mark.parametrize("zero_stage, launcher", [(1, "torchrun"), (2, "deepspeed"), (3, "torchrun")])
+def test_zero_stages_train_and_loss_falls(tmp_path, tiny_shards, zero_stage, launcher):
+    out = tmp_path / "run"
+    returncode, output = launch(
+        tmp_path,
+        [*BASE, *_data_args(tiny_shards), f"train.zero_stage={zero_stage}", "train.duration=24",
+         f"train.output_dir={out}", "train.eval_every=12"],
+        launcher=launcher,
+    )  # fmt: skip
+    _assert_ok(returncode, output)
+    losses = [loss for _, loss in final_losses(out)]
+    assert len(losses) == 24
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 1.0, losses
+    assert f"ZeRO-{zero_stage}" in output and "2 rank(s)" in output
+    assert "eval/mlm_accuracy" in output and "ETA" in output and "tokens/s" in output
+
+
+def test_bert_baseline_trains(tmp_path, tiny_shards):
+    out = tmp_path / "run"
+    returncode, output = launch(
+        tmp_path,
+        [*BASE, *_data_args(tiny_shards), "model.architecture=bert", "model.num_attention_heads=4",
+         "train.duration=20", f"train.output_dir={out}"],
+    )  # fmt: skip
+    _assert_ok(returncode, output)
+    losses = [loss for _, loss in final_losses(out)]
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 1.0, losses
+
+
+def test_resume_is_exact_across_an_epoch_boundary(tmp_path, tiny_shards):
+    """Stop after 5 steps, resume: steps 6-12 (past the epoch end at step 7) equal an uninterrupted run."""
+    common = [*BASE, *_data_args(tiny_shards), "train.precision=fp32", "train.duration=12"]
+    _assert_ok(*launch(tmp_path, [*common, f"train.output_dir={tmp_path / 'full'}"]))
+    first = launch(tmp_path, [*common, f"train.output_dir={tmp_path / 'cut'}", "train.stop_after=5"])
+    _assert_ok(*first)
+    assert "checkpointing at step 5" in first[1]
+    second = launch(tmp_path, [*common, f"train.output_dir={tmp_path / 'cut'}"])
+    _assert_ok(*second)
+    assert "resumed from" in second[1] and "step_00000005" in second[1]
+    full, resumed = final_losses(tmp_path / "full"), final_losses(tmp_path / "cut")
+    assert [s for s, _ in resumed] == list(range(1, 13))
+    assert resumed == full  # bit-identical fp32 losses, before and after the resume
+
+
+def test_killed_rank_resumes_from_last_complete_checkpoint(tmp_path, tiny_shards):
+    import psutil
+
+    out = tmp_path / "run"
+    args = [*BASE, *_data_args(tiny_shards), "train.duration=40", "train.checkpoint_every=2", "train.keep_last=5",
+            f"train.output_dir={out}", "model.num_layers=4"]  # fmt: skip
+    script = str(REPO_ROOT / "m2dist" / "train.py")
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    process = subprocess.Popen(
+        [torchrun, "--nproc_per_node", "2", "--master_port", str(_free_port()), script, "--config", "debug", *args],
+        cwd=tmp_path, env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 300
+        while not (out / "checkpoints" / "step_00000004" / "COMPLETE").exists():
+            assert process.poll() is None and time.time() < deadline, "run ended or stalled before its 2nd checkpoint"
+            time.sleep(0.2)
+        workers = [p for p in psutil.Process(process.pid).children(recursive=True) if "train.py" in " ".join(p.cmdline())]
+        rank1 = next(p for p in workers if "LOCAL_RANK" in p.environ() and p.environ()["LOCAL_RANK"] == "1")
+        rank1.send_signal(signal.SIGKILL)
+        process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    assert process.returncode != 0
+    complete = sorted(p.parent.name for p in (out / "checkpoints").glob("step_*/COMPLETE"))
+    newest = complete[-1]
+    # A save cut short by a crash leaves a folder without COMPLETE, newer than the last good one.
+    cut_short = out / "checkpoints" / "step_00000039"
+    cut_short.mkdir(exist_ok=True)
+    (cut_short / "mp_rank_00_model_states.pt").write_bytes(b"truncated")
+    (out / "checkpoints" / "latest").write_text("step_00000039\n")
+    returncode, output = launch(tmp_path, args)
+    _assert_ok(returncode, output)
+    assert f"resumed from {out / 'checkpoints' / newest}" in output
+    assert [s for s, _ in final_losses(out)] == list(range(1, 41))
+
+
+def test_resume_on_one_rank_through_universal_checkpoint(tmp_path, tiny_shards):
+    """2 ranks -> 1 rank: same global batch, same samples and masks; only the reduction order differs."""
+    common = [*BASE, *_data_args(tiny_shards), "train.precision=fp32", "train.duration=10", "model.hidden_dropout=0.0",
+              "train.zero_stage=2"]  # fmt: skip
+    _assert_ok(*launch(tmp_path, [*common, f"train.output_dir={tmp_path / 'full'}"]))
+    _assert_ok(*launch(tmp_path, [*common, f"train.output_dir={tmp_path / 'cut'}", "train.stop_after=5"]))
+    returncode, output = launch(tmp_path, [*common, f"train.output_dir={tmp_path / 'cut'}"], nproc=1)
+    _assert_ok(returncode, output)
+    assert "step_00000005_universal" in output
+    full, resumed = dict(final_losses(tmp_path / "full")), dict(final_losses(tmp_path / "cut"))
+    for step in range(6, 11):
+        # Tolerance: fp32 sums over 2 ranks vs 1 rank differ in rounding only.
+        assert resumed[step] == pytest.approx(full[step], rel=1e-4), (step, resumed[step], full[step])
+
+
+@pytest.mark.parametrize(
+    "args, nproc, needle",
+    [
+        (["model.hidden_sise=3"], 1, "model.hidden_sise: unknown key"),
+        (["train.zero_stage=4"], 1, "train.zero_stage: expected 0, 1, 2 or 3, got 4"),
+        (["data.train=/nonexistent/shards", "data.val=/nonexistent/val"], 1, "/nonexistent/shards"),
+        (["model.vocab_size=30592"], 1, "30592"),
+        (["train.global_batch_size=7"], 2, "train.global_batch_size: expected a multiple of the world size 2, got 7"),
+    ],
+)
+def test_bad_inputs_fail_before_the_first_step(tmp_path, tiny_shards, args, nproc, needle):
+    data = [] if any(a.startswith("data.") for a in args) else _data_args(tiny_shards)
+    returncode, output = launch(
+        tmp_path, [*BASE, *data, *args, f"train.output_dir={tmp_path / 'run'}"], nproc=nproc,
+        launcher="torchrun" if nproc > 1 else "python", timeout=200,
+    )  # fmt: skip
+    assert returncode != 0
+    assert needle in output, output[-3000:]
+    assert "step      1/" not in output
