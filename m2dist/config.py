@@ -168,7 +168,7 @@ class TrainConfig:
     # Sequences per rank per forward pass; 0 = global_batch_size / world size (no accumulation).
     # Gradient accumulation = global_batch_size / (micro_batch_size x world size), which must divide.
     micro_batch_size: int = 0
-    # Tokens per sequence of the synthetic quickstart data (0 = model.l_max).
+    # Tokens per sequence (0 = model.l_max); the shards' manifest must say the same max_len.
     seq_len: int = 0
     # Share of tokens selected for MLM prediction (M2 0.30, BERT 0.15), replaced 80/10/10.
     mlm_probability: float = 0.30

@@ -29,8 +29,8 @@ def upstream_fixture_dir():
 
 @pytest.fixture(scope="session")
 def embedded_dataset(tmp_path_factory):
-    """The embedded corpus as train/val shards at L=64 with the bert-base-uncased vocab (what the
-    debug config trains on), made once per test session."""
+    """The embedded corpus as train/val shards at L=64 with the bert-base-uncased vocab (the debug
+    model's vocabulary), made once per test session."""
     from m2dist.data.corpus import prepare_default_dataset
 
     return prepare_default_dataset(tmp_path_factory.mktemp("embedded") / "L64", max_len=64)

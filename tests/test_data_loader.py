@@ -79,18 +79,25 @@ def test_manifest_mismatch_is_an_error_before_loading(embedded_dataset, tmp_path
     manifest = f"{embedded_dataset.train}/m2dist_manifest.json"
     cfg = debug_config(embedded_dataset, tmp_path, train=str(embedded_dataset.train))
     cfg.model.vocab_size = 30592
-    with pytest.raises(ManifestMismatchError, match=rf"^{manifest}: key 'padded_vocab_size': expected 30592 \(model.vocab_size\), found 30528"):
+    with pytest.raises(
+        ManifestMismatchError,
+        match=rf"^{manifest}: key 'padded_vocab_size': expected 30592 \(model.vocab_size\), found 30528",
+    ):
         build_mlm_dataloader(cfg, 8)
     cfg = debug_config(embedded_dataset, tmp_path, train=str(embedded_dataset.train))
     cfg.train.seq_len = 0
-    with pytest.raises(ManifestMismatchError, match=r"key 'max_len': expected 128 \(model.l_max \(train.seq_len is 0\)\), found 64"):
+    with pytest.raises(
+        ManifestMismatchError, match=r"key 'max_len': expected 128 \(model.l_max \(train.seq_len is 0\)\), found 64"
+    ):
         build_mlm_dataloader(cfg, 8)
     other_vocab = tmp_path / "vocab.txt"
     shutil.copy(DEFAULT_VOCAB, other_vocab)
     with open(other_vocab, "a") as f:
         f.write("newtoken\n")
     cfg = debug_config(embedded_dataset, tmp_path, train=str(embedded_dataset.train), tokenizer=str(other_vocab))
-    with pytest.raises(ManifestMismatchError, match=r"key 'tokenizer_sha256': expected '[0-9a-f]{64}' \(sha256 of data.tokenizer="):
+    with pytest.raises(
+        ManifestMismatchError, match=r"key 'tokenizer_sha256': expected '[0-9a-f]{64}' \(sha256 of data.tokenizer="
+    ):
         build_mlm_dataloader(cfg, 8)
 
 
@@ -113,7 +120,9 @@ def test_streams_mix_in_the_given_proportions(embedded_dataset, tmp_path):
 def test_masks_do_not_depend_on_the_number_of_workers(embedded_dataset, tmp_path):
     by_workers = {}
     for workers in (0, 2):
-        loader = build_mlm_dataloader(debug_config(embedded_dataset, tmp_path, num_workers=workers), micro_batch_size=32)
+        loader = build_mlm_dataloader(
+            debug_config(embedded_dataset, tmp_path, num_workers=workers), micro_batch_size=32
+        )
         by_workers[workers] = {
             int(i): (ids, labels)
             for b in take(loader, 12)

@@ -17,8 +17,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("inputs", nargs="+", help="text (.txt, .gz), JSONL (.jsonl[.gz]) or Parquet files")
     parser.add_argument("--out", required=True, help="local folder or s3:// URL (S3_ENDPOINT_URL for non-AWS servers)")
     parser.add_argument("--max-len", type=int, required=True, help="tokens per sample, [CLS] and [SEP] included")
-    parser.add_argument("--mode", choices=["pad", "concat"], default="pad",
-                        help="pad: one truncated document per sample; concat: documents joined by [SEP], full windows")  # fmt: skip
+    parser.add_argument(
+        "--mode", choices=["pad", "concat"], default="pad",
+        help="pad: a truncated document per sample; concat: documents joined by [SEP], cut in full windows",
+    )  # fmt: skip
     parser.add_argument("--tokenizer", default=None, help="vocab.txt or .model (default: bert-base-uncased vocab.txt)")
     parser.add_argument("--input-format", choices=["auto", "lines", "paragraphs", "jsonl", "parquet"], default="auto",
                         help="auto: by extension; text is one document per line unless 'paragraphs'")  # fmt: skip
@@ -28,7 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compression", default="zstd", help="MDS shard compression ('' for none)")
     parser.add_argument("--size-limit", default="64mb", help="shard size limit before compression")
     parser.add_argument("--overwrite", action="store_true", help="replace existing shards in OUT/train and OUT/val")
-    parser.add_argument("--skip-bad-lines", action="store_true", help="log and count unreadable lines instead of failing")
+    parser.add_argument("--skip-bad-lines", action="store_true", help="log and count unreadable lines, do not fail")
     parser.add_argument("--max-documents", type=int, default=None, help="stop after this many documents")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
@@ -48,7 +50,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: {err}")
     for split, manifest in result.manifests.items():
         counts = manifest.counts
-        print(f"{result.locations[split]}: {counts.samples} samples, {counts.tokens} tokens from {counts.documents} documents")
+        where = result.locations[split]
+        print(f"{where}: {counts.samples} samples, {counts.tokens} tokens from {counts.documents} documents")
 
 
 if __name__ == "__main__":

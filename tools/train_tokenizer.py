@@ -14,7 +14,7 @@ from m2dist.data.tokenizer import train_tokenizer_from_files
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="+", help="text (.txt, .gz), JSONL or Parquet files")
-    parser.add_argument("--out", required=True, help="model file to write, ending in .model (a .vocab is written beside)")
+    parser.add_argument("--out", required=True, help="model file to write, ending in .model (and a .vocab beside)")
     parser.add_argument("--vocab-size", type=int, required=True, help="pieces, special tokens included")
     parser.add_argument("--model-type", choices=["unigram", "bpe"], default="unigram")
     parser.add_argument("--character-coverage", type=float, default=0.9995)
@@ -35,7 +35,10 @@ def main(argv: list[str] | None = None) -> None:
         )  # fmt: skip
     except DataError as err:
         sys.exit(f"error: {err}")
-    print(f"wrote {tokenizer.path}: {tokenizer.vocab_size} pieces (model vocab {tokenizer.padded_vocab_size}), special ids {tokenizer.special}")
+    print(
+        f"wrote {tokenizer.path}: {tokenizer.vocab_size} pieces (model vocab_size {tokenizer.padded_vocab_size}), "
+        f"special ids {tokenizer.special}"
+    )
 
 
 if __name__ == "__main__":

@@ -7,8 +7,28 @@ import torch
 
 from kernels.blockdiag import reference
 
-_MATMUL = {"reference": reference.blockdiag_matmul}
-_GLU = {"reference": reference.blockdiag_glu}
+
+def _reference_matmul(x: torch.Tensor, weight_KQP: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    y = reference.blockdiag_matmul(x, weight_KQP)
+    return y if bias is None else y + bias
+
+
+# The Triton module is imported on first use: it must follow TRITON_INTERPRET=1 in tests, and
+# `import kernels.blockdiag` must work on machines without a GPU.
+def _triton_matmul(x: torch.Tensor, weight_KQP: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    from kernels.blockdiag import triton_blockdiag
+
+    return triton_blockdiag.blockdiag_matmul(x, weight_KQP, bias)
+
+
+def _triton_glu(x: torch.Tensor, weight_KQP: torch.Tensor) -> torch.Tensor:
+    from kernels.blockdiag import triton_blockdiag
+
+    return triton_blockdiag.blockdiag_glu(x, weight_KQP)
+
+
+_MATMUL = {"reference": _reference_matmul, "triton": _triton_matmul}
+_GLU = {"reference": reference.blockdiag_glu, "triton": _triton_glu}
 BACKENDS = tuple(_MATMUL)
 
 
@@ -23,8 +43,7 @@ def blockdiag_matmul(
     x: torch.Tensor, weight_KQP: torch.Tensor, bias: torch.Tensor | None = None, *, backend: str = "reference"
 ) -> torch.Tensor:
     """x: (..., K*P), weight_KQP: (K, Q, P), bias: (K*Q,) or None -> (..., K*Q)."""
-    y = _pick(_MATMUL, backend)(x, weight_KQP)
-    return y if bias is None else y + bias
+    return _pick(_MATMUL, backend)(x, weight_KQP, bias)
 
 
 def blockdiag_glu(x: torch.Tensor, weight_KQP: torch.Tensor, *, backend: str = "reference") -> torch.Tensor:

@@ -3,20 +3,22 @@
 `y = (conv(v * x1; k1) + (v * x1) * d1) * x2 + conv(u; k2) + u * d2`, forward and backward.
 
 Algorithm (FlashFFTConv's, in Triton): an FFT of size N is Bailey's four-step FFT. The on-chip
-transform of size M = M1 * M2 is two matrix products with small DFT matrices (tl.dot on tensor
-cores, complex numbers as pairs of real tiles) and a twiddle product between them:
+transform of size M = M1 * M2 is matrix products with small DFT matrices (tl.dot on tensor cores,
+tf32 operands and fp32 accumulation; complex numbers as pairs of real tiles) and twiddle products:
     time n = M2 * n1 + n2, frequency k = k1 + M1 * k2,
-    X[k1, k2] = sum_n2 W_M^(n2 k1) (sum_n1 x[n1, n2] W_M1^(n1 k1)) W_M2^(n2 k2).
-The sequence of a (batch, channel block) stays in registers from the gated input to the gated
-output: the zero padding to 2L is never materialised (the first stage contracts only the
-M1 / 2 rows that hold data), the product with the filter spectrum, the output cut to L, the skip
-terms, the post-gate and the residual convolution are all fused, so each input and output crosses
-HBM once. The two inverse transforms of a step share one complex transform: both results are real,
-so `IDFT(Y1 + i Y2) = y1 + i y2`.
-Sizes above the on-chip limit (N > `_MAX_ONCHIP`) add an outer radix R = N / M: one program per
-(channel, outer frequency r) computes row r of the outer R-point DFT from the data (read through
-L2 R times), runs the on-chip transform, and writes its inverse row to a complex fp32 scratch; a
-second kernel combines the R rows (the outer inverse DFT) and applies the gates.
+    X[k1, k2] = sum_n2 W_M^(n2 k1) (sum_n1 x[n1, n2] W_M1^(n1 k1)) W_M2^(n2 k2),
+with the M2-point transform itself split again (M2 = 16 x 16) from M = 4096 on, so every product
+is 16 wide. The sequences of a (batch, block of C channels) stay on chip from the gated input to
+the gated output: the zero padding to 2L is never materialised (the first stage contracts only the
+rows that hold data), the product with the filter spectrum, the output cut to L, the skip terms,
+the post-gate and the residual convolution are fused, so each input and output crosses HBM once.
+The two inverse transforms of a step share one complex transform: both results are real, so
+`IDFT(Y1 + i Y2) = y1 + i y2`.
+Other sizes add an outer radix R = N / M (M = 256 below N = 4096, M = 4096 above: the plan that
+measured fastest, see `_plan`): one program per (channel block, outer frequency r) computes row r
+of the outer R-point DFT from the data (read through L2 R times), runs the on-chip transform, and
+writes its inverse row to a complex fp32 scratch; a second kernel combines the R rows (the outer
+inverse DFT) and applies the gates.
 The filter spectra are computed once per call in torch (`torch.fft`, O(D N)) and arranged in the
 kernel's frequency order; their gradient `sum_b conj(X) G` is accumulated by the backward kernel,
 and autograd carries it back to the time-domain filters.
@@ -35,10 +37,12 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# Largest transform kept on chip (elements of one channel's complex spectrum).
+# Cap on the on-chip transform size M (a power of two >= 256; tests lower it).
 _MAX_ONCHIP = 4096
 # Elements (channels x spectrum) of one program's tile when the transform is small.
 _TILE = 2048
+# Warps per program of the main kernels; None picks by tile size.
+_NUM_WARPS = None
 MAX_SEQLEN = 32768
 # Tests set this to fill every output with NaN before a kernel writes it.
 POISON_OUTPUTS = False
@@ -50,86 +54,156 @@ def _cmul(ar, ai, br, bi):
 
 
 @triton.jit
-def _dft(
-    xr, xi, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, twr_ptr, twi_ptr,
+def _dot(a, b, acc, PREC: tl.constexpr):
+    """a @ b (+ acc) with fp32 accumulation. PREC "fp16": operands rounded to fp16 (the caller
+    keeps them in range); otherwise fp32 operands with that tl.dot input precision."""
+    if PREC == "fp16":
+        return tl.dot(a.to(tl.float16), b.to(tl.float16), acc)
+    else:
+        return tl.dot(a, b, acc, input_precision=PREC)
+
+
+@triton.jit
+def _stage_first(
+    xr, xi, fr_ptr, fi_ptr, twr_ptr, twi_ptr,
     C: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr, K1: tl.constexpr,
     HAS_IMAG: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    """Forward DFT of C sequences of length M = M1 * M2.
-
-    xr, xi: [C * M2, K1] time tiles, row c * M2 + n2, column n1 (only n1 < K1 hold data).
-    Returns the spectra as [C * M1, M2] tiles, row c * M1 + k1, column k2 (frequency k1 + M1 k2).
-    """
+    """DFT over n1 of C sequences of length M = M1 * M2 (time M2 * n1 + m2), times the twiddle
+    W_M^(m2 k1). xr, xi: [C * M2, K1] (only n1 < K1 hold data). Returns [C, M2, M1]."""
     o_k = tl.arange(0, K1)
     o_m1 = tl.arange(0, M1)
     o_m2 = tl.arange(0, M2)
     # [K1, M1]
-    p_f1 = o_k[:, None] * M1 + o_m1[None, :]
-    b_f1r = tl.load(f1r_ptr + p_f1)
-    b_f1i = tl.load(f1i_ptr + p_f1)
-    b_br = tl.dot(xr, b_f1r, input_precision=PREC)
-    b_bi = tl.dot(xr, b_f1i, input_precision=PREC)
+    p_f = o_k[:, None] * M1 + o_m1[None, :]
+    b_fr = tl.load(fr_ptr + p_f)
+    b_fi = tl.load(fi_ptr + p_f)
+    b_br = _dot(xr, b_fr, None, PREC)
+    b_bi = _dot(xr, b_fi, None, PREC)
     if HAS_IMAG:
-        b_br = tl.dot(xi, -b_f1i, b_br, input_precision=PREC)
-        b_bi = tl.dot(xi, b_f1r, b_bi, input_precision=PREC)
+        b_br = _dot(xi, -b_fi, b_br, PREC)
+        b_bi = _dot(xi, b_fr, b_bi, PREC)
     # [M2, M1]
     p_tw = o_m2[:, None] * M1 + o_m1[None, :]
     b_twr = tl.load(twr_ptr + p_tw)
     b_twi = tl.load(twi_ptr + p_tw)
-    b_cr, b_ci = _cmul(
-        tl.reshape(b_br, (C, M2, M1)), tl.reshape(b_bi, (C, M2, M1)), b_twr[None, :, :], b_twi[None, :, :]
-    )
-    b_cr = tl.reshape(tl.permute(b_cr, (0, 2, 1)), (C * M1, M2))
-    b_ci = tl.reshape(tl.permute(b_ci, (0, 2, 1)), (C * M1, M2))
-    # [M2, M2]
-    p_f2 = o_m2[:, None] * M2 + o_m2[None, :]
-    b_f2r = tl.load(f2r_ptr + p_f2)
-    b_f2i = tl.load(f2i_ptr + p_f2)
-    b_xr = tl.dot(b_cr, b_f2r, input_precision=PREC)
-    b_xr = tl.dot(b_ci, -b_f2i, b_xr, input_precision=PREC)
-    b_xi = tl.dot(b_cr, b_f2i, input_precision=PREC)
-    b_xi = tl.dot(b_ci, b_f2r, b_xi, input_precision=PREC)
-    return b_xr, b_xi
+    return _cmul(tl.reshape(b_br, (C, M2, M1)), tl.reshape(b_bi, (C, M2, M1)), b_twr[None, :, :], b_twi[None, :, :])
 
 
 @triton.jit
-def _idft(
-    yr, yi, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, twr_ptr, twi_ptr,
+def _stage_dft(xr, xi, fr_ptr, fi_ptr, M2: tl.constexpr, CONJ: tl.constexpr, PREC: tl.constexpr):
+    """[ROWS, M2] @ F_M2 (or its conjugate), complex."""
+    o_m2 = tl.arange(0, M2)
+    # [M2, M2]
+    p_f = o_m2[:, None] * M2 + o_m2[None, :]
+    b_fr = tl.load(fr_ptr + p_f)
+    b_fi = tl.load(fi_ptr + p_f)
+    if CONJ:
+        b_fi = -b_fi
+    b_yr = _dot(xr, b_fr, None, PREC)
+    b_yr = _dot(xi, -b_fi, b_yr, PREC)
+    b_yi = _dot(xr, b_fi, None, PREC)
+    b_yi = _dot(xi, b_fr, b_yi, PREC)
+    return b_yr, b_yi
+
+
+@triton.jit
+def _stage_last_inv(
+    dr, di, fr_ptr, fi_ptr, twr_ptr, twi_ptr,
     C: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr, K1: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    """Unnormalised inverse DFT (exponent +) of C spectra in the layout `_dft` returns.
-
-    yr, yi: [C * M1, M2]. Returns the time tiles [C * M2, K1] (real, imaginary), n1 < K1 only.
-    """
+    """Inverse of `_stage_first`: dr, di [C * M1, M2] (row c * M1 + k1, column m2) times the
+    conjugate twiddle, then the inverse DFT over k1 for n1 < K1. Returns [C * M2, K1] (time M2 n1 + m2)."""
     o_k = tl.arange(0, K1)
     o_m1 = tl.arange(0, M1)
     o_m2 = tl.arange(0, M2)
-    # [M2, M2]
-    p_f2 = o_m2[:, None] * M2 + o_m2[None, :]
-    b_f2r = tl.load(f2r_ptr + p_f2)
-    b_f2i = tl.load(f2i_ptr + p_f2)
-    b_dr = tl.dot(yr, b_f2r, input_precision=PREC)
-    b_dr = tl.dot(yi, b_f2i, b_dr, input_precision=PREC)
-    b_di = tl.dot(yi, b_f2r, input_precision=PREC)
-    b_di = tl.dot(yr, -b_f2i, b_di, input_precision=PREC)
     # [M1, M2]: the transposed twiddles, conjugated
     p_tw = o_m2[None, :] * M1 + o_m1[:, None]
     b_twr = tl.load(twr_ptr + p_tw)
     b_twi = tl.load(twi_ptr + p_tw)
     b_er, b_ei = _cmul(
-        tl.reshape(b_dr, (C, M1, M2)), tl.reshape(b_di, (C, M1, M2)), b_twr[None, :, :], -b_twi[None, :, :]
+        tl.reshape(dr, (C, M1, M2)), tl.reshape(di, (C, M1, M2)), b_twr[None, :, :], -b_twi[None, :, :]
     )
     b_er = tl.reshape(tl.permute(b_er, (0, 2, 1)), (C * M2, M1))
     b_ei = tl.reshape(tl.permute(b_ei, (0, 2, 1)), (C * M2, M1))
     # [M1, K1]
-    p_f1 = o_m1[:, None] * M1 + o_k[None, :]
-    b_f1r = tl.load(f1r_ptr + p_f1)
-    b_f1i = tl.load(f1i_ptr + p_f1)
-    b_or = tl.dot(b_er, b_f1r, input_precision=PREC)
-    b_or = tl.dot(b_ei, b_f1i, b_or, input_precision=PREC)
-    b_oi = tl.dot(b_ei, b_f1r, input_precision=PREC)
-    b_oi = tl.dot(b_er, -b_f1i, b_oi, input_precision=PREC)
+    p_f = o_m1[:, None] * M1 + o_k[None, :]
+    b_fr = tl.load(fr_ptr + p_f)
+    b_fi = tl.load(fi_ptr + p_f)
+    b_or = _dot(b_er, b_fr, None, PREC)
+    b_or = _dot(b_ei, b_fi, b_or, PREC)
+    b_oi = _dot(b_ei, b_fr, None, PREC)
+    b_oi = _dot(b_er, -b_fi, b_oi, PREC)
     return b_or, b_oi
+
+
+@triton.jit
+def _dft(
+    xr, xi, tab_ptr,
+    C: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr, P2: tl.constexpr, K1: tl.constexpr,
+    HAS_IMAG: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """Forward DFT of C sequences of length M = M1 * M2.
+
+    xr, xi: [C * M2, K1] time tiles, row c * M2 + m2, column n1, time M2 * n1 + m2 (only n1 < K1
+    hold data). P2 == 1: the M2-point DFT is one matrix product (two stages in all); otherwise it
+    is itself two stages P2 x P3 (three in all). Returns the spectra as [C * M / SC, SC] tiles with
+    SC = M2 (P2 == 1) or P3: row (c, k1[, k2]), column k2 or k3; frequency k1 + M1 (k2 + P2 k3).
+    `tab_ptr` holds the tables of `_tables`, at the offsets of `_tab_offsets`.
+    """
+    fa_r, fa_i, ta_r, ta_i, fb_r, fb_i, tb_r, tb_i, fc_r, fc_i = _tab_offsets(tab_ptr, M1, M2, P2)
+    b_cr, b_ci = _stage_first(xr, xi, fa_r, fa_i, ta_r, ta_i, C, M1, M2, K1, HAS_IMAG, PREC)
+    if P2 == 1:
+        b_cr = tl.reshape(tl.permute(b_cr, (0, 2, 1)), (C * M1, M2))
+        b_ci = tl.reshape(tl.permute(b_ci, (0, 2, 1)), (C * M1, M2))
+        return _stage_dft(b_cr, b_ci, fc_r, fc_i, M2, False, PREC)
+    else:
+        P3: tl.constexpr = M2 // P2
+        # m2 = P3 n2 + n3: each k1 row is a sequence of length M2, as a [P3, P2] time tile.
+        b_cr = tl.reshape(tl.permute(tl.reshape(b_cr, (C, P2, P3, M1)), (0, 3, 2, 1)), (C * M1 * P3, P2))
+        b_ci = tl.reshape(tl.permute(tl.reshape(b_ci, (C, P2, P3, M1)), (0, 3, 2, 1)), (C * M1 * P3, P2))
+        b_cr, b_ci = _stage_first(b_cr, b_ci, fb_r, fb_i, tb_r, tb_i, C * M1, P2, P3, P2, True, PREC)
+        b_cr = tl.reshape(tl.permute(b_cr, (0, 2, 1)), (C * M1 * P2, P3))
+        b_ci = tl.reshape(tl.permute(b_ci, (0, 2, 1)), (C * M1 * P2, P3))
+        return _stage_dft(b_cr, b_ci, fc_r, fc_i, P3, False, PREC)
+
+
+@triton.jit
+def _idft(
+    yr, yi, tab_ptr,
+    C: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr, P2: tl.constexpr, K1: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """Unnormalised inverse DFT (exponent +) of C spectra in the layout `_dft` returns.
+    Returns the time tiles [C * M2, K1] (real, imaginary), n1 < K1 only."""
+    fa_r, fa_i, ta_r, ta_i, fb_r, fb_i, tb_r, tb_i, fc_r, fc_i = _tab_offsets(tab_ptr, M1, M2, P2)
+    if P2 == 1:
+        b_dr, b_di = _stage_dft(yr, yi, fc_r, fc_i, M2, True, PREC)
+    else:
+        P3: tl.constexpr = M2 // P2
+        b_dr, b_di = _stage_dft(yr, yi, fc_r, fc_i, P3, True, PREC)
+        # Time tiles [C * M1 * P3, P2] of the M2-point inverses, then [C * M1, M2] (column m2 = P3 n2 + n3).
+        b_dr, b_di = _stage_last_inv(b_dr, b_di, fb_r, fb_i, tb_r, tb_i, C * M1, P2, P3, P2, PREC)
+        b_dr = tl.reshape(tl.permute(tl.reshape(b_dr, (C, M1, P3, P2)), (0, 1, 3, 2)), (C * M1, M2))
+        b_di = tl.reshape(tl.permute(tl.reshape(b_di, (C, M1, P3, P2)), (0, 1, 3, 2)), (C * M1, M2))
+    return _stage_last_inv(b_dr, b_di, fa_r, fa_i, ta_r, ta_i, C, M1, M2, K1, PREC)
+
+
+@triton.jit
+def _tab_offsets(tab_ptr, M1: tl.constexpr, M2: tl.constexpr, P2: tl.constexpr):
+    """Pointers to the tables packed by `_tables`: F_M1, W_M^(m2 k1) [M2, M1], F_P2,
+    W_M2^(n3 k2) [P3, P2], F_P3 with P3 = M2 / P2 (P2 == 1: F_P3 = F_M2); real and imaginary planes."""
+    P3: tl.constexpr = M2 // P2
+    fa_r = tab_ptr
+    fa_i = fa_r + M1 * M1
+    ta_r = fa_i + M1 * M1
+    ta_i = ta_r + M1 * M2
+    fb_r = ta_i + M1 * M2
+    fb_i = fb_r + P2 * P2
+    tb_r = fb_i + P2 * P2
+    tb_i = tb_r + P2 * P3
+    fc_r = tb_i + P2 * P3
+    fc_i = fc_r + P3 * P3
+    return fa_r, fa_i, ta_r, ta_i, fb_r, fb_i, tb_r, tb_i, fc_r, fc_i
 
 
 @triton.jit
@@ -163,10 +237,10 @@ def _load_outer_row(
 def _fwd_kernel(
     u_ptr, x1_ptr, x2_ptr, v_ptr, y_ptr, sr_ptr, si_ptr,
     k1r_ptr, k1i_ptr, k2r_ptr, k2i_ptr, d1_ptr, d2_ptr,
-    f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, twr_ptr, twi_ptr, otr_ptr, oti_ptr, wc_ptr, ws_ptr,
+    tab_ptr, otr_ptr, oti_ptr, wc_ptr, ws_ptr,
     B, D, L, B_PER,
     s_ub, s_ud, s_ul, s_x1b, s_x1d, s_x1l, s_x2b, s_x2d, s_x2l, s_vb, s_vd, s_vl, s_yb, s_yd, s_yl,
-    R: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr, K1: tl.constexpr, C: tl.constexpr,
+    R: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr, P2: tl.constexpr, K1: tl.constexpr, C: tl.constexpr,
     HAS_RES: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     i_dc = tl.program_id(0).to(tl.int64)
@@ -174,15 +248,27 @@ def _fwd_kernel(
     i_r = tl.program_id(2).to(tl.int64)
     M: tl.constexpr = M1 * M2
     # Time tile [C * M2, K1]: row c * M2 + n2, column n1, inner time M2 * n1 + n2.
+    # Scalar (int64) offsets of the channel block go into the base pointers; in-tile offsets are int32.
+    i_d0 = i_dc * C
+    u_ptr += i_d0 * s_ud
+    x1_ptr += i_d0 * s_x1d
+    x2_ptr += i_d0 * s_x2d
+    v_ptr += i_d0 * s_vd
+    d1_ptr += i_d0
+    d2_ptr += i_d0
     o_row = tl.arange(0, C * M2)
-    o_d = i_dc * C + o_row[:, None] // M2
+    o_d = o_row[:, None] // M2
     o_t = tl.arange(0, K1)[None, :] * M2 + (o_row % M2)[:, None]
-    m_d = o_d < D
-    # Frequency tile [C * M1, M2]: filter spectra in the layout [D, R, M1, M2].
-    o_frow = tl.arange(0, C * M1)
-    o_fd = i_dc * C + o_frow // M1
-    p_k = (o_fd * R + i_r)[:, None] * M + ((o_frow % M1) * M2)[:, None] + tl.arange(0, M2)[None, :]
-    m_k = (o_fd < D)[:, None]
+    m_d = (i_d0 + o_d) < D
+    # Spectrum tile [C * SR, SC] (the layout `_dft` returns): filter spectra in the layout
+    # [D, R, M / SC, SC] of `filter_spectrum`.
+    SC: tl.constexpr = M2 // P2
+    SR: tl.constexpr = M // SC
+    o_frow = tl.arange(0, C * SR)
+    o_fd = o_frow // SR
+    i_k0 = (i_d0 * R + i_r) * M
+    p_k = (o_fd * (R * M) + (o_frow % SR) * SC)[:, None] + tl.arange(0, SC)[None, :]
+    m_k = ((i_d0 + o_fd) < D)[:, None]
     if R > 1:
         # Outer twiddle W_N^(r m) at the tile's inner times, [C * M2, K1].
         b_otr = tl.load(otr_ptr + i_r * M + o_t)
@@ -200,10 +286,10 @@ def _fwd_kernel(
         )  # fmt: skip
         if R > 1:
             b_ar, b_ai = _cmul(b_ar, b_ai, b_otr, b_oti)
-        b_ar, b_ai = _dft(b_ar, b_ai, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, twr_ptr, twi_ptr, C, M1, M2, K1, R > 1, PREC)
+        b_ar, b_ai = _dft(b_ar, b_ai, tab_ptr, C, M1, M2, P2, K1, R > 1, PREC)
         # The spectra are re-read (from L2) every iteration: holding them costs registers.
         b_yr, b_yi = _cmul(
-            b_ar, b_ai, tl.load(k1r_ptr + p_k, mask=m_k, other=0.0), tl.load(k1i_ptr + p_k, mask=m_k, other=0.0)
+            b_ar, b_ai, tl.load(k1r_ptr + i_k0 + p_k, mask=m_k, other=0.0), tl.load(k1i_ptr + i_k0 + p_k, mask=m_k, other=0.0)
         )
         if HAS_RES:
             b_ur, b_ui = _load_outer_row(
@@ -213,15 +299,15 @@ def _fwd_kernel(
             if R > 1:
                 b_ur, b_ui = _cmul(b_ur, b_ui, b_otr, b_oti)
             b_ur, b_ui = _dft(
-                b_ur, b_ui, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, twr_ptr, twi_ptr, C, M1, M2, K1, R > 1, PREC
+                b_ur, b_ui, tab_ptr, C, M1, M2, P2, K1, R > 1, PREC
             )
             b_ur, b_ui = _cmul(
-                b_ur, b_ui, tl.load(k2r_ptr + p_k, mask=m_k, other=0.0), tl.load(k2i_ptr + p_k, mask=m_k, other=0.0)
+                b_ur, b_ui, tl.load(k2r_ptr + i_k0 + p_k, mask=m_k, other=0.0), tl.load(k2i_ptr + i_k0 + p_k, mask=m_k, other=0.0)
             )
             # Y1 + i Y2: one inverse transform gives y1 (real part) and y2 (imaginary part).
             b_yr -= b_ui
             b_yi += b_ur
-        b_y1, b_y2 = _idft(b_yr, b_yi, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, twr_ptr, twi_ptr, C, M1, M2, K1, PREC)
+        b_y1, b_y2 = _idft(b_yr, b_yi, tab_ptr, C, M1, M2, P2, K1, PREC)
         if R == 1:
             m_x = m_d & (o_t < L)
             b_v = tl.load(v_ptr + i_b * s_vb + o_d * s_vd + o_t * s_vl, mask=m_x, other=0.0).to(tl.float32)
@@ -231,11 +317,11 @@ def _fwd_kernel(
             if HAS_RES:
                 b_u = tl.load(u_ptr + i_b * s_ub + o_d * s_ud + o_t * s_ul, mask=m_x, other=0.0).to(tl.float32)
                 b_y += b_y2 + b_d2 * b_u
-            tl.store(y_ptr + i_b * s_yb + o_d * s_yd + o_t * s_yl, b_y.to(y_ptr.dtype.element_ty), mask=m_x)
+            tl.store(y_ptr + i_b * s_yb + i_d0 * s_yd + o_d * s_yd + o_t * s_yl, b_y.to(y_ptr.dtype.element_ty), mask=m_x)
         else:
             # Conjugate outer twiddle, then the row goes to the scratch [B, D, R, M].
             b_sr, b_si = _cmul(b_y1, b_y2, b_otr, -b_oti)
-            p_s = ((i_b * D + o_d) * R + i_r) * M + o_t
+            p_s = ((i_b * D + i_d0) * R + i_r) * M + (o_d * (R * M) + o_t)
             tl.store(sr_ptr + p_s, b_sr, mask=m_d)
             tl.store(si_ptr + p_s, b_si, mask=m_d)
 
@@ -289,42 +375,57 @@ def _bwd_kernel(
     u_ptr, x1_ptr, x2_ptr, v_ptr, dy_ptr, du_ptr, dx1_ptr, dx2_ptr, dv_ptr,
     s1r_ptr, s1i_ptr, s2r_ptr, s2i_ptr, dd1_ptr, dd2_ptr,
     k1r_ptr, k1i_ptr, k2r_ptr, k2i_ptr, dk1r_ptr, dk1i_ptr, dk2r_ptr, dk2i_ptr, d1_ptr, d2_ptr,
-    f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, twr_ptr, twi_ptr, otr_ptr, oti_ptr, wc_ptr, ws_ptr,
+    tab_ptr, otr_ptr, oti_ptr, wc_ptr, ws_ptr,
     B, D, L, B_PER,
     s_ub, s_ud, s_ul, s_x1b, s_x1d, s_x1l, s_x2b, s_x2d, s_x2l, s_vb, s_vd, s_vl, s_gb, s_gd, s_gl,
-    R: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr, K1: tl.constexpr, C: tl.constexpr,
+    R: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr, P2: tl.constexpr, K1: tl.constexpr, C: tl.constexpr,
     HAS_RES: tl.constexpr, ATOMIC: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """Gradients of `_fwd_kernel`. Input gradients are written (B, D, L) contiguous; with R > 1
     the inverse rows go to the scratches S1 = y1 + i da_conv and S2 = du_conv, and the gradients
     are finished by `_bwd_combine_kernel`. dk*: spectrum gradients sum_b conj(X) G in the filter
-    layout; dd*: per-program partial sums of the skip-weight gradients, [n_bsplit, D]."""
+    layout; dd*: partial sums of the skip-weight gradients per program and tile row, [n_bsplit, D, M2]."""
     i_dc = tl.program_id(0).to(tl.int64)
     i_bs = tl.program_id(1).to(tl.int64)
     i_r = tl.program_id(2).to(tl.int64)
     M: tl.constexpr = M1 * M2
+    # Scalar (int64) offsets of the channel block go into the base pointers; in-tile offsets are int32.
+    i_d0 = i_dc * C
+    u_ptr += i_d0 * s_ud
+    x1_ptr += i_d0 * s_x1d
+    x2_ptr += i_d0 * s_x2d
+    v_ptr += i_d0 * s_vd
+    d1_ptr += i_d0
+    d2_ptr += i_d0
+    dy_ptr += i_d0 * s_gd
     o_row = tl.arange(0, C * M2)
-    o_d = i_dc * C + o_row[:, None] // M2
+    o_d = o_row[:, None] // M2
     o_t = tl.arange(0, K1)[None, :] * M2 + (o_row % M2)[:, None]
-    m_d = o_d < D
-    o_frow = tl.arange(0, C * M1)
-    o_fd = i_dc * C + o_frow // M1
-    p_k = (o_fd * R + i_r)[:, None] * M + ((o_frow % M1) * M2)[:, None] + tl.arange(0, M2)[None, :]
-    m_k = (o_fd < D)[:, None]
-    b_dk1r = tl.zeros((C * M1, M2), tl.float32)
-    b_dk1i = tl.zeros((C * M1, M2), tl.float32)
+    m_d = (i_d0 + o_d) < D
+    # Spectrum tile [C * SR, SC] (the layout `_dft` returns): filter spectra in the layout
+    # [D, R, M / SC, SC] of `filter_spectrum`.
+    SC: tl.constexpr = M2 // P2
+    SR: tl.constexpr = M // SC
+    o_frow = tl.arange(0, C * SR)
+    o_fd = o_frow // SR
+    i_k0 = (i_d0 * R + i_r) * M
+    p_k = (o_fd * (R * M) + (o_frow % SR) * SC)[:, None] + tl.arange(0, SC)[None, :]
+    m_k = ((i_d0 + o_fd) < D)[:, None]
+    b_dk1r = tl.zeros((C * SR, SC), tl.float32)
+    b_dk1i = tl.zeros((C * SR, SC), tl.float32)
     if HAS_RES:
-        b_dk2r = tl.zeros((C * M1, M2), tl.float32)
-        b_dk2i = tl.zeros((C * M1, M2), tl.float32)
+        b_dk2r = tl.zeros((C * SR, SC), tl.float32)
+        b_dk2i = tl.zeros((C * SR, SC), tl.float32)
     if R > 1:
         b_otr = tl.load(otr_ptr + i_r * M + o_t)
         b_oti = tl.load(oti_ptr + i_r * M + o_t)
     else:
         b_d1 = tl.load(d1_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)
-        b_dd1 = tl.zeros((C,), tl.float32)
+        # Skip-weight gradients, summed per tile row here and over rows and programs in torch.
+        b_dd1 = tl.zeros((C * M2,), tl.float32)
         if HAS_RES:
             b_d2 = tl.load(d2_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)
-            b_dd2 = tl.zeros((C,), tl.float32)
+            b_dd2 = tl.zeros((C * M2,), tl.float32)
     i_blo = i_bs * B_PER
     i_bhi = tl.minimum(i_blo + B_PER, B)
     for i_b in range(i_blo, i_bhi):
@@ -340,21 +441,21 @@ def _bwd_kernel(
         if R > 1:
             b_ar, b_ai = _cmul(b_ar, b_ai, b_otr, b_oti)
             b_gr, b_gi = _cmul(b_gr, b_gi, b_otr, b_oti)
-        b_ar, b_ai = _dft(b_ar, b_ai, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, twr_ptr, twi_ptr, C, M1, M2, K1, R > 1, PREC)
-        b_gr, b_gi = _dft(b_gr, b_gi, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, twr_ptr, twi_ptr, C, M1, M2, K1, R > 1, PREC)
+        b_ar, b_ai = _dft(b_ar, b_ai, tab_ptr, C, M1, M2, P2, K1, R > 1, PREC)
+        b_gr, b_gi = _dft(b_gr, b_gi, tab_ptr, C, M1, M2, P2, K1, R > 1, PREC)
         b_dk1r += b_ar * b_gr + b_ai * b_gi
         b_dk1i += b_ar * b_gi - b_ai * b_gr
         # A K1 (for y1, needed by dx2) + i G1 conj(K1) (the correlation giving da): one inverse.
-        b_k1r = tl.load(k1r_ptr + p_k, mask=m_k, other=0.0)
-        b_k1i = tl.load(k1i_ptr + p_k, mask=m_k, other=0.0)
+        b_k1r = tl.load(k1r_ptr + i_k0 + p_k, mask=m_k, other=0.0)
+        b_k1i = tl.load(k1i_ptr + i_k0 + p_k, mask=m_k, other=0.0)
         b_pr, b_pi = _cmul(b_ar, b_ai, b_k1r, b_k1i)
         b_qr, b_qi = _cmul(b_gr, b_gi, b_k1r, -b_k1i)
         b_y1, b_dac = _idft(
-            b_pr - b_qi, b_pi + b_qr, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, twr_ptr, twi_ptr, C, M1, M2, K1, PREC
+            b_pr - b_qi, b_pi + b_qr, tab_ptr, C, M1, M2, P2, K1, PREC
         )
         if R == 1:
             m_x = m_d & (o_t < L)
-            p_x = i_b * (D * L) + o_d * L + o_t
+            p_x = (i_b * D + i_d0) * L + (o_d * L + o_t)
             b_v = tl.load(v_ptr + i_b * s_vb + o_d * s_vd + o_t * s_vl, mask=m_x, other=0.0).to(tl.float32)
             b_x1 = tl.load(x1_ptr + i_b * s_x1b + o_d * s_x1d + o_t * s_x1l, mask=m_x, other=0.0).to(tl.float32)
             b_x2 = tl.load(x2_ptr + i_b * s_x2b + o_d * s_x2d + o_t * s_x2l, mask=m_x, other=0.0).to(tl.float32)
@@ -365,10 +466,10 @@ def _bwd_kernel(
             tl.store(dv_ptr + p_x, (b_da * b_x1).to(dv_ptr.dtype.element_ty), mask=m_x)
             tl.store(dx1_ptr + p_x, (b_da * b_v).to(dx1_ptr.dtype.element_ty), mask=m_x)
             tl.store(dx2_ptr + p_x, (b_dy * (b_y1 + b_d1 * b_a)).to(dx2_ptr.dtype.element_ty), mask=m_x)
-            b_dd1 += tl.sum(tl.reshape(b_g1 * b_a, (C, M2 * K1)), axis=1)
+            b_dd1 += tl.sum(b_g1 * b_a, axis=1)
         else:
             b_sr, b_si = _cmul(b_y1, b_dac, b_otr, -b_oti)
-            p_s = ((i_b * D + o_d) * R + i_r) * M + o_t
+            p_s = ((i_b * D + i_d0) * R + i_r) * M + (o_d * (R * M) + o_t)
             tl.store(s1r_ptr + p_s, b_sr, mask=m_d)
             tl.store(s1i_ptr + p_s, b_si, mask=m_d)
         if HAS_RES:
@@ -385,43 +486,44 @@ def _bwd_kernel(
                 b_ur, b_ui = _cmul(b_ur, b_ui, b_otr, b_oti)
                 b_hr, b_hi = _cmul(b_hr, b_hi, b_otr, b_oti)
             b_ur, b_ui = _dft(
-                b_ur, b_ui, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, twr_ptr, twi_ptr, C, M1, M2, K1, R > 1, PREC
+                b_ur, b_ui, tab_ptr, C, M1, M2, P2, K1, R > 1, PREC
             )
             b_hr, b_hi = _dft(
-                b_hr, b_hi, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, twr_ptr, twi_ptr, C, M1, M2, K1, R > 1, PREC
+                b_hr, b_hi, tab_ptr, C, M1, M2, P2, K1, R > 1, PREC
             )
             b_dk2r += b_ur * b_hr + b_ui * b_hi
             b_dk2i += b_ur * b_hi - b_ui * b_hr
             b_qr, b_qi = _cmul(
-                b_hr, b_hi, tl.load(k2r_ptr + p_k, mask=m_k, other=0.0), -tl.load(k2i_ptr + p_k, mask=m_k, other=0.0)
+                b_hr, b_hi, tl.load(k2r_ptr + i_k0 + p_k, mask=m_k, other=0.0), -tl.load(k2i_ptr + i_k0 + p_k, mask=m_k, other=0.0)
             )
-            b_duc, b_duci = _idft(b_qr, b_qi, f1r_ptr, f1i_ptr, f2r_ptr, f2i_ptr, twr_ptr, twi_ptr, C, M1, M2, K1, PREC)
+            b_duc, b_duci = _idft(b_qr, b_qi, tab_ptr, C, M1, M2, P2, K1, PREC)
             if R == 1:
                 b_u = tl.load(u_ptr + i_b * s_ub + o_d * s_ud + o_t * s_ul, mask=m_x, other=0.0).to(tl.float32)
                 tl.store(du_ptr + p_x, (b_duc + b_d2 * b_dy).to(du_ptr.dtype.element_ty), mask=m_x)
-                b_dd2 += tl.sum(tl.reshape(b_dy * b_u, (C, M2 * K1)), axis=1)
+                b_dd2 += tl.sum(b_dy * b_u, axis=1)
             else:
                 b_sr, b_si = _cmul(b_duc, b_duci, b_otr, -b_oti)
                 tl.store(s2r_ptr + p_s, b_sr, mask=m_d)
                 tl.store(s2i_ptr + p_s, b_si, mask=m_d)
     if ATOMIC:
-        tl.atomic_add(dk1r_ptr + p_k, b_dk1r, mask=m_k)
-        tl.atomic_add(dk1i_ptr + p_k, b_dk1i, mask=m_k)
+        tl.atomic_add(dk1r_ptr + i_k0 + p_k, b_dk1r, mask=m_k)
+        tl.atomic_add(dk1i_ptr + i_k0 + p_k, b_dk1i, mask=m_k)
     else:
-        tl.store(dk1r_ptr + p_k, b_dk1r, mask=m_k)
-        tl.store(dk1i_ptr + p_k, b_dk1i, mask=m_k)
+        tl.store(dk1r_ptr + i_k0 + p_k, b_dk1r, mask=m_k)
+        tl.store(dk1i_ptr + i_k0 + p_k, b_dk1i, mask=m_k)
     if HAS_RES:
         if ATOMIC:
-            tl.atomic_add(dk2r_ptr + p_k, b_dk2r, mask=m_k)
-            tl.atomic_add(dk2i_ptr + p_k, b_dk2i, mask=m_k)
+            tl.atomic_add(dk2r_ptr + i_k0 + p_k, b_dk2r, mask=m_k)
+            tl.atomic_add(dk2i_ptr + i_k0 + p_k, b_dk2i, mask=m_k)
         else:
-            tl.store(dk2r_ptr + p_k, b_dk2r, mask=m_k)
-            tl.store(dk2i_ptr + p_k, b_dk2i, mask=m_k)
+            tl.store(dk2r_ptr + i_k0 + p_k, b_dk2r, mask=m_k)
+            tl.store(dk2i_ptr + i_k0 + p_k, b_dk2i, mask=m_k)
     if R == 1:
-        o_c = i_dc * C + tl.arange(0, C)
-        tl.store(dd1_ptr + i_bs * D + o_c, b_dd1, mask=o_c < D)
+        p_dd = (i_bs * D + i_d0) * M2 + o_row
+        m_dd = (i_d0 + o_row // M2) < D
+        tl.store(dd1_ptr + p_dd, b_dd1, mask=m_dd)
         if HAS_RES:
-            tl.store(dd2_ptr + i_bs * D + o_c, b_dd2, mask=o_c < D)
+            tl.store(dd2_ptr + p_dd, b_dd2, mask=m_dd)
 
 
 @triton.jit
@@ -468,38 +570,45 @@ def _next_pow2(x: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _plan(length: int, max_onchip: int) -> tuple[int, int, int, int, int, int]:
-    """(N, R, M1, M2, K1, C) for sequences of `length`: FFT size N = R * M1 * M2, K1 columns of the
-    time tile that hold data, C channels per program."""
+def _plan(length: int, max_onchip: int, tile: int) -> tuple[int, int, int, int, int, int, int]:
+    """(N, R, M1, M2, P2, K1, C) for sequences of `length`: FFT size N = R * M with the on-chip
+    transform M = M1 * M2 in two stages (P2 == 1) or three (M2 = P2 * P3, radix 16), K1 columns of
+    the time tile that hold data, C channels per program."""
     n = 2 * max(128, _next_pow2(length))
-    m = min(n, max_onchip)
+    # Measured on an H200: the on-chip transform is fastest with radix-16 stages; 32- and 64-point
+    # stages spill registers. So sizes between 256 and 4096 take an outer radix over 256-point
+    # transforms, and 4096 and above run three radix-16 stages on chip.
+    m = min(n if n <= 256 or n >= 4096 else 256, max_onchip, 4096)
     r = n // m
-    m1 = 1 << ((m.bit_length() - 1 + 1) // 2)
+    if m >= 4096:
+        # Three radix-16 (or 32 x 16 x 16) stages keep every matrix product at 16 wide.
+        m1, p2 = m // 256, 16
+    else:
+        m1, p2 = 1 << ((m.bit_length() - 1 + 1) // 2), 1
     m2 = m // m1
     k1 = max(m1 // 2, 16) if r == 1 else m1
-    c = max(1, _TILE // m) if r == 1 else 1
-    return n, r, m1, m2, k1, c
+    c = max(1, tile // m)
+    return n, r, m1, m2, p2, k1, c
 
 
 @functools.lru_cache(maxsize=None)
-def _tables(n: int, r: int, m1: int, m2: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """DFT matrices and twiddles (computed in float64, stored fp32) for one plan."""
-    m = m1 * m2
+def _tables(n: int, r: int, m1: int, m2: int, p2: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """DFT matrices and twiddles of one plan, computed in float64 and stored fp32: "tab" packs
+    F_M1, W_M^(m2 k1) [M2, M1], F_P2, W_M2^(n3 k2) [P3, P2], F_P3 (real and imaginary planes, the
+    order `_tab_offsets` reads); "otr"/"oti" the outer twiddles W_N^(r m) [R, M]; "wc"/"ws"
+    cos/sin(2 pi a / R)."""
+    m, p3 = m1 * m2, m2 // p2
 
-    def w(num, den):  # W_den^num = exp(-2 pi i num / den)
-        ang = 2 * math.pi * (num % den).double() / den
-        return torch.cos(ang).float().to(device).contiguous(), (-torch.sin(ang)).float().to(device).contiguous()
+    def w(a, b, den):  # W_den^(a b) = exp(-2 pi i a b / den), outer product of index vectors
+        idx = torch.arange(a, dtype=torch.int64)[:, None] * torch.arange(b, dtype=torch.int64)[None, :]
+        ang = 2 * math.pi * (idx % den).double() / den
+        return [torch.cos(ang).flatten(), -torch.sin(ang).flatten()]
 
-    a1 = torch.arange(m1, dtype=torch.int64)
-    a2 = torch.arange(m2, dtype=torch.int64)
-    ar = torch.arange(r, dtype=torch.int64)
-    tabs = {}
-    tabs["f1r"], tabs["f1i"] = w(a1[:, None] * a1[None, :], m1)
-    tabs["f2r"], tabs["f2i"] = w(a2[:, None] * a2[None, :], m2)
-    tabs["twr"], tabs["twi"] = w(a2[:, None] * a1[None, :], m)
-    tabs["otr"], tabs["oti"] = w(ar[:, None] * torch.arange(m, dtype=torch.int64)[None, :], n)
-    tabs["wc"], ws = w(ar, r)
-    tabs["ws"] = -ws
+    parts = w(m1, m1, m1) + w(m2, m1, m) + w(p2, p2, p2) + w(p3, p2, m2) + w(p3, p3, p3)
+    tabs = {"tab": torch.cat(parts).float().to(device)}
+    tabs["otr"], tabs["oti"] = (t.float().to(device) for t in w(r, m, n))
+    ang = 2 * math.pi * torch.arange(r, dtype=torch.float64) / r
+    tabs["wc"], tabs["ws"] = torch.cos(ang).float().to(device), torch.sin(ang).float().to(device)
     return tabs
 
 
@@ -516,16 +625,17 @@ def _num_sms(device: torch.device) -> int:
     return 2
 
 
-def _launch_config(batch: int, dim: int, plan, device: torch.device) -> tuple[int, int, int]:
+def _launch_config(batch: int, dim: int, plan, device: torch.device, waves: int) -> tuple[int, int, int]:
     """(B_PER, n_bsplit, num_warps): programs loop over B_PER batch elements (reusing the filter
-    spectra and accumulating their gradient in registers) while still filling the GPU."""
-    n, r, m1, m2, k1, c = plan
+    spectra, and in the backward accumulating their gradient in registers) while `waves` programs
+    per multiprocessor keep the GPU busy."""
+    n, r, m1, m2, p2, k1, c = plan
     per_split = triton.cdiv(dim, c) * r
-    nsplit = min(batch, max(1, triton.cdiv(2 * _num_sms(device), per_split)))
+    nsplit = min(batch, max(1, triton.cdiv(waves * _num_sms(device), per_split)))
     b_per = triton.cdiv(batch, nsplit)
     nsplit = triton.cdiv(batch, b_per)
     tile = c * m1 * m2
-    num_warps = 4 if tile <= 2048 else 8
+    num_warps = _NUM_WARPS or (4 if tile <= 1024 else 8)
     return b_per, nsplit, num_warps
 
 
@@ -534,20 +644,23 @@ def _strides(*tensors):
 
 
 def _precision(dtype: torch.dtype) -> str:
-    # tf32 operands carry 10 mantissa bits, finer than the bf16/fp16 inputs; fp32 inputs get the
+    # tf32 operands carry 10 mantissa bits, finer than bf16/fp16 results; fp32 results get the
     # 3-pass tf32 product, accurate to about fp32.
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
 def fftconv_fwd(u, x1, x2, v, k1r, k1i, d1, k2r, k2i, d2, plan) -> torch.Tensor:
-    """Forward launcher. u, x1, x2, v: (B, D, L); k*r, k*i: (D, R, M1, M2) fp32 spectra; d*: (D,).
+    """Forward launcher. u, x1, x2, v: (B, D, L); k*r, k*i: fp32 spectra from `filter_spectrum`; d*: (D,).
     k2r/k2i/d2 None drop the residual convolution. Returns y: (B, D, L) in the inputs' dtype."""
     batch, dim, length = v.shape
-    n, r, m1, m2, k1, c = plan
+    n, r, m1, m2, p2, k1, c = plan
     has_res = k2r is not None
-    y = _new_output((batch, dim, length), v.dtype, v.device)
-    tabs = _tables(n, r, m1, m2, v.device)
-    b_per, nsplit, num_warps = _launch_config(batch, dim, plan, v.device)
+    # The result's dtype is the inputs' promoted dtype, as in the reference (u may be fp32 while
+    # x1, x2, v are bf16 under autocast); each input is read in its own dtype.
+    out_dtype = functools.reduce(torch.promote_types, [t.dtype for t in (u, x1, x2, v) if t is not None])
+    y = _new_output((batch, dim, length), out_dtype, v.device)
+    tabs = _tables(n, r, m1, m2, p2, v.device)
+    b_per, nsplit, num_warps = _launch_config(batch, dim, plan, v.device, waves=8)
     m = m1 * m2
     if r > 1:
         sr = torch.empty((batch, dim, r, m), dtype=torch.float32, device=v.device)
@@ -559,13 +672,13 @@ def fftconv_fwd(u, x1, x2, v, k1r, k1i, d1, k2r, k2i, d2, plan) -> torch.Tensor:
     _fwd_kernel[grid](
         uu, x1, x2, v, y, sr, si,
         k1r, k1i, k2r if has_res else k1r, k2i if has_res else k1i, d1, d2 if has_res else d1,
-        tabs["f1r"], tabs["f1i"], tabs["f2r"], tabs["f2i"], tabs["twr"], tabs["twi"],
-        tabs["otr"], tabs["oti"], tabs["wc"], tabs["ws"],
+        tabs["tab"], tabs["otr"], tabs["oti"], tabs["wc"], tabs["ws"],
         batch, dim, length, b_per, *_strides(uu, x1, x2, v, y),
-        R=r, M1=m1, M2=m2, K1=k1, C=c, HAS_RES=has_res, PREC=_precision(v.dtype), num_warps=num_warps,
+        R=r, M1=m1, M2=m2, P2=p2, K1=k1, C=c, HAS_RES=has_res, PREC=_precision(out_dtype), num_warps=num_warps,
+        num_stages=1,
     )  # fmt: skip
     if r > 1:
-        blk = min(m, 1024)
+        blk = min(m, 4096 // r)
         _fwd_combine_kernel[(m // blk, dim, batch)](
             sr, si, uu, x1, x2, v, y, d1, d2 if has_res else d1, tabs["wc"], tabs["ws"],
             dim, length, *_strides(uu, x1, x2, v, y),
@@ -578,14 +691,14 @@ def fftconv_bwd(dy, u, x1, x2, v, k1r, k1i, d1, k2r, k2i, d2, plan):
     """Backward launcher: (du, dx1, dx2, dv, dk1r, dk1i, dd1, dk2r, dk2i, dd2); the residual's
     gradients are None without it. Spectrum gradients are fp32 in the spectra's layout."""
     batch, dim, length = v.shape
-    n, r, m1, m2, k1, c = plan
+    n, r, m1, m2, p2, k1, c = plan
     m = m1 * m2
     has_res = k2r is not None
     dev = v.device
     grads = [_new_output((batch, dim, length), t.dtype, dev) for t in ((u if has_res else v), x1, x2, v)]
     du, dx1, dx2, dv = grads
-    tabs = _tables(n, r, m1, m2, dev)
-    b_per, nsplit, num_warps = _launch_config(batch, dim, plan, v.device)
+    tabs = _tables(n, r, m1, m2, p2, dev)
+    b_per, nsplit, num_warps = _launch_config(batch, dim, plan, v.device, waves=4)
     atomic = nsplit > 1
     alloc = torch.zeros if atomic else torch.empty
     dk1r, dk1i = alloc(k1r.shape, dtype=torch.float32, device=dev), alloc(k1r.shape, dtype=torch.float32, device=dev)
@@ -593,22 +706,22 @@ def fftconv_bwd(dy, u, x1, x2, v, k1r, k1i, d1, k2r, k2i, d2, plan):
     if r > 1:
         s1r, s1i = (torch.empty((batch, dim, r, m), dtype=torch.float32, device=dev) for _ in range(2))
         s2r, s2i = (torch.empty((batch, dim, r, m), dtype=torch.float32, device=dev) for _ in range(2)) if has_res else (s1r, s1i)
-        blk = min(m, 1024)
+        blk = min(m, 4096 // r)
         dd1 = torch.empty((batch, m // blk, dim), dtype=torch.float32, device=dev)
     else:
         s1r = s1i = s2r = s2i = dv
-        dd1 = torch.empty((nsplit, dim), dtype=torch.float32, device=dev)
+        dd1 = torch.empty((nsplit, dim, m2), dtype=torch.float32, device=dev)
     dd2 = torch.empty_like(dd1) if has_res else dd1
     uu = u if has_res else v
     _bwd_kernel[(triton.cdiv(dim, c), nsplit, r)](
         uu, x1, x2, v, dy, du, dx1, dx2, dv, s1r, s1i, s2r, s2i, dd1, dd2,
         k1r, k1i, k2r if has_res else k1r, k2i if has_res else k1i, dk1r, dk1i, dk2r, dk2i,
         d1, d2 if has_res else d1,
-        tabs["f1r"], tabs["f1i"], tabs["f2r"], tabs["f2i"], tabs["twr"], tabs["twi"],
-        tabs["otr"], tabs["oti"], tabs["wc"], tabs["ws"],
+        tabs["tab"], tabs["otr"], tabs["oti"], tabs["wc"], tabs["ws"],
         batch, dim, length, b_per, *_strides(uu, x1, x2, v, dy),
-        R=r, M1=m1, M2=m2, K1=k1, C=c, HAS_RES=has_res, ATOMIC=atomic, PREC=_precision(v.dtype),
-        num_warps=num_warps,
+        R=r, M1=m1, M2=m2, P2=p2, K1=k1, C=c, HAS_RES=has_res, ATOMIC=atomic,
+        PREC=_precision(functools.reduce(torch.promote_types, [t.dtype for t in (uu, x1, x2, v)])),
+        num_warps=num_warps, num_stages=1,
     )  # fmt: skip
     if r > 1:
         _bwd_combine_kernel[(m // blk, dim, batch)](
@@ -617,10 +730,12 @@ def fftconv_bwd(dy, u, x1, x2, v, k1r, k1i, d1, k2r, k2i, d2, plan):
             dim, length, *_strides(uu, x1, x2, v, dy),
             R=r, M=m, BLK=blk, HAS_RES=has_res, num_warps=4,
         )  # fmt: skip
-    dd1 = dd1.reshape(-1, dim).sum(0).to(d1.dtype)
+    # Partial sums: [n_bsplit, D, M2] (R == 1) or [B, n_mblocks, D].
+    sum_dims = (0, 2) if r == 1 else (0, 1)
+    dd1 = dd1.sum(sum_dims).to(d1.dtype)
     if not has_res:
         return None, dx1, dx2, dv, dk1r, dk1i, dd1, None, None, None
-    dd2 = dd2.reshape(-1, dim).sum(0).to(d2.dtype)
+    dd2 = dd2.sum(sum_dims).to(d2.dtype)
     return du, dx1, dx2, dv, dk1r, dk1i, dd1, dk2r, dk2i, dd2
 
 
@@ -643,8 +758,9 @@ class GatedLongConvFunction(torch.autograd.Function):
 def filter_spectrum(k_DN: torch.Tensor, length: int, plan) -> tuple[torch.Tensor, torch.Tensor]:
     """FFT(k) / N of a (D, 2L) circular kernel, re-laid out for the FFT size N >= 2L of `plan` (the
     taps keep their lags, so the convolution of the first L outputs is unchanged) and arranged in
-    the kernels' frequency order. Returns (real, imaginary), each (D, R, M1, M2) fp32; differentiable."""
-    n, r, m1, m2, _, _ = plan
+    the kernels' frequency order. Returns (real, imaginary), each (D, R, M1, P2, M2 / P2) fp32;
+    differentiable."""
+    n, r, m1, m2, p2, _, _ = plan
     dim = k_DN.shape[0]
     k_DN = k_DN.float()
     if n != 2 * length:
@@ -652,8 +768,8 @@ def filter_spectrum(k_DN: torch.Tensor, length: int, plan) -> tuple[torch.Tensor
         gap = k_DN.new_zeros(dim, n - 2 * length + 1)
         k_DN = torch.cat([k_DN[:, :length], gap, k_DN[:, length + 1 :]], dim=-1)
     k_f = torch.fft.fft(k_DN, n=n) / n
-    # Frequency r + R * (k1 + M1 * k2) goes to [r, k1, k2].
-    k_f = k_f.reshape(dim, m2, m1, r).permute(0, 3, 2, 1)
+    # Frequency r + R * (k1 + M1 * (k2 + P2 * k3)) goes to [r, k1, k2, k3] (k2 absent when P2 == 1).
+    k_f = k_f.reshape(dim, m2 // p2, p2, m1, r).permute(0, 4, 3, 2, 1)
     return k_f.real.contiguous(), k_f.imag.contiguous()
 
 
@@ -692,8 +808,8 @@ def gated_long_conv(
 
     batch, dim, length = v_BDL.shape
     for name, t in (("x1_BDL", x1_BDL), ("x2_BDL", x2_BDL)) + ((("u_BDL", u_BDL),) if k2_DN is not None else ()):
-        if t.shape != v_BDL.shape or t.dtype != v_BDL.dtype:
-            raise ValueError(f"{name} must match v_BDL {tuple(v_BDL.shape)} {v_BDL.dtype}, got {tuple(t.shape)} {t.dtype}")
+        if t.shape != v_BDL.shape:
+            raise ValueError(f"{name} must have v_BDL's shape {tuple(v_BDL.shape)}, got {tuple(t.shape)}")
     for name, k, d in (("k1_DN", k1_DN, d1_D), ("k2_DN", k2_DN, d2_D)):
         if k is not None and (k.shape != (dim, 2 * length) or d.shape != (dim,)):
             raise ValueError(
@@ -707,7 +823,7 @@ def gated_long_conv(
             f"(L <= {MAX_SEQLEN}, CUDA or TRITON_INTERPRET=1); using the reference"
         )
         return reference.gated_long_conv(u_BDL, x1_BDL, x2_BDL, v_BDL, k1_DN, d1_D, k2_DN, d2_D)
-    plan = _plan(length, max_onchip)
+    plan = _plan(length, max_onchip, _TILE)
     k1r, k1i = filter_spectrum(k1_DN, length, plan)
     k2r = k2i = None
     if k2_DN is not None:

@@ -6,6 +6,8 @@ that 8 GPUs consume training M2-BERT-80M, i.e. each worker at least 10x one GPU'
 
 from __future__ import annotations
 
+import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,33 +41,48 @@ def gpu_tokens_per_s(seq_len: int) -> int:
     return GPU_TOKENS_PER_S_80M[lengths[-1]]
 
 
+def bench_shards(seq_len: int, work_dir: Path, min_samples: int = 2000) -> Path:
+    """`concat` shards of the embedded corpus at `seq_len` (repeated until there are about
+    `min_samples` windows, so that an epoch outlasts the measurement), reused if already made."""
+    from m2dist.data.corpus import EMBEDDED_CORPUS
+    from m2dist.data.manifest import MANIFEST_NAME
+    from m2dist.data.prepare import prepare_mds
+
+    out = work_dir / f"embedded-concat-L{seq_len}"
+    if not (out / "train" / MANIFEST_NAME).is_file():
+        corpus_tokens = 1_200_000
+        copies = max(1, math.ceil(min_samples * seq_len / corpus_tokens))
+        workers = min(8, os.cpu_count() or 1)
+        prepare_mds([EMBEDDED_CORPUS] * copies, out, None, seq_len, "concat", input_format="lines",
+                    val_fraction=0.0, num_workers=workers, overwrite=True, progress=False)  # fmt: skip
+    return out / "train"
+
+
 def bench_data_path(
     seq_len: int,
     work_dir: str | Path,
     tokens_per_batch: int = 32768,
     num_workers: int = 1,
     num_batches: int = 50,
-    warmup_batches: int = 3,
     mlm_probability: float = 0.30,
 ) -> BenchResult:
-    """Make `concat` shards of the embedded corpus at `seq_len` under `work_dir` (reused if there),
-    then time `num_batches` batches of B = tokens_per_batch // seq_len sequences from the
-    training loader (shuffle on, masking on), cycling epochs, after `warmup_batches`."""
+    """Time `num_batches` batches of B = tokens_per_batch // seq_len sequences from the training
+    loader (shuffle and masking on) over `bench_shards`, after 2 batches per worker of warm-up."""
     from m2dist.config import config_from_dict
-    from m2dist.data.corpus import prepare_default_dataset
     from m2dist.data.loader import build_mlm_dataloader, close_mlm_dataloader
 
     micro_batch_size = max(1, tokens_per_batch // seq_len)
-    shards = prepare_default_dataset(Path(work_dir) / f"embedded-concat-L{seq_len}", max_len=seq_len, mode="concat")
+    shards = bench_shards(seq_len, Path(work_dir))
     config = config_from_dict(
         {
             "model": {"l_max": seq_len},
             "train": {"seq_len": seq_len, "mlm_probability": mlm_probability},
-            "data": {"train": str(shards.train), "num_workers": num_workers, "cache_dir": str(work_dir)},
+            "data": {"train": str(shards), "num_workers": num_workers, "cache_dir": str(work_dir)},
         },
         source="bench_data_path",
     )
     loader = build_mlm_dataloader(config, micro_batch_size)
+    warmup_batches = max(3, 2 * num_workers)
     seen, tokens = 0, 0
     started = time.perf_counter()
     while seen < warmup_batches + num_batches:

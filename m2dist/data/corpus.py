@@ -8,6 +8,7 @@ few seconds, and reuses them when they are already there with the same settings.
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import uuid
@@ -51,7 +52,17 @@ def _debug_seq_len() -> int:
     return config.train.seq_len or config.model.l_max
 
 
-def _is_prepared(out_dir: Path, max_len: int, mode: str, tokenizer_sha256: str | None) -> bool:
+@dataclass(frozen=True)
+class _Settings:
+    max_len: int
+    mode: str
+    max_documents: int | None
+    # The tokenizer file's hash, or for a sentencepiece model trained here, its vocabulary size.
+    tokenizer_sha256: str | None
+    sentencepiece_vocab_size: int | None
+
+
+def _is_prepared(out_dir: Path, settings: _Settings) -> bool:
     """True when out_dir holds both splits of the embedded corpus made with these settings."""
     for split in ("train", "val"):
         if not (out_dir / split / MANIFEST_NAME).is_file():
@@ -60,18 +71,27 @@ def _is_prepared(out_dir: Path, max_len: int, mode: str, tokenizer_sha256: str |
         made_from_corpus = [Path(p).name for p in manifest.inputs] == [EMBEDDED_CORPUS.name]
         if not made_from_corpus:
             raise FileExistsError(f"{out_dir}: holds shards of {manifest.inputs}, not of the embedded corpus")
-        same_tokenizer = tokenizer_sha256 is None or manifest.tokenizer_sha256 == tokenizer_sha256
-        if (manifest.max_len, manifest.mode) != (max_len, mode) or not same_tokenizer:
+        if settings.sentencepiece_vocab_size:
+            same_tokenizer = manifest.vocab_size == settings.sentencepiece_vocab_size
+        else:
+            same_tokenizer = manifest.tokenizer_sha256 == settings.tokenizer_sha256
+        made = (manifest.max_len, manifest.mode, manifest.max_documents)
+        if made != (settings.max_len, settings.mode, settings.max_documents) or not same_tokenizer:
             return False
     return True
 
 
-def _remove_previous_preparation(out_dir: Path) -> None:
-    """Delete an embedded-corpus folder made with other settings, and nothing else."""
+def _check_only_preparations(out_dir: Path) -> None:
+    """Raise unless out_dir holds nothing but what prepare_default_dataset writes."""
     ours = {"train", "val", "tokenizer.model", "tokenizer.vocab"}
     others = sorted(p.name for p in out_dir.iterdir() if p.name not in ours)
     if others:
         raise FileExistsError(f"{out_dir}: holds {others}; give an empty or new folder for the embedded corpus")
+
+
+def _remove_previous_preparation(out_dir: Path) -> None:
+    """Delete an embedded-corpus folder made with other settings, and nothing else."""
+    _check_only_preparations(out_dir)
     shutil.rmtree(out_dir)
 
 
@@ -90,7 +110,8 @@ def prepare_default_dataset(
     max_len: tokens per sample; None = configs/debug.yaml's sequence length.
     tokenizer_path: a vocab.txt or .model; None = the shipped bert-base-uncased vocab.txt.
     sentencepiece_vocab_size: instead train a unigram sentencepiece model of this size on the
-        corpus (written to out_dir/tokenizer.model) and tokenize with it.
+        corpus (written to out_dir/tokenizer.model) and tokenize with it; the model's
+        vocab_size must then be its padded size (e.g. 8000 -> 8000, 30000 -> 30016).
     max_documents: use only the first documents (paragraphs) of the corpus (tests).
 
     Shards already in `out_dir` with the same settings are reused; otherwise they are built in a
@@ -109,8 +130,11 @@ def prepare_default_dataset(
     else:
         tokenizer_path = Path(tokenizer_path or DEFAULT_VOCAB)
         expected_sha = file_sha256(tokenizer_path)
-    if out_dir.exists() and _is_prepared(out_dir, max_len, mode, expected_sha):
-        return PreparedDataset(out_dir / "train", out_dir / "val", tokenizer_path)
+    settings = _Settings(max_len, mode, max_documents, expected_sha, sentencepiece_vocab_size)
+    if out_dir.exists():
+        if _is_prepared(out_dir, settings):
+            return PreparedDataset(out_dir / "train", out_dir / "val", tokenizer_path)
+        _check_only_preparations(out_dir)
 
     staging = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:12]}"
     staging.mkdir(parents=True)
@@ -120,7 +144,7 @@ def prepare_default_dataset(
             from m2dist.data.prepare import read_documents
 
             staged_tokenizer = staging / "tokenizer.model"
-            documents = (d.text for d in read_documents(EMBEDDED_CORPUS, "lines"))
+            documents = (d.text for d in itertools.islice(read_documents(EMBEDDED_CORPUS, "lines"), max_documents))
             train_sentencepiece(documents, staged_tokenizer, sentencepiece_vocab_size, model_type="unigram")
         prepare_mds(
             [EMBEDDED_CORPUS],
@@ -135,14 +159,14 @@ def prepare_default_dataset(
             progress=progress,
         )
         if out_dir.exists():
-            if _is_prepared(out_dir, max_len, mode, expected_sha):
+            if _is_prepared(out_dir, settings):
                 # Another process (node) finished first.
                 return PreparedDataset(out_dir / "train", out_dir / "val", tokenizer_path)
             _remove_previous_preparation(out_dir)
         try:
             os.rename(staging, out_dir)
         except OSError:
-            if not _is_prepared(out_dir, max_len, mode, expected_sha):
+            if not _is_prepared(out_dir, settings):
                 raise DataError(f"{out_dir}: could not move the new shards into place") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)

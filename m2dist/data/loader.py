@@ -21,6 +21,7 @@ import hashlib
 import logging
 import os
 import re
+import sys
 import tempfile
 import uuid
 from collections.abc import Sequence
@@ -168,6 +169,17 @@ class MLMStreamingDataset(StreamingDataset):
         return {"input_ids": corrupted_L, "labels": labels_L, "length": length, "sample_index": int(sample_id)}
 
 
+# GIL switch interval of loader worker processes. Each worker runs streaming's two helper threads
+# (shard prepare/ready, which take a lock per sample) beside the sample loop; whenever the loop
+# releases the GIL (file reads, numpy's generator) it waited up to Python's default 5 ms for it
+# back. 0.5 ms measured 1.6x the tokens/s at L=128 on a 2-core CPU.
+WORKER_SWITCH_INTERVAL_S = 0.0005
+
+
+def _init_worker(worker_id: int) -> None:
+    sys.setswitchinterval(WORKER_SWITCH_INTERVAL_S)
+
+
 def collate_mlm(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """Stack MLMStreamingDataset samples into the batch of the module docstring ((B, L) int64)."""
     input_ids_BL = torch.from_numpy(np.stack([s["input_ids"] for s in samples]))
@@ -255,7 +267,9 @@ def build_mlm_dataset(
     )
 
 
-def resolve_streams(cfg: Config, split: Literal["train", "val"], seq_len: int, tokenizer_path: Path) -> list[StreamSpec]:
+def resolve_streams(
+    cfg: Config, split: Literal["train", "val"], seq_len: int, tokenizer_path: Path
+) -> list[StreamSpec]:
     """The streams of `data.train` / `data.val`; the embedded corpus (prepared once per node,
     local rank 0 first) when `data.train` is empty."""
     from m2dist.config import ConfigError
@@ -337,6 +351,7 @@ def build_mlm_dataloader(
         batch_size=micro_batch_size,
         collate_fn=collate_mlm,
         num_workers=data.num_workers,
+        worker_init_fn=_init_worker,
         prefetch_factor=data.prefetch_factor if data.num_workers > 0 else None,
         pin_memory=torch.cuda.is_available(),
         drop_last=is_train,

@@ -72,6 +72,8 @@ class Manifest:
     counts: ManifestCounts = field(default_factory=ManifestCounts)
     # The input files, as given.
     inputs: list[str] = field(default_factory=list)
+    # Documents read at most (None = all): a truncated preparation says so.
+    max_documents: int | None = None
     format: str = MANIFEST_FORMAT
 
     def to_json(self) -> str:
@@ -87,7 +89,7 @@ class Manifest:
             found = values.get("format") if isinstance(values, dict) else type(values).__name__
             raise DataError(f"{source}: key 'format': expected {MANIFEST_FORMAT!r}, found {found!r}")
         names = {f.name for f in fields(cls)}
-        missing = sorted(names - set(values) - {"counts", "inputs", "format"})
+        missing = sorted(names - set(values) - {"counts", "inputs", "format", "max_documents"})
         if missing:
             raise DataError(f"{source}: missing keys {missing}")
         unknown = sorted(set(values) - names)
@@ -106,13 +108,14 @@ def read_manifest(shard_dir: str | Path, download_dir: str | Path | None = None)
     `download_dir`, a temporary folder if None)."""
     location = manifest_location(str(shard_dir))
     if str(shard_dir).startswith(REMOTE_SCHEMES):
-        from streaming.base.storage import download_file
-
         local = Path(download_dir or tempfile.mkdtemp(prefix="m2dist-manifest-")) / MANIFEST_NAME
+        local.unlink(missing_ok=True)
+        local.parent.mkdir(parents=True, exist_ok=True)
         try:
-            download_file(location, str(local), 60)
-        except FileNotFoundError:
-            raise DataError(f"{location}: no manifest; make shards with tools/prepare_mds.py") from None
+            _download(location, str(local))
+        except Exception as err:  # botocore's ClientError for a missing object, network errors
+            hint = "make shards with tools/prepare_mds.py"
+            raise DataError(f"{location}: could not download the manifest ({err}); {hint}") from err
         text = local.read_text()
     else:
         path = Path(location)
@@ -120,6 +123,17 @@ def read_manifest(shard_dir: str | Path, download_dir: str | Path | None = None)
             raise DataError(f"{path}: no manifest; make shards with tools/prepare_mds.py")
         text = path.read_text()
     return Manifest.from_json(text, location)
+
+
+def _download(remote: str, local: str, timeout_s: float = 60) -> None:
+    try:
+        from streaming.base.storage import CloudDownloader
+    except ImportError:  # mosaicml-streaming 0.12
+        from streaming.base.storage import download_file
+
+        download_file(remote, local, timeout_s)
+        return
+    CloudDownloader.direct_download(remote, local, timeout_s)
 
 
 @dataclass(frozen=True)

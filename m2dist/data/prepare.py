@@ -184,7 +184,8 @@ def _read_parquet(path: Path, text_field: str, bad: _BadLines) -> Iterator[Docum
             row += 1
             where = f"{path}:row {row}"
             if not isinstance(text, str):
-                bad(where, f"column {text_field!r} is {'null' if text is None else type(text).__name__}, expected a string")
+                found = "null" if text is None else type(text).__name__
+                bad(where, f"column {text_field!r} is {found}, expected a string")
                 continue
             if text.strip():
                 yield Document(where, text.strip())
@@ -266,7 +267,8 @@ def _check_output_free(out: str, overwrite: bool) -> None:
             existing = CloudUploader.get(f"{out.rstrip('/')}/{split}", exist_ok=True).list_objects()
             if existing and not overwrite:
                 raise FileExistsError(
-                    f"{out}/{split} already holds {len(existing)} objects; pass overwrite=True (--overwrite) to replace them"
+                    f"{out}/{split} already holds {len(existing)} objects; "
+                    "pass overwrite=True (--overwrite) to replace them"
                 )
         return
     for split in SPLITS:
@@ -373,6 +375,7 @@ def prepare_mds(
             val_fraction=val_fraction,
             counts=writer.counts,
             inputs=[str(p) for p in inputs],
+            max_documents=max_documents,
         )
     _write_manifests(out, manifests)
     locations = {split: f"{out.rstrip('/')}/{split}" for split in SPLITS}
@@ -433,7 +436,6 @@ def _write_manifests(out: str, manifests: dict[str, Manifest]) -> None:
     with tempfile.TemporaryDirectory(prefix="m2dist-manifest-") as staging:
         for split, manifest in manifests.items():
             local = Path(staging) / split
-            local.mkdir()
+            uploader = CloudUploader.get((str(local), f"{out.rstrip('/')}/{split}"), keep_local=True)
             (local / MANIFEST_NAME).write_text(manifest.to_json())
-            uploader = CloudUploader.get((str(local), f"{out.rstrip('/')}/{split}"), keep_local=True, exist_ok=True)
             uploader.upload_file(MANIFEST_NAME)

@@ -38,7 +38,8 @@ def parse_streams(spec: str) -> list[StreamSpec]:
         try:
             proportion = float(weight)
         except ValueError:
-            raise ValueError(f"stream {item!r}: expected PATH@PROPORTION with a number after '@', got {weight!r}") from None
+            expected = "expected PATH@PROPORTION with a number after '@'"
+            raise ValueError(f"stream {item!r}: {expected}, got {weight!r}") from None
         if not path or proportion <= 0:
             raise ValueError(f"stream {item!r}: expected PATH@PROPORTION with a path and a proportion > 0")
         streams.append(StreamSpec(path, proportion))

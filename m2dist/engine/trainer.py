@@ -305,6 +305,9 @@ class Trainer:
             self.tracker.log_artifact(plot)
         self.tracker.close(status=status)
         self.data.close()
+        uri = getattr(self.tracker, "tracking_uri", None)
+        if self.env.is_main and uri:
+            self._log(f"MLflow run {self.tracker.run_id}; open the UI with: mlflow ui --backend-store-uri {uri}")
 
 
 def train(config: Config) -> list[tuple[int, float]]:

@@ -22,7 +22,7 @@ PROSE_DIRECTIVES = {
     "tip", "important", "attention", "caution", "hint", "topic", "sidebar", "glossary", "opcode",
     "cmdoption", "option", "envvar", "pdbcommand", "c:function", "c:type", "c:member", "c:macro",
     "c:var", "rubric", "availability",
-}
+}  # fmt: skip
 # Directory parts that hold changelogs, licenses or build-only files rather than prose.
 SKIPPED_PARTS = {"includes", "changelog", "license", "copyright", "contents", "about", "bugs"}
 
@@ -112,7 +112,7 @@ def page_paragraphs(text: str) -> list[str]:
         bullet = BULLET.match(line)
         if bullet:
             flush()
-            stripped = line[bullet.end():].strip()
+            stripped = line[bullet.end() :].strip()
         current.append(stripped)
         if stripped.endswith("::"):
             flush()

@@ -1,0 +1,405 @@
+"""Triton path of the block-diagonal ("Monarch") matmul and the GLU MLP built on it (M2_SPEC 1.3).
+
+Kernels:
+- `_bmm_kernel`: one GEMM per diagonal block, C[g] = A[g] @ B[g] (+ bias), any strides, fp32
+  accumulation, optional split-K with fp32 atomics. It computes the forward y = x @ blockdiag(W)^T,
+  the input gradient dy @ blockdiag(W) and the weight gradient dy_g^T @ x_g.
+- `_glu_fwd_kernel`: GELU(g) * n with [g, n] = x @ blockdiag(W)^T. Output column j < I belongs to
+  block j // Q of the first half (input chunk j // Q) for g and to block K/2 + j // Q (input chunk
+  K/2 + j // Q) for n; one program computes both GEMM tiles and applies the GLU in the epilogue,
+  so the (M, 2I) pre-activation never reaches HBM.
+- `_glu_bwd_kernel`: recomputes g and n the same way and writes d[g, n] = [da n GELU'(g), da GELU(g)],
+  from which `_bmm_kernel` gives dx and dW.
+
+Shape legend: M rows (tokens), K number of blocks, P input features per block, Q output features
+per block, I = K Q / 2 the GLU's inner size.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.blockdiag import reference
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Tests set this to fill every output with NaN before a kernel writes it.
+POISON_OUTPUTS = False
+
+
+def _configs(shapes, split_k=(1,)):
+    if INTERPRET:
+        bm, bn, bk, warps, stages = shapes[0]
+        return [triton.Config({"BM": bm, "BN": bn, "BK": bk, "SPLIT_K": split_k[0]}, num_warps=warps, num_stages=stages)]
+    return [
+        triton.Config({"BM": bm, "BN": bn, "BK": bk, "SPLIT_K": s}, num_warps=warps, num_stages=stages)
+        for bm, bn, bk, warps, stages in shapes
+        for s in split_k
+    ]
+
+
+_GEMM_SHAPES = [
+    (64, 64, 32, 4, 1) if INTERPRET else (128, 128, 64, 8, 3),
+    (128, 256, 64, 8, 3),
+    (128, 128, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+    (128, 64, 64, 4, 4),
+]
+_GLU_SHAPES = [
+    (64, 64, 32, 4, 1) if INTERPRET else (128, 128, 64, 8, 3),
+    (128, 64, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+    (128, 128, 32, 8, 4),
+]
+
+
+@triton.jit
+def _mma(a, b, acc, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    # Triton's interpreter computes bf16 products wrongly: there the tiles go through fp32.
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=PREC)
+
+
+@triton.jit
+def _bmm_body(
+    a_ptr, b_ptr, c_ptr, bias_ptr, M, N, K,
+    s_ag, s_am, s_ak, s_bg, s_bk, s_bn, s_cg, s_cm, s_cn,
+    HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """C[g] = A[g] @ B[g] (+ bias[g * N + n]); A[g]: [M, K], B[g]: [K, N], C[g]: [M, N].
+    Grid (tiles of M x N, groups, SPLIT_K); split-K programs add into a zeroed fp32 C."""
+    i_t = tl.program_id(0)
+    i_g = tl.program_id(1).to(tl.int64)
+    i_s = tl.program_id(2)
+    n_m = tl.cdiv(M, BM)
+    n_n = tl.cdiv(N, BN)
+    # Grouped order: GROUP_M row tiles share the column tiles of B while they sit in L2.
+    n_in_group = GROUP_M * n_n
+    i_first = (i_t // n_in_group) * GROUP_M
+    group_size = tl.minimum(n_m - i_first, GROUP_M)
+    i_m = (i_first + (i_t % n_in_group) % group_size).to(tl.int64)
+    i_n = ((i_t % n_in_group) // group_size).to(tl.int64)
+    o_m = i_m * BM + tl.arange(0, BM)
+    o_n = i_n * BN + tl.arange(0, BN)
+    m_m = o_m < M
+    m_n = o_n < N
+    k_per = tl.cdiv(tl.cdiv(K, SPLIT_K), BK) * BK
+    k_lo = i_s * k_per
+    o_k = k_lo + tl.arange(0, BK)
+    p_a = a_ptr + i_g * s_ag + o_m[:, None] * s_am + o_k[None, :] * s_ak
+    p_b = b_ptr + i_g * s_bg + o_k[:, None] * s_bk + o_n[None, :] * s_bn
+    b_acc = tl.zeros((BM, BN), tl.float32)
+    k_hi = tl.minimum(k_lo + k_per, K)
+    for k in range(k_lo, k_hi, BK):
+        m_k = (k + tl.arange(0, BK)) < k_hi
+        # [BM, BK]
+        b_a = tl.load(p_a, mask=m_m[:, None] & m_k[None, :], other=0.0)
+        # [BK, BN]
+        b_b = tl.load(p_b, mask=m_k[:, None] & m_n[None, :], other=0.0)
+        b_acc = _mma(b_a, b_b, b_acc, PREC, UPCAST)
+        p_a += BK * s_ak
+        p_b += BK * s_bk
+    if HAS_BIAS:
+        b_acc += tl.load(bias_ptr + i_g * N + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
+    p_c = c_ptr + i_g * s_cg + o_m[:, None] * s_cm + o_n[None, :] * s_cn
+    if ATOMIC:
+        tl.atomic_add(p_c, b_acc, mask=m_m[:, None] & m_n[None, :])
+    else:
+        tl.store(p_c, b_acc.to(c_ptr.dtype.element_ty), mask=m_m[:, None] & m_n[None, :])
+
+
+_bmm_kernel = triton.autotune(configs=_configs(_GEMM_SHAPES), key=["M", "N", "K", "PREC"])(_bmm_body)
+_bmm_splitk_kernel = triton.autotune(
+    configs=_configs(_GEMM_SHAPES[:3], split_k=(1, 4, 8) if not INTERPRET else (2,)),
+    key=["M", "N", "K", "PREC"],
+    reset_to_zero=["c_ptr"],
+)(_bmm_body)
+
+
+@triton.jit
+def _gelu_parts(b_g):
+    """(GELU(g), GELU'(g)) with the exact erf GELU."""
+    b_cdf = 0.5 * (1.0 + tl.math.erf(b_g * 0.7071067811865476))
+    b_pdf = tl.exp(-0.5 * b_g * b_g) * 0.3989422804014327
+    return b_g * b_cdf, b_cdf + b_g * b_pdf
+
+
+@triton.jit
+def _glu_gemms(
+    x_ptr, w_ptr, i_m, i_q, i_kg, M, P, Q, s_xm,
+    HALF: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    BK: tl.constexpr,
+):  # fmt: skip
+    """Tiles [BM, BN] of g (block i_kg, input chunk i_kg) and n (block and chunk i_kg + HALF)."""
+    o_m = i_m * BM + tl.arange(0, BM)
+    o_q = i_q * BN + tl.arange(0, BN)
+    o_k = tl.arange(0, BK)
+    m_m = o_m < M
+    m_q = o_q < Q
+    i_kn = i_kg + HALF
+    # x: [BM, BK] at columns chunk * P + p; W^T: [BK, BN] at W[block, q, p].
+    p_xg = x_ptr + o_m[:, None] * s_xm + (i_kg * P + o_k)[None, :]
+    p_xn = x_ptr + o_m[:, None] * s_xm + (i_kn * P + o_k)[None, :]
+    p_wg = w_ptr + (i_kg * Q + o_q)[None, :] * P + o_k[:, None]
+    p_wn = w_ptr + (i_kn * Q + o_q)[None, :] * P + o_k[:, None]
+    b_g = tl.zeros((BM, BN), tl.float32)
+    b_n = tl.zeros((BM, BN), tl.float32)
+    for k in range(0, P, BK):
+        m_k = (k + o_k) < P
+        m_x = m_m[:, None] & m_k[None, :]
+        m_w = m_k[:, None] & m_q[None, :]
+        b_g = _mma(tl.load(p_xg, mask=m_x, other=0.0), tl.load(p_wg, mask=m_w, other=0.0), b_g, PREC, UPCAST)
+        b_n = _mma(tl.load(p_xn, mask=m_x, other=0.0), tl.load(p_wn, mask=m_w, other=0.0), b_n, PREC, UPCAST)
+        p_xg += BK
+        p_xn += BK
+        p_wg += BK
+        p_wn += BK
+    return b_g, b_n
+
+
+@triton.jit
+def _glu_tile(M, Q, HALF: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row tile, column tile within a block, block of g) of this program, grouped for L2 reuse."""
+    i_t = tl.program_id(0)
+    n_m = tl.cdiv(M, BM)
+    n_q = tl.cdiv(Q, BN)
+    n_n = n_q * HALF
+    n_in_group = GROUP_M * n_n
+    i_first = (i_t // n_in_group) * GROUP_M
+    group_size = tl.minimum(n_m - i_first, GROUP_M)
+    i_m = (i_first + (i_t % n_in_group) % group_size).to(tl.int64)
+    i_n = ((i_t % n_in_group) // group_size).to(tl.int64)
+    return i_m, i_n % n_q, i_n // n_q
+
+
+@triton.jit
+def _glu_fwd_kernel(
+    x_ptr, w_ptr, o_ptr, M, P, Q, s_xm, s_om,
+    HALF: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """o[:, kg * Q + q] = GELU(g) * n for kg < HALF; x: [M, 2 HALF P], w: [2 HALF, Q, P], o: [M, HALF Q]."""
+    i_m, i_q, i_kg = _glu_tile(M, Q, HALF, BM, BN, GROUP_M)
+    b_g, b_n = _glu_gemms(x_ptr, w_ptr, i_m, i_q, i_kg, M, P, Q, s_xm, HALF, PREC, UPCAST, BM, BN, BK)
+    b_gelu, _ = _gelu_parts(b_g)
+    o_m = i_m * BM + tl.arange(0, BM)
+    o_q = i_q * BN + tl.arange(0, BN)
+    p_o = o_ptr + o_m[:, None] * s_om + (i_kg * Q + o_q)[None, :]
+    tl.store(p_o, (b_gelu * b_n).to(o_ptr.dtype.element_ty), mask=(o_m < M)[:, None] & (o_q < Q)[None, :])
+
+
+@triton.jit
+def _glu_bwd_kernel(
+    x_ptr, w_ptr, da_ptr, dp_ptr, M, P, Q, s_xm, s_dam, s_dpm,
+    HALF: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """Gradient of the pre-activation, dp: [M, 2 HALF Q] (block layout), from da: [M, HALF Q]."""
+    i_m, i_q, i_kg = _glu_tile(M, Q, HALF, BM, BN, GROUP_M)
+    b_g, b_n = _glu_gemms(x_ptr, w_ptr, i_m, i_q, i_kg, M, P, Q, s_xm, HALF, PREC, UPCAST, BM, BN, BK)
+    b_gelu, b_dgelu = _gelu_parts(b_g)
+    o_m = i_m * BM + tl.arange(0, BM)
+    o_q = i_q * BN + tl.arange(0, BN)
+    m_o = (o_m < M)[:, None] & (o_q < Q)[None, :]
+    # [BM, BN]
+    b_da = tl.load(da_ptr + o_m[:, None] * s_dam + (i_kg * Q + o_q)[None, :], mask=m_o, other=0.0).to(tl.float32)
+    p_dg = dp_ptr + o_m[:, None] * s_dpm + (i_kg * Q + o_q)[None, :]
+    tl.store(p_dg, (b_da * b_n * b_dgelu).to(dp_ptr.dtype.element_ty), mask=m_o)
+    tl.store(p_dg + HALF * Q, (b_da * b_gelu).to(dp_ptr.dtype.element_ty), mask=m_o)
+
+
+_glu_fwd = triton.autotune(configs=_configs(_GLU_SHAPES), key=["M", "P", "Q", "PREC"])(_glu_fwd_kernel)
+_glu_bwd = triton.autotune(configs=_configs(_GLU_SHAPES), key=["M", "P", "Q", "PREC"])(_glu_bwd_kernel)
+
+
+def _new_output(shape, dtype, device) -> torch.Tensor:
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 inputs keep fp32 accuracy (3-pass tf32); bf16/fp16 run natively on the tensor cores.
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+def _bmm(a, b, out, bias, n_groups, m, n, k, a_strides, b_strides, c_strides, atomic=False):
+    """Launch C[g] = A[g] @ B[g] for g < n_groups; strides are (group, row, column) triples."""
+    kernel = _bmm_splitk_kernel if atomic else _bmm_kernel
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]), n_groups, meta["SPLIT_K"])
+
+    kernel[grid](
+        a, b, out, bias if bias is not None else out, m, n, k, *a_strides, *b_strides, *c_strides,
+        HAS_BIAS=bias is not None, ATOMIC=atomic, PREC=_precision(a.dtype), UPCAST=INTERPRET, GROUP_M=8,
+    )  # fmt: skip
+
+
+def blockdiag_fwd(x_MKP: torch.Tensor, w_KQP: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """y = x @ blockdiag(w)^T (+ bias). x_MKP: (M, K*P), w_KQP: (K, Q, P), bias: (K*Q,) -> (M, K*Q)."""
+    m = x_MKP.shape[0]
+    nb, q, p = w_KQP.shape
+    y = _new_output((m, nb * q), x_MKP.dtype, x_MKP.device)
+    _bmm(
+        x_MKP, w_KQP, y, bias, nb, m, q, p,
+        (p * x_MKP.stride(1), x_MKP.stride(0), x_MKP.stride(1)),
+        (w_KQP.stride(0), w_KQP.stride(2), w_KQP.stride(1)),
+        (q * y.stride(1), y.stride(0), y.stride(1)),
+    )  # fmt: skip
+    return y
+
+
+def blockdiag_bwd(dy_MKQ: torch.Tensor, x_MKP: torch.Tensor, w_KQP: torch.Tensor, need_dx: bool = True):
+    """(dx (M, K*P) or None, dw (K, Q, P) fp32) of y = x @ blockdiag(w)^T."""
+    m = x_MKP.shape[0]
+    nb, q, p = w_KQP.shape
+    dx = None
+    if need_dx:
+        dx = _new_output((m, nb * p), x_MKP.dtype, x_MKP.device)
+        _bmm(
+            dy_MKQ, w_KQP, dx, None, nb, m, p, q,
+            (q * dy_MKQ.stride(1), dy_MKQ.stride(0), dy_MKQ.stride(1)),
+            (w_KQP.stride(0), w_KQP.stride(1), w_KQP.stride(2)),
+            (p * dx.stride(1), dx.stride(0), dx.stride(1)),
+        )  # fmt: skip
+    dw = torch.zeros((nb, q, p), dtype=torch.float32, device=x_MKP.device)
+    # dw[g] = dy_g^T @ x_g: rows q, reduction over the M tokens (split across programs).
+    _bmm(
+        dy_MKQ, x_MKP, dw, None, nb, q, p, m,
+        (q * dy_MKQ.stride(1), dy_MKQ.stride(1), dy_MKQ.stride(0)),
+        (p * x_MKP.stride(1), x_MKP.stride(0), x_MKP.stride(1)),
+        (dw.stride(0), dw.stride(1), dw.stride(2)),
+        atomic=True,
+    )  # fmt: skip
+    return dx, dw
+
+
+def glu_fwd(x_MKP: torch.Tensor, w_KQP: torch.Tensor) -> torch.Tensor:
+    """GELU(g) * n, [g, n] = x @ blockdiag(w)^T. x_MKP: (M, K*P), w_KQP: (K, Q, P) -> (M, K*Q/2)."""
+    m = x_MKP.shape[0]
+    nb, q, p = w_KQP.shape
+    out = _new_output((m, nb * q // 2), x_MKP.dtype, x_MKP.device)
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BM"]) * triton.cdiv(q, meta["BN"]) * (nb // 2),)
+
+    _glu_fwd[grid](
+        x_MKP, w_KQP, out, m, p, q, x_MKP.stride(0), out.stride(0),
+        HALF=nb // 2, PREC=_precision(x_MKP.dtype), UPCAST=INTERPRET, GROUP_M=8,
+    )  # fmt: skip
+    return out
+
+
+def glu_bwd(da_MI: torch.Tensor, x_MKP: torch.Tensor, w_KQP: torch.Tensor):
+    """(dx (M, K*P), dw (K, Q, P) fp32) of `glu_fwd`; the pre-activation is recomputed."""
+    m = x_MKP.shape[0]
+    nb, q, p = w_KQP.shape
+    dpre = _new_output((m, nb * q), x_MKP.dtype, x_MKP.device)
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BM"]) * triton.cdiv(q, meta["BN"]) * (nb // 2),)
+
+    _glu_bwd[grid](
+        x_MKP, w_KQP, da_MI, dpre, m, p, q, x_MKP.stride(0), da_MI.stride(0), dpre.stride(0),
+        HALF=nb // 2, PREC=_precision(x_MKP.dtype), UPCAST=INTERPRET, GROUP_M=8,
+    )  # fmt: skip
+    return blockdiag_bwd(dpre, x_MKP, w_KQP)
+
+
+def _rows(x: torch.Tensor, features: int) -> torch.Tensor:
+    x = x.reshape(-1, features)
+    return x if x.stride(1) == 1 else x.contiguous()
+
+
+class BlockdiagMatmulFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight_KQP, bias):
+        nb, q, p = weight_KQP.shape
+        x_MKP = _rows(x, nb * p)
+        ctx.save_for_backward(x_MKP, weight_KQP)
+        ctx.has_bias = bias is not None
+        y = blockdiag_fwd(x_MKP, weight_KQP, bias)
+        return y.reshape(*x.shape[:-1], nb * q)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x_MKP, weight_KQP = ctx.saved_tensors
+        nb, q, p = weight_KQP.shape
+        dy_MKQ = _rows(dy, nb * q)
+        dx, dw = blockdiag_bwd(dy_MKQ, x_MKP, weight_KQP, need_dx=ctx.needs_input_grad[0])
+        dbias = dy_MKQ.sum(0, dtype=torch.float32).to(dy.dtype) if ctx.has_bias else None
+        dx = dx.reshape(*dy.shape[:-1], nb * p) if dx is not None else None
+        return dx, dw.to(weight_KQP.dtype), dbias
+
+
+class BlockdiagGLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight_KQP):
+        nb, q, p = weight_KQP.shape
+        x_MKP = _rows(x, nb * p)
+        ctx.save_for_backward(x_MKP, weight_KQP)
+        return glu_fwd(x_MKP, weight_KQP).reshape(*x.shape[:-1], nb * q // 2)
+
+    @staticmethod
+    def backward(ctx, da):
+        x_MKP, weight_KQP = ctx.saved_tensors
+        nb, q, p = weight_KQP.shape
+        dx, dw = glu_bwd(_rows(da, nb * q // 2), x_MKP, weight_KQP)
+        return dx.reshape(*da.shape[:-1], nb * p), dw.to(weight_KQP.dtype)
+
+
+def _check(x: torch.Tensor, weight_KQP: torch.Tensor) -> None:
+    if weight_KQP.dim() != 3 or x.shape[-1] != weight_KQP.shape[0] * weight_KQP.shape[2]:
+        raise ValueError(f"x's last dim must be K*P for a (K, Q, P) weight, got {tuple(x.shape)} and {tuple(weight_KQP.shape)}")
+
+
+def _cast(x: torch.Tensor, *params):
+    """Autocast's rule for a matmul (inputs to the autocast dtype), else the weights to x's dtype;
+    the casts are differentiable, so fp32 master weights get fp32 gradients."""
+    dtype = x.dtype
+    if x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+        dtype = torch.get_autocast_dtype("cuda")
+    return [t if t is None else t.to(dtype) for t in (x, *params)]
+
+
+_WARNED = set()
+
+
+def _unsupported(x: torch.Tensor) -> bool:
+    """CPU tensors without TRITON_INTERPRET=1 cannot run the kernels: warn once, use the reference."""
+    if x.device.type == "cuda" or INTERPRET:
+        return False
+    if x.device.type not in _WARNED:
+        _WARNED.add(x.device.type)
+        import warnings
+
+        warnings.warn(f"blockdiag triton backend: no Triton on {x.device.type}; using the reference", stacklevel=3)
+    return True
+
+
+def blockdiag_matmul(x: torch.Tensor, weight_KQP: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ blockdiag(weight)^T + bias. x: (..., K*P), weight_KQP: (K, Q, P), bias: (K*Q,) or None
+    -> (..., K*Q)."""
+    _check(x, weight_KQP)
+    if _unsupported(x):
+        y = reference.blockdiag_matmul(x, weight_KQP)
+        return y if bias is None else y + bias
+    x, weight_KQP, bias = _cast(x, weight_KQP, bias)
+    return BlockdiagMatmulFunction.apply(x, weight_KQP.contiguous(), bias)
+
+
+def blockdiag_glu(x: torch.Tensor, weight_KQP: torch.Tensor) -> torch.Tensor:
+    """GELU(g) * n with [g, n] = x @ blockdiag(weight)^T split in halves. x: (..., K*P),
+    weight_KQP: (K, Q, P) with K even -> (..., K*Q/2)."""
+    _check(x, weight_KQP)
+    if weight_KQP.shape[0] % 2:
+        raise ValueError(f"the fused GLU needs an even number of blocks, got {weight_KQP.shape[0]}")
+    if _unsupported(x):
+        return reference.blockdiag_glu(x, weight_KQP)
+    x, weight_KQP = _cast(x, weight_KQP)
+    return BlockdiagGLUFunction.apply(x, weight_KQP.contiguous())

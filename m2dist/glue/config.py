@@ -1,0 +1,222 @@
+"""The GLUE fine-tuning protocol as a typed config (M2_SPEC 4), read from configs/glue/*.yaml.
+
+`configs/glue/default.yaml` holds the published per-task table; a per-model file such as
+`configs/glue/m2-bert-80M.yaml` starts from it with `base: default.yaml` and changes what the M2
+configs change. Loading follows m2dist.config: unknown keys and wrong types raise `ConfigError`
+naming the key and the file; `key=value` overrides address fields by dotted path
+(`tasks.rte.epochs=1`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from m2dist.config import (
+    CONFIG_DIR,
+    ConfigError,
+    TrackingConfig,
+    _convert,
+    _merge,
+    _read_yaml,
+    _require,
+    parse_overrides,
+)
+
+GLUE_CONFIG_DIR = CONFIG_DIR / "glue"
+# The protocol's seeds; a task runs the first `len(seeds)` of them by default.
+PROTOCOL_SEEDS = (19, 8364, 717, 10536, 90166)
+
+
+@dataclass
+class TaskConfig:
+    # Peak learning rate of the global parameter group.
+    lr: float = 3e-5
+    # Weight decay: per step `weight_decay x lr/peak lr` with "decoupled_adamw" (Composer's
+    # DecoupledAdamW, what the published numbers use), `weight_decay x lr` with "adamw" (torch AdamW).
+    weight_decay: float = 3e-6
+    # Passes over the training split.
+    epochs: int = 3
+    # Training sequences per optimizer step.
+    batch_size: int = 16
+    # One fine-tuning job per seed; results are averaged over seeds.
+    seeds: list[int] = field(default_factory=lambda: [19])
+    # "decoupled_adamw" or "adamw" (see weight_decay).
+    optimizer: Literal["decoupled_adamw", "adamw"] = "decoupled_adamw"
+    # Classifier pooling: "cls", "mean" (masked mean over tokens), or "" to keep the checkpoint's.
+    pool: Literal["", "cls", "mean"] = ""
+    # Start from the MNLI-finetuned encoder (and pooler) instead of the pretrained one.
+    init_from_mnli: bool = False
+
+    def check(self, key: str) -> None:
+        _require(self.lr > 0, f"{key}.lr", "> 0", self.lr)
+        _require(self.weight_decay >= 0, f"{key}.weight_decay", ">= 0", self.weight_decay)
+        _require(self.epochs >= 1, f"{key}.epochs", "an integer >= 1", self.epochs)
+        _require(self.batch_size >= 1, f"{key}.batch_size", "an integer >= 1", self.batch_size)
+        _require(
+            len(self.seeds) >= 1 and len(set(self.seeds)) == len(self.seeds),
+            f"{key}.seeds",
+            "a non-empty list of distinct integers",
+            self.seeds,
+        )
+
+
+@dataclass
+class TextTaskConfig(TaskConfig):
+    """A labeled-text classification task from a CSV or JSONL file (not part of the GLUE score)."""
+
+    # Column (CSV) or field (JSONL) holding the text.
+    text_column: str = "text"
+    # Optional second text of a pair task ("" = single sentence).
+    text_pair_column: str = ""
+    # Column or field holding the label (any string; the label set is the training split's).
+    label_column: str = "label"
+    # Share of the training file held out as dev when no dev file is given, by a stable hash of
+    # the text (duplicates stay on one side).
+    dev_fraction: float = 0.1
+
+    def check(self, key: str) -> None:
+        super().check(key)
+        _require(self.init_from_mnli is False, f"{key}.init_from_mnli", "false for the text task", self.init_from_mnli)
+        for name in ("text_column", "label_column"):
+            _require(getattr(self, name) != "", f"{key}.{name}", "a column name", getattr(self, name))
+        _require(0.0 < self.dev_fraction < 1.0, f"{key}.dev_fraction", "in (0, 1)", self.dev_fraction)
+
+
+@dataclass
+class GlueTasks:
+    mnli: TaskConfig = field(default_factory=TaskConfig)
+    qnli: TaskConfig = field(default_factory=TaskConfig)
+    qqp: TaskConfig = field(default_factory=TaskConfig)
+    sst2: TaskConfig = field(default_factory=TaskConfig)
+    cola: TaskConfig = field(default_factory=TaskConfig)
+    mrpc: TaskConfig = field(default_factory=TaskConfig)
+    stsb: TaskConfig = field(default_factory=TaskConfig)
+    rte: TaskConfig = field(default_factory=TaskConfig)
+    # The generic labeled-text task (--text-train / --rotten-tomatoes).
+    text: TextTaskConfig = field(default_factory=TextTaskConfig)
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).check(f"tasks.{f.name}")
+        _require(not self.mnli.init_from_mnli, "tasks.mnli.init_from_mnli", "false", self.mnli.init_from_mnli)
+
+
+@dataclass
+class GlueConfig:
+    # A short name for the MLflow parent run and the output folder.
+    name: str = "glue"
+    # Tokens per input: pairs are cut longest-first, then padded; 0 = the model's l_max (M2 mixes
+    # pad tokens into its convolutions, so the protocol pads to l_max = 128).
+    seq_len: int = 0
+    # "bf16": bf16 autocast on CUDA (fp32 master weights); "fp32". CPU runs always use fp32.
+    precision: Literal["bf16", "fp32"] = "bf16"
+    # AdamW betas and epsilon.
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    # Linear warmup over this share of each job's steps, then linear decay to 0.
+    warmup_fraction: float = 0.06
+    # M2 only: lr and weight decay of the forward filter MLPs (+ Sin frequency), lr of the filters'
+    # positional features z (weight decay 0), as upstream fine-tunes with its pretraining groups.
+    filter_lr: float = 1e-3
+    filter_weight_decay: float = 0.1
+    pos_emb_lr: float = 1e-5
+    # Implementations of the M2 heavy ops ("" = as saved in the checkpoint).
+    fftconv: str = ""
+    blockdiag: str = ""
+    # Sequences per evaluation forward pass.
+    eval_batch_size: int = 128
+    # For smoke runs: use a fixed random subset of this many training / dev rows per split (0 = all).
+    max_train_examples: int = 0
+    max_eval_examples: int = 0
+    # Tokenizer: a WordPiece vocab.txt or sentencepiece .model; "" = bert-base-uncased (shipped).
+    tokenizer: str = ""
+    tasks: GlueTasks = field(default_factory=GlueTasks)
+    # MLflow: one parent run, a nested run per job. "" URI = $MLFLOW_TRACKING_URI, else
+    # sqlite:///<output_dir>/mlflow.db.
+    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="m2dist-glue"))
+
+    def __post_init__(self) -> None:
+        from kernels import blockdiag, fftconv
+
+        _require(self.name.strip() != "", "name", "a non-empty name", self.name)
+        _require(self.seq_len >= 0, "seq_len", "an integer >= 0", self.seq_len)
+        _require(
+            len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas), "betas", "two numbers in [0, 1)", self.betas
+        )
+        _require(self.eps > 0, "eps", "> 0", self.eps)
+        _require(0.0 <= self.warmup_fraction < 1.0, "warmup_fraction", "in [0, 1)", self.warmup_fraction)
+        for name in ("filter_lr", "pos_emb_lr"):
+            _require(getattr(self, name) > 0, name, "> 0", getattr(self, name))
+        _require(self.filter_weight_decay >= 0, "filter_weight_decay", ">= 0", self.filter_weight_decay)
+        _require(self.fftconv in ("", *fftconv.BACKENDS), "fftconv", f"'' or one of {fftconv.BACKENDS}", self.fftconv)
+        _require(
+            self.blockdiag in ("", *blockdiag.BACKENDS), "blockdiag", f"'' or one of {blockdiag.BACKENDS}", self.blockdiag
+        )
+        for name in ("eval_batch_size",):
+            _require(getattr(self, name) >= 1, name, "an integer >= 1", getattr(self, name))
+        for name in ("max_train_examples", "max_eval_examples"):
+            _require(getattr(self, name) >= 0, name, "an integer >= 0", getattr(self, name))
+
+    def task(self, name: str) -> TaskConfig:
+        return getattr(self.tasks, name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _convert_value(value: Any, tp: Any, key: str) -> Any:
+    """m2dist.config's conversion, plus lists (`seeds`) and dataclasses holding them."""
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build_glue(tp, value, key)
+    if typing.get_origin(tp) is list:
+        (item_type,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_convert(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
+    return _convert(value, tp, key)
+
+
+def _build_glue(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ConfigError(f"{path}: unknown key; expected one of: {', '.join(sorted(names))}")
+        kwargs[key] = _convert_value(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def resolve_glue_config_path(name_or_path: str | Path) -> Path:
+    """A path, or the name of a file in configs/glue/ with or without `.yaml`."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path.resolve()
+    for candidate in (GLUE_CONFIG_DIR / path, GLUE_CONFIG_DIR / f"{path}.yaml"):
+        if candidate.is_file():
+            return candidate
+    names = ", ".join(sorted(p.stem for p in GLUE_CONFIG_DIR.glob("*.yaml")))
+    raise ConfigError(f"{name_or_path}: no such GLUE config file; the shipped ones (configs/glue/) are: {names}")
+
+
+def load_glue_config(name_or_path: str | Path = "default", overrides: list[str] | None = None) -> GlueConfig:
+    """Read a GLUE YAML config (following `base:`), apply `key=value` overrides and check everything."""
+    path = resolve_glue_config_path(name_or_path)
+    values = _read_yaml(path)
+    if overrides:
+        try:
+            values = _merge(values, parse_overrides(overrides))
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
+    source = f"{path}" + (f" with overrides {' '.join(overrides)}" if overrides else "")
+    try:
+        return _build_glue(GlueConfig, values, "")
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None

@@ -1,0 +1,272 @@
+"""One fine-tuning job (task x seed) on one device: plain PyTorch, no DeepSpeed.
+
+The classifier starts from a pretrained checkpoint (an m2dist release folder or an upstream M2
+checkpoint, through `load_any`) or from the MNLI-finetuned release: every `bert.*` tensor is
+copied, the pooler too when the source has one (an MLM checkpoint has none, so it starts fresh as
+upstream's does), and the classifier is always freshly initialised under the job's seed. Decoupled
+AdamW with betas (0.9, 0.98), M2's filter parameter groups, linear warmup over 6% of the steps,
+then linear decay to 0; bf16 autocast on CUDA. The dev splits are evaluated after every epoch;
+the job's result is the last epoch's, as upstream reports it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from m2dist.checkpoint.convert import load_any
+from m2dist.checkpoint.io import CheckpointError
+from m2dist.checkpoint.release import save_release
+from m2dist.config import KernelConfig, OptimizerConfig
+from m2dist.glue.config import GlueConfig, TaskConfig
+from m2dist.glue.encode import EncodedSplit, load_encoded
+from m2dist.glue.metrics import split_metrics, task_score
+from m2dist.models import MaskedLM, SequenceClassifier
+from m2dist.optim import build_param_groups, warmup_linear_decay
+
+# Events a job reports while it runs: ("progress", fraction), ("epoch", metrics).
+Emit = Callable[[str, dict[str, Any]], None]
+# Files that mark a DeepSpeed training checkpoint (m2dist.engine.checkpoint's layout).
+_DEEPSPEED_MARKERS = ("COMPLETE", "client_state.pt", "latest", "mp_rank_00_model_states.pt")
+
+
+@dataclass
+class JobSpec:
+    """Everything a worker process needs to run one job (picklable)."""
+
+    task: str
+    seed: int
+    num_labels: int
+    # The task's encoded splits (save_encoded); "train" plus one or two dev splits.
+    encoded_path: str
+    # Checkpoint whose encoder the classifier starts from.
+    init_checkpoint: str
+    settings: TaskConfig
+    glue: GlueConfig
+    # Write the fine-tuned model here as a release folder (MNLI, for RTE/MRPC/STS-B).
+    save_to: str = ""
+    # Jobs that must finish first (the MNLI job for RTE/MRPC/STS-B).
+    depends_on: tuple[str, ...] = ()
+
+    @property
+    def job_id(self) -> str:
+        return f"{self.task}-s{self.seed}"
+
+
+@dataclass
+class JobResult:
+    job_id: str
+    task: str
+    seed: int
+    # The task's score (a fraction) and the last epoch's metrics per dev split.
+    score: float
+    metrics: dict[str, dict[str, float]]
+    # One entry per epoch: epoch, train_loss, epoch_seconds, samples_per_s, <split>/<metric>, score.
+    history: list[dict[str, float]] = field(default_factory=list)
+    init_checkpoint: str = ""
+    saved_checkpoint: str = ""
+    device: str = ""
+    train_examples: int = 0
+    steps: int = 0
+    # Whether the pooler came from the initial checkpoint (else freshly initialised).
+    pooler_loaded: bool = False
+
+
+def load_pretrained(path: str | Path) -> MaskedLM | SequenceClassifier:
+    """`load_any` with a clear error for a DeepSpeed training checkpoint, which must be converted first."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.is_dir() and (any((path / m).exists() for m in _DEEPSPEED_MARKERS) or any(path.glob("step_*"))):
+        raise CheckpointError(
+            f"{path}: a DeepSpeed training checkpoint; convert it to a release folder first "
+            f"(python tools/convert_checkpoint.py {path} <release_dir> --to release) and pass that folder"
+        )
+    return load_any(path)
+
+
+def copy_encoder_weights(source: torch.nn.Module, target: SequenceClassifier, where: str = "checkpoint") -> bool:
+    """Copy every `bert.*` tensor of `source` into `target`; the pooler only when `source` has one.
+    Returns whether the pooler was copied. A missing or misshapen encoder tensor is an error."""
+    source_state = source.state_dict()
+    target_state = target.state_dict()
+    copied, pooler_loaded = {}, False
+    for key, value in target_state.items():
+        if not key.startswith("bert."):
+            continue
+        if key not in source_state:
+            if key.startswith("bert.pooler."):
+                continue
+            raise CheckpointError(f"{where}: encoder tensor {key} is missing")
+        if source_state[key].shape != value.shape:
+            raise CheckpointError(
+                f"{where}: {key} has shape {tuple(source_state[key].shape)}, the classifier expects {tuple(value.shape)}"
+            )
+        copied[key] = source_state[key]
+        pooler_loaded = pooler_loaded or key.startswith("bert.pooler.")
+    if pooler_loaded and not all(k in copied for k in target_state if k.startswith("bert.pooler.")):
+        raise CheckpointError(f"{where}: the pooler is only partly present")
+    target.load_state_dict(copied, strict=False)
+    return pooler_loaded
+
+
+def build_classifier(
+    source: MaskedLM | SequenceClassifier, num_labels: int, glue: GlueConfig, settings: TaskConfig, where: str
+) -> tuple[SequenceClassifier, bool]:
+    """A fresh classifier (initialised under the current torch seed) with `source`'s encoder."""
+    config = source.config
+    kernels = KernelConfig(
+        fftconv=glue.fftconv or config.kernels.fftconv, blockdiag=glue.blockdiag or config.kernels.blockdiag
+    )
+    config = dataclasses.replace(config, pool=settings.pool or config.pool, kernels=kernels)
+    model = SequenceClassifier(config, num_labels)
+    return model, copy_encoder_weights(source, model, where)
+
+
+def build_optimizer(model: torch.nn.Module, glue: GlueConfig, settings: TaskConfig) -> torch.optim.AdamW:
+    """AdamW over m2dist's parameter groups (global; M2 filters; M2 positional features z).
+
+    "decoupled_adamw" is Composer's DecoupledAdamW, which decays by `wd x lr_t / peak_lr` per step;
+    torch's AdamW decays by `wd x lr_t`, so each group gets `wd / peak_lr` to match exactly.
+    """
+    groups = build_param_groups(
+        model,
+        OptimizerConfig(
+            lr=settings.lr,
+            betas=glue.betas,
+            eps=glue.eps,
+            weight_decay=settings.weight_decay,
+            filter_lr=glue.filter_lr,
+            filter_weight_decay=glue.filter_weight_decay,
+            pos_emb_lr=glue.pos_emb_lr,
+        ),
+    )
+    if settings.optimizer == "decoupled_adamw":
+        for group in groups:
+            group["weight_decay"] = group["weight_decay"] / group["lr"]
+    return torch.optim.AdamW(groups, betas=glue.betas, eps=glue.eps)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(model: SequenceClassifier, split: EncodedSplit, batch_size: int, device: torch.device, bf16: bool) -> np.ndarray:
+    """The model's (N, C) outputs on every example of `split`, in fp32."""
+    model.eval()
+    data = split.tensors()
+    data.pop("labels")
+    outputs = []
+    for start in range(0, len(split), batch_size):
+        batch = _to_device({k: v[start : start + batch_size] for k, v in data.items()}, device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            outputs.append(model(**batch).logits.float().cpu())
+    model.train()
+    return torch.cat(outputs).numpy()
+
+
+_source_cache: dict[str, MaskedLM | SequenceClassifier] = {}
+
+
+def _load_source(path: str) -> MaskedLM | SequenceClassifier:
+    # A worker runs many jobs from the same pretrained checkpoint; keep the last one loaded.
+    if path not in _source_cache:
+        _source_cache.clear()
+        _source_cache[path] = load_pretrained(path)
+    return _source_cache[path]
+
+
+def run_job(spec: JobSpec, device: str | torch.device, emit: Emit | None = None) -> JobResult:
+    """Fine-tune and evaluate one (task, seed); `emit` receives progress and per-epoch metrics."""
+    emit = emit or (lambda kind, payload: None)
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    bf16 = device.type == "cuda" and spec.glue.precision == "bf16"
+    splits = load_encoded(spec.encoded_path)
+    train = splits.pop("train")
+    settings = spec.settings
+
+    seed_everything(spec.seed)
+    source = _load_source(spec.init_checkpoint)
+    model, pooler_loaded = build_classifier(source, spec.num_labels, spec.glue, settings, spec.init_checkpoint)
+    model.to(device).train()
+    optimizer = build_optimizer(model, spec.glue, settings)
+    steps_per_epoch = math.ceil(len(train) / settings.batch_size)
+    total_steps = steps_per_epoch * settings.epochs
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_linear_decay(step, total_steps, spec.glue.warmup_fraction, final_fraction=0.0)
+    )
+    data = train.tensors()
+    order_generator = torch.Generator().manual_seed(spec.seed)
+    report_every = max(1, total_steps // 50)
+    history: list[dict[str, float]] = []
+    metrics: dict[str, dict[str, float]] = {}
+    step = 0
+    for epoch in range(1, settings.epochs + 1):
+        started = time.perf_counter()
+        order = torch.randperm(len(train), generator=order_generator)
+        loss_sum = torch.zeros((), device=device)
+        for start in range(0, len(train), settings.batch_size):
+            index = order[start : start + settings.batch_size]
+            batch = _to_device({k: v[index] for k, v in data.items()}, device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = model(**batch).loss
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach()
+            step += 1
+            if step % report_every == 0:
+                emit("progress", {"fraction": step / total_steps})
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        epoch_seconds = time.perf_counter() - started
+        metrics = {
+            name: split_metrics(spec.task, evaluate(model, split, spec.glue.eval_batch_size, device, bf16), split.labels_N)
+            for name, split in splits.items()
+        }
+        record = {
+            "epoch": float(epoch),
+            "train_loss": float(loss_sum) / steps_per_epoch,
+            "epoch_seconds": epoch_seconds,
+            "samples_per_s": len(train) / epoch_seconds,
+            "score": task_score(spec.task, metrics),
+        }
+        record.update({f"{split}/{name}": value for split, values in metrics.items() for name, value in values.items()})
+        history.append(record)
+        emit("epoch", record)
+    saved = ""
+    if spec.save_to:
+        saved = str(save_release(model, spec.save_to, overwrite=True))
+    return JobResult(
+        job_id=spec.job_id,
+        task=spec.task,
+        seed=spec.seed,
+        score=task_score(spec.task, metrics),
+        metrics=metrics,
+        history=history,
+        init_checkpoint=spec.init_checkpoint,
+        saved_checkpoint=saved,
+        device=str(device),
+        train_examples=len(train),
+        steps=total_steps,
+        pooler_loaded=pooler_loaded,
+    )

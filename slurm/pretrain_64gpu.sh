@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Pretrain M2-BERT-80M on 8 nodes x 8 GPUs: 64 ranks, one srun task per GPU (see slurm/train.sh).
+#
+#   sbatch slurm/pretrain_64gpu.sh                                  # from the repository root
+#   sbatch --partition=gpu --account=myproject slurm/pretrain_64gpu.sh train.duration=20000
+#   CONFIG=m2-bert-110M sbatch --job-name=m2-bert-110M slurm/pretrain_64gpu.sh
+#
+# Every #SBATCH value below can be overridden on the sbatch command line; the same script runs
+# scaled down, e.g. 2 nodes x 1 CPU rank with the debug config over gloo (as tests/test_slurm.py does):
+#   CONFIG=debug sbatch --nodes=2 --ntasks-per-node=1 --gpus-per-node=0 --cpus-per-task=1 \
+#       --mem-per-cpu=1G --time=00:30:00 slurm/pretrain_64gpu.sh train.device=cpu
+# The job name keys the run folder, outputs/<job name>: keep it to resume, change it for a new run.
+# The USR1 lead time (600 s) must cover finishing a step and writing a checkpoint, and be shorter
+# than --time. Logs go to slurm/logs/<job name>-<job id>.out, appended across requeues.
+#SBATCH --job-name=m2-bert-80M
+#SBATCH --nodes=8
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=12
+#SBATCH --mem-per-cpu=8G
+#SBATCH --time=24:00:00
+#SBATCH --requeue
+#SBATCH --signal=B:USR1@600
+#SBATCH --open-mode=append
+#SBATCH --output=slurm/logs/%x-%j.out
+set -euo pipefail
+
+# Under sbatch this file runs from a copy in slurmd's spool folder: find the repository beside
+# the original or in the directory the job was submitted from.
+if [[ -z ${M2DIST_ROOT:-} ]]; then
+    for candidate in "$(dirname "${BASH_SOURCE[0]}")/.." "${SLURM_SUBMIT_DIR:-.}"; do
+        if [[ -f $candidate/slurm/train.sh ]]; then
+            M2DIST_ROOT=$(cd "$candidate" && pwd)
+            break
+        fi
+    done
+fi
+if [[ ! -f ${M2DIST_ROOT:-}/slurm/train.sh ]]; then
+    echo "slurm/pretrain_64gpu.sh: cannot find the m2dist repository; submit from its root or set M2DIST_ROOT" >&2
+    exit 2
+fi
+export M2DIST_ROOT
+export CONFIG=${CONFIG:-m2-bert-80M}
+
+# exec: train.sh becomes the batch shell and receives SIGUSR1/SIGTERM itself.
+exec bash "$M2DIST_ROOT/slurm/train.sh" "$@"

@@ -1,0 +1,30 @@
+"""The command lines of the data tools, run as a user runs them (one subprocess each)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def test_prepare_mds_command_line(tmp_path):
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text('{"text": "The first document."}\n{"text": "A second, longer document of a few words."}\n')
+    out = tmp_path / "shards"
+    done = run(
+        "tools/prepare_mds.py", "--out", str(out), "--max-len", "16", "--quiet", "--val-fraction", "0", str(docs)
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"{out}/train: 2 samples" in done.stdout
+    assert (out / "train" / "m2dist_manifest.json").is_file()
+    again = run("tools/prepare_mds.py", "--out", str(out), "--max-len", "16", "--quiet", str(docs))
+    assert again.returncode != 0
+    assert "is not empty; pass overwrite=True (--overwrite)" in again.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{oops\n')
+    failed = run("tools/prepare_mds.py", "--out", str(tmp_path / "x"), "--max-len", "16", "--quiet", str(bad))
+    assert failed.returncode != 0 and f"error: {bad}:2: not valid JSON" in failed.stderr

@@ -1,0 +1,257 @@
+"""The Triton kernels against the float64 references, forward and every gradient.
+
+Without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set before the kernel
+modules are imported) on tiny shapes; the `gpu` tests run the same checks at real sizes. A kernel's
+error against float64 must stay within twice torch's own error at the same input precision, plus
+a small atol (`err(kernel) <= 2 * err(torch) + atol`), and every output starts NaN-filled.
+"""
+
+import dataclasses
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from kernels.blockdiag import reference as blockdiag_reference  # noqa: E402
+from kernels.blockdiag import triton_blockdiag  # noqa: E402
+from kernels.fftconv import reference as fftconv_reference  # noqa: E402
+from kernels.fftconv import triton_fftconv  # noqa: E402
+from m2dist.config import KernelConfig, load_config  # noqa: E402
+from m2dist.models.m2 import M2Layer  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+f64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    """Every kernel output starts NaN-filled, so an element the kernel forgets to write fails."""
+    monkeypatch.setattr(triton_fftconv, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(triton_blockdiag, "POISON_OUTPUTS", True)
+
+
+def _max_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    assert not a.isnan().any(), "NaN in the output: an element was not written"
+    return (a.double() - ref).abs().max().item()
+
+
+def _check(name: str, kernel_out, torch_out, ref, atol_rel: float) -> None:
+    """err(kernel) <= 2 err(torch at the same precision) + atol, atol relative to the output's scale."""
+    atol = atol_rel * ref.abs().max().item()
+    err_kernel, err_torch = _max_err(kernel_out, ref), _max_err(torch_out, ref)
+    assert err_kernel <= 2 * err_torch + atol, f"{name}: kernel error {err_kernel:.3e}, torch {err_torch:.3e}, atol {atol:.1e}"
+
+
+def _compare(fn_kernel, fn_torch, inputs64, dtype, atol_rel, grad_mask=None, seed=0):
+    """Forward and all input gradients of fn_kernel and fn_torch at `dtype` against fn_torch in float64,
+    with one random upstream gradient."""
+    grad_mask = grad_mask or [True] * len(inputs64)
+
+    def prepare(cast):
+        out = []
+        for t, g in zip(inputs64, grad_mask):
+            if t is None:
+                out.append(None)
+                continue
+            c = cast(t.detach()).requires_grad_(g)
+            out.append(c)
+        return out
+
+    def run(fn, ins, upstream):
+        y = fn(*ins)
+        wrt = [t for t in ins if t is not None and t.requires_grad]
+        return y, torch.autograd.grad(y, wrt, upstream.to(y.dtype))
+
+    ins64 = prepare(lambda t: t)
+    y64 = fn_torch(*ins64)
+    upstream = torch.randn(y64.shape, generator=torch.Generator(device=y64.device).manual_seed(seed), dtype=f64, device=y64.device)
+    y64, g64 = run(fn_torch, ins64, upstream)
+
+    # Activations at `dtype`; filter parameters stay fp32 as in the model (and in the reference).
+    def cast(t):
+        return t.to(dtype) if t.dim() == 3 and dtype != torch.float32 else t.float()
+
+    y_k, g_k = run(fn_kernel, prepare(cast), upstream)
+    y_t, g_t = run(fn_torch, prepare(cast), upstream)
+    _check("output", y_k, y_t, y64, atol_rel)
+    for i, (a, b, r) in enumerate(zip(g_k, g_t, g64)):
+        _check(f"grad {i}", a, b, r, atol_rel)
+
+
+def _conv_inputs(batch, dim, length, residual, seed):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen, dtype=f64) * scale).to(DEVICE)
+
+    u, x1, x2, v = (rand(batch, dim, length) for _ in range(4))
+    k1, d1 = rand(dim, 2 * length, scale=0.1), rand(dim)
+    k2, d2 = (rand(dim, 2 * length, scale=0.1), rand(dim)) if residual else (None, None)
+    return [u, x1, x2, v, k1, d1, k2, d2]
+
+
+# Interpreter shapes: awkward L (63 and 500 are not powers of two), batch 3, D a multiple of 16.
+@pytest.mark.parametrize(
+    "length,dtype,residual",
+    [
+        (63, torch.float32, True),
+        (63, torch.bfloat16, True),
+        (128, torch.float32, False),
+        (128, torch.float16, True),
+        (500, torch.float32, True),
+        (500, torch.bfloat16, True),
+    ],
+)
+def test_fftconv_matches_reference(length, dtype, residual):
+    inputs = _conv_inputs(3, 16, length, residual, seed=length)
+    mask = [residual, True, True, True, True, True, residual, residual]
+    _compare(
+        triton_fftconv.gated_long_conv, fftconv_reference.gated_long_conv, inputs, dtype,
+        atol_rel=1e-5 if dtype == torch.float32 else 1e-3, grad_mask=mask,
+    )  # fmt: skip
+
+
+def test_fftconv_outer_radix_path():
+    # A lowered on-chip limit sends L = 200 (FFT size 512) through the outer-radix kernels (R = 2).
+    inputs = _conv_inputs(2, 16, 200, True, seed=3)
+
+    def fn(*args):
+        return triton_fftconv.gated_long_conv(*args, max_onchip=256)
+
+    _compare(fn, fftconv_reference.gated_long_conv, inputs, torch.float32, atol_rel=1e-5)
+
+
+def test_fftconv_three_stage_path():
+    # L = 2100 pads to FFT size 8192 = 2 (outer) x 4096 (on chip, three radix-16 stages).
+    inputs = _conv_inputs(1, 16, 2100, True, seed=4)
+    _compare(triton_fftconv.gated_long_conv, fftconv_reference.gated_long_conv, inputs, torch.float32, atol_rel=1e-5)
+
+
+def test_fftconv_dispatch_and_errors():
+    from kernels.fftconv import BACKENDS, gated_long_conv
+
+    assert "triton" in BACKENDS
+    u, x1, x2, v, k1, d1, _, _ = _conv_inputs(1, 16, 40, False, seed=1)
+    y = gated_long_conv(u.float(), x1.float(), x2.float(), v.float(), k1.float(), d1.float(), backend="triton")
+    ref = fftconv_reference.gated_long_conv(u, x1, x2, v, k1, d1)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="k1_DN must be"):
+        triton_fftconv.gated_long_conv(u, x1, x2, v, k1[:, :-1], d1)
+
+
+def _blockdiag_inputs(shape, nblocks, p, q, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, nblocks * p, generator=gen, dtype=f64)
+    w = torch.randn(nblocks, q, p, generator=gen, dtype=f64) / p**0.5
+    b = torch.randn(nblocks * q, generator=gen, dtype=f64)
+    return [t.to(DEVICE) for t in (x, w, b)]
+
+
+def _cast_all(dtype):
+    return lambda t: t.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,nblocks,p,q", [((3, 37), 4, 16, 24), ((50,), 2, 40, 16)])
+def test_blockdiag_matmul_matches_reference(dtype, shape, nblocks, p, q):
+    x, w, b = _blockdiag_inputs(shape, nblocks, p, q, seed=p)
+    _compare_all(
+        lambda x, w, b: triton_blockdiag.blockdiag_matmul(x, w, b),
+        lambda x, w, b: blockdiag_reference.blockdiag_matmul(x, w) + b,
+        [x, w, b], dtype,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,nblocks,p,q", [((3, 37), 4, 16, 32), ((50,), 2, 24, 40)])
+def test_blockdiag_glu_matches_reference(dtype, shape, nblocks, p, q):
+    x, w, _ = _blockdiag_inputs(shape, nblocks, p, q, seed=q)
+    _compare_all(triton_blockdiag.blockdiag_glu, blockdiag_reference.blockdiag_glu, [x, w], dtype)
+
+
+def _compare_all(fn_kernel, fn_torch, inputs64, dtype, atol_rel=None):
+    """Like `_compare`, with every input (weights too) at `dtype`, as under a bf16 model."""
+    atol_rel = atol_rel or (1e-5 if dtype == torch.float32 else 1e-3)
+    ins64 = [t.detach().requires_grad_() for t in inputs64]
+    y64 = fn_torch(*ins64)
+    upstream = torch.randn(y64.shape, generator=torch.Generator(device=y64.device).manual_seed(7), dtype=f64, device=y64.device)
+    g64 = torch.autograd.grad(y64, ins64, upstream)
+    outs = []
+    for fn in (fn_kernel, fn_torch):
+        ins = [t.detach().to(dtype).requires_grad_() for t in inputs64]
+        y = fn(*ins)
+        outs.append((y, torch.autograd.grad(y, ins, upstream.to(dtype))))
+    (y_k, g_k), (y_t, g_t) = outs
+    _check("output", y_k, y_t, y64, atol_rel)
+    for i, (a, b, r) in enumerate(zip(g_k, g_t, g64)):
+        _check(f"grad {i}", a, b, r, atol_rel)
+
+
+def _layer_pair(length, hidden, inner, dtype):
+    base = load_config("debug").model
+    cfg = dataclasses.replace(
+        base, hidden_size=hidden, intermediate_size=inner, num_layers=1, l_max=length, filter_order=16,
+        hidden_dropout=0.0, kernels=KernelConfig(),
+    )  # fmt: skip
+    torch.manual_seed(0)
+    ref = M2Layer(cfg).to(DEVICE, dtype)
+    tri = M2Layer(dataclasses.replace(cfg, kernels=KernelConfig(fftconv="triton", blockdiag="triton"))).to(DEVICE, dtype)
+    tri.load_state_dict(ref.state_dict())
+    return ref, tri
+
+
+def _check_layer(length, hidden, inner, batch, dtype, rtol):
+    ref, tri = _layer_pair(length, hidden, inner, dtype)
+    h = torch.randn(batch, length, hidden, device=DEVICE, dtype=dtype)
+    outs = []
+    for layer in (ref, tri):
+        x = h.clone().requires_grad_()
+        y = layer(x)
+        y.backward(torch.ones_like(y) * torch.linspace(-1, 1, y.numel(), device=DEVICE).reshape(y.shape).to(dtype))
+        outs.append((y, x.grad, {n: p.grad for n, p in layer.named_parameters()}))
+    (y_r, dx_r, gr), (y_t, dx_t, gt) = outs
+
+    def close(name, a, b):
+        scale = b.abs().max().item()
+        err = (a.double() - b.double()).abs().max().item()
+        assert not a.isnan().any() and err <= rtol * scale + 1e-6, f"{name}: error {err:.3e} at scale {scale:.3e}"
+
+    close("output", y_t, y_r)
+    close("input grad", dx_t, dx_r)
+    assert gr.keys() == gt.keys()
+    for name in gr:
+        close(name, gt[name], gr[name])
+
+
+def test_m2_layer_triton_matches_reference():
+    _check_layer(length=63, hidden=32, inner=64, batch=2, dtype=torch.float32, rtol=1e-4)
+
+
+# GPU: the same checks at real sizes.
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("length,batch,dim", [(128, 8, 768), (500, 4, 960), (2048, 2, 768), (8192, 2, 768), (32768, 1, 768)])
+def test_fftconv_gpu(length, batch, dim, dtype):
+    inputs = _conv_inputs(batch, dim, length, True, seed=length)
+    _compare(
+        triton_fftconv.gated_long_conv, fftconv_reference.gated_long_conv, inputs, dtype,
+        atol_rel=1e-5 if dtype == torch.float32 else 1e-3,
+    )  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("dim", [768, 960])
+def test_blockdiag_gpu(dtype, dim):
+    x, w, b = _blockdiag_inputs((4, 509), 4, dim // 4, dim // 4, seed=dim)
+    _compare_all(triton_blockdiag.blockdiag_matmul, lambda x, w, b: blockdiag_reference.blockdiag_matmul(x, w) + b, [x, w, b], dtype)
+    x, w, _ = _blockdiag_inputs((4, 509), 4, dim // 4, 2 * dim, seed=dim + 1)
+    _compare_all(triton_blockdiag.blockdiag_glu, blockdiag_reference.blockdiag_glu, [x, w], dtype)
+
+
+@pytest.mark.gpu
+def test_m2_layer_gpu():
+    _check_layer(length=512, hidden=768, inner=3072, batch=4, dtype=torch.float32, rtol=1e-3)
