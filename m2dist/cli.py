@@ -3,11 +3,11 @@
 import sys
 from collections.abc import Callable
 
-from m2dist.checkpoint.io import CheckpointError
+from m2dist.checkpoint.io import CheckpointError, OutputExistsError
 from m2dist.config import ConfigError
 from m2dist.data.manifest import DataError
 
-USER_ERRORS = (ConfigError, CheckpointError, DataError, FileExistsError, FileNotFoundError)
+USER_ERRORS = (ConfigError, CheckpointError, DataError, OutputExistsError, FileNotFoundError)
 
 
 def run_cli(main: Callable[[], None]) -> None:

@@ -30,7 +30,10 @@ def build_param_groups(model: nn.Module, config: OptimizerConfig) -> list[dict]:
 def build_optimizer(model: nn.Module, config: OptimizerConfig) -> torch.optim.AdamW:
     # torch's AdamW is decoupled: weight decay multiplies lr * wd, as Composer's DecoupledAdamW
     # does up to the lr scaling, which the schedule applies to every group alike.
-    return torch.optim.AdamW(build_param_groups(model, config), betas=config.betas, eps=config.eps)
+    # Fused (one kernel for all tensors) where the parameters will live on a GPU.
+    return torch.optim.AdamW(
+        build_param_groups(model, config), betas=config.betas, eps=config.eps, fused=torch.cuda.is_available()
+    )
 
 
 def warmup_linear_decay(step: int, total_steps: int, warmup_fraction: float = 0.06, final_fraction: float = 0.02) -> float:

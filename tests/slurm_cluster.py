@@ -3,9 +3,9 @@
 Debian's slurm 22.05 daemons are started by hand (no systemd) with a minimal slurm.conf under a
 temporary folder. The nodes n1 and n2 both live on 127.0.0.1 with their own slurmd port; each
 slurmd runs in its own mount namespace with a private tmpfs on /dev/shm, so that the shared memory
-of mosaicml-streaming does not collide across "nodes", and its own tmpfs on `node_tmp`, a
-node-local TMPDIR for jobs (streaming keeps file locks and shard copies there). Everything started here, and every process
-of a job left in those namespaces, is stopped by PID in `stop()`.
+of mosaicml-streaming does not collide across "nodes", and one on `node_tmp`, a node-local TMPDIR
+for jobs (streaming keeps file locks and shard copies there). Everything started here, and every
+process of a job left in those namespaces, is stopped by PID in `stop()`.
 
   cluster = LocalSlurmCluster(tmp_dir); cluster.start()
   job_id = cluster.sbatch(["--nodes=2", "slurm/pretrain_64gpu.sh"], env=...)
@@ -23,6 +23,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 SLURM_PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
@@ -36,12 +37,17 @@ class SlurmUnavailable(RuntimeError):
     """SLURM is not installed and cannot be installed here (no apt, not root, or apt unreachable)."""
 
 
+def program(name: str) -> str | None:
+    """The path of a SLURM or munge program; the daemons live in /usr/sbin, often not on PATH."""
+    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+
+
 def ensure_slurm_installed(timeout: float = 900) -> None:
     """Install Debian's SLURM and munge packages with apt-get if a program is missing.
 
     Raises SlurmUnavailable when that cannot be done here, RuntimeError when apt fails otherwise.
     """
-    if all(shutil.which(p) or Path("/usr/sbin", p).exists() for p in SLURM_PROGRAMS):
+    if all(program(p) for p in SLURM_PROGRAMS):
         return
     if shutil.which("apt-get") is None:
         raise SlurmUnavailable("SLURM is not installed and apt-get is not available")
@@ -50,13 +56,15 @@ def ensure_slurm_installed(timeout: float = 900) -> None:
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     update = subprocess.run(["apt-get", "update"], env=env, capture_output=True, text=True, timeout=timeout)
     if update.returncode != 0 or "Err:" in update.stdout:
-        raise SlurmUnavailable(f"apt-get update failed (repositories unreachable?): {update.stdout[-800:]}{update.stderr[-800:]}")
+        output = update.stdout[-800:] + update.stderr[-800:]
+        raise SlurmUnavailable(f"apt-get update failed (repositories unreachable?): {output}")
     install = subprocess.run(
-        ["apt-get", "install", "-y", "--no-install-recommends", *SLURM_PACKAGES],
+        ["apt-get", "install", "-y", *SLURM_PACKAGES],
         env=env, capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
     if install.returncode != 0:
-        raise RuntimeError(f"apt-get install {' '.join(SLURM_PACKAGES)} failed:\n{install.stdout[-2000:]}{install.stderr[-2000:]}")
+        output = install.stdout[-2000:] + install.stderr[-2000:]
+        raise RuntimeError(f"apt-get install {' '.join(SLURM_PACKAGES)} failed:\n{output}")
 
 
 def _free_ports(count: int) -> list[int]:
@@ -137,6 +145,7 @@ SlurmdDebug=info
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/builtin
+SchedulerParameters=sched_interval=2
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
@@ -163,7 +172,7 @@ PartitionName=debug Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=U
         self.munge_dir.chmod(0o755)
         self._spawn(
             "munged",
-            ["munged", "--foreground", f"--key-file={key}", f"--socket={self.munge_socket}",
+            [program("munged"), "--foreground", f"--key-file={key}", f"--socket={self.munge_socket}",
              f"--pid-file={self.munge_dir / 'munged.pid'}", f"--log-file={self.munge_dir / 'munged.log'}",
              f"--seed-file={self.munge_dir / 'munged.seed'}"],
             user=munge.pw_uid, group=munge.pw_gid,
@@ -193,17 +202,19 @@ PartitionName=debug Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=U
             self.node_tmp.mkdir(parents=True, exist_ok=True)
             self._write_config()
             self._start_munge()
-            self._spawn("slurmctld", ["slurmctld", "-D", "-f", str(self.conf)])
+            self._spawn("slurmctld", [program("slurmctld"), "-D", "-f", str(self.conf)])
             for name in NODES:
                 # A private /dev/shm and node_tmp per node; slurmstepd and the job's tasks inherit
                 # the namespace.
                 node_command = (
                     f"mount -t tmpfs -o size={self.shm_size} tmpfs /dev/shm && "
                     f"mount -t tmpfs -o size={self.tmp_size} tmpfs {self.node_tmp} && "
-                    f"exec slurmd -D -N {name} -f {self.conf}"
+                    f"exec {program('slurmd')} -D -N {name} -f {self.conf}"
                 )
-                self._spawn(f"slurmd-{name}", ["unshare", "--mount", "--propagation", "private", "sh", "-c", node_command])
-            self._wait(lambda: self.node_states() == {n: "idle" for n in NODES}, timeout, "the nodes did not become idle")
+                unshare = ["unshare", "--mount", "--propagation", "private"]
+                self._spawn(f"slurmd-{name}", [*unshare, "sh", "-c", node_command])
+            all_idle = {n: "idle" for n in NODES}
+            self._wait(lambda: self.node_states() == all_idle, timeout, "the nodes did not become idle")
             ours = _mount_namespace(os.getpid())
             nodes = [p.pid for n, p in self.processes.items() if n.startswith("slurmd-")]
             self.namespaces = {_mount_namespace(pid) for pid in nodes} - {None, ours}
@@ -244,9 +255,20 @@ PartitionName=debug Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=U
 
     def wait_for_state(self, job_id: str, states: set[str], timeout: float, log: Path | None = None) -> dict[str, str]:
         """Wait until the job is in one of `states` (see `wait_until`)."""
-        return self.wait_until(job_id, lambda info: info.get("JobState") in states, timeout, log, f"reach {sorted(states)}")
 
-    def wait_until(self, job_id: str, ready, timeout: float, log: Path | None = None, what: str = "") -> dict[str, str]:
+        def in_state(info: dict[str, str]) -> bool:
+            return info.get("JobState") in states
+
+        return self.wait_until(job_id, in_state, timeout, log, f"reach {sorted(states)}")
+
+    def wait_until(
+        self,
+        job_id: str,
+        ready: Callable[[dict[str, str]], bool],
+        timeout: float,
+        log: Path | None = None,
+        what: str = "",
+    ) -> dict[str, str]:
         """Poll `scontrol show job` until `ready(info)`; returns info. If the job ends first or the
         time runs out, cancel it (also a job pending forever) and raise with its state and log tail."""
         deadline = time.monotonic() + timeout

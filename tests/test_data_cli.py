@@ -21,9 +21,6 @@ def test_prepare_mds_command_line(tmp_path):
     assert done.returncode == 0, done.stderr
     assert f"{out}/train: 2 samples" in done.stdout
     assert (out / "train" / "m2dist_manifest.json").is_file()
-    again = run("tools/prepare_mds.py", "--out", str(out), "--max-len", "16", "--quiet", str(docs))
-    assert again.returncode != 0
-    assert "is not empty; pass overwrite=True (--overwrite)" in again.stderr
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{oops\n')
     failed = run("tools/prepare_mds.py", "--out", str(tmp_path / "x"), "--max-len", "16", "--quiet", str(bad))

@@ -1,5 +1,6 @@
 """slurm/: the real pretrain_64gpu.sh on a real SLURM cluster of two emulated nodes, scaled down to
-2 nodes x 1 CPU rank (debug config, gloo), an uninterrupted run and a preempted, requeued one.
+2 nodes x 1 CPU rank (debug config, gloo): an uninterrupted job, a preempted and requeued one
+that resumes exactly, and a cancelled one that checkpoints and stays cancelled.
 
 The cluster (tests/slurm_cluster.py) is Debian's slurmctld + two slurmd + munged, installed with
 apt-get when missing; the tests are skipped only when that cannot be done here.
@@ -40,6 +41,8 @@ STEP_LINE = re.compile(rf"^step\s+(\d+)/{STEPS}\s+loss\s+(\S+)", re.MULTILINE)
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
+    if os.geteuid() != 0:
+        pytest.skip("the emulated SLURM nodes need root (slurmd, a tmpfs mount per node)")
     try:
         ensure_slurm_installed()
     except SlurmUnavailable as err:
@@ -130,7 +133,11 @@ def test_preempted_job_checkpoints_requeues_and_resumes_exactly(cluster, tmp_pat
     cluster.wait_until(job_id, lambda _: last_step(read_log(log)) >= 12, JOB_TIMEOUT, log, "reach step 12")
     # What --signal=B:USR1@600 does before the time limit: signal the batch shell only.
     cluster.run("scancel", "--batch", "--signal=USR1", job_id)
-    requeued = cluster.wait_until(job_id, lambda info: info.get("Restarts") == "1" and info.get("JobState") in ("PENDING", "RUNNING"), 120, log, "get requeued")
+
+    def back_in_queue(info: dict[str, str]) -> bool:
+        return info.get("Restarts") == "1" and info.get("JobState") in ("PENDING", "RUNNING")
+
+    requeued = cluster.wait_until(job_id, back_in_queue, 120, log, "get requeued")
     if requeued["JobState"] == "PENDING":
         # slurmctld holds a requeued job for 120 s (BeginTime); release it sooner, but not within the
         # second its old credential was revoked in (slurmd would refuse the new one).

@@ -11,6 +11,10 @@ class CheckpointError(ValueError):
     """A checkpoint is unreadable, unsafe, or does not match the model."""
 
 
+class OutputExistsError(FileExistsError):
+    """The destination exists and the caller did not ask to overwrite it."""
+
+
 def safe_torch_load(path: str | Path) -> Any:
     """`torch.load(weights_only=True)` on CPU, with errors that name the file.
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from m2dist.checkpoint.io import CheckpointError
+from m2dist.checkpoint.io import CheckpointError, OutputExistsError
 from m2dist.checkpoint.upstream import check_state_dict
 from m2dist.config import ConfigError, ModelConfig, _build
 from m2dist.models import MaskedLM, SequenceClassifier
@@ -28,7 +28,7 @@ def save_release(
 
     destination = Path(destination)
     if destination.exists() and not overwrite:
-        raise FileExistsError(f"{destination} exists; pass overwrite=True (--overwrite) to replace it")
+        raise OutputExistsError(f"{destination} exists; pass overwrite=True (--overwrite) to replace it")
     destination.mkdir(parents=True, exist_ok=True)
     meta = {"model": dataclasses.asdict(model.config), "task": "mlm"}
     if isinstance(model, SequenceClassifier):

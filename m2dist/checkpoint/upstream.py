@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from m2dist.checkpoint.io import CheckpointError, safe_torch_load
+from m2dist.checkpoint.io import CheckpointError, OutputExistsError, safe_torch_load
 from m2dist.config import ModelConfig
 from m2dist.models import MaskedLM, SequenceClassifier
 
@@ -237,7 +237,7 @@ def export_upstream(
     or a Composer-style file when `destination` ends in `.pt`. Refuses to overwrite unless told to."""
     destination = Path(destination)
     if destination.exists() and not overwrite:
-        raise FileExistsError(f"{destination} exists; pass overwrite=True (--overwrite) to replace it")
+        raise OutputExistsError(f"{destination} exists; pass overwrite=True (--overwrite) to replace it")
     state = upstream_state_dict(model)
     if destination.suffix == ".pt":
         destination.parent.mkdir(parents=True, exist_ok=True)

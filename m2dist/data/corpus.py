@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from m2dist.checkpoint.io import OutputExistsError
 from m2dist.data.manifest import MANIFEST_NAME, DataError, read_manifest
 from m2dist.data.tokenizer import ASSETS, DEFAULT_VOCAB, file_sha256
 
@@ -70,7 +71,7 @@ def _is_prepared(out_dir: Path, settings: _Settings) -> bool:
         manifest = read_manifest(out_dir / split)
         made_from_corpus = [Path(p).name for p in manifest.inputs] == [EMBEDDED_CORPUS.name]
         if not made_from_corpus:
-            raise FileExistsError(f"{out_dir}: holds shards of {manifest.inputs}, not of the embedded corpus")
+            raise OutputExistsError(f"{out_dir}: holds shards of {manifest.inputs}, not of the embedded corpus")
         if settings.sentencepiece_vocab_size:
             same_tokenizer = manifest.vocab_size == settings.sentencepiece_vocab_size
         else:
@@ -86,7 +87,7 @@ def _check_only_preparations(out_dir: Path) -> None:
     ours = {"train", "val", "tokenizer.model", "tokenizer.vocab"}
     others = sorted(p.name for p in out_dir.iterdir() if p.name not in ours)
     if others:
-        raise FileExistsError(f"{out_dir}: holds {others}; give an empty or new folder for the embedded corpus")
+        raise OutputExistsError(f"{out_dir}: holds {others}; give an empty or new folder for the embedded corpus")
 
 
 def _remove_previous_preparation(out_dir: Path) -> None:

@@ -19,8 +19,8 @@ MASK_SHARE, RANDOM_SHARE = 0.8, 0.1
 # splitmix64 (Steele, Lea & Flood 2014): output i of the stream with state `key` is
 # finalize(key + (i + 1) * golden ratio). Counter-based, so one sample's draws need no generator
 # object, and computed with plain numpy integer ops, which keep the GIL on short arrays (numpy's
-# Generator releases it on every call; with streaming's helper threads beside the loop, each
-# release cost up to a 5 ms GIL switch interval, 5x the masking time at L=128).
+# Generator releases it on every call; with streaming's helper threads beside the loop, getting
+# it back made masking in the loader several times slower than alone at L=128).
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1, _MIX2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 _U64 = (1 << 64) - 1

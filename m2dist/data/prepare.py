@@ -33,6 +33,7 @@ from typing import Literal
 
 import numpy as np
 
+from m2dist.checkpoint.io import OutputExistsError
 from m2dist.data.manifest import MANIFEST_NAME, DataError, Manifest, ManifestCounts
 from m2dist.data.streams import REMOTE_SCHEMES
 from m2dist.data.tokenizer import Tokenizer, load_tokenizer
@@ -266,7 +267,7 @@ def _check_output_free(out: str, overwrite: bool) -> None:
         for split in SPLITS:
             existing = CloudUploader.get(f"{out.rstrip('/')}/{split}", exist_ok=True).list_objects()
             if existing and not overwrite:
-                raise FileExistsError(
+                raise OutputExistsError(
                     f"{out}/{split} already holds {len(existing)} objects; "
                     "pass overwrite=True (--overwrite) to replace them"
                 )
@@ -275,7 +276,7 @@ def _check_output_free(out: str, overwrite: bool) -> None:
         folder = Path(out) / split
         if folder.exists() and any(folder.iterdir()):
             if not overwrite:
-                raise FileExistsError(f"{folder} is not empty; pass overwrite=True (--overwrite) to replace its shards")
+                raise OutputExistsError(f"{folder} is not empty; pass overwrite=True (--overwrite) to replace its shards")
             shutil.rmtree(folder)
 
 
@@ -308,7 +309,10 @@ def prepare_mds(
     """Tokenize `inputs` with the tokenizer file (None = bert-base-uncased vocab.txt) and write
     `out/train` and `out/val` as MDS shards with manifests. `num_workers` processes tokenize
     (1 = in this process); the output does not depend on it. `max_documents` stops early (tests,
-    quick runs). Refuses to write into non-empty split folders unless `overwrite`."""
+    quick runs). Refuses to write into non-empty split folders unless `overwrite`.
+
+    With num_workers > 1 the workers are spawned: a script that calls this must guard its entry
+    point with `if __name__ == "__main__":`, as multiprocessing requires."""
     if mode not in ("pad", "concat"):
         raise ValueError(f"mode must be 'pad' or 'concat', got {mode!r}")
     if max_len < 3:

@@ -25,12 +25,40 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _slurm_tasks_on_this_node() -> int | None:
+    """Tasks of this job step on this node, from e.g. SLURM_STEP_TASKS_PER_NODE="8(x2),4"."""
+    spec = os.environ.get("SLURM_STEP_TASKS_PER_NODE") or os.environ.get("SLURM_TASKS_PER_NODE")
+    if not spec:
+        return None
+    counts: list[int] = []
+    for part in spec.split(","):
+        count, _, repeat = part.partition("(x")
+        counts.extend([int(count)] * (int(repeat.rstrip(")")) if repeat else 1))
+    return counts[int(os.environ.get("SLURM_NODEID", "0"))]
+
+
+def _local_world_size() -> str:
+    """Ranks on this node: torchrun's LOCAL_WORLD_SIZE, the deepspeed launcher's LOCAL_SIZE, or
+    SLURM's tasks per node. mosaicml-streaming reads LOCAL_WORLD_SIZE to share one copy of each
+    shard per node; without it every rank would take itself for a node leader."""
+    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        if key in os.environ:
+            return os.environ[key]
+    slurm = _slurm_tasks_on_this_node()
+    if slurm is not None:
+        return str(slurm)
+    if os.environ["WORLD_SIZE"] == "1":
+        return "1"
+    raise RuntimeError("LOCAL_WORLD_SIZE is not set: launch with deepspeed, torchrun or srun, or export it")
+
+
 def read_env() -> DistEnv:
     """Fill RANK/WORLD_SIZE/LOCAL_RANK (and a loopback rendezvous for a single process) in the
     environment from whichever launcher started us, and return them.
 
     - deepspeed and torchrun set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT;
     - `srun` sets SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; the batch script sets MASTER_ADDR/PORT;
+    - LOCAL_WORLD_SIZE (ranks on this node) is filled in for every launcher;
     - a plain `python m2dist/train.py` is rank 0 of 1 on 127.0.0.1.
     """
     if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
@@ -46,6 +74,7 @@ def read_env() -> DistEnv:
     if os.environ["WORLD_SIZE"] == "1":
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ["LOCAL_WORLD_SIZE"] = _local_world_size()
     return DistEnv(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
 
 

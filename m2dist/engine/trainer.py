@@ -176,7 +176,10 @@ class Trainer:
         data_wait = 0.0
         for _ in range(self.layout.grad_accumulation):
             start = time.perf_counter()
-            batch = self.data.next_train_batch()
+            # The loader draws from the global torch RNG at moments that differ between a fresh and a
+            # resumed run; forking keeps dropout's random stream identical across a resume.
+            with torch.random.fork_rng(devices=[]):
+                batch = self.data.next_train_batch()
             data_wait += time.perf_counter() - start
             batch = {k: batch[k].to(self.device, non_blocking=True) for k in MODEL_INPUTS if k in batch}
             with self._autocast():

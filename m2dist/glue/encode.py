@@ -33,15 +33,22 @@ class EncodedSplit:
         return len(self.labels_N)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """Model inputs for every example: input_ids, token_type_ids, attention_mask (N, L), labels (N,)."""
+        """Model inputs for every example, in compact dtypes (`batch_to` widens them per batch):
+        input_ids, token_type_ids, attention_mask (N, L), labels (N,)."""
         length = self.input_ids_NL.shape[1]
         attention_mask_NL = np.arange(length)[None, :] < self.lengths_N[:, None]
         return {
-            "input_ids": torch.from_numpy(self.input_ids_NL.astype(np.int64)),
-            "token_type_ids": torch.from_numpy(self.token_type_ids_NL.astype(np.int64)),
-            "attention_mask": torch.from_numpy(attention_mask_NL.astype(np.int64)),
+            "input_ids": torch.from_numpy(self.input_ids_NL),
+            "token_type_ids": torch.from_numpy(self.token_type_ids_NL),
+            "attention_mask": torch.from_numpy(attention_mask_NL),
             "labels": torch.from_numpy(self.labels_N),
         }
+
+
+def batch_to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A batch of `EncodedSplit.tensors()` rows on `device`, ids and masks as int64."""
+    moved = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    return {k: v if k == "labels" else v.long() for k, v in moved.items()}
 
 
 def truncate_pair(ids_a: list[int], ids_b: list[int] | None, budget: int) -> tuple[list[int], list[int] | None]:

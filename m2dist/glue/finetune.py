@@ -28,7 +28,7 @@ from m2dist.checkpoint.io import CheckpointError
 from m2dist.checkpoint.release import save_release
 from m2dist.config import KernelConfig, OptimizerConfig
 from m2dist.glue.config import GlueConfig, TaskConfig
-from m2dist.glue.encode import EncodedSplit, load_encoded
+from m2dist.glue.encode import EncodedSplit, batch_to, load_encoded
 from m2dist.glue.metrics import split_metrics, task_score
 from m2dist.models import MaskedLM, SequenceClassifier
 from m2dist.optim import build_param_groups, warmup_linear_decay
@@ -86,6 +86,11 @@ def load_pretrained(path: str | Path) -> MaskedLM | SequenceClassifier:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.is_dir() and (path / "checkpoints").is_dir() and not (path / "model.safetensors").exists():
+        raise CheckpointError(
+            f"{path}: a training run folder; its DeepSpeed checkpoints are in {path / 'checkpoints'}/<tag>. Convert "
+            "one to a release folder first (python tools/convert_checkpoint.py <tag folder> <release_dir> --to release)"
+        )
     if path.is_dir() and (any((path / m).exists() for m in _DEEPSPEED_MARKERS) or any(path.glob("step_*"))):
         raise CheckpointError(
             f"{path}: a DeepSpeed training checkpoint; convert it to a release folder first "
@@ -162,10 +167,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
 @torch.no_grad()
 def evaluate(model: SequenceClassifier, split: EncodedSplit, batch_size: int, device: torch.device, bf16: bool) -> np.ndarray:
     """The model's (N, C) outputs on every example of `split`, in fp32."""
@@ -174,7 +175,7 @@ def evaluate(model: SequenceClassifier, split: EncodedSplit, batch_size: int, de
     data.pop("labels")
     outputs = []
     for start in range(0, len(split), batch_size):
-        batch = _to_device({k: v[start : start + batch_size] for k, v in data.items()}, device)
+        batch = batch_to({k: v[start : start + batch_size] for k, v in data.items()}, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             outputs.append(model(**batch).logits.float().cpu())
     model.train()
@@ -225,7 +226,7 @@ def run_job(spec: JobSpec, device: str | torch.device, emit: Emit | None = None)
         loss_sum = torch.zeros((), device=device)
         for start in range(0, len(train), settings.batch_size):
             index = order[start : start + settings.batch_size]
-            batch = _to_device({k: v[index] for k, v in data.items()}, device)
+            batch = batch_to({k: v[index] for k, v in data.items()}, device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 loss = model(**batch).loss
             loss.backward()

@@ -277,8 +277,17 @@ def _run_tracked(
             logger.info("job %s started on %s", job_id, payload["device"])
             tracking.start_job(job_id, _job_params(by_id[job_id], payload["device"]))
         elif kind == "epoch":
-            record = payload
-            tracking.log_job_metrics(job_id, {k: v for k, v in record.items() if k != "epoch"}, int(record["epoch"]))
+            epoch = int(payload["epoch"])
+            logger.info(
+                "job %s epoch %d/%d: train loss %.4f, score %.2f, %.1f s",
+                job_id,
+                epoch,
+                by_id[job_id].settings.epochs,
+                payload["train_loss"],
+                100 * payload["score"],
+                payload["epoch_seconds"],
+            )
+            tracking.log_job_metrics(job_id, {k: v for k, v in payload.items() if k != "epoch"}, epoch)
         elif kind == "done":
             result: JobResult = payload["result"]
             last = result.history[-1]
