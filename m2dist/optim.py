@@ -3,6 +3,11 @@
 Decoupled AdamW with three parameter groups: the forward filter MLPs with their shared Sin
 frequency (filter_lr, filter_weight_decay), the filters' positional features z (pos_emb_lr, no
 weight decay), and everything else (lr, weight_decay). Linear warmup, then linear decay.
+
+"Decoupled" as Composer's DecoupledAdamW, which upstream trained with: every step multiplies each
+weight by (1 - wd x lr_t / lr_peak), the decay following the schedule but not scaled by the lr.
+torch's AdamW multiplies by (1 - lr_t x weight_decay), so each group gets weight_decay = wd / lr_peak:
+the same update, with torch's fused kernel.
 """
 
 import torch
@@ -12,24 +17,30 @@ from m2dist.config import OptimizerConfig
 from m2dist.models.m2 import m2_special_parameters
 
 
+def _group(name: str, params: list[nn.Parameter], lr: float, decoupled_weight_decay: float) -> dict:
+    return {
+        "name": name,
+        "params": params,
+        "lr": lr,
+        "decoupled_weight_decay": decoupled_weight_decay,
+        "weight_decay": decoupled_weight_decay / lr,
+    }
+
+
 def build_param_groups(model: nn.Module, config: OptimizerConfig) -> list[dict]:
-    """AdamW parameter groups; each group carries its name for logging."""
+    """AdamW parameter groups; each carries its name and its decoupled (per-step) weight decay."""
     filter_params, pos_params = m2_special_parameters(model)
     special = {id(p) for p in filter_params} | {id(p) for p in pos_params}
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in special]
-    groups = [{"name": "global", "params": rest, "lr": config.lr, "weight_decay": config.weight_decay}]
+    groups = [_group("global", rest, config.lr, config.weight_decay)]
     if filter_params:
-        groups.append(
-            {"name": "filter", "params": filter_params, "lr": config.filter_lr, "weight_decay": config.filter_weight_decay}
-        )
+        groups.append(_group("filter", filter_params, config.filter_lr, config.filter_weight_decay))
     if pos_params:
-        groups.append({"name": "pos_emb", "params": pos_params, "lr": config.pos_emb_lr, "weight_decay": 0.0})
+        groups.append(_group("pos_emb", pos_params, config.pos_emb_lr, 0.0))
     return groups
 
 
 def build_optimizer(model: nn.Module, config: OptimizerConfig) -> torch.optim.AdamW:
-    # torch's AdamW is decoupled: weight decay multiplies lr * wd, as Composer's DecoupledAdamW
-    # does up to the lr scaling, which the schedule applies to every group alike.
     # Fused (one kernel for all tensors) where the parameters will live on a GPU.
     return torch.optim.AdamW(
         build_param_groups(model, config), betas=config.betas, eps=config.eps, fused=torch.cuda.is_available()

@@ -26,8 +26,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-SLURM_PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
-SLURM_PROGRAMS = ("slurmctld", "slurmd", "sbatch", "srun", "scontrol", "sinfo", "munged")
+SLURM_PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge", "shellcheck")
+SLURM_PROGRAMS = ("slurmctld", "slurmd", "sbatch", "srun", "scontrol", "sinfo", "munged", "shellcheck")
 NODES = ("n1", "n2")
 # States after which a job will not run again by itself.
 FINAL_STATES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"})

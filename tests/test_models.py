@@ -109,7 +109,25 @@ def test_m2_parameter_groups_follow_the_recipe():
     assert id(filter_fn.implicit_filter[1].freq) in ids["filter"]  # shared Sin, also used by the reverse MLP
     assert id(filter_fn.implicit_filter_rev[0].weight) in ids["global"]
     assert id(filter_fn.pos_emb.z) in ids["pos_emb"]
-    assert (groups["filter"]["lr"], groups["filter"]["weight_decay"]) == (1e-3, 0.1)
-    assert (groups["pos_emb"]["lr"], groups["pos_emb"]["weight_decay"]) == (1e-5, 0.0)
+    assert (groups["filter"]["lr"], groups["filter"]["decoupled_weight_decay"]) == (1e-3, 0.1)
+    assert (groups["pos_emb"]["lr"], groups["pos_emb"]["decoupled_weight_decay"]) == (1e-5, 0.0)
+    assert (groups["global"]["lr"], groups["global"]["decoupled_weight_decay"]) == (8e-4, 1e-5)
     all_ids = [id(p) for g in groups.values() for p in g["params"]]
     assert len(all_ids) == len(set(all_ids)) == len(list(model.parameters()))
+
+
+def test_weight_decay_is_decoupled_from_the_learning_rate():
+    """Composer's DecoupledAdamW, as upstream: w <- w (1 - wd lr_t / lr_peak) - lr_t adam_update."""
+    from m2dist.config import OptimizerConfig
+    from m2dist.optim import build_optimizer
+
+    weight = torch.nn.Parameter(torch.full((4,), 2.0))
+    model = torch.nn.Module()
+    model.weight = weight
+    config = OptimizerConfig(lr=1e-3, weight_decay=0.1)
+    optimizer = build_optimizer(model, config)
+    for group in optimizer.param_groups:
+        group["lr"] = 0.5e-3  # half-way down the schedule: half the decay
+    weight.grad = torch.zeros(4)  # Adam's update is 0 for a zero gradient
+    optimizer.step()
+    torch.testing.assert_close(weight.detach(), torch.full((4,), 2.0 * (1 - 0.1 * 0.5)))

@@ -1,27 +1,44 @@
 """Conversions between checkpoint layouts, each validated by reloading the result.
 
-Sources: an m2dist release folder, an upstream M2 folder (config.json + weights) or an upstream
-Composer `.pt` / plain state-dict file. Targets: `release` (m2dist) and `upstream`.
+Sources: a training run's DeepSpeed checkpoint (the run folder, its `checkpoints/` folder or one tag
+folder; any ZeRO stage), an m2dist release folder, an upstream M2 folder (config.json + weights) or an
+upstream Composer `.pt` / plain state-dict file. Targets:
+- `release`: m2dist's folder (model.safetensors, config.json); from a training run also the tokenizer
+  and a model_card.md. A ZeRO checkpoint is consolidated lazily and written tensor by tensor.
+- `upstream`: the upstream M2-BERT layout.
+- `universal`: DeepSpeed's universal checkpoint of a training run (the engine's own conversion),
+  for resuming on another number of ranks.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import json
+import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from m2dist.checkpoint.io import CheckpointError
-from m2dist.checkpoint.release import CONFIG_FILE, load_release, save_release
+from m2dist.checkpoint import zero
+from m2dist.checkpoint.io import CheckpointError, OutputExistsError
+from m2dist.checkpoint.release import CONFIG_FILE, WEIGHTS_FILE, load_release, save_release
 from m2dist.checkpoint.upstream import export_upstream, import_upstream
 from m2dist.models import MaskedLM, SequenceClassifier
 
-TARGETS = ("release", "upstream")
+TARGETS = ("release", "upstream", "universal")
+MODEL_CARD = "model_card.md"
 
 
-def load_any(source: str | Path) -> MaskedLM | SequenceClassifier:
-    """The model in a release folder, an upstream folder or an upstream checkpoint file."""
+def load_any(source: str | Path, tag: str | None = None) -> MaskedLM | SequenceClassifier:
+    """The model in a training run's checkpoint (fp32 master weights), a release folder, an upstream
+    folder or an upstream checkpoint file."""
     source = Path(source)
+    if zero.is_zero_checkpoint(source):
+        return zero.load_zero_model(*zero.resolve_zero_checkpoint(source, tag))
+    if tag is not None:
+        raise ValueError(f"tag={tag!r} applies to a training run's checkpoints only, not to {source}")
     config_file = source / CONFIG_FILE
     if source.is_dir() and config_file.exists():
         try:
@@ -41,29 +58,195 @@ def _probe_logits(model: MaskedLM | SequenceClassifier) -> torch.Tensor:
     return model.eval()(input_ids).logits
 
 
+def _check_logits(expected: torch.Tensor, got: torch.Tensor, written: Path, source: Path, bf16: bool) -> None:
+    tolerance = 5e-2 if bf16 else 1e-5
+    error = ((got - expected).abs().max() / expected.abs().max().clamp(min=1e-12)).item()
+    if error > tolerance:
+        raise CheckpointError(f"{written}: reloaded model differs from {source}: relative error {error:.2e} > {tolerance}")
+
+
+def _claim_destination(destination: Path, overwrite: bool) -> None:
+    if destination.exists() and not overwrite:
+        raise OutputExistsError(f"{destination} exists; pass overwrite=True (--overwrite) to replace it")
+
+
 def convert_checkpoint(
     source: str | Path,
     destination: str | Path,
     to: str,
     *,
+    tag: str | None = None,
     safetensors: bool = False,
     bf16: bool = False,
     overwrite: bool = False,
+    stats: dict[str, float] | None = None,
 ) -> Path:
-    """Convert `source` to the `to` layout at `destination`, then reload it and check that its
-    logits on a fixed input match the source model's."""
+    """Convert `source` to the `to` layout at `destination`, then reload it and check it: keys,
+    shapes and dtypes, and logits on a fixed input equal to the source model's.
+
+    `tag` picks a training run's checkpoint (default: `latest`). If `stats` is given it receives
+    `rss_before_mib` and `peak_rss_mib` (this process's peak resident memory before and after).
+    """
     if to not in TARGETS:
         raise ValueError(f"unknown target {to!r}; expected one of {TARGETS}")
-    model = load_any(source)
-    if to == "release":
-        written = save_release(model, destination, dtype=torch.bfloat16 if bf16 else torch.float32, overwrite=overwrite)
-        reloaded = load_release(written)
+    source, destination = Path(source), Path(destination)
+    _claim_destination(destination, overwrite)
+    from_run = zero.is_zero_checkpoint(source)
+    if from_run:
+        # Imported before measuring, so that the memory figures are those of the conversion.
+        import deepspeed.utils.zero_to_fp32  # noqa: F401
+    if stats is not None:
+        stats["rss_before_mib"] = zero.peak_rss_mib()
+    if from_run and to == "release":
+        written = _zero_to_release(source, destination, tag, bf16=bf16)
+    elif to == "universal":
+        if not from_run:
+            raise CheckpointError(f"{source}: --to universal needs a training run's DeepSpeed checkpoint")
+        written = _zero_to_universal(source, destination, tag)
     else:
-        written = export_upstream(model, destination, safetensors=safetensors, overwrite=overwrite)
-        reloaded = import_upstream(written)
-    expected, got = _probe_logits(model), _probe_logits(reloaded)
-    tolerance = 5e-2 if bf16 else 1e-5
-    error = ((got - expected).abs().max() / expected.abs().max().clamp(min=1e-12)).item()
-    if error > tolerance:
-        raise CheckpointError(f"{written}: reloaded model differs from {source}: relative error {error:.2e} > {tolerance}")
+        model = load_any(source, tag)
+        if to == "release":
+            dtype = torch.bfloat16 if bf16 else torch.float32
+            written = save_release(model, destination, dtype=dtype, overwrite=overwrite)
+            reloaded = load_release(written)
+        else:
+            written = export_upstream(model, destination, safetensors=safetensors, overwrite=overwrite)
+            reloaded = import_upstream(written)
+        _check_logits(_probe_logits(model), _probe_logits(reloaded), written, source, bf16 and to == "release")
+    if stats is not None:
+        stats["peak_rss_mib"] = zero.peak_rss_mib()
     return written
+
+
+def _zero_to_release(source: Path, destination: Path, tag: str | None, *, bf16: bool) -> Path:
+    """Stream the consolidated fp32 weights of a run's checkpoint into a release folder.
+
+    Peak memory above the process's baseline, never the optimizer's moments: DeepSpeed's merged fp32
+    vector (ZeRO-1/2; ZeRO-3 gathers one tensor at a time) and the memory-mapped master-weight pages
+    it reads, plus the fp32 source model for the logits check; then, with those freed, the reloaded
+    release model and its file. About 3x the fp32 weights, plus the model's initialisation temporaries.
+    """
+    root, tag = zero.resolve_zero_checkpoint(source, tag)
+    state = zero.client_state(root, tag)
+    config = zero.model_config(state, str(root / tag / zero.CLIENT_STATE))
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    lazy = zero.consolidated_state(root, tag)
+    model = zero.model_from_state(config, lazy, str(root / tag))
+    destination.mkdir(parents=True, exist_ok=True)
+    tokenizer = _copy_tokenizer(state, destination)
+    meta = {"model": dataclasses.asdict(config), "task": "mlm", "tokenizer": tokenizer}
+    # Written from the lazy state, not the model, in the model's key order; tied weights are stored
+    # under each of their names, as save_release does.
+    tmp = destination / (WEIGHTS_FILE + ".tmp")
+    zero.write_safetensors(tmp, ((name, lazy[name]) for name in model.state_dict()), dtype=dtype)
+    tmp.replace(destination / WEIGHTS_FILE)
+    (destination / CONFIG_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+    expected = _probe_logits(model)
+    num_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    del lazy, model
+    gc.collect()
+    _check_release_dtypes(destination / WEIGHTS_FILE, dtype)
+    reloaded = load_release(destination)
+    _check_logits(expected, _probe_logits(reloaded), destination, root / tag, bf16)
+    (destination / MODEL_CARD).write_text(_model_card(state, config, num_parameters, root, tag, dtype))
+    return destination
+
+
+def _check_release_dtypes(weights_file: Path, dtype: torch.dtype) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(weights_file), framework="pt") as weights:
+        for name in weights.keys():
+            got = weights.get_slice(name).get_dtype()
+            if got in ("F32", "BF16", "F16", "F64") and got != zero._SAFETENSORS_DTYPES[dtype]:
+                raise CheckpointError(f"{weights_file}: {name} is {got}, expected {zero._SAFETENSORS_DTYPES[dtype]}")
+
+
+def _copy_tokenizer(state: dict[str, Any], destination: Path) -> str:
+    """Copy the run's tokenizer (data.tokenizer, or the shipped default vocab) as vocab.txt or
+    tokenizer.model; returns the file name."""
+    from m2dist.data.tokenizer import DEFAULT_VOCAB
+
+    configured = state["config"].get("data", {}).get("tokenizer", "")
+    path = Path(configured) if configured else DEFAULT_VOCAB
+    if not path.is_file():
+        raise CheckpointError(f"the run's tokenizer {path} (data.tokenizer) is not a file here; run from the training directory")
+    name = "tokenizer.model" if path.suffix == ".model" else "vocab.txt"
+    shutil.copyfile(path, destination / name)
+    return name
+
+
+def _model_card(state: dict[str, Any], config, num_parameters: int, root: Path, tag: str, dtype: torch.dtype) -> str:
+    run = state["config"]
+    data = run.get("data", {})
+    losses = state.get("losses") or []
+    final_loss = f"{losses[-1][1]:.4f} (step {losses[-1][0]})" if losses else "not recorded"
+    tokens = state.get("tokens_seen")
+    return "\n".join(
+        [
+            f"# {run.get('name', 'm2dist')} ({config.architecture}, masked language model)",
+            "",
+            f"- Size: {config.num_layers} layers, hidden {config.hidden_size}, intermediate {config.intermediate_size}, "
+            f"max length {config.l_max}, vocabulary {config.vocab_size}",
+            f"- Parameters: {num_parameters:,} (weights stored in {str(dtype).removeprefix('torch.')})",
+            f"- Data: {data.get('train') or 'embedded corpus (Python 3.11 docs)'}; tokenizer "
+            f"{data.get('tokenizer') or 'bert-base-uncased vocab (shipped)'}",
+            f"- Steps: {state.get('step')}; tokens seen: {tokens:,}" if tokens is not None else f"- Steps: {state.get('step')}",
+            f"- Final training MLM loss: {final_loss}",
+            f"- Source run: {(root / tag).resolve()}",
+            "",
+            "Load with `m2dist.checkpoint.release.load_release(path)`.",
+            "",
+        ]
+    )
+
+
+def _zero_to_universal(source: Path, destination: Path, tag: str | None) -> Path:
+    """DeepSpeed's universal checkpoint of a run's tag, made by the engine's CheckpointManager
+    (ds_to_universal with the missing ZeRO-1/2 state injected). The engine resumes from it on another
+    world size when it sits at `<output_dir>/checkpoints/<tag>_universal`."""
+    from m2dist.engine.checkpoint import UNIVERSAL_SUFFIX, CheckpointManager
+    from m2dist.engine.distributed import DistEnv
+
+    root, tag = zero.resolve_zero_checkpoint(source, tag)
+    if destination.resolve() == (root / (tag + UNIVERSAL_SUFFIX)).resolve():
+        staging = root
+    else:
+        # The engine converts <root>/<tag> into <root>/<tag>_universal: give it a root that holds
+        # only a link to the source tag, then move the result into place.
+        staging = destination.parent / f".{destination.name}.staging"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        (staging / tag).symlink_to((root / tag).resolve(), target_is_directory=True)
+    if destination.exists():
+        shutil.rmtree(destination)
+    try:
+        manager = CheckpointManager(staging, DistEnv(rank=0, world_size=1, local_rank=0), keep_last=1)
+        made = staging / manager.prepare_universal(tag)
+        if staging is not root:
+            made.replace(destination)
+    finally:
+        if staging is not root:
+            shutil.rmtree(staging, ignore_errors=True)
+    _check_universal(destination, root, tag)
+    return destination
+
+
+def _check_universal(folder: Path, root: Path, tag: str) -> None:
+    """Every model parameter has its fp32 master weight, of the right size, in the universal folder."""
+    config = zero.model_config(zero.client_state(root, tag), str(root / tag))
+    expected = {name: p.numel() for name, p in zero.empty_model(config).named_parameters()}
+    for required in (zero.COMPLETE, zero.CLIENT_STATE):
+        if not (folder / required).exists():
+            raise CheckpointError(f"{folder}: universal checkpoint lacks {required}")
+    params = folder / "zero"
+    found = {p.name for p in params.iterdir()} if params.is_dir() else set()
+    missing = sorted(set(expected) - found)
+    if missing:
+        raise CheckpointError(f"{folder}: universal checkpoint lacks parameters {missing[:5]}")
+    for name, numel in expected.items():
+        weight = torch.load(params / name / "fp32.pt", map_location="cpu", mmap=True, weights_only=False)
+        weight = weight["param"] if isinstance(weight, dict) else weight
+        # ZeRO-3's universal weights are flat; compare sizes.
+        if weight.numel() != numel:
+            raise CheckpointError(f"{folder}: {name} has {weight.numel()} elements, the model expects {numel}")

@@ -124,6 +124,12 @@ class GlueConfig:
     filter_lr: float = 1e-3
     filter_weight_decay: float = 0.1
     pos_emb_lr: float = 1e-5
+    # How the filter group's weight decay applies under "decoupled_adamw": "adamw" = wd x lr per
+    # step (1e-4 at peak); "decoupled" = wd x lr/peak lr per step, upstream's Composer
+    # DecoupledAdamW and m2dist's pretraining (10% per step at peak): the published protocol for
+    # pretrained checkpoints, but it flattens the filters of a randomly initialised model within
+    # tens of steps.
+    filter_decay: Literal["adamw", "decoupled"] = "adamw"
     # Implementations of the M2 heavy ops ("" = as saved in the checkpoint).
     fftconv: str = ""
     blockdiag: str = ""
@@ -169,7 +175,7 @@ class GlueConfig:
 
 
 def _convert_value(value: Any, tp: Any, key: str) -> Any:
-    """m2dist.config's conversion, plus lists (`seeds`) and dataclasses holding them."""
+    """m2dist.config's conversion, plus lists (`seeds`), dataclasses holding them, and `5e-5`."""
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
@@ -179,6 +185,12 @@ def _convert_value(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return [_convert(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, str):
+        # YAML 1.1 reads `5e-5` (no dot) as a string; accept it as the number it spells.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     return _convert(value, tp, key)
 
 

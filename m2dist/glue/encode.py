@@ -106,7 +106,5 @@ def save_encoded(splits: dict[str, EncodedSplit], path: str | Path) -> Path:
 def load_encoded(path: str | Path) -> dict[str, EncodedSplit]:
     with np.load(path) as data:
         names = sorted({key.split("/")[0] for key in data.files})
-        return {
-            name: EncodedSplit(*(data[f"{name}/{f}"] for f in ("input_ids_NL", "token_type_ids_NL", "lengths_N", "labels_N")))
-            for name in names
-        }
+        fields = ("input_ids_NL", "token_type_ids_NL", "lengths_N", "labels_N")
+        return {name: EncodedSplit(*(data[f"{name}/{f}"] for f in fields)) for name in names}

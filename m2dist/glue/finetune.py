@@ -4,7 +4,8 @@ The classifier starts from a pretrained checkpoint (an m2dist release folder or 
 checkpoint, through `load_any`) or from the MNLI-finetuned release: every `bert.*` tensor is
 copied, the pooler too when the source has one (an MLM checkpoint has none, so it starts fresh as
 upstream's does), and the classifier is always freshly initialised under the job's seed. Decoupled
-AdamW with betas (0.9, 0.98), M2's filter parameter groups, linear warmup over 6% of the steps,
+AdamW with betas (0.9, 0.98), M2's filter parameter groups (see GlueConfig.filter_decay), linear
+warmup over 6% of the steps,
 then linear decay to 0; bf16 autocast on CUDA. The dev splits are evaluated after every epoch;
 the job's result is the last epoch's, as upstream reports it.
 """
@@ -140,8 +141,9 @@ def build_classifier(
 def build_optimizer(model: torch.nn.Module, glue: GlueConfig, settings: TaskConfig) -> torch.optim.AdamW:
     """AdamW over m2dist's parameter groups (global; M2 filters; M2 positional features z).
 
-    "decoupled_adamw" is Composer's DecoupledAdamW, which decays by `wd x lr_t / peak_lr` per step;
-    torch's AdamW decays by `wd x lr_t`, so each group gets `wd / peak_lr` to match exactly.
+    `build_param_groups` gives Composer's DecoupledAdamW (decay `wd x lr_t / peak_lr` per step), as
+    "decoupled_adamw" asks; "adamw", and the filter group unless `filter_decay: decoupled`, decay by
+    `wd x lr_t` as torch's AdamW does.
     """
     groups = build_param_groups(
         model,
@@ -155,9 +157,9 @@ def build_optimizer(model: torch.nn.Module, glue: GlueConfig, settings: TaskConf
             pos_emb_lr=glue.pos_emb_lr,
         ),
     )
-    if settings.optimizer == "decoupled_adamw":
-        for group in groups:
-            group["weight_decay"] = group["weight_decay"] / group["lr"]
+    for group in groups:
+        if settings.optimizer == "adamw" or (group["name"] == "filter" and glue.filter_decay != "decoupled"):
+            group["weight_decay"] = group["decoupled_weight_decay"]
     return torch.optim.AdamW(groups, betas=glue.betas, eps=glue.eps)
 
 
@@ -168,7 +170,9 @@ def seed_everything(seed: int) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: SequenceClassifier, split: EncodedSplit, batch_size: int, device: torch.device, bf16: bool) -> np.ndarray:
+def evaluate(
+    model: SequenceClassifier, split: EncodedSplit, batch_size: int, device: torch.device, bf16: bool
+) -> np.ndarray:
     """The model's (N, C) outputs on every example of `split`, in fp32."""
     model.eval()
     data = split.tensors()

@@ -266,8 +266,9 @@ def _run_tracked(
     glue_dir: str | Path | None,
 ) -> GlueReport:
     tracking = GlueTracking(glue.tracking, out)
-    run_info = {"checkpoint": str(checkpoint), "glue_dir": str(glue_dir or ""), "devices": ",".join(devices), "jobs": len(jobs)}
-    tracking.start(f"{glue.name}-{checkpoint.stem}", collect_run_params({"glue": glue.to_dict(), "run": run_info}, len(devices)))
+    run_info = {"checkpoint": str(checkpoint), "glue_dir": str(glue_dir or ""), "devices": ",".join(devices)}
+    params = collect_run_params({"glue": glue.to_dict(), "run": {**run_info, "jobs": len(jobs)}}, len(devices))
+    tracking.start(f"{glue.name}-{checkpoint.stem}", params)
     by_id = {job.job_id: job for job in jobs}
     display = JobProgress([job.job_id for job in jobs], {j.job_id: j.settings.epochs for j in jobs}, enabled=progress)
 

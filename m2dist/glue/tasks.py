@@ -75,14 +75,18 @@ TASKS: dict[str, TaskSpec] = {
             ("premise", "hypothesis"),
             dev_splits=("dev_matched", "dev_mismatched"),
         ),
-        TaskSpec("qnli", "QNLI", ("entailment", "not_entailment"), ("question", "sentence"), "label", ("question", "sentence")),
+        TaskSpec(
+            "qnli", "QNLI", ("entailment", "not_entailment"), ("question", "sentence"), "label", ("question", "sentence")
+        ),
         TaskSpec("qqp", "QQP", ("0", "1"), ("question1", "question2"), "is_duplicate", ("question1", "question2")),
         TaskSpec("sst2", "SST-2", ("0", "1"), ("sentence",), "label", ("sentence",)),
         # CoLA's TSVs have no header: source, label, original label, sentence.
         TaskSpec("cola", "CoLA", ("0", "1"), ("sentence",), "label", ("sentence",), headerless=((3,), 1, 4)),
         TaskSpec("mrpc", "MRPC", ("0", "1"), ("#1 String", "#2 String"), "Quality", ("sentence1", "sentence2")),
         TaskSpec("stsb", "STS-B", (), ("sentence1", "sentence2"), "score", ("sentence1", "sentence2")),
-        TaskSpec("rte", "RTE", ("entailment", "not_entailment"), ("sentence1", "sentence2"), "label", ("sentence1", "sentence2")),
+        TaskSpec(
+            "rte", "RTE", ("entailment", "not_entailment"), ("sentence1", "sentence2"), "label", ("sentence1", "sentence2")
+        ),
     )
 }
 
@@ -325,7 +329,8 @@ def read_text_task(
         train_rows = [row for row, dev in zip(train_rows, is_dev) if not dev]
         dev_source = f"{train_path} (dev share {dev_fraction:g})"
         if not dev_rows or not train_rows:
-            raise InputError(f"{train_path}: {len(train_rows) + len(dev_rows)} rows are too few for a dev share of {dev_fraction:g}")
+            total = len(train_rows) + len(dev_rows)
+            raise InputError(f"{train_path}: {total} rows are too few for a dev share of {dev_fraction:g}")
     else:
         dev_rows = list(_labeled_rows(Path(dev_path), columns))
         dev_source = str(dev_path)
@@ -333,7 +338,7 @@ def read_text_task(
             raise InputError(f"{dev_path}: no rows (an empty file or a header alone)")
     labels = tuple(sorted({row[1][-1] for row in train_rows}))
     if len(labels) < 2:
-        raise InputError(f"{train_path}: the training rows have {len(labels)} distinct label(s) {list(labels)}; need 2 or more")
+        raise InputError(f"{train_path}: the training rows have the single label {list(labels)}; need 2 or more")
 
     def examples(rows: list[tuple[str, list[str]]], source: str) -> Examples:
         ids = []
@@ -383,7 +388,8 @@ def _labeled_rows(path: Path, columns: Sequence[str]) -> Iterator[tuple[str, lis
                 if not fields:
                     continue
                 if len(fields) != len(header):
-                    raise InputError(f"{where}: expected {len(header)} comma-separated columns ({', '.join(header)}), got {len(fields)}")
+                    columns = ", ".join(header)
+                    raise InputError(f"{where}: expected {len(header)} comma-separated columns ({columns}), got {len(fields)}")
                 yield where, [fields[i] for i in indices]
         except csv.Error as err:
             raise InputError(f"{path}:{reader.line_num}: not valid CSV ({err})") from None

@@ -41,7 +41,9 @@ class GlueTracking:
         try:
             return fn()
         except Exception as err:  # tracking never stops the evaluation
-            logger.warning("MLflow tracking off for this evaluation: could not %s in %s (%s: %s)", what, self.uri, type(err).__name__, err)
+            logger.warning(
+                "MLflow tracking off for this evaluation: could not %s in %s (%s: %s)", what, self.uri, type(err).__name__, err
+            )
             self.enabled = False
             return None
 
@@ -54,7 +56,9 @@ class GlueTracking:
             self._client = MlflowClient(self.uri)
             experiment = self._client.get_experiment_by_name(self.experiment)
             if experiment is None:
-                self._experiment_id = self._client.create_experiment(self.experiment, artifact_location=self._artifact_location)
+                self._experiment_id = self._client.create_experiment(
+                    self.experiment, artifact_location=self._artifact_location
+                )
             else:
                 self._experiment_id = experiment.experiment_id
             run = self._client.create_run(self._experiment_id, run_name=run_name)

@@ -1,0 +1,180 @@
+"""Benchmark the Triton kernels against the torch references on one GPU (bf16, forward + backward).
+
+Prints one table per op: reference ms, Triton ms, speedup, and the achieved rate against the
+measured ceiling (HBM traffic floor / copy bandwidth for the FFT convolution, useful FLOPs / bf16
+GEMM rate for the GLU MLP).
+
+    python tools/bench_kernels.py                      # both ops at the sizes of the goals
+    python tools/bench_kernels.py --ops fftconv --lengths 128,2048 --variants 4096:2048:8,1024:2048:8
+
+A variant `max_onchip:tile:num_warps` overrides the FFT kernels' plan (sweeps for tuning).
+"""
+
+import argparse
+
+import torch
+import triton.testing
+
+from kernels.blockdiag import reference as blockdiag_reference
+from kernels.fftconv import reference as fftconv_reference
+
+
+def _bench(fn) -> float:
+    """Median ms of fn over ~200 ms of repeats after warm-up (CUDA events)."""
+    return triton.testing.do_bench(fn, warmup=50, rep=200, return_mode="median")
+
+
+def measure_ceilings() -> tuple[float, float]:
+    """(copy bandwidth in bytes/s counting read + write, bf16 GEMM FLOP/s) on random data."""
+    x = torch.randn(512 * 2**20, device="cuda", dtype=torch.bfloat16)  # 1 GiB
+    y = torch.empty_like(x)
+    copy_ms = _bench(lambda: y.copy_(x))
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    gemm_ms = _bench(lambda: a @ b)
+    del x, y, a, b
+    return 2 * 2 * 512 * 2**20 / (copy_ms * 1e-3), 2 * 8192**3 / (gemm_ms * 1e-3)
+
+
+def _fwd_bwd(fn, inputs, upstream):
+    def step():
+        for t in inputs:
+            t.grad = None
+        fn(*inputs).backward(upstream)
+
+    return step
+
+
+def bench_fftconv(lengths, tokens, dim, variants, copy_bw):
+    from kernels.fftconv import triton_fftconv
+
+    rows = []
+    for length in lengths:
+        batch = max(1, tokens // length)
+        gen = torch.Generator(device="cuda").manual_seed(0)
+
+        def act():
+            return torch.randn(batch, dim, length, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
+
+        def filt(*shape, scale=0.1):
+            return (torch.randn(*shape, device="cuda", generator=gen) * scale).requires_grad_()
+
+        u, x1, x2, v = act(), act(), act(), act()
+        k1, k2 = filt(dim, 2 * length), filt(dim, 2 * length)
+        d1, d2 = filt(dim, scale=1.0), filt(dim, scale=1.0)
+        inputs = [u, x1, x2, v, k1, d1, k2, d2]
+        upstream = torch.randn(batch, dim, length, device="cuda", dtype=torch.bfloat16, generator=gen)
+        # HBM floor: forward reads u, x1, x2, v and writes y; backward reads those and dy and
+        # writes four input gradients; the filters are O(D L) and left out.
+        floor_bytes = 14 * batch * dim * length * 2
+        ref_ms = _bench(_fwd_bwd(fftconv_reference.gated_long_conv, inputs, upstream))
+        ref_fwd_ms = _bench(lambda: fftconv_reference.gated_long_conv(*inputs))
+        for variant in variants or [None]:
+            saved = (triton_fftconv._MAX_ONCHIP, triton_fftconv._TILE, triton_fftconv._NUM_WARPS)
+            if variant is not None:
+                triton_fftconv._TILE, triton_fftconv._NUM_WARPS = variant[1], variant[2]
+            max_onchip = variant[0] if variant is not None else triton_fftconv._MAX_ONCHIP
+
+            def fn(*args, max_onchip=max_onchip):
+                return triton_fftconv.gated_long_conv(*args, max_onchip=max_onchip)
+
+            plan = triton_fftconv._plan(length, max_onchip, triton_fftconv._TILE)
+            if plan[1] > 64:  # the outer combine unrolls R rows
+                triton_fftconv._TILE, triton_fftconv._NUM_WARPS = saved[1], saved[2]
+                continue
+            try:
+                tri_ms = _bench(_fwd_bwd(fn, inputs, upstream))
+                tri_fwd_ms = _bench(lambda: fn(*inputs))
+            except Exception as exc:  # a variant that does not compile or fit is reported, not fatal
+                print(f"fftconv L={length} variant {variant}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+                continue
+            finally:
+                triton_fftconv._TILE, triton_fftconv._NUM_WARPS = saved[1], saved[2]
+            gbs = floor_bytes / (tri_ms * 1e-3)
+            rows.append(
+                (
+                    f"L={length} B={batch} D={dim}",
+                    "N={} R={} M={}x{} C={}".format(plan[0], plan[1], plan[2], plan[3], plan[6])
+                    + (f" w={variant[2]}" if variant else ""),
+                    ref_ms, tri_ms, ref_ms / tri_ms, ref_fwd_ms / tri_fwd_ms, gbs / 1e9, gbs / copy_bw,
+                    tri_ms / (floor_bytes / copy_bw * 1e3),
+                )
+            )
+            print(_fmt_fft(rows[-1]), flush=True)
+        del inputs, u, x1, x2, v, upstream
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _fmt_fft(r):
+    return f"| {r[0]} | {r[1]} | {r[2]:.3f} | {r[3]:.3f} | {r[4]:.2f}x | {r[5]:.2f}x | {r[6]:.0f} | {r[7]:.1%} | {r[8]:.1f}x |"
+
+
+def bench_glu_mlp(dims, tokens, gemm_rate):
+    from kernels.blockdiag import triton_blockdiag
+
+    rows = []
+    for dim in dims:
+        inner, nblocks = 4 * dim, 4
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        x = torch.randn(tokens, dim, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
+        w1 = (torch.randn(nblocks, 2 * inner // nblocks, dim // nblocks, device="cuda", generator=gen) * 0.05).to(torch.bfloat16)
+        w2 = (torch.randn(nblocks, dim // nblocks, inner // nblocks, device="cuda", generator=gen) * 0.05).to(torch.bfloat16)
+        b2 = torch.zeros(dim, device="cuda", dtype=torch.bfloat16)
+        params = [w1.requires_grad_(), w2.requires_grad_(), b2.requires_grad_()]
+        upstream = torch.randn(tokens, dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+
+        def ref(x, w1, w2, b2):
+            return blockdiag_reference.blockdiag_matmul(blockdiag_reference.blockdiag_glu(x, w1), w2) + b2
+
+        def tri(x, w1, w2, b2):
+            return triton_blockdiag.blockdiag_matmul(triton_blockdiag.blockdiag_glu(x, w1), w2, b2)
+
+        # Useful FLOPs: forward d -> 2I and I -> d block-diagonal GEMMs, backward twice that.
+        flops = 3 * (2 * tokens * dim * 2 * inner + 2 * tokens * inner * dim) / nblocks
+        ref_ms = _bench(_fwd_bwd(ref, [x, *params], upstream))
+        tri_ms = _bench(_fwd_bwd(tri, [x, *params], upstream))
+        ref_fwd = _bench(lambda: ref(x, *params))
+        tri_fwd = _bench(lambda: tri(x, *params))
+        rate = flops / (tri_ms * 1e-3)
+        rows.append((f"d={dim} I={inner} M={tokens}", ref_ms, tri_ms, ref_ms / tri_ms, ref_fwd / tri_fwd, rate / 1e12, rate / gemm_rate))
+        print(_fmt_glu(rows[-1]), flush=True)
+    return rows
+
+
+def _fmt_glu(r):
+    return f"| {r[0]} | {r[1]:.3f} | {r[2]:.3f} | {r[3]:.2f}x | {r[4]:.2f}x | {r[5]:.0f} | {r[6]:.1%} |"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ops", default="fftconv,glu")
+    parser.add_argument("--lengths", default="128,512,2048,8192,32768")
+    parser.add_argument("--fft-tokens", type=int, default=65536, help="batch x L of the FFT benchmark")
+    parser.add_argument("--fft-dim", type=int, default=768)
+    parser.add_argument("--variants", default="", help="comma list of max_onchip:tile:num_warps")
+    parser.add_argument("--dims", default="768,960,1536,1792")
+    parser.add_argument("--glu-tokens", type=int, default=32768)
+    args = parser.parse_args(argv)
+    ops = args.ops.split(",")
+    copy_bw, gemm_rate = measure_ceilings()
+    print(f"{torch.cuda.get_device_name()}: copy {copy_bw / 1e12:.2f} TB/s (read + write), bf16 GEMM {gemm_rate / 1e12:.0f} TFLOP/s")
+    fft_rows, glu_rows = [], []
+    if "fftconv" in ops:
+        variants = [tuple(int(x) for x in v.split(":")) for v in args.variants.split(",") if v]
+        fft_rows = bench_fftconv([int(x) for x in args.lengths.split(",")], args.fft_tokens, args.fft_dim, variants, copy_bw)
+    if "glu" in ops:
+        glu_rows = bench_glu_mlp([int(x) for x in args.dims.split(",")], args.glu_tokens, gemm_rate)
+    if fft_rows:
+        print("\nGated FFT long conv (steps 4-7 with residual), bf16, forward + backward")
+        print("| size | plan | reference ms | Triton ms | speedup | fwd speedup | GB/s (floor bytes) | of copy BW | x floor |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for r in fft_rows:
+            print(_fmt_fft(r))
+    if glu_rows:
+        print("\nBlock-diagonal GLU MLP (d -> 2I GLU, I -> d + bias, 4 blocks), bf16, forward + backward")
+        print("| size | reference ms | Triton ms | speedup | fwd speedup | TFLOP/s (useful) | of GEMM rate |")
+        print("|---|---|---|---|---|---|---|")
+        for r in glu_rows:
+            print(_fmt_glu(r))
+
