@@ -84,8 +84,9 @@ def convert_checkpoint(
     """Convert `source` to the `to` layout at `destination`, then reload it and check it: keys,
     shapes and dtypes, and logits on a fixed input equal to the source model's.
 
-    `tag` picks a training run's checkpoint (default: `latest`). If `stats` is given it receives
-    `rss_before_mib` and `peak_rss_mib` (this process's peak resident memory before and after).
+    `tag` picks a training run's checkpoint (default: `latest`). If `stats` is given, the process's
+    peak RSS is reset (where the OS allows) once the libraries are imported, and `stats` receives
+    `rss_before_mib` (the RSS then) and `peak_rss_mib` (the peak during the conversion).
     """
     if to not in TARGETS:
         raise ValueError(f"unknown target {to!r}; expected one of {TARGETS}")
@@ -96,6 +97,7 @@ def convert_checkpoint(
         # Imported before measuring, so that the memory figures are those of the conversion.
         import deepspeed.utils.zero_to_fp32  # noqa: F401
     if stats is not None:
+        zero.reset_peak_rss()
         stats["rss_before_mib"] = zero.peak_rss_mib()
     if from_run and to == "release":
         written = _zero_to_release(source, destination, tag, bf16=bf16)

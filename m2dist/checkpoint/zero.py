@@ -39,9 +39,20 @@ _SAFETENSORS_DTYPES = {
 
 
 def peak_rss_mib() -> float:
-    """This process's peak resident set size so far, in MiB (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    """This process's peak resident set size (getrusage), in MiB: since the start, or since the last
+    `reset_peak_rss`. ru_maxrss is in KiB on Linux, bytes on macOS."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+def reset_peak_rss() -> bool:
+    """Start the peak RSS afresh at the current RSS (Linux: clear_refs 5), so that a peak measured
+    afterwards is that of the work that follows, not of imports before it. False where unsupported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
 
 
 def is_zero_checkpoint(path: str | Path) -> bool:

@@ -6,7 +6,6 @@
 - `loader`: `build_mlm_dataloader`, streaming MLM batches with exact resume (imports streaming).
 - `masking`: MLM 80/10/10 masking, deterministic per (seed, epoch, sample index).
 - `corpus`: the embedded English corpus and `prepare_default_dataset` for the debug run.
-- `synthetic`: random-token batches for the quickstart.
 
 Import the submodules directly; this package imports nothing heavy.
 """

@@ -4,7 +4,7 @@ One implementation (`mask_array`, numpy, draws from a counter-based stream given
 two entry points:
 - `mask_sample`: one sequence, keyed by (seed, epoch, sample index), so a sample is masked the same
   way whichever rank, worker or batch loads it, and after a resume;
-- `mask_tokens`: a batch of torch tensors, keyed by a draw of a torch generator (synthetic data).
+- `mask_tokens`: a batch of torch tensors, drawn from a torch generator.
 """
 
 from functools import lru_cache
