@@ -56,7 +56,7 @@ def test_readme_main_command_in_a_fresh_clone(tmp_path):
     assert completed.returncode == 0, output[-5000:]
     assert "2 rank(s)" in output
     losses = [float(x) for x in re.findall(r"^step\s+\d+/\d+\s+loss (\d+\.\d+)", completed.stdout, re.M)]
-    assert len(losses) >= 5 and losses[-1] < losses[0] - 1.0, losses
+    assert len(losses) >= 5 and losses[-1] < losses[0] - 0.5, losses
     assert (clone / "outputs" / "debug" / "checkpoints" / "latest").exists()
     assert (clone / "outputs" / "debug" / "mlflow.db").exists()
     assert "mlflow ui --backend-store-uri" in completed.stdout

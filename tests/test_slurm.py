@@ -8,7 +8,6 @@ apt-get when missing; the tests are skipped only when that cannot be done here.
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path

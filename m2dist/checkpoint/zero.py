@@ -48,7 +48,13 @@ def peak_rss_mib() -> float:
 def reset_peak_rss() -> bool:
     """Start the peak RSS afresh at the current RSS (Linux: clear_refs 5), so that a peak measured
     afterwards is that of the work that follows, not of imports before it. False where unsupported."""
+    import ctypes
+    import gc
+
+    gc.collect()
     try:
+        # Hand memory freed by earlier work back to the OS first, or the conversion would reuse it unseen.
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         return False

@@ -18,7 +18,6 @@ import torch
 from m2dist.config import ModelConfig, load_config
 from m2dist.engine.metrics import peak_flops, training_flops_per_token
 from m2dist.models import build_masked_lm
-from m2dist.optim import build_optimizer
 
 
 @dataclass

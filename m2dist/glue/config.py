@@ -10,7 +10,6 @@ naming the key and the file; `key=value` overrides address fields by dotted path
 from __future__ import annotations
 
 import dataclasses
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -19,7 +18,7 @@ from m2dist.config import (
     CONFIG_DIR,
     ConfigError,
     TrackingConfig,
-    _convert,
+    _build,
     _merge,
     _read_yaml,
     _require,
@@ -174,38 +173,6 @@ class GlueConfig:
         return dataclasses.asdict(self)
 
 
-def _convert_value(value: Any, tp: Any, key: str) -> Any:
-    """m2dist.config's conversion, plus lists (`seeds`), dataclasses holding them, and `5e-5`."""
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
-        return _build_glue(tp, value, key)
-    if typing.get_origin(tp) is list:
-        (item_type,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [_convert(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is float and isinstance(value, str):
-        # YAML 1.1 reads `5e-5` (no dot) as a string; accept it as the number it spells.
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    return _convert(value, tp, key)
-
-
-def _build_glue(cls: type, values: dict[str, Any], prefix: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in values.items():
-        path = f"{prefix}.{key}" if prefix else str(key)
-        if key not in names:
-            raise ConfigError(f"{path}: unknown key; expected one of: {', '.join(sorted(names))}")
-        kwargs[key] = _convert_value(value, hints[key], path)
-    return cls(**kwargs)
-
-
 def resolve_glue_config_path(name_or_path: str | Path) -> Path:
     """A path, or the name of a file in configs/glue/ with or without `.yaml`."""
     path = Path(name_or_path)
@@ -229,6 +196,6 @@ def load_glue_config(name_or_path: str | Path = "default", overrides: list[str] 
             raise ConfigError(f"{path}: {err}") from None
     source = f"{path}" + (f" with overrides {' '.join(overrides)}" if overrides else "")
     try:
-        return _build_glue(GlueConfig, values, "")
+        return _build(GlueConfig, values, "")
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
