@@ -84,9 +84,9 @@ def convert_checkpoint(
     """Convert `source` to the `to` layout at `destination`, then reload it and check it: keys,
     shapes and dtypes, and logits on a fixed input equal to the source model's.
 
-    `tag` picks a training run's checkpoint (default: `latest`). If `stats` is given, the process's
-    peak RSS is reset (where the OS allows) once the libraries are imported, and `stats` receives
-    `rss_before_mib` (the RSS then) and `peak_rss_mib` (the peak during the conversion).
+    `tag` picks a training run's checkpoint (default: `latest`). If `stats` is given, it receives
+    `rss_before_mib` (the RSS once the libraries are imported) and `peak_rss_mib` (the largest RSS
+    sampled during the conversion).
     """
     if to not in TARGETS:
         raise ValueError(f"unknown target {to!r}; expected one of {TARGETS}")
@@ -96,27 +96,32 @@ def convert_checkpoint(
     if from_run:
         # Imported before measuring, so that the memory figures are those of the conversion.
         import deepspeed.utils.zero_to_fp32  # noqa: F401
+    with zero.RssSampler() as rss:
+        written = _convert(source, destination, to, from_run, tag, safetensors, bf16, overwrite)
     if stats is not None:
-        zero.reset_peak_rss()
-        stats["rss_before_mib"] = zero.peak_rss_mib()
+        stats.update(rss_before_mib=rss.before, peak_rss_mib=rss.peak)
+    return written
+
+
+def _convert(
+    source: Path, destination: Path, to: str, from_run: bool, tag: str | None, safetensors: bool, bf16: bool,
+    overwrite: bool,
+) -> Path:
     if from_run and to == "release":
-        written = _zero_to_release(source, destination, tag, bf16=bf16)
-    elif to == "universal":
+        return _zero_to_release(source, destination, tag, bf16=bf16)
+    if to == "universal":
         if not from_run:
             raise CheckpointError(f"{source}: --to universal needs a training run's DeepSpeed checkpoint")
-        written = _zero_to_universal(source, destination, tag)
+        return _zero_to_universal(source, destination, tag)
+    model = load_any(source, tag)
+    if to == "release":
+        dtype = torch.bfloat16 if bf16 else torch.float32
+        written = save_release(model, destination, dtype=dtype, overwrite=overwrite)
+        reloaded = load_release(written)
     else:
-        model = load_any(source, tag)
-        if to == "release":
-            dtype = torch.bfloat16 if bf16 else torch.float32
-            written = save_release(model, destination, dtype=dtype, overwrite=overwrite)
-            reloaded = load_release(written)
-        else:
-            written = export_upstream(model, destination, safetensors=safetensors, overwrite=overwrite)
-            reloaded = import_upstream(written)
-        _check_logits(_probe_logits(model), _probe_logits(reloaded), written, source, bf16 and to == "release")
-    if stats is not None:
-        stats["peak_rss_mib"] = zero.peak_rss_mib()
+        written = export_upstream(model, destination, safetensors=safetensors, overwrite=overwrite)
+        reloaded = import_upstream(written)
+    _check_logits(_probe_logits(model), _probe_logits(reloaded), written, source, bf16 and to == "release")
     return written
 
 

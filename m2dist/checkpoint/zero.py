@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import json
 import resource
+import threading
 import struct
-import sys
 import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -38,27 +38,41 @@ _SAFETENSORS_DTYPES = {
 }  # fmt: skip
 
 
-def peak_rss_mib() -> float:
-    """This process's peak resident set size (getrusage), in MiB: since the start, or since the last
-    `reset_peak_rss`. ru_maxrss is in KiB on Linux, bytes on macOS."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (2**20 if sys.platform == "darwin" else 2**10)
+def current_rss_mib() -> float:
+    """This process's resident set size now, in MiB (Linux /proc/self/statm)."""
+    resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return resident_pages * resource.getpagesize() / 2**20
 
 
-def reset_peak_rss() -> bool:
-    """Start the peak RSS afresh at the current RSS (Linux: clear_refs 5), so that a peak measured
-    afterwards is that of the work that follows, not of imports before it. False where unsupported."""
-    import ctypes
-    import gc
+class RssSampler:
+    """Samples the resident set size from a thread while the block runs: `before` is the RSS on
+    entry, `peak` the largest sample. Unlike getrusage's lifetime peak, it sees only this work."""
 
-    gc.collect()
-    try:
-        # Hand memory freed by earlier work back to the OS first, or the conversion would reuse it unseen.
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
+    def __init__(self, interval_s: float = 0.005):
+        self.interval_s = interval_s
+        self.before = self.peak = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, current_rss_mib())
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> "RssSampler":
+        import gc
+
+        gc.collect()
+        self.before = self.peak = current_rss_mib()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.peak = max(self.peak, current_rss_mib())
 
 
 def is_zero_checkpoint(path: str | Path) -> bool:
