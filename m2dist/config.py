@@ -461,16 +461,16 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return nested
 
 
-def resolve_config_path(name_or_path: str | Path) -> Path:
-    """A path, or the name of a file in configs/ with or without `.yaml`."""
+def resolve_config_path(name_or_path: str | Path, directory: Path = CONFIG_DIR) -> Path:
+    """A path, or the name of a file in `directory` (configs/) with or without `.yaml`."""
     path = Path(name_or_path)
-    if path.exists():
+    if path.is_file():
         return path.resolve()
-    for candidate in (CONFIG_DIR / path, CONFIG_DIR / f"{path}.yaml"):
-        if candidate.exists():
+    for candidate in (directory / path, directory / f"{path}.yaml"):
+        if candidate.is_file():
             return candidate
-    names = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
-    raise ConfigError(f"{name_or_path}: no such config file; the shipped configs are: {names}")
+    names = ", ".join(sorted(p.stem for p in directory.glob("*.yaml")))
+    raise ConfigError(f"{name_or_path}: no such config file; the shipped configs ({directory}) are: {names}")
 
 
 def config_from_dict(values: dict[str, Any], source: str = "<dict>") -> Config:

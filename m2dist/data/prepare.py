@@ -167,15 +167,20 @@ def read_documents(
         raise ValueError(f"input_format must be auto, lines, paragraphs, jsonl or parquet, got {input_format!r}")
 
 
-def _read_parquet(path: Path, text_field: str, bad: _BadLines) -> Iterator[Document]:
+def open_parquet(path: Path):
+    """A pyarrow ParquetFile, or InputError naming the file when it is not one."""
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise ImportError("reading Parquet needs pyarrow: pip install pyarrow") from None
     try:
-        parquet = pq.ParquetFile(path)
+        return pq.ParquetFile(path)
     except Exception as err:  # pyarrow raises its own ArrowInvalid for a non-Parquet file
         raise InputError(f"{path}: not a Parquet file: {err}") from None
+
+
+def _read_parquet(path: Path, text_field: str, bad: _BadLines) -> Iterator[Document]:
+    parquet = open_parquet(path)
     columns = parquet.schema_arrow.names
     if text_field not in columns:
         raise InputError(f"{path}: no column {text_field!r}; columns are {columns}")

@@ -23,6 +23,7 @@ from m2dist.config import (
     _read_yaml,
     _require,
     parse_overrides,
+    resolve_config_path,
 )
 
 GLUE_CONFIG_DIR = CONFIG_DIR / "glue"
@@ -173,21 +174,9 @@ class GlueConfig:
         return dataclasses.asdict(self)
 
 
-def resolve_glue_config_path(name_or_path: str | Path) -> Path:
-    """A path, or the name of a file in configs/glue/ with or without `.yaml`."""
-    path = Path(name_or_path)
-    if path.is_file():
-        return path.resolve()
-    for candidate in (GLUE_CONFIG_DIR / path, GLUE_CONFIG_DIR / f"{path}.yaml"):
-        if candidate.is_file():
-            return candidate
-    names = ", ".join(sorted(p.stem for p in GLUE_CONFIG_DIR.glob("*.yaml")))
-    raise ConfigError(f"{name_or_path}: no such GLUE config file; the shipped ones (configs/glue/) are: {names}")
-
-
 def load_glue_config(name_or_path: str | Path = "default", overrides: list[str] | None = None) -> GlueConfig:
     """Read a GLUE YAML config (following `base:`), apply `key=value` overrides and check everything."""
-    path = resolve_glue_config_path(name_or_path)
+    path = resolve_config_path(name_or_path, GLUE_CONFIG_DIR)
     values = _read_yaml(path)
     if overrides:
         try:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from m2dist.data.prepare import InputError, val_split_of
+from m2dist.data.prepare import InputError, open_parquet, val_split_of
 
 GLUE_TASKS = ("mnli", "qnli", "qqp", "sst2", "cola", "mrpc", "stsb", "rte")
 TEXT_TASK = "text"
@@ -268,14 +268,7 @@ def _jsonl_records(path: Path) -> Iterator[tuple[str, dict]]:
 
 
 def _parquet_records(path: Path) -> Iterator[tuple[str, dict]]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise ImportError("reading Parquet needs pyarrow: pip install pyarrow") from None
-    try:
-        parquet = pq.ParquetFile(path)
-    except Exception as err:  # pyarrow raises its own ArrowInvalid for a non-Parquet file
-        raise InputError(f"{path}: not a Parquet file: {err}") from None
+    parquet = open_parquet(path)
     row = 0
     for batch in parquet.iter_batches(batch_size=4096):
         for record in batch.to_pylist():
