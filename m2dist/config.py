@@ -199,7 +199,7 @@ class TrainConfig:
     seed: int = 17
     # "cpu", "cuda", or "auto" (cuda when available).
     device: str = "auto"
-    # Print a log line every this many steps.
+    # Print a log line, and look for SIGUSR1/SIGTERM, every this many steps.
     log_every: int = 1
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
 

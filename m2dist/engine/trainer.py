@@ -246,7 +246,8 @@ class Trainer:
             pending.append((self.step, loss))
             meter.record_step(data_wait)
             last = self.step == self.total_steps
-            if self.step % train.log_every == 0 or last:
+            log_step = self.step % train.log_every == 0 or last
+            if log_step:
                 self._flush_losses(pending, meter)
             if train.eval_every and self.step % train.eval_every == 0 and not last:
                 self._log_eval()
@@ -257,7 +258,9 @@ class Trainer:
                 self._log(f"train.stop_after={train.stop_after}: checkpointing at step {self.step} and leaving")
                 self.save()
                 return self.losses
-            if self._stop_requested():
+            # Only at log steps, which sync with the host anyway: a check every step would stall
+            # the CPU's run-ahead of GPU work.
+            if log_step and not last and self._stop_requested():
                 self._flush_losses(pending, meter)
                 self._log(f"signal {self._stop_signal or 'on another rank'}: checkpointing at step {self.step}")
                 self.save()
