@@ -238,6 +238,9 @@ class Trainer:
             f"{self.layout.grad_accumulation} accumulation x {self.env.world_size} ranks, L={self.seq_len}; "
             f"steps {self.step} -> {self.total_steps}; output {self.output_dir}"
         )
+        if self.step >= self.total_steps:
+            self._log(f"training is complete at step {self.step}; nothing to do (a new output_dir starts afresh)")
+            return self.losses
         pending: list[tuple[int, torch.Tensor]] = []
         stop_at = self.step + train.stop_after if train.stop_after else self.total_steps
         while self.step < self.total_steps:
