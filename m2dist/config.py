@@ -474,15 +474,20 @@ def resolve_config_path(name_or_path: str | Path, directory: Path = CONFIG_DIR) 
 
 
 def config_from_dict(values: dict[str, Any], source: str = "<dict>") -> Config:
+    return _build_named(Config, values, source)
+
+
+def _build_named(cls: type, values: dict[str, Any], source: str) -> Any:
     try:
-        return _build(Config, values, "")
+        return _build(cls, values, "")
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
 
 
-def load_config(name_or_path: str | Path = "debug", overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (following `base:`), apply `key=value` overrides and check everything."""
-    path = resolve_config_path(name_or_path)
+def load_yaml_config(cls: type, name_or_path: str | Path, overrides: list[str] | None, directory: Path) -> Any:
+    """Read a YAML file of `directory` (following `base:`) into the dataclass `cls`, with
+    `key=value` overrides, every error prefixed with the file (and the overrides)."""
+    path = resolve_config_path(name_or_path, directory)
     values = _read_yaml(path)
     if overrides:
         try:
@@ -490,4 +495,9 @@ def load_config(name_or_path: str | Path = "debug", overrides: list[str] | None 
         except ConfigError as err:
             raise ConfigError(f"{path}: {err}") from None
     source = f"{path}" + (f" with overrides {' '.join(overrides)}" if overrides else "")
-    return config_from_dict(values, source)
+    return _build_named(cls, values, source)
+
+
+def load_config(name_or_path: str | Path = "debug", overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (following `base:`), apply `key=value` overrides and check everything."""
+    return load_yaml_config(Config, name_or_path, overrides, CONFIG_DIR)

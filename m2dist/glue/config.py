@@ -14,17 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from m2dist.config import (
-    CONFIG_DIR,
-    ConfigError,
-    TrackingConfig,
-    _build,
-    _merge,
-    _read_yaml,
-    _require,
-    parse_overrides,
-    resolve_config_path,
-)
+from m2dist.config import CONFIG_DIR, TrackingConfig, _require, load_yaml_config
 
 GLUE_CONFIG_DIR = CONFIG_DIR / "glue"
 # The protocol's seeds; a task runs the first `len(seeds)` of them by default.
@@ -176,15 +166,4 @@ class GlueConfig:
 
 def load_glue_config(name_or_path: str | Path = "default", overrides: list[str] | None = None) -> GlueConfig:
     """Read a GLUE YAML config (following `base:`), apply `key=value` overrides and check everything."""
-    path = resolve_config_path(name_or_path, GLUE_CONFIG_DIR)
-    values = _read_yaml(path)
-    if overrides:
-        try:
-            values = _merge(values, parse_overrides(overrides))
-        except ConfigError as err:
-            raise ConfigError(f"{path}: {err}") from None
-    source = f"{path}" + (f" with overrides {' '.join(overrides)}" if overrides else "")
-    try:
-        return _build(GlueConfig, values, "")
-    except ConfigError as err:
-        raise ConfigError(f"{source}: {err}") from None
+    return load_yaml_config(GlueConfig, name_or_path, overrides, GLUE_CONFIG_DIR)
