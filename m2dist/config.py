@@ -197,6 +197,11 @@ class TrainConfig:
     output_dir: str = "outputs/{name}"
     # Seed of parameter init, data order and masking.
     seed: int = 17
+    # Warm start: weights to begin a fresh run from instead of a random init ("" = none): a run folder
+    # (its newest checkpoint), one of its checkpoints/step_N folders, a release folder or an upstream
+    # checkpoint, of the same architecture; a shorter l_max is extended (m2dist/checkpoint/extend.py).
+    # Only a run with no checkpoint of its own uses it: a resumed run continues from its checkpoint.
+    init_from: str = ""
     # "cpu", "cuda", or "auto" (cuda when available).
     device: str = "auto"
     # Print a log line, and look for SIGUSR1/SIGTERM, every this many steps.

@@ -18,12 +18,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from m2dist.checkpoint.extend import warm_start
 from m2dist.config import Config
 from m2dist.engine.checkpoint import CheckpointManager, find_resume_tag
 from m2dist.engine.deepspeed_config import batch_layout, build_deepspeed_config
 from m2dist.engine.distributed import all_reduce_sum, init_distributed
 from m2dist.engine.metrics import ThroughputMeter, console_line, peak_flops, training_flops_per_token
-from m2dist.models import build_masked_lm, count_parameters
+from m2dist.models import MaskedLM, build_masked_lm, count_parameters
 from m2dist.optim import build_optimizer, warmup_linear_decay
 
 log = logging.getLogger("m2dist")
@@ -76,6 +77,14 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def initialize_from(model: MaskedLM, source: str, resume_tag: str | None) -> str:
+    """`train.init_from`: a fresh run starts from the weights of `source`, extended to the model's
+    l_max; a run with a checkpoint of its own (`resume_tag`) ignores it. Returns the log line."""
+    if resume_tag is not None:
+        return f"train.init_from={source} not used: the run continues from its own checkpoint {resume_tag}"
+    return warm_start(model, source)
+
+
 class Trainer:
     def __init__(self, config: Config):
         import deepspeed
@@ -103,6 +112,8 @@ class Trainer:
         # Same seed on every rank: identical initial weights (DeepSpeed also broadcasts them).
         torch.manual_seed(train.seed)
         model = build_masked_lm(config.model)
+        if train.init_from:
+            self._log(initialize_from(model, train.init_from, resume_tag))
         optimizer = build_optimizer(model, train.optimizer)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model,

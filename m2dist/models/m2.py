@@ -29,6 +29,17 @@ class Sin(nn.Module):
         return torch.sin(self.freq * x)
 
 
+def positional_features(emb_dim: int, l_max: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z (1, l_max, E), t (1, l_max, 1)) as built for l_max: t = linspace(0, 1, l_max),
+    z = [t, Re(exp(-i f w)), Im(exp(-i f w))] with w = 2 pi arange(l_max) / l_max."""
+    bands = (emb_dim - 1) // 2
+    t_1L1 = torch.linspace(0, 1, l_max)[None, :, None]
+    w_1L1 = 2 * math.pi * torch.arange(l_max, dtype=torch.float32)[None, :, None] / l_max
+    f_11F = torch.linspace(1e-4, bands - 1, bands)[None, None]
+    z = torch.exp(-1j * f_11F * w_1L1)
+    return torch.cat([t_1L1, z.real, z.imag], dim=-1), t_1L1
+
+
 class PositionalFeatures(nn.Module):
     """z = [t, Re(exp(-i f w)), Im(exp(-i f w))] of shape (1, l_max, E); z is trained, t is a buffer.
 
@@ -37,12 +48,8 @@ class PositionalFeatures(nn.Module):
 
     def __init__(self, emb_dim: int, l_max: int):
         super().__init__()
-        bands = (emb_dim - 1) // 2
-        t_1L1 = torch.linspace(0, 1, l_max)[None, :, None]
-        w_1L1 = 2 * math.pi * torch.arange(l_max, dtype=torch.float32)[None, :, None] / l_max
-        f_11F = torch.linspace(1e-4, bands - 1, bands)[None, None]
-        z = torch.exp(-1j * f_11F * w_1L1)
-        self.z = nn.Parameter(torch.cat([t_1L1, z.real, z.imag], dim=-1))
+        z_1LE, t_1L1 = positional_features(emb_dim, l_max)
+        self.z = nn.Parameter(z_1LE)
         self.register_buffer("t", t_1L1)
 
     def forward(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
