@@ -11,6 +11,7 @@ A variant `max_onchip:tile:num_warps` overrides the FFT kernels' plan (sweeps fo
 """
 
 import argparse
+import functools
 
 import torch
 import triton.testing
@@ -45,8 +46,8 @@ def _fwd_bwd(fn, inputs, upstream):
     return step
 
 
-def bench_fftconv(lengths, tokens, dim, variants, copy_bw):
-    from kernels.fftconv import triton_fftconv
+def bench_fftconv(lengths, tokens, dim, variants, copy_bw, toeplitz_max):
+    from kernels.fftconv import triton_fftconv, triton_toeplitz
 
     rows = []
     for length in lengths:
@@ -69,38 +70,37 @@ def bench_fftconv(lengths, tokens, dim, variants, copy_bw):
         floor_bytes = 14 * batch * dim * length * 2
         ref_ms = _bench(_fwd_bwd(fftconv_reference.gated_long_conv, inputs, upstream))
         ref_fwd_ms = _bench(lambda: fftconv_reference.gated_long_conv(*inputs))
-        for variant in variants or [None]:
-            saved = (triton_fftconv._MAX_ONCHIP, triton_fftconv._TILE, triton_fftconv._NUM_WARPS)
-            if variant is not None:
-                triton_fftconv._TILE, triton_fftconv._NUM_WARPS = variant[1], variant[2]
-            max_onchip = variant[0] if variant is not None else triton_fftconv._MAX_ONCHIP
 
-            def fn(*args, max_onchip=max_onchip):
-                return triton_fftconv.gated_long_conv(*args, max_onchip=max_onchip)
-
-            plan = triton_fftconv._plan(length, max_onchip, triton_fftconv._TILE)
-            if plan[1] > 64:  # the outer combine unrolls R rows
-                triton_fftconv._TILE, triton_fftconv._NUM_WARPS = saved[1], saved[2]
-                continue
+        def measure(algorithm, fn):
             try:
                 tri_ms = _bench(_fwd_bwd(fn, inputs, upstream))
                 tri_fwd_ms = _bench(lambda: fn(*inputs))
             except Exception as exc:  # a variant that does not compile or fit is reported, not fatal
-                print(f"fftconv L={length} variant {variant}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
-                continue
-            finally:
-                triton_fftconv._TILE, triton_fftconv._NUM_WARPS = saved[1], saved[2]
+                print(f"fftconv L={length} {algorithm}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+                return
             gbs = floor_bytes / (tri_ms * 1e-3)
             rows.append(
                 (
-                    f"L={length} B={batch} D={dim}",
-                    "N={} R={} M={}x{} C={}".format(plan[0], plan[1], plan[2], plan[3], plan[6])
-                    + (f" w={variant[2]}" if variant else ""),
-                    ref_ms, tri_ms, ref_ms / tri_ms, ref_fwd_ms / tri_fwd_ms, gbs / 1e9, gbs / copy_bw,
-                    tri_ms / (floor_bytes / copy_bw * 1e3),
+                    f"L={length} B={batch} D={dim}", algorithm, ref_ms, tri_ms, ref_ms / tri_ms, ref_fwd_ms / tri_fwd_ms,
+                    gbs / 1e9, gbs / copy_bw, tri_ms / (floor_bytes / copy_bw * 1e3),
                 )
-            )
+            )  # fmt: skip
             print(_fmt_fft(rows[-1]), flush=True)
+
+        for variant in variants or [None]:
+            saved = (triton_fftconv._TILE, triton_fftconv._NUM_WARPS)
+            if variant is not None:
+                triton_fftconv._TILE, triton_fftconv._NUM_WARPS = variant[1], variant[2]
+            max_onchip = variant[0] if variant is not None else triton_fftconv._MAX_ONCHIP
+            plan = triton_fftconv._plan(length, max_onchip, triton_fftconv._TILE)
+            if plan[1] <= 64:  # the outer combine unrolls R rows
+                label = "FFT N={} R={} M={}x{} C={}".format(plan[0], plan[1], plan[2], plan[3], plan[6])
+                measure(label + (f" w={variant[2]}" if variant else ""), functools.partial(triton_fftconv.gated_long_conv, max_onchip=max_onchip))
+            triton_fftconv._TILE, triton_fftconv._NUM_WARPS = saved
+        if length <= toeplitz_max:
+            for split in (True, False):
+                label = "Toeplitz GEMM" + ("" if split else ", filter in bf16")
+                measure(label, functools.partial(triton_toeplitz.gated_long_conv, split=split))
         del inputs, u, x1, x2, v, upstream
         torch.cuda.empty_cache()
     return rows
@@ -153,6 +153,7 @@ def main(argv=None) -> None:
     parser.add_argument("--fft-tokens", type=int, default=65536, help="batch x L of the FFT benchmark")
     parser.add_argument("--fft-dim", type=int, default=768)
     parser.add_argument("--variants", default="", help="comma list of max_onchip:tile:num_warps")
+    parser.add_argument("--toeplitz-max", type=int, default=8192, help="longest L to time the Toeplitz path at")
     parser.add_argument("--dims", default="768,960,1536,1792")
     parser.add_argument("--glu-tokens", type=int, default=32768)
     args = parser.parse_args(argv)
@@ -162,12 +163,12 @@ def main(argv=None) -> None:
     fft_rows, glu_rows = [], []
     if "fftconv" in ops:
         variants = [tuple(int(x) for x in v.split(":")) for v in args.variants.split(",") if v]
-        fft_rows = bench_fftconv([int(x) for x in args.lengths.split(",")], args.fft_tokens, args.fft_dim, variants, copy_bw)
+        fft_rows = bench_fftconv([int(x) for x in args.lengths.split(",")], args.fft_tokens, args.fft_dim, variants, copy_bw, args.toeplitz_max)
     if "glu" in ops:
         glu_rows = bench_glu_mlp([int(x) for x in args.dims.split(",")], args.glu_tokens, gemm_rate)
     if fft_rows:
         print("\nGated FFT long conv (steps 4-7 with residual), bf16, forward + backward")
-        print("| size | plan | reference ms | Triton ms | speedup | fwd speedup | GB/s (floor bytes) | of copy BW | x floor |")
+        print("| size | algorithm | reference ms | Triton ms | speedup | fwd speedup | GB/s (floor bytes) | of copy BW | x floor |")
         print("|---|---|---|---|---|---|---|---|---|")
         for r in fft_rows:
             print(_fmt_fft(r))

@@ -11,12 +11,29 @@ from kernels.fftconv.reference import bidirectional_kernel
 
 
 
-def _triton_gated_long_conv(*args):
-    # Imported on first use: the Triton module must be imported after TRITON_INTERPRET is set,
+def _triton_gated_long_conv(u_BDL, x1_BDL, x2_BDL, v_BDL, k1_DN, d1_D, k2_DN, d2_D):
+    """The faster Triton algorithm for the input: the Toeplitz GEMM for half-precision inputs up
+    to `triton_toeplitz.MAX_LEN`, the FFT (DFT matmuls) otherwise."""
+    # Imported on first use: the Triton modules must be imported after TRITON_INTERPRET is set,
     # and `import kernels.fftconv` must work on machines without a GPU.
-    from kernels.fftconv import triton_fftconv
+    from kernels.fftconv import triton_fftconv, triton_toeplitz
 
-    return triton_fftconv.gated_long_conv(*args)
+    impl = triton_toeplitz if triton_toeplitz.supports(v_BDL) else triton_fftconv
+    return impl.gated_long_conv(u_BDL, x1_BDL, x2_BDL, v_BDL, k1_DN, d1_D, k2_DN, d2_D)
+
+
+def _check_shapes(u_BDL, x1_BDL, x2_BDL, v_BDL, k1_DN, d1_D, k2_DN, d2_D) -> None:
+    if v_BDL.dim() != 3:
+        raise ValueError(f"v_BDL must be (batch, channels, length), got shape {tuple(v_BDL.shape)}")
+    _, dim, length = v_BDL.shape
+    for name, t in (("x1_BDL", x1_BDL), ("x2_BDL", x2_BDL)) + ((("u_BDL", u_BDL),) if k2_DN is not None else ()):
+        if t.shape != v_BDL.shape:
+            raise ValueError(f"{name} must have v_BDL's shape {tuple(v_BDL.shape)}, got {tuple(t.shape)}")
+    for name, k, d in (("k1_DN", k1_DN, d1_D), ("k2_DN", k2_DN, d2_D)):
+        if k is not None and (k.shape != (dim, 2 * length) or d.shape != (dim,)):
+            raise ValueError(
+                f"{name} must be ({dim}, {2 * length}) with a ({dim},) skip weight, got {tuple(k.shape)}, {tuple(d.shape)}"
+            )
 
 
 _BACKENDS = {"reference": reference.gated_long_conv, "triton": _triton_gated_long_conv}
@@ -47,6 +64,7 @@ def gated_long_conv(
         raise ValueError(f"unknown fftconv backend {backend!r}; expected one of {BACKENDS}") from None
     if (k2_DN is None) != (d2_D is None):
         raise ValueError("k2_DN and d2_D must be given together")
+    _check_shapes(u_BDL, x1_BDL, x2_BDL, v_BDL, k1_DN, d1_D, k2_DN, d2_D)
     return impl(u_BDL, x1_BDL, x2_BDL, v_BDL, k1_DN, d1_D, k2_DN, d2_D)
 
 
