@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from m2dist.config import ModelConfig, load_config
+from m2dist.config import KernelConfig, ModelConfig, load_config
 from m2dist.engine.metrics import peak_flops, training_flops_per_token
 from m2dist.models import build_masked_lm
 
@@ -91,8 +91,16 @@ def benchmark_step(
 
 
 def run_benchmark(
-    config_names: list[str], seq_lens: list[int], tokens_per_step: int, include_hf: bool, steps: int = 10
+    config_names: list[str],
+    seq_lens: list[int],
+    tokens_per_step: int,
+    include_hf: bool,
+    steps: int = 10,
+    kernel_backends: tuple[str, ...] = ("triton",),
+    compile_model: bool = False,
 ) -> list[BenchResult]:
+    """Every config at every L (M2 configs once per kernel backend), with Hugging Face's BERT
+    beside each BERT config. `compile_model` wraps each model in `torch.compile`."""
     device = torch.device("cuda")
     results = []
     for seq_len in seq_lens:
@@ -101,27 +109,44 @@ def run_benchmark(
             config = load_config(name)
             model_config = dataclasses.replace(config.model, l_max=max(config.model.l_max, seq_len), hidden_dropout=0.0)
             mlm = config.train.mlm_probability
-            results.append(
-                benchmark_step(name, lambda: build_masked_lm(model_config), model_config, seq_len, batch, mlm, device, steps)
-            )
-            print(format_row(results[-1]), flush=True)
+            variants = [(name, model_config)]
+            if model_config.architecture == "m2":
+                variants = [
+                    (f"{name} ({backend})", dataclasses.replace(model_config, kernels=KernelConfig(backend, backend)))
+                    for backend in kernel_backends
+                ]
             if include_hf and model_config.architecture == "bert":
-                hf = benchmark_step(
-                    "hf-bert-base (sdpa)", lambda: _hf_bert(model_config), model_config, seq_len, batch, mlm, device, steps
-                )
-                results.append(hf)
-                print(format_row(hf), flush=True)
+                variants.append((HF_NAME, model_config))
+            for label, cfg in variants:
+                build = (lambda cfg=cfg: _hf_bert(cfg)) if label == HF_NAME else (lambda cfg=cfg: build_masked_lm(cfg))
+                if compile_model:
+                    build = (lambda build=build: torch.compile(build()))
+                    label += " compiled"
+                results.append(benchmark_step(label, build, cfg, seq_len, batch, mlm, device, steps))
+                print(format_row(results[-1]), flush=True)
     return results
 
 
-HEADER = "| model | L | batch | tokens/s | step ms | TFLOP/s | MFU | peak GiB |\n|---|---|---|---|---|---|---|---|"
+HF_NAME = "hf-bert-base (sdpa)"
 
 
-def format_row(r: BenchResult) -> str:
+def hf_tokens_per_s(results: list[BenchResult]) -> dict[int, float]:
+    """Hugging Face BERT's tokens/s per L, the denominator of the speedup column."""
+    return {r.seq_len: r.tokens_per_s for r in results if r.model.startswith(HF_NAME) and not r.error}
+
+
+HEADER = (
+    "| model | L | batch | tokens/s | vs HF BERT | step ms | TFLOP/s | MFU | peak GiB |\n"
+    "|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def format_row(r: BenchResult, hf_tokens_per_s: float | None = None) -> str:
     if r.error:
-        return f"| {r.model} | {r.seq_len} | {r.batch_size} | {r.error} | | | | |"
+        return f"| {r.model} | {r.seq_len} | {r.batch_size} | {r.error} | | | | | |"
     mfu = "n/a" if r.mfu is None else f"{100 * r.mfu:.1f}%"
+    speedup = f"{r.tokens_per_s / hf_tokens_per_s:.2f}x" if hf_tokens_per_s else ""
     return (
-        f"| {r.model} | {r.seq_len} | {r.batch_size} | {r.tokens_per_s:,.0f} | {r.step_ms:.1f} | "
+        f"| {r.model} | {r.seq_len} | {r.batch_size} | {r.tokens_per_s:,.0f} | {speedup} | {r.step_ms:.1f} | "
         f"{r.tflops:.1f} | {mfu} | {r.peak_memory_gib:.1f} |"
     )
