@@ -44,9 +44,13 @@ def _env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-def launch(tmp_path: Path, args: list[str], nproc: int = 2, launcher: str = "torchrun", timeout: int = 400):
-    """Run m2dist/train.py under a launcher in its own process group; kill the group on timeout."""
-    script = str(REPO_ROOT / "m2dist" / "train.py")
+def launch(
+    tmp_path: Path, args: list[str], nproc: int = 2, launcher: str = "torchrun", timeout: int = 400,
+    script: Path = REPO_ROOT / "m2dist" / "train.py", config: str = "debug",
+):  # fmt: skip
+    """Run m2dist/train.py (or a script that takes its arguments) under a launcher in its own process
+    group; kill the group on timeout."""
+    script = str(script)
     bin_dir = Path(sys.executable).parent
     if launcher == "torchrun":
         command = [str(bin_dir / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(_free_port()), script]
@@ -55,7 +59,7 @@ def launch(tmp_path: Path, args: list[str], nproc: int = 2, launcher: str = "tor
     else:
         command = [sys.executable, script]
     process = subprocess.Popen(
-        command + ["--config", "debug", *args], cwd=tmp_path, env=_env(tmp_path),
+        command + ["--config", config, *args], cwd=tmp_path, env=_env(tmp_path),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )  # fmt: skip
     try:

@@ -9,8 +9,9 @@
 A training run (its output folder, its checkpoints/ folder or one step_XXXXXXXX folder) is read at
 `latest` unless --tag names another complete checkpoint. A release made from a run also holds the
 tokenizer and a model_card.md. The universal checkpoint resumes a run on another number of ranks when
-it sits at <output_dir>/checkpoints/<tag>_universal. Every result is reloaded and checked (keys,
-shapes, dtypes, logits on a fixed input); the peak resident memory of the conversion is printed.
+it sits at <output_dir>/checkpoints/<tag>_universal beside <tag>: the engine loads it as written.
+Every result is reloaded and checked (keys, shapes, dtypes, logits on a fixed input); the peak
+resident memory of the conversion is printed.
 """
 
 import argparse

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from m2dist.checkpoint import zero
-from m2dist.checkpoint.io import CheckpointError, OutputExistsError
+from m2dist.checkpoint.io import CheckpointError, OutputExistsError, read_safetensors_header, write_safetensors
 from m2dist.checkpoint.release import CONFIG_FILE, WEIGHTS_FILE, load_release, save_release
 from m2dist.checkpoint.upstream import export_upstream, import_upstream
 from m2dist.models import MaskedLM, SequenceClassifier
@@ -128,29 +128,29 @@ def _convert(
 def _zero_to_release(source: Path, destination: Path, tag: str | None, *, bf16: bool) -> Path:
     """Stream the consolidated fp32 weights of a run's checkpoint into a release folder.
 
-    Peak memory above the process's baseline, never the optimizer's moments: DeepSpeed's merged fp32
-    vector (ZeRO-1/2; ZeRO-3 gathers one tensor at a time) and the memory-mapped master-weight pages
-    it reads, plus the fp32 source model for the logits check; then, with those freed, the reloaded
-    release model and its file. About 3x the fp32 weights, plus the model's initialisation temporaries.
+    The fp32 weights are in memory about once at any time, never the optimizer's moments: the source
+    model is built (its own weights, freed when replaced) and then holds the memory-mapped master
+    weights themselves (ZeRO-1/2; ZeRO-3 gathers each tensor into a copy), which are written tensor by
+    tensor and run for the logits check; with those unmapped, the release is read back into a fresh
+    model with plain reads. On top: the model's initialisation temporaries and DeepSpeed's one-off full
+    read of the model state file (ZeRO-1/2, before anything else is held).
     """
     root, tag = zero.resolve_zero_checkpoint(source, tag)
     state = zero.client_state(root, tag)
     config = zero.model_config(state, str(root / tag / zero.CLIENT_STATE))
     dtype = torch.bfloat16 if bf16 else torch.float32
-    lazy = zero.consolidated_state(root, tag)
-    model = zero.model_from_state(config, lazy, str(root / tag))
+    model = zero.model_from_state(config, zero.consolidated_state(root, tag), str(root / tag))
     destination.mkdir(parents=True, exist_ok=True)
     tokenizer = _copy_tokenizer(state, destination)
     meta = {"model": dataclasses.asdict(config), "task": "mlm", "tokenizer": tokenizer}
-    # Written from the lazy state, not the model, in the model's key order; tied weights are stored
-    # under each of their names, as save_release does.
+    # Tied weights are stored under each of their names, as save_release does.
     tmp = destination / (WEIGHTS_FILE + ".tmp")
-    zero.write_safetensors(tmp, ((name, lazy[name]) for name in model.state_dict()), dtype=dtype)
+    write_safetensors(tmp, model.state_dict().items(), dtype=dtype)
     tmp.replace(destination / WEIGHTS_FILE)
     (destination / CONFIG_FILE).write_text(json.dumps(meta, indent=1) + "\n")
     expected = _probe_logits(model)
     num_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    del lazy, model
+    del model
     gc.collect()
     _check_release_dtypes(destination / WEIGHTS_FILE, dtype)
     reloaded = load_release(destination)
@@ -160,13 +160,9 @@ def _zero_to_release(source: Path, destination: Path, tag: str | None, *, bf16: 
 
 
 def _check_release_dtypes(weights_file: Path, dtype: torch.dtype) -> None:
-    from safetensors import safe_open
-
-    with safe_open(str(weights_file), framework="pt") as weights:
-        for name in weights.keys():
-            got = weights.get_slice(name).get_dtype()
-            if got in ("F32", "BF16", "F16", "F64") and got != zero._SAFETENSORS_DTYPES[dtype]:
-                raise CheckpointError(f"{weights_file}: {name} is {got}, expected {zero._SAFETENSORS_DTYPES[dtype]}")
+    for name, entry in read_safetensors_header(weights_file).items():
+        if entry.dtype.is_floating_point and entry.dtype != dtype:
+            raise CheckpointError(f"{weights_file}: {name} is {entry.dtype}, expected {dtype}")
 
 
 def _copy_tokenizer(state: dict[str, Any], destination: Path) -> str:

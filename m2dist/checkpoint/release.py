@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from m2dist.checkpoint.io import CheckpointError, OutputExistsError
-from m2dist.checkpoint.upstream import check_state_dict
+from m2dist.checkpoint.io import CheckpointError, OutputExistsError, read_safetensors_header, read_safetensors_into
+from m2dist.checkpoint.upstream import key_problems, shared_keys_problem, state_dict_error
 from m2dist.config import ConfigError, ModelConfig, _build
 from m2dist.models import MaskedLM, SequenceClassifier
 
@@ -45,9 +45,8 @@ def save_release(
 
 
 def load_release(path: str | Path) -> MaskedLM | SequenceClassifier:
-    """The model saved by `save_release`, in fp32."""
-    from safetensors.torch import load_file
-
+    """The model saved by `save_release`, in fp32. The weights are read into the model one tensor at
+    a time, so they are in memory once."""
     path = Path(path)
     config_file, weights_file = path / CONFIG_FILE, path / WEIGHTS_FILE
     for required in (config_file, weights_file):
@@ -64,7 +63,11 @@ def load_release(path: str | Path) -> MaskedLM | SequenceClassifier:
         model: MaskedLM | SequenceClassifier = SequenceClassifier(config, int(meta["num_labels"]))
     else:
         model = MaskedLM(config)
-    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(weights_file)).items()}
-    check_state_dict(model, state, str(weights_file))
-    model.load_state_dict(state, strict=True)
+    shapes = {name: entry.shape for name, entry in read_safetensors_header(weights_file).items()}
+    problems = key_problems(model, shapes)
+    if not problems:
+        differing = read_safetensors_into(weights_file, model.state_dict())
+        problems = [shared_keys_problem(first, [other]) for first, other in differing]
+    if problems:
+        raise state_dict_error(str(weights_file), problems)
     return model

@@ -10,6 +10,7 @@ the upstream `config.json`, `position_ids`, strict key/shape checks and safe loa
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -171,16 +172,15 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Raise one error listing every missing, unexpected and misshaped key, and every pair of keys
-    that the model shares (tied decoder, shared Sin frequency) whose tensors differ."""
+def key_problems(model: nn.Module, shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
+    """The missing, unexpected and misshaped keys of a state dict given by its shapes, one entry per kind."""
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
     misshaped = [
-        f"{k}: expected {tuple(expected[k].shape)}, got {tuple(state[k].shape)}"
+        f"{k}: expected {tuple(expected[k].shape)}, got {tuple(shapes[k])}"
         for k in expected
-        if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
+        if k in shapes and tuple(shapes[k]) != tuple(expected[k].shape)
     ]
     problems = []
     if missing:
@@ -189,16 +189,31 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: s
         problems.append("unexpected keys:\n  " + "\n  ".join(unexpected))
     if misshaped:
         problems.append("misshaped keys:\n  " + "\n  ".join(misshaped))
+    return problems
+
+
+def shared_keys_problem(first: str, differing: list[str]) -> str:
+    return f"keys shared in the model hold different tensors: {first} vs {', '.join(differing)}"
+
+
+def state_dict_error(source: str, problems: list[str]) -> CheckpointError:
+    return CheckpointError(f"{source}: state dict does not match the model:\n" + "\n".join(problems))
+
+
+def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Raise one error listing every missing, unexpected and misshaped key, and every pair of keys
+    that the model shares (tied decoder, shared Sin frequency) whose tensors differ."""
+    problems = key_problems(model, {k: tuple(v.shape) for k, v in state.items()})
     if not problems:
         aliases: dict[tuple[int, int], list[str]] = {}
-        for key, tensor in expected.items():
+        for key, tensor in model.state_dict().items():
             aliases.setdefault((tensor.data_ptr(), tensor.numel()), []).append(key)
         for keys in aliases.values():
             differing = [k for k in keys[1:] if not torch.equal(state[k], state[keys[0]])]
             if differing:
-                problems.append(f"keys shared in the model hold different tensors: {keys[0]} vs {', '.join(differing)}")
+                problems.append(shared_keys_problem(keys[0], differing))
     if problems:
-        raise CheckpointError(f"{source}: state dict does not match the model:\n" + "\n".join(problems))
+        raise state_dict_error(source, problems)
 
 
 def import_upstream(path: str | Path, config: ModelConfig | None = None) -> MaskedLM | SequenceClassifier:

@@ -2,9 +2,10 @@
 
 A source is a run folder (`<output_dir>`), its `checkpoints/` folder, or one tag folder inside it;
 `resolve_zero_checkpoint` turns any of them into (checkpoints root, tag). `consolidated_state`
-returns DeepSpeed's lazy fp32 state dict (`get_fp32_state_dict_from_zero_checkpoint(lazy_mode=True)`):
-the optimizer shards are memory-mapped, their Adam moments never read, and each value becomes a
-tensor only on `materialize(value)`. `write_safetensors` streams such a dict to disk tensor by tensor.
+returns a lazy fp32 state dict: the optimizer shards are memory-mapped, their Adam moments never
+read, and each value becomes a tensor only on `materialize(value)` (for ZeRO-0/1/2 a view of the
+mapped file; for ZeRO-3 DeepSpeed's `GatheredTensor` gathers one tensor from the ranks' shards).
+`m2dist.checkpoint.io.write_safetensors` streams such a dict to disk tensor by tensor.
 
 DeepSpeed's model and optimizer files hold pickled Python objects (not only tensors) and DeepSpeed
 reads them with `weights_only=False`: convert only checkpoints written by runs you trust.
@@ -12,13 +13,11 @@ reads them with `weights_only=False`: convert only checkpoints written by runs y
 
 from __future__ import annotations
 
-import json
+import math
 import resource
 import threading
-import struct
 import zipfile
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +30,6 @@ from m2dist.models import MaskedLM
 
 # ZeRO-0/1/2 write mp_rank_00_model_states.pt; ZeRO-3 one zero_pp_rank_<r>_mp_rank_00_model_states.pt per rank.
 MODEL_STATES = "mp_rank_00_model_states.pt"
-_SAFETENSORS_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL",
-}  # fmt: skip
 
 
 def current_rss_mib() -> float:
@@ -161,15 +155,70 @@ def model_config(state: Mapping[str, Any], source: str) -> ModelConfig:
         raise CheckpointError(f"{source}: {err}") from None
 
 
+class FlatSlice:
+    """A parameter at [start, start + numel) of a ZeRO-1/2 parameter group, whose fp32 master copy is
+    split into consecutive equal partitions, one per rank (memory-mapped). `contiguous()` is a view of
+    the partition that holds it; only a parameter split between two ranks is copied."""
+
+    def __init__(self, partitions: list[torch.Tensor], start: int, shape: torch.Size):
+        self.partitions = partitions
+        self.start = start
+        self.shape = torch.Size(shape)
+        self.dtype = partitions[0].dtype
+
+    def contiguous(self) -> torch.Tensor:
+        begin, end = self.start, self.start + self.shape.numel()
+        pieces, offset = [], 0
+        for partition in self.partitions:
+            low, high = max(begin, offset), min(end, offset + partition.numel())
+            if low < high:
+                pieces.append(partition[low - offset : high - offset])
+            offset += partition.numel()
+        if not pieces:
+            return torch.empty(self.shape, dtype=self.dtype)
+        return (pieces[0] if len(pieces) == 1 else torch.cat(pieces)).view(self.shape)
+
+
+def _zero12_lazy_state(folder: Path) -> dict[str, Any]:
+    """ZeRO-1/2: DeepSpeed's consolidation (`zero_to_fp32`, whose parsers read the files) without its
+    concatenation of each parameter group's partitions into one fp32 vector, a copy of all weights."""
+    from deepspeed.utils import zero_to_fp32
+
+    model_states = zero_to_fp32.parse_model_states(zero_to_fp32.get_model_state_files(str(folder)))[0]
+    optim_files = zero_to_fp32.get_optim_files(str(folder))
+    _, world_size, flat_groups, paddings = zero_to_fp32.parse_optim_states(optim_files, str(folder))
+    state: dict[str, Any] = dict(model_states.buffers)
+    state.update(model_states.frozen_param_fragments or {})
+    for group, shapes in enumerate(model_states.param_shapes):
+        partitions = [flat_groups[rank][group] for rank in range(world_size)]
+        offset = 0
+        for index, (name, shape) in enumerate(shapes.items()):
+            state[name] = FlatSlice(partitions, offset, shape)
+            offset += math.prod(shape) + (paddings[group][index] if paddings is not None else 0)
+        # DeepSpeed pads each group to a multiple of 2 x world size; anything else is a mismatch.
+        available = sum(partition.numel() for partition in partitions)
+        align = 2 * world_size
+        if math.ceil(offset / align) != math.ceil(available / align):
+            raise ValueError(f"parameter group {group}: the shapes cover {offset} values, the partitions hold {available}")
+    for name, source in model_states.shared_params:
+        if source in state:
+            state[name] = state[source]
+    return state
+
+
 def consolidated_state(root: Path, tag: str) -> dict[str, Any]:
-    """Lazy fp32 state dict of a ZeRO-1/2/3 tag (values: tensors or DeepSpeed's GatheredTensor);
-    ZeRO-0 keeps full weights in the model state file, which is memory-mapped instead (the module
-    itself: in a bf16 ZeRO-0 run these are the bf16 weights, not the fp32 master copy)."""
+    """Lazy fp32 state dict of a ZeRO-1/2/3 tag (values: tensors, `FlatSlice`s or DeepSpeed's
+    GatheredTensor); ZeRO-0 keeps full weights in the model state file, which is memory-mapped
+    instead (the module itself: in a bf16 ZeRO-0 run these are the bf16 weights, not the fp32 master
+    copy)."""
     folder = root / tag
     try:
-        if zero_stage(folder) == 0:
+        stage = zero_stage(folder)
+        if stage == 0:
             states = torch.load(folder / MODEL_STATES, map_location="cpu", mmap=True, weights_only=False)
             return dict(states["module"])
+        if stage in (1, 2):
+            return _zero12_lazy_state(folder)
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         return get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag, lazy_mode=True)
@@ -217,57 +266,34 @@ def check_lazy_state(model: torch.nn.Module, lazy_state: Mapping[str, Any], sour
 
 
 def model_from_state(config: ModelConfig, lazy_state: dict[str, Any], source: str) -> MaskedLM:
-    """The model with the lazy state's tensors copied in one at a time. (A model built on the meta
-    device and assigned the tensors measured ~150 MiB more RSS: torch's meta kernels load on first use.)"""
+    """The model holding the lazy state's tensors themselves, not copies of them: for ZeRO-0/1/2 its
+    weights are views of the memory-mapped checkpoint (private mappings: writes never reach the
+    file), so they are in memory once. (Built on the CPU and then given the tensors: a model built on
+    the meta device measured ~150 MiB more RSS, torch's meta kernels loading on first use.)"""
     model = MaskedLM(config)
     add_shared_names(lazy_state, model)
     check_lazy_state(model, lazy_state, source)
-    with torch.no_grad():
-        for name, target in model.state_dict().items():
-            target.copy_(materialize(lazy_state[name]))
+    for name, target in model.state_dict(keep_vars=True).items():
+        target.data = materialize(lazy_state[name], target.dtype)
+    _return_freed_memory()
     return model
+
+
+def _return_freed_memory() -> None:
+    """Hand memory freed by torch back to the system. glibc keeps freed blocks of a few MiB in its
+    heap, where they stay resident: the weights a model was built with, once replaced, would still
+    count as much as the weights themselves. A no-op where the C library is not glibc."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def load_zero_model(root: Path, tag: str) -> MaskedLM:
     """The MLM of a tag in fp32 (the optimizer's master weights)."""
     config = model_config(client_state(root, tag), str(root / tag / CLIENT_STATE))
     return model_from_state(config, consolidated_state(root, tag), str(root / tag))
-
-
-@dataclass(frozen=True)
-class _Entry:
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-
-
-def write_safetensors(
-    path: Path, entries: Iterable[tuple[str, Any]], *, dtype: torch.dtype | None = None, metadata: dict[str, str] | None = None
-) -> None:
-    """Write a safetensors file from lazy values: the header from their shapes and dtypes first, then
-    the bytes of one materialized tensor at a time. `dtype` casts floating tensors."""
-    items = list(entries)
-    layout, offset = [], 0
-    header: dict[str, Any] = {"__metadata__": metadata or {"format": "pt"}}
-    for name, value in items:
-        source_dtype = value.dtype
-        out_dtype = dtype if dtype is not None and source_dtype.is_floating_point else source_dtype
-        if out_dtype not in _SAFETENSORS_DTYPES:
-            raise CheckpointError(f"{name}: dtype {out_dtype} cannot be written to safetensors")
-        shape = tuple(int(s) for s in value.shape)
-        size = torch.Size(shape).numel() * torch.empty((), dtype=out_dtype).element_size()
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[out_dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
-        layout.append(_Entry(name, out_dtype, shape))
-        offset += size
-    header_bytes = json.dumps(header, separators=(",", ":")).encode()
-    # safetensors pads the header with spaces so that the data starts 8-byte aligned.
-    header_bytes += b" " * (-len(header_bytes) % 8)
-    with open(path, "wb") as out:
-        out.write(struct.pack("<Q", len(header_bytes)))
-        out.write(header_bytes)
-        for entry, (_, value) in zip(layout, items):
-            tensor = materialize(value, entry.dtype)
-            if tuple(tensor.shape) != entry.shape or tensor.dtype != entry.dtype:
-                raise CheckpointError(f"{entry.name}: materialized as {tuple(tensor.shape)} {tensor.dtype}, header says {entry.shape} {entry.dtype}")
-            out.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
-            del tensor
