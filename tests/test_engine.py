@@ -125,6 +125,19 @@ def test_zero_stages_train_and_loss_falls(tmp_path, tiny_shards, zero_stage, lau
     assert "eval/mlm_accuracy" in output and "ETA" in output and "tokens/s" in output
 
 
+@pytest.mark.slow
+def test_bf16_autocast_reaches_the_engines_forward(tmp_path, tiny_shards):
+    # DeepSpeed switches off an autocast opened around its forward unless its config enables one.
+    returncode, output = launch(
+        tmp_path,
+        [*_data_args(tiny_shards), *BASE, "train.precision=bf16", "tracking.enabled=false", "train.global_batch_size=2",
+         "data.num_workers=0", f"train.output_dir={tmp_path / 'run'}"],
+        launcher="python", script=REPO_ROOT / "tests" / "probe_autocast.py",
+    )  # fmt: skip
+    _assert_ok(returncode, output)
+    assert "linear output dtype: torch.bfloat16" in output
+
+
 def test_bert_baseline_trains(tmp_path, tiny_shards):
     out = tmp_path / "run"
     returncode, output = launch(

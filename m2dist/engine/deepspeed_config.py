@@ -33,9 +33,13 @@ def batch_layout(config: Config, world_size: int) -> BatchLayout:
 
 
 def build_deepspeed_config(config: Config, layout: BatchLayout) -> dict[str, Any]:
-    """ZeRO stage, batch sizes, clipping and offload. Mixed precision is bf16 autocast in the
-    training step (fp32 master weights and gradients), as upstream's Composer amp_bf16, so no
-    `bf16` section: DeepSpeed's bf16 mode would cast the filters and FFTs to bf16 too."""
+    """ZeRO stage, batch sizes, clipping and offload.
+
+    Mixed precision is bf16 autocast with fp32 weights, gradients and gradient communication, as
+    upstream's Composer amp_bf16: DeepSpeed's `torch_autocast` section, with no module marked
+    for bf16 communication. (Not the `bf16` section, which would cast the filters and FFTs to
+    bf16 too; and not an autocast around the engine's forward, which DeepSpeed switches off
+    inside unless this section enables it.)"""
     train = config.train
     zero: dict[str, Any] = {"stage": train.zero_stage}
     if train.zero_stage >= 1:
@@ -44,7 +48,11 @@ def build_deepspeed_config(config: Config, layout: BatchLayout) -> dict[str, Any
         zero.update(stage3_gather_16bit_weights_on_model_save=False)
     if train.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    precision: dict[str, Any] = {}
+    if train.precision == "bf16":
+        precision["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
     return {
+        **precision,
         "train_batch_size": layout.global_batch_size,
         "train_micro_batch_size_per_gpu": layout.micro_batch_size,
         "gradient_accumulation_steps": layout.grad_accumulation,

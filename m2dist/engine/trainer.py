@@ -174,11 +174,6 @@ class Trainer:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
-    def _autocast(self):
-        return torch.autocast(
-            device_type=self.device.type, dtype=torch.bfloat16, enabled=self.config.train.precision == "bf16"
-        )
-
     def train_step(self) -> tuple[torch.Tensor, float]:
         """One optimizer step over `grad_accumulation` micro-batches; returns (mean loss tensor,
         seconds spent waiting for data)."""
@@ -193,8 +188,8 @@ class Trainer:
                 batch = self.data.next_train_batch()
             data_wait += time.perf_counter() - start
             batch = {k: batch[k].to(self.device, non_blocking=True) for k in MODEL_INPUTS if k in batch}
-            with self._autocast():
-                loss = self.engine(**batch).loss
+            # bf16 autocast, when configured, is applied by the engine's forward (deepspeed_config).
+            loss = self.engine(**batch).loss
             self.engine.backward(loss)
             self.engine.step()
             total += loss.detach()
@@ -209,8 +204,7 @@ class Trainer:
         loss_sum = correct = masked = 0.0
         for batch in self.data.eval_batches(self.config.train.eval_batches):
             batch = {k: batch[k].to(self.device) for k in MODEL_INPUTS if k in batch}
-            with self._autocast():
-                out = self.engine(**batch)
+            out = self.engine(**batch)
             targets = batch["labels"][batch["labels"] != -100]
             loss_sum += out.loss.float().item() * out.num_masked
             correct += (out.logits.argmax(-1) == targets).sum().item()

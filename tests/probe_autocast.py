@@ -1,0 +1,27 @@
+"""Run by tests/test_engine.py with train.py's arguments (--config NAME key=value ...): one training
+step of the engine; prints the dtype of the first Linear layer's output inside the engine's forward."""
+
+import argparse
+
+import torch
+
+from m2dist.config import load_config
+from m2dist.engine.trainer import Trainer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", required=True)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    trainer = Trainer(load_config(args.config, args.overrides))
+    dtypes = []
+    linear = next(m for m in trainer.engine.module.modules() if isinstance(m, torch.nn.Linear))
+    linear.register_forward_hook(lambda _module, _inputs, output: dtypes.append(output.dtype))
+    trainer.train_step()
+    trainer.close()
+    print(f"linear output dtype: {dtypes[0]}")
+
+
+if __name__ == "__main__":
+    main()
