@@ -38,8 +38,9 @@ def profile_training(config: Config, warmup: int, steps: int, output: Path, rows
         trainer.close()
     tokens = trainer.layout.global_batch_size * trainer.seq_len
     averages = prof.key_averages()
-    device_key = "self_cuda_time_total" if trainer.device.type == "cuda" else "self_cpu_time_total"
-    device_us = sum(getattr(e, device_key, 0.0) for e in averages) / steps
+    cuda = trainer.device.type == "cuda"
+    device_key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    device_us = sum(e.self_device_time_total if cuda else e.self_cpu_time_total for e in averages) / steps
     header = (
         f"{config.name}: L={trainer.seq_len}, {tokens} tokens per step, {trainer.env.world_size} rank(s), "
         f"ZeRO-{config.train.zero_stage}, {config.train.precision}, kernels {config.model.kernels.fftconv}/"
