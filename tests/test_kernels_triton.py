@@ -141,6 +141,8 @@ def test_fftconv_dispatch_and_errors():
     torch.testing.assert_close(y.double(), ref, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="k1_DN must be"):
         gated_long_conv(u, x1, x2, v, k1[:, :-1], d1, backend="triton")
+    with pytest.raises(ValueError, match="x1_BDL must have v_BDL's shape .* and dtype torch.float64"):
+        gated_long_conv(u, x1.float(), x2, v, k1, d1, backend="triton")
     # Half-precision inputs up to MAX_LEN take the Toeplitz path, fp32 ones the FFT.
     assert triton_toeplitz.supports(v.bfloat16()) and not triton_toeplitz.supports(v.float())
 
