@@ -1,4 +1,5 @@
-"""Throughput, model FLOPs and MFU, data wait, memory, ETA: one object, printed by rank 0.
+"""Throughput, model FLOPs and MFU, data wait, memory, ETA: one object, printed by rank 0 and
+appended to `<output_dir>/metrics.jsonl`, one JSON object per log step.
 
 Model FLOPs per token count the matmuls of the config (2 FLOPs per multiply-add), forward x 3 for
 a training step (backward = 2 x forward):
@@ -8,13 +9,19 @@ a training step (backward = 2 x forward):
 - MLM head on the masked share p of tokens: p (2d^2 + 2dV).
 """
 
+import json
 import resource
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from m2dist.config import ModelConfig
+
+# Rank 0's log steps, one JSON object a line, appended across resumes.
+METRICS_FILE = "metrics.jsonl"
 
 # Dense bf16 / fp32 (non-tensor-core) peaks from the vendors' datasheets, by device-name substring.
 PEAK_FLOPS = {
@@ -116,3 +123,20 @@ def console_line(step: int, total: int, scalars: dict[str, float]) -> str:
         f"data wait {scalars['throughput/data_wait_pct']:.1f}%  mem {scalars['memory/peak_gib']:.2f} GiB  "
         f"ETA {format_duration(scalars['time/eta_s'])}"
     )
+
+
+def append_metrics(path: Path, step: int, scalars: dict[str, float], **fields: Any) -> None:
+    """Append `{"step": step, **fields, **scalars}` as one line to `path` (rank 0 only)."""
+    with open(path, "a") as out:
+        out.write(json.dumps({"step": step, **fields, **scalars}) + "\n")
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl by step, oldest first. Steps logged again after a resume from
+    an older checkpoint (a run killed between checkpoints) keep their newest record."""
+    records: dict[int, dict[str, Any]] = {}
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            records[int(record["step"])] = record
+    return [records[step] for step in sorted(records)]

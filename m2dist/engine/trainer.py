@@ -23,7 +23,14 @@ from m2dist.config import Config
 from m2dist.engine.checkpoint import CheckpointManager, find_resume_tag
 from m2dist.engine.deepspeed_config import batch_layout, build_deepspeed_config
 from m2dist.engine.distributed import all_reduce_sum, init_distributed
-from m2dist.engine.metrics import ThroughputMeter, console_line, peak_flops, training_flops_per_token
+from m2dist.engine.metrics import (
+    METRICS_FILE,
+    ThroughputMeter,
+    append_metrics,
+    console_line,
+    peak_flops,
+    training_flops_per_token,
+)
 from m2dist.models import MaskedLM, build_masked_lm, count_parameters
 from m2dist.optim import build_optimizer, warmup_linear_decay
 
@@ -299,6 +306,9 @@ class Trainer:
             }
         )
         self._log(console_line(self.step, self.total_steps, scalars))
+        if self.env.is_main:
+            fields = {"world_size": self.env.world_size, "zero_stage": self.config.train.zero_stage}
+            append_metrics(self.output_dir / METRICS_FILE, self.step, scalars, **fields)
         self.tracker.log_metrics({k: v for k, v in scalars.items()}, step=self.step)
         for step, value in zip(steps[:-1], values.tolist()[:-1]):
             self.tracker.log_metrics({"train/loss": value}, step=step)
