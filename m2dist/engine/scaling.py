@@ -83,7 +83,7 @@ def run_training(
     """Run m2dist/train.py on `num_gpus` ranks with `output_dir`, its output in `log`; return the
     records of its metrics.jsonl. Raises RunFailed naming `name` and `log`."""
     command = [
-        launcher or default_launcher(), "--num_gpus", str(num_gpus), "--master_port", str(_free_port()),
+        *shlex.split(launcher or default_launcher()), "--num_gpus", str(num_gpus), "--master_port", str(_free_port()),
         str(TRAIN_SCRIPT), "--config", config, *overrides, f"train.output_dir={output_dir}",
     ]  # fmt: skip
     with open(log, "w") as out:
