@@ -26,12 +26,16 @@ def _check_shapes(u_BDL, x1_BDL, x2_BDL, v_BDL, k1_DN, d1_D, k2_DN, d2_D) -> Non
     if v_BDL.dim() != 3:
         raise ValueError(f"v_BDL must be (batch, channels, length), got shape {tuple(v_BDL.shape)}")
     _, dim, length = v_BDL.shape
-    for name, t in (("x1_BDL", x1_BDL), ("x2_BDL", x2_BDL)) + ((("u_BDL", u_BDL),) if k2_DN is not None else ()):
+    # The gated branch's inputs share one dtype; u, the residual branch's input, may differ (under
+    # autocast it is the layer's fp32 input while the projections are bf16).
+    for name, t in (("x1_BDL", x1_BDL), ("x2_BDL", x2_BDL)):
         if t.shape != v_BDL.shape or t.dtype != v_BDL.dtype:
             raise ValueError(
                 f"{name} must have v_BDL's shape {tuple(v_BDL.shape)} and dtype {v_BDL.dtype}, "
                 f"got {tuple(t.shape)} {t.dtype}"
             )
+    if k2_DN is not None and u_BDL.shape != v_BDL.shape:
+        raise ValueError(f"u_BDL must have v_BDL's shape {tuple(v_BDL.shape)}, got {tuple(u_BDL.shape)}")
     for name, k, d in (("k1_DN", k1_DN, d1_D), ("k2_DN", k2_DN, d2_D)):
         if k is not None and (k.shape != (dim, 2 * length) or d.shape != (dim,)):
             raise ValueError(

@@ -84,6 +84,14 @@ def _gated(v_ptr, x1_ptr, p, m, DT: tl.constexpr):
 
 
 @triton.jit
+def _batch_rows(i_b, i_d, B, D, L, BB: tl.constexpr):
+    """[BB, 1] offsets of the rows (b, i_d, :) of batch block i_b in a contiguous (B, D, L) tensor
+    (element (b, d, l) at (b * D + d) * L + l), and their mask."""
+    o_b = i_b * BB + tl.arange(0, BB)
+    return (o_b[:, None].to(tl.int64) * D + i_d) * L, o_b[:, None] < B
+
+
+@triton.jit
 def _fwd_kernel(
     u_ptr, x1_ptr, x2_ptr, v_ptr, k1_ptr, d1_ptr, k2_ptr, d2_ptr, y_ptr, z1_ptr,
     B, D, L,
@@ -93,11 +101,8 @@ def _fwd_kernel(
     DT: tl.constexpr = y_ptr.dtype.element_ty
     i_d, i_b, i_t = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     N = 2 * L
-    o_b = i_b * BB + tl.arange(0, BB)
     o_t = i_t * BT + tl.arange(0, BT)
-    # (B, D, L) contiguous: element (b, d, l) at (b * D + d) * L + l
-    p_row = (o_b[:, None].to(tl.int64) * D + i_d) * L
-    m_b = o_b[:, None] < B
+    p_row, m_b = _batch_rows(i_b, i_d, B, D, L, BB)
     k1_row = k1_ptr + i_d * N
     k2_row = k2_ptr + i_d * N
     acc1 = tl.zeros([BB, BT], dtype=tl.float32)
@@ -135,10 +140,8 @@ def _bwd_inputs_kernel(
     DT: tl.constexpr = dv_ptr.dtype.element_ty
     i_d, i_b, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     N = 2 * L
-    o_b = i_b * BB + tl.arange(0, BB)
     o_s = i_s * BS + tl.arange(0, BS)
-    p_row = (o_b[:, None].to(tl.int64) * D + i_d) * L
-    m_b = o_b[:, None] < B
+    p_row, m_b = _batch_rows(i_b, i_d, B, D, L, BB)
     k1_row = k1_ptr + i_d * N
     k2_row = k2_ptr + i_d * N
     acc1 = tl.zeros([BB, BS], dtype=tl.float32)
@@ -320,7 +323,8 @@ def _circular(by_lag: torch.Tensor, origin: int, length: int) -> torch.Tensor:
 def gated_long_conv(u_BDL, x1_BDL, x2_BDL, v_BDL, k1_DN, d1_D, k2_DN=None, d2_D=None, *, split: bool = True):
     """`y = (conv(v * x1; k1) + (v * x1) * d1) * x2 + conv(u; k2) + u * d2` by the Toeplitz GEMM.
 
-    Activations (B, D, L) in bf16 or fp16 (one dtype); k1_DN, k2_DN: (D, 2L) circular kernels;
+    x1, x2, v (B, D, L) in bf16 or fp16 (one dtype); u (B, D, L) in any float dtype, rounded to v's
+    for the tensor cores (its skip term is not); the output has v's dtype; k1_DN, k2_DN: (D, 2L) circular kernels;
     d1_D, d2_D: (D,). `split` False rounds the filter to the activations' dtype (one GEMM, not two).
     The caller (`kernels.fftconv`) checks shapes and picks this path.
     """
