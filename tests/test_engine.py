@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from m2dist.data.prepare import prepare_mds
+from m2dist.engine.metrics import METRICS_FILE, read_metrics
 from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.slow
@@ -123,6 +124,10 @@ def test_zero_stages_train_and_loss_falls(tmp_path, tiny_shards, zero_stage, lau
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 1.0, losses
     assert f"ZeRO-{zero_stage}" in output and "2 rank(s)" in output
     assert "eval/mlm_accuracy" in output and "ETA" in output and "tokens/s" in output
+    # metrics.jsonl: one record per log step, as the scaling tool reads it.
+    records = read_metrics(out / METRICS_FILE)
+    assert [(r["step"], r["world_size"], r["zero_stage"]) for r in records] == [(s, 2, zero_stage) for s in range(1, 25)]
+    assert all(r["throughput/tokens_per_s"] > 0 and r["memory/peak_gib"] > 0 for r in records)
 
 
 @pytest.mark.slow
