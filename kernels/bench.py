@@ -95,7 +95,8 @@ def bench_fftconv(lengths, tokens, dim, variants, copy_bw, toeplitz_max):
             plan = triton_fftconv._plan(length, max_onchip, triton_fftconv._TILE)
             if plan[1] <= 64:  # the outer combine unrolls R rows
                 label = "FFT N={} R={} M={}x{} C={}".format(plan[0], plan[1], plan[2], plan[3], plan[6])
-                measure(label + (f" w={variant[2]}" if variant else ""), functools.partial(triton_fftconv.gated_long_conv, max_onchip=max_onchip))
+                label += f" w={variant[2]}" if variant else ""
+                measure(label, functools.partial(triton_fftconv.gated_long_conv, max_onchip=max_onchip))
             triton_fftconv._TILE, triton_fftconv._NUM_WARPS = saved
         if length <= toeplitz_max:
             for split in (True, False):
@@ -163,7 +164,8 @@ def main(argv=None) -> None:
     fft_rows, glu_rows = [], []
     if "fftconv" in ops:
         variants = [tuple(int(x) for x in v.split(":")) for v in args.variants.split(",") if v]
-        fft_rows = bench_fftconv([int(x) for x in args.lengths.split(",")], args.fft_tokens, args.fft_dim, variants, copy_bw, args.toeplitz_max)
+        lengths = [int(x) for x in args.lengths.split(",")]
+        fft_rows = bench_fftconv(lengths, args.fft_tokens, args.fft_dim, variants, copy_bw, args.toeplitz_max)
     if "glu" in ops:
         glu_rows = bench_glu_mlp([int(x) for x in args.dims.split(",")], args.glu_tokens, gemm_rate)
     if fft_rows:

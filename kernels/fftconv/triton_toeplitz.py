@@ -169,7 +169,7 @@ def _bwd_inputs_kernel(
     tl.store(dd1_ptr + p_part, tl.sum(b_ga * (b_v * b_x1).to(DT).to(tl.float32)))
     if HAS_RES:
         b_u = _load(u_ptr, p, m)
-        tl.store(du_ptr + p, (acc2 + b_g * tl.load(d2_ptr + i_d)).to(DT), mask=m)
+        tl.store(du_ptr + p, (acc2 + b_g * tl.load(d2_ptr + i_d)).to(du_ptr.dtype.element_ty), mask=m)
         tl.store(dd2_ptr + p_part, tl.sum(b_g * b_u))
 
 
@@ -231,12 +231,14 @@ def _blocks(batch: int, length: int, interpret: bool) -> dict[str, int]:
     """Block sizes: BB, BT, BS for the two GEMM kernels, BB_F and BLK for the filter kernel."""
     if interpret:
         return {"BB": 16, "BT": 32, "BS": 32, "BB_F": 16, "BLK": 32, "num_warps": 4}
-    bb = 128 if batch >= 128 else max(16, triton.next_power_of_2(batch))
-    return {"BB": bb, "BT": 64, "BS": 64, "BB_F": 64 if batch >= 64 else max(16, triton.next_power_of_2(batch)), "BLK": 64, "num_warps": 8}
+    pow2 = max(16, triton.next_power_of_2(batch))
+    return {"BB": min(128, pow2), "BT": 64, "BS": 64, "BB_F": min(64, pow2), "BLK": 64, "num_warps": 8}
 
 
 def _new(shape, dtype, device) -> torch.Tensor:
-    return torch.full(shape, float("nan"), dtype=dtype, device=device) if POISON_OUTPUTS else torch.empty(shape, dtype=dtype, device=device)
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _interpret(device: torch.device) -> bool:
@@ -284,7 +286,7 @@ class ToeplitzConvFunction(torch.autograd.Function):
         dy = dy.contiguous()
         u_or_v = u if has_res else v
         dx1, dx2, dv = (_new(v.shape, v.dtype, v.device) for _ in range(3))
-        du = _new(v.shape, v.dtype, v.device) if has_res else dv
+        du = _new(u.shape, u.dtype, u.device) if has_res else dv
         n_b, n_s = triton.cdiv(batch, blk["BB"]), triton.cdiv(length, blk["BS"])
         dd1_part = _new((n_b * n_s, dim), torch.float32, v.device)
         dd2_part = _new((n_b * n_s, dim), torch.float32, v.device) if has_res else dd1_part
@@ -298,8 +300,8 @@ class ToeplitzConvFunction(torch.autograd.Function):
         lag_sums = torch.zeros((4 if has_res else 2, dim, width), dtype=torch.float32, device=v.device)
         _bwd_filter_kernel[(dim, 2 * nb - 1)](
             dy, u_or_v, x1, x2, v, lag_sums[0], lag_sums[1], lag_sums[-2], lag_sums[-1],
-            batch, dim, length, nb, width, HAS_RES=has_res, UPCAST=_interpret(v.device), BB=blk["BB_F"], BLK=blk["BLK"],
-            num_warps=blk["num_warps"],
+            batch, dim, length, nb, width, HAS_RES=has_res, UPCAST=_interpret(v.device),
+            BB=blk["BB_F"], BLK=blk["BLK"], num_warps=blk["num_warps"],
         )  # fmt: skip
         origin = nb * blk["BLK"]
         dk1 = _circular(lag_sums[0] + lag_sums[1], origin, length)
@@ -324,8 +326,8 @@ def gated_long_conv(u_BDL, x1_BDL, x2_BDL, v_BDL, k1_DN, d1_D, k2_DN=None, d2_D=
     """`y = (conv(v * x1; k1) + (v * x1) * d1) * x2 + conv(u; k2) + u * d2` by the Toeplitz GEMM.
 
     x1, x2, v (B, D, L) in bf16 or fp16 (one dtype); u (B, D, L) in any float dtype, rounded to v's
-    for the tensor cores (its skip term is not); the output has v's dtype; k1_DN, k2_DN: (D, 2L) circular kernels;
-    d1_D, d2_D: (D,). `split` False rounds the filter to the activations' dtype (one GEMM, not two).
+    for the tensor cores (its skip term is not); the output has v's dtype. k1_DN, k2_DN: (D, 2L)
+    circular kernels; d1_D, d2_D: (D,). `split` False rounds the filter to the activations' dtype (one GEMM, not two).
     The caller (`kernels.fftconv`) checks shapes and picks this path.
     """
     if v_BDL.dtype not in (torch.bfloat16, torch.float16):
