@@ -168,16 +168,21 @@ def main(argv=None) -> None:
         fft_rows = bench_fftconv(lengths, args.fft_tokens, args.fft_dim, variants, copy_bw, args.toeplitz_max)
     if "glu" in ops:
         glu_rows = bench_glu_mlp([int(x) for x in args.dims.split(",")], args.glu_tokens, gemm_rate)
-    if fft_rows:
-        print("\nGated FFT long conv (steps 4-7 with residual), bf16, forward + backward")
-        print("| size | algorithm | reference ms | Triton ms | speedup | fwd speedup | GB/s (floor bytes) | of copy BW | x floor |")
-        print("|---|---|---|---|---|---|---|---|---|")
-        for r in fft_rows:
-            print(_fmt_fft(r))
-    if glu_rows:
-        print("\nBlock-diagonal GLU MLP (d -> 2I GLU, I -> d + bias, 4 blocks), bf16, forward + backward")
-        print("| size | reference ms | Triton ms | speedup | fwd speedup | TFLOP/s (useful) | of GEMM rate |")
-        print("|---|---|---|---|---|---|---|")
-        for r in glu_rows:
-            print(_fmt_glu(r))
+    _print_table(
+        "Gated FFT long conv (steps 4-7 with residual), bf16, forward + backward",
+        "size | algorithm | reference ms | Triton ms | speedup | fwd speedup | GB/s (floor bytes) | of copy BW | x floor",
+        [_fmt_fft(r) for r in fft_rows],
+    )  # fmt: skip
+    _print_table(
+        "Block-diagonal GLU MLP (d -> 2I GLU, I -> d + bias, 4 blocks), bf16, forward + backward",
+        "size | reference ms | Triton ms | speedup | fwd speedup | TFLOP/s (useful) | of GEMM rate",
+        [_fmt_glu(r) for r in glu_rows],
+    )  # fmt: skip
+
+
+def _print_table(title: str, columns: str, lines: list[str]) -> None:
+    """A Markdown table under its title; nothing when there are no rows."""
+    if lines:
+        print(f"\n{title}\n| {columns} |\n|{'---|' * (columns.count('|') + 1)}")
+        print("\n".join(lines))
 
