@@ -234,6 +234,30 @@ def _load_outer_row(
 
 
 @triton.jit
+def _tile_indices(
+    i_d0, i_r, D, R: tl.constexpr, M: tl.constexpr, M2: tl.constexpr, P2: tl.constexpr, K1: tl.constexpr,
+    C: tl.constexpr,
+):  # fmt: skip
+    """In-tile offsets of a program of channels i_d0.. i_d0 + C and outer frequency i_r.
+
+    Time tile [C * M2, K1]: row c * M2 + n2 (o_row), channel o_d, inner time o_t = M2 * n1 + n2,
+    channel mask m_d. Spectrum tile [C * SR, SC] (the layout `_dft` returns) in the filter spectra's
+    layout [D, R, M / SC, SC] of `filter_spectrum`: base i_k0, offsets p_k, mask m_k."""
+    o_row = tl.arange(0, C * M2)
+    o_d = o_row[:, None] // M2
+    o_t = tl.arange(0, K1)[None, :] * M2 + (o_row % M2)[:, None]
+    m_d = (i_d0 + o_d) < D
+    SC: tl.constexpr = M2 // P2
+    SR: tl.constexpr = M // SC
+    o_frow = tl.arange(0, C * SR)
+    o_fd = o_frow // SR
+    i_k0 = (i_d0 * R + i_r) * M
+    p_k = (o_fd * (R * M) + (o_frow % SR) * SC)[:, None] + tl.arange(0, SC)[None, :]
+    m_k = ((i_d0 + o_fd) < D)[:, None]
+    return o_row, o_d, o_t, m_d, i_k0, p_k, m_k
+
+
+@triton.jit
 def _fwd_kernel(
     u_ptr, x1_ptr, x2_ptr, v_ptr, y_ptr, sr_ptr, si_ptr,
     k1r_ptr, k1i_ptr, k2r_ptr, k2i_ptr, d1_ptr, d2_ptr,
@@ -256,19 +280,7 @@ def _fwd_kernel(
     v_ptr += i_d0 * s_vd
     d1_ptr += i_d0
     d2_ptr += i_d0
-    o_row = tl.arange(0, C * M2)
-    o_d = o_row[:, None] // M2
-    o_t = tl.arange(0, K1)[None, :] * M2 + (o_row % M2)[:, None]
-    m_d = (i_d0 + o_d) < D
-    # Spectrum tile [C * SR, SC] (the layout `_dft` returns): filter spectra in the layout
-    # [D, R, M / SC, SC] of `filter_spectrum`.
-    SC: tl.constexpr = M2 // P2
-    SR: tl.constexpr = M // SC
-    o_frow = tl.arange(0, C * SR)
-    o_fd = o_frow // SR
-    i_k0 = (i_d0 * R + i_r) * M
-    p_k = (o_fd * (R * M) + (o_frow % SR) * SC)[:, None] + tl.arange(0, SC)[None, :]
-    m_k = ((i_d0 + o_fd) < D)[:, None]
+    o_row, o_d, o_t, m_d, i_k0, p_k, m_k = _tile_indices(i_d0, i_r, D, R, M, M2, P2, K1, C)
     if R > 1:
         # Outer twiddle W_N^(r m) at the tile's inner times, [C * M2, K1].
         b_otr = tl.load(otr_ptr + i_r * M + o_t)
@@ -398,19 +410,9 @@ def _bwd_kernel(
     d1_ptr += i_d0
     d2_ptr += i_d0
     dy_ptr += i_d0 * s_gd
-    o_row = tl.arange(0, C * M2)
-    o_d = o_row[:, None] // M2
-    o_t = tl.arange(0, K1)[None, :] * M2 + (o_row % M2)[:, None]
-    m_d = (i_d0 + o_d) < D
-    # Spectrum tile [C * SR, SC] (the layout `_dft` returns): filter spectra in the layout
-    # [D, R, M / SC, SC] of `filter_spectrum`.
+    o_row, o_d, o_t, m_d, i_k0, p_k, m_k = _tile_indices(i_d0, i_r, D, R, M, M2, P2, K1, C)
     SC: tl.constexpr = M2 // P2
     SR: tl.constexpr = M // SC
-    o_frow = tl.arange(0, C * SR)
-    o_fd = o_frow // SR
-    i_k0 = (i_d0 * R + i_r) * M
-    p_k = (o_fd * (R * M) + (o_frow % SR) * SC)[:, None] + tl.arange(0, SC)[None, :]
-    m_k = ((i_d0 + o_fd) < D)[:, None]
     b_dk1r = tl.zeros((C * SR, SC), tl.float32)
     b_dk1i = tl.zeros((C * SR, SC), tl.float32)
     if HAS_RES:
