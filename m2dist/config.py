@@ -31,10 +31,12 @@ def _require(ok: bool, key: str, expected: str, value: Any) -> None:
 
 @dataclass
 class KernelConfig:
-    # Implementation of the gated FFT long convolution: "reference" (torch.fft).
-    fftconv: str = "reference"
-    # Implementation of the block-diagonal GLU MLP matmuls: "reference" (torch einsum).
-    blockdiag: str = "reference"
+    # Implementation of the gated FFT long convolution: "reference" (torch.fft), "triton" (the
+    # Triton kernels) or "auto" (Triton for CUDA tensors, the reference elsewhere).
+    fftconv: str = "auto"
+    # Implementation of the block-diagonal GLU MLP matmuls: "reference" (torch einsum), "triton"
+    # or "auto", as above.
+    blockdiag: str = "auto"
 
     def __post_init__(self) -> None:
         from kernels import blockdiag, fftconv

@@ -46,18 +46,18 @@ def _check(name: str, kernel_out, torch_out, ref, atol_rel: float) -> None:
     assert err_kernel <= 2 * err_torch + atol, f"{name}: kernel error {err_kernel:.3e}, torch {err_torch:.3e}, atol {atol:.1e}"
 
 
-def _compare(fn_kernel, fn_torch, inputs64, dtype, atol_rel, grad_mask=None, seed=0):
+def _compare(fn_kernel, fn_torch, inputs64, dtype, atol_rel, grad_mask=None, seed=0, fp32_inputs=()):
     """Forward and all input gradients of fn_kernel and fn_torch at `dtype` against fn_torch in float64,
-    with one random upstream gradient."""
+    with one random upstream gradient. Inputs at the indices `fp32_inputs` stay fp32 (autocast's mix)."""
     grad_mask = grad_mask or [True] * len(inputs64)
 
     def prepare(cast):
         out = []
-        for t, g in zip(inputs64, grad_mask):
+        for i, (t, g) in enumerate(zip(inputs64, grad_mask)):
             if t is None:
                 out.append(None)
                 continue
-            c = cast(t.detach()).requires_grad_(g)
+            c = cast(t.detach(), i).requires_grad_(g)
             out.append(c)
         return out
 
@@ -66,14 +66,16 @@ def _compare(fn_kernel, fn_torch, inputs64, dtype, atol_rel, grad_mask=None, see
         wrt = [t for t in ins if t is not None and t.requires_grad]
         return y, torch.autograd.grad(y, wrt, upstream.to(y.dtype))
 
-    ins64 = prepare(lambda t: t)
+    ins64 = prepare(lambda t, i: t)
     y64 = fn_torch(*ins64)
     upstream = torch.randn(y64.shape, generator=torch.Generator(device=y64.device).manual_seed(seed), dtype=f64, device=y64.device)
     y64, g64 = run(fn_torch, ins64, upstream)
 
     # Activations at `dtype`; filter parameters stay fp32 as in the model (and in the reference).
-    def cast(t):
-        return t.to(dtype) if t.dim() == 3 and dtype != torch.float32 else t.float()
+    low = [t is not None and t.dim() == 3 and i not in fp32_inputs for i, t in enumerate(inputs64)]
+
+    def cast(t, i):
+        return t.to(dtype) if low[i] else t.float()
 
     y_k, g_k = run(fn_kernel, prepare(cast), upstream)
     y_t, g_t = run(fn_torch, prepare(cast), upstream)
@@ -112,6 +114,16 @@ def test_fftconv_matches_reference(length, dtype, residual):
     _compare(
         triton_fftconv.gated_long_conv, fftconv_reference.gated_long_conv, inputs, dtype,
         atol_rel=1e-5 if dtype == torch.float32 else 1e-3, grad_mask=mask,
+    )  # fmt: skip
+
+
+def test_fftconv_autocast_mix():
+    # Under autocast the residual input u is the layer's fp32 input while x1, x2, v are bf16: the
+    # output is fp32 and the transforms run at the gated inputs' (bf16) precision.
+    inputs = _conv_inputs(3, 16, 200, True, seed=5)
+    _compare(
+        triton_fftconv.gated_long_conv, fftconv_reference.gated_long_conv, inputs, torch.bfloat16,
+        atol_rel=1e-3, fp32_inputs=(0,),
     )  # fmt: skip
 
 

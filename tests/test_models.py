@@ -5,6 +5,7 @@ import torch
 
 from m2dist.config import CONFIG_DIR, ModelConfig, load_config
 from m2dist.models import MaskedLM, SequenceClassifier, count_parameters
+from m2dist.models.m2 import causal_short_conv
 from m2dist.optim import build_param_groups
 
 # Upstream's counts for the MLM model (vocab 30528, l_max 128, decoder tied).
@@ -131,3 +132,39 @@ def test_weight_decay_is_decoupled_from_the_learning_rate():
     weight.grad = torch.zeros(4)  # Adam's update is 0 for a zero gradient
     optimizer.step()
     torch.testing.assert_close(weight.detach(), torch.full((4,), 2.0 * (1 - 0.1 * 0.5)))
+
+
+def test_causal_short_conv_is_upstreams_cut_conv1d():
+    # Upstream applies Conv1d(C, C, 3, groups=C, padding=2) to (B, C, L) and keeps the first L
+    # outputs; `causal_short_conv` takes (B, L, C) and must give the same values and gradients.
+    gen = torch.Generator().manual_seed(0)
+    conv = torch.nn.Conv1d(48, 48, 3, groups=48, padding=2).double()
+    p_BLC = torch.randn(2, 17, 48, generator=gen, dtype=torch.float64, requires_grad=True)
+    expected = conv(p_BLC.transpose(1, 2))[..., :17]
+    out = causal_short_conv(p_BLC, conv.weight, conv.bias)
+    assert out.shape == (2, 48, 17) and out.is_contiguous()
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    upstream = torch.randn(expected.shape, generator=gen, dtype=torch.float64)
+    wrt = [p_BLC, conv.weight, conv.bias]
+    for got, want in zip(torch.autograd.grad(out, wrt, upstream), torch.autograd.grad(expected, wrt, upstream)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+@pytest.mark.gpu
+def test_compiled_short_conv_matches_eager_under_autocast():
+    # On a GPU the model runs the torch.compile'd short conv; bf16 in, bf16 out, fp32 inside.
+    from m2dist.models.m2 import _compiled_short_conv
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    p_BLC = torch.randn(4, 128, 2304, device="cuda", generator=gen, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(2304, 1, 3, device="cuda", generator=gen, requires_grad=True)
+    bias = torch.randn(2304, device="cuda", generator=gen, requires_grad=True)
+    upstream = torch.randn(4, 2304, 128, device="cuda", generator=gen, dtype=torch.bfloat16)
+    results = []
+    for fn in (causal_short_conv, _compiled_short_conv()):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = fn(p_BLC, weight, bias)
+        results.append((out, *torch.autograd.grad(out, [p_BLC, weight, bias], upstream)))
+    for eager, compiled in zip(*results):
+        assert eager.dtype == compiled.dtype
+        torch.testing.assert_close(compiled.float(), eager.float(), rtol=1e-2, atol=1e-2)

@@ -27,8 +27,17 @@ def _triton_glu(x: torch.Tensor, weight_KQP: torch.Tensor) -> torch.Tensor:
     return triton_blockdiag.blockdiag_glu(x, weight_KQP)
 
 
-_MATMUL = {"reference": _reference_matmul, "triton": _triton_matmul}
-_GLU = {"reference": reference.blockdiag_glu, "triton": _triton_glu}
+def _auto_matmul(x: torch.Tensor, weight_KQP: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return (_triton_matmul if x.is_cuda else _reference_matmul)(x, weight_KQP, bias)
+
+
+def _auto_glu(x: torch.Tensor, weight_KQP: torch.Tensor) -> torch.Tensor:
+    return (_triton_glu if x.is_cuda else reference.blockdiag_glu)(x, weight_KQP)
+
+
+# "auto": the Triton kernels for CUDA tensors, the reference elsewhere.
+_MATMUL = {"auto": _auto_matmul, "reference": _reference_matmul, "triton": _triton_matmul}
+_GLU = {"auto": _auto_glu, "reference": reference.blockdiag_glu, "triton": _triton_glu}
 BACKENDS = tuple(_MATMUL)
 
 

@@ -43,7 +43,13 @@ def _check_shapes(u_BDL, x1_BDL, x2_BDL, v_BDL, k1_DN, d1_D, k2_DN, d2_D) -> Non
             )
 
 
-_BACKENDS = {"reference": reference.gated_long_conv, "triton": _triton_gated_long_conv}
+def _auto_gated_long_conv(u_BDL, x1_BDL, x2_BDL, v_BDL, k1_DN, d1_D, k2_DN, d2_D):
+    impl = _triton_gated_long_conv if v_BDL.is_cuda else reference.gated_long_conv
+    return impl(u_BDL, x1_BDL, x2_BDL, v_BDL, k1_DN, d1_D, k2_DN, d2_D)
+
+
+# "auto": the Triton kernels for CUDA tensors, the reference elsewhere.
+_BACKENDS = {"auto": _auto_gated_long_conv, "reference": reference.gated_long_conv, "triton": _triton_gated_long_conv}
 BACKENDS = tuple(_BACKENDS)
 
 

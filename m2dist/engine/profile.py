@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from m2dist.config import Config
@@ -40,7 +41,12 @@ def profile_training(config: Config, warmup: int, steps: int, output: Path, rows
     averages = prof.key_averages()
     cuda = trainer.device.type == "cuda"
     device_key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
-    device_us = sum(e.self_device_time_total if cuda else e.self_cpu_time_total for e in averages) / steps
+    # Only the device's own events (kernels, copies): an operator's "self device time" repeats the
+    # time of the kernels it launched.
+    if cuda:
+        device_us = sum(e.self_device_time_total for e in averages if e.device_type == DeviceType.CUDA) / steps
+    else:
+        device_us = sum(e.self_cpu_time_total for e in averages) / steps
     header = (
         f"{config.name}: L={trainer.seq_len}, {tokens} tokens per step, {trainer.env.world_size} rank(s), "
         f"ZeRO-{config.train.zero_stage}, {config.train.precision}, kernels {config.model.kernels.fftconv}/"

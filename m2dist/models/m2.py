@@ -7,6 +7,7 @@ Shape legend: B batch, L sequence length, D hidden size, I MLP inner size, O fil
 E positional feature size, N = 2L the long-conv FFT size.
 """
 
+import functools
 import math
 
 import torch
@@ -97,13 +98,43 @@ class HyenaFilter(nn.Module):
         self.bidirectional = config.bidirectional
 
     def kernel(self, length: int) -> torch.Tensor:
-        """The (D, 2L) circular kernel for inputs of length L."""
+        """The (D, 2L) circular kernel for inputs of length L, in fp32 also under autocast: the
+        filter MLPs are tiny ((L, E) -> (L, D)), and casting their weights to bf16 on every call
+        cost more host time than their matmuls take on the GPU."""
+        with torch.autocast(self.bias.device.type, enabled=False):
+            return self._kernel(length)
+
+    def _kernel(self, length: int) -> torch.Tensor:
         z_1LE, t_1L1 = self.pos_emb(length)
         k_fwd_DL = self.modulation(t_1L1, self.implicit_filter(z_1LE))[0].transpose(0, 1)
         k_rev_DL = None
         if self.bidirectional:
             k_rev_DL = self.modulation(t_1L1, self.implicit_filter_rev(z_1LE))[0].transpose(0, 1)
         return kernels.fftconv.bidirectional_kernel(k_fwd_DL, k_rev_DL)
+
+
+def causal_short_conv(p_BLC: torch.Tensor, weight_C1K: torch.Tensor, bias_C: torch.Tensor) -> torch.Tensor:
+    """Upstream's short filter, a depthwise Conv1d(C, C, K, groups=C, padding=K-1) cut to its first
+    L outputs, i.e. causal: out[b, c, t] = bias[c] + sum_j weight[c, 0, j] p[b, t + j - (K - 1), c].
+
+    Takes the in-projection's (B, L, C) layout and returns (B, C, L), contiguous, in p's dtype,
+    accumulated in at least fp32. Written as K shifted products so that on a GPU `torch.compile` fuses the
+    convolution, the transposition and the cast into one pass (and the backward into another),
+    where cuDNN's depthwise kernels with the transposing copy before them cost as much as the long
+    convolution at L=128.
+    """
+    taps = weight_C1K.shape[-1]
+    length = p_BLC.shape[1]
+    acc = torch.promote_types(p_BLC.dtype, torch.float32)
+    padded_BLC = nn.functional.pad(p_BLC, (0, 0, taps - 1, 0)).to(acc)
+    weight_KC = weight_C1K[:, 0].t().to(acc)
+    out_BLC = bias_C.to(acc) + sum(padded_BLC[:, j : j + length] * weight_KC[j] for j in range(taps))
+    return out_BLC.to(p_BLC.dtype).transpose(1, 2).contiguous()
+
+
+@functools.cache
+def _compiled_short_conv():
+    return torch.compile(causal_short_conv, dynamic=False)
 
 
 class MonarchMixerSequenceMixing(nn.Module):
@@ -121,15 +152,16 @@ class MonarchMixerSequenceMixing(nn.Module):
         self.out_linear = nn.Linear(d, d)
         # Upstream's `hyena_training_additions`: default nn.LayerNorm eps (1e-5), not layer_norm_eps.
         self.layernorm = nn.LayerNorm(d) if config.pre_layernorm else None
+        # Its parameters (named as upstream's); applied by `causal_short_conv`.
         self.short_filter = nn.Conv1d(3 * d, 3 * d, kernel_size=3, groups=3 * d, padding=2)
 
     def forward(self, u_BLD: torch.Tensor) -> torch.Tensor:
         length = u_BLD.shape[1]
         if self.layernorm is not None:
             u_BLD = self.layernorm(u_BLD)
-        projected_BCL = self.in_linear(u_BLD).transpose(1, 2)
-        # Padding 2 on both sides and keeping the first L outputs makes the short conv causal.
-        short_BCL = self.short_filter(projected_BCL)[..., :length]
+        projected_BLC = self.in_linear(u_BLD)
+        short_conv = _compiled_short_conv() if projected_BLC.is_cuda else causal_short_conv
+        short_BCL = short_conv(projected_BLC, self.short_filter.weight, self.short_filter.bias)
         x1_BDL, x2_BDL, v_BDL = short_BCL.split(self.d_model, dim=1)
         k2_DN = d2_D = None
         if self.filter_fn2 is not None:
