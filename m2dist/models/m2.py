@@ -134,7 +134,7 @@ def causal_short_conv(p_BLC: torch.Tensor, weight_C1K: torch.Tensor, bias_C: tor
 
 @functools.cache
 def _compiled_short_conv():
-    return torch.compile(causal_short_conv, dynamic=False)
+    return torch.compile(causal_short_conv)
 
 
 class MonarchMixerSequenceMixing(nn.Module):
