@@ -168,3 +168,14 @@ def test_compiled_short_conv_matches_eager_under_autocast():
     for eager, compiled in zip(*results):
         assert eager.dtype == compiled.dtype
         torch.testing.assert_close(compiled.float(), eager.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_filter_mlps_run_in_fp32_under_autocast():
+    from m2dist.models.m2 import HyenaFilter
+
+    hyena = HyenaFilter(load_config("debug").model)
+    dtypes = []
+    hyena.implicit_filter[0].register_forward_hook(lambda _m, _i, out: dtypes.append(out.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        k_DN = hyena.kernel(16)
+    assert dtypes == [torch.float32] and k_DN.dtype == torch.float32
