@@ -93,6 +93,9 @@ class ModelConfig:
     pool: Literal["cls", "mean"] = "cls"
     # Which implementation runs the heavy ops.
     kernels: KernelConfig = field(default_factory=KernelConfig)
+    # Recompute each layer's activations in the backward (torch.utils.checkpoint): a layer keeps
+    # only its input, for about a third more compute. For long sequences with larger batches.
+    activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "l_max", "filter_order"):

@@ -6,6 +6,7 @@ import torch
 from m2dist.config import CONFIG_DIR, ModelConfig, load_config
 from m2dist.models import MaskedLM, SequenceClassifier, count_parameters
 from m2dist.models.m2 import causal_short_conv
+from m2dist.models.model import LayerStack
 from m2dist.optim import build_param_groups
 
 # Upstream's counts for the MLM model (vocab 30528, l_max 128, decoder tied).
@@ -179,3 +180,30 @@ def test_filter_mlps_run_in_fp32_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         k_DN = hyena.kernel(16)
     assert dtypes == [torch.float32] and k_DN.dtype == torch.float32
+
+
+@pytest.mark.parametrize("architecture", ["m2", "bert"])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(architecture):
+    # Dropout on: the recomputation must draw the same masks as the forward.
+    base = dataclasses.replace(
+        load_config("debug").model, architecture=architecture, num_attention_heads=4, hidden_dropout=0.1, attention_dropout=0.1
+    )
+    input_ids = torch.randint(5, base.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1))
+    labels = torch.where(torch.rand(input_ids.shape, generator=torch.Generator().manual_seed(2)) < 0.3, input_ids, -100)
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = MaskedLM(dataclasses.replace(base, activation_checkpointing=checkpointing))
+        first_layer = next(m for m in model.modules() if isinstance(m, LayerStack)).layer[0]
+        calls = []
+        first_layer.register_forward_pre_hook(lambda *_: calls.append(1))
+        torch.manual_seed(3)
+        loss = model(input_ids=input_ids, labels=labels).loss
+        loss.backward()
+        assert len(calls) == (2 if checkpointing else 1)  # the backward recomputes the layer
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (loss_plain, grads_plain), (loss_ckpt, grads_ckpt) = results
+    torch.testing.assert_close(loss_ckpt, loss_plain, rtol=0, atol=0)
+    assert grads_ckpt.keys() == grads_plain.keys()
+    for name, grad in grads_plain.items():
+        torch.testing.assert_close(grads_ckpt[name], grad, rtol=1e-5, atol=1e-7, msg=name)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from m2dist.config import ModelConfig
 from m2dist.models.bert import BertLayer
@@ -47,10 +48,16 @@ class LayerStack(nn.Module):
         super().__init__()
         layer_cls = M2Layer if config.architecture == "m2" else BertLayer
         self.layer = nn.ModuleList(layer_cls(config) for _ in range(config.num_layers))
+        self.activation_checkpointing = config.activation_checkpointing
 
     def forward(self, h_BLD: torch.Tensor, attention_mask_BL: torch.Tensor | None) -> torch.Tensor:
+        recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for layer in self.layer:
-            h_BLD = layer(h_BLD, attention_mask_BL)
+            if recompute:
+                # Non-reentrant, with the RNG state restored: the recomputation draws the same dropout.
+                h_BLD = torch.utils.checkpoint.checkpoint(layer, h_BLD, attention_mask_BL, use_reentrant=False)
+            else:
+                h_BLD = layer(h_BLD, attention_mask_BL)
         return h_BLD
 
 
