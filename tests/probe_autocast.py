@@ -1,5 +1,6 @@
 """Run by tests/test_engine.py with train.py's arguments (--config NAME key=value ...): one training
-step of the engine; prints the dtype of the first Linear layer's output (outside the filters) inside the engine's forward."""
+step of the engine; prints the dtype of the output of the first Linear layer outside the filter
+MLPs, inside the engine's forward."""
 
 import argparse
 
@@ -17,9 +18,8 @@ def main() -> None:
     trainer = Trainer(load_config(args.config, args.overrides))
     dtypes = []
     # The M2 filter MLPs run in fp32 by design (HyenaFilter.kernel); any other Linear must see bf16.
-    linear = next(
-        m for name, m in trainer.engine.module.named_modules() if isinstance(m, torch.nn.Linear) and "filter_fn" not in name
-    )
+    modules = trainer.engine.module.named_modules()
+    linear = next(m for name, m in modules if isinstance(m, torch.nn.Linear) and "filter_fn" not in name)
     linear.register_forward_hook(lambda _module, _inputs, output: dtypes.append(output.dtype))
     trainer.train_step()
     trainer.close()

@@ -185,9 +185,8 @@ def test_filter_mlps_run_in_fp32_under_autocast():
 @pytest.mark.parametrize("architecture", ["m2", "bert"])
 def test_activation_checkpointing_gives_the_same_loss_and_gradients(architecture):
     # Dropout on: the recomputation must draw the same masks as the forward.
-    base = dataclasses.replace(
-        load_config("debug").model, architecture=architecture, num_attention_heads=4, hidden_dropout=0.1, attention_dropout=0.1
-    )
+    dropout = dict(hidden_dropout=0.1, attention_dropout=0.1)
+    base = dataclasses.replace(load_config("debug").model, architecture=architecture, num_attention_heads=4, **dropout)
     input_ids = torch.randint(5, base.vocab_size, (2, 32), generator=torch.Generator().manual_seed(1))
     labels = torch.where(torch.rand(input_ids.shape, generator=torch.Generator().manual_seed(2)) < 0.3, input_ids, -100)
     results = []

@@ -118,10 +118,10 @@ def causal_short_conv(p_BLC: torch.Tensor, weight_C1K: torch.Tensor, bias_C: tor
     L outputs, i.e. causal: out[b, c, t] = bias[c] + sum_j weight[c, 0, j] p[b, t + j - (K - 1), c].
 
     Takes the in-projection's (B, L, C) layout and returns (B, C, L), contiguous, in p's dtype,
-    accumulated in at least fp32. Written as K shifted products so that on a GPU `torch.compile` fuses the
-    convolution, the transposition and the cast into one pass (and the backward into another),
-    where cuDNN's depthwise kernels with the transposing copy before them cost as much as the long
-    convolution at L=128.
+    accumulated in at least fp32. Written as K shifted products so that on a GPU `torch.compile`
+    fuses the convolution, the transposition and the cast into one pass (and the backward into
+    another), where cuDNN's depthwise kernels with the transposing copy before them cost as much
+    as the long convolution at L=128.
     """
     taps = weight_C1K.shape[-1]
     length = p_BLC.shape[1]
