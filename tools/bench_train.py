@@ -16,7 +16,7 @@ def main() -> None:
     parser.add_argument("--tokens-per-step", type=int, default=32768, help="batch = tokens-per-step / L")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--no-hf", action="store_true", help="skip Hugging Face's BertForMaskedLM")
-    parser.add_argument("--kernels", nargs="+", default=["triton"], help="M2 kernel backends to run (reference, triton)")
+    parser.add_argument("--kernels", nargs="+", default=["triton"], help="M2 kernel backends to run (triton, reference, auto)")
     parser.add_argument("--compile", action="store_true", help="torch.compile every model")
     args = parser.parse_args()
     results = run_benchmark(
