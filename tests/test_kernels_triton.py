@@ -254,8 +254,13 @@ def _check_layer(length, hidden, inner, batch, dtype, rtol):
 
 def _check_layer_autocast(length, hidden, inner, batch, kernels=TRITON):
     """Under bf16 autocast, as in training (bf16 activations reach the kernels): the Triton path's
-    error against the fp32 layer is at most 2.5x the reference path's under the same autocast.
-    (The block-diagonal GLU kernel's error is about 2x torch's: it rounds the GLU product to bf16.)"""
+    error against the fp32 layer is at most 2.5x the reference path's under the same autocast,
+    plus two bf16 ulps of the tensor's scale (2^-7 of its largest entry). (The block-diagonal GLU
+    kernel's error is about 2x torch's: it rounds the GLU product to bf16. The Toeplitz kernels
+    round the residual input u to bf16 for the tensor cores, where the reference transforms it in
+    fp32, so their error does not fall below bf16 resolution when the reference's does: with the
+    filters in fp32 the reference's error on the residual skip weight's gradient is 3x below the
+    Toeplitz path's at L=63, whose own error is nearly 4x below what it was with bf16 filters.)"""
     ref, tri = _layer_pair(length, hidden, inner, torch.float32, kernels)
     h = torch.randn(batch, length, hidden, device=DEVICE)
     exact = _run_layer(ref, h, False)
@@ -263,7 +268,7 @@ def _check_layer_autocast(length, hidden, inner, batch, kernels=TRITON):
         layer.zero_grad()
     out_ref, out_tri = _run_layer(ref, h, True), _run_layer(tri, h, True)
     for name, e in exact.items():
-        atol = 1e-3 * e.abs().max().item()
+        atol = 2**-7 * e.abs().max().item()
         err_tri, err_ref = _max_err(out_tri[name], e.double()), _max_err(out_ref[name], e.double())
         assert err_tri <= 2.5 * err_ref + atol, f"{name}: Triton error {err_tri:.3e}, reference {err_ref:.3e}"
 
