@@ -133,3 +133,18 @@ def test_whole_model_is_bidirectional():
     changed[0, 5] = 105
     delta = (model(changed).logits - model(ids).logits).abs().sum(-1)[0]
     assert (delta[:5] > 0).all() and (delta[6:] > 0).all()
+
+
+def test_auto_backends_run_the_reference_off_the_gpu():
+    # "auto" (the config default) picks the Triton kernels only for tensors on an Ampere or newer
+    # GPU; on the CPU it must be the reference, bit for bit.
+    gen = torch.Generator().manual_seed(0)
+    u, x1, x2, v = (torch.randn(2, 8, 16, generator=gen) for _ in range(4))
+    k_DN, d_D = torch.randn(8, 32, generator=gen), torch.randn(8, generator=gen)
+    assert torch.equal(
+        gated_long_conv(u, x1, x2, v, k_DN, d_D, k_DN, d_D, backend="auto"),
+        gated_long_conv(u, x1, x2, v, k_DN, d_D, k_DN, d_D, backend="reference"),
+    )
+    x, w = torch.randn(3, 8, generator=gen), torch.randn(2, 8, 4, generator=gen)
+    assert torch.equal(blockdiag_glu(x, w, backend="auto"), blockdiag_glu(x, w, backend="reference"))
+    assert torch.equal(blockdiag_matmul(x, w[:, :4], backend="auto"), blockdiag_matmul(x, w[:, :4], backend="reference"))

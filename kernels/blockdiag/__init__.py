@@ -5,6 +5,7 @@ The model calls `blockdiag_matmul` and `blockdiag_glu` with a backend name from 
 
 import torch
 
+from kernels import use_triton
 from kernels.blockdiag import reference
 
 
@@ -28,14 +29,14 @@ def _triton_glu(x: torch.Tensor, weight_KQP: torch.Tensor) -> torch.Tensor:
 
 
 def _auto_matmul(x: torch.Tensor, weight_KQP: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return (_triton_matmul if x.is_cuda else _reference_matmul)(x, weight_KQP, bias)
+    return (_triton_matmul if use_triton(x) else _reference_matmul)(x, weight_KQP, bias)
 
 
 def _auto_glu(x: torch.Tensor, weight_KQP: torch.Tensor) -> torch.Tensor:
-    return (_triton_glu if x.is_cuda else reference.blockdiag_glu)(x, weight_KQP)
+    return (_triton_glu if use_triton(x) else reference.blockdiag_glu)(x, weight_KQP)
 
 
-# "auto": the Triton kernels for CUDA tensors, the reference elsewhere.
+# "auto": the Triton kernels on an Ampere or newer GPU, the reference elsewhere (`use_triton`).
 _MATMUL = {"auto": _auto_matmul, "reference": _reference_matmul, "triton": _triton_matmul}
 _GLU = {"auto": _auto_glu, "reference": reference.blockdiag_glu, "triton": _triton_glu}
 BACKENDS = tuple(_MATMUL)

@@ -6,6 +6,7 @@ same function as `reference.gated_long_conv`.
 
 import torch
 
+from kernels import use_triton
 from kernels.fftconv import reference
 from kernels.fftconv.reference import bidirectional_kernel
 
@@ -44,11 +45,11 @@ def _check_shapes(u_BDL, x1_BDL, x2_BDL, v_BDL, k1_DN, d1_D, k2_DN, d2_D) -> Non
 
 
 def _auto_gated_long_conv(u_BDL, x1_BDL, x2_BDL, v_BDL, k1_DN, d1_D, k2_DN, d2_D):
-    impl = _triton_gated_long_conv if v_BDL.is_cuda else reference.gated_long_conv
+    impl = _triton_gated_long_conv if use_triton(v_BDL) else reference.gated_long_conv
     return impl(u_BDL, x1_BDL, x2_BDL, v_BDL, k1_DN, d1_D, k2_DN, d2_D)
 
 
-# "auto": the Triton kernels for CUDA tensors, the reference elsewhere.
+# "auto": the Triton kernels on an Ampere or newer GPU, the reference elsewhere (`use_triton`).
 _BACKENDS = {"auto": _auto_gated_long_conv, "reference": reference.gated_long_conv, "triton": _triton_gated_long_conv}
 BACKENDS = tuple(_BACKENDS)
 
