@@ -251,29 +251,32 @@ def test_mlflow_server_gets_one_run_and_its_death_does_not_stop_training(tmp_pat
     from tests.test_tracking import MlflowServer, free_loopback_port
 
     server = MlflowServer(tmp_path / "server", free_loopback_port())
-    server.start()
-    out = tmp_path / "run"
-    args = [*BASE, *_data_args(tiny_shards), "train.duration=30", "train.checkpoint_every=10",
-            f"train.output_dir={out}", f"tracking.tracking_uri={server.uri}", "tracking.flush_every_seconds=0.5",
-            "tracking.close_timeout_seconds=5"]  # fmt: skip
-    process = start_background(tmp_path, args)
     try:
-        wait_for_checkpoint(process, out, 10)
-        time.sleep(1.0)  # let a flush reach the server
-        server.stop()
-        output, _ = process.communicate(timeout=300)
+        server.start()
+        out = tmp_path / "run"
+        args = [*BASE, *_data_args(tiny_shards), "train.duration=30", "train.checkpoint_every=10",
+                f"train.output_dir={out}", f"tracking.tracking_uri={server.uri}", "tracking.flush_every_seconds=0.5",
+                "tracking.close_timeout_seconds=5"]  # fmt: skip
+        process = start_background(tmp_path, args)
+        try:
+            wait_for_checkpoint(process, out, 10)
+            time.sleep(1.0)  # let a flush reach the server
+            server.stop()
+            output, _ = process.communicate(timeout=300)
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.communicate()
+        assert process.returncode == 0, output[-5000:]
+        assert [s for s, _ in final_losses(out)] == list(range(1, 31))
+        server.start()
+        client = MlflowClient(server.uri)
+        runs = [run for exp in client.search_experiments() for run in client.search_runs([exp.experiment_id])]
+        assert len(runs) == 1  # rank 0 only
+        run = runs[0]
+        assert run.data.params["runtime.world_size"] == "2" and run.data.params["model.hidden_size"] == "128"
+        logged_steps = {m.step for m in client.get_metric_history(run.info.run_id, "train/loss")}
+        assert set(range(1, 11)) <= logged_steps
+        assert {"config.json", "deepspeed.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.communicate()
-    assert process.returncode == 0, output[-5000:]
-    assert [s for s, _ in final_losses(out)] == list(range(1, 31))
-    server.start()
-    client = MlflowClient(server.uri)
-    runs = [run for exp in client.search_experiments() for run in client.search_runs([exp.experiment_id])]
-    assert len(runs) == 1  # rank 0 only
-    run = runs[0]
-    assert run.data.params["runtime.world_size"] == "2" and run.data.params["model.hidden_size"] == "128"
-    logged_steps = {m.step for m in client.get_metric_history(run.info.run_id, "train/loss")}
-    assert set(range(1, 11)) <= logged_steps
-    assert {"config.json", "deepspeed.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+        server.stop()  # stop() is idempotent: the server is restarted above
