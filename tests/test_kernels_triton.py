@@ -127,6 +127,40 @@ def test_fftconv_autocast_mix():
     )  # fmt: skip
 
 
+def test_fftconv_model_layout_reaches_the_kernels_as_rows_at_gate_precision(monkeypatch):
+    # In the model u arrives as a (B, D, L) view of the (B, L, D) layer input in fp32 and the
+    # output's gradient through a transpose: the kernels must get unit-stride rows (a gather per
+    # load made them 1.6-1.9x slower) and the bf16 gates' tf32 products, not the 3-pass ones
+    # (which tripled the transform's cost).
+    seen = []
+
+    def spy(launcher, name):
+        def wrapped(first, second, *rest):
+            seen.append((name, first.stride(-1), second.stride(-1)))
+            return launcher(first, second, *rest)
+
+        return wrapped
+
+    precisions = []
+    original_precision = triton_fftconv._precision
+    def precision(dtype):
+        precisions.append(original_precision(dtype))
+        return precisions[-1]
+
+    monkeypatch.setattr(triton_fftconv, "_precision", precision)
+    monkeypatch.setattr(triton_fftconv, "fftconv_fwd", spy(triton_fftconv.fftconv_fwd, "forward"))
+    monkeypatch.setattr(triton_fftconv, "fftconv_bwd", spy(triton_fftconv.fftconv_bwd, "backward"))
+    u, x1, x2, v, k1, d1, k2, d2 = _conv_inputs(2, 16, 40, True, seed=6)
+    u_BLD = u.float().transpose(1, 2).contiguous().requires_grad_()
+    x1, x2, v = (t.bfloat16() for t in (x1, x2, v))
+    y = triton_fftconv.gated_long_conv(u_BLD.transpose(1, 2), x1, x2, v, k1.float(), d1.float(), k2.float(), d2.float())
+    y.transpose(1, 2).sum().backward()
+    # the launchers' first two tensors: forward (u, x1), backward (dy, u); unit stride along L
+    assert seen == [("forward", 1, 1), ("backward", 1, 1)]
+    assert precisions == ["tf32", "tf32"]
+    assert u_BLD.grad is not None and not u_BLD.grad.isnan().any()
+
+
 def test_fftconv_outer_radix_path():
     # A lowered on-chip limit sends L = 200 (FFT size 512) through the outer-radix kernels (R = 2).
     inputs = _conv_inputs(2, 16, 200, True, seed=3)
