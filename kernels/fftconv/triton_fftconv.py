@@ -749,7 +749,7 @@ def _rows_contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
     (B, L, D) tensor (the model's u, and the gradient coming back through its output's transpose)
     makes every load of a sequence a gather. A transposing copy costs two passes over the tensor;
     the gathers made the kernels 1.6x (forward) and 1.9x (backward) slower in an L=8192 model step
-    on one H200."""
+    on one H200 (engine profiles of two runs, before and after this copy)."""
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
 
