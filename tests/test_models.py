@@ -171,15 +171,51 @@ def test_compiled_short_conv_matches_eager_under_autocast():
         torch.testing.assert_close(compiled.float(), eager.float(), rtol=1e-2, atol=1e-2)
 
 
+def test_filter_kernel_is_the_modules_mlp_modulated_and_folded():
+    # `filter_kernel` is the functional form of the HyenaFilter's modules: check it against them.
+    from m2dist.models.m2 import HyenaFilter
+
+    torch.manual_seed(0)
+    hyena = HyenaFilter(load_config("debug").model).double()
+    z_1LE, t_1L1 = hyena.pos_emb(24)
+    decay_1LD = torch.exp(-t_1L1 * hyena.modulation.deltas.abs())
+    k_fwd_DL = (hyena.implicit_filter(z_1LE) * decay_1LD)[0].t()
+    k_rev_DL = (hyena.implicit_filter_rev(z_1LE) * decay_1LD)[0].t()
+    expected = torch.cat([k_fwd_DL, torch.zeros_like(k_fwd_DL)], 1) + torch.cat([torch.zeros_like(k_rev_DL), k_rev_DL.flip(1)], 1)
+    got = hyena.kernel(24)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    params = [p for p in hyena.parameters() if p is not hyena.bias]
+    upstream = torch.randn_like(expected)
+    for a, b in zip(torch.autograd.grad(got, params, upstream), torch.autograd.grad(expected, params, upstream)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
 def test_filter_mlps_run_in_fp32_under_autocast():
     from m2dist.models.m2 import HyenaFilter
 
     hyena = HyenaFilter(load_config("debug").model)
-    dtypes = []
-    hyena.implicit_filter[0].register_forward_hook(lambda _m, _i, out: dtypes.append(out.dtype))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        k_DN = hyena.kernel(16)
-    assert dtypes == [torch.float32] and k_DN.dtype == torch.float32
+        k_autocast = hyena.kernel(16)
+    assert k_autocast.dtype == torch.float32
+    torch.testing.assert_close(k_autocast, hyena.kernel(16), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_compiled_filter_kernel_matches_eager():
+    from m2dist.models.m2 import HyenaFilter, _compiled_filter_kernel, filter_kernel
+
+    hyena = HyenaFilter(load_config("m2-bert-80M").model).cuda()
+    z_1LE, t_1L1 = hyena.pos_emb(128)
+    args = (z_1LE, t_1L1, hyena.modulation.deltas, hyena.implicit_filter[1].freq)
+    mlps = [[(m.weight, m.bias) for m in mlp if isinstance(m, torch.nn.Linear)] for mlp in (hyena.implicit_filter, hyena.implicit_filter_rev)]
+    params = [p for p in hyena.parameters() if p is not hyena.bias]
+    upstream = torch.randn(768, 256, device="cuda")
+    results = []
+    for fn in (filter_kernel, _compiled_filter_kernel()):
+        out = fn(*args, *mlps)
+        results.append((out, *torch.autograd.grad(out, params, upstream)))
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("architecture", ["m2", "bert"])
