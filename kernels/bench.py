@@ -46,8 +46,8 @@ def _fwd_bwd(fn, inputs, upstream):
     return step
 
 
-def bench_fftconv(lengths, tokens, dim, variants, copy_bw, toeplitz_max, gemm_max):
-    from kernels.fftconv import toeplitz_gemm, triton_fftconv, triton_toeplitz
+def bench_fftconv(lengths, tokens, dim, variants, copy_bw, toeplitz_max):
+    from kernels.fftconv import triton_fftconv, triton_toeplitz
 
     rows = []
     for length in lengths:
@@ -102,8 +102,6 @@ def bench_fftconv(lengths, tokens, dim, variants, copy_bw, toeplitz_max, gemm_ma
             for split in (True, False):
                 label = "Toeplitz GEMM" + ("" if split else ", filter in bf16")
                 measure(label, functools.partial(triton_toeplitz.gated_long_conv, split=split))
-        if length <= gemm_max:
-            measure("Toeplitz GEMMs on cuBLAS", toeplitz_gemm.gated_long_conv)
         del inputs, u, x1, x2, v, upstream
         torch.cuda.empty_cache()
     return rows
@@ -156,8 +154,7 @@ def main(argv=None) -> None:
     parser.add_argument("--fft-tokens", type=int, default=65536, help="batch x L of the FFT benchmark")
     parser.add_argument("--fft-dim", type=int, default=768)
     parser.add_argument("--variants", default="", help="comma list of max_onchip:tile:num_warps")
-    parser.add_argument("--toeplitz-max", type=int, default=8192, help="longest L to time the Triton Toeplitz path at")
-    parser.add_argument("--gemm-max", type=int, default=1024, help="longest L to time the cuBLAS Toeplitz path at")
+    parser.add_argument("--toeplitz-max", type=int, default=8192, help="longest L to time the Toeplitz path at")
     parser.add_argument("--dims", default="768,960,1536,1792")
     parser.add_argument("--glu-tokens", type=int, default=32768)
     args = parser.parse_args(argv)
@@ -168,12 +165,12 @@ def main(argv=None) -> None:
     if "fftconv" in ops:
         variants = [tuple(int(x) for x in v.split(":")) for v in args.variants.split(",") if v]
         lengths = [int(x) for x in args.lengths.split(",")]
-        fft_rows = bench_fftconv(lengths, args.fft_tokens, args.fft_dim, variants, copy_bw, args.toeplitz_max, args.gemm_max)
+        fft_rows = bench_fftconv(lengths, args.fft_tokens, args.fft_dim, variants, copy_bw, args.toeplitz_max)
     if "glu" in ops:
         glu_rows = bench_glu_mlp([int(x) for x in args.dims.split(",")], args.glu_tokens, gemm_rate)
     _print_table(
         "Gated FFT long conv (steps 4-7 with residual), bf16, forward + backward",
-        "size | algorithm | reference ms | path ms | speedup | fwd speedup | GB/s (floor bytes) | of copy BW | x floor",
+        "size | algorithm | reference ms | Triton ms | speedup | fwd speedup | GB/s (floor bytes) | of copy BW | x floor",
         [_fmt_fft(r) for r in fft_rows],
     )  # fmt: skip
     _print_table(

@@ -32,8 +32,7 @@ def _require(ok: bool, key: str, expected: str, value: Any) -> None:
 @dataclass
 class KernelConfig:
     # Implementation of the gated FFT long convolution: "reference" (torch.fft), "triton" (the
-    # Triton kernels), "gemm" (Toeplitz GEMMs on cuBLAS) or "auto" (on an Ampere or newer GPU the
-    # GEMMs for bf16/fp16 up to L=512 and Triton's FFT otherwise; the reference elsewhere).
+    # Triton kernels) or "auto" (Triton on an Ampere or newer GPU, the reference elsewhere).
     fftconv: str = "auto"
     # Implementation of the block-diagonal GLU MLP matmuls: "reference" (torch einsum), "triton"
     # or "auto", as above.

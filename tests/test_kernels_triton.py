@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
 from kernels.blockdiag import reference as blockdiag_reference  # noqa: E402
 from kernels.blockdiag import triton_blockdiag  # noqa: E402
 from kernels.fftconv import reference as fftconv_reference  # noqa: E402
-from kernels.fftconv import toeplitz_gemm, triton_fftconv, triton_toeplitz  # noqa: E402
+from kernels.fftconv import triton_fftconv, triton_toeplitz  # noqa: E402
 from m2dist.config import KernelConfig, load_config  # noqa: E402
 from m2dist.models.m2 import M2Layer  # noqa: E402
 
@@ -202,43 +202,6 @@ def test_fftconv_toeplitz_matches_reference(length, dtype, residual):
     _compare(triton_toeplitz.gated_long_conv, fftconv_reference.gated_long_conv, inputs, dtype, atol_rel=1e-3, grad_mask=mask)
 
 
-# The Toeplitz products on cuBLAS (eager torch here, the GEMMs upcast on the CPU): the same checks,
-# and the model's strided views with u in fp32 (autocast's mix).
-@pytest.mark.parametrize("length,dtype,residual", [(63, torch.bfloat16, True), (80, torch.float16, False)])
-def test_fftconv_toeplitz_gemm_matches_reference(length, dtype, residual):
-    inputs = _conv_inputs(3, 16, length, residual, seed=length)
-    mask = [residual, True, True, True, True, True, residual, residual]
-    _compare(toeplitz_gemm.gated_long_conv, fftconv_reference.gated_long_conv, inputs, dtype, atol_rel=1e-3, grad_mask=mask)
-
-
-def test_fftconv_toeplitz_gemm_takes_the_models_views_and_writes_y_as_BLD():
-    # The model passes x1, x2, v as channel slices of one (B, 3D, L) tensor and u as the (B, D, L)
-    # view of the (B, L, D) residual stream; y comes back stored as (B, L, D), u's gradient too.
-    u, x1, x2, v, k1, d1, k2, d2 = _conv_inputs(2, 16, 40, True, seed=3)
-    short_BCL = torch.cat([x1, x2, v], 1).bfloat16().requires_grad_()
-    u_BLD = u.transpose(1, 2).float().contiguous().requires_grad_()
-    k1, d1, k2, d2 = (t.float() for t in (k1, d1, k2, d2))
-    views = (u_BLD.transpose(1, 2), *short_BCL.split(16, dim=1))
-    y = toeplitz_gemm.gated_long_conv(*views, k1, d1, k2, d2)
-    assert y.transpose(1, 2).is_contiguous()
-    dense = [t.detach().contiguous().requires_grad_() for t in views]
-    y_dense = toeplitz_gemm.gated_long_conv(*dense, k1, d1, k2, d2)
-    torch.testing.assert_close(y, y_dense, rtol=0, atol=0)
-    upstream = torch.randn_like(y)
-    du, dshort = torch.autograd.grad(y, [u_BLD, short_BCL], upstream)
-    grads = torch.autograd.grad(y_dense, dense, upstream)
-    assert du.is_contiguous()
-    torch.testing.assert_close(du.transpose(1, 2), grads[0], rtol=0, atol=0)
-    torch.testing.assert_close(dshort, torch.cat(grads[1:], 1), rtol=0, atol=0)
-
-
-def test_lag_sums_folds_the_toeplitz_gradient_by_lag():
-    dw_DLL = torch.randn(3, 7, 7, dtype=f64)
-    s, t = torch.meshgrid(torch.arange(7), torch.arange(7), indexing="ij")
-    expected = torch.zeros(3, 14, dtype=f64).index_add_(1, ((t - s) % 14).flatten(), dw_DLL.flatten(1))
-    torch.testing.assert_close(toeplitz_gemm.lag_sums(dw_DLL), expected, rtol=0, atol=1e-12)
-
-
 def _blockdiag_inputs(shape, nblocks, p, q, seed):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(*shape, nblocks * p, generator=gen, dtype=f64)
@@ -355,10 +318,6 @@ def test_m2_layer_triton_matches_reference_under_autocast():
     _check_layer_autocast(length=63, hidden=32, inner=64, batch=2, kernels=KernelConfig(fftconv="triton"))
 
 
-def test_m2_layer_gemm_conv_matches_reference_under_autocast():
-    _check_layer_autocast(length=63, hidden=32, inner=64, batch=2, kernels=KernelConfig(fftconv="gemm"))
-
-
 # GPU: the same checks at real sizes.
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
@@ -389,16 +348,7 @@ def test_fftconv_toeplitz_gpu(length, batch, dim):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("length,batch,dim", [(128, 8, 768), (500, 4, 960)])
-def test_fftconv_toeplitz_gemm_gpu(length, batch, dim):
-    inputs = _conv_inputs(batch, dim, length, True, seed=length)
-    _compare(toeplitz_gemm.gated_long_conv, fftconv_reference.gated_long_conv, inputs, torch.bfloat16, atol_rel=1e-3)
-
-
-@pytest.mark.gpu
 def test_m2_layer_gpu():
     _check_layer(length=512, hidden=768, inner=3072, batch=4, dtype=torch.float32, rtol=1e-3)
     _check_layer_autocast(length=512, hidden=768, inner=3072, batch=4)
-    # "auto", the default: the Toeplitz GEMMs on cuBLAS at these lengths, the Triton GLU.
-    for length in (128, 512):
-        _check_layer_autocast(length=length, hidden=768, inner=3072, batch=4, kernels=KernelConfig())
+    _check_layer_autocast(length=128, hidden=768, inner=3072, batch=8)

@@ -44,33 +44,13 @@ def _check_shapes(u_BDL, x1_BDL, x2_BDL, v_BDL, k1_DN, d1_D, k2_DN, d2_D) -> Non
             )
 
 
-def _gemm_gated_long_conv(u_BDL, x1_BDL, x2_BDL, v_BDL, k1_DN, d1_D, k2_DN, d2_D):
-    from kernels.fftconv import toeplitz_gemm
-
-    return toeplitz_gemm.gated_long_conv(u_BDL, x1_BDL, x2_BDL, v_BDL, k1_DN, d1_D, k2_DN, d2_D)
-
-
 def _auto_gated_long_conv(u_BDL, x1_BDL, x2_BDL, v_BDL, k1_DN, d1_D, k2_DN, d2_D):
-    from kernels.fftconv import toeplitz_gemm
-
-    if not use_triton(v_BDL):
-        impl = reference.gated_long_conv
-    elif toeplitz_gemm.supports(v_BDL):
-        impl = _gemm_gated_long_conv
-    else:
-        impl = _triton_gated_long_conv
+    impl = _triton_gated_long_conv if use_triton(v_BDL) else reference.gated_long_conv
     return impl(u_BDL, x1_BDL, x2_BDL, v_BDL, k1_DN, d1_D, k2_DN, d2_D)
 
 
-# "auto": on an Ampere or newer GPU the Toeplitz GEMMs on cuBLAS for half-precision inputs up to
-# `toeplitz_gemm.MAX_LEN` and the Triton FFT kernel otherwise; the reference elsewhere.
-# "triton": the Triton kernels only; "gemm": the Toeplitz GEMMs at any length.
-_BACKENDS = {
-    "auto": _auto_gated_long_conv,
-    "reference": reference.gated_long_conv,
-    "triton": _triton_gated_long_conv,
-    "gemm": _gemm_gated_long_conv,
-}
+# "auto": the Triton kernels on an Ampere or newer GPU, the reference elsewhere (`use_triton`).
+_BACKENDS = {"auto": _auto_gated_long_conv, "reference": reference.gated_long_conv, "triton": _triton_gated_long_conv}
 BACKENDS = tuple(_BACKENDS)
 
 
