@@ -46,9 +46,10 @@ def _check(name: str, kernel_out, torch_out, ref, atol_rel: float) -> None:
     assert err_kernel <= 2 * err_torch + atol, f"{name}: kernel error {err_kernel:.3e}, torch {err_torch:.3e}, atol {atol:.1e}"
 
 
-def _compare(fn_kernel, fn_torch, inputs64, dtype, atol_rel, grad_mask=None, seed=0, fp32_inputs=()):
+def _compare(fn_kernel, fn_torch, inputs64, dtype, atol_rel, grad_mask=None, seed=0, fp32_inputs=(), upstream_scale=1.0):
     """Forward and all input gradients of fn_kernel and fn_torch at `dtype` against fn_torch in float64,
-    with one random upstream gradient. Inputs at the indices `fp32_inputs` stay fp32 (autocast's mix)."""
+    with one random upstream gradient (N(0, upstream_scale^2)). Inputs at the indices `fp32_inputs`
+    stay fp32 (autocast's mix)."""
     grad_mask = grad_mask or [True] * len(inputs64)
 
     def prepare(cast):
@@ -68,7 +69,8 @@ def _compare(fn_kernel, fn_torch, inputs64, dtype, atol_rel, grad_mask=None, see
 
     ins64 = prepare(lambda t, i: t)
     y64 = fn_torch(*ins64)
-    upstream = torch.randn(y64.shape, generator=torch.Generator(device=y64.device).manual_seed(seed), dtype=f64, device=y64.device)
+    gen = torch.Generator(device=y64.device).manual_seed(seed)
+    upstream = upstream_scale * torch.randn(y64.shape, generator=gen, dtype=f64, device=y64.device)
     y64, g64 = run(fn_torch, ins64, upstream)
 
     # Activations at `dtype`; filter parameters stay fp32 as in the model (and in the reference).
@@ -124,6 +126,20 @@ def test_fftconv_autocast_mix():
     _compare(
         triton_fftconv.gated_long_conv, fftconv_reference.gated_long_conv, inputs, torch.bfloat16,
         atol_rel=1e-3, fp32_inputs=(0,),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("length", [63, 500])
+def test_fftconv_gradients_far_below_the_activations(length):
+    # In training the upstream gradient is ~1e-4 of the activations. The backward packs the
+    # gradient's correlation with the activations' convolution into one complex inverse transform,
+    # whose error is relative to the larger part; the kernel rescales the gradient's part by a power
+    # of two. (Here the interpreter checks the rescaling is undone exactly, in one and in two passes;
+    # on a GPU `test_fftconv_gpu_small_gradients` checks the tf32 precision it buys.)
+    inputs = _conv_inputs(3, 16, length, True, seed=7)
+    _compare(
+        triton_fftconv.gated_long_conv, fftconv_reference.gated_long_conv, inputs, torch.bfloat16,
+        atol_rel=1e-3, fp32_inputs=(0,), upstream_scale=1e-5,
     )  # fmt: skip
 
 
@@ -327,6 +343,18 @@ def test_fftconv_gpu(length, batch, dim, dtype):
     _compare(
         triton_fftconv.gated_long_conv, fftconv_reference.gated_long_conv, inputs, dtype,
         atol_rel=1e-5 if dtype == torch.float32 else 1e-3,
+    )  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("length,batch,dim", [(500, 4, 960), (8192, 2, 768)])
+def test_fftconv_gpu_small_gradients(length, batch, dim):
+    # Gradients 1e-5 of the activations, u in fp32 (autocast's mix): the tf32 transforms' error must
+    # stay relative to each gradient, not to the activations packed beside it.
+    inputs = _conv_inputs(batch, dim, length, True, seed=length)
+    _compare(
+        triton_fftconv.gated_long_conv, fftconv_reference.gated_long_conv, inputs, torch.bfloat16,
+        atol_rel=1e-3, fp32_inputs=(0,), upstream_scale=1e-5,
     )  # fmt: skip
 
 

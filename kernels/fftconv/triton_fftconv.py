@@ -213,10 +213,12 @@ def _load_outer_row(
     R: tl.constexpr, M: tl.constexpr, HAS_B: tl.constexpr,
 ):  # fmt: skip
     """Row r of the outer R-point DFT of the zero-padded product a * b (b optional), before the
-    outer twiddle. o_d, o_t, m_d: [C * M2, K1] channel, inner time and channel mask of the tile.
+    outer twiddle, and max |a * b| over the tile's whole rows (the same in every program of the
+    row's R). o_d, o_t, m_d: [C * M2, K1] channel, inner time and channel mask of the tile.
     With R == 1 this is the plain (real) sequence."""
     b_zr = tl.zeros(o_t.shape, tl.float32)
     b_zi = tl.zeros(o_t.shape, tl.float32)
+    amax = 0.0
     # Only the first R / 2 outer rows hold data (the rest is the zero padding to 2L).
     for n0 in tl.static_range(max(R // 2, 1)):
         o_tn = o_t + n0 * M
@@ -224,13 +226,22 @@ def _load_outer_row(
         b_x = tl.load(pa_ptr + i_b * s_ab + o_d * s_ad + o_tn * s_al, mask=m_x, other=0.0).to(tl.float32)
         if HAS_B:
             b_x *= tl.load(pb_ptr + i_b * s_bb + o_d * s_bd + o_tn * s_bl, mask=m_x, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.max(tl.abs(b_x)))
         if R == 1:
             b_zr = b_x
         else:
             i_w = (n0 * i_r) % R
             b_zr += b_x * tl.load(wc_ptr + i_w)
             b_zi -= b_x * tl.load(ws_ptr + i_w)
-    return b_zr, b_zi
+    return b_zr, b_zi, amax
+
+
+@triton.jit
+def _pow2_ratio(num, den):
+    """2^round(log2(num / den)) for maxima num, den >= 0, within 2^+-100; 1 when either is 0."""
+    ok = (num > 0) & (den > 0)
+    e = tl.floor(tl.log2(tl.where(ok, num, 1.0)) - tl.log2(tl.where(ok, den, 1.0)) + 0.5)
+    return tl.exp2(tl.minimum(tl.maximum(e, -100.0), 100.0))
 
 
 @triton.jit
@@ -292,7 +303,7 @@ def _fwd_kernel(
     i_blo = i_bs * B_PER
     i_bhi = tl.minimum(i_blo + B_PER, B)
     for i_b in range(i_blo, i_bhi):
-        b_ar, b_ai = _load_outer_row(
+        b_ar, b_ai, _ = _load_outer_row(
             v_ptr, s_vb, s_vd, s_vl, x1_ptr, s_x1b, s_x1d, s_x1l, wc_ptr, ws_ptr,
             i_b, i_r, o_d, o_t, m_d, L, R, M, True,
         )  # fmt: skip
@@ -304,7 +315,7 @@ def _fwd_kernel(
             b_ar, b_ai, tl.load(k1r_ptr + i_k0 + p_k, mask=m_k, other=0.0), tl.load(k1i_ptr + i_k0 + p_k, mask=m_k, other=0.0)
         )
         if HAS_RES:
-            b_ur, b_ui = _load_outer_row(
+            b_ur, b_ui, _ = _load_outer_row(
                 u_ptr, s_ub, s_ud, s_ul, u_ptr, s_ub, s_ud, s_ul, wc_ptr, ws_ptr,
                 i_b, i_r, o_d, o_t, m_d, L, R, M, False,
             )  # fmt: skip
@@ -385,7 +396,7 @@ def _fwd_combine_kernel(
 @triton.jit
 def _bwd_kernel(
     u_ptr, x1_ptr, x2_ptr, v_ptr, dy_ptr, du_ptr, dx1_ptr, dx2_ptr, dv_ptr,
-    s1r_ptr, s1i_ptr, s2r_ptr, s2i_ptr, dd1_ptr, dd2_ptr,
+    s1r_ptr, s1i_ptr, s2r_ptr, s2i_ptr, scale_ptr, dd1_ptr, dd2_ptr,
     k1r_ptr, k1i_ptr, k2r_ptr, k2i_ptr, dk1r_ptr, dk1i_ptr, dk2r_ptr, dk2i_ptr, d1_ptr, d2_ptr,
     tab_ptr, otr_ptr, oti_ptr, wc_ptr, ws_ptr,
     B, D, L, B_PER,
@@ -432,11 +443,11 @@ def _bwd_kernel(
     i_bhi = tl.minimum(i_blo + B_PER, B)
     for i_b in range(i_blo, i_bhi):
         # Conv 1: a = v * x1 and its upstream gradient g1 = dy * x2.
-        b_ar, b_ai = _load_outer_row(
+        b_ar, b_ai, amax_a = _load_outer_row(
             v_ptr, s_vb, s_vd, s_vl, x1_ptr, s_x1b, s_x1d, s_x1l, wc_ptr, ws_ptr,
             i_b, i_r, o_d, o_t, m_d, L, R, M, True,
         )  # fmt: skip
-        b_gr, b_gi = _load_outer_row(
+        b_gr, b_gi, amax_g = _load_outer_row(
             dy_ptr, s_gb, s_gd, s_gl, x2_ptr, s_x2b, s_x2d, s_x2l, wc_ptr, ws_ptr,
             i_b, i_r, o_d, o_t, m_d, L, R, M, True,
         )  # fmt: skip
@@ -447,15 +458,19 @@ def _bwd_kernel(
         b_gr, b_gi = _dft(b_gr, b_gi, tab_ptr, C, M1, M2, P2, K1, R > 1, PREC)
         b_dk1r += b_ar * b_gr + b_ai * b_gi
         b_dk1i += b_ar * b_gi - b_ai * b_gr
-        # A K1 (for y1, needed by dx2) + i G1 conj(K1) (the correlation giving da): one inverse.
+        # A K1 (for y1, needed by dx2) + i s G1 conj(K1) (the correlation giving da): one inverse.
+        # Gradients are orders of magnitude below activations, and the tf32 transform's error is
+        # relative to the larger part: the power of two s brings G1 to A's scale (exactly undone).
+        scale = _pow2_ratio(amax_a, amax_g)
         b_k1r = tl.load(k1r_ptr + i_k0 + p_k, mask=m_k, other=0.0)
         b_k1i = tl.load(k1i_ptr + i_k0 + p_k, mask=m_k, other=0.0)
         b_pr, b_pi = _cmul(b_ar, b_ai, b_k1r, b_k1i)
-        b_qr, b_qi = _cmul(b_gr, b_gi, b_k1r, -b_k1i)
+        b_qr, b_qi = _cmul(b_gr * scale, b_gi * scale, b_k1r, -b_k1i)
         b_y1, b_dac = _idft(
             b_pr - b_qi, b_pi + b_qr, tab_ptr, C, M1, M2, P2, K1, PREC
         )
         if R == 1:
+            b_dac = b_dac / scale
             m_x = m_d & (o_t < L)
             p_x = (i_b * D + i_d0) * L + (o_d * L + o_t)
             b_v = tl.load(v_ptr + i_b * s_vb + o_d * s_vd + o_t * s_vl, mask=m_x, other=0.0).to(tl.float32)
@@ -470,17 +485,19 @@ def _bwd_kernel(
             tl.store(dx2_ptr + p_x, (b_dy * (b_y1 + b_d1 * b_a)).to(dx2_ptr.dtype.element_ty), mask=m_x)
             b_dd1 += tl.sum(b_g1 * b_a, axis=1)
         else:
+            # The combine kernel divides da by the scale of the row's channel block.
+            tl.store(scale_ptr + i_b * tl.num_programs(0) + i_dc, scale)
             b_sr, b_si = _cmul(b_y1, b_dac, b_otr, -b_oti)
             p_s = ((i_b * D + i_d0) * R + i_r) * M + (o_d * (R * M) + o_t)
             tl.store(s1r_ptr + p_s, b_sr, mask=m_d)
             tl.store(s1i_ptr + p_s, b_si, mask=m_d)
         if HAS_RES:
             # Conv 2 on u with upstream gradient dy.
-            b_ur, b_ui = _load_outer_row(
+            b_ur, b_ui, _ = _load_outer_row(
                 u_ptr, s_ub, s_ud, s_ul, u_ptr, s_ub, s_ud, s_ul, wc_ptr, ws_ptr,
                 i_b, i_r, o_d, o_t, m_d, L, R, M, False,
             )  # fmt: skip
-            b_hr, b_hi = _load_outer_row(
+            b_hr, b_hi, _ = _load_outer_row(
                 dy_ptr, s_gb, s_gd, s_gl, dy_ptr, s_gb, s_gd, s_gl, wc_ptr, ws_ptr,
                 i_b, i_r, o_d, o_t, m_d, L, R, M, False,
             )  # fmt: skip
@@ -530,11 +547,11 @@ def _bwd_kernel(
 
 @triton.jit
 def _bwd_combine_kernel(
-    s1r_ptr, s1i_ptr, s2r_ptr, s2i_ptr, u_ptr, x1_ptr, x2_ptr, v_ptr, dy_ptr,
+    s1r_ptr, s1i_ptr, s2r_ptr, s2i_ptr, scale_ptr, u_ptr, x1_ptr, x2_ptr, v_ptr, dy_ptr,
     du_ptr, dx1_ptr, dx2_ptr, dv_ptr, dd1_ptr, dd2_ptr, d1_ptr, d2_ptr, wc_ptr, ws_ptr,
     D, L,
     s_ub, s_ud, s_ul, s_x1b, s_x1d, s_x1l, s_x2b, s_x2d, s_x2l, s_vb, s_vd, s_vl, s_gb, s_gd, s_gl,
-    R: tl.constexpr, M: tl.constexpr, BLK: tl.constexpr, HAS_RES: tl.constexpr,
+    R: tl.constexpr, M: tl.constexpr, BLK: tl.constexpr, C: tl.constexpr, HAS_RES: tl.constexpr,
 ):  # fmt: skip
     """Outer inverse of the backward's scratch rows and the gradients' gates. dd*: partial sums
     [B, n_mblocks, D]."""
@@ -543,6 +560,7 @@ def _bwd_combine_kernel(
     i_b = tl.program_id(2).to(tl.int64)
     o_m = i_m * BLK + tl.arange(0, BLK)
     b_y1, b_dac = _outer_inverse(s1r_ptr, s1i_ptr, wc_ptr, ws_ptr, i_b, i_d, o_m, D, R, M)
+    b_dac = b_dac / tl.load(scale_ptr + i_b * tl.cdiv(D, C) + i_d // C)
     # [R / 2, BLK]
     o_t = tl.arange(0, R // 2)[:, None] * M + o_m[None, :]
     m_t = o_t < L
@@ -708,6 +726,8 @@ def fftconv_bwd(dy, u, x1, x2, v, k1r, k1i, d1, k2r, k2i, d2, plan):
     alloc = torch.zeros if atomic else torch.empty
     dk1r, dk1i = alloc(k1r.shape, dtype=torch.float32, device=dev), alloc(k1r.shape, dtype=torch.float32, device=dev)
     dk2r, dk2i = (alloc(k1r.shape, dtype=torch.float32, device=dev) for _ in range(2)) if has_res else (dk1r, dk1i)
+    # Per (batch row, channel block) scale of the packed inverse (R > 1: read by the combine kernel).
+    scale = torch.empty((batch, triton.cdiv(dim, c)), dtype=torch.float32, device=dev)
     if r > 1:
         s1r, s1i = (torch.empty((batch, dim, r, m), dtype=torch.float32, device=dev) for _ in range(2))
         s2r, s2i = (torch.empty((batch, dim, r, m), dtype=torch.float32, device=dev) for _ in range(2)) if has_res else (s1r, s1i)
@@ -719,7 +739,7 @@ def fftconv_bwd(dy, u, x1, x2, v, k1r, k1i, d1, k2r, k2i, d2, plan):
     dd2 = torch.empty_like(dd1) if has_res else dd1
     uu = u if has_res else v
     _bwd_kernel[(triton.cdiv(dim, c), nsplit, r)](
-        uu, x1, x2, v, dy, du, dx1, dx2, dv, s1r, s1i, s2r, s2i, dd1, dd2,
+        uu, x1, x2, v, dy, du, dx1, dx2, dv, s1r, s1i, s2r, s2i, scale, dd1, dd2,
         k1r, k1i, k2r if has_res else k1r, k2i if has_res else k1i, dk1r, dk1i, dk2r, dk2i,
         d1, d2 if has_res else d1,
         tabs["tab"], tabs["otr"], tabs["oti"], tabs["wc"], tabs["ws"],
@@ -730,10 +750,10 @@ def fftconv_bwd(dy, u, x1, x2, v, k1r, k1i, d1, k2r, k2i, d2, plan):
     )  # fmt: skip
     if r > 1:
         _bwd_combine_kernel[(m // blk, dim, batch)](
-            s1r, s1i, s2r, s2i, uu, x1, x2, v, dy, du, dx1, dx2, dv, dd1, dd2,
+            s1r, s1i, s2r, s2i, scale, uu, x1, x2, v, dy, du, dx1, dx2, dv, dd1, dd2,
             d1, d2 if has_res else d1, tabs["wc"], tabs["ws"],
             dim, length, *_strides(uu, x1, x2, v, dy),
-            R=r, M=m, BLK=blk, HAS_RES=has_res, num_warps=4,
+            R=r, M=m, BLK=blk, C=c, HAS_RES=has_res, num_warps=4,
         )  # fmt: skip
     # Partial sums: [n_bsplit, D, M2] (R == 1) or [B, n_mblocks, D].
     sum_dims = (0, 2) if r == 1 else (0, 1)
