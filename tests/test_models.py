@@ -1,4 +1,5 @@
 import dataclasses
+import unittest.mock
 
 import pytest
 import torch
@@ -171,23 +172,40 @@ def test_compiled_short_conv_matches_eager_under_autocast():
         torch.testing.assert_close(compiled.float(), eager.float(), rtol=1e-2, atol=1e-2)
 
 
-def test_filter_kernel_is_the_modules_mlp_modulated_and_folded():
-    # `filter_kernel` is the functional form of the HyenaFilter's modules: check it against them.
-    from m2dist.models.m2 import HyenaFilter
+def test_filter_kernels_are_the_modules_mlps_modulated_and_folded():
+    # `filter_kernels` computes many HyenaFilters' kernels as one stacked function of their
+    # parameters: check each against its own modules, values and gradients.
+    from m2dist.models.m2 import HyenaFilter, filter_kernels
 
     torch.manual_seed(0)
-    hyena = HyenaFilter(load_config("debug").model).double()
-    z_1LE, t_1L1 = hyena.pos_emb(24)
-    decay_1LD = torch.exp(-t_1L1 * hyena.modulation.deltas.abs())
-    k_fwd_DL = (hyena.implicit_filter(z_1LE) * decay_1LD)[0].t()
-    k_rev_DL = (hyena.implicit_filter_rev(z_1LE) * decay_1LD)[0].t()
-    expected = torch.cat([k_fwd_DL, torch.zeros_like(k_fwd_DL)], 1) + torch.cat([torch.zeros_like(k_rev_DL), k_rev_DL.flip(1)], 1)
-    got = hyena.kernel(24)
+    filters = [HyenaFilter(load_config("debug").model).double() for _ in range(3)]
+
+    def from_modules(hyena):
+        z_1LE, t_1L1 = hyena.pos_emb(24)
+        decay_1LD = torch.exp(-t_1L1 * hyena.modulation.deltas.abs())
+        k_fwd_DL = (hyena.implicit_filter(z_1LE) * decay_1LD)[0].t()
+        k_rev_DL = (hyena.implicit_filter_rev(z_1LE) * decay_1LD)[0].t()
+        zeros = torch.zeros_like(k_fwd_DL)
+        return torch.cat([k_fwd_DL, zeros], 1) + torch.cat([zeros, k_rev_DL.flip(1)], 1)
+
+    got, expected = filter_kernels(filters, 24), [from_modules(f) for f in filters]
+    params = [p for f in filters for p in f.parameters() if p is not f.bias]
+    upstream = [torch.randn_like(k) for k in expected]
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
-    params = [p for p in hyena.parameters() if p is not hyena.bias]
-    upstream = torch.randn_like(expected)
     for a, b in zip(torch.autograd.grad(got, params, upstream), torch.autograd.grad(expected, params, upstream)):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    torch.testing.assert_close(filters[1].kernel(24), expected[1], rtol=0, atol=1e-12)
+
+
+def test_layers_given_their_kernels_equal_layers_computing_them():
+    # LayerStack computes every layer's kernels in one batch and passes them down.
+    from m2dist.models.m2 import M2Layer, layer_filter_kernels
+
+    torch.manual_seed(0)
+    layers = [M2Layer(load_config("debug").model).eval() for _ in range(2)]  # no dropout
+    h = torch.randn(2, 16, 128)
+    for layer, kernels_DN in zip(layers, layer_filter_kernels(layers, 16)):
+        torch.testing.assert_close(layer(h, None, kernels_DN), layer(h), rtol=0, atol=0)
 
 
 def test_filter_mlps_run_in_fp32_under_autocast():
@@ -201,19 +219,19 @@ def test_filter_mlps_run_in_fp32_under_autocast():
 
 
 @pytest.mark.gpu
-def test_compiled_filter_kernel_matches_eager():
-    from m2dist.models.m2 import HyenaFilter, _compiled_filter_kernel, filter_kernel
+def test_compiled_filter_kernels_match_eager():
+    from m2dist.models.m2 import HyenaFilter, _compiled_stacked_filter_kernels, filter_kernels, stacked_filter_kernels
 
-    hyena = HyenaFilter(load_config("m2-bert-80M").model).cuda()
-    z_1LE, t_1L1 = hyena.pos_emb(128)
-    args = (z_1LE, t_1L1, hyena.modulation.deltas, hyena.implicit_filter[1].freq)
-    mlps = [[(m.weight, m.bias) for m in mlp if isinstance(m, torch.nn.Linear)] for mlp in (hyena.implicit_filter, hyena.implicit_filter_rev)]
-    params = [p for p in hyena.parameters() if p is not hyena.bias]
-    upstream = torch.randn(768, 256, device="cuda")
+    filters = [HyenaFilter(load_config("m2-bert-80M").model).cuda() for _ in range(4)]
+    params = [p for f in filters for p in f.parameters() if p is not f.bias]
+    upstream = [torch.randn(768, 256, device="cuda") for _ in filters]
     results = []
-    for fn in (filter_kernel, _compiled_filter_kernel()):
-        out = fn(*args, *mlps)
-        results.append((out, *torch.autograd.grad(out, params, upstream)))
+    for fn in (stacked_filter_kernels, _compiled_stacked_filter_kernels()):
+        with unittest.mock.patch("m2dist.models.m2.stacked_filter_kernels", fn), unittest.mock.patch(
+            "m2dist.models.m2._compiled_stacked_filter_kernels", lambda fn=fn: fn
+        ):
+            out = filter_kernels(filters, 128)
+        results.append((*out, *torch.autograd.grad(out, params, upstream)))
     for eager, compiled in zip(*results):
         torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
 

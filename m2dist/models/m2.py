@@ -96,45 +96,64 @@ class HyenaFilter(nn.Module):
         self.bidirectional = config.bidirectional
 
     def kernel(self, length: int) -> torch.Tensor:
-        """The (D, 2L) circular kernel for inputs of length L, in fp32 also under autocast: the
-        filter MLPs are tiny ((L, E) -> (L, D)), and casting their weights to bf16 on every call
-        cost more host time than their matmuls take on the GPU. On a GPU the whole computation is
-        one `torch.compile`d function (a few fused kernels in place of ~40 launches per filter)."""
-        z_1LE, t_1L1 = self.pos_emb(length)
-        fwd = _linear_params(self.implicit_filter)
-        rev = _linear_params(self.implicit_filter_rev) if self.bidirectional else None
-        act = self.implicit_filter[1]
-        compute = _compiled_filter_kernel() if z_1LE.is_cuda else filter_kernel
-        with torch.autocast(z_1LE.device.type, enabled=False):
-            return compute(z_1LE, t_1L1, self.modulation.deltas, act.freq, fwd, rev)
+        """The (D, 2L) circular kernel for inputs of length L (see `filter_kernels`)."""
+        return filter_kernels([self], length)[0]
+
+
+def filter_kernels(filters: list[HyenaFilter], length: int) -> list[torch.Tensor]:
+    """The (D, 2L) circular kernels of `filters` (of one config) for inputs of length L, in fp32
+    also under autocast: the filter MLPs are tiny ((L, E) -> (L, D)), and casting their weights to
+    bf16 on every call cost more host time than their matmuls take on the GPU.
+
+    All filters are computed together, their MLPs as batched matmuls; on a GPU in one
+    `torch.compile`d function, so that a model's 24 filters cost a few fused kernels per step,
+    not ~40 launches (or one compiled call) each."""
+    first = filters[0]
+    tensors = (
+        [f.pos_emb.z for f in filters],
+        first.pos_emb.t,
+        [f.modulation.deltas for f in filters],
+        [f.implicit_filter[1].freq for f in filters],
+        [_linear_params(f.implicit_filter) for f in filters],
+        [_linear_params(f.implicit_filter_rev) for f in filters] if first.bidirectional else None,
+    )
+    compute = _compiled_stacked_filter_kernels() if first.bias.is_cuda else stacked_filter_kernels
+    with torch.autocast(first.bias.device.type, enabled=False):
+        return compute(*tensors, length)
 
 
 def _linear_params(mlp: nn.Sequential) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
     return [(layer.weight, layer.bias) for layer in mlp if isinstance(layer, nn.Linear)]
 
 
-def filter_response(z_1LE, t_1L1, deltas_11D, freq_1O, linears) -> torch.Tensor:
-    """(D, L) taps of one filter MLP: (Linear, Sin) for all but the last of `linears` ((weight,
-    bias) pairs), then the last Linear, times the exponential modulation exp(-t |delta|). The
-    functional form of `_filter_mlp` + `ExponentialModulation`, with their parameters."""
-    h = z_1LE
-    for weight, bias in linears[:-1]:
-        h = torch.sin(freq_1O * nn.functional.linear(h, weight, bias))
-    weight, bias = linears[-1]
-    k_1LD = nn.functional.linear(h, weight, bias) * torch.exp(-t_1L1 * deltas_11D.abs())
-    return k_1LD[0].transpose(0, 1)
+def stacked_filter_kernels(zs, t_1L1, deltas, freqs, fwd_mlps, rev_mlps, length: int) -> list[torch.Tensor]:
+    """The functional form of F HyenaFilters' `_filter_mlp`s + `ExponentialModulation`, stacked.
 
-
-def filter_kernel(z_1LE, t_1L1, deltas_11D, freq_1O, fwd_linears, rev_linears) -> torch.Tensor:
-    """The (D, 2L) circular kernel of a HyenaFilter from its forward (and reverse, or None) MLP."""
-    k_fwd_DL = filter_response(z_1LE, t_1L1, deltas_11D, freq_1O, fwd_linears)
-    k_rev_DL = None if rev_linears is None else filter_response(z_1LE, t_1L1, deltas_11D, freq_1O, rev_linears)
-    return kernels.fftconv.bidirectional_kernel(k_fwd_DL, k_rev_DL)
+    zs: F positional features (1, l_max, E); t_1L1: the positions (1, l_max, 1), as built for l_max;
+    deltas: F decay rates (1, 1, D); freqs: F Sin frequencies (1, O), shared by a filter's MLPs;
+    fwd_mlps, rev_mlps: F lists of (weight, bias) per Linear (rev_mlps None: causal filters).
+    Each MLP is (Linear, Sin) for all but the last Linear; its (L, D) output times
+    exp(-t |delta|) gives the taps. Returns F (D, 2L) kernels from `bidirectional_kernel`."""
+    n_filters = len(zs)
+    mlps = fwd_mlps + (rev_mlps or [])
+    repeat = len(mlps) // n_filters
+    z_MLE = torch.cat(zs * repeat)[:, :length]
+    freq_M1O = torch.stack(freqs * repeat)
+    h = z_MLE
+    for i in range(len(mlps[0]) - 1):
+        weight_MOI = torch.stack([mlp[i][0] for mlp in mlps])
+        bias_M1O = torch.stack([mlp[i][1] for mlp in mlps])[:, None]
+        h = torch.sin(freq_M1O * torch.baddbmm(bias_M1O, h, weight_MOI.transpose(1, 2)))
+    weight_MDO = torch.stack([mlp[-1][0] for mlp in mlps])
+    decay_MLD = torch.exp(-t_1L1[:, :length] * torch.cat(deltas * repeat).abs())
+    k_MDL = (torch.bmm(h, weight_MDO.transpose(1, 2)) * decay_MLD).transpose(1, 2)
+    k_rev = k_MDL[n_filters:] if rev_mlps is not None else None
+    return list(kernels.fftconv.bidirectional_kernel(k_MDL[:n_filters], k_rev).unbind(0))
 
 
 @functools.cache
-def _compiled_filter_kernel():
-    return torch.compile(filter_kernel)
+def _compiled_stacked_filter_kernels():
+    return torch.compile(stacked_filter_kernels)
 
 
 def causal_short_conv(p_BLC: torch.Tensor, weight_C1K: torch.Tensor, bias_C: torch.Tensor) -> torch.Tensor:
@@ -179,8 +198,16 @@ class MonarchMixerSequenceMixing(nn.Module):
         # Its parameters (named as upstream's); applied by `causal_short_conv`.
         self.short_filter = nn.Conv1d(3 * d, 3 * d, kernel_size=3, groups=3 * d, padding=2)
 
-    def forward(self, u_BLD: torch.Tensor) -> torch.Tensor:
+    def filters(self) -> list[HyenaFilter]:
+        """The long convolutions' filters: the gated one, then the residual one if any."""
+        return [self.filter_fn] + ([self.filter_fn2] if self.filter_fn2 is not None else [])
+
+    def forward(self, u_BLD: torch.Tensor, kernels_DN: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """kernels_DN: the `filters()`' kernels for this L, when the caller computed them (with the
+        other layers'); None computes them here."""
         length = u_BLD.shape[1]
+        if kernels_DN is None:
+            kernels_DN = filter_kernels(self.filters(), length)
         if self.layernorm is not None:
             u_BLD = self.layernorm(u_BLD)
         projected_BLC = self.in_linear(u_BLD)
@@ -189,10 +216,9 @@ class MonarchMixerSequenceMixing(nn.Module):
         x1_BDL, x2_BDL, v_BDL = short_BCL.split(self.d_model, dim=1)
         k2_DN = d2_D = None
         if self.filter_fn2 is not None:
-            k2_DN, d2_D = self.filter_fn2.kernel(length), self.filter_fn2.bias
+            k2_DN, d2_D = kernels_DN[1], self.filter_fn2.bias
         y_BDL = kernels.fftconv.gated_long_conv(
-            u_BLD.transpose(1, 2), x1_BDL, x2_BDL, v_BDL,
-            self.filter_fn.kernel(length), self.filter_fn.bias, k2_DN, d2_D,
+            u_BLD.transpose(1, 2), x1_BDL, x2_BDL, v_BDL, kernels_DN[0], self.filter_fn.bias, k2_DN, d2_D,
             backend=self.backend,
         )  # fmt: skip
         return self.out_linear(y_BDL.transpose(1, 2))
@@ -254,8 +280,22 @@ class M2Layer(nn.Module):
         self.attention = MonarchMixerSequenceMixing(config)
         self.mlp = GatedBlockdiagMLP(config)
 
-    def forward(self, h_BLD: torch.Tensor, attention_mask_BL: torch.Tensor | None = None) -> torch.Tensor:
-        return self.mlp(self.attention(h_BLD))
+    def forward(
+        self, h_BLD: torch.Tensor, attention_mask_BL: torch.Tensor | None = None, kernels_DN: list[torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """kernels_DN: the mixer's filter kernels, if the caller computed them (`layer_filter_kernels`)."""
+        return self.mlp(self.attention(h_BLD, kernels_DN))
+
+
+def layer_filter_kernels(layers: list[M2Layer], length: int) -> list[list[torch.Tensor]]:
+    """Every layer's filter kernels for inputs of length L, computed together (`filter_kernels`)."""
+    per_layer = [layer.attention.filters() for layer in layers]
+    flat = filter_kernels([f for filters in per_layer for f in filters], length)
+    out, start = [], 0
+    for filters in per_layer:
+        out.append(flat[start : start + len(filters)])
+        start += len(filters)
+    return out
 
 
 def m2_special_parameters(module: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
