@@ -59,7 +59,7 @@ class PositionalFeatures(nn.Module):
 
 class ExponentialModulation(nn.Module):
     """The decay rates |delta_c| of the modulation k[t, c] *= exp(-t |delta_c|) (a buffer, applied by
-    `filter_response`): fixed, from fast (30%) to slow (150%) to 1e-2."""
+    `stacked_filter_kernels`): fixed, from fast (30%) to slow (150%) to 1e-2."""
 
     def __init__(self, d_model: int, fast_decay_pct: float = 0.3, slow_decay_pct: float = 1.5, target: float = 1e-2):
         super().__init__()
