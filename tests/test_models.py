@@ -206,6 +206,8 @@ def test_layers_given_their_kernels_equal_layers_computing_them():
     h = torch.randn(2, 16, 128)
     for layer, kernels_DN in zip(layers, layer_filter_kernels(layers, 16)):
         torch.testing.assert_close(layer(h, None, kernels_DN), layer(h), rtol=0, atol=0)
+        # ... and the kernels handed down are the ones used.
+        assert not torch.equal(layer(h, None, [torch.zeros_like(k) for k in kernels_DN]), layer(h))
 
 
 def test_filter_mlps_run_in_fp32_under_autocast():
