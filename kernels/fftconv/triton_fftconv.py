@@ -726,15 +726,15 @@ def fftconv_bwd(dy, u, x1, x2, v, k1r, k1i, d1, k2r, k2i, d2, plan):
     alloc = torch.zeros if atomic else torch.empty
     dk1r, dk1i = alloc(k1r.shape, dtype=torch.float32, device=dev), alloc(k1r.shape, dtype=torch.float32, device=dev)
     dk2r, dk2i = (alloc(k1r.shape, dtype=torch.float32, device=dev) for _ in range(2)) if has_res else (dk1r, dk1i)
-    # Per (batch row, channel block) scale of the packed inverse (R > 1: read by the combine kernel).
-    scale = torch.empty((batch, triton.cdiv(dim, c)), dtype=torch.float32, device=dev)
     if r > 1:
         s1r, s1i = (torch.empty((batch, dim, r, m), dtype=torch.float32, device=dev) for _ in range(2))
         s2r, s2i = (torch.empty((batch, dim, r, m), dtype=torch.float32, device=dev) for _ in range(2)) if has_res else (s1r, s1i)
+        # Per (batch row, channel block) scale of the packed inverse, read by the combine kernel.
+        scale = torch.empty((batch, triton.cdiv(dim, c)), dtype=torch.float32, device=dev)
         blk = min(m, 4096 // r)
         dd1 = torch.empty((batch, m // blk, dim), dtype=torch.float32, device=dev)
     else:
-        s1r = s1i = s2r = s2i = dv
+        s1r = s1i = s2r = s2i = scale = dv
         dd1 = torch.empty((nsplit, dim, m2), dtype=torch.float32, device=dev)
     dd2 = torch.empty_like(dd1) if has_res else dd1
     uu = u if has_res else v
