@@ -1,13 +1,16 @@
 """Heavy ops of M2-BERT, one folder per op: a plain-PyTorch reference and the dispatch that picks a path."""
 
-import functools
-
 import torch
 
+_AMPERE_OR_NEWER: dict[int, bool] = {}
 
-@functools.cache
+
+# A constant for torch.compile: the device's capability never changes within a process.
+@torch.compiler.assume_constant_result
 def _ampere_or_newer(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index) >= (8, 0)
+    if device_index not in _AMPERE_OR_NEWER:
+        _AMPERE_OR_NEWER[device_index] = torch.cuda.get_device_capability(device_index) >= (8, 0)
+    return _AMPERE_OR_NEWER[device_index]
 
 
 def use_triton(t: torch.Tensor) -> bool:
@@ -16,4 +19,4 @@ def use_triton(t: torch.Tensor) -> bool:
     elsewhere."""
     if not t.is_cuda:
         return False
-    return _ampere_or_newer(t.device.index if t.device.index is not None else torch.cuda.current_device())
+    return _ampere_or_newer(t.device.index)

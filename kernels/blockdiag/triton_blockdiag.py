@@ -312,45 +312,95 @@ def glu_bwd(da_MI: torch.Tensor, x_MKP: torch.Tensor, w_KQP: torch.Tensor):
 
 
 def _rows(x: torch.Tensor, features: int) -> torch.Tensor:
+    """x as (M, features) rows of unit stride, the layout the kernels index."""
     x = x.reshape(-1, features)
     return x if x.stride(1) == 1 else x.contiguous()
 
 
-class BlockdiagMatmulFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight_KQP, bias):
-        nb, q, p = weight_KQP.shape
-        x_MKP = _rows(x, nb * p)
-        ctx.save_for_backward(x_MKP, weight_KQP)
-        ctx.has_bias = bias is not None
-        y = blockdiag_fwd(x_MKP, weight_KQP, bias)
-        return y.reshape(*x.shape[:-1], nb * q)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x_MKP, weight_KQP = ctx.saved_tensors
-        nb, q, p = weight_KQP.shape
-        dy_MKQ = _rows(dy, nb * q)
-        dx, dw = blockdiag_bwd(dy_MKQ, x_MKP, weight_KQP, need_dx=ctx.needs_input_grad[0])
-        dbias = dy_MKQ.sum(0, dtype=torch.float32).to(dy.dtype) if ctx.has_bias else None
-        dx = dx.reshape(*dy.shape[:-1], nb * p) if dx is not None else None
-        return dx, dw.to(weight_KQP.dtype), dbias
+# The ops take (M, K*P) rows and a (K, Q, P) weight in one dtype and return fresh contiguous
+# tensors, as the fake implementations state to torch.compile; the weight gradient is fp32.
+@torch.library.custom_op("m2dist::blockdiag_matmul", mutates_args=())
+def blockdiag_matmul_op(x_MKP: torch.Tensor, weight_KQP: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    nb, q, p = weight_KQP.shape
+    return blockdiag_fwd(_rows(x_MKP, nb * p), weight_KQP.contiguous(), bias)
 
 
-class BlockdiagGLUFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight_KQP):
-        nb, q, p = weight_KQP.shape
-        x_MKP = _rows(x, nb * p)
-        ctx.save_for_backward(x_MKP, weight_KQP)
-        return glu_fwd(x_MKP, weight_KQP).reshape(*x.shape[:-1], nb * q // 2)
+@blockdiag_matmul_op.register_fake
+def _(x_MKP, weight_KQP, bias):
+    nb, q, _ = weight_KQP.shape
+    return x_MKP.new_empty((x_MKP.shape[0], nb * q))
 
-    @staticmethod
-    def backward(ctx, da):
-        x_MKP, weight_KQP = ctx.saved_tensors
-        nb, q, p = weight_KQP.shape
-        dx, dw = glu_bwd(_rows(da, nb * q // 2), x_MKP, weight_KQP)
-        return dx.reshape(*da.shape[:-1], nb * p), dw.to(weight_KQP.dtype)
+
+@torch.library.custom_op("m2dist::blockdiag_matmul_backward", mutates_args=())
+def blockdiag_matmul_backward(
+    dy_MKQ: torch.Tensor, x_MKP: torch.Tensor, weight_KQP: torch.Tensor, need_dx: bool
+) -> list[torch.Tensor]:
+    """[dw (K, Q, P) fp32] preceded by dx (M, K*P) if `need_dx`."""
+    nb, q, p = weight_KQP.shape
+    dx, dw = blockdiag_bwd(_rows(dy_MKQ, nb * q), _rows(x_MKP, nb * p), weight_KQP.contiguous(), need_dx)
+    return [dx, dw] if need_dx else [dw]
+
+
+@blockdiag_matmul_backward.register_fake
+def _(dy_MKQ, x_MKP, weight_KQP, need_dx):
+    dw = weight_KQP.new_empty(weight_KQP.shape, dtype=torch.float32)
+    return [x_MKP.new_empty(x_MKP.shape), dw] if need_dx else [dw]
+
+
+def _matmul_setup_context(ctx, inputs, output):
+    x_MKP, weight_KQP, bias = inputs
+    ctx.save_for_backward(x_MKP, weight_KQP)
+    ctx.has_bias = bias is not None
+
+
+def _matmul_backward(ctx, dy_MKQ):
+    x_MKP, weight_KQP = ctx.saved_tensors
+    need_dx = ctx.needs_input_grad[0]
+    grads = blockdiag_matmul_backward(dy_MKQ, x_MKP, weight_KQP, need_dx)
+    dx = grads[0] if need_dx else None
+    dbias = dy_MKQ.sum(0, dtype=torch.float32).to(dy_MKQ.dtype) if ctx.has_bias else None
+    return dx, grads[-1].to(weight_KQP.dtype), dbias
+
+
+torch.library.register_autograd("m2dist::blockdiag_matmul", _matmul_backward, setup_context=_matmul_setup_context)
+
+
+@torch.library.custom_op("m2dist::blockdiag_glu", mutates_args=())
+def blockdiag_glu_op(x_MKP: torch.Tensor, weight_KQP: torch.Tensor) -> torch.Tensor:
+    nb, q, p = weight_KQP.shape
+    return glu_fwd(_rows(x_MKP, nb * p), weight_KQP.contiguous())
+
+
+@blockdiag_glu_op.register_fake
+def _(x_MKP, weight_KQP):
+    nb, q, _ = weight_KQP.shape
+    return x_MKP.new_empty((x_MKP.shape[0], nb * q // 2))
+
+
+@torch.library.custom_op("m2dist::blockdiag_glu_backward", mutates_args=())
+def blockdiag_glu_backward(da_MI: torch.Tensor, x_MKP: torch.Tensor, weight_KQP: torch.Tensor) -> list[torch.Tensor]:
+    """[dx (M, K*P), dw (K, Q, P) fp32]; the pre-activation is recomputed."""
+    nb, q, p = weight_KQP.shape
+    dx, dw = glu_bwd(_rows(da_MI, nb * q // 2), _rows(x_MKP, nb * p), weight_KQP.contiguous())
+    return [dx, dw]
+
+
+@blockdiag_glu_backward.register_fake
+def _(da_MI, x_MKP, weight_KQP):
+    return [x_MKP.new_empty(x_MKP.shape), weight_KQP.new_empty(weight_KQP.shape, dtype=torch.float32)]
+
+
+def _glu_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _glu_backward(ctx, da_MI):
+    x_MKP, weight_KQP = ctx.saved_tensors
+    dx, dw = blockdiag_glu_backward(da_MI, x_MKP, weight_KQP)
+    return dx, dw.to(weight_KQP.dtype)
+
+
+torch.library.register_autograd("m2dist::blockdiag_glu", _glu_backward, setup_context=_glu_setup_context)
 
 
 def _check(x: torch.Tensor, weight_KQP: torch.Tensor) -> None:
@@ -390,7 +440,9 @@ def blockdiag_matmul(x: torch.Tensor, weight_KQP: torch.Tensor, bias: torch.Tens
         y = reference.blockdiag_matmul(x, weight_KQP)
         return y if bias is None else y + bias
     x, weight_KQP, bias = _cast(x, weight_KQP, bias)
-    return BlockdiagMatmulFunction.apply(x, weight_KQP.contiguous(), bias)
+    nb, q, p = weight_KQP.shape
+    y_MKQ = blockdiag_matmul_op(x.reshape(-1, nb * p), weight_KQP, bias)
+    return y_MKQ.reshape(*x.shape[:-1], nb * q)
 
 
 def blockdiag_glu(x: torch.Tensor, weight_KQP: torch.Tensor) -> torch.Tensor:
@@ -402,4 +454,5 @@ def blockdiag_glu(x: torch.Tensor, weight_KQP: torch.Tensor) -> torch.Tensor:
     if _unsupported(x):
         return reference.blockdiag_glu(x, weight_KQP)
     x, weight_KQP = _cast(x, weight_KQP)
-    return BlockdiagGLUFunction.apply(x, weight_KQP.contiguous())
+    nb, q, p = weight_KQP.shape
+    return blockdiag_glu_op(x.reshape(-1, nb * p), weight_KQP).reshape(*x.shape[:-1], nb * q // 2)

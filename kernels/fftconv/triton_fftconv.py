@@ -589,7 +589,6 @@ def _next_pow2(x: int) -> int:
     return 1 << max(x - 1, 0).bit_length()
 
 
-@functools.lru_cache(maxsize=None)
 def _plan(length: int, max_onchip: int, tile: int) -> tuple[int, int, int, int, int, int, int]:
     """(N, R, M1, M2, P2, K1, C) for sequences of `length`: FFT size N = R * M with the on-chip
     transform M = M1 * M2 in two stages (P2 == 1) or three (M2 = P2 * P3, radix 16), K1 columns of
@@ -773,24 +772,77 @@ def _rows_contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
 
-class GatedLongConvFunction(torch.autograd.Function):
-    """Autograd wrapper of the fused kernels; the filters enter as spectra (see `filter_spectrum`).
-    The inputs are saved as given (a strided u is the layer's input, which autograd keeps anyway)
-    and re-laid out for the kernels in each direction."""
+def _spectra(k1r, k1i, k2r, k2i):
+    return [t.contiguous() if t is not None else None for t in (k1r, k1i, k2r, k2i)]
 
-    @staticmethod
-    def forward(ctx, u, x1, x2, v, k1r, k1i, d1, k2r, k2i, d2, plan):
-        ctx.save_for_backward(u, x1, x2, v, k1r, k1i, d1, k2r, k2i, d2)
-        ctx.plan = plan
-        u, x1, x2, v = map(_rows_contiguous, (u, x1, x2, v))
-        return fftconv_fwd(u, x1, x2, v, k1r, k1i, d1, k2r, k2i, d2, plan)
 
-    @staticmethod
-    def backward(ctx, dy):
-        u, x1, x2, v, k1r, k1i, d1, k2r, k2i, d2 = ctx.saved_tensors
-        u, x1, x2, v, dy = map(_rows_contiguous, (u, x1, x2, v, dy))
-        grads = fftconv_bwd(dy, u, x1, x2, v, k1r, k1i, d1, k2r, k2i, d2, ctx.plan)
-        return (*grads, None)
+# The filters enter as spectra (see `filter_spectrum`); `plan` is `_plan`'s tuple. The residual
+# branch is present iff k2r is given. Outputs are fresh contiguous tensors, as the fake
+# implementations state to torch.compile.
+@torch.library.custom_op("m2dist::fftconv", mutates_args=())
+def fftconv(
+    u: torch.Tensor | None, x1: torch.Tensor, x2: torch.Tensor, v: torch.Tensor,
+    k1r: torch.Tensor, k1i: torch.Tensor, d1: torch.Tensor,
+    k2r: torch.Tensor | None, k2i: torch.Tensor | None, d2: torch.Tensor | None, plan: list[int],
+) -> torch.Tensor:  # fmt: skip
+    u, x1, x2, v = map(_rows_contiguous, (u, x1, x2, v))
+    k1r, k1i, k2r, k2i = _spectra(k1r, k1i, k2r, k2i)
+    return fftconv_fwd(u, x1, x2, v, k1r, k1i, d1, k2r, k2i, d2, tuple(plan))
+
+
+def _out_dtype(*tensors) -> torch.dtype:
+    return functools.reduce(torch.promote_types, [t.dtype for t in tensors if t is not None])
+
+
+@fftconv.register_fake
+def _(u, x1, x2, v, k1r, k1i, d1, k2r, k2i, d2, plan):
+    return v.new_empty(v.shape, dtype=_out_dtype(u, x1, x2, v))
+
+
+@torch.library.custom_op("m2dist::fftconv_backward", mutates_args=())
+def fftconv_backward(
+    dy: torch.Tensor, u: torch.Tensor | None, x1: torch.Tensor, x2: torch.Tensor, v: torch.Tensor,
+    k1r: torch.Tensor, k1i: torch.Tensor, d1: torch.Tensor,
+    k2r: torch.Tensor | None, k2i: torch.Tensor | None, d2: torch.Tensor | None, plan: list[int],
+) -> list[torch.Tensor]:  # fmt: skip
+    """[dx1, dx2, dv, dk1r, dk1i, dd1] and, with the residual branch, [du, dk2r, dk2i, dd2] after them."""
+    u, x1, x2, v, dy = map(_rows_contiguous, (u, x1, x2, v, dy))
+    k1r, k1i, k2r, k2i = _spectra(k1r, k1i, k2r, k2i)
+    du, dx1, dx2, dv, dk1r, dk1i, dd1, dk2r, dk2i, dd2 = fftconv_bwd(
+        dy, u, x1, x2, v, k1r, k1i, d1, k2r, k2i, d2, tuple(plan)
+    )
+    grads = [dx1, dx2, dv, dk1r, dk1i, dd1]
+    return grads + [du, dk2r, dk2i, dd2] if k2r is not None else grads
+
+
+@fftconv_backward.register_fake
+def _(dy, u, x1, x2, v, k1r, k1i, d1, k2r, k2i, d2, plan):
+    def like(t, dtype=None):
+        return t.new_empty(t.shape, dtype=dtype or t.dtype)
+
+    grads = [like(x1), like(x2), like(v), like(k1r, torch.float32), like(k1i, torch.float32), like(d1)]
+    if k2r is not None:
+        grads += [like(u), like(k2r, torch.float32), like(k2i, torch.float32), like(d2)]
+    return grads
+
+
+def _fftconv_setup_context(ctx, inputs, output):
+    *tensors, plan = inputs
+    # Saved as given: a strided u is the layer's input, which autograd keeps anyway; the backward
+    # re-lays it out.
+    ctx.save_for_backward(*tensors)
+    ctx.plan = plan
+
+
+def _fftconv_backward(ctx, dy):
+    u, x1, x2, v, k1r, k1i, d1, k2r, k2i, d2 = ctx.saved_tensors
+    grads = fftconv_backward(dy, u, x1, x2, v, k1r, k1i, d1, k2r, k2i, d2, ctx.plan)
+    dx1, dx2, dv, dk1r, dk1i, dd1 = grads[:6]
+    du, dk2r, dk2i, dd2 = grads[6:] if k2r is not None else (None, None, None, None)
+    return du, dx1, dx2, dv, dk1r, dk1i, dd1, dk2r, dk2i, dd2, None
+
+
+torch.library.register_autograd("m2dist::fftconv", _fftconv_backward, setup_context=_fftconv_setup_context)
 
 
 def filter_spectrum(k_DN: torch.Tensor, length: int, plan) -> tuple[torch.Tensor, torch.Tensor]:
@@ -853,11 +905,11 @@ def gated_long_conv(
             f"(L <= {MAX_SEQLEN}, CUDA or TRITON_INTERPRET=1); using the reference"
         )
         return reference.gated_long_conv(u_BDL, x1_BDL, x2_BDL, v_BDL, k1_DN, d1_D, k2_DN, d2_D)
-    plan = _plan(length, max_onchip, _TILE)
+    plan = _plan(int(length), max_onchip, _TILE)
     k1r, k1i = filter_spectrum(k1_DN, length, plan)
     k2r = k2i = None
     if k2_DN is not None:
         k2r, k2i = filter_spectrum(k2_DN, length, plan)
-    return GatedLongConvFunction.apply(
-        u_BDL if k2_DN is not None else None, x1_BDL, x2_BDL, v_BDL, k1r, k1i, d1_D, k2r, k2i, d2_D, plan
+    return fftconv(
+        u_BDL if k2_DN is not None else None, x1_BDL, x2_BDL, v_BDL, k1r, k1i, d1_D, k2r, k2i, d2_D, list(plan)
     )

@@ -23,7 +23,6 @@ Shape legend: B batch, D channels, L sequence length, N = 2L the circular kernel
 block sizes along batch, output time and input time; BLK the tile of the filter-gradient kernel.
 """
 
-import functools
 import os
 
 import torch
@@ -35,6 +34,7 @@ import triton.language as tl
 MAX_LEN = 128
 # Tests set this to fill every output with NaN before a kernel writes it.
 POISON_OUTPUTS = False
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -226,10 +226,9 @@ def _bwd_filter_kernel(
         tl.store(pos2_ptr + p_out + BLK, pos)
 
 
-@functools.lru_cache(maxsize=None)
-def _blocks(batch: int, length: int, interpret: bool) -> dict[str, int]:
+def _blocks(batch: int, length: int) -> dict[str, int]:
     """Block sizes: BB, BT, BS for the two GEMM kernels, BB_F and BLK for the filter kernel."""
-    if interpret:
+    if INTERPRET:
         return {"BB": 16, "BT": 32, "BS": 32, "BB_F": 16, "BLK": 32, "num_warps": 4}
     pow2 = max(16, triton.next_power_of_2(batch))
     return {"BB": min(128, pow2), "BT": 64, "BS": 64, "BB_F": min(64, pow2), "BLK": 64, "num_warps": 8}
@@ -241,78 +240,116 @@ def _new(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _interpret(device: torch.device) -> bool:
-    return device.type != "cuda"
-
-
 def supports(v_BDL: torch.Tensor) -> bool:
     """Whether this path takes the input: half-precision activations, L <= MAX_LEN, on a GPU or in
     Triton's interpreter."""
     return (
         v_BDL.dtype in (torch.bfloat16, torch.float16)
         and v_BDL.shape[-1] <= MAX_LEN
-        and (v_BDL.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+        and (v_BDL.device.type == "cuda" or INTERPRET)
     )
 
 
-class ToeplitzConvFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, u, x1, x2, v, k1, d1, k2, d2, split):
-        batch, dim, length = v.shape
-        has_res = k2 is not None
-        u, x1, x2, v = (t.contiguous() if t is not None else None for t in (u, x1, x2, v))
-        k1, d1 = k1.float().contiguous(), d1.float().contiguous()
-        k2, d2 = (k2.float().contiguous(), d2.float().contiguous()) if has_res else (k1, d1)
-        save_z1 = any(ctx.needs_input_grad)
-        blk = _blocks(batch, length, _interpret(v.device))
-        y = _new(v.shape, v.dtype, v.device)
-        z1 = _new(v.shape, v.dtype, v.device) if save_z1 else y
-        grid = (dim, triton.cdiv(batch, blk["BB"]), triton.cdiv(length, blk["BT"]))
-        _fwd_kernel[grid](
-            u if has_res else v, x1, x2, v, k1, d1, k2, d2, y, z1, batch, dim, length,
-            HAS_RES=has_res, SAVE_Z1=save_z1, SPLIT=split, UPCAST=_interpret(v.device),
-            BB=blk["BB"], BT=blk["BT"], BS=blk["BS"], num_warps=blk["num_warps"],
-        )  # fmt: skip
-        ctx.save_for_backward(u, x1, x2, v, z1, k1, d1, k2, d2)
-        ctx.has_res, ctx.split = has_res, split
-        return y
+def _rows(t: torch.Tensor | None) -> torch.Tensor | None:
+    """The kernels index contiguous (B, D, L) tensors."""
+    return t if t is None else t.contiguous()
 
-    @staticmethod
-    def backward(ctx, dy):
-        u, x1, x2, v, z1, k1, d1, k2, d2 = ctx.saved_tensors
-        has_res = ctx.has_res
-        batch, dim, length = v.shape
-        blk = _blocks(batch, length, _interpret(v.device))
-        dy = dy.contiguous()
-        u_or_v = u if has_res else v
-        dx1, dx2, dv = (_new(v.shape, v.dtype, v.device) for _ in range(3))
-        du = _new(u.shape, u.dtype, u.device) if has_res else dv
-        n_b, n_s = triton.cdiv(batch, blk["BB"]), triton.cdiv(length, blk["BS"])
-        dd1_part = _new((n_b * n_s, dim), torch.float32, v.device)
-        dd2_part = _new((n_b * n_s, dim), torch.float32, v.device) if has_res else dd1_part
-        _bwd_inputs_kernel[(dim, n_b, n_s)](
-            dy, u_or_v, x1, x2, v, z1, k1, d1, k2, d2, du, dx1, dx2, dv, dd1_part, dd2_part,
-            batch, dim, length, HAS_RES=has_res, SPLIT=ctx.split, UPCAST=_interpret(v.device),
-            BB=blk["BB"], BT=blk["BT"], BS=blk["BS"], num_warps=blk["num_warps"],
-        )  # fmt: skip
-        nb = triton.cdiv(length, blk["BLK"])
-        width = 2 * nb * blk["BLK"] + 1
-        lag_sums = torch.zeros((4 if has_res else 2, dim, width), dtype=torch.float32, device=v.device)
-        _bwd_filter_kernel[(dim, 2 * nb - 1)](
-            dy, u_or_v, x1, x2, v, lag_sums[0], lag_sums[1], lag_sums[-2], lag_sums[-1],
-            batch, dim, length, nb, width, HAS_RES=has_res, UPCAST=_interpret(v.device),
-            BB=blk["BB_F"], BLK=blk["BLK"], num_warps=blk["num_warps"],
-        )  # fmt: skip
-        origin = nb * blk["BLK"]
-        dk1 = _circular(lag_sums[0] + lag_sums[1], origin, length)
-        dk2 = dd2 = None
-        if has_res:
-            du_out = du
-            dk2 = _circular(lag_sums[2] + lag_sums[3], origin, length)
-            dd2 = dd2_part.sum(0)
-        else:
-            du_out = None
-        return du_out, dx1, dx2, dv, dk1, dd1_part.sum(0), dk2, dd2, None
+
+# The op computes in the given layout and returns fresh contiguous tensors, which is what the fake
+# implementations below state to torch.compile. The residual branch is present iff k2 is given.
+@torch.library.custom_op("m2dist::toeplitz_conv", mutates_args=())
+def toeplitz_conv(
+    u: torch.Tensor | None, x1: torch.Tensor, x2: torch.Tensor, v: torch.Tensor, k1: torch.Tensor, d1: torch.Tensor,
+    k2: torch.Tensor | None, d2: torch.Tensor | None, split: bool, save_z1: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(y, z1): the output (B, D, L) in v's dtype and, if `save_z1`, the gated convolution before
+    the post-gate (kept for the backward; else an empty tensor)."""
+    batch, dim, length = v.shape
+    has_res = k2 is not None
+    u, x1, x2, v = map(_rows, (u, x1, x2, v))
+    k1, d1 = k1.float().contiguous(), d1.float().contiguous()
+    k2, d2 = (k2.float().contiguous(), d2.float().contiguous()) if has_res else (k1, d1)
+    blk = _blocks(batch, length)
+    y = _new(v.shape, v.dtype, v.device)
+    z1 = _new(v.shape, v.dtype, v.device) if save_z1 else v.new_empty(0)
+    grid = (dim, triton.cdiv(batch, blk["BB"]), triton.cdiv(length, blk["BT"]))
+    _fwd_kernel[grid](
+        u if has_res else v, x1, x2, v, k1, d1, k2, d2, y, z1 if save_z1 else y, batch, dim, length,
+        HAS_RES=has_res, SAVE_Z1=save_z1, SPLIT=split, UPCAST=INTERPRET,
+        BB=blk["BB"], BT=blk["BT"], BS=blk["BS"], num_warps=blk["num_warps"],
+    )  # fmt: skip
+    return y, z1
+
+
+@toeplitz_conv.register_fake
+def _(u, x1, x2, v, k1, d1, k2, d2, split, save_z1):
+    return torch.empty_like(v, memory_format=torch.contiguous_format), v.new_empty(v.shape if save_z1 else (0,))
+
+
+@torch.library.custom_op("m2dist::toeplitz_conv_backward", mutates_args=())
+def toeplitz_conv_backward(
+    dy: torch.Tensor, u: torch.Tensor | None, x1: torch.Tensor, x2: torch.Tensor, v: torch.Tensor, z1: torch.Tensor,
+    k1: torch.Tensor, d1: torch.Tensor, k2: torch.Tensor | None, d2: torch.Tensor | None, split: bool,
+) -> list[torch.Tensor]:  # fmt: skip
+    """[dx1, dx2, dv, dk1, dd1] and, with the residual branch, [du, dk2, dd2] after them; each
+    gradient in its input's dtype."""
+    has_res = k2 is not None
+    batch, dim, length = v.shape
+    blk = _blocks(batch, length)
+    dy, u, x1, x2, v, z1 = map(_rows, (dy, u, x1, x2, v, z1))
+    k1f, d1f = k1.float().contiguous(), d1.float().contiguous()
+    k2f, d2f = (k2.float().contiguous(), d2.float().contiguous()) if has_res else (k1f, d1f)
+    u_or_v = u if has_res else v
+    dx1, dx2, dv = (_new(v.shape, v.dtype, v.device) for _ in range(3))
+    du = _new(u.shape, u.dtype, u.device) if has_res else dv
+    n_b, n_s = triton.cdiv(batch, blk["BB"]), triton.cdiv(length, blk["BS"])
+    dd1_part = _new((n_b * n_s, dim), torch.float32, v.device)
+    dd2_part = _new((n_b * n_s, dim), torch.float32, v.device) if has_res else dd1_part
+    _bwd_inputs_kernel[(dim, n_b, n_s)](
+        dy, u_or_v, x1, x2, v, z1, k1f, d1f, k2f, d2f, du, dx1, dx2, dv, dd1_part, dd2_part,
+        batch, dim, length, HAS_RES=has_res, SPLIT=split, UPCAST=INTERPRET,
+        BB=blk["BB"], BT=blk["BT"], BS=blk["BS"], num_warps=blk["num_warps"],
+    )  # fmt: skip
+    nb = triton.cdiv(length, blk["BLK"])
+    width = 2 * nb * blk["BLK"] + 1
+    lag_sums = torch.zeros((4 if has_res else 2, dim, width), dtype=torch.float32, device=v.device)
+    _bwd_filter_kernel[(dim, 2 * nb - 1)](
+        dy, u_or_v, x1, x2, v, lag_sums[0], lag_sums[1], lag_sums[-2], lag_sums[-1],
+        batch, dim, length, nb, width, HAS_RES=has_res, UPCAST=INTERPRET,
+        BB=blk["BB_F"], BLK=blk["BLK"], num_warps=blk["num_warps"],
+    )  # fmt: skip
+    origin = nb * blk["BLK"]
+    dk1 = _circular(lag_sums[0] + lag_sums[1], origin, length).to(k1.dtype)
+    grads = [dx1, dx2, dv, dk1, dd1_part.sum(0).to(d1.dtype)]
+    if has_res:
+        dk2 = _circular(lag_sums[2] + lag_sums[3], origin, length).to(k2.dtype)
+        grads += [du, dk2, dd2_part.sum(0).to(d2.dtype)]
+    return grads
+
+
+@toeplitz_conv_backward.register_fake
+def _(dy, u, x1, x2, v, z1, k1, d1, k2, d2, split):
+    grads = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (x1, x2, v, k1, d1)]
+    if k2 is not None:
+        grads += [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (u, k2, d2)]
+    return grads
+
+
+def _toeplitz_setup_context(ctx, inputs, output):
+    u, x1, x2, v, k1, d1, k2, d2, split, _ = inputs
+    ctx.save_for_backward(u, x1, x2, v, output[1], k1, d1, k2, d2)
+    ctx.split = split
+
+
+def _toeplitz_backward(ctx, dy, _dz1):
+    u, x1, x2, v, z1, k1, d1, k2, d2 = ctx.saved_tensors
+    grads = toeplitz_conv_backward(dy, u, x1, x2, v, z1, k1, d1, k2, d2, ctx.split)
+    dx1, dx2, dv, dk1, dd1 = grads[:5]
+    du, dk2, dd2 = grads[5:] if k2 is not None else (None, None, None)
+    return du, dx1, dx2, dv, dk1, dd1, dk2, dd2, None, None
+
+
+torch.library.register_autograd("m2dist::toeplitz_conv", _toeplitz_backward, setup_context=_toeplitz_setup_context)
 
 
 def _circular(by_lag: torch.Tensor, origin: int, length: int) -> torch.Tensor:
@@ -332,6 +369,7 @@ def gated_long_conv(u_BDL, x1_BDL, x2_BDL, v_BDL, k1_DN, d1_D, k2_DN=None, d2_D=
     """
     if v_BDL.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"the Toeplitz path takes bf16 or fp16 activations, got {v_BDL.dtype}")
-    return ToeplitzConvFunction.apply(
-        u_BDL if k2_DN is not None else None, x1_BDL, x2_BDL, v_BDL, k1_DN, d1_D, k2_DN, d2_D, split
-    )
+    has_res = k2_DN is not None
+    inputs = (u_BDL if has_res else None, x1_BDL, x2_BDL, v_BDL, k1_DN, d1_D, k2_DN, d2_D)
+    save_z1 = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    return toeplitz_conv(*inputs, split, save_z1)[0]

@@ -9,7 +9,7 @@ every model at a given length.
 from __future__ import annotations
 
 import dataclasses
-import time
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -44,6 +44,32 @@ def _hf_bert(config: ModelConfig):
     return BertForMaskedLM(hf_config)
 
 
+def time_steps(step: Callable[[], None], steps: int, window: int = 5, max_warmup: int = 100) -> float:
+    """Median seconds per step over `steps` timed steps, after a warm-up that lasts until the step
+    time is stable: windows of `window` steps are run until one's median is within 3% of the one
+    before (compilation, autotuning and allocator growth all settle in the first windows), so no
+    result depends on its position in a run."""
+
+    def timed(n: int) -> list[float]:
+        times = []
+        for _ in range(n):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1000)
+        return times
+
+    previous = statistics.median(timed(window))
+    for _ in range(max_warmup // window):
+        current = statistics.median(timed(window))
+        if abs(current - previous) <= 0.03 * previous:
+            break
+        previous = current
+    return statistics.median(timed(steps))
+
+
 def benchmark_step(
     name: str,
     build: Callable[[], torch.nn.Module],
@@ -53,7 +79,6 @@ def benchmark_step(
     mlm_probability: float,
     device: torch.device,
     steps: int = 10,
-    warmup: int = 3,
 ) -> BenchResult:
     torch.manual_seed(0)
     torch.cuda.empty_cache()
@@ -71,14 +96,7 @@ def benchmark_step(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        for _ in range(warmup):
-            step()
-        torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize(device)
-        seconds = (time.perf_counter() - start) / steps
+        seconds = time_steps(step, steps)
     except torch.OutOfMemoryError:
         return BenchResult(name, seq_len, batch_size, 0.0, 0.0, None, None, 0.0, error="OOM")
     tokens_per_s = batch_size * seq_len / seconds

@@ -117,7 +117,7 @@ def filter_kernels(filters: list[HyenaFilter], length: int) -> list[torch.Tensor
         [_linear_params(f.implicit_filter) for f in filters],
         [_linear_params(f.implicit_filter_rev) for f in filters] if first.bidirectional else None,
     )
-    compute = _compiled_stacked_filter_kernels() if first.bias.is_cuda else stacked_filter_kernels
+    compute = _compiled_stacked_filter_kernels() if _compile_here(first.bias) else stacked_filter_kernels
     with torch.autocast(first.bias.device.type, enabled=False):
         return compute(*tensors, length)
 
@@ -149,6 +149,12 @@ def stacked_filter_kernels(zs, t_1L1, deltas, freqs, fwd_mlps, rev_mlps, length:
     k_MDL = (torch.bmm(h, weight_MDO.transpose(1, 2)) * decay_MLD).transpose(1, 2)
     k_rev = k_MDL[n_filters:] if rev_mlps is not None else None
     return list(kernels.fftconv.bidirectional_kernel(k_MDL[:n_filters], k_rev).unbind(0))
+
+
+def _compile_here(t: torch.Tensor) -> bool:
+    """Whether to run a part of the layer through its own torch.compile'd function: on a GPU,
+    unless the whole model is being compiled (then the part is traced into the model's graph)."""
+    return t.is_cuda and not torch.compiler.is_compiling()
 
 
 @functools.cache
@@ -211,7 +217,7 @@ class MonarchMixerSequenceMixing(nn.Module):
         if self.layernorm is not None:
             u_BLD = self.layernorm(u_BLD)
         projected_BLC = self.in_linear(u_BLD)
-        short_conv = _compiled_short_conv() if projected_BLC.is_cuda else causal_short_conv
+        short_conv = _compiled_short_conv() if _compile_here(projected_BLC) else causal_short_conv
         short_BCL = short_conv(projected_BLC, self.short_filter.weight, self.short_filter.bias)
         x1_BDL, x2_BDL, v_BDL = short_BCL.split(self.d_model, dim=1)
         k2_DN = d2_D = None

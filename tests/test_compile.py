@@ -1,0 +1,173 @@
+"""The Triton operators as torch.library custom ops, and torch.compile of whole models over them.
+
+`torch.library.opcheck` checks each op's schema, fake (meta) implementation, autograd registration
+and its run under AOTAutograd with dynamic shapes; the compiled models must give the eager models'
+loss and gradients. Without a GPU the kernels run in Triton's interpreter on tiny shapes.
+"""
+
+import dataclasses
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from kernels.blockdiag import triton_blockdiag  # noqa: E402
+from kernels.fftconv import triton_fftconv, triton_toeplitz  # noqa: E402
+from m2dist.config import KernelConfig, load_config  # noqa: E402
+from m2dist.models import MaskedLM  # noqa: E402
+from m2dist.models.m2 import M2Layer  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Everything but the slow "test_aot_dispatch_dynamic" for the backward ops, whose outputs feed no
+# further autograd (opcheck's full set runs on the forward ops).
+OPCHECK_ALL = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+
+
+def _rand(*shape, dtype=torch.float32, requires_grad=False):
+    return torch.randn(*shape, device=DEVICE, dtype=dtype).requires_grad_(requires_grad)
+
+
+@pytest.mark.parametrize("residual", [True, False])
+def test_opcheck_fftconv(residual):
+    batch, dim, length = 2, 16, 40
+    plan = list(triton_fftconv._plan(length, triton_fftconv._MAX_ONCHIP, triton_fftconv._TILE))
+    u, x1, x2, v = (_rand(batch, dim, length, requires_grad=True) for _ in range(4))
+    k = _rand(dim, 2 * length) * 0.1
+    k1r, k1i = (t.requires_grad_() for t in triton_fftconv.filter_spectrum(k, length, plan))
+    k2r, k2i = (t.requires_grad_() for t in triton_fftconv.filter_spectrum(k.flip(-1), length, plan))
+    d1, d2 = _rand(dim, requires_grad=True), _rand(dim, requires_grad=True)
+    if not residual:
+        u = k2r = k2i = d2 = None
+    # u as the model passes it: a (B, D, L) view of a (B, L, D) tensor.
+    if u is not None:
+        u = u.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    args = (u, x1, x2, v, k1r, k1i, d1, k2r, k2i, d2, plan)
+    torch.library.opcheck(triton_fftconv.fftconv, args, test_utils=OPCHECK_ALL)
+    dy = _rand(batch, dim, length)
+    bwd_args = (dy, *[t.detach() if isinstance(t, torch.Tensor) else t for t in args])
+    torch.library.opcheck(triton_fftconv.fftconv_backward, bwd_args, test_utils=OPCHECK_ALL[:3])
+
+
+@pytest.mark.parametrize("residual", [True, False])
+def test_opcheck_toeplitz(residual):
+    batch, dim, length = 3, 16, 40
+    u = _rand(batch, dim, length, requires_grad=True) if residual else None
+    x1, x2, v = (_rand(batch, dim, length, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    k1, d1 = (_rand(dim, 2 * length) * 0.1).requires_grad_(), _rand(dim, requires_grad=True)
+    k2, d2 = ((_rand(dim, 2 * length) * 0.1).requires_grad_(), _rand(dim, requires_grad=True)) if residual else (None, None)
+    args = (u, x1, x2, v, k1, d1, k2, d2, True, True)
+    torch.library.opcheck(triton_toeplitz.toeplitz_conv, args, test_utils=OPCHECK_ALL)
+    y, z1 = triton_toeplitz.toeplitz_conv(*args)
+    detached = [t.detach() if isinstance(t, torch.Tensor) else t for t in args[:8]]
+    u_, x1_, x2_, v_, k1_, d1_, k2_, d2_ = detached
+    bwd_args = (torch.randn_like(y), u_, x1_, x2_, v_, z1.detach(), k1_, d1_, k2_, d2_, True)
+    torch.library.opcheck(triton_toeplitz.toeplitz_conv_backward, bwd_args, test_utils=OPCHECK_ALL[:3])
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_opcheck_blockdiag_matmul(bias):
+    nblocks, p, q, rows = 2, 16, 24, 40
+    x = _rand(rows, nblocks * p, requires_grad=True)
+    w = _rand(nblocks, q, p, requires_grad=True)
+    b = _rand(nblocks * q, requires_grad=True) if bias else None
+    torch.library.opcheck(triton_blockdiag.blockdiag_matmul_op, (x, w, b), test_utils=OPCHECK_ALL)
+    for need_dx in (True, False):
+        args = (_rand(rows, nblocks * q), x.detach(), w.detach(), need_dx)
+        torch.library.opcheck(triton_blockdiag.blockdiag_matmul_backward, args, test_utils=OPCHECK_ALL[:3])
+
+
+def test_opcheck_blockdiag_glu():
+    nblocks, p, q, rows = 4, 16, 32, 40
+    x, w = _rand(rows, nblocks * p, requires_grad=True), _rand(nblocks, q, p, requires_grad=True)
+    torch.library.opcheck(triton_blockdiag.blockdiag_glu_op, (x, w), test_utils=OPCHECK_ALL)
+    args = (_rand(rows, nblocks * q // 2), x.detach(), w.detach())
+    torch.library.opcheck(triton_blockdiag.blockdiag_glu_backward, args, test_utils=OPCHECK_ALL[:3])
+
+
+BACKENDS = {"reference": KernelConfig("reference", "reference"), "triton": KernelConfig("triton", "triton")}
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_m2_layer_compiles_without_graph_breaks(backend):
+    # fullgraph=True raises on any graph break inside the layer.
+    cfg = dataclasses.replace(
+        load_config("debug").model, hidden_size=32, intermediate_size=64, num_layers=1, l_max=40,
+        filter_order=16, hidden_dropout=0.0, kernels=BACKENDS[backend],
+    )  # fmt: skip
+    layer = M2Layer(cfg).to(DEVICE)
+    h = _rand(2, 40, 32, requires_grad=True)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(h), layer(h), rtol=1e-5, atol=1e-5)
+
+
+def _loss_and_grads(run, model, batch):
+    model.zero_grad(set_to_none=True)
+    loss = run(**batch).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "architecture,backend", [("m2", "reference"), ("m2", "triton"), ("bert", "reference")]
+)
+def test_compiled_model_gives_the_eager_loss_and_gradients(architecture, backend):
+    # Inductor on the whole MLM model (the CPU's C++ backend here; Triton on a GPU), forward and
+    # backward, dropout off so both runs compute the same function.
+    cfg = dataclasses.replace(
+        load_config("debug").model, architecture=architecture, hidden_size=32, intermediate_size=64,
+        num_layers=1, l_max=32, filter_order=16, num_attention_heads=2, hidden_dropout=0.0, attention_dropout=0.0,
+        kernels=BACKENDS[backend],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = MaskedLM(cfg).to(DEVICE)
+    input_ids = torch.randint(200, cfg.vocab_size, (2, 32), device=DEVICE)
+    labels = torch.full_like(input_ids, -100)
+    labels[:, 1::3] = input_ids[:, 1::3]
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+    eager_loss, eager_grads = _loss_and_grads(model, model, batch)
+    compiled_loss, compiled_grads = _loss_and_grads(torch.compile(model), model, batch)
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-5)
+    assert compiled_grads.keys() == eager_grads.keys()
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def _grad_errors(model, run, batch, exact):
+    loss, grads = _loss_and_grads(run, model, batch)
+    errors = {"loss": (loss.double() - exact[0].double()).abs().item()}
+    for name, g in exact[1].items():
+        errors[name] = (grads[name].double() - g.double()).abs().max().item()
+    return errors
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("length,batch_size", [(128, 16), (512, 4), (8192, 1)])
+def test_compiled_model_on_gpu_matches_eager(length, batch_size):
+    # m2-bert-80M's widths with two layers, bf16 autocast as in training. Against the fp32 model on
+    # the reference path, the compiled Triton model's error on the loss and every gradient is at most
+    # twice the eager Triton model's, plus two bf16 ulps of the tensor's scale.
+    cfg = dataclasses.replace(
+        load_config("m2-bert-80M").model, num_layers=2, l_max=length, hidden_dropout=0.0, kernels=BACKENDS["triton"]
+    )
+    torch.manual_seed(0)
+    model = MaskedLM(cfg).cuda()
+    reference = MaskedLM(dataclasses.replace(cfg, kernels=BACKENDS["reference"])).cuda()
+    reference.load_state_dict(model.state_dict())
+    input_ids = torch.randint(200, cfg.vocab_size, (batch_size, length), device="cuda")
+    labels = torch.full_like(input_ids, -100)
+    labels[:, 1::3] = input_ids[:, 1::3]
+    batch = {"input_ids": input_ids, "labels": labels}
+    exact = _loss_and_grads(reference, reference, batch)
+    compiled = torch.compile(model)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        eager_err = _grad_errors(model, model, batch, exact)
+        # The second compiled step reuses the graph and its saved tensors' layout.
+        compiled_errs = [_grad_errors(model, compiled, batch, exact) for _ in range(2)]
+    for compiled_err in compiled_errs:
+        for name, err in compiled_err.items():
+            scale = exact[0].abs().item() if name == "loss" else exact[1][name].abs().max().item()
+            assert err <= 2 * eager_err[name] + 2**-7 * scale, f"{name}: compiled {err:.3e}, eager {eager_err[name]:.3e}"
