@@ -1,4 +1,4 @@
-"""Shared test fixtures: paths of the project's shared material and the `gpu` marker."""
+"""Shared test fixtures: the upstream checkpoint fixtures in tests/fixtures/ and the `gpu` marker."""
 
 import os
 from pathlib import Path
@@ -12,9 +12,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-# The shared folder (spec, upstream key list, upstream fixtures) lies beside the clone.
-SHARED = REPO_ROOT.parent / "shared"
-UPSTREAM_FIXTURES = SHARED / "fixtures" / "upstream_m2"
+# Upstream's tiny checkpoints with their logits, and the released 80M key list (data, in the repository).
+UPSTREAM_FIXTURES = REPO_ROOT / "tests" / "fixtures" / "upstream_m2"
+UPSTREAM_KEY_LIST = UPSTREAM_FIXTURES / "M2_UPSTREAM_KEYS.txt"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -29,7 +29,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def upstream_fixture_dir():
     if not UPSTREAM_FIXTURES.exists():
-        pytest.fail(f"upstream fixtures not found at {UPSTREAM_FIXTURES}; the shared folder must lie beside the clone")
+        pytest.fail(f"upstream fixtures not found at {UPSTREAM_FIXTURES}: part of the repository, restore them with git")
     return UPSTREAM_FIXTURES
 
 

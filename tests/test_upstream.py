@@ -12,7 +12,7 @@ from m2dist.checkpoint.release import load_release, save_release
 from m2dist.checkpoint.upstream import export_upstream, import_upstream, upstream_state_dict
 from m2dist.config import load_config
 from m2dist.models import MaskedLM, SequenceClassifier
-from tests.conftest import SHARED
+from tests.conftest import UPSTREAM_KEY_LIST
 
 
 def _relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
@@ -33,7 +33,7 @@ def test_imported_fixture_reproduces_upstream_logits(upstream_fixture_dir, name,
 
 def _read_key_list():
     keys = {}
-    for line in (SHARED / "M2_UPSTREAM_KEYS.txt").read_text().splitlines():
+    for line in UPSTREAM_KEY_LIST.read_text().splitlines():
         name, shape, dtype = line.split("\t")
         keys[name] = (tuple(int(s) for s in shape.strip("()").split(",") if s.strip()), dtype)
     return keys
