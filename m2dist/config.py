@@ -91,6 +91,11 @@ class ModelConfig:
     mlp_nblocks: int = 4
     # Classification pooling: "cls" (first token) or "mean" (masked mean over tokens).
     pool: Literal["cls", "mean"] = "cls"
+    # M2 only: zero pad positions (attention_mask 0) in each mixer's input, after its in_linear and
+    # before its long convolutions, so that a padded sequence's outputs at its tokens equal the
+    # unpadded sequence's. false = upstream: the mixer ignores the mask and pads take part in the
+    # convolutions (released checkpoints were trained so). No parameters change.
+    mask_padding: bool = False
     # Which implementation runs the heavy ops.
     kernels: KernelConfig = field(default_factory=KernelConfig)
     # Recompute each layer's activations in the backward (torch.utils.checkpoint): a layer keeps
@@ -236,7 +241,8 @@ class TrainConfig:
 class DataConfig:
     # Training shards: comma-separated MDS directories or s3:// URLs written by tools/prepare_mds.py,
     # each optionally weighted PATH@PROPORTION to mix corpora ("s3://b/c4/train@0.8,/d/books/train@0.2");
-    # "" = the embedded corpus (Python docs), tokenized on first use under `prepared_dir`.
+    # "" = the embedded corpus (Python docs), tokenized on first use under `prepared_dir`, which
+    # only a config with `allow_embedded_corpus` trains on.
     train: str = ""
     # Validation shards in the same form, without weights; "" = the embedded corpus' split when
     # `train` is "" too (otherwise no validation).
@@ -245,6 +251,9 @@ class DataConfig:
     # "" = the bert-base-uncased vocab.txt shipped in m2dist/data/assets. Its SHA-256 must match the
     # shards' manifest.
     tokenizer: str = ""
+    # Train on the embedded corpus when `train` is "" (the debug config); false: a run without
+    # `train` stops before any work, so that a real recipe never trains on 5 MB of documentation.
+    allow_embedded_corpus: bool = False
     # Where the embedded corpus is tokenized when `train` is ""; "" = ~/.cache/m2dist/embedded.
     prepared_dir: str = ""
     # Root of streaming's local cache of remote shards; each job gets a fresh folder under it.
@@ -355,6 +364,18 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def check_training_data(config: Config) -> None:
+    """Refuse a pretraining run without data unless its config allows the embedded corpus."""
+    if config.data.train or config.data.allow_embedded_corpus:
+        return
+    raise ConfigError(
+        f"data.train: empty in config {config.name!r}, which needs its pretraining data: give the MDS shards "
+        "made by tools/prepare_mds.py, e.g. data.train=/data/c4/train data.val=/data/c4/val (or s3:// URLs). "
+        "Only the debug config trains on the embedded corpus (5 MB of Python documentation); "
+        "data.allow_embedded_corpus=true allows it for another config"
+    )
 
 
 def _type_name(tp: Any) -> str:

@@ -2,7 +2,7 @@
 
 Decoupled AdamW with three parameter groups: the forward filter MLPs with their shared Sin
 frequency (filter_lr, filter_weight_decay), the filters' positional features z (pos_emb_lr, no
-weight decay), and everything else (lr, weight_decay). Linear warmup, then linear decay.
+weight decay), and everything else (lr, weight_decay). Linear warmup from 0, then linear decay.
 
 "Decoupled" as Composer's DecoupledAdamW, which upstream trained with: every step multiplies each
 weight by (1 - wd x lr_t / lr_peak), the decay following the schedule but not scaled by the lr.
@@ -48,9 +48,10 @@ def build_optimizer(model: nn.Module, config: OptimizerConfig) -> torch.optim.Ad
 
 
 def warmup_linear_decay(step: int, total_steps: int, warmup_fraction: float = 0.06, final_fraction: float = 0.02) -> float:
-    """Multiplier of each group's peak lr at `step`: 0 -> 1 over the warmup, then 1 -> final_fraction."""
+    """Multiplier of each group's peak lr at `step` (0-based): step / warmup over the warmup, so 0 at
+    the first step as Composer's LinearWithWarmupScheduler, then 1 -> final_fraction."""
     warmup = max(1, round(total_steps * warmup_fraction))
     if step < warmup:
-        return (step + 1) / warmup
+        return step / warmup
     progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
     return 1.0 - (1.0 - final_fraction) * progress

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Pretrain M2-BERT-80M on 8 nodes x 8 GPUs: 64 ranks, one srun task per GPU (see slurm/train.sh).
 #
-#   sbatch slurm/pretrain_64gpu.sh                                  # from the repository root
-#   sbatch --partition=gpu --account=myproject slurm/pretrain_64gpu.sh train.duration=20000
-#   CONFIG=m2-bert-110M sbatch --job-name=m2-bert-110M slurm/pretrain_64gpu.sh
+#   sbatch slurm/pretrain_64gpu.sh data.train=s3://b/c4/train data.val=s3://b/c4/val   # from the repository root
+#   sbatch --partition=gpu --account=myproject slurm/pretrain_64gpu.sh data.train=... data.val=... train.duration=20000
+#   CONFIG=m2-bert-110M sbatch --job-name=m2-bert-110M slurm/pretrain_64gpu.sh data.train=... data.val=...
+# The recipe configs need their data (MDS shards from tools/prepare_mds.py); only debug has it built in.
 #
 # Every #SBATCH value below can be overridden on the sbatch command line; the same script runs
 # scaled down, e.g. 2 nodes x 1 CPU rank with the debug config over gloo (as tests/test_slurm.py does):

@@ -1,9 +1,30 @@
 """The DeepSpeed JSON, generated from the typed config (never written by hand)."""
 
+import importlib.metadata
 from dataclasses import dataclass
 from typing import Any
 
 from m2dist.config import Config, ConfigError
+
+# The first DeepSpeed release that reads the `torch_autocast` section; older ones ignore it, and a
+# bf16 run would silently train in fp32.
+MIN_DEEPSPEED_FOR_BF16 = "0.17.2"
+
+
+def check_deepspeed_precision(precision: str, deepspeed_version: str | None = None) -> None:
+    """Refuse bf16 with a DeepSpeed that would ignore the `torch_autocast` section (before 0.17.2)."""
+    if precision != "bf16":
+        return
+    from packaging.version import Version  # a dependency of deepspeed
+
+    version = deepspeed_version or importlib.metadata.version("deepspeed")
+    if Version(version).release < Version(MIN_DEEPSPEED_FOR_BF16).release:
+        needed = MIN_DEEPSPEED_FOR_BF16
+        raise ConfigError(
+            f"train.precision=bf16 needs deepspeed >= {needed} (its `torch_autocast` config section), "
+            f"installed: {version}, with which the run would silently train in fp32. Upgrade deepspeed "
+            f"(pip install 'deepspeed>={needed}') or set train.precision=fp32"
+        )
 
 
 @dataclass(frozen=True)
@@ -41,6 +62,7 @@ def build_deepspeed_config(config: Config, layout: BatchLayout) -> dict[str, Any
     bf16 too; and not an autocast around the engine's forward, which DeepSpeed switches off
     inside unless this section enables it.)"""
     train = config.train
+    check_deepspeed_precision(train.precision)
     zero: dict[str, Any] = {"stage": train.zero_stage}
     if train.zero_stage >= 1:
         # Overlapping the gradient reduction with the backward takes a hook per parameter tensor

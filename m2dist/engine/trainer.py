@@ -19,9 +19,9 @@ import torch
 import torch.distributed as dist
 
 from m2dist.checkpoint.extend import warm_start
-from m2dist.config import Config
+from m2dist.config import Config, check_training_data
 from m2dist.engine.checkpoint import CheckpointManager, find_resume_tag
-from m2dist.engine.deepspeed_config import batch_layout, build_deepspeed_config
+from m2dist.engine.deepspeed_config import batch_layout, build_deepspeed_config, check_deepspeed_precision
 from m2dist.engine.distributed import all_reduce_sum, init_distributed
 from m2dist.engine.metrics import (
     METRICS_FILE,
@@ -99,6 +99,9 @@ class Trainer:
         from m2dist.engine.data import build_data
         from m2dist.tracking import build_tracker, collect_run_params
 
+        # Before any work: a recipe without data, a bf16 run that DeepSpeed would run in fp32.
+        check_training_data(config)
+        check_deepspeed_precision(config.train.precision)
         self.config = config
         train = config.train
         self.device = resolve_device(train.device)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from m2dist.config import CONFIG_DIR, TrackingConfig, _require, load_yaml_config
+from m2dist.config import CONFIG_DIR, ConfigError, TrackingConfig, _require, load_yaml_config
 
 GLUE_CONFIG_DIR = CONFIG_DIR / "glue"
 # The protocol's seeds; a task runs the first `len(seeds)` of them by default.
@@ -36,7 +36,8 @@ class TaskConfig:
     seeds: list[int] = field(default_factory=lambda: [19])
     # "decoupled_adamw" or "adamw" (see weight_decay).
     optimizer: Literal["decoupled_adamw", "adamw"] = "decoupled_adamw"
-    # Classifier pooling: "cls", "mean" (masked mean over tokens), or "" to keep the checkpoint's.
+    # Classifier pooling: "cls", "mean" (masked mean over tokens), or "" to keep the checkpoint's
+    # (the pretraining config's `model.pool`, "cls"). The M2 configs set it per task as upstream ran.
     pool: Literal["", "cls", "mean"] = ""
     # Start from the MNLI-finetuned encoder (and pooler) instead of the pretrained one.
     init_from_mnli: bool = False
@@ -114,15 +115,24 @@ class GlueConfig:
     filter_lr: float = 1e-3
     filter_weight_decay: float = 0.1
     pos_emb_lr: float = 1e-5
-    # How the filter group's weight decay applies under "decoupled_adamw": "adamw" = wd x lr per
-    # step (1e-4 at peak); "decoupled" = wd x lr/peak lr per step, upstream's Composer
-    # DecoupledAdamW and m2dist's pretraining (10% per step at peak): the published protocol for
-    # pretrained checkpoints, but it flattens the filters of a randomly initialised model within
-    # tens of steps.
-    filter_decay: Literal["adamw", "decoupled"] = "adamw"
+    # How the filter group's weight decay applies in tasks with optimizer "decoupled_adamw":
+    # "decoupled" (upstream, and m2dist's pretraining) = Composer's DecoupledAdamW, wd x lr_t/peak lr
+    # per step (10% per step at peak with wd 0.1); "adamw" = torch AdamW's wd x lr_t (1e-4 per step
+    # at peak), a deviation that keeps the filters of a randomly initialised model from being
+    # flattened within tens of steps. Tasks with optimizer "adamw" decay every group by wd x lr_t.
+    filter_decay: Literal["decoupled", "adamw"] = "decoupled"
+    # Shuffle the training split every epoch. Upstream reads each task in file order every epoch
+    # (false); true draws a new order per epoch from the job's seed.
+    shuffle: bool = False
     # Implementations of the M2 heavy ops ("" = as saved in the checkpoint).
     fftconv: str = ""
     blockdiag: str = ""
+    # Zero pad positions inside the M2 mixer (`model.mask_padding`); null = as saved in the checkpoint.
+    mask_padding: bool | None = None
+    # The pretraining config (configs/<model>.yaml) whose checkpoints this protocol is for; a
+    # checkpoint of another architecture (size, layers, the 80M's mixer LayerNorm) is refused
+    # before any work, naming the differences. "" = any checkpoint.
+    model: str = ""
     # Sequences per evaluation forward pass.
     eval_batch_size: int = 128
     # For smoke runs: use a fixed random subset of this many training / dev rows per split (0 = all).
@@ -152,6 +162,13 @@ class GlueConfig:
         _require(
             self.blockdiag in ("", *blockdiag.BACKENDS), "blockdiag", f"'' or one of {blockdiag.BACKENDS}", self.blockdiag
         )
+        if self.model:
+            from m2dist.config import resolve_config_path
+
+            try:
+                resolve_config_path(self.model)
+            except ConfigError as err:
+                raise ConfigError(f"model: {err}") from None
         for name in ("eval_batch_size",):
             _require(getattr(self, name) >= 1, name, "an integer >= 1", getattr(self, name))
         for name in ("max_train_examples", "max_eval_examples"):

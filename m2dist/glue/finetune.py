@@ -4,10 +4,11 @@ The classifier starts from a pretrained checkpoint (an m2dist release folder or 
 checkpoint, through `load_any`) or from the MNLI-finetuned release: every `bert.*` tensor is
 copied, the pooler too when the source has one (an MLM checkpoint has none, so it starts fresh as
 upstream's does), and the classifier is always freshly initialised under the job's seed. Decoupled
-AdamW with betas (0.9, 0.98), M2's filter parameter groups (see GlueConfig.filter_decay), linear
-warmup over 6% of the steps,
-then linear decay to 0; bf16 autocast on CUDA. The dev splits are evaluated after every epoch;
-the job's result is the last epoch's, as upstream reports it.
+AdamW with betas (0.9, 0.98) and M2's pretraining parameter groups (see GlueConfig.filter_decay),
+linear warmup over 6% of the steps from lr 0, then linear decay to 0; the training split in file
+order every epoch (GlueConfig.shuffle); bf16 autocast on CUDA, with a regression task's head and
+loss in fp32. The dev splits are evaluated after every epoch; the job's result is the last
+epoch's, as upstream reports it.
 """
 
 from __future__ import annotations
@@ -133,17 +134,18 @@ def build_classifier(
     kernels = KernelConfig(
         fftconv=glue.fftconv or config.kernels.fftconv, blockdiag=glue.blockdiag or config.kernels.blockdiag
     )
-    config = dataclasses.replace(config, pool=settings.pool or config.pool, kernels=kernels)
+    mask_padding = config.mask_padding if glue.mask_padding is None else glue.mask_padding
+    config = dataclasses.replace(config, pool=settings.pool or config.pool, kernels=kernels, mask_padding=mask_padding)
     model = SequenceClassifier(config, num_labels)
     return model, copy_encoder_weights(source, model, where)
 
 
 def build_optimizer(model: torch.nn.Module, glue: GlueConfig, settings: TaskConfig) -> torch.optim.AdamW:
-    """AdamW over m2dist's parameter groups (global; M2 filters; M2 positional features z).
+    """AdamW over m2dist's pretraining parameter groups (global; M2 filters; M2 positional features z).
 
     `build_param_groups` gives Composer's DecoupledAdamW (decay `wd x lr_t / peak_lr` per step), as
-    "decoupled_adamw" asks; "adamw", and the filter group unless `filter_decay: decoupled`, decay by
-    `wd x lr_t` as torch's AdamW does.
+    "decoupled_adamw" asks, for every group (upstream); a task with optimizer "adamw", and the
+    filter group under `filter_decay: adamw`, decay by `wd x lr_t` as torch's AdamW does.
     """
     groups = build_param_groups(
         model,
@@ -158,9 +160,24 @@ def build_optimizer(model: torch.nn.Module, glue: GlueConfig, settings: TaskConf
         ),
     )
     for group in groups:
-        if settings.optimizer == "adamw" or (group["name"] == "filter" and glue.filter_decay != "decoupled"):
+        if settings.optimizer == "adamw" or (group["name"] == "filter" and glue.filter_decay == "adamw"):
             group["weight_decay"] = group["decoupled_weight_decay"]
     return torch.optim.AdamW(groups, betas=glue.betas, eps=glue.eps)
+
+
+def build_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_fraction: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup from 0 over `warmup_fraction` of the steps, then linear decay to 0 (Composer's
+    LinearWithWarmupScheduler with alpha_f 0, as upstream fine-tunes)."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_linear_decay(step, total_steps, warmup_fraction, final_fraction=0.0)
+    )
+
+
+def epoch_order(num_examples: int, shuffle: bool, generator: torch.Generator) -> torch.Tensor:
+    """The training split's order for one epoch: file order (upstream), or a fresh permutation."""
+    if shuffle:
+        return torch.randperm(num_examples, generator=generator)
+    return torch.arange(num_examples)
 
 
 def seed_everything(seed: int) -> None:
@@ -215,9 +232,7 @@ def run_job(spec: JobSpec, device: str | torch.device, emit: Emit | None = None)
     optimizer = build_optimizer(model, spec.glue, settings)
     steps_per_epoch = math.ceil(len(train) / settings.batch_size)
     total_steps = steps_per_epoch * settings.epochs
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_linear_decay(step, total_steps, spec.glue.warmup_fraction, final_fraction=0.0)
-    )
+    schedule = build_schedule(optimizer, total_steps, spec.glue.warmup_fraction)
     data = train.tensors()
     order_generator = torch.Generator().manual_seed(spec.seed)
     report_every = max(1, total_steps // 50)
@@ -226,7 +241,7 @@ def run_job(spec: JobSpec, device: str | torch.device, emit: Emit | None = None)
     step = 0
     for epoch in range(1, settings.epochs + 1):
         started = time.perf_counter()
-        order = torch.randperm(len(train), generator=order_generator)
+        order = epoch_order(len(train), spec.glue.shuffle, order_generator)
         loss_sum = torch.zeros((), device=device)
         for start in range(0, len(train), settings.batch_size):
             index = order[start : start + settings.batch_size]

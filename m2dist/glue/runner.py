@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from m2dist.config import ConfigError
+from m2dist.config import ConfigError, ModelConfig, load_config
 from m2dist.data.tokenizer import load_tokenizer
 from m2dist.glue.config import GlueConfig, TaskConfig, load_glue_config
 from m2dist.glue.encode import encode_examples, save_encoded
@@ -102,6 +102,31 @@ def _read_tasks(
     return data
 
 
+# ModelConfig fields that say which model a checkpoint is (GlueConfig.model).
+_MODEL_IDENTITY = (
+    "architecture", "hidden_size", "intermediate_size", "num_layers", "pre_layernorm", "residual_long_conv",
+    "bidirectional", "mlp_nblocks", "filter_order",
+)  # fmt: skip
+
+
+def check_model(glue: GlueConfig, model_config: ModelConfig, checkpoint: str | Path) -> None:
+    """Raise unless the checkpoint is the model `glue.model` names (nothing to check when it is "")."""
+    if not glue.model:
+        return
+    expected = load_config(glue.model).model
+    differing = [
+        f"model.{name}={getattr(model_config, name)!r} (expected {getattr(expected, name)!r})"
+        for name in _MODEL_IDENTITY
+        if getattr(model_config, name) != getattr(expected, name)
+    ]
+    if differing:
+        raise ConfigError(
+            f"{checkpoint}: not a {glue.model} checkpoint, which the GLUE config {glue.name} is for: "
+            + "; ".join(differing)
+            + ". Use the GLUE config of the checkpoint's model (--config), or model='' to fine-tune it anyway"
+        )
+
+
 def _default_output_dir(glue: GlueConfig, checkpoint: Path) -> Path:
     return Path("outputs") / "glue" / f"{glue.name}-{checkpoint.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -133,6 +158,10 @@ def evaluate_glue(
     """
     glue = load_glue_config(config, list(overrides))
     checkpoint = Path(checkpoint)
+    source = load_pretrained(checkpoint)
+    model_config = source.config
+    del source
+    check_model(glue, model_config, checkpoint)
     out = Path(output_dir) if output_dir is not None else _default_output_dir(glue, checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     device_list = resolve_devices(devices)
@@ -151,9 +180,6 @@ def evaluate_glue(
     elif text_dev is not None:
         raise ConfigError("--text-dev needs --text-train")
 
-    source = load_pretrained(checkpoint)
-    model_config = source.config
-    del source
     seq_len = glue.seq_len or model_config.l_max
     if seq_len > model_config.l_max:
         raise ConfigError(f"seq_len: expected <= the model's l_max={model_config.l_max}, got {seq_len}")

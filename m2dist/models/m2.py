@@ -186,6 +186,15 @@ def _compiled_short_conv():
     return torch.compile(causal_short_conv)
 
 
+def zero_padding(x: torch.Tensor, mask_BL: torch.Tensor | None, channels_first: bool = False) -> torch.Tensor:
+    """x (B, L, C), or (B, C, L) with `channels_first`, times mask_BL (1 at tokens, 0 at padding):
+    pad positions set to zero (`model.mask_padding`). No mask returns x itself."""
+    if mask_BL is None:
+        return x
+    mask = mask_BL.to(x.dtype)
+    return x * (mask[:, None, :] if channels_first else mask[..., None])
+
+
 class MonarchMixerSequenceMixing(nn.Module):
     """The sequence mixer that replaces attention. (B, L, D) -> (B, L, D); no residual, no norm around it."""
 
@@ -208,18 +217,24 @@ class MonarchMixerSequenceMixing(nn.Module):
         """The long convolutions' filters: the gated one, then the residual one if any."""
         return [self.filter_fn] + ([self.filter_fn2] if self.filter_fn2 is not None else [])
 
-    def forward(self, u_BLD: torch.Tensor, kernels_DN: list[torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(
+        self, u_BLD: torch.Tensor, kernels_DN: list[torch.Tensor] | None = None, mask_BL: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """kernels_DN: the `filters()`' kernels for this L, when the caller computed them (with the
-        other layers'); None computes them here."""
+        other layers'); None computes them here. mask_BL (B, L): 1 at tokens, 0 at padding; given,
+        pad positions are zeroed in the mixer input, after `in_linear` and in the gated long
+        convolution's input, so that no convolution mixes them into real positions."""
         length = u_BLD.shape[1]
         if kernels_DN is None:
             kernels_DN = filter_kernels(self.filters(), length)
         if self.layernorm is not None:
             u_BLD = self.layernorm(u_BLD)
-        projected_BLC = self.in_linear(u_BLD)
+        u_BLD = zero_padding(u_BLD, mask_BL)
+        projected_BLC = zero_padding(self.in_linear(u_BLD), mask_BL)
         short_conv = _compiled_short_conv() if _compile_here(projected_BLC) else causal_short_conv
         short_BCL = short_conv(projected_BLC, self.short_filter.weight, self.short_filter.bias)
         x1_BDL, x2_BDL, v_BDL = short_BCL.split(self.d_model, dim=1)
+        v_BDL = zero_padding(v_BDL, mask_BL, channels_first=True)
         k2_DN = d2_D = None
         if self.filter_fn2 is not None:
             k2_DN, d2_D = kernels_DN[1], self.filter_fn2.bias
@@ -253,7 +268,8 @@ class BlockdiagLinear(nn.Module):
         for i in range(nblocks):
             self.weight[i].copy_(dense[i * q : (i + 1) * q, i * p : (i + 1) * p])
         if self.bias is not None:
-            bound = 1 / math.sqrt(self.in_features)
+            # Upstream takes the bias's fan-in from the bias's own length: U(+-1/sqrt(out_features)).
+            bound = 1 / math.sqrt(self.out_features)
             nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -279,18 +295,21 @@ class GatedBlockdiagMLP(nn.Module):
 
 
 class M2Layer(nn.Module):
-    """`h_out = MLP(SeqMixer(h))`; the mixer ignores the attention mask, as upstream."""
+    """`h_out = MLP(SeqMixer(h))`; the mixer ignores the attention mask, as upstream, unless
+    `model.mask_padding` is on."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.attention = MonarchMixerSequenceMixing(config)
         self.mlp = GatedBlockdiagMLP(config)
+        self.mask_padding = config.mask_padding
 
     def forward(
         self, h_BLD: torch.Tensor, attention_mask_BL: torch.Tensor | None = None, kernels_DN: list[torch.Tensor] | None = None
     ) -> torch.Tensor:
         """kernels_DN: the mixer's filter kernels, if the caller computed them (`layer_filter_kernels`)."""
-        return self.mlp(self.attention(h_BLD, kernels_DN))
+        mask_BL = attention_mask_BL if self.mask_padding else None
+        return self.mlp(self.attention(h_BLD, kernels_DN, mask_BL))
 
 
 def layer_filter_kernels(layers: list[M2Layer], length: int) -> list[list[torch.Tensor]]:

@@ -205,7 +205,12 @@ class SequenceClassifier(nn.Module):
     ) -> ClassifierOutput:
         """input_ids, attention_mask, token_type_ids: (B, L); labels: (B,) ints, or floats when C = 1."""
         h_BLD = self.bert(input_ids, attention_mask, token_type_ids)
-        logits_BC = self.classifier(self.dropout(self.bert.pooler(h_BLD, attention_mask)))
+        if self.num_labels == 1:
+            # Regression (STS-B): pooler, classifier and loss in fp32 under autocast; the encoder not.
+            with torch.autocast(h_BLD.device.type, enabled=False):
+                logits_BC = self._head(h_BLD.float(), attention_mask)
+        else:
+            logits_BC = self._head(h_BLD, attention_mask)
         loss = None
         if labels is not None:
             if self.num_labels == 1:
@@ -213,6 +218,9 @@ class SequenceClassifier(nn.Module):
             else:
                 loss = F.cross_entropy(logits_BC.float(), labels)
         return ClassifierOutput(loss=loss, logits=logits_BC)
+
+    def _head(self, h_BLD: torch.Tensor, attention_mask_BL: torch.Tensor | None) -> torch.Tensor:
+        return self.classifier(self.dropout(self.bert.pooler(h_BLD, attention_mask_BL)))
 
 
 def count_parameters(model: nn.Module) -> int:
