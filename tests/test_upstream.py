@@ -39,8 +39,8 @@ def _read_key_list():
     return keys
 
 
-def test_export_of_80M_preln_has_exactly_the_released_keys():
-    model = MaskedLM(load_config("m2-bert-80M-preln").model)
+def test_export_of_80M_has_exactly_the_released_keys():
+    model = MaskedLM(load_config("m2-bert-80M").model)
     exported = upstream_state_dict(model)
     released = _read_key_list()
     assert list(exported) == list(released)  # names and order

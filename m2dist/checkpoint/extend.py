@@ -52,7 +52,7 @@ FILTER_POSITIONS = "pos_emb.t"
 # that leave the weights' meaning alone.
 FREE_FIELDS = (
     "l_max", "hidden_dropout", "attention_dropout", "initializer_range", "filter_sin_freq", "pool", "kernels",
-    "mask_padding",
+    "mask_padding", "activation_checkpointing",
 )  # fmt: skip
 
 
