@@ -89,20 +89,21 @@ def _probe_logits(model: MaskedLM | SequenceClassifier) -> torch.Tensor:
     return model.eval()(input_ids).logits
 
 
-def check_finite(model: torch.nn.Module, source: str | Path) -> None:
-    """Raise CheckpointError naming the first tensors of `model` that hold NaN or infinity."""
+def checked_probe_logits(model: MaskedLM | SequenceClassifier, source: str | Path) -> torch.Tensor:
+    """The model's logits on the check input; CheckpointError, before anything is written, when its
+    weights or those logits hold NaN or infinity (a diverged run)."""
     bad = [name for name, tensor in model.state_dict().items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    advice = "the training diverged; refusing to convert it (pick an earlier checkpoint with --tag)"
     if bad:
-        raise CheckpointError(
-            f"{source}: {len(bad)} tensor(s) hold NaN or infinity ({', '.join(bad[:3])}): the training diverged; "
-            "refusing to convert it (pick an earlier checkpoint with --tag)"
-        )
+        raise CheckpointError(f"{source}: {len(bad)} tensor(s) hold NaN or infinity ({', '.join(bad[:3])}): {advice}")
+    logits = _probe_logits(model)
+    if not torch.isfinite(logits).all():
+        raise CheckpointError(f"{source}: the weights are finite but the logits on the check input are not: {advice}")
+    return logits
 
 
 def _check_logits(expected: torch.Tensor, got: torch.Tensor, written: Path, source: Path, bf16: bool) -> None:
     tolerance = 5e-2 if bf16 else 1e-5
-    if not torch.isfinite(expected).all():
-        raise CheckpointError(f"{source}: the model's logits on the check input are not finite")
     error = ((got - expected).abs().max() / expected.abs().max().clamp(min=1e-12)).item()
     # Written so that a NaN error fails too.
     if not error <= tolerance:
@@ -158,7 +159,7 @@ def _convert(
             raise CheckpointError(f"{source}: --to universal needs a training run's DeepSpeed checkpoint")
         return _zero_to_universal(source, destination, tag)
     model = load_any(source, tag)
-    check_finite(model, source)
+    expected = checked_probe_logits(model, source)
     if to == "release":
         dtype = torch.bfloat16 if bf16 else torch.float32
         written = save_release(model, destination, dtype=dtype, overwrite=overwrite)
@@ -166,7 +167,7 @@ def _convert(
     else:
         written = export_upstream(model, destination, safetensors=safetensors, overwrite=overwrite)
         reloaded = import_upstream(written)
-    _check_logits(_probe_logits(model), _probe_logits(reloaded), written, source, bf16 and to == "release")
+    _check_logits(expected, _probe_logits(reloaded), written, source, bf16 and to == "release")
     return written
 
 
@@ -185,7 +186,7 @@ def _zero_to_release(source: Path, destination: Path, tag: str | None, *, bf16: 
     config = zero.model_config(state, str(root / tag / zero.CLIENT_STATE))
     dtype = torch.bfloat16 if bf16 else torch.float32
     model = zero.model_from_state(config, zero.consolidated_state(root, tag), str(root / tag))
-    check_finite(model, root / tag)
+    expected = checked_probe_logits(model, root / tag)
     destination.mkdir(parents=True, exist_ok=True)
     tokenizer = _copy_tokenizer(state, destination)
     meta = {"format": RELEASE_FORMAT, "model": dataclasses.asdict(config), "task": "mlm", "tokenizer": tokenizer}
@@ -194,7 +195,6 @@ def _zero_to_release(source: Path, destination: Path, tag: str | None, *, bf16: 
     write_safetensors(tmp, model.state_dict().items(), dtype=dtype)
     tmp.replace(destination / WEIGHTS_FILE)
     (destination / CONFIG_FILE).write_text(json.dumps(meta, indent=1) + "\n")
-    expected = _probe_logits(model)
     num_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     del model
     gc.collect()
