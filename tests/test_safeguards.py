@@ -180,7 +180,7 @@ def test_damaged_checkpoints_fall_back_to_the_newest_intact_one(tmp_path, tiny_s
 @pytest.mark.slow
 def test_second_job_on_a_run_folder_is_refused(tmp_path, tiny_shards):  # noqa: F811
     out = tmp_path / "run"
-    args = [*BASE, *_data_args(tiny_shards), "train.duration=5000", "train.log_every=20", "tracking.enabled=false",
+    args = [*BASE, *_data_args(tiny_shards), "train.duration=5000", "train.log_every=2", "tracking.enabled=false",
             f"train.output_dir={out}"]  # fmt: skip
     first = start_background(tmp_path, args)
     try:
