@@ -6,13 +6,18 @@ from collections.abc import Callable
 from m2dist.checkpoint.io import CheckpointError, OutputExistsError
 from m2dist.config import ConfigError
 from m2dist.data.manifest import DataError
+from m2dist.engine.guards import ConfigDrift, NonFiniteTraining, RunFolderLocked
 
-USER_ERRORS = (ConfigError, CheckpointError, DataError, OutputExistsError, FileNotFoundError)
+USER_ERRORS = (
+    ConfigError, CheckpointError, DataError, OutputExistsError, FileNotFoundError, ConfigDrift, NonFiniteTraining,
+    RunFolderLocked,
+)  # fmt: skip
 
 
 def run_cli(main: Callable[[], None]) -> None:
-    """Run `main`; a user error (bad config, bad checkpoint, existing output) prints one line and
-    exits with status 2 instead of a traceback."""
+    """Run `main`; a user error (bad config, bad checkpoint, existing output, a locked run folder,
+    diverged training, a resume that changes the model) prints its message and exits with status 2
+    instead of a traceback."""
     try:
         main()
     except USER_ERRORS as err:

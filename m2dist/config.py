@@ -216,6 +216,14 @@ class TrainConfig:
     device: str = "auto"
     # Print a log line, and look for SIGUSR1/SIGTERM, every this many steps.
     log_every: int = 1
+    # Optimizer steps in a row with a non-finite loss or gradient norm that the run rides out (ZeRO 1-2,
+    # whose overflow check discards such a step's update); one more stops the run with an error and
+    # without a checkpoint. 0 = stop at the first. Checked at log steps and before every checkpoint.
+    max_nonfinite_steps: int = 0
+    # Settings that may differ from the checkpoint's on resume although they change the model or the
+    # data order (model.*, data.train, train.global_batch_size, train.seed, ...): keys or sections,
+    # e.g. [model.layer_norm_eps]. Other such differences stop the resume with an error.
+    resume_allow_changes: list[str] = field(default_factory=list)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
 
     def __post_init__(self) -> None:
@@ -229,6 +237,13 @@ class TrainConfig:
         _require(0.0 <= self.warmup_fraction < 1.0, "train.warmup_fraction", "in [0, 1)", self.warmup_fraction)
         _require(0.0 <= self.final_lr_fraction <= 1.0, "train.final_lr_fraction", "in [0, 1]", self.final_lr_fraction)
         _require(self.device in ("auto", "cpu", "cuda"), "train.device", "auto, cpu or cuda", self.device)
+        _require(self.max_nonfinite_steps >= 0, "train.max_nonfinite_steps", "an integer >= 0", self.max_nonfinite_steps)
+        _require(
+            self.max_nonfinite_steps == 0 or self.zero_stage in (1, 2),
+            "train.max_nonfinite_steps",
+            f"0 with train.zero_stage={self.zero_stage} (only ZeRO 1-2 discard a non-finite step's update)",
+            self.max_nonfinite_steps,
+        )
         _require(
             not (self.offload_optimizer and self.zero_stage == 0),
             "train.offload_optimizer",

@@ -22,31 +22,62 @@ from typing import Any
 import torch
 
 from m2dist.checkpoint import zero
-from m2dist.checkpoint.io import CheckpointError, OutputExistsError, read_safetensors_header, write_safetensors
-from m2dist.checkpoint.release import CONFIG_FILE, WEIGHTS_FILE, load_release, save_release
-from m2dist.checkpoint.upstream import export_upstream, import_upstream
+from m2dist.checkpoint.io import (
+    CheckpointError, OutputExistsError, load_deepspeed_file, read_safetensors_header, write_safetensors,
+)  # fmt: skip
+from m2dist.checkpoint.release import CONFIG_FILE, RELEASE_FORMAT, WEIGHTS_FILE, load_release, save_release
+from m2dist.checkpoint.upstream import WEIGHT_FILES, export_upstream, import_upstream
 from m2dist.models import MaskedLM, SequenceClassifier
 
 TARGETS = ("release", "upstream", "universal")
 MODEL_CARD = "model_card.md"
 
 
+def source_kind(source: str | Path) -> str:
+    """"run" (a training run, its checkpoints folder or one tag folder), "release" (an m2dist
+    release folder), "upstream" (an upstream folder) or "file" (an upstream checkpoint file).
+
+    A folder's kind comes from the files m2dist writes: the engine's markers and shards, or a
+    release's config.json with its `model` section. A folder holding both a training run's files
+    and model weights is refused: which of its files would be read is not for m2dist to guess.
+    """
+    source = Path(source)
+    if source.is_file():
+        return "file"
+    if not source.is_dir():
+        raise CheckpointError(f"{source}: no such checkpoint file or folder")
+    engine = zero.engine_files(source)
+    weights = [name for name in WEIGHT_FILES if (source / name).exists()]
+    if engine and weights:
+        raise CheckpointError(
+            f"{source}: refused: it holds both a training run's files ({', '.join(engine)}) and model weights "
+            f"({', '.join(weights)}), so its kind is ambiguous; a release or upstream folder holds no training "
+            "checkpoint files and a run folder no weight files"
+        )
+    if engine:
+        return "run"
+    config_file = source / CONFIG_FILE
+    if config_file.exists():
+        try:
+            meta = json.loads(config_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"{config_file}: not valid JSON: {err}") from None
+        if isinstance(meta, dict) and "model" in meta:
+            return "release"
+    return "upstream"
+
+
 def load_any(source: str | Path, tag: str | None = None) -> MaskedLM | SequenceClassifier:
     """The model in a training run's checkpoint (fp32 master weights), a release folder, an upstream
-    folder or an upstream checkpoint file."""
+    folder or an upstream checkpoint file (see `source_kind`)."""
     source = Path(source)
-    if zero.is_zero_checkpoint(source):
+    kind = source_kind(source)
+    if kind == "run":
         return zero.load_zero_model(*zero.resolve_zero_checkpoint(source, tag))
     if tag is not None:
         raise ValueError(f"tag={tag!r} applies to a training run's checkpoints only, not to {source}")
-    config_file = source / CONFIG_FILE
-    if source.is_dir() and config_file.exists():
-        try:
-            is_release = "model" in json.loads(config_file.read_text())
-        except json.JSONDecodeError as err:
-            raise CheckpointError(f"{config_file}: not valid JSON: {err}") from None
-        if is_release:
-            return load_release(source)
+    if kind == "release":
+        return load_release(source)
     return import_upstream(source)
 
 
@@ -58,10 +89,24 @@ def _probe_logits(model: MaskedLM | SequenceClassifier) -> torch.Tensor:
     return model.eval()(input_ids).logits
 
 
+def checked_probe_logits(model: MaskedLM | SequenceClassifier, source: str | Path) -> torch.Tensor:
+    """The model's logits on the check input; CheckpointError, before anything is written, when its
+    weights or those logits hold NaN or infinity (a diverged run)."""
+    bad = [name for name, tensor in model.state_dict().items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    advice = "the training diverged; refusing to convert it (pick an earlier checkpoint with --tag)"
+    if bad:
+        raise CheckpointError(f"{source}: {len(bad)} tensor(s) hold NaN or infinity ({', '.join(bad[:3])}): {advice}")
+    logits = _probe_logits(model)
+    if not torch.isfinite(logits).all():
+        raise CheckpointError(f"{source}: the weights are finite but the logits on the check input are not: {advice}")
+    return logits
+
+
 def _check_logits(expected: torch.Tensor, got: torch.Tensor, written: Path, source: Path, bf16: bool) -> None:
     tolerance = 5e-2 if bf16 else 1e-5
     error = ((got - expected).abs().max() / expected.abs().max().clamp(min=1e-12)).item()
-    if error > tolerance:
+    # Written so that a NaN error fails too.
+    if not error <= tolerance:
         raise CheckpointError(f"{written}: reloaded model differs from {source}: relative error {error:.2e} > {tolerance}")
 
 
@@ -92,7 +137,7 @@ def convert_checkpoint(
         raise ValueError(f"unknown target {to!r}; expected one of {TARGETS}")
     source, destination = Path(source), Path(destination)
     _claim_destination(destination, overwrite)
-    from_run = zero.is_zero_checkpoint(source)
+    from_run = source_kind(source) == "run"
     if from_run:
         # Imported before measuring, so that the memory figures are those of the conversion.
         import deepspeed.utils.zero_to_fp32  # noqa: F401
@@ -114,6 +159,7 @@ def _convert(
             raise CheckpointError(f"{source}: --to universal needs a training run's DeepSpeed checkpoint")
         return _zero_to_universal(source, destination, tag)
     model = load_any(source, tag)
+    expected = checked_probe_logits(model, source)
     if to == "release":
         dtype = torch.bfloat16 if bf16 else torch.float32
         written = save_release(model, destination, dtype=dtype, overwrite=overwrite)
@@ -121,7 +167,7 @@ def _convert(
     else:
         written = export_upstream(model, destination, safetensors=safetensors, overwrite=overwrite)
         reloaded = import_upstream(written)
-    _check_logits(_probe_logits(model), _probe_logits(reloaded), written, source, bf16 and to == "release")
+    _check_logits(expected, _probe_logits(reloaded), written, source, bf16 and to == "release")
     return written
 
 
@@ -140,15 +186,15 @@ def _zero_to_release(source: Path, destination: Path, tag: str | None, *, bf16: 
     config = zero.model_config(state, str(root / tag / zero.CLIENT_STATE))
     dtype = torch.bfloat16 if bf16 else torch.float32
     model = zero.model_from_state(config, zero.consolidated_state(root, tag), str(root / tag))
+    expected = checked_probe_logits(model, root / tag)
     destination.mkdir(parents=True, exist_ok=True)
     tokenizer = _copy_tokenizer(state, destination)
-    meta = {"model": dataclasses.asdict(config), "task": "mlm", "tokenizer": tokenizer}
+    meta = {"format": RELEASE_FORMAT, "model": dataclasses.asdict(config), "task": "mlm", "tokenizer": tokenizer}
     # Tied weights are stored under each of their names, as save_release does.
     tmp = destination / (WEIGHTS_FILE + ".tmp")
     write_safetensors(tmp, model.state_dict().items(), dtype=dtype)
     tmp.replace(destination / WEIGHTS_FILE)
     (destination / CONFIG_FILE).write_text(json.dumps(meta, indent=1) + "\n")
-    expected = _probe_logits(model)
     num_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     del model
     gc.collect()
@@ -248,7 +294,7 @@ def _check_universal(folder: Path, root: Path, tag: str) -> None:
     if missing:
         raise CheckpointError(f"{folder}: universal checkpoint lacks parameters {missing[:5]}")
     for name, numel in expected.items():
-        weight = torch.load(params / name / "fp32.pt", map_location="cpu", mmap=True, weights_only=False)
+        weight = load_deepspeed_file(params / name / "fp32.pt")
         weight = weight["param"] if isinstance(weight, dict) else weight
         # ZeRO-3's universal weights are flat; compare sizes.
         if weight.numel() != numel:

@@ -1,6 +1,7 @@
 """Checkpoint files: safe reading of torch files (tensors and plain containers only, never pickled
 code), and safetensors files written and read one tensor at a time."""
 
+import importlib
 import json
 import pickle
 import struct
@@ -37,6 +38,48 @@ def safe_torch_load(path: str | Path) -> Any:
             f"{path}: refused or unreadable: {first_line}. m2dist loads only tensors and plain containers "
             "(weights_only=True) and never runs code stored in a checkpoint"
         ) from None
+
+
+# The classes DeepSpeed pickles into its checkpoint files beside tensors and plain containers (the
+# ZeRO optimizer's loss scaler and stage, the fragment addresses of ZeRO-2). A file that names any
+# other global is refused before DeepSpeed, which reads with weights_only=False, gets to unpickle it.
+DEEPSPEED_GLOBALS = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
+
+
+def check_torch_globals(path: str | Path, allowed: tuple[str, ...] = DEEPSPEED_GLOBALS) -> None:
+    """Raise CheckpointError unless every global the torch file at `path` pickles is one that
+    `weights_only=True` accepts or one of `allowed`. The pickle is scanned, never run."""
+    path = Path(path)
+    try:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except (RuntimeError, ValueError, pickle.UnpicklingError, EOFError) as err:
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(f"{path}: truncated or not a torch file: {first_line}") from None
+    refused = sorted(set(found) - set(allowed))
+    if refused:
+        raise CheckpointError(
+            f"{path}: refused: it pickles {', '.join(refused[:3])}, which is neither a tensor, a plain "
+            "container nor a DeepSpeed checkpoint class; m2dist never runs code stored in a checkpoint"
+        )
+
+
+def load_deepspeed_file(path: str | Path, mmap: bool = True) -> Any:
+    """A DeepSpeed checkpoint file read with `weights_only=True`, its few classes allowed."""
+    path = Path(path)
+    check_torch_globals(path)
+    classes = []
+    for name in DEEPSPEED_GLOBALS:
+        module, _, attribute = name.rpartition(".")
+        classes.append(getattr(importlib.import_module(module), attribute))
+    with torch.serialization.safe_globals(classes):
+        return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
 
 
 SAFETENSORS_DTYPES = {

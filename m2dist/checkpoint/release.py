@@ -18,6 +18,8 @@ from m2dist.models import MaskedLM, SequenceClassifier
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+# The `format` of a release's config.json (folders of older versions have only its `model` section).
+RELEASE_FORMAT = "m2dist-release"
 
 
 def save_release(
@@ -30,7 +32,7 @@ def save_release(
     if destination.exists() and not overwrite:
         raise OutputExistsError(f"{destination} exists; pass overwrite=True (--overwrite) to replace it")
     destination.mkdir(parents=True, exist_ok=True)
-    meta = {"model": dataclasses.asdict(model.config), "task": "mlm"}
+    meta = {"format": RELEASE_FORMAT, "model": dataclasses.asdict(model.config), "task": "mlm"}
     if isinstance(model, SequenceClassifier):
         meta.update(task="classification", num_labels=model.num_labels)
     state = {

@@ -7,8 +7,10 @@ read, and each value becomes a tensor only on `materialize(value)` (for ZeRO-0/1
 mapped file; for ZeRO-3 DeepSpeed's `GatheredTensor` gathers one tensor from the ranks' shards).
 `m2dist.checkpoint.io.write_safetensors` streams such a dict to disk tensor by tensor.
 
-DeepSpeed's model and optimizer files hold pickled Python objects (not only tensors) and DeepSpeed
-reads them with `weights_only=False`: convert only checkpoints written by runs you trust.
+DeepSpeed's model and optimizer files hold a few pickled DeepSpeed classes beside tensors, and
+DeepSpeed reads them with `weights_only=False`: every file of a tag is scanned first
+(`m2dist.checkpoint.io.check_torch_globals`) and refused if its pickle names anything else, and its
+sizes and checksums are verified against the tag's manifest.
 """
 
 from __future__ import annotations
@@ -16,16 +18,17 @@ from __future__ import annotations
 import math
 import resource
 import threading
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from m2dist.checkpoint.io import CheckpointError, safe_torch_load
+from m2dist.checkpoint.io import CheckpointError, load_deepspeed_file, safe_torch_load
 from m2dist.config import ConfigError, ModelConfig, _build
-from m2dist.engine.checkpoint import CLIENT_STATE, COMPLETE, LATEST, complete_tags
+from m2dist.engine.checkpoint import (
+    CLIENT_STATE, COMPLETE, LATEST, MANIFEST, complete_tags, find_resume_tag, verify_tag,
+)  # fmt: skip
 from m2dist.models import MaskedLM
 
 # ZeRO-0/1/2 write mp_rank_00_model_states.pt; ZeRO-3 one zero_pp_rank_<r>_mp_rank_00_model_states.pt per rank.
@@ -69,24 +72,32 @@ class RssSampler:
         self.peak = max(self.peak, current_rss_mib())
 
 
+# Names that only a training run of m2dist (or DeepSpeed) puts in a folder.
+ENGINE_NAMES = (COMPLETE, CLIENT_STATE, MANIFEST, LATEST, "checkpoints")
+ENGINE_PATTERNS = ("*model_states.pt", "*optim_states.pt", "step_*")
+
+
+def engine_files(path: Path) -> list[str]:
+    """The names in folder `path` that mark a training run, its checkpoints folder or a tag folder."""
+    found = {name for name in ENGINE_NAMES if (path / name).exists()}
+    for pattern in ENGINE_PATTERNS:
+        found.update(p.name for p in path.glob(pattern))
+    return sorted(found)
+
+
 def is_zero_checkpoint(path: str | Path) -> bool:
     """True for a run folder, a checkpoints folder or a tag folder of the training engine."""
     path = Path(path)
-    if not path.is_dir():
-        return False
-    return (
-        _model_states_file(path) is not None
-        or (path / LATEST).exists()
-        or bool(complete_tags(path))
-        or (path / "checkpoints").is_dir()
-    )
+    return path.is_dir() and bool(engine_files(path))
 
 
 def resolve_zero_checkpoint(source: str | Path, tag: str | None = None) -> tuple[Path, str]:
     """(checkpoints root, tag) for a run folder, a checkpoints folder or a tag folder.
 
-    Without `tag`: the tag named by `latest`. The tag folder must hold the engine's COMPLETE marker
-    (a save cut short has none) and readable shard files.
+    Without `tag`: the tag named by `latest` or, when that one fails verification, the newest
+    complete one that verifies (with a warning naming the bad file). The tag folder must hold the
+    engine's COMPLETE marker (a save cut short has none) and files that match its manifest, and
+    their pickles may hold tensors, plain containers and DeepSpeed's few classes only.
     """
     source = Path(source)
     if not source.is_dir():
@@ -98,10 +109,11 @@ def resolve_zero_checkpoint(source: str | Path, tag: str | None = None) -> tuple
     else:
         root = source / "checkpoints" if (source / "checkpoints").is_dir() else source
         if tag is None:
-            latest = root / LATEST
-            if not latest.exists():
+            if not (root / LATEST).exists():
                 raise CheckpointError(f"{root}: no '{LATEST}' file; pass --tag (complete tags: {complete_tags(root) or 'none'})")
-            tag = latest.read_text().strip()
+            tag = find_resume_tag(root, set_aside=False)
+            if tag is None:
+                raise CheckpointError(f"{root}: no complete checkpoint (no tag folder with a {COMPLETE} marker)")
     folder = root / tag
     if not folder.is_dir():
         raise CheckpointError(f"{root}: no checkpoint tag {tag!r}; complete tags: {complete_tags(root) or 'none'}")
@@ -109,24 +121,15 @@ def resolve_zero_checkpoint(source: str | Path, tag: str | None = None) -> tuple
         raise CheckpointError(
             f"{folder}: no {COMPLETE} marker: the save was cut short; complete tags: {complete_tags(root) or 'none'}"
         )
-    check_shard_files(folder)
-    return root, tag
-
-
-def check_shard_files(folder: Path) -> None:
-    """Every DeepSpeed file of a tag is a whole torch zip archive (a truncated file loses its central
-    directory, which sits at the end)."""
-    files = sorted(folder.glob("*.pt"))
     if _model_states_file(folder) is None:
         raise CheckpointError(f"{folder}: not a DeepSpeed checkpoint: no *{MODEL_STATES}")
-    for file in files:
-        try:
-            with zipfile.ZipFile(file):
-                pass
-        except (zipfile.BadZipFile, OSError) as err:
-            raise CheckpointError(
-                f"{file}: truncated or corrupt checkpoint shard ({err}); was the save interrupted or the copy incomplete?"
-            ) from None
+    problems = verify_tag(folder)
+    if problems:
+        raise CheckpointError(
+            f"{folder}: damaged checkpoint: {'; '.join(problems[:3])}; was the save interrupted or the copy incomplete? "
+            f"(complete tags: {complete_tags(root)})"
+        )
+    return root, tag
 
 
 def _model_states_file(folder: Path) -> Path | None:
@@ -136,7 +139,7 @@ def _model_states_file(folder: Path) -> Path | None:
 
 def zero_stage(folder: Path) -> int:
     """The ZeRO stage recorded by DeepSpeed in the tag's model state file."""
-    states = torch.load(_model_states_file(folder), map_location="cpu", mmap=True, weights_only=False)
+    states = load_deepspeed_file(_model_states_file(folder))
     config = states.get("ds_config") or {}
     return int(config.get("zero_optimization", {}).get("stage", 0))
 
@@ -215,8 +218,7 @@ def consolidated_state(root: Path, tag: str) -> dict[str, Any]:
     try:
         stage = zero_stage(folder)
         if stage == 0:
-            states = torch.load(folder / MODEL_STATES, map_location="cpu", mmap=True, weights_only=False)
-            return dict(states["module"])
+            return dict(load_deepspeed_file(folder / MODEL_STATES)["module"])
         if stage in (1, 2):
             return _zero12_lazy_state(folder)
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

@@ -28,7 +28,8 @@ class TrainingData:
         self.seq_len = config.train.seq_len or config.model.l_max
         self.train_loader = build_mlm_dataloader(config, layout.micro_batch_size, "train")
         self.has_validation = not config.data.train or bool(config.data.val)
-        self._eval_loader = None
+        # Built now, so that a wrong validation path or manifest stops the run before its first step.
+        self._eval_loader = build_mlm_dataloader(config, layout.micro_batch_size, "val") if self.has_validation else None
         self._train_iter: Iterator[dict[str, torch.Tensor]] | None = None
         tokenizer = Path(config.data.tokenizer) if config.data.tokenizer else DEFAULT_VOCAB
         self.artifacts = [tokenizer]
@@ -45,10 +46,6 @@ class TrainingData:
 
     def eval_batches(self, max_batches: int = 0) -> Iterator[dict[str, torch.Tensor]]:
         """One pass over the validation split (the first `max_batches` batches if > 0)."""
-        from m2dist.data.loader import build_mlm_dataloader
-
-        if self._eval_loader is None:
-            self._eval_loader = build_mlm_dataloader(self.config, self.layout.micro_batch_size, "val")
         for index, batch in enumerate(self._eval_loader):
             if max_batches and index >= max_batches:
                 break

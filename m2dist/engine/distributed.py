@@ -93,6 +93,24 @@ def barrier() -> None:
         dist.barrier()
 
 
+def gather_objects(value, env: DistEnv | None = None) -> list:
+    """Every rank's picklable `value`, on every rank (`[value]` when not distributed)."""
+    if env is None or env.world_size == 1 or not dist.is_initialized():
+        return [value]
+    gathered = [None] * env.world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def broadcast_object(value, env: DistEnv | None = None):
+    """Rank 0's picklable `value`, on every rank."""
+    if env is None or env.world_size == 1 or not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     """Sum a few scalars over ranks (one collective)."""
     tensor = torch.tensor(values, dtype=torch.float64, device=device)

@@ -19,10 +19,12 @@ import torch
 import torch.distributed as dist
 
 from m2dist.checkpoint.extend import warm_start
+from m2dist.checkpoint.io import safe_torch_load
 from m2dist.config import Config, check_training_data
-from m2dist.engine.checkpoint import CheckpointManager, find_resume_tag
+from m2dist.engine.checkpoint import CLIENT_STATE, CheckpointManager, find_resume_tag
 from m2dist.engine.deepspeed_config import batch_layout, build_deepspeed_config, check_deepspeed_precision
-from m2dist.engine.distributed import all_reduce_sum, init_distributed
+from m2dist.engine.distributed import all_reduce_sum, broadcast_object, init_distributed
+from m2dist.engine.guards import NonFiniteCounter, NonFiniteTraining, RunFolderLocked, RunLock, check_resume_config
 from m2dist.engine.metrics import (
     METRICS_FILE,
     ThroughputMeter,
@@ -108,12 +110,15 @@ class Trainer:
         self.env = init_distributed(self.device)
         self.layout = batch_layout(config, self.env.world_size)
         self.output_dir = Path(train.output_dir.format(name=config.name)).resolve()
+        self.lock = self._lock_run_folder()
         self.data = build_data(config, self.env, self.layout)
         self.seq_len = self.data.seq_len
         self.total_steps = self._steps_from_duration()
 
         self.checkpoints = CheckpointManager(self.output_dir / "checkpoints", self.env, train.keep_last)
-        resume_tag = find_resume_tag(self.checkpoints.root)
+        resume_tag = find_resume_tag(self.checkpoints.root, self.env)
+        if resume_tag is not None:
+            self._check_config_drift(resume_tag)
         self.ds_config = build_deepspeed_config(config, self.layout)
         if resume_tag is not None and self.checkpoints.needs_universal(resume_tag):
             resume_tag = self.checkpoints.prepare_universal(resume_tag)
@@ -138,6 +143,11 @@ class Trainer:
         self.step = 0
         self.losses: list[tuple[int, float]] = []
         self._stop_signal: int | None = None
+        # Steps since the last log step: (step, mean loss, gradient norm), still on the device.
+        self._pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        self._meter: ThroughputMeter | None = None
+        self.nonfinite = NonFiniteCounter(train.max_nonfinite_steps)
+        self.last_tag: str | None = resume_tag
         client_state = self._resume(resume_tag) if resume_tag is not None else {}
 
         self.tracker = build_tracker(config.tracking, self.env.rank, self.output_dir)
@@ -157,6 +167,36 @@ class Trainer:
         train = self.config.train
         per_step = {"steps": 1, "samples": train.global_batch_size, "tokens": train.global_batch_size * self.seq_len}
         return math.ceil(train.duration / per_step[train.duration_unit])
+
+    def _lock_run_folder(self) -> RunLock:
+        """Rank 0 takes the run folder's lock for the job's life; every rank fails if it cannot."""
+        lock = RunLock(self.output_dir)
+        error = None
+        if self.env.is_main:
+            try:
+                note = lock.acquire()
+                if note:
+                    log.warning(note)
+            except RunFolderLocked as err:
+                error = str(err)
+        error = broadcast_object(error, self.env)
+        if error is not None:
+            raise RunFolderLocked(error if self.env.is_main else f"rank 0: {error}")
+        return lock
+
+    def _check_config_drift(self, tag: str) -> None:
+        """Compare this config with the one stored in the checkpoint (same result on every rank)."""
+        state_file = self.checkpoints.root / tag / CLIENT_STATE
+        saved = safe_torch_load(state_file).get("config")
+        if saved is None:
+            return
+        current = self.config.to_dict()
+        # Where the run lives and what it starts from may differ; a resume ignores init_from.
+        for key in ("output_dir", "init_from"):
+            current["train"][key] = saved.get("train", {}).get(key, current["train"][key])
+        changes = check_resume_config(saved, current, self.config.train.resume_allow_changes, str(state_file))
+        if changes:
+            self._log("resuming with settings changed since the checkpoint:\n  " + "\n  ".join(changes))
 
     def _resume(self, tag: str) -> dict[str, Any]:
         client_state = self.checkpoints.load(self.engine, tag)
@@ -205,6 +245,25 @@ class Trainer:
             total += loss.detach()
         return total / self.layout.grad_accumulation, data_wait
 
+    def _grad_norm(self) -> torch.Tensor:
+        """The last step's global gradient norm as a device scalar (no host sync); 0 when unknown."""
+        norm = self.engine.get_global_grad_norm()
+        if isinstance(norm, torch.Tensor):
+            return norm.detach().float().reshape(()).to(self.device)
+        return torch.tensor(0.0 if norm is None else float(norm), device=self.device)
+
+    def _weights_finite(self) -> bool:
+        """Collective: whether every rank's share of the weights is finite (ZeRO-3 holds a partition
+        in `ds_tensor`)."""
+        finite = True
+        for param in self.engine.module.parameters():
+            local = getattr(param, "ds_tensor", param)
+            finite = finite and bool(torch.isfinite(local).all())
+        flag = torch.tensor([1.0 if finite else 0.0], device=self.device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """MLM loss and accuracy on the validation split at the evaluation masking rate."""
@@ -224,6 +283,14 @@ class Trainer:
         return {"eval/mlm_loss": loss_sum / max(masked, 1), "eval/mlm_accuracy": correct / max(masked, 1)}
 
     def save(self) -> None:
+        """Checkpoint, after checking the steps since the last log step and the weights: a
+        non-finite model is never saved (NonFiniteTraining instead)."""
+        self._flush_losses()
+        if not self._weights_finite():
+            raise NonFiniteTraining(
+                f"step {self.step}: the weights hold NaN or infinity; not saving them (last checkpoint: "
+                f"{self.last_tag or 'none'}). Lower train.optimizer.lr, raise train.warmup_fraction or set train.grad_clip"
+            )
         client_state = {
             "step": self.step,
             "samples_seen": self.step * self.layout.global_batch_size,
@@ -235,6 +302,7 @@ class Trainer:
             "config": self.config.to_dict(),
         }
         tag = self.checkpoints.save(self.engine, self.step, client_state)
+        self.last_tag = tag
         self._log(f"saved checkpoint {self.checkpoints.root / tag}")
 
     def fit(self) -> list[tuple[int, float]]:
@@ -243,7 +311,7 @@ class Trainer:
         self._install_signal_handlers()
         tokens_per_step = self.layout.global_batch_size * self.seq_len
         flops = training_flops_per_token(self.config.model, self.seq_len, train.mlm_probability)
-        meter = ThroughputMeter(
+        self._meter = meter = ThroughputMeter(
             tokens_per_step, self.env.world_size, flops, peak_flops(self.device, train.precision), self.device
         )
         self._log(
@@ -256,30 +324,29 @@ class Trainer:
         if self.step >= self.total_steps:
             self._log(f"training is complete at step {self.step}; nothing to do (a new output_dir starts afresh)")
             return self.losses
-        pending: list[tuple[int, torch.Tensor]] = []
         stop_at = self.step + train.stop_after if train.stop_after else self.total_steps
         while self.step < self.total_steps:
             loss, data_wait = self.train_step()
             self.step += 1
-            pending.append((self.step, loss))
+            self._pending.append((self.step, loss, self._grad_norm()))
             meter.record_step(data_wait)
             last = self.step == self.total_steps
             log_step = self.step % train.log_every == 0 or last
             if log_step:
-                self._flush_losses(pending, meter)
+                self._flush_losses()
             if train.eval_every and self.step % train.eval_every == 0 and not last:
                 self._log_eval()
             if train.checkpoint_every and self.step % train.checkpoint_every == 0 and not last:
                 self.save()
             if self.step == stop_at and not last:
-                self._flush_losses(pending, meter)
+                self._flush_losses()
                 self._log(f"train.stop_after={train.stop_after}: checkpointing at step {self.step} and leaving")
                 self.save()
                 return self.losses
             # Only at log steps, which sync with the host anyway: a check every step would stall
             # the CPU's run-ahead of GPU work.
             if log_step and not last and self._stop_requested():
-                self._flush_losses(pending, meter)
+                self._flush_losses()
                 self._log(f"signal {self._stop_signal or 'on another rank'}: checkpointing at step {self.step}")
                 self.save()
                 self.close(status="KILLED")
@@ -288,23 +355,31 @@ class Trainer:
         self.save()
         return self.losses
 
-    def _flush_losses(self, pending: list[tuple[int, torch.Tensor]], meter: ThroughputMeter) -> None:
+    def _flush_losses(self) -> None:
+        """Log the steps since the last log step; NonFiniteTraining (on every rank alike) when more
+        than train.max_nonfinite_steps of them in a row were not finite."""
+        pending, meter = self._pending, self._meter
         if not pending:
             return
-        # One host sync per log step: the losses of all steps since the last one.
-        values = torch.stack([loss for _, loss in pending])
+        # One host sync per log step: the losses of all steps since the last one (and their gradient
+        # norms, global already: averaging over ranks leaves them as they are).
+        values = torch.stack([torch.stack([loss.float(), norm]) for _, loss, norm in pending])
         if dist.is_initialized():
             dist.all_reduce(values)
             values /= self.env.world_size
-        steps = [step for step, _ in pending]
-        self.losses.extend(zip(steps, values.tolist()))
+        steps = [step for step, _, _ in pending]
+        losses, norms = values[:, 0].tolist(), values[:, 1].tolist()
         pending.clear()
+        for step, loss, norm in zip(steps, losses, norms):
+            self.nonfinite.record(step, loss, norm, self.last_tag and str(self.checkpoints.root / self.last_tag))
+        self.losses.extend(zip(steps, losses))
+        values = values[:, 0]
         scalars = meter.summary(self.total_steps - self.step)
         scalars.update(
             {
                 "train/loss": self.losses[-1][1],
                 "train/lr": self.scheduler.get_last_lr()[0],
-                "train/grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+                "train/grad_norm": norms[-1],
                 "train/tokens_seen": float(self.step * self.layout.global_batch_size * self.seq_len),
             }
         )
@@ -332,6 +407,7 @@ class Trainer:
             self.tracker.log_artifact(plot)
         self.tracker.close(status=status)
         self.data.close()
+        self.lock.release()
         uri = getattr(self.tracker, "tracking_uri", None)
         if self.env.is_main and uri:
             self._log(f"MLflow run {self.tracker.run_id}; open the UI with: mlflow ui --backend-store-uri {uri}")
@@ -345,6 +421,7 @@ def train(config: Config) -> list[tuple[int, float]]:
         raise  # a checkpointed stop on a signal: fit() closed the run as KILLED
     except BaseException:
         trainer.tracker.close(status="FAILED")
+        trainer.lock.release()
         raise
     trainer.close()
     return losses
