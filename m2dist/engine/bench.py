@@ -48,7 +48,9 @@ def time_steps(step: Callable[[], None], steps: int, window: int = 5, max_warmup
     """Median seconds per step over `steps` timed steps, after a warm-up that lasts until the step
     time is stable: windows of `window` steps are run until one's median is within 3% of the one
     before (compilation, autotuning and allocator growth all settle in the first windows), so no
-    result depends on its position in a run."""
+    result depends on its position in a run. Each step is timed alone between device events and
+    waited for, so host work that a step cannot hide behind its own kernels counts in its time (the
+    M2 and BERT steps wait for the host once per step anyway, to pick the masked positions)."""
 
     def timed(n: int) -> list[float]:
         times = []
