@@ -93,9 +93,14 @@ def local_checkpoint(checkpoint: str | Path, config: TrackingConfig, output_dir:
         raise CheckpointError(f"{checkpoint}: not found in the model registry at {uri} ({type(err).__name__}: {err})") from None
     destination = Path(output_dir) / "source_model" / model_label(f"{MODEL_URI_PREFIX}{name}/{found.version}")
     with tempfile.TemporaryDirectory(prefix="m2dist-model-", dir=Path(output_dir)) as staging:
-        local = download_artifacts(
-            artifact_uri=f"{MODEL_URI_PREFIX}{name}/{found.version}", dst_path=staging, tracking_uri=uri, registry_uri=uri
-        )
+        # The version's own source, read through this client: a models:/ URI would be resolved
+        # against the default registry, not `uri`.
+        if found.source.startswith(f"runs:/{found.run_id}/"):
+            local = client.download_artifacts(found.run_id, found.source.removeprefix(f"runs:/{found.run_id}/"), staging)
+        else:
+            local = download_artifacts(
+                artifact_uri=client.get_model_version_download_uri(name, found.version), dst_path=staging, tracking_uri=uri
+            )
         release = release_in_mlflow_model(local)
         shutil.rmtree(destination, ignore_errors=True)
         destination.parent.mkdir(parents=True, exist_ok=True)
