@@ -956,6 +956,14 @@ def log_final_model(tracker: Tracker, config: Any, output_dir: str | Path, uploa
     return release
 
 
+def final_model_summary(release: str | Path) -> str:
+    """The line a training job prints about its final model: where it is, and its registered version."""
+    lineage = read_lineage(release)
+    if lineage.get("model_version"):
+        return f"final model {release}, registered as {MODEL_URI_PREFIX}{lineage['registered_model']}/{lineage['model_version']}"
+    return f"final model {release}"
+
+
 def tool_tracking_uri(
     tracking_uri: str | None = None, default_dir: str | Path | None = None, fallback_uri: str | None = None
 ) -> tuple[str, str | None]:
@@ -1265,7 +1273,7 @@ def tracked_convert(
         written = convert_checkpoint(source, destination, to, tag=tag, stats=stats, **options)
         run.log_metrics({**stats, "seconds": time.perf_counter() - started})
         for name in ("config.json", "model_card.md"):
-            if (written / name).is_file() if written.is_dir() else False:
+            if written.is_dir() and (written / name).is_file():
                 run.log_artifact(written / name)
         version = None
         if register:

@@ -101,6 +101,7 @@ def test_whole_chain_is_linked_and_the_registered_model_reproduces_the_checkpoin
 
     run_dir, output = train(tmp_path, tokenizer, shards, uri)
     assert "tracking failed" not in output and (run_dir / "release" / "model.safetensors").is_file()
+    assert f"final model {run_dir / 'release'}, registered as models:/debug/1" in output
 
     release = tmp_path / "converted"
     tool("convert_checkpoint").main([str(run_dir), str(release), "--to", "release", "--register", "debug",

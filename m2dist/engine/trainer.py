@@ -410,9 +410,11 @@ class Trainer:
             plot_loss_curve(list(steps), list(losses), plot)
             self.tracker.log_artifact(plot)
         if self.env.is_main and self.completed and status == "FINISHED":
-            from m2dist.tracking import log_final_model
+            from m2dist.tracking import final_model_summary, log_final_model
 
-            log_final_model(self.tracker, self.config, self.output_dir)
+            release = log_final_model(self.tracker, self.config, self.output_dir)
+            if release is not None:
+                self._log(final_model_summary(release))
         self.tracker.close(status=status)
         self.data.close()
         self.lock.release()
