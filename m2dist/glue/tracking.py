@@ -92,7 +92,8 @@ def local_checkpoint(checkpoint: str | Path, config: TrackingConfig, output_dir:
     except Exception as err:
         raise CheckpointError(f"{checkpoint}: not found in the model registry at {uri} ({type(err).__name__}: {err})") from None
     destination = Path(output_dir) / "source_model" / model_label(f"{MODEL_URI_PREFIX}{name}/{found.version}")
-    with tempfile.TemporaryDirectory(prefix="m2dist-model-", dir=Path(output_dir)) as staging:
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".download-", dir=destination.parent) as staging:
         # The version's own source, read through this client: a models:/ URI would be resolved
         # against the default registry, not `uri`.
         if found.source.startswith(f"runs:/{found.run_id}/"):
@@ -103,7 +104,6 @@ def local_checkpoint(checkpoint: str | Path, config: TrackingConfig, output_dir:
             )
         release = release_in_mlflow_model(local)
         shutil.rmtree(destination, ignore_errors=True)
-        destination.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(release), destination)
     write_lineage(
         destination, tracking_uri=uri, registered_model=name, model_version=str(found.version),
