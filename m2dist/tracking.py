@@ -9,6 +9,13 @@ the oldest are dropped and counted), retries every `retry_every_seconds` and sen
 the server answers again. Nothing is raised into training for tracking.
 
 A resumed job passes the run id stored in its checkpoint to `start` and continues the same run.
+
+The rest of the pipeline logs here too, into the same experiment (the project): `StageRun` is the
+synchronous run of a tool (tokenizer, shards, conversion; `tracked_*` are what the tools call),
+`shard_dataset` turns a split's manifest into an MLflow dataset, `log_training_inputs` and
+`log_final_model` log a training run's datasets and its final model (a pyfunc model from code,
+m2dist/mlflow_model.py, registered in the Model Registry), and a lineage file beside a model folder
+names the runs and the version it comes from.
 """
 
 from __future__ import annotations
@@ -798,7 +805,8 @@ def training_datasets(config: Any) -> list[tuple[ShardDataset, str, dict[str, st
 
     data = config.data
     if data.train:
-        streams = [(s, "train") for s in parse_streams(data.train)] + [(s, "validation") for s in parse_streams(data.val)]
+        streams = [(s, "train") for s in parse_streams(data.train)]
+        streams += [(s, "validation") for s in parse_streams(data.val)]
         where = [(s.path, context, {} if s.proportion is None else {"m2dist.proportion": str(s.proportion)})
                  for s, context in streams]  # fmt: skip
     else:
@@ -919,7 +927,9 @@ def read_lineage(folder: str | Path) -> dict[str, str]:
         return {}
 
 
-def log_final_model(tracker: Tracker, config: Any, output_dir: str | Path, upload_timeout: float = 3600.0) -> Path | None:
+def log_final_model(
+    tracker: Tracker, config: Any, output_dir: str | Path, upload_timeout: float = 3600.0
+) -> Path | None:
     """Consolidate the run's last checkpoint into <output_dir>/release, log it as the MLflow model of
     the run and register it as a version of `registered_model_name(config)`. Waits for the upload
     (at most `upload_timeout` s, less when the server fails). Returns the release folder; None when
@@ -937,7 +947,9 @@ def log_final_model(tracker: Tracker, config: Any, output_dir: str | Path, uploa
         return None
     uri = getattr(tracker, "tracking_uri", "")
     write_lineage(release, tracking_uri=uri, training_run_id=tracker.run_id, source_run_id=tracker.run_id)
-    tracker.submit("the final model", lambda client, run_id: client.log_artifacts(run_id, str(model_dir), MODEL_ARTIFACT_PATH))
+    tracker.submit(
+        "the final model", lambda client, run_id: client.log_artifacts(run_id, str(model_dir), MODEL_ARTIFACT_PATH)
+    )
     name = registered_model_name(config)
     if name:
 
@@ -947,7 +959,9 @@ def log_final_model(tracker: Tracker, config: Any, output_dir: str | Path, uploa
             tokenizer = Path(config.data.tokenizer) if config.data.tokenizer else DEFAULT_VOCAB
             tags = {TRAINING_RUN_TAG: run_id, TOKENIZER_SHA_TAG: file_sha256(tokenizer), "m2dist.config_name": config.name}
             version = register_model_version(client, name, run_id, tags)
-            write_lineage(release, training_run_id=run_id, source_run_id=run_id, registered_model=name, model_version=version)
+            write_lineage(
+                release, training_run_id=run_id, source_run_id=run_id, registered_model=name, model_version=version
+            )
             logger.info("MLflow: registered %s%s/%s from run %s", MODEL_URI_PREFIX, name, version, run_id)
 
         tracker.submit(f"a version of the registered model {name}", register)
@@ -960,7 +974,8 @@ def final_model_summary(release: str | Path) -> str:
     """The line a training job prints about its final model: where it is, and its registered version."""
     lineage = read_lineage(release)
     if lineage.get("model_version"):
-        return f"final model {release}, registered as {MODEL_URI_PREFIX}{lineage['registered_model']}/{lineage['model_version']}"
+        version = f"{MODEL_URI_PREFIX}{lineage['registered_model']}/{lineage['model_version']}"
+        return f"final model {release}, registered as {version}"
     return f"final model {release}"
 
 
@@ -1086,7 +1101,9 @@ class StageRun:
     def log_datasets(self, datasets: Sequence[tuple[ShardDataset, str, Mapping[str, str]]]) -> None:
         self.call("log the datasets", lambda client: client.log_inputs(self.run_id, datasets=_dataset_inputs(datasets)))
 
-    def log_model(self, release_dir: str | Path, register_as: str = "", tags: Mapping[str, str] | None = None) -> str | None:
+    def log_model(
+        self, release_dir: str | Path, register_as: str = "", tags: Mapping[str, str] | None = None
+    ) -> str | None:
         """Log the release folder as the run's MLflow model; with `register_as`, register it as a new
         version of that name. Returns the version, or None."""
         import tempfile
@@ -1099,7 +1116,8 @@ class StageRun:
         if not register_as:
             return None
         version = self.call(
-            f"register {register_as}", lambda client: register_model_version(client, register_as, self.run_id, tags or {})
+            f"register {register_as}",
+            lambda client: register_model_version(client, register_as, self.run_id, tags or {}),
         )
         if version is not None:
             self.registered = f"{MODEL_URI_PREFIX}{register_as}/{version}"
@@ -1149,7 +1167,8 @@ def tracked_tokenizer_training(
         "input_format": input_format, "text_field": text_field, "num_threads": num_threads or os.cpu_count(),
     }  # fmt: skip
     with run:
-        run.start(readable_run_name("tokenizer", Path(model_path).stem, f"{model_type}{human_count(vocab_size)}"), params)
+        name = readable_run_name("tokenizer", Path(model_path).stem, f"{model_type}{human_count(vocab_size)}")
+        run.start(name, params)
         stats: dict[str, float] = {}
         tokenizer = train_tokenizer_from_files(
             inputs, model_path, vocab_size, model_type, character_coverage, lowercase, input_format, text_field,  # type: ignore[arg-type]
@@ -1205,12 +1224,15 @@ def tracked_prepare_mds(
         metrics["documents_per_s"] = sum(m.counts.documents for m in result.manifests.values()) / seconds
         run.log_metrics(metrics)
         first = next(iter(result.manifests.values()))
-        run.set_tags({TOKENIZER_SHA_TAG: first.tokenizer_sha256,
-                      **{f"m2dist.dataset.{c.removeprefix('prepared-')}": f"{d.name}@{d.digest}" for d, c, _ in datasets}})  # fmt: skip
+        dataset_tags = {f"m2dist.dataset.{c.removeprefix('prepared-')}": f"{d.name}@{d.digest}" for d, c, _ in datasets}
+        run.set_tags({TOKENIZER_SHA_TAG: first.tokenizer_sha256, **dataset_tags})
         run.log_datasets(datasets)
         for split, manifest in result.manifests.items():
             text = manifest.to_json()
-            run.call(f"upload the {split} manifest", lambda client, t=text, s=split: client.log_text(run.run_id, t, f"manifests/{s}.json"))
+            run.call(
+                f"upload the {split} manifest",
+                lambda client, t=text, s=split: client.log_text(run.run_id, t, f"manifests/{s}.json"),
+            )
     return result
 
 
@@ -1261,9 +1283,9 @@ def tracked_convert(
     lineage = source_lineage(source, tag)
     params = {"source": str(Path(source).resolve()), "destination": str(Path(destination).resolve()), "to": to,
               "tag": tag or "", "register": register, **options}  # fmt: skip
+    source_model = f"{lineage['registered_model']}/{lineage['model_version']}" if "model_version" in lineage else None
     tags = {SOURCE_PATH_TAG: str(Path(source).resolve()), TRAINING_RUN_TAG: lineage.get("training_run_id"),
-            SOURCE_RUN_TAG: lineage.get("source_run_id"),
-            SOURCE_MODEL_TAG: f"{lineage['registered_model']}/{lineage['model_version']}" if "model_version" in lineage else None}  # fmt: skip
+            SOURCE_RUN_TAG: lineage.get("source_run_id"), SOURCE_MODEL_TAG: source_model}  # fmt: skip
     source_name = Path(source).resolve().name
     with run:
         run.start(readable_run_name("convert", source_name, f"to-{to}"), params, {k: v for k, v in tags.items() if v})
@@ -1277,7 +1299,9 @@ def tracked_convert(
                 run.log_artifact(written / name)
         version = None
         if register:
-            version_tags = {TRAINING_RUN_TAG: lineage.get("training_run_id", ""), SOURCE_PATH_TAG: str(Path(source).resolve())}
+            version_tags = {
+                TRAINING_RUN_TAG: lineage.get("training_run_id", ""), SOURCE_PATH_TAG: str(Path(source).resolve())
+            }
             version = run.log_model(written, register, {k: v for k, v in version_tags.items() if v})
         if to == "release":
             write_lineage(

@@ -16,7 +16,9 @@ from mlflow import MlflowClient
 from m2dist.checkpoint.convert import load_any
 from m2dist.data.manifest import read_manifest
 from m2dist.data.tokenizer import file_sha256
+from m2dist.checkpoint.io import CheckpointError
 from m2dist.glue.runner import evaluate_glue
+from m2dist.glue.tracking import model_label, parse_model_uri
 from m2dist.tracking import (
     LINEAGE_FILE,
     SOURCE_MODEL_TAG,
@@ -24,7 +26,9 @@ from m2dist.tracking import (
     STAGE_TAG,
     TOKENIZER_SHA_TAG,
     TRAINING_RUN_TAG,
+    human_count,
     manifest_digest,
+    readable_run_name,
 )
 from tests.conftest import REPO_ROOT
 from tests.test_engine import launch
@@ -91,6 +95,18 @@ def runs_by_stage(client: MlflowClient) -> dict[str, list]:
     return runs
 
 
+def test_model_uris_and_run_names():
+    assert parse_model_uri("models:/m2-debug/3") == ("m2-debug", "3")
+    assert model_label("models:/m2-debug/3") == "m2-debug-v3"
+    assert parse_model_uri("models:/m2-debug@champion") == ("m2-debug", "@champion")
+    assert parse_model_uri("outputs/debug/release") is None and model_label("out/x") == "out/x"
+    for bad in ("models:/m2-debug", "models:/m2-debug/latest", "models:/"):
+        with pytest.raises(CheckpointError, match="expected models:/<name>/<version>"):
+            parse_model_uri(bad)
+    assert [human_count(n) for n in (512, 4_260_416, 110_000_000, 1_300_000_000)] == ["512", "4.26M", "110M", "1.3B"]
+    assert re.fullmatch(r"shards-c4-L128-\d{8}-\d{6}", readable_run_name("shards", "c4", "", "L128"))
+
+
 def test_whole_chain_is_linked_and_the_registered_model_reproduces_the_checkpoint(
     mlflow_server, corpus, tmp_path, monkeypatch, capsys  # noqa: F811
 ):
@@ -121,7 +137,8 @@ def test_whole_chain_is_linked_and_the_registered_model_reproduces_the_checkpoin
         "tokenizer": 1, "shards": 1, "pretrain": 1, "convert": 1, "glue": 2,
     }  # fmt: skip
     assert all(run.info.status == "FINISHED" for found in runs.values() for run in found)
-    (tokenizer_run,), (shards_run,), (training,), (conversion,) = (runs[s] for s in ("tokenizer", "shards", "pretrain", "convert"))
+    stages = ("tokenizer", "shards", "pretrain", "convert")
+    (tokenizer_run,), (shards_run,), (training,), (conversion,) = (runs[s] for s in stages)
     training_id = training.info.run_id
     assert re.fullmatch(r"debug-[\d.]+[kM]-L64-\d{8}-\d{6}", training.info.run_name), training.info.run_name
 

@@ -90,18 +90,19 @@ def local_checkpoint(checkpoint: str | Path, config: TrackingConfig, output_dir:
         else:
             found = client.get_model_version(name, version)
     except Exception as err:
-        raise CheckpointError(f"{checkpoint}: not found in the model registry at {uri} ({type(err).__name__}: {err})") from None
+        reason = f"{type(err).__name__}: {err}"
+        raise CheckpointError(f"{checkpoint}: not found in the model registry at {uri} ({reason})") from None
     destination = Path(output_dir) / "source_model" / model_label(f"{MODEL_URI_PREFIX}{name}/{found.version}")
     destination.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".download-", dir=destination.parent) as staging:
         # The version's own source, read through this client: a models:/ URI would be resolved
         # against the default registry, not `uri`.
         if found.source.startswith(f"runs:/{found.run_id}/"):
-            local = client.download_artifacts(found.run_id, found.source.removeprefix(f"runs:/{found.run_id}/"), staging)
+            path = found.source.removeprefix(f"runs:/{found.run_id}/")
+            local = client.download_artifacts(found.run_id, path, staging)
         else:
-            local = download_artifacts(
-                artifact_uri=client.get_model_version_download_uri(name, found.version), dst_path=staging, tracking_uri=uri
-            )
+            source = client.get_model_version_download_uri(name, found.version)
+            local = download_artifacts(artifact_uri=source, dst_path=staging, tracking_uri=uri)
         release = release_in_mlflow_model(local)
         shutil.rmtree(destination, ignore_errors=True)
         shutil.move(str(release), destination)
@@ -175,7 +176,8 @@ class GlueTracking:
                 )
             else:
                 self._experiment_id = experiment.experiment_id
-            run = self._client.create_run(self._experiment_id, run_name=readable_run_name(run_name), tags=self._source_tags)
+            name = readable_run_name(run_name)
+            run = self._client.create_run(self._experiment_id, run_name=name, tags=self._source_tags)
             self.parent_run_id = run.info.run_id
             self._log_params(self.parent_run_id, params)
             return self.parent_run_id
