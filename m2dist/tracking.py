@@ -983,11 +983,11 @@ def tool_tracking_uri(
     tracking_uri: str | None = None, default_dir: str | Path | None = None, fallback_uri: str | None = None
 ) -> tuple[str, str | None]:
     """(URI, artifact location) for a tool's run: `tracking_uri`, else $MLFLOW_TRACKING_URI, else
-    `fallback_uri`, else a SQLite store `mlflow.db` (artifacts in `mlruns/`) in `default_dir` or the
-    working directory."""
+    `fallback_uri`, else a SQLite store `mlflow.db` in `default_dir` or the working directory. A new
+    experiment of a SQLite store keeps its artifacts in `mlruns/` beside the database."""
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "") or fallback_uri or ""
-    if uri.startswith("sqlite:///") and fallback_uri == uri and not tracking_uri:
-        # A training run's own store: its artifacts are beside it, as the run left them.
+    if uri.startswith("sqlite:///"):
+        # A new experiment in a SQLite store keeps its artifacts beside the database.
         return uri, Path(uri.removeprefix("sqlite:///")).parent.joinpath("mlruns").as_uri()
     return resolve_tracking_uri(TrackingConfig(tracking_uri=uri), default_dir or Path.cwd())
 

@@ -39,3 +39,5 @@ def test_prepare_mds_command_line(tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("m2dist").experiment_id])
     assert sorted(r.info.status for r in runs) == ["FAILED", "FINISHED"]
+    # Artifacts beside the database, not in the working directory.
+    assert list((tmp_path / "mlruns").glob("*/artifacts/manifests/train.json"))
