@@ -320,8 +320,14 @@ class TrackingConfig:
     enabled: bool = True
     # MLflow tracking URI; "" = $MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/mlflow.db (no server).
     tracking_uri: str = ""
-    # Experiment the runs go to (created on first use).
+    # Project name: the MLflow experiment that every stage's runs go to (created on first use).
     experiment: str = "m2dist"
+    # At the end of training, log the final consolidated model (safetensors + config + tokenizer) as
+    # an MLflow pyfunc model, also written to <output_dir>/release.
+    log_model: bool = True
+    # Model Registry name of that model, one version per run ("{name}" = the config's name);
+    # "" = log the model without registering it.
+    registered_model: str = "{name}"
     # Send buffered metrics at least this often, in seconds.
     flush_every_seconds: float = 10.0
     # Send buffered metrics as soon as this many points are waiting.
@@ -344,6 +350,12 @@ class TrackingConfig:
             self.tracking_uri,
         )
         _require(self.experiment.strip() != "", "tracking.experiment", "a non-empty name", self.experiment)
+        _require(
+            "/" not in self.registered_model and ":" not in self.registered_model,
+            "tracking.registered_model",
+            'a model name without "/" or ":", or ""',
+            self.registered_model,
+        )
         for name in ("flush_every_seconds", "retry_every_seconds"):
             _require(getattr(self, name) > 0, f"tracking.{name}", "> 0", getattr(self, name))
         for name in ("start_timeout_seconds", "close_timeout_seconds"):

@@ -9,6 +9,13 @@ the oldest are dropped and counted), retries every `retry_every_seconds` and sen
 the server answers again. Nothing is raised into training for tracking.
 
 A resumed job passes the run id stored in its checkpoint to `start` and continues the same run.
+
+The rest of the pipeline logs here too, into the same experiment (the project): `StageRun` is the
+synchronous run of a tool (tokenizer, shards, conversion; `tracked_*` are what the tools call),
+`shard_dataset` turns a split's manifest into an MLflow dataset, `log_training_inputs` and
+`log_final_model` log a training run's datasets and its final model (a pyfunc model from code,
+m2dist/mlflow_model.py, registered in the Model Registry), and a lineage file beside a model folder
+names the runs and the version it comes from.
 """
 
 from __future__ import annotations
@@ -192,6 +199,16 @@ class Tracker(abc.ABC):
         """Store `text` as the artifact `artifact_file`."""
 
     @abc.abstractmethod
+    def submit(self, what: str, call: Callable[[Any, str], None]) -> None:
+        """Run `call(client, run_id)` with the tracker's MlflowClient once the run exists, in order
+        with the other uploads, again after a transient failure; `what` names it in warnings."""
+
+    @property
+    def failure(self) -> str | None:
+        """Why tracking failed (the server unreachable at the end, a rejected run), else None."""
+        return None
+
+    @abc.abstractmethod
     def flush(self, timeout: float = 30.0) -> bool:
         """Try to send everything now; True when nothing is left to send within `timeout` seconds."""
 
@@ -230,6 +247,9 @@ class NullTracker(Tracker):
         pass
 
     def log_text(self, text: str, artifact_file: str) -> None:
+        pass
+
+    def submit(self, what: str, call: Callable[[Any, str], None]) -> None:
         pass
 
     def flush(self, timeout: float = 30.0) -> bool:
@@ -300,6 +320,8 @@ class MlflowTracker(Tracker):
         self._thread: threading.Thread | None = None
         self._next_attempt = 0.0
         self._failing = False
+        self._failure: str | None = None
+        self._failed_attempts = 0
         self._disabled = False
         self._closing = False
         self._close_deadline = 0.0
@@ -312,6 +334,11 @@ class MlflowTracker(Tracker):
     @property
     def tracking_uri(self) -> str:
         return self._uri
+
+    @property
+    def failure(self) -> str | None:
+        """The last failure while the server is failing or tracking was turned off, else None."""
+        return self._failure if (self._failing or self._disabled) else None
 
     @property
     def dropped_metrics(self) -> int:
@@ -395,14 +422,19 @@ class MlflowTracker(Tracker):
             _Task(f"artifact {artifact_file}", lambda client: client.log_text(self._run_id, text, artifact_file))
         )
 
-    def flush(self, timeout: float = 30.0) -> bool:
+    def submit(self, what: str, call: Callable[[Any, str], None]) -> None:
+        self._enqueue(_Task(what, lambda client: call(client, self._run_id)))
+
+    def flush(self, timeout: float = 30.0, stop_on_failure: bool = False) -> bool:
+        """Also returns False, without waiting longer, at the first failure when `stop_on_failure`."""
         if self._thread is None or not self._thread.is_alive():
             return not self._has_work()
         deadline = time.monotonic() + timeout
+        failures = self._failed_attempts
         self._next_attempt = 0.0
         self._wake.set()
         while self._has_work():
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= deadline or (stop_on_failure and self._failed_attempts > failures):
                 return False
             time.sleep(0.02)
         return True
@@ -533,6 +565,8 @@ class MlflowTracker(Tracker):
             if self._run_open:
                 self._send_metrics()
         except Exception as err:
+            self._failure = _reason(err)
+            self._failed_attempts += 1
             if not self._failing:
                 self._failing = True
                 logger.warning(
@@ -583,6 +617,7 @@ class MlflowTracker(Tracker):
 
     def _disable(self, reason: str) -> None:
         logger.warning("MLflow tracking off for this job: %s", reason)
+        self._failure = reason
         with self._lock:
             self._disabled = True
             self._tasks.clear()
@@ -662,3 +697,615 @@ def build_tracker(tracking_config: TrackingConfig, rank: int, output_dir: str | 
         return NullTracker()
     uri, artifact_location = resolve_tracking_uri(tracking_config, output_dir)
     return MlflowTracker(tracking_config, uri, artifact_location)
+
+
+# Lineage across the pipeline. Every stage's run carries `m2dist.stage`; the links between stages are
+# tags holding run ids, the tokenizer's SHA-256, and MLflow datasets named and digested from the
+# shard manifests.
+STAGE_TAG = "m2dist.stage"
+TOKENIZER_SHA_TAG = "m2dist.tokenizer_sha256"
+TRAINING_RUN_TAG = "m2dist.training_run_id"
+SOURCE_RUN_TAG = "m2dist.source_run_id"
+SOURCE_PATH_TAG = "m2dist.source_path"
+SOURCE_MODEL_TAG = "m2dist.source_model"
+SOURCE_MODEL_NAME_TAG = "m2dist.source_model_name"
+SOURCE_MODEL_VERSION_TAG = "m2dist.source_model_version"
+REGISTERED_VERSION_TAG = "m2dist.registered_model_version"
+DATASET_CONTEXT_TAG = "mlflow.data.context"
+# Beside a model folder (a release or a downloaded registered model): which runs and version it comes from.
+LINEAGE_FILE = "mlflow_lineage.json"
+# Where a run keeps its MLflow model.
+MODEL_ARTIFACT_PATH = "model"
+MODEL_URI_PREFIX = "models:/"
+_MODEL_CODE = Path(__file__).resolve().with_name("mlflow_model.py")
+_MODEL_REQUIREMENTS = ("torch", "safetensors", "numpy", "mlflow")
+
+
+def readable_run_name(*parts: str, when: float | None = None) -> str:
+    """`parts` joined by "-" with the local date and time: "m2-bert-80M-110M-L128-20261202-061530"."""
+    return "-".join([str(p) for p in parts if p] + [time.strftime("%Y%m%d-%H%M%S", time.localtime(when))])
+
+
+def human_count(count: int) -> str:
+    """110_000_000 -> "110M", 9_612_000 -> "9.61M", 512 -> "512"."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.3g}{unit}"
+    return str(count)
+
+
+def training_run_name(config: Any, num_parameters: int) -> str:
+    """Config name, parameter count, sequence length and date: "debug-9.61M-L128-20261202-061530"."""
+    seq_len = config.train.seq_len or config.model.l_max
+    return readable_run_name(config.name, human_count(num_parameters), f"L{seq_len}")
+
+
+@dataclass(frozen=True)
+class ShardDataset:
+    """One split of MDS shards as an MLflow dataset: named after its folder, digested from its manifest."""
+
+    # "<shard set>/<split>", e.g. "c4-128/train".
+    name: str
+    # First 32 hex digits of the SHA-256 of the manifest's canonical JSON.
+    digest: str
+    # Where the split is: a file:// URI of the local folder, or the s3:// URL.
+    uri: str
+    # Columns of a sample (JSON).
+    schema: str
+    # Counts and how the tokens were made (JSON).
+    profile: str
+
+    def entity(self) -> Any:
+        from mlflow.entities import Dataset
+
+        source_type = self.uri.split(":", 1)[0] if not self.uri.startswith("file:") else "local"
+        return Dataset(self.name, self.digest, source_type, json.dumps({"uri": self.uri}), self.schema, self.profile)
+
+
+def manifest_digest(manifest: Any) -> str:
+    """The digest of a shard split: the manifest records the tokenizer, layout and counts."""
+    import hashlib
+
+    return hashlib.sha256(manifest.to_json().encode("utf-8")).hexdigest()[:32]
+
+
+def shard_dataset(location: str | Path, manifest: Any) -> ShardDataset:
+    """The MLflow dataset of the split at `location` (a local folder or an s3:// URL) with `manifest`."""
+    from m2dist.data.streams import REMOTE_SCHEMES
+
+    location = str(location).rstrip("/")
+    uri = location if location.startswith(REMOTE_SCHEMES) else Path(location).resolve().as_uri()
+    name = "/".join(uri.rstrip("/").split("/")[-2:])
+    schema = {"input_ids": f"ndarray:{manifest.dtype}", "max_len": manifest.max_len, "mode": manifest.mode}
+    profile = {
+        **dataclasses.asdict(manifest.counts),
+        "tokenizer_kind": manifest.tokenizer_kind,
+        "tokenizer_sha256": manifest.tokenizer_sha256,
+        "vocab_size": manifest.vocab_size,
+    }
+    return ShardDataset(name, manifest_digest(manifest), uri, json.dumps(schema), json.dumps(profile))
+
+
+def _dataset_inputs(datasets: Sequence[tuple[ShardDataset, str, Mapping[str, str]]]) -> list[Any]:
+    from mlflow.entities import DatasetInput, InputTag
+
+    return [
+        DatasetInput(d.entity(), [InputTag(DATASET_CONTEXT_TAG, context), *(InputTag(k, v) for k, v in extra.items())])
+        for d, context, extra in datasets
+    ]
+
+
+def training_datasets(config: Any) -> list[tuple[ShardDataset, str, dict[str, str]]]:
+    """(dataset, context "train"/"validation", extra input tags) of each stream a run reads: data.train
+    and data.val, or the embedded corpus' splits. Remote manifests are downloaded."""
+    import tempfile
+
+    from m2dist.data.manifest import read_manifest
+    from m2dist.data.streams import parse_streams
+
+    data = config.data
+    if data.train:
+        streams = [(s, "train") for s in parse_streams(data.train)]
+        streams += [(s, "validation") for s in parse_streams(data.val)]
+        where = [(s.path, context, {} if s.proportion is None else {"m2dist.proportion": str(s.proportion)})
+                 for s, context in streams]  # fmt: skip
+    else:
+        from m2dist.data.corpus import default_prepared_dir
+        from m2dist.data.tokenizer import DEFAULT_VOCAB
+
+        seq_len = config.train.seq_len or config.model.l_max
+        tokenizer = Path(data.tokenizer) if data.tokenizer else DEFAULT_VOCAB
+        root = Path(data.prepared_dir) if data.prepared_dir else default_prepared_dir(seq_len, tokenizer)
+        where = [(str(root / "train"), "train", {}), (str(root / "val"), "validation", {})]
+    with tempfile.TemporaryDirectory(prefix="m2dist-manifests-") as tmp:
+        return [
+            (shard_dataset(path, read_manifest(path, Path(tmp) / str(index))), context, extra)
+            for index, (path, context, extra) in enumerate(where)
+        ]
+
+
+def log_training_inputs(tracker: Tracker, config: Any) -> None:
+    """Log the run's input datasets (the shard splits, context train/validation), its stage and its
+    tokenizer's SHA-256, from the tracker's thread. A manifest that cannot be read is warned about."""
+    from m2dist.data.tokenizer import DEFAULT_VOCAB, file_sha256
+
+    if isinstance(tracker, NullTracker):
+        return
+    tokenizer = Path(config.data.tokenizer) if config.data.tokenizer else DEFAULT_VOCAB
+
+    def log(client: Any, run_id: str) -> None:
+        from mlflow.entities import RunTag
+
+        tags = {STAGE_TAG: "pretrain", "m2dist.config_name": config.name}
+        try:
+            tags[TOKENIZER_SHA_TAG] = file_sha256(tokenizer)
+            datasets = training_datasets(config)
+        except (OSError, ValueError) as err:
+            logger.warning("MLflow tracking: input datasets not logged (%s)", _reason(err))
+            datasets = []
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()], synchronous=True)
+        if datasets:
+            client.log_inputs(run_id, datasets=_dataset_inputs(datasets))
+
+    tracker.submit("the input datasets", log)
+
+
+def registered_model_name(config: Any) -> str:
+    """tracking.registered_model with "{name}" replaced by the config's name ("" = do not register)."""
+    return config.tracking.registered_model.replace("{name}", config.name)
+
+
+def save_mlflow_model(release_dir: str | Path, path: str | Path) -> Path:
+    """Write an MLflow pyfunc model at `path` whose artifact `release` is a copy of the release folder
+    and whose code is m2dist/mlflow_model.py (a model from code: no pickle). Replaces `path`."""
+    import shutil
+
+    import mlflow
+
+    path = Path(path)
+    shutil.rmtree(path, ignore_errors=True)
+    requirements = []
+    for package in _MODEL_REQUIREMENTS:
+        try:
+            requirements.append(f"{package}=={importlib.metadata.version(package)}")
+        except importlib.metadata.PackageNotFoundError:
+            requirements.append(package)
+    mlflow.pyfunc.save_model(
+        str(path), python_model=str(_MODEL_CODE), artifacts={"release": str(release_dir)}, pip_requirements=requirements
+    )
+    return path
+
+
+def release_in_mlflow_model(model_dir: str | Path) -> Path:
+    """The release folder inside an MLflow model written by `save_mlflow_model`."""
+    model_dir = Path(model_dir)
+    meta = yaml.safe_load((model_dir / "MLmodel").read_text())
+    try:
+        relative = meta["flavors"]["python_function"]["artifacts"]["release"]["path"]
+    except (KeyError, TypeError):
+        raise ValueError(f"{model_dir}: not an m2dist MLflow model (no artifact 'release' in its MLmodel)") from None
+    return model_dir / relative
+
+
+def register_model_version(client: Any, name: str, run_id: str, tags: Mapping[str, str]) -> str:
+    """Register the run's `model` artifact as a new version of `name` (created if missing); the
+    version already made from this run if there is one (a retried call). Returns the version."""
+    from mlflow.exceptions import MlflowException
+
+    existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    if existing:
+        return str(existing[0].version)
+    try:
+        client.create_registered_model(name, description="M2-BERT models trained and converted with m2dist")
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    version = client.create_model_version(
+        name, f"runs:/{run_id}/{MODEL_ARTIFACT_PATH}", run_id=run_id, tags=dict(tags), await_creation_for=0
+    )
+    client.set_tag(run_id, REGISTERED_VERSION_TAG, f"{name}/{version.version}")
+    return str(version.version)
+
+
+def write_lineage(folder: str | Path, **fields: str | None) -> None:
+    """Merge `fields` (None values left out) into the folder's lineage file."""
+    path = Path(folder) / LINEAGE_FILE
+    lineage = read_lineage(folder)
+    lineage.update({k: v for k, v in fields.items() if v})
+    if not lineage:
+        return
+    path.write_text(json.dumps(lineage, indent=1, sort_keys=True) + "\n")
+
+
+def read_lineage(folder: str | Path) -> dict[str, str]:
+    """The lineage file of a model folder, {} when there is none."""
+    path = Path(folder) / LINEAGE_FILE
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError:
+        logger.warning("%s: not valid JSON, ignored", path)
+        return {}
+
+
+def log_final_model(
+    tracker: Tracker, config: Any, output_dir: str | Path, upload_timeout: float = 3600.0
+) -> Path | None:
+    """Consolidate the run's last checkpoint into <output_dir>/release, log it as the MLflow model of
+    the run and register it as a version of `registered_model_name(config)`. Waits for the upload
+    (at most `upload_timeout` s, less when the server fails). Returns the release folder; None when
+    tracking is off, `tracking.log_model` is false or the conversion failed (warned)."""
+    if isinstance(tracker, NullTracker) or not config.tracking.log_model:
+        return None
+    from m2dist.checkpoint.convert import convert_checkpoint
+
+    output_dir = Path(output_dir)
+    try:
+        release = convert_checkpoint(output_dir, output_dir / "release", "release", overwrite=True)
+        model_dir = save_mlflow_model(release, output_dir / "mlflow_model")
+    except Exception as err:  # the weights are safe in the checkpoint; tools/convert_checkpoint.py can do it later
+        logger.warning("MLflow tracking: the final model was not logged (%s)", _reason(err))
+        return None
+    uri = getattr(tracker, "tracking_uri", "")
+    write_lineage(release, tracking_uri=uri, training_run_id=tracker.run_id, source_run_id=tracker.run_id)
+    tracker.submit(
+        "the final model", lambda client, run_id: client.log_artifacts(run_id, str(model_dir), MODEL_ARTIFACT_PATH)
+    )
+    name = registered_model_name(config)
+    if name:
+
+        def register(client: Any, run_id: str) -> None:
+            from m2dist.data.tokenizer import DEFAULT_VOCAB, file_sha256
+
+            tokenizer = Path(config.data.tokenizer) if config.data.tokenizer else DEFAULT_VOCAB
+            tags = {TRAINING_RUN_TAG: run_id, TOKENIZER_SHA_TAG: file_sha256(tokenizer), "m2dist.config_name": config.name}
+            version = register_model_version(client, name, run_id, tags)
+            write_lineage(
+                release, training_run_id=run_id, source_run_id=run_id, registered_model=name, model_version=version
+            )
+            logger.info("MLflow: registered %s%s/%s from run %s", MODEL_URI_PREFIX, name, version, run_id)
+
+        tracker.submit(f"a version of the registered model {name}", register)
+    if isinstance(tracker, MlflowTracker):
+        tracker.flush(upload_timeout, stop_on_failure=True)
+    return release
+
+
+def final_model_summary(release: str | Path) -> str:
+    """The line a training job prints about its final model: where it is, and its registered version."""
+    lineage = read_lineage(release)
+    if lineage.get("model_version"):
+        version = f"{MODEL_URI_PREFIX}{lineage['registered_model']}/{lineage['model_version']}"
+        return f"final model {release}, registered as {version}"
+    return f"final model {release}"
+
+
+def tool_tracking_uri(
+    tracking_uri: str | None = None, default_dir: str | Path | None = None, fallback_uri: str | None = None
+) -> tuple[str, str | None]:
+    """(URI, artifact location) for a tool's run: `tracking_uri`, else $MLFLOW_TRACKING_URI, else
+    `fallback_uri`, else a SQLite store `mlflow.db` in `default_dir` or the working directory. A new
+    experiment of a SQLite store keeps its artifacts in `mlruns/` beside the database."""
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "") or fallback_uri or ""
+    if uri.startswith("sqlite:///"):
+        # A new experiment in a SQLite store keeps its artifacts beside the database.
+        return uri, Path(uri.removeprefix("sqlite:///")).parent.joinpath("mlruns").as_uri()
+    return resolve_tracking_uri(TrackingConfig(tracking_uri=uri), default_dir or Path.cwd())
+
+
+def add_tracking_arguments(parser: Any) -> None:
+    """--tracking-uri, --experiment and --no-tracking for a tool's argparse parser."""
+    group = parser.add_argument_group("MLflow tracking")
+    group.add_argument(
+        "--tracking-uri", default=None,
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory)",
+    )  # fmt: skip
+    group.add_argument("--experiment", default=TrackingConfig.experiment, help="project name: the MLflow experiment")
+    group.add_argument("--no-tracking", action="store_true", help="log nothing to MLflow")
+
+
+class StageRun:
+    """One MLflow run of a pipeline tool (tokenizer, shards, conversion), logged from the calling
+    process as the work goes. The first failed call warns, turns tracking off for the rest of the run
+    and is kept in `failure`; the tool's work is never stopped by tracking. `summary()` is the line
+    a tool prints at the end: where the run is, or that tracking failed."""
+
+    def __init__(
+        self,
+        stage: str,
+        tracking_uri: str | None = None,
+        experiment: str = TrackingConfig.experiment,
+        enabled: bool = True,
+        default_dir: str | Path | None = None,
+        fallback_uri: str | None = None,
+    ) -> None:
+        if not experiment.strip():
+            raise ValueError(f"StageRun: expected a non-empty experiment name, got {experiment!r}")
+        self.stage = stage
+        self.experiment = experiment
+        self.enabled = enabled
+        self.uri, self._artifact_location = tool_tracking_uri(tracking_uri, default_dir, fallback_uri)
+        self.run_id: str | None = None
+        self.failure: str | None = None
+        # "models:/<name>/<version>" once a model version is registered.
+        self.registered = ""
+        self._client: Any = None
+        for name, value in HTTP_ENV_DEFAULTS.items():
+            os.environ.setdefault(name, value)
+
+    @classmethod
+    def from_args(cls, stage: str, args: Any, fallback_uri: str | None = None) -> StageRun:
+        """From the arguments of `add_tracking_arguments`."""
+        return cls(stage, args.tracking_uri, args.experiment, not args.no_tracking, fallback_uri=fallback_uri)
+
+    def call(self, what: str, fn: Callable[[Any], Any]) -> Any:
+        """`fn(client)`, or None once tracking is off or when it fails (then warns and turns it off)."""
+        if not self.enabled or (self._client is None and what != "create the run"):
+            return None
+        try:
+            return fn(self._client)
+        except Exception as err:  # tracking never stops the tool's work
+            self.failure = f"could not {what} in {self.uri}: {_reason(err)}"
+            logger.warning("MLflow tracking failed, off for the rest of this %s run: %s", self.stage, self.failure)
+            self.enabled = False
+            return None
+
+    def start(self, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str] | None = None) -> str | None:
+        """Create the run in the experiment with `params` and the stage tag; returns its id."""
+
+        def create(_client: Any) -> str:
+            from mlflow import MlflowClient
+            from mlflow.entities import Param
+
+            if self.uri.startswith("sqlite:///"):
+                Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            self._client = client = MlflowClient(self.uri)
+            experiment = client.get_experiment_by_name(self.experiment)
+            if experiment is None:
+                experiment_id = client.create_experiment(self.experiment, artifact_location=self._artifact_location)
+            else:
+                experiment_id = experiment.experiment_id
+            run_tags = {STAGE_TAG: self.stage, **(tags or {})}
+            commit = git_commit()
+            if commit is not None:
+                run_tags["mlflow.source.git.commit"] = commit[0]
+            run = client.create_run(experiment_id, run_name=run_name, tags=run_tags)
+            flat = {_mlflow_key(k): str(v)[:MAX_PARAM_VALUE_LENGTH] for k, v in params.items()}
+            items = [Param(k, v) for k, v in flat.items()]
+            for begin in range(0, len(items), _PARAMS_PER_BATCH):
+                client.log_batch(run.info.run_id, params=items[begin : begin + _PARAMS_PER_BATCH], synchronous=True)
+            return run.info.run_id
+
+        self.run_id = self.call("create the run", create)
+        return self.run_id
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(_mlflow_key(k), float(v), now, step) for k, v in metrics.items()]
+        self.call("log metrics", lambda client: client.log_batch(self.run_id, metrics=items, synchronous=True))
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)) for k, v in tags.items() if v is not None]
+        self.call("set tags", lambda client: client.log_batch(self.run_id, tags=items, synchronous=True))
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self.call(f"upload {path}", lambda client: client.log_artifacts(self.run_id, str(path), artifact_path))
+        else:
+            self.call(f"upload {path}", lambda client: client.log_artifact(self.run_id, str(path), artifact_path))
+
+    def log_datasets(self, datasets: Sequence[tuple[ShardDataset, str, Mapping[str, str]]]) -> None:
+        self.call("log the datasets", lambda client: client.log_inputs(self.run_id, datasets=_dataset_inputs(datasets)))
+
+    def log_model(
+        self, release_dir: str | Path, register_as: str = "", tags: Mapping[str, str] | None = None
+    ) -> str | None:
+        """Log the release folder as the run's MLflow model; with `register_as`, register it as a new
+        version of that name. Returns the version, or None."""
+        import tempfile
+
+        if not self.enabled or self.run_id is None:
+            return None
+        with tempfile.TemporaryDirectory(prefix="m2dist-mlflow-model-") as tmp:
+            model_dir = save_mlflow_model(release_dir, Path(tmp) / MODEL_ARTIFACT_PATH)
+            self.log_artifact(model_dir, MODEL_ARTIFACT_PATH)
+        if not register_as:
+            return None
+        version = self.call(
+            f"register {register_as}",
+            lambda client: register_model_version(client, register_as, self.run_id, tags or {}),
+        )
+        if version is not None:
+            self.registered = f"{MODEL_URI_PREFIX}{register_as}/{version}"
+        return version
+
+    def end(self, failed: bool = False) -> None:
+        status = "FAILED" if failed else "FINISHED"
+        self.call("end the run", lambda client: client.set_terminated(self.run_id, status))
+
+    def summary(self) -> str:
+        """One line for the user: where the run went, that tracking failed, or that it was off."""
+        if self.failure:
+            return f"MLflow tracking failed ({self.failure}); the {self.stage} output above is complete"
+        if self.run_id is None:
+            return "MLflow tracking off"
+        registered = f"; registered {self.registered}" if self.registered else ""
+        return f"MLflow run {self.run_id} ({self.stage}) in experiment {self.experiment!r} at {self.uri}{registered}"
+
+    def __enter__(self) -> StageRun:
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if self.run_id is not None and self.enabled:
+            self.end(failed=exc_type is not None)
+
+
+def tracked_tokenizer_training(
+    run: StageRun,
+    inputs: Sequence[str | Path],
+    model_path: str | Path,
+    vocab_size: int,
+    model_type: str = "unigram",
+    character_coverage: float = 0.9995,
+    lowercase: bool = True,
+    input_format: str = "auto",
+    text_field: str = "text",
+    num_threads: int | None = None,
+) -> Any:
+    """tools/train_tokenizer.py: `train_tokenizer_from_files` in a run with its settings as params,
+    documents, characters, seconds and throughput as metrics, the SHA-256 as a tag and the
+    .model/.vocab files as artifacts (under tokenizer/). Returns the tokenizer."""
+    from m2dist.data.tokenizer import train_tokenizer_from_files
+
+    params = {
+        "inputs": json.dumps([str(p) for p in inputs]), "model_path": str(model_path), "vocab_size": vocab_size,
+        "model_type": model_type, "character_coverage": character_coverage, "lowercase": lowercase,
+        "input_format": input_format, "text_field": text_field, "num_threads": num_threads or os.cpu_count(),
+    }  # fmt: skip
+    with run:
+        name = readable_run_name("tokenizer", Path(model_path).stem, f"{model_type}{human_count(vocab_size)}")
+        run.start(name, params)
+        stats: dict[str, float] = {}
+        tokenizer = train_tokenizer_from_files(
+            inputs, model_path, vocab_size, model_type, character_coverage, lowercase, input_format, text_field,  # type: ignore[arg-type]
+            num_threads, stats=stats,
+        )  # fmt: skip
+        seconds = max(stats["seconds"], 1e-9)
+        input_bytes = sum(Path(p).stat().st_size for p in inputs)
+        run.log_metrics({
+            "documents": stats["documents"], "characters": stats["characters"], "input_bytes": input_bytes,
+            "seconds": seconds, "characters_per_s": stats["characters"] / seconds, "vocab_size": tokenizer.vocab_size,
+        })  # fmt: skip
+        run.set_tags({TOKENIZER_SHA_TAG: tokenizer.sha256})
+        for path in (tokenizer.path, tokenizer.path.with_suffix(".vocab")):
+            if path.is_file():
+                run.log_artifact(path, "tokenizer")
+    return tokenizer
+
+
+def tracked_prepare_mds(
+    run: StageRun,
+    inputs: Sequence[str | Path],
+    out: str | Path,
+    tokenizer_path: str | Path | None,
+    max_len: int,
+    mode: str = "pad",
+    **options: Any,
+) -> Any:
+    """tools/prepare_mds.py: `prepare_mds` in a run with its settings as params, each split's counts
+    and the throughput as metrics, the manifests as artifacts (manifests/), and each split logged
+    as an MLflow dataset (context "prepared-train" / "prepared-validation") named after its folder
+    with the manifest's digest. Returns prepare_mds's result."""
+    from m2dist.data.prepare import prepare_mds
+    from m2dist.data.tokenizer import DEFAULT_VOCAB
+
+    params = {
+        "inputs": json.dumps([str(p) for p in inputs]), "out": str(out),
+        "tokenizer": str(tokenizer_path or DEFAULT_VOCAB), "max_len": max_len, "mode": mode,
+        **{k: v for k, v in options.items() if k != "progress"},
+    }  # fmt: skip
+    with run:
+        run.start(readable_run_name("shards", Path(str(out).rstrip("/")).name, f"L{max_len}", mode), params)
+        started = time.perf_counter()
+        result = prepare_mds(inputs, out, tokenizer_path, max_len, mode, **options)  # type: ignore[arg-type]
+        seconds = max(time.perf_counter() - started, 1e-9)
+        metrics: dict[str, float] = {"seconds": seconds}
+        datasets = []
+        for split, manifest in result.manifests.items():
+            metrics.update({f"{split}/{k}": v for k, v in dataclasses.asdict(manifest.counts).items()})
+            context = "prepared-" + ("train" if split == "train" else "validation")
+            datasets.append((shard_dataset(result.locations[split], manifest), context, {}))
+        tokens = sum(m.counts.tokens for m in result.manifests.values())
+        metrics["tokens_per_s"] = tokens / seconds
+        metrics["documents_per_s"] = sum(m.counts.documents for m in result.manifests.values()) / seconds
+        run.log_metrics(metrics)
+        first = next(iter(result.manifests.values()))
+        dataset_tags = {f"m2dist.dataset.{c.removeprefix('prepared-')}": f"{d.name}@{d.digest}" for d, c, _ in datasets}
+        run.set_tags({TOKENIZER_SHA_TAG: first.tokenizer_sha256, **dataset_tags})
+        run.log_datasets(datasets)
+        for split, manifest in result.manifests.items():
+            text = manifest.to_json()
+            run.call(
+                f"upload the {split} manifest",
+                lambda client, t=text, s=split: client.log_text(run.run_id, t, f"manifests/{s}.json"),
+            )
+    return result
+
+
+def source_lineage(source: str | Path, tag: str | None = None) -> dict[str, str]:
+    """What a conversion's source says of its origin: a training run's MLflow run id and store
+    (from its checkpoint), or the lineage file of a model folder; {} when unknown."""
+    from m2dist.checkpoint import zero
+
+    source = Path(source)
+    try:
+        if zero.is_zero_checkpoint(source):
+            root, tag = zero.resolve_zero_checkpoint(source, tag)
+            state = zero.client_state(root, tag)
+            run_id = state.get("mlflow_run_id")
+            tracking = state.get("config", {}).get("tracking", {})
+            uri = tracking.get("tracking_uri", "")
+            if not uri and (root.parent / "mlflow.db").is_file():
+                uri = f"sqlite:///{(root.parent / 'mlflow.db').resolve()}"
+            found = {"training_run_id": run_id, "source_run_id": run_id, "tracking_uri": uri}
+            return {k: v for k, v in found.items() if v}
+    except Exception as err:  # an unreadable source fails in the conversion itself, with its own message
+        logger.debug("no lineage from %s: %s", source, err)
+        return {}
+    return read_lineage(source) if source.is_dir() else {}
+
+
+def tracked_convert(
+    run: StageRun,
+    source: str | Path,
+    destination: str | Path,
+    to: str,
+    *,
+    register: str = "",
+    tag: str | None = None,
+    **options: Any,
+) -> Path:
+    """tools/convert_checkpoint.py: `convert_checkpoint` in a run linked to its source (tags with
+    the training run id and the source's run id, or its path), with the memory figures as metrics
+    and the model card and config as artifacts. With `register` (a release only), the result is
+    logged as the run's MLflow model and registered as a new version of that name. A release
+    written here gets a lineage file. Returns the written path."""
+    from m2dist.checkpoint.convert import convert_checkpoint
+
+    if register and to != "release":
+        raise ValueError(f"register={register!r} needs a release (--to release), got --to {to}")
+    if "/" in register or ":" in register:
+        raise ValueError(f'register: expected a model name without "/" or ":", got {register!r}')
+    lineage = source_lineage(source, tag)
+    params = {"source": str(Path(source).resolve()), "destination": str(Path(destination).resolve()), "to": to,
+              "tag": tag or "", "register": register, **options}  # fmt: skip
+    source_model = f"{lineage['registered_model']}/{lineage['model_version']}" if "model_version" in lineage else None
+    tags = {SOURCE_PATH_TAG: str(Path(source).resolve()), TRAINING_RUN_TAG: lineage.get("training_run_id"),
+            SOURCE_RUN_TAG: lineage.get("source_run_id"), SOURCE_MODEL_TAG: source_model}  # fmt: skip
+    source_name = Path(source).resolve().name
+    with run:
+        run.start(readable_run_name("convert", source_name, f"to-{to}"), params, {k: v for k, v in tags.items() if v})
+        stats: dict[str, float] = options.pop("stats", None)
+        stats = {} if stats is None else stats
+        started = time.perf_counter()
+        written = convert_checkpoint(source, destination, to, tag=tag, stats=stats, **options)
+        run.log_metrics({**stats, "seconds": time.perf_counter() - started})
+        for name in ("config.json", "model_card.md"):
+            if written.is_dir() and (written / name).is_file():
+                run.log_artifact(written / name)
+        version = None
+        if register:
+            version_tags = {
+                TRAINING_RUN_TAG: lineage.get("training_run_id", ""), SOURCE_PATH_TAG: str(Path(source).resolve())
+            }
+            version = run.log_model(written, register, {k: v for k, v in version_tags.items() if v})
+        if to == "release":
+            write_lineage(
+                written, tracking_uri=run.uri if run.run_id else None, training_run_id=lineage.get("training_run_id"),
+                source_run_id=run.run_id, registered_model=register if version else None, model_version=version,
+            )  # fmt: skip
+    return written

@@ -4,10 +4,14 @@
   python tools/eval_glue.py --checkpoint out/m2-80M --glue-dir data/glue --tasks rte,mrpc tasks.rte.epochs=1
   python tools/eval_glue.py --checkpoint out/m2-80M --rotten-tomatoes
   python tools/eval_glue.py --checkpoint out/m2-80M --text-train reviews.csv [--text-dev dev.csv]
+  python tools/eval_glue.py --checkpoint models:/m2-bert-80M/3 --glue-dir data/glue
 
-The checkpoint is an m2dist release folder or an upstream M2 checkpoint; convert a DeepSpeed
-training checkpoint first with tools/convert_checkpoint.py. Jobs spread over every visible GPU
-(one process each), or run in this process on the CPU.
+The checkpoint is an m2dist release folder, an upstream M2 checkpoint, or a version of a model in the
+MLflow Model Registry (models:/<name>/<version> or models:/<name>@<alias>, from tracking.tracking_uri
+or $MLFLOW_TRACKING_URI). The MLflow runs are tagged with the model version and the training run it
+comes from, and the version gets the scores as tags. Convert a DeepSpeed training checkpoint first
+with tools/convert_checkpoint.py. Jobs spread over every visible GPU (one process each), or run in
+this process on the CPU.
 """
 
 import argparse
@@ -20,7 +24,9 @@ from m2dist.glue.runner import evaluate_glue
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="release folder, upstream folder or upstream .pt file")
+    parser.add_argument(
+        "--checkpoint", required=True, help="release folder, upstream folder or .pt file, or models:/<name>/<version>"
+    )
     parser.add_argument("--glue-dir", help="folder with MNLI/, QNLI/, QQP/, SST-2/, CoLA/, MRPC/, STS-B/, RTE/")
     parser.add_argument("--tasks", help="comma-separated subset, e.g. mnli,rte (default: all 8 with --glue-dir)")
     parser.add_argument("--config", default="default", help="a file in configs/glue/ (e.g. m2-bert-80M) or a path")

@@ -9,7 +9,7 @@ import sys
 
 from m2dist.cli import run_cli
 from m2dist.data.manifest import DataError
-from m2dist.data.prepare import prepare_mds
+from m2dist.tracking import StageRun, add_tracking_arguments, tracked_prepare_mds
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -33,14 +33,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-bad-lines", action="store_true", help="log and count unreadable lines, do not fail")
     parser.add_argument("--max-documents", type=int, default=None, help="stop after this many documents")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_tracking_arguments(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    run = StageRun.from_args("shards", args)
     try:
-        result = prepare_mds(
-            args.inputs, args.out, args.tokenizer, args.max_len, args.mode,
+        result = tracked_prepare_mds(
+            run, args.inputs, args.out, args.tokenizer, args.max_len, args.mode,
             input_format=args.input_format, text_field=args.text_field, val_fraction=args.val_fraction,
             num_workers=args.workers, compression=args.compression, size_limit=args.size_limit,
             overwrite=args.overwrite, on_bad_line="skip" if args.skip_bad_lines else "error",
@@ -52,6 +54,7 @@ def main(argv: list[str] | None = None) -> None:
         counts = manifest.counts
         where = result.locations[split]
         print(f"{where}: {counts.samples} samples, {counts.tokens} tokens from {counts.documents} documents")
+    print(run.summary())
 
 
 if __name__ == "__main__":

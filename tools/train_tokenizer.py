@@ -8,7 +8,7 @@ import sys
 
 from m2dist.cli import run_cli
 from m2dist.data.manifest import DataError
-from m2dist.data.tokenizer import train_tokenizer_from_files
+from m2dist.tracking import StageRun, add_tracking_arguments, tracked_tokenizer_training
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -22,14 +22,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--input-format", choices=["auto", "lines", "paragraphs", "jsonl", "parquet"], default="auto")
     parser.add_argument("--text-field", default="text", help="JSONL field or Parquet column holding the text")
     parser.add_argument("--threads", type=int, default=None, help="training threads (default: all cores)")
+    add_tracking_arguments(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    run = StageRun.from_args("tokenizer", args)
     try:
-        tokenizer = train_tokenizer_from_files(
-            args.inputs, args.out, args.vocab_size, args.model_type, args.character_coverage,
+        tokenizer = tracked_tokenizer_training(
+            run, args.inputs, args.out, args.vocab_size, args.model_type, args.character_coverage,
             lowercase=not args.cased, input_format=args.input_format, text_field=args.text_field,
             num_threads=args.threads,
         )  # fmt: skip
@@ -39,6 +41,7 @@ def main(argv: list[str] | None = None) -> None:
         f"wrote {tokenizer.path}: {tokenizer.vocab_size} pieces (model vocab_size {tokenizer.padded_vocab_size}), "
         f"special ids {tokenizer.special}"
     )
+    print(run.summary())
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import string
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -249,9 +250,12 @@ def train_tokenizer_from_files(
     input_format: str = "auto",
     text_field: str = "text",
     num_threads: int | None = None,
+    stats: dict[str, float] | None = None,
 ) -> SentencePieceTokenizer:
     """What tools/train_tokenizer.py runs: `train_sentencepiece` on the documents of text, JSONL
-    or Parquet files (read as tools/prepare_mds.py reads them; unreadable lines are errors)."""
+    or Parquet files (read as tools/prepare_mds.py reads them; unreadable lines are errors).
+
+    If `stats` is given, it receives `documents` and `characters` read, and `seconds` taken."""
     from m2dist.data.prepare import read_documents
 
     if not inputs:
@@ -259,7 +263,19 @@ def train_tokenizer_from_files(
     for path in inputs:
         if not Path(path).is_file():
             raise FileNotFoundError(f"input file not found: {path}")
-    documents = (d.text for path in inputs for d in read_documents(path, input_format, text_field))  # type: ignore[arg-type]
-    return train_sentencepiece(
-        documents, model_path, vocab_size, model_type, character_coverage, lowercase, num_threads
+    counts = {"documents": 0, "characters": 0}
+
+    def documents() -> Iterator[str]:
+        for path in inputs:
+            for document in read_documents(path, input_format, text_field):  # type: ignore[arg-type]
+                counts["documents"] += 1
+                counts["characters"] += len(document.text)
+                yield document.text
+
+    started = time.perf_counter()
+    tokenizer = train_sentencepiece(
+        documents(), model_path, vocab_size, model_type, character_coverage, lowercase, num_threads
     )
+    if stats is not None:
+        stats.update(counts, seconds=time.perf_counter() - started)
+    return tokenizer

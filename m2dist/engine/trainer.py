@@ -99,7 +99,7 @@ class Trainer:
         import deepspeed
 
         from m2dist.engine.data import build_data
-        from m2dist.tracking import build_tracker, collect_run_params
+        from m2dist.tracking import build_tracker, collect_run_params, log_training_inputs, training_run_name
 
         # Before any work: a recipe without data, a bf16 run that DeepSpeed would run in fp32.
         check_training_data(config)
@@ -141,6 +141,8 @@ class Trainer:
         )
         self.num_parameters = count_parameters(model)
         self.step = 0
+        # True once this job trained to the end and saved the last checkpoint.
+        self.completed = False
         self.losses: list[tuple[int, float]] = []
         self._stop_signal: int | None = None
         # Steps since the last log step: (step, mean loss, gradient norm), still on the device.
@@ -153,7 +155,8 @@ class Trainer:
         self.tracker = build_tracker(config.tracking, self.env.rank, self.output_dir)
         params = collect_run_params(config.to_dict(), self.env.world_size)
         params["model.num_parameters"] = str(self.num_parameters)
-        self.tracker.start(config.name, params, client_state.get("mlflow_run_id"))
+        self.tracker.start(training_run_name(config, self.num_parameters), params, client_state.get("mlflow_run_id"))
+        log_training_inputs(self.tracker, config)
         if self.env.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=1) + "\n")
@@ -353,6 +356,7 @@ class Trainer:
                 raise SystemExit(REQUEUE_EXIT_CODE)
         self._log_eval()
         self.save()
+        self.completed = True
         return self.losses
 
     def _flush_losses(self) -> None:
@@ -405,11 +409,19 @@ class Trainer:
             steps, losses = zip(*self.losses)
             plot_loss_curve(list(steps), list(losses), plot)
             self.tracker.log_artifact(plot)
+        if self.env.is_main and self.completed and status == "FINISHED":
+            from m2dist.tracking import final_model_summary, log_final_model
+
+            release = log_final_model(self.tracker, self.config, self.output_dir)
+            if release is not None:
+                self._log(final_model_summary(release))
         self.tracker.close(status=status)
         self.data.close()
         self.lock.release()
         uri = getattr(self.tracker, "tracking_uri", None)
-        if self.env.is_main and uri:
+        if self.env.is_main and self.tracker.failure:
+            self._log(f"MLflow tracking failed ({self.tracker.failure}); training is complete, see {self.output_dir}")
+        elif self.env.is_main and uri:
             self._log(f"MLflow run {self.tracker.run_id}; open the UI with: mlflow ui --backend-store-uri {uri}")
 
 

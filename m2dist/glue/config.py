@@ -142,8 +142,8 @@ class GlueConfig:
     tokenizer: str = ""
     tasks: GlueTasks = field(default_factory=GlueTasks)
     # MLflow: one parent run, a nested run per job. "" URI = $MLFLOW_TRACKING_URI, else
-    # sqlite:///<output_dir>/mlflow.db.
-    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="m2dist-glue"))
+    # sqlite:///<output_dir>/mlflow.db; the experiment is the project's, as for pretraining.
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
         from kernels import blockdiag, fftconv

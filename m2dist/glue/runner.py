@@ -37,7 +37,7 @@ from m2dist.glue.tasks import (
     read_text_task,
     task_dir_of,
 )
-from m2dist.glue.tracking import GlueTracking
+from m2dist.glue.tracking import GlueTracking, local_checkpoint, model_label
 from m2dist.tracking import collect_run_params
 
 logger = logging.getLogger(__name__)
@@ -157,12 +157,13 @@ def evaluate_glue(
     `mnli_checkpoint`: an MNLI-finetuned release to start RTE/MRPC/STS-B from when MNLI is not run.
     """
     glue = load_glue_config(config, list(overrides))
-    checkpoint = Path(checkpoint)
+    out = Path(output_dir) if output_dir is not None else _default_output_dir(glue, Path(model_label(checkpoint)))
+    # A registered model (models:/<name>/<version>) is downloaded into `out` first.
+    checkpoint = local_checkpoint(checkpoint, glue.tracking, out)
     source = load_pretrained(checkpoint)
     model_config = source.config
     del source
     check_model(glue, model_config, checkpoint)
-    out = Path(output_dir) if output_dir is not None else _default_output_dir(glue, checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     device_list = resolve_devices(devices)
 
@@ -294,7 +295,7 @@ def _run_tracked(
     tracking = GlueTracking(glue.tracking, out)
     run_info = {"checkpoint": str(checkpoint), "glue_dir": str(glue_dir or ""), "devices": ",".join(devices)}
     params = collect_run_params({"glue": glue.to_dict(), "run": {**run_info, "jobs": len(jobs)}}, len(devices))
-    tracking.start(f"{glue.name}-{checkpoint.stem}", params)
+    tracking.start(f"{glue.name}-{checkpoint.stem}", params, source=checkpoint)
     by_id = {job.job_id: job for job in jobs}
     display = JobProgress([job.job_id for job in jobs], {j.job_id: j.settings.epochs for j in jobs}, enabled=progress)
 
