@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
+import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from m2dist.config import KernelConfig, ModelConfig, load_config
+from m2dist.config import Config, KernelConfig, ModelConfig, load_config
 from m2dist.engine.metrics import peak_flops, training_flops_per_token
 from m2dist.models import build_masked_lm
 
@@ -48,19 +50,25 @@ def time_steps(step: Callable[[], None], steps: int, window: int = 5, max_warmup
     """Median seconds per step over `steps` timed steps, after a warm-up that lasts until the step
     time is stable: windows of `window` steps are run until one's median is within 3% of the one
     before (compilation, autotuning and allocator growth all settle in the first windows), so no
-    result depends on its position in a run. Each step is timed alone between device events and
-    waited for, so host work that a step cannot hide behind its own kernels counts in its time (the
-    M2 and BERT steps wait for the host once per step anyway, to pick the masked positions)."""
+    result depends on its position in a run. Each step is waited for (device events on a GPU), so
+    host work that a step cannot hide behind its own kernels counts in its time (the M2 and BERT
+    steps wait for the host once per step anyway, to pick the masked positions)."""
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
 
     def timed(n: int) -> list[float]:
         times = []
         for _ in range(n):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1000)
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                step()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1000)
+            else:
+                begin = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - begin)
         return times
 
     previous = statistics.median(timed(window))
@@ -147,12 +155,69 @@ def run_benchmark(
     return results
 
 
+def engine_config(name: str, seq_len: int, batch_size: int, output_dir: str) -> Config:
+    """Config `name` set up for a throughput run of the engine: L and one micro-batch of
+    `batch_size` per step, no tracking, the embedded corpus when the config names no data."""
+    config = load_config(name)
+    return load_config(
+        name,
+        [
+            f"train.seq_len={seq_len}",
+            f"model.l_max={max(config.model.l_max, seq_len)}",
+            f"train.global_batch_size={batch_size}",
+            f"train.micro_batch_size={batch_size}",
+            f"train.output_dir={output_dir}",
+            "tracking.enabled=false",
+            "data.allow_embedded_corpus=true",
+            "data.num_workers=0",
+        ],
+    )
+
+
+def benchmark_engine_step(label: str, name: str, seq_len: int, batch_size: int, steps: int = 10) -> BenchResult:
+    """tokens/s of `m2dist/train.py`'s step (`Trainer.train_step`: DeepSpeed with the config's ZeRO
+    stage and precision, the data loader, the schedule) on one device, timed as `benchmark_step`."""
+    from m2dist.engine.trainer import Trainer
+
+    with tempfile.TemporaryDirectory(prefix="m2dist-engine-bench-") as out:
+        cfg = engine_config(name, seq_len, batch_size, out)
+        trainer = Trainer(cfg)
+        device = trainer.device
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        try:
+            seconds = time_steps(trainer.train_step, steps)
+        except torch.OutOfMemoryError:
+            return BenchResult(label, seq_len, batch_size, 0.0, 0.0, None, None, 0.0, error="OOM")
+        finally:
+            trainer.close()
+    tokens_per_s = batch_size * seq_len / seconds
+    flops = tokens_per_s * training_flops_per_token(cfg.model, seq_len, cfg.train.mlm_probability)
+    peak = peak_flops(device, cfg.train.precision)
+    memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    return BenchResult(
+        label, seq_len, batch_size, tokens_per_s, 1000 * seconds, flops / 1e12, None if peak is None else flops / peak, memory
+    )
+
+
+def run_engine_benchmark(config_names: list[str], seq_lens: list[int], tokens_per_step: int, steps: int = 10) -> list[BenchResult]:
+    """Every config's engine step at every L with the same tokens per step."""
+    results = []
+    for seq_len in seq_lens:
+        batch = max(1, tokens_per_step // seq_len)
+        for name in config_names:
+            results.append(benchmark_engine_step(f"{name} (engine)", name, seq_len, batch, steps))
+            print(format_row(results[-1]), flush=True)
+    return results
+
+
+def speedups_over(results: list[BenchResult], baseline: str) -> dict[int, float]:
+    """`baseline`'s tokens/s per L (the denominator of the speedup column), `baseline` a name prefix."""
+    return {r.seq_len: r.tokens_per_s for r in results if r.model.startswith(baseline) and not r.error}
+
+
 HF_NAME = "hf-bert-base (sdpa)"
-
-
-def hf_tokens_per_s(results: list[BenchResult]) -> dict[int, float]:
-    """Hugging Face BERT's tokens/s per L, the denominator of the speedup column."""
-    return {r.seq_len: r.tokens_per_s for r in results if r.model.startswith(HF_NAME) and not r.error}
 
 
 HEADER = (
@@ -161,11 +226,11 @@ HEADER = (
 )
 
 
-def format_row(r: BenchResult, hf_tokens_per_s: float | None = None) -> str:
+def format_row(r: BenchResult, baseline_tokens_per_s: float | None = None) -> str:
     if r.error:
         return f"| {r.model} | {r.seq_len} | {r.batch_size} | {r.error} | | | | | |"
     mfu = "n/a" if r.mfu is None else f"{100 * r.mfu:.1f}%"
-    speedup = f"{r.tokens_per_s / hf_tokens_per_s:.2f}x" if hf_tokens_per_s else ""
+    speedup = f"{r.tokens_per_s / baseline_tokens_per_s:.2f}x" if baseline_tokens_per_s else ""
     return (
         f"| {r.model} | {r.seq_len} | {r.batch_size} | {r.tokens_per_s:,.0f} | {speedup} | {r.step_ms:.1f} | "
         f"{r.tflops:.1f} | {mfu} | {r.peak_memory_gib:.1f} |"
