@@ -671,6 +671,11 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
+def _out_dtype(*tensors) -> torch.dtype:
+    """The inputs' promoted dtype (None entries skipped)."""
+    return functools.reduce(torch.promote_types, [t.dtype for t in tensors if t is not None])
+
+
 def fftconv_fwd(u, x1, x2, v, k1r, k1i, d1, k2r, k2i, d2, plan) -> torch.Tensor:
     """Forward launcher. u, x1, x2, v: (B, D, L); k*r, k*i: fp32 spectra from `filter_spectrum`; d*: (D,).
     k2r/k2i/d2 None drop the residual convolution. Returns y: (B, D, L) in the inputs' dtype."""
@@ -679,7 +684,7 @@ def fftconv_fwd(u, x1, x2, v, k1r, k1i, d1, k2r, k2i, d2, plan) -> torch.Tensor:
     has_res = k2r is not None
     # The result's dtype is the inputs' promoted dtype, as in the reference (u may be fp32 while
     # x1, x2, v are bf16 under autocast); each input is read in its own dtype.
-    out_dtype = functools.reduce(torch.promote_types, [t.dtype for t in (u, x1, x2, v) if t is not None])
+    out_dtype = _out_dtype(u, x1, x2, v)
     y = _new_output((batch, dim, length), out_dtype, v.device)
     tabs = _tables(n, r, m1, m2, p2, v.device)
     b_per, nsplit, num_warps = _launch_config(batch, dim, plan, v.device, waves=8)
@@ -788,10 +793,6 @@ def fftconv(
     u, x1, x2, v = map(_rows_contiguous, (u, x1, x2, v))
     k1r, k1i, k2r, k2i = _spectra(k1r, k1i, k2r, k2i)
     return fftconv_fwd(u, x1, x2, v, k1r, k1i, d1, k2r, k2i, d2, tuple(plan))
-
-
-def _out_dtype(*tensors) -> torch.dtype:
-    return functools.reduce(torch.promote_types, [t.dtype for t in tensors if t is not None])
 
 
 @fftconv.register_fake
