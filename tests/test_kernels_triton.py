@@ -19,6 +19,7 @@ from kernels.blockdiag import reference as blockdiag_reference  # noqa: E402
 from kernels.blockdiag import triton_blockdiag  # noqa: E402
 from kernels.fftconv import reference as fftconv_reference  # noqa: E402
 from kernels.fftconv import triton_fftconv, triton_toeplitz  # noqa: E402
+from kernels import triton_common  # noqa: E402
 from m2dist.config import KernelConfig, load_config  # noqa: E402
 from m2dist.models.m2 import M2Layer  # noqa: E402
 
@@ -29,9 +30,7 @@ f64 = torch.float64
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
     """Every kernel output starts NaN-filled, so an element the kernel forgets to write fails."""
-    monkeypatch.setattr(triton_fftconv, "POISON_OUTPUTS", True)
-    monkeypatch.setattr(triton_toeplitz, "POISON_OUTPUTS", True)
-    monkeypatch.setattr(triton_blockdiag, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(triton_common, "POISON_OUTPUTS", True)
 
 
 def _max_err(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -158,12 +157,12 @@ def test_fftconv_model_layout_reaches_the_kernels_as_rows_at_gate_precision(monk
         return wrapped
 
     precisions = []
-    original_precision = triton_fftconv._precision
+    original_precision = triton_fftconv.dot_precision
     def precision(dtype):
         precisions.append(original_precision(dtype))
         return precisions[-1]
 
-    monkeypatch.setattr(triton_fftconv, "_precision", precision)
+    monkeypatch.setattr(triton_fftconv, "dot_precision", precision)
     monkeypatch.setattr(triton_fftconv, "fftconv_fwd", spy(triton_fftconv.fftconv_fwd, "forward"))
     monkeypatch.setattr(triton_fftconv, "fftconv_bwd", spy(triton_fftconv.fftconv_bwd, "backward"))
     u, x1, x2, v, k1, d1, k2, d2 = _conv_inputs(2, 16, 40, True, seed=6)
@@ -381,3 +380,31 @@ def test_m2_layer_gpu():
     _check_layer(length=512, hidden=768, inner=3072, batch=4, dtype=torch.float32, rtol=1e-3)
     _check_layer_autocast(length=512, hidden=768, inner=3072, batch=4)
     _check_layer_autocast(length=128, hidden=768, inner=3072, batch=8)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the fallback is for machines without a GPU")
+def test_triton_backend_without_triton_falls_back_to_the_reference_with_one_warning():
+    # The dispatch, not the Triton modules, decides: a CPU without the interpreter runs the reference.
+    import subprocess
+    import sys
+
+    code = (
+        "import warnings, torch\n"
+        "from kernels.blockdiag import blockdiag_glu\n"
+        "from kernels.fftconv import gated_long_conv\n"
+        "from kernels.blockdiag import reference as bd\n"
+        "from kernels.fftconv import reference as fc\n"
+        "x, w = torch.randn(3, 32), torch.randn(4, 8, 8)\n"
+        "u, x1, x2, v = (torch.randn(1, 4, 8) for _ in range(4))\n"
+        "k, d = torch.randn(4, 16), torch.randn(4)\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    for _ in range(2):\n"
+        "        assert torch.equal(blockdiag_glu(x, w, backend='triton'), bd.blockdiag_glu(x, w))\n"
+        "        assert torch.equal(gated_long_conv(u, x1, x2, v, k, d, backend='triton'), fc.gated_long_conv(u, x1, x2, v, k, d))\n"
+        "print(sorted(str(c.message).split(':')[0] for c in caught))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "['blockdiag triton backend', 'fftconv triton backend']"

@@ -7,6 +7,7 @@ import torch
 
 from kernels import use_triton
 from kernels.blockdiag import reference
+from kernels.triton_common import can_run, warn_once
 
 
 def _reference_matmul(x: torch.Tensor, weight_KQP: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -14,15 +15,27 @@ def _reference_matmul(x: torch.Tensor, weight_KQP: torch.Tensor, bias: torch.Ten
     return y if bias is None else y + bias
 
 
+def _no_triton(x: torch.Tensor) -> bool:
+    """A CPU tensor without Triton's interpreter cannot run the kernels: warn once, use the reference."""
+    if can_run(x):
+        return False
+    warn_once(f"blockdiag triton backend: no Triton on {x.device.type}; using the reference")
+    return True
+
+
 # The Triton module is imported on first use: it must follow TRITON_INTERPRET=1 in tests, and
 # `import kernels.blockdiag` must work on machines without a GPU.
 def _triton_matmul(x: torch.Tensor, weight_KQP: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if _no_triton(x):
+        return _reference_matmul(x, weight_KQP, bias)
     from kernels.blockdiag import triton_blockdiag
 
     return triton_blockdiag.blockdiag_matmul(x, weight_KQP, bias)
 
 
 def _triton_glu(x: torch.Tensor, weight_KQP: torch.Tensor) -> torch.Tensor:
+    if _no_triton(x):
+        return reference.blockdiag_glu(x, weight_KQP)
     from kernels.blockdiag import triton_blockdiag
 
     return triton_blockdiag.blockdiag_glu(x, weight_KQP)

@@ -15,17 +15,11 @@ Shape legend: M rows (tokens), K number of blocks, P input features per block, Q
 per block, I = K Q / 2 the GLU's inner size.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from kernels.blockdiag import reference
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# Tests set this to fill every output with NaN before a kernel writes it.
-POISON_OUTPUTS = False
+from kernels.triton_common import INTERPRET, dot_precision, new_output
 
 
 def _configs(shapes, split_k=(1,)):
@@ -216,17 +210,6 @@ _glu_fwd = triton.autotune(configs=_configs(_GLU_SHAPES), key=["M", "P", "Q", "P
 _glu_bwd = triton.autotune(configs=_configs(_GLU_SHAPES), key=["M", "P", "Q", "PREC"])(_glu_bwd_kernel)
 
 
-def _new_output(shape, dtype, device) -> torch.Tensor:
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _precision(dtype: torch.dtype) -> str:
-    # fp32 inputs keep fp32 accuracy (3-pass tf32); bf16/fp16 run natively on the tensor cores.
-    return "tf32x3" if dtype == torch.float32 else "tf32"
-
-
 def _bmm(a, b, out, bias, n_groups, m, n, k, a_strides, b_strides, c_strides, atomic=False):
     """Launch C[g] = A[g] @ B[g] for g < n_groups; strides are (group, row, column) triples."""
     kernel = _bmm_splitk_kernel if atomic else _bmm_kernel
@@ -236,7 +219,7 @@ def _bmm(a, b, out, bias, n_groups, m, n, k, a_strides, b_strides, c_strides, at
 
     kernel[grid](
         a, b, out, bias if bias is not None else out, m, n, k, *a_strides, *b_strides, *c_strides,
-        HAS_BIAS=bias is not None, ATOMIC=atomic, PREC=_precision(a.dtype), UPCAST=INTERPRET, GROUP_M=8,
+        HAS_BIAS=bias is not None, ATOMIC=atomic, PREC=dot_precision(a.dtype), UPCAST=INTERPRET, GROUP_M=8,
     )  # fmt: skip
 
 
@@ -244,7 +227,7 @@ def blockdiag_fwd(x_MKP: torch.Tensor, w_KQP: torch.Tensor, bias: torch.Tensor |
     """y = x @ blockdiag(w)^T (+ bias). x_MKP: (M, K*P), w_KQP: (K, Q, P), bias: (K*Q,) -> (M, K*Q)."""
     m = x_MKP.shape[0]
     nb, q, p = w_KQP.shape
-    y = _new_output((m, nb * q), x_MKP.dtype, x_MKP.device)
+    y = new_output((m, nb * q), x_MKP.dtype, x_MKP.device)
     _bmm(
         x_MKP, w_KQP, y, bias, nb, m, q, p,
         (p * x_MKP.stride(1), x_MKP.stride(0), x_MKP.stride(1)),
@@ -260,7 +243,7 @@ def blockdiag_bwd(dy_MKQ: torch.Tensor, x_MKP: torch.Tensor, w_KQP: torch.Tensor
     nb, q, p = w_KQP.shape
     dx = None
     if need_dx:
-        dx = _new_output((m, nb * p), x_MKP.dtype, x_MKP.device)
+        dx = new_output((m, nb * p), x_MKP.dtype, x_MKP.device)
         _bmm(
             dy_MKQ, w_KQP, dx, None, nb, m, p, q,
             (q * dy_MKQ.stride(1), dy_MKQ.stride(0), dy_MKQ.stride(1)),
@@ -283,14 +266,14 @@ def glu_fwd(x_MKP: torch.Tensor, w_KQP: torch.Tensor) -> torch.Tensor:
     """GELU(g) * n, [g, n] = x @ blockdiag(w)^T. x_MKP: (M, K*P), w_KQP: (K, Q, P) -> (M, K*Q/2)."""
     m = x_MKP.shape[0]
     nb, q, p = w_KQP.shape
-    out = _new_output((m, nb * q // 2), x_MKP.dtype, x_MKP.device)
+    out = new_output((m, nb * q // 2), x_MKP.dtype, x_MKP.device)
 
     def grid(meta):
         return (triton.cdiv(m, meta["BM"]) * triton.cdiv(q, meta["BN"]) * (nb // 2),)
 
     _glu_fwd[grid](
         x_MKP, w_KQP, out, m, p, q, x_MKP.stride(0), out.stride(0),
-        HALF=nb // 2, PREC=_precision(x_MKP.dtype), UPCAST=INTERPRET, GROUP_M=8,
+        HALF=nb // 2, PREC=dot_precision(x_MKP.dtype), UPCAST=INTERPRET, GROUP_M=8,
     )  # fmt: skip
     return out
 
@@ -299,14 +282,14 @@ def glu_bwd(da_MI: torch.Tensor, x_MKP: torch.Tensor, w_KQP: torch.Tensor):
     """(dx (M, K*P), dw (K, Q, P) fp32) of `glu_fwd`; the pre-activation is recomputed."""
     m = x_MKP.shape[0]
     nb, q, p = w_KQP.shape
-    dpre = _new_output((m, nb * q), x_MKP.dtype, x_MKP.device)
+    dpre = new_output((m, nb * q), x_MKP.dtype, x_MKP.device)
 
     def grid(meta):
         return (triton.cdiv(m, meta["BM"]) * triton.cdiv(q, meta["BN"]) * (nb // 2),)
 
     _glu_bwd[grid](
         x_MKP, w_KQP, da_MI, dpre, m, p, q, x_MKP.stride(0), da_MI.stride(0), dpre.stride(0),
-        HALF=nb // 2, PREC=_precision(x_MKP.dtype), UPCAST=INTERPRET, GROUP_M=8,
+        HALF=nb // 2, PREC=dot_precision(x_MKP.dtype), UPCAST=INTERPRET, GROUP_M=8,
     )  # fmt: skip
     return blockdiag_bwd(dpre, x_MKP, w_KQP)
 
@@ -417,28 +400,10 @@ def _cast(x: torch.Tensor, *params):
     return [t if t is None else t.to(dtype) for t in (x, *params)]
 
 
-_WARNED = set()
-
-
-def _unsupported(x: torch.Tensor) -> bool:
-    """CPU tensors without TRITON_INTERPRET=1 cannot run the kernels: warn once, use the reference."""
-    if x.device.type == "cuda" or INTERPRET:
-        return False
-    if x.device.type not in _WARNED:
-        _WARNED.add(x.device.type)
-        import warnings
-
-        warnings.warn(f"blockdiag triton backend: no Triton on {x.device.type}; using the reference", stacklevel=3)
-    return True
-
-
 def blockdiag_matmul(x: torch.Tensor, weight_KQP: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ blockdiag(weight)^T + bias. x: (..., K*P), weight_KQP: (K, Q, P), bias: (K*Q,) or None
     -> (..., K*Q)."""
     _check(x, weight_KQP)
-    if _unsupported(x):
-        y = reference.blockdiag_matmul(x, weight_KQP)
-        return y if bias is None else y + bias
     x, weight_KQP, bias = _cast(x, weight_KQP, bias)
     nb, q, p = weight_KQP.shape
     y_MKQ = blockdiag_matmul_op(x.reshape(-1, nb * p), weight_KQP, bias)
@@ -451,8 +416,6 @@ def blockdiag_glu(x: torch.Tensor, weight_KQP: torch.Tensor) -> torch.Tensor:
     _check(x, weight_KQP)
     if weight_KQP.shape[0] % 2:
         raise ValueError(f"the fused GLU needs an even number of blocks, got {weight_KQP.shape[0]}")
-    if _unsupported(x):
-        return reference.blockdiag_glu(x, weight_KQP)
     x, weight_KQP = _cast(x, weight_KQP)
     nb, q, p = weight_KQP.shape
     return blockdiag_glu_op(x.reshape(-1, nb * p), weight_KQP).reshape(*x.shape[:-1], nb * q // 2)

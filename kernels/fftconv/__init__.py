@@ -9,16 +9,24 @@ import torch
 from kernels import use_triton
 from kernels.fftconv import reference
 from kernels.fftconv.reference import bidirectional_kernel
-
+from kernels.triton_common import can_run, warn_once
 
 
 def _triton_gated_long_conv(u_BDL, x1_BDL, x2_BDL, v_BDL, k1_DN, d1_D, k2_DN, d2_D):
     """The faster Triton algorithm for the input: the Toeplitz GEMM for half-precision inputs up
-    to `triton_toeplitz.MAX_LEN`, the FFT (DFT matmuls) otherwise."""
+    to `triton_toeplitz.MAX_LEN`, the FFT (DFT matmuls) otherwise; the reference (warned once)
+    where neither can run (a CPU without Triton's interpreter, L above `triton_fftconv.MAX_SEQLEN`)."""
     # Imported on first use: the Triton modules must be imported after TRITON_INTERPRET is set,
     # and `import kernels.fftconv` must work on machines without a GPU.
     from kernels.fftconv import triton_fftconv, triton_toeplitz
 
+    length = v_BDL.shape[-1]
+    if not can_run(v_BDL) or length > triton_fftconv.MAX_SEQLEN:
+        warn_once(
+            f"fftconv triton backend: L={length} on {v_BDL.device.type} is not supported "
+            f"(L <= {triton_fftconv.MAX_SEQLEN}, CUDA or TRITON_INTERPRET=1); using the reference"
+        )
+        return reference.gated_long_conv(u_BDL, x1_BDL, x2_BDL, v_BDL, k1_DN, d1_D, k2_DN, d2_D)
     impl = triton_toeplitz if triton_toeplitz.supports(v_BDL) else triton_fftconv
     return impl.gated_long_conv(u_BDL, x1_BDL, x2_BDL, v_BDL, k1_DN, d1_D, k2_DN, d2_D)
 

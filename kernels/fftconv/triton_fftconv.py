@@ -30,13 +30,12 @@ C channels per program.
 
 import functools
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from kernels.triton_common import dot_precision, new_output
 # Cap on the on-chip transform size M (a power of two >= 256; tests lower it).
 _MAX_ONCHIP = 4096
 # Elements (channels x spectrum) of one program's tile when the transform is small.
@@ -44,8 +43,6 @@ _TILE = 2048
 # Warps per program of the main kernels; None picks by tile size.
 _NUM_WARPS = None
 MAX_SEQLEN = 32768
-# Tests set this to fill every output with NaN before a kernel writes it.
-POISON_OUTPUTS = False
 
 
 @triton.jit
@@ -631,12 +628,6 @@ def _tables(n: int, r: int, m1: int, m2: int, p2: int, device: torch.device) -> 
     return tabs
 
 
-def _new_output(shape, dtype, device) -> torch.Tensor:
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -662,15 +653,6 @@ def _strides(*tensors):
     return [s for t in tensors for s in t.stride()]
 
 
-def _precision(dtype: torch.dtype) -> str:
-    """tl.dot precision for gated inputs of `dtype`: tf32 operands carry 10 mantissa bits, finer
-    than bf16/fp16 inputs; fp32 inputs get the 3-pass tf32 product, accurate to about fp32. Under
-    autocast the residual input u is fp32 while the gated inputs are bf16: the gated inputs decide,
-    as the 3-pass product would triple the transform's cost to keep digits the rest of the layer
-    has already rounded away."""
-    return "tf32x3" if dtype == torch.float32 else "tf32"
-
-
 def _out_dtype(*tensors) -> torch.dtype:
     """The inputs' promoted dtype (None entries skipped)."""
     return functools.reduce(torch.promote_types, [t.dtype for t in tensors if t is not None])
@@ -685,7 +667,7 @@ def fftconv_fwd(u, x1, x2, v, k1r, k1i, d1, k2r, k2i, d2, plan) -> torch.Tensor:
     # The result's dtype is the inputs' promoted dtype, as in the reference (u may be fp32 while
     # x1, x2, v are bf16 under autocast); each input is read in its own dtype.
     out_dtype = _out_dtype(u, x1, x2, v)
-    y = _new_output((batch, dim, length), out_dtype, v.device)
+    y = new_output((batch, dim, length), out_dtype, v.device)
     tabs = _tables(n, r, m1, m2, p2, v.device)
     b_per, nsplit, num_warps = _launch_config(batch, dim, plan, v.device, waves=8)
     m = m1 * m2
@@ -701,7 +683,7 @@ def fftconv_fwd(u, x1, x2, v, k1r, k1i, d1, k2r, k2i, d2, plan) -> torch.Tensor:
         k1r, k1i, k2r if has_res else k1r, k2i if has_res else k1i, d1, d2 if has_res else d1,
         tabs["tab"], tabs["otr"], tabs["oti"], tabs["wc"], tabs["ws"],
         batch, dim, length, b_per, *_strides(uu, x1, x2, v, y),
-        R=r, M1=m1, M2=m2, P2=p2, K1=k1, C=c, HAS_RES=has_res, PREC=_precision(v.dtype), num_warps=num_warps,
+        R=r, M1=m1, M2=m2, P2=p2, K1=k1, C=c, HAS_RES=has_res, PREC=dot_precision(v.dtype), num_warps=num_warps,
         num_stages=1,
     )  # fmt: skip
     if r > 1:
@@ -722,7 +704,7 @@ def fftconv_bwd(dy, u, x1, x2, v, k1r, k1i, d1, k2r, k2i, d2, plan):
     m = m1 * m2
     has_res = k2r is not None
     dev = v.device
-    grads = [_new_output((batch, dim, length), t.dtype, dev) for t in ((u if has_res else v), x1, x2, v)]
+    grads = [new_output((batch, dim, length), t.dtype, dev) for t in ((u if has_res else v), x1, x2, v)]
     du, dx1, dx2, dv = grads
     tabs = _tables(n, r, m1, m2, p2, dev)
     b_per, nsplit, num_warps = _launch_config(batch, dim, plan, v.device, waves=4)
@@ -749,7 +731,7 @@ def fftconv_bwd(dy, u, x1, x2, v, k1r, k1i, d1, k2r, k2i, d2, plan):
         tabs["tab"], tabs["otr"], tabs["oti"], tabs["wc"], tabs["ws"],
         batch, dim, length, b_per, *_strides(uu, x1, x2, v, dy),
         R=r, M1=m1, M2=m2, P2=p2, K1=k1, C=c, HAS_RES=has_res, ATOMIC=atomic,
-        PREC=_precision(v.dtype),
+        PREC=dot_precision(v.dtype),
         num_warps=num_warps, num_stages=1,
     )  # fmt: skip
     if r > 1:
@@ -864,17 +846,6 @@ def filter_spectrum(k_DN: torch.Tensor, length: int, plan) -> tuple[torch.Tensor
     return k_f.real.contiguous(), k_f.imag.contiguous()
 
 
-_WARNED = set()
-
-
-def _warn_once(msg: str) -> None:
-    if msg not in _WARNED:
-        _WARNED.add(msg)
-        import warnings
-
-        warnings.warn(msg, stacklevel=3)
-
-
 def gated_long_conv(
     u_BDL: torch.Tensor,
     x1_BDL: torch.Tensor,
@@ -891,21 +862,16 @@ def gated_long_conv(
 
     u_BDL, x1_BDL, x2_BDL, v_BDL: (B, D, L), fp32/bf16/fp16 (one dtype); k1_DN, k2_DN: (D, 2L)
     circular kernels; d1_D, d2_D: (D,). k2/d2 None drop the residual convolution. Returns (B, D, L).
-    Shapes are checked by the caller (`kernels.fftconv.gated_long_conv`). L above MAX_SEQLEN, or CPU tensors without TRITON_INTERPRET=1, run the reference (warned once).
+    Shapes, the length limit MAX_SEQLEN and the device are checked by the caller
+    (`kernels.fftconv.gated_long_conv`). The gated inputs' dtype decides the transforms' precision:
+    under autocast u is fp32 while the gates are bf16, and the 3-pass product would triple the
+    transform's cost to keep digits the rest of the layer has already rounded away.
     `max_onchip` (a power of two >= 256) caps the on-chip transform; tests lower it to reach the
     outer-radix path at small L.
     """
-    from kernels.fftconv import reference
-
     length = v_BDL.shape[-1]
     if max_onchip < 256 or max_onchip & (max_onchip - 1):
         raise ValueError(f"max_onchip must be a power of two >= 256, got {max_onchip}")
-    if length > MAX_SEQLEN or (v_BDL.device.type != "cuda" and not INTERPRET):
-        _warn_once(
-            f"fftconv triton backend: L={length} on {v_BDL.device.type} is not supported "
-            f"(L <= {MAX_SEQLEN}, CUDA or TRITON_INTERPRET=1); using the reference"
-        )
-        return reference.gated_long_conv(u_BDL, x1_BDL, x2_BDL, v_BDL, k1_DN, d1_D, k2_DN, d2_D)
     plan = _plan(int(length), max_onchip, _TILE)
     k1r, k1i = filter_spectrum(k1_DN, length, plan)
     k2r = k2i = None

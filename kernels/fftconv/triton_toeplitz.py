@@ -23,18 +23,15 @@ Shape legend: B batch, D channels, L sequence length, N = 2L the circular kernel
 block sizes along batch, output time and input time; BLK the tile of the filter-gradient kernel.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from kernels.triton_common import INTERPRET, new_output
+
 # Longest L sent to this path by the dispatch: on an H200 (bf16, d=768, fwd + bwd) it takes 3.9 ms
 # against the FFT kernel's 6.5 ms at L=128, but 10.9 against 7.6 at L=512 (`tools/bench_kernels.py`).
 MAX_LEN = 128
-# Tests set this to fill every output with NaN before a kernel writes it.
-POISON_OUTPUTS = False
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -234,12 +231,6 @@ def _blocks(batch: int, length: int) -> dict[str, int]:
     return {"BB": min(128, pow2), "BT": 64, "BS": 64, "BB_F": min(64, pow2), "BLK": 64, "num_warps": 8}
 
 
-def _new(shape, dtype, device) -> torch.Tensor:
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 def supports(v_BDL: torch.Tensor) -> bool:
     """Whether this path takes the input: half-precision activations, L <= MAX_LEN, on a GPU or in
     Triton's interpreter."""
@@ -270,8 +261,8 @@ def toeplitz_conv(
     k1, d1 = k1.float().contiguous(), d1.float().contiguous()
     k2, d2 = (k2.float().contiguous(), d2.float().contiguous()) if has_res else (k1, d1)
     blk = _blocks(batch, length)
-    y = _new(v.shape, v.dtype, v.device)
-    z1 = _new(v.shape, v.dtype, v.device) if save_z1 else v.new_empty(0)
+    y = new_output(v.shape, v.dtype, v.device)
+    z1 = new_output(v.shape, v.dtype, v.device) if save_z1 else v.new_empty(0)
     grid = (dim, triton.cdiv(batch, blk["BB"]), triton.cdiv(length, blk["BT"]))
     _fwd_kernel[grid](
         u if has_res else v, x1, x2, v, k1, d1, k2, d2, y, z1 if save_z1 else y, batch, dim, length,
@@ -300,11 +291,11 @@ def toeplitz_conv_backward(
     k1f, d1f = k1.float().contiguous(), d1.float().contiguous()
     k2f, d2f = (k2.float().contiguous(), d2.float().contiguous()) if has_res else (k1f, d1f)
     u_or_v = u if has_res else v
-    dx1, dx2, dv = (_new(v.shape, v.dtype, v.device) for _ in range(3))
-    du = _new(u.shape, u.dtype, u.device) if has_res else dv
+    dx1, dx2, dv = (new_output(v.shape, v.dtype, v.device) for _ in range(3))
+    du = new_output(u.shape, u.dtype, u.device) if has_res else dv
     n_b, n_s = triton.cdiv(batch, blk["BB"]), triton.cdiv(length, blk["BS"])
-    dd1_part = _new((n_b * n_s, dim), torch.float32, v.device)
-    dd2_part = _new((n_b * n_s, dim), torch.float32, v.device) if has_res else dd1_part
+    dd1_part = new_output((n_b * n_s, dim), torch.float32, v.device)
+    dd2_part = new_output((n_b * n_s, dim), torch.float32, v.device) if has_res else dd1_part
     _bwd_inputs_kernel[(dim, n_b, n_s)](
         dy, u_or_v, x1, x2, v, z1, k1f, d1f, k2f, d2f, du, dx1, dx2, dv, dd1_part, dd2_part,
         batch, dim, length, HAS_RES=has_res, SPLIT=split, UPCAST=INTERPRET,
