@@ -85,8 +85,8 @@ def test_filters_keep_their_shape_over_the_normalised_position():
     extended = HyenaFilter(long)
     extended.load_state_dict(extend_state_dict(trained.state_dict(), 256))
     with torch.no_grad():
-        k_short_DL = trained.kernel(64)[:, :64]
-        k_long_DL = extended.kernel(256)[:, :256]
+        k_short_DL = trained.circular_filter(64)[:, :64]
+        k_long_DL = extended.circular_filter(256)[:, :256]
     stretched_DL = F.interpolate(k_short_DL[None], size=256, mode="linear", align_corners=True)[0]
     scale = k_short_DL.abs().max()
     assert (k_long_DL - stretched_DL).abs().max() / scale < 0.03

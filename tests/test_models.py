@@ -172,10 +172,10 @@ def test_compiled_short_conv_matches_eager_under_autocast():
         torch.testing.assert_close(compiled.float(), eager.float(), rtol=1e-2, atol=1e-2)
 
 
-def test_filter_kernels_are_the_modules_mlps_modulated_and_folded():
-    # `filter_kernels` computes many HyenaFilters' kernels as one stacked function of their
+def test_long_filters_are_the_modules_mlps_modulated_and_folded():
+    # `long_filters` computes many HyenaFilters' kernels as one stacked function of their
     # parameters: check each against its own modules, values and gradients.
-    from m2dist.models.m2 import HyenaFilter, filter_kernels
+    from m2dist.models.m2 import HyenaFilter, long_filters
 
     torch.manual_seed(0)
     filters = [HyenaFilter(load_config("debug").model).double() for _ in range(3)]
@@ -188,26 +188,26 @@ def test_filter_kernels_are_the_modules_mlps_modulated_and_folded():
         zeros = torch.zeros_like(k_fwd_DL)
         return torch.cat([k_fwd_DL, zeros], 1) + torch.cat([zeros, k_rev_DL.flip(1)], 1)
 
-    got, expected = filter_kernels(filters, 24), [from_modules(f) for f in filters]
+    got, expected = long_filters(filters, 24), [from_modules(f) for f in filters]
     params = [p for f in filters for p in f.parameters() if p is not f.bias]
     upstream = [torch.randn_like(k) for k in expected]
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
     for a, b in zip(torch.autograd.grad(got, params, upstream), torch.autograd.grad(expected, params, upstream)):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
-    torch.testing.assert_close(filters[1].kernel(24), expected[1], rtol=0, atol=1e-12)
+    torch.testing.assert_close(filters[1].circular_filter(24), expected[1], rtol=0, atol=1e-12)
 
 
 def test_layers_given_their_kernels_equal_layers_computing_them():
     # LayerStack computes every layer's kernels in one batch and passes them down.
-    from m2dist.models.m2 import M2Layer, layer_filter_kernels
+    from m2dist.models.m2 import M2Layer, layer_long_filters
 
     torch.manual_seed(0)
     layers = [M2Layer(load_config("debug").model).eval() for _ in range(2)]  # no dropout
     h = torch.randn(2, 16, 128)
-    for layer, kernels_DN in zip(layers, layer_filter_kernels(layers, 16)):
-        torch.testing.assert_close(layer(h, None, kernels_DN), layer(h), rtol=0, atol=0)
+    for layer, filters_DN in zip(layers, layer_long_filters(layers, 16)):
+        torch.testing.assert_close(layer(h, None, filters_DN), layer(h), rtol=0, atol=0)
         # ... and the kernels handed down are the ones used.
-        assert not torch.equal(layer(h, None, [torch.zeros_like(k) for k in kernels_DN]), layer(h))
+        assert not torch.equal(layer(h, None, [torch.zeros_like(k) for k in filters_DN]), layer(h))
 
 
 def test_filter_mlps_run_in_fp32_under_autocast():
@@ -215,24 +215,24 @@ def test_filter_mlps_run_in_fp32_under_autocast():
 
     hyena = HyenaFilter(load_config("debug").model)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        k_autocast = hyena.kernel(16)
+        k_autocast = hyena.circular_filter(16)
     assert k_autocast.dtype == torch.float32
-    torch.testing.assert_close(k_autocast, hyena.kernel(16), rtol=0, atol=0)
+    torch.testing.assert_close(k_autocast, hyena.circular_filter(16), rtol=0, atol=0)
 
 
 @pytest.mark.gpu
-def test_compiled_filter_kernels_match_eager():
-    from m2dist.models.m2 import HyenaFilter, _compiled_stacked_filter_kernels, filter_kernels, stacked_filter_kernels
+def test_compiled_long_filters_match_eager():
+    from m2dist.models.m2 import HyenaFilter, _compiled_stacked_long_filters, long_filters, stacked_long_filters
 
     filters = [HyenaFilter(load_config("m2-bert-80M").model).cuda() for _ in range(4)]
     params = [p for f in filters for p in f.parameters() if p is not f.bias]
     upstream = [torch.randn(768, 256, device="cuda") for _ in filters]
     results = []
-    for fn in (stacked_filter_kernels, _compiled_stacked_filter_kernels()):
-        with unittest.mock.patch("m2dist.models.m2.stacked_filter_kernels", fn), unittest.mock.patch(
-            "m2dist.models.m2._compiled_stacked_filter_kernels", lambda fn=fn: fn
+    for fn in (stacked_long_filters, _compiled_stacked_long_filters()):
+        with unittest.mock.patch("m2dist.models.m2.stacked_long_filters", fn), unittest.mock.patch(
+            "m2dist.models.m2._compiled_stacked_long_filters", lambda fn=fn: fn
         ):
-            out = filter_kernels(filters, 128)
+            out = long_filters(filters, 128)
         results.append((*out, *torch.autograd.grad(out, params, upstream)))
     for eager, compiled in zip(*results):
         torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)

@@ -59,7 +59,7 @@ class PositionalFeatures(nn.Module):
 
 class ExponentialModulation(nn.Module):
     """The decay rates |delta_c| of the modulation k[t, c] *= exp(-t |delta_c|) (a buffer, applied by
-    `stacked_filter_kernels`): fixed, from fast (30%) to slow (150%) to 1e-2."""
+    `stacked_long_filters`): fixed, from fast (30%) to slow (150%) to 1e-2."""
 
     def __init__(self, d_model: int, fast_decay_pct: float = 0.3, slow_decay_pct: float = 1.5, target: float = 1e-2):
         super().__init__()
@@ -95,13 +95,13 @@ class HyenaFilter(nn.Module):
         self.modulation = ExponentialModulation(d)
         self.bidirectional = config.bidirectional
 
-    def kernel(self, length: int) -> torch.Tensor:
-        """The (D, 2L) circular kernel for inputs of length L (see `filter_kernels`)."""
-        return filter_kernels([self], length)[0]
+    def circular_filter(self, length: int) -> torch.Tensor:
+        """The (D, 2L) circular filter for inputs of length L (see `long_filters`)."""
+        return long_filters([self], length)[0]
 
 
-def filter_kernels(filters: list[HyenaFilter], length: int) -> list[torch.Tensor]:
-    """The (D, 2L) circular kernels of `filters` (of one config) for inputs of length L, in fp32
+def long_filters(filters: list[HyenaFilter], length: int) -> list[torch.Tensor]:
+    """The (D, 2L) circular filters of `filters` (of one config) for inputs of length L, in fp32
     also under autocast: the filter MLPs are tiny ((L, E) -> (L, D)), and casting their weights to
     bf16 on every call cost more host time than their matmuls take on the GPU.
 
@@ -117,7 +117,7 @@ def filter_kernels(filters: list[HyenaFilter], length: int) -> list[torch.Tensor
         [_linear_params(f.implicit_filter) for f in filters],
         [_linear_params(f.implicit_filter_rev) for f in filters] if first.bidirectional else None,
     )
-    compute = _compiled_stacked_filter_kernels() if _compile_here(first.bias) else stacked_filter_kernels
+    compute = _compiled_stacked_long_filters() if _compile_here(first.bias) else stacked_long_filters
     with torch.autocast(first.bias.device.type, enabled=False):
         return compute(*tensors, length)
 
@@ -126,14 +126,14 @@ def _linear_params(mlp: nn.Sequential) -> list[tuple[torch.Tensor, torch.Tensor 
     return [(layer.weight, layer.bias) for layer in mlp if isinstance(layer, nn.Linear)]
 
 
-def stacked_filter_kernels(zs, t_1L1, deltas, freqs, fwd_mlps, rev_mlps, length: int) -> list[torch.Tensor]:
+def stacked_long_filters(zs, t_1L1, deltas, freqs, fwd_mlps, rev_mlps, length: int) -> list[torch.Tensor]:
     """The functional form of F HyenaFilters' `_filter_mlp`s + `ExponentialModulation`, stacked.
 
     zs: F positional features (1, l_max, E); t_1L1: the positions (1, l_max, 1), as built for l_max;
     deltas: F decay rates (1, 1, D); freqs: F Sin frequencies (1, O), shared by a filter's MLPs;
     fwd_mlps, rev_mlps: F lists of (weight, bias) per Linear (rev_mlps None: causal filters).
     Each MLP is (Linear, Sin) for all but the last Linear; its (L, D) output times
-    exp(-t |delta|) gives the taps. Returns F (D, 2L) kernels from `bidirectional_kernel`."""
+    exp(-t |delta|) gives the taps. Returns F (D, 2L) circular filters from `bidirectional_kernel`."""
     n_filters = len(zs)
     mlps = fwd_mlps + (rev_mlps or [])
     repeat = len(mlps) // n_filters
@@ -158,8 +158,8 @@ def _compile_here(t: torch.Tensor) -> bool:
 
 
 @functools.cache
-def _compiled_stacked_filter_kernels():
-    return torch.compile(stacked_filter_kernels)
+def _compiled_stacked_long_filters():
+    return torch.compile(stacked_long_filters)
 
 
 def causal_short_conv(p_BLC: torch.Tensor, weight_C1K: torch.Tensor, bias_C: torch.Tensor) -> torch.Tensor:
@@ -218,15 +218,15 @@ class MonarchMixerSequenceMixing(nn.Module):
         return [self.filter_fn] + ([self.filter_fn2] if self.filter_fn2 is not None else [])
 
     def forward(
-        self, u_BLD: torch.Tensor, kernels_DN: list[torch.Tensor] | None = None, mask_BL: torch.Tensor | None = None
+        self, u_BLD: torch.Tensor, filters_DN: list[torch.Tensor] | None = None, mask_BL: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """kernels_DN: the `filters()`' kernels for this L, when the caller computed them (with the
+        """filters_DN: the `filters()`' circular filters for this L, when the caller computed them (with the
         other layers'); None computes them here. mask_BL (B, L): 1 at tokens, 0 at padding; given,
         pad positions are zeroed in the mixer input, after `in_linear` and in the gated long
         convolution's input, so that no convolution mixes them into real positions."""
         length = u_BLD.shape[1]
-        if kernels_DN is None:
-            kernels_DN = filter_kernels(self.filters(), length)
+        if filters_DN is None:
+            filters_DN = long_filters(self.filters(), length)
         if self.layernorm is not None:
             u_BLD = self.layernorm(u_BLD)
         u_BLD = zero_padding(u_BLD, mask_BL)
@@ -237,9 +237,9 @@ class MonarchMixerSequenceMixing(nn.Module):
         v_BDL = zero_padding(v_BDL, mask_BL, channels_first=True)
         k2_DN = d2_D = None
         if self.filter_fn2 is not None:
-            k2_DN, d2_D = kernels_DN[1], self.filter_fn2.bias
+            k2_DN, d2_D = filters_DN[1], self.filter_fn2.bias
         y_BDL = kernels.fftconv.gated_long_conv(
-            u_BLD.transpose(1, 2), x1_BDL, x2_BDL, v_BDL, kernels_DN[0], self.filter_fn.bias, k2_DN, d2_D,
+            u_BLD.transpose(1, 2), x1_BDL, x2_BDL, v_BDL, filters_DN[0], self.filter_fn.bias, k2_DN, d2_D,
             backend=self.backend,
         )  # fmt: skip
         return self.out_linear(y_BDL.transpose(1, 2))
@@ -305,17 +305,17 @@ class M2Layer(nn.Module):
         self.mask_padding = config.mask_padding
 
     def forward(
-        self, h_BLD: torch.Tensor, attention_mask_BL: torch.Tensor | None = None, kernels_DN: list[torch.Tensor] | None = None
+        self, h_BLD: torch.Tensor, attention_mask_BL: torch.Tensor | None = None, filters_DN: list[torch.Tensor] | None = None
     ) -> torch.Tensor:
-        """kernels_DN: the mixer's filter kernels, if the caller computed them (`layer_filter_kernels`)."""
+        """filters_DN: the mixer's circular filters, if the caller computed them (`layer_long_filters`)."""
         mask_BL = attention_mask_BL if self.mask_padding else None
-        return self.mlp(self.attention(h_BLD, kernels_DN, mask_BL))
+        return self.mlp(self.attention(h_BLD, filters_DN, mask_BL))
 
 
-def layer_filter_kernels(layers: list[M2Layer], length: int) -> list[list[torch.Tensor]]:
-    """Every layer's filter kernels for inputs of length L, computed together (`filter_kernels`)."""
+def layer_long_filters(layers: list[M2Layer], length: int) -> list[list[torch.Tensor]]:
+    """Every layer's circular filters for inputs of length L, computed together (`long_filters`)."""
     per_layer = [layer.attention.filters() for layer in layers]
-    flat = filter_kernels([f for filters in per_layer for f in filters], length)
+    flat = long_filters([f for filters in per_layer for f in filters], length)
     out, start = [], 0
     for filters in per_layer:
         out.append(flat[start : start + len(filters)])

@@ -15,7 +15,7 @@ import torch.utils.checkpoint
 
 from m2dist.config import ModelConfig
 from m2dist.models.bert import BertLayer
-from m2dist.models.m2 import M2Layer, init_weights, layer_filter_kernels
+from m2dist.models.m2 import M2Layer, init_weights, layer_long_filters
 
 
 class Embeddings(nn.Module):
@@ -52,10 +52,10 @@ class LayerStack(nn.Module):
 
     def forward(self, h_BLD: torch.Tensor, attention_mask_BL: torch.Tensor | None) -> torch.Tensor:
         recompute = self.activation_checkpointing and torch.is_grad_enabled()
-        # M2's filter kernels depend on L only: all layers' in one batched computation.
+        # M2's long-convolution filters depend on L only: all layers' in one batched computation.
         extra = [()] * len(self.layer)
         if isinstance(self.layer[0], M2Layer):
-            extra = [(k,) for k in layer_filter_kernels(list(self.layer), h_BLD.shape[1])]
+            extra = [(k,) for k in layer_long_filters(list(self.layer), h_BLD.shape[1])]
         for layer, args in zip(self.layer, extra):
             if recompute:
                 # Non-reentrant, with the RNG state restored: the recomputation draws the same dropout.
