@@ -23,7 +23,7 @@ from m2dist.checkpoint.io import safe_torch_load
 from m2dist.config import Config, check_training_data
 from m2dist.engine.checkpoint import CLIENT_STATE, CheckpointManager, find_resume_tag
 from m2dist.engine.deepspeed_config import batch_layout, build_deepspeed_config, check_deepspeed_precision
-from m2dist.engine.distributed import all_reduce_sum, broadcast_object, init_distributed
+from m2dist.engine.distributed import all_reduce_sum, broadcast_object, init_distributed, unlink_deepspeed_shm
 from m2dist.engine.guards import NonFiniteCounter, NonFiniteTraining, RunFolderLocked, RunLock, check_resume_config
 from m2dist.engine.metrics import (
     METRICS_FILE,
@@ -139,6 +139,7 @@ class Trainer:
             config=self.ds_config,
             dist_init_required=False,
         )
+        unlink_deepspeed_shm(self.env)
         self.num_parameters = count_parameters(model)
         self.step = 0
         # True once this job trained to the end and saved the last checkpoint.
