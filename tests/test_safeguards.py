@@ -19,6 +19,8 @@ from m2dist.checkpoint.extend import warm_start
 from m2dist.checkpoint.io import CheckpointError
 from m2dist.checkpoint.release import save_release
 from m2dist.config import load_config
+from m2dist.engine.checkpoint import CheckpointManager, torch_save
+from m2dist.engine.distributed import DistEnv
 from m2dist.engine.guards import ConfigDrift, NonFiniteCounter, NonFiniteTraining, check_resume_config
 from m2dist.engine.metrics import METRICS_FILE, read_metrics
 from m2dist.models import MaskedLM
@@ -89,6 +91,33 @@ def test_converter_refuses_a_non_finite_model(tmp_path):
     with pytest.raises(CheckpointError, match=rf"hold NaN or infinity \({name}"):
         convert_checkpoint(release, tmp_path / "up", "upstream")
     assert not (tmp_path / "up").exists()
+
+
+def test_a_failed_checkpoint_write_names_the_file_and_the_os_error(tmp_path):
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    # /dev/full: every write fails with ENOSPC, as on a full disk.
+    with pytest.raises(OSError, match="No space left on device") as err:
+        torch_save({"x": torch.zeros(4096)}, "/dev/full")
+    assert err.value.filename == "/dev/full"
+
+    class Engine:
+        """Saves as DeepSpeed's engine does, through its torch writer, onto a full disk."""
+
+        checkpoint_engine = TorchCheckpointEngine()
+
+        def save_checkpoint(self, root: str, tag: str, save_latest: bool) -> None:
+            target = Path(root) / tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+            target.parent.mkdir(parents=True)
+            target.symlink_to("/dev/full")
+            self.checkpoint_engine.save({"x": torch.zeros(4096)}, str(target))
+
+    manager = CheckpointManager(tmp_path / "checkpoints", DistEnv(rank=0, world_size=1, local_rank=0), keep_last=2)
+    with pytest.raises(CheckpointError) as err:
+        manager.save(Engine(), 3, {"step": 3})
+    target = tmp_path / "checkpoints" / "step_00000003" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    assert str(err.value).startswith(f"{target}: writing the checkpoint failed: No space left on device"), str(err.value)
+    assert "MiB free there" in str(err.value) and not (target.parent / "COMPLETE").exists()
 
 
 def test_non_finite_steps_counted_in_a_row():
