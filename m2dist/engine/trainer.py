@@ -94,6 +94,21 @@ def initialize_from(model: MaskedLM, source: str, resume_tag: str | None) -> str
     return warm_start(model, source)
 
 
+def resume_config_changes(config: Config, checkpoint: Path) -> list[str]:
+    """The settings of `config` that differ from those stored in a checkpoint folder and are allowed
+    (train.resume_allow_changes), one line each; ConfigDrift listing the others. Called before the
+    model is built, so a changed architecture is named by key, not by a tensor size mismatch."""
+    state_file = checkpoint / CLIENT_STATE
+    saved = safe_torch_load(state_file).get("config")
+    if saved is None:
+        return []
+    current = config.to_dict()
+    # Where the run lives and what it starts from may differ; a resume ignores init_from.
+    for key in ("output_dir", "init_from"):
+        current["train"][key] = saved.get("train", {}).get(key, current["train"][key])
+    return check_resume_config(saved, current, config.train.resume_allow_changes, str(state_file))
+
+
 class Trainer:
     def __init__(self, config: Config):
         import deepspeed
@@ -190,15 +205,7 @@ class Trainer:
 
     def _check_config_drift(self, tag: str) -> None:
         """Compare this config with the one stored in the checkpoint (same result on every rank)."""
-        state_file = self.checkpoints.root / tag / CLIENT_STATE
-        saved = safe_torch_load(state_file).get("config")
-        if saved is None:
-            return
-        current = self.config.to_dict()
-        # Where the run lives and what it starts from may differ; a resume ignores init_from.
-        for key in ("output_dir", "init_from"):
-            current["train"][key] = saved.get("train", {}).get(key, current["train"][key])
-        changes = check_resume_config(saved, current, self.config.train.resume_allow_changes, str(state_file))
+        changes = resume_config_changes(self.config, self.checkpoints.root / tag)
         if changes:
             self._log("resuming with settings changed since the checkpoint:\n  " + "\n  ".join(changes))
 
