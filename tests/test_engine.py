@@ -2,6 +2,7 @@
 
 import gzip
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -203,6 +204,44 @@ def test_killed_rank_resumes_from_last_complete_checkpoint(tmp_path, tiny_shards
     _assert_ok(returncode, output)
     assert f"resumed from {out / 'checkpoints' / newest}" in output
     assert [s for s, _ in final_losses(out)] == list(range(1, 41))
+
+
+def _catches(process, signum: int) -> bool:
+    """Whether `process` has a handler installed for `signum` (SigCgt in /proc/PID/status)."""
+    try:
+        status = Path(f"/proc/{process.pid}/status").read_text()
+    except OSError:
+        return False
+    mask = next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:"))
+    return bool(int(mask, 16) >> (signum - 1) & 1)
+
+
+def test_signal_during_start_up_leaves_cleanly_for_a_requeue(tmp_path, tiny_shards):
+    import psutil
+
+    out = tmp_path / "run"
+    args = [*BASE, *_data_args(tiny_shards), "train.duration=4", "data.num_workers=0", "tracking.enabled=false",
+            f"train.output_dir={out}"]  # fmt: skip
+    process = start_background(tmp_path, args)
+    try:
+        deadline = time.time() + 120
+        while True:
+            ranks = [p for p in psutil.Process(process.pid).children(recursive=True) if "train.py" in " ".join(p.cmdline())]
+            if len(ranks) == 2 and all(_catches(p, signal.SIGUSR1) for p in ranks):
+                break
+            assert process.poll() is None and time.time() < deadline, "the ranks did not start"
+            time.sleep(0.02)
+        # As srun delivers SLURM's warning: to every rank, here while Python still imports torch.
+        for rank in ranks:
+            rank.send_signal(signal.SIGUSR1)
+        output, _ = process.communicate(timeout=200)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    assert "signal 10 during start-up (joining the process group): leaving before step 1, nothing to checkpoint" in output, output[-3000:]
+    assert re.search(r"exitcode\s*:\s*85", output) and "step      1/" not in output
+    assert not (out / ".m2dist.lock").exists() and not list(out.glob("checkpoints/*/COMPLETE"))
 
 
 def test_resume_on_one_rank_through_universal_checkpoint(tmp_path, tiny_shards):
