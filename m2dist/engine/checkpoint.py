@@ -108,7 +108,7 @@ def name_failed_writes(engine) -> None:
         return
 
     def save(state_dict, path: str) -> None:
-        torch_save(state_dict, path, _use_new_zipfile_serialization=writer.zipfile_serialization)
+        torch_save(state_dict, path, _use_new_zipfile_serialization=getattr(writer, "zipfile_serialization", True))
 
     writer.save = save
     writer._m2dist_named = True
