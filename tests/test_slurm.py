@@ -191,8 +191,9 @@ def test_signal_during_start_up_requeues_and_the_job_completes(cluster, tmp_path
     def ranks_catch_usr1(_: dict[str, str]) -> bool:
         ranks = []
         for process in psutil.process_iter(["cmdline"]):
-            command = " ".join(process.info["cmdline"] or [])
-            if "m2dist/train.py" in command and str(output_dir) in command:
+            command = process.info["cmdline"] or []
+            # The ranks themselves, not srun (whose command line names the same script).
+            if command[:1] == [sys.executable] and any(str(output_dir) in arg for arg in command):
                 ranks.append(process)
         return len(ranks) == 2 and all(_catches(p, 10) for p in ranks)
 
