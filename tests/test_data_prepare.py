@@ -187,7 +187,7 @@ def test_empty_input_is_an_error_and_writes_nothing(tmp_path, texts):
     with pytest.raises(SystemExit, match=rf"error: {empty}: no document"):
         from tools.prepare_mds import main
 
-        main([str(empty), "--out", str(tmp_path / "cli"), "--max-len", "24", "--quiet"])
+        main([str(empty), "--out", str(tmp_path / "cli"), "--max-len", "24", "--quiet", "--no-tracking"])
 
 
 def test_manifest_records_the_largest_token_id(tmp_path, texts, tokenizer):
