@@ -413,13 +413,15 @@ def _check_not_empty(
     names = ", ".join(str(p) for p in inputs)
     skipped = f", {bad_lines} unreadable lines skipped" if bad_lines else ""
     if train.documents + val.documents == 0:
-        raise DataError(f"{names}: no document to tokenize (empty, or blank lines only{skipped}); nothing written to {out}")
-    raise DataError(
-        f"{names}: {train.documents} training documents gave no sample of {max_len} tokens ({mode} mode keeps only "
-        f"full windows); give more text or a smaller --max-len; nothing written to {out}"
-        if mode == "concat"
-        else f"{names}: no training document ({val.documents} went to validation); give more text; nothing written to {out}"
-    )
+        why = f"no document to tokenize (empty, or blank lines only{skipped})"
+    elif mode == "concat" and train.documents:
+        why = (
+            f"{train.documents} training documents gave no sample of {max_len} tokens (concat mode keeps only "
+            "full windows); give more text or a smaller --max-len"
+        )
+    else:
+        why = f"no training document ({val.documents} went to validation); give more text"
+    raise DataError(f"{names}: {why}; nothing written to {out}")
 
 
 def _tokenize_and_write(

@@ -98,7 +98,9 @@ def unlink_deepspeed_shm(env: DistEnv) -> None:
     from it the names can go: the mappings stay valid, and nothing is left behind at exit, even
     after a SIGKILL."""
     barrier()
-    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_{os.environ.get('MASTER_PORT', '')}_{env.rank}"
+    # DeepSpeed's name: deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>.
+    address, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{address}_{port}_{env.rank}"
     try:
         os.unlink(os.path.join(SHM_DIR, name))
     except FileNotFoundError:
