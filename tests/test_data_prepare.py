@@ -203,6 +203,16 @@ def test_manifest_records_the_largest_token_id(tmp_path, texts, tokenizer):
         check_manifest(manifest, Expected(30528, MAX_LEN, tokenizer.sha256), location)
 
 
+def test_an_empty_split_is_refused_before_training(tmp_path, texts, tokenizer):
+    # Few documents and a small validation share: the validation split gets none.
+    source = write_lines(tmp_path / "docs.txt", texts[:3])
+    result = prepare_mds([source], tmp_path / "out", None, MAX_LEN, val_fraction=0.001, progress=False)
+    assert result.manifests["val"].counts.samples == 0 and result.manifests["train"].counts.samples == 3
+    location = str(tmp_path / "out" / "val" / "m2dist_manifest.json")
+    with pytest.raises(ManifestMismatchError, match=r"key 'counts.samples': expected at least one sample, found 0"):
+        check_manifest(read_manifest(tmp_path / "out" / "val"), Expected(30528, MAX_LEN, tokenizer.sha256), location)
+
+
 def test_val_split_is_a_stable_hash():
     texts = [f"document number {i}" for i in range(20000)]
     share = np.mean([val_split_of(t, 0.05) for t in texts])
