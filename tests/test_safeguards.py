@@ -1,6 +1,7 @@
 """A run that cannot harm itself or its user: no pickled code from user-supplied folders, no
 non-finite checkpoint, damaged checkpoints detected with a fallback to an intact one, one job per
-run folder, and a resumed config compared with its checkpoint's. Real DeepSpeed runs on CPU."""
+run folder, a resumed config compared with its checkpoint's, and a failed checkpoint write that
+names its file and cause. Real DeepSpeed runs on CPU."""
 
 import json
 import os
