@@ -9,9 +9,11 @@ the checks in `__post_init__` name the key that is wrong and what was expected.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -487,7 +489,18 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+def _leaf_keys(values: dict[str, Any], prefix: str = "") -> Iterator[str]:
+    for key, value in values.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and value:
+            yield from _leaf_keys(value, path)
+        else:
+            yield path
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = (), origins: dict[str, Path] | None = None) -> dict[str, Any]:
+    """The merged values of `path` and its `base:` chain; `origins` (if given) receives the file
+    that set each dotted key, so that an error names the file holding the bad value."""
     if path in seen:
         raise ConfigError(f"{path}: base chain loops through {' -> '.join(map(str, seen))}")
     try:
@@ -499,9 +512,24 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(values).__name__}")
     base = values.pop("base", None)
-    if base is None:
-        return values
-    return _merge(_read_yaml((path.parent / base).resolve(), (*seen, path)), values)
+    merged = values if base is None else _merge(_read_yaml((path.parent / base).resolve(), (*seen, path), origins), values)
+    if origins is not None:
+        origins.update(dict.fromkeys(_leaf_keys(values), path))
+    return merged
+
+
+def _origin_of(err: ConfigError, origins: dict[str, Path | None]) -> Path | None:
+    """The file that set the key an error starts with (`model.x: ...`, `model.x[2]: ...`) or,
+    failing that, every key under its nearest enclosing one; None for an override or when unknown."""
+    key = re.sub(r"\[\d+\]", "", str(err).split(":", 1)[0])
+    while key:
+        if key in origins:
+            return origins[key]
+        children = {path for name, path in origins.items() if name.startswith(key + ".")}
+        if len(children) == 1:
+            return children.pop()
+        key = key.rpartition(".")[0]
+    return None
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
@@ -546,14 +574,23 @@ def load_yaml_config(cls: type, name_or_path: str | Path, overrides: list[str] |
     """Read a YAML file of `directory` (following `base:`) into the dataclass `cls`, with
     `key=value` overrides, every error prefixed with the file (and the overrides)."""
     path = resolve_config_path(name_or_path, directory)
-    values = _read_yaml(path)
+    origins: dict[str, Path | None] = {}
+    values = _read_yaml(path, origins=origins)  # type: ignore[arg-type]
     if overrides:
         try:
-            values = _merge(values, parse_overrides(overrides))
+            parsed = parse_overrides(overrides)
         except ConfigError as err:
             raise ConfigError(f"{path}: {err}") from None
+        values = _merge(values, parsed)
+        origins.update(dict.fromkeys(_leaf_keys(parsed)))
     source = f"{path}" + (f" with overrides {' '.join(overrides)}" if overrides else "")
-    return _build_named(cls, values, source)
+    try:
+        return _build(cls, values, "")
+    except ConfigError as err:
+        origin = _origin_of(err, origins)
+        if origin is not None and origin != path:
+            raise ConfigError(f"{origin}: {err} (a base of {source})") from None
+        raise ConfigError(f"{source}: {err}") from None
 
 
 def load_config(name_or_path: str | Path = "debug", overrides: list[str] | None = None) -> Config:

@@ -14,6 +14,11 @@ from pathlib import Path
 if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path.pop(0)
 
+# First, before the seconds of imports and start-up: a stop signal from here on is noted, not fatal.
+from m2dist.engine.signals import install_stop_handlers  # noqa: E402
+
+install_stop_handlers()
+
 from m2dist.cli import run_cli  # noqa: E402
 from m2dist.config import load_config  # noqa: E402
 

@@ -10,12 +10,13 @@
 # scaled down, e.g. 2 nodes x 1 CPU rank with the debug config over gloo (as tests/test_slurm.py does):
 #   CONFIG=debug sbatch --nodes=2 --ntasks-per-node=1 --gpus-per-node=0 --cpus-per-task=1 \
 #       --mem-per-cpu=1G --time=00:30:00 slurm/pretrain_64gpu.sh train.device=cpu
-# The job name keys the run folder, outputs/<job name>: keep it to resume, change it for a new run.
+# Each submission gets its own run folder, outputs/<job name>-<job id> (a requeue keeps it); to
+# continue a run in a new job, name its folder: OUTPUT_DIR=outputs/m2-bert-80M-1234 sbatch ...
 # --signal=B:USR1@600 sends SIGUSR1 to this batch shell 600 s before the time limit; train.sh
 # forwards it to the ranks once, they checkpoint, and train.sh requeues the job. The lead time must
 # cover finishing a step and writing a checkpoint, and be shorter than --time. Logs go to
 # slurm/logs/<job name>-<job id>.out, appended across requeues; the run (checkpoints, MLflow
-# store, config) to outputs/<job name>/ (RUNS_DIR or OUTPUT_DIR to change it).
+# store, config) to outputs/<job name>-<job id>/ (RUNS_DIR or OUTPUT_DIR to change it).
 #SBATCH --job-name=m2-bert-80M
 #SBATCH --nodes=8
 #SBATCH --ntasks-per-node=8

@@ -9,7 +9,8 @@
 # Node and GPU counts are those of the allocation (sbatch/salloc options). Environment, all optional:
 #   CONFIG           a config name in configs/ or a YAML path (default configs/debug.yaml)
 #   RUNS_DIR         parent of the run folders (default <repository>/outputs)
-#   OUTPUT_DIR       the run folder (default $RUNS_DIR/$SLURM_JOB_NAME)
+#   OUTPUT_DIR       the run folder (default $RUNS_DIR/<job name>-<job id>: new for each submission,
+#                    kept by a requeue); name an existing one (or pass train.output_dir=...) to resume it
 #   PYTHON           interpreter with m2dist installed (default: python on PATH)
 #   NNODES, NTASKS_PER_NODE   launch on part of the allocation (default: all of it)
 #   TASK_EXIT_GRACE  seconds the other tasks get once one has exited, before srun kills them (120)
@@ -28,14 +29,32 @@
 #
 # Preemption: SIGUSR1 (sbatch --signal=B:USR1@SECONDS before the time limit, or scancel --batch
 # --signal=USR1) and SIGTERM are forwarded to the tasks; the trainer finishes its step, writes a
-# checkpoint and exits 85; this script then requeues the job, which starts again under the same job
-# id and name, hence the same OUTPUT_DIR, and the trainer resumes from its newest complete checkpoint.
-# A job that SLURM is ending (scancel, time limit reached) also checkpoints but is not requeued.
+# checkpoint and exits 85 (during start-up or resume, with nothing trained yet, it leaves with 85
+# at once); this script then requeues the job, which starts again under the same job id, hence the
+# same OUTPUT_DIR, and the trainer resumes from its newest complete checkpoint. A signal before
+# the tasks start ends this script with 85 the same way. A job that SLURM is ending (scancel, time
+# limit reached) also checkpoints but is not requeued.
 set -euo pipefail
 
 REQUEUE_EXIT_CODE=85  # m2dist.engine.trainer.REQUEUE_EXIT_CODE
 
 log() { echo "[slurm/train.sh $(date +%H:%M:%S)] $*"; }
+
+# Trapped from the first line: a signal before the tasks run is remembered, not fatal.
+srun_pid=""
+early_signal=""
+# shellcheck disable=SC2317  # called by the traps below
+forward() {
+    if [[ -z $srun_pid ]]; then
+        log "got SIG$1 before the training tasks started: not starting them"
+        early_signal=$1
+        return
+    fi
+    log "got SIG$1: forwarding it to the training tasks"
+    kill -s "$1" "$srun_pid" 2>/dev/null || true
+}
+trap 'forward USR1' USR1
+trap 'forward TERM' TERM
 
 if [[ -z ${SLURM_JOB_ID:-} ]]; then
     echo "slurm/train.sh: run it inside a SLURM allocation (sbatch or salloc)" >&2
@@ -64,9 +83,15 @@ if [[ $CONFIG == */* && $CONFIG != /* && ! -f $CONFIG ]]; then
 fi
 PYTHON=${PYTHON:-python}
 RUNS_DIR=${RUNS_DIR:-$M2DIST_ROOT/outputs}
-# Keyed by the job name: a requeued job (same id and name), or a new job submitted with the same
-# --job-name, continues the run from its newest complete checkpoint.
-OUTPUT_DIR=${OUTPUT_DIR:-$RUNS_DIR/${SLURM_JOB_NAME:-m2dist}}
+# A train.output_dir override names the run folder as OUTPUT_DIR does.
+for arg in "$@"; do
+    if [[ $arg == train.output_dir=* ]]; then
+        OUTPUT_DIR=${arg#train.output_dir=}
+    fi
+done
+# New for each submission (two jobs of one name never share a folder); a requeued job keeps its
+# id, hence its folder, and resumes from its newest complete checkpoint.
+OUTPUT_DIR=${OUTPUT_DIR:-$RUNS_DIR/${SLURM_JOB_NAME:-m2dist}-$SLURM_JOB_ID}
 TASK_EXIT_GRACE=${TASK_EXIT_GRACE:-120}
 
 # Rendezvous: the first node's address (the engine's TCPStore needs an address it can bind, and
@@ -113,24 +138,19 @@ srun_args=(--kill-on-bad-exit=0 --wait="$TASK_EXIT_GRACE")
 log "job ${SLURM_JOB_ID} '${SLURM_JOB_NAME:-}' restart ${SLURM_RESTART_COUNT:-0} on ${SLURM_JOB_NODELIST}" \
     "(${SLURM_NTASKS:-?} tasks); rendezvous ${MASTER_ADDR}:${MASTER_PORT}; config ${CONFIG}; output ${OUTPUT_DIR}"
 
-srun "${srun_args[@]}" "$PYTHON" -u "$M2DIST_ROOT/m2dist/train.py" --config "$CONFIG" \
-    "train.output_dir=$OUTPUT_DIR" "$@" </dev/null &
-srun_pid=$!
-
-# shellcheck disable=SC2317  # called by the traps below
-forward() {
-    log "got SIG$1: forwarding it to the training tasks"
-    kill -s "$1" "$srun_pid" 2>/dev/null || true
-}
-trap 'forward USR1' USR1
-trap 'forward TERM' TERM
-
-# A trapped signal interrupts `wait` (status > 128) while srun still runs: wait again.
 status=0
-while true; do
-    wait "$srun_pid" && status=0 || status=$?
-    kill -0 "$srun_pid" 2>/dev/null || break
-done
+if [[ -n $early_signal ]]; then
+    status=$REQUEUE_EXIT_CODE
+else
+    srun "${srun_args[@]}" "$PYTHON" -u "$M2DIST_ROOT/m2dist/train.py" --config "$CONFIG" \
+        "train.output_dir=$OUTPUT_DIR" "$@" </dev/null &
+    srun_pid=$!
+    # A trapped signal interrupts `wait` (status > 128) while srun still runs: wait again.
+    while true; do
+        wait "$srun_pid" && status=0 || status=$?
+        kill -0 "$srun_pid" 2>/dev/null || break
+    done
+fi
 trap - USR1 TERM
 
 if ((status == REQUEUE_EXIT_CODE)); then
@@ -144,15 +164,15 @@ if ((status == REQUEUE_EXIT_CODE)); then
         job_state=${BASH_REMATCH[1]}
     fi
     if [[ $job_state == RUNNING ]]; then
-        log "the trainer checkpointed on a signal (status $status): requeueing job $SLURM_JOB_ID"
+        log "stopped on a signal, training state saved (status $status): requeueing job $SLURM_JOB_ID"
         if scontrol requeue "$SLURM_JOB_ID"; then
             exit 0
         fi
         log "could not requeue (not a batch job?)"
     else
-        log "the trainer checkpointed on a signal (status $status) while the job is $job_state: not requeueing"
+        log "stopped on a signal, training state saved (status $status) while the job is $job_state: not requeueing"
     fi
-    log "to continue from the checkpoint in $OUTPUT_DIR, submit again with --job-name=${SLURM_JOB_NAME:-}"
+    log "to continue from the checkpoint in $OUTPUT_DIR, submit again with OUTPUT_DIR=$OUTPUT_DIR"
 fi
 log "training tasks exited with status $status"
 exit "$status"

@@ -71,6 +71,24 @@ def test_bad_values_name_file_key_and_expectation(tmp_path, text, needles):
         assert needle in str(err.value), (needle, str(err.value))
 
 
+def test_error_in_a_base_file_names_that_file(tmp_path):
+    (tmp_path / "parent.yaml").write_text("base: debug.yaml\nmodel:\n  hidden_sise: 64\n")
+    (tmp_path / "child.yaml").write_text("base: parent.yaml\ntrain:\n  seq_len: 64\n")
+    (tmp_path / "debug.yaml").write_text((CONFIG_DIR / "debug.yaml").read_text())
+    with pytest.raises(ConfigError) as err:
+        load_config(tmp_path / "child.yaml")
+    assert str(err.value).startswith(f"{tmp_path / 'parent.yaml'}: model.hidden_sise: unknown key"), str(err.value)
+    assert f"a base of {tmp_path / 'child.yaml'}" in str(err.value)
+    # A bad value in the child itself, or in an override, is still the child's.
+    (tmp_path / "child.yaml").write_text("base: parent.yaml\nmodel:\n  hidden_sise: 32\n")
+    with pytest.raises(ConfigError, match=rf"^{tmp_path / 'child.yaml'}: model.hidden_sise"):
+        load_config(tmp_path / "child.yaml")
+    (tmp_path / "parent.yaml").write_text("base: debug.yaml\nmodel:\n  num_layers: 2\n")
+    (tmp_path / "child.yaml").write_text("base: parent.yaml\ntrain:\n  seq_len: 64\n")
+    with pytest.raises(ConfigError, match=rf"^{tmp_path / 'child.yaml'} with overrides model.num_layers=x: model.num_layers"):
+        load_config(tmp_path / "child.yaml", ["model.num_layers=x"])
+
+
 def test_bad_override_is_named():
     with pytest.raises(ConfigError, match=r"debug.yaml.*model.num_layers: expected an integer"):
         load_config("debug", ["model.num_layers=two"])

@@ -1,6 +1,7 @@
 """Streaming MLM batches in one process: layout, manifest check before training, stream mixing,
 masks independent of the worker count, stale shared memory, config checks."""
 
+import json
 import os
 import shutil
 from multiprocessing import shared_memory
@@ -11,7 +12,7 @@ import torch
 
 from m2dist.config import ConfigError, config_from_dict
 from m2dist.data.loader import build_mlm_dataloader, clean_stale_shared_memory, close_mlm_dataloader
-from m2dist.data.manifest import ManifestMismatchError, read_manifest
+from m2dist.data.manifest import DataError, ManifestMismatchError, read_manifest
 from m2dist.data.masking import IGNORE_INDEX
 from m2dist.data.tokenizer import DEFAULT_VOCAB
 
@@ -73,6 +74,32 @@ def test_validation_masks_at_the_eval_rate_and_identically_every_pass(embedded_d
     selected = sum((b["labels"] != IGNORE_INDEX).sum() for b in first)
     tokens = sum(b["attention_mask"].sum() for b in first)
     assert 0.10 < selected / tokens < 0.15  # 0.15 of the tokens that are not [CLS]/[SEP]
+
+
+def test_token_ids_beyond_the_vocabulary_are_caught_before_step_one(embedded_dataset, tmp_path):
+    from streaming import MDSWriter
+
+    shards = tmp_path / "shards"
+    ids = np.arange(101, 101 + 64, dtype=np.uint16)
+    with MDSWriter(out=str(shards), columns={"input_ids": "ndarray:uint16"}, compression="zstd") as writer:
+        for index in range(16):
+            sample = ids.copy()
+            if index == 5:
+                sample[7] = 30525  # in the padded embedding table, but no token of the vocabulary
+            writer.write({"input_ids": sample})
+    values = json.loads((embedded_dataset.train / "m2dist_manifest.json").read_text())
+    values["counts"]["samples"] = 16
+    # A manifest of an older version, without max_token_id, still loads; the sample is caught when read.
+    values.pop("max_token_id", None)
+    (shards / "m2dist_manifest.json").write_text(json.dumps(values))
+    cfg = debug_config(embedded_dataset, tmp_path, train=str(shards), shuffle=False)
+    with pytest.raises(DataError, match=rf"{shards}/shard.00000.mds.zstd: sample 5 holds token id 30525, not below .* 30522"):
+        take(build_mlm_dataloader(cfg, 8), 1)
+    # The manifest's largest id is compared with model.vocab_size before anything is read.
+    values["max_token_id"] = 30600
+    (shards / "m2dist_manifest.json").write_text(json.dumps(values))
+    with pytest.raises(ManifestMismatchError, match=r"key 'max_token_id': expected below 30528 \(model.vocab_size"):
+        build_mlm_dataloader(cfg, 8)
 
 
 def test_manifest_mismatch_is_an_error_before_loading(embedded_dataset, tmp_path):

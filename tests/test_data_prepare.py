@@ -9,6 +9,7 @@ import pytest
 
 from m2dist.data.corpus import EMBEDDED_CORPUS
 from m2dist.data.manifest import (
+    DataError,
     Expected,
     ManifestMismatchError,
     check_manifest,
@@ -172,6 +173,44 @@ def test_manifest_mismatch_names_file_key_expected_and_found(tmp_path, texts, to
         with pytest.raises(ManifestMismatchError, match=message) as err:
             check_manifest(manifest, expected, location)
         assert str(err.value).startswith(location)
+
+
+def test_empty_input_is_an_error_and_writes_nothing(tmp_path, texts):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    with pytest.raises(DataError, match=rf"{empty}: no document to tokenize \(empty, or blank lines only\)"):
+        prepare_mds([empty], tmp_path / "out", None, MAX_LEN, progress=False)
+    assert not (tmp_path / "out" / "train").exists()  # a rerun needs no --overwrite
+    short = write_lines(tmp_path / "short.txt", texts[:2])
+    with pytest.raises(DataError, match=r"short.txt: 2 training documents gave no sample of 4096 tokens \(concat"):
+        prepare_mds([short], tmp_path / "out", None, 4096, mode="concat", val_fraction=0.0, progress=False)
+    with pytest.raises(SystemExit, match=rf"error: {empty}: no document"):
+        from tools.prepare_mds import main
+
+        main([str(empty), "--out", str(tmp_path / "cli"), "--max-len", "24", "--quiet", "--no-tracking"])
+
+
+def test_manifest_records_the_largest_token_id(tmp_path, texts, tokenizer):
+    source = write_lines(tmp_path / "docs.txt", texts[:40])
+    result = prepare_mds([source], tmp_path / "out", None, MAX_LEN, val_fraction=0.2, progress=False)
+    for split in ("train", "val"):
+        written = max(max(sample) for sample in read_back(tmp_path / "out" / split))
+        assert result.manifests[split].max_token_id == written == read_manifest(tmp_path / "out" / split).max_token_id
+    manifest = read_manifest(tmp_path / "out" / "train")
+    location = str(tmp_path / "out" / "train" / "m2dist_manifest.json")
+    manifest.max_token_id = 30528
+    with pytest.raises(ManifestMismatchError, match=r"key 'max_token_id': expected below 30528 \(model.vocab_size"):
+        check_manifest(manifest, Expected(30528, MAX_LEN, tokenizer.sha256), location)
+
+
+def test_an_empty_split_is_refused_before_training(tmp_path, texts, tokenizer):
+    # Few documents and a small validation share: the validation split gets none.
+    source = write_lines(tmp_path / "docs.txt", texts[:3])
+    result = prepare_mds([source], tmp_path / "out", None, MAX_LEN, val_fraction=0.001, progress=False)
+    assert result.manifests["val"].counts.samples == 0 and result.manifests["train"].counts.samples == 3
+    location = str(tmp_path / "out" / "val" / "m2dist_manifest.json")
+    with pytest.raises(ManifestMismatchError, match=r"key 'counts.samples': expected at least one sample, found 0"):
+        check_manifest(read_manifest(tmp_path / "out" / "val"), Expected(30528, MAX_LEN, tokenizer.sha256), location)
 
 
 def test_val_split_is_a_stable_hash():

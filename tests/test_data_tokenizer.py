@@ -1,5 +1,7 @@
 """Tokenizers: the WordPiece backend reproduces bert-base-uncased, sentencepiece gets the BERT specials."""
 
+import re
+
 import pytest
 
 from m2dist.data.corpus import EMBEDDED_CORPUS
@@ -12,6 +14,7 @@ from m2dist.data.tokenizer import (
     padded_vocab_size,
     train_sentencepiece,
 )
+from tests.conftest import REPO_ROOT
 
 BERT_VOCAB_SHA256 = "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3"
 
@@ -37,6 +40,14 @@ def test_sentencepiece_training_gives_the_bert_special_ids(tmp_path):
     # Case-folded by default, like BERT uncased.
     assert tokenizer.encode("FUNCTIONS") == tokenizer.encode("functions")
     assert load_tokenizer(tmp_path / "sp.model").special == SENTENCEPIECE_SPECIAL_IDS
+
+
+def test_readme_gives_the_sentencepiece_special_ids():
+    readme = (REPO_ROOT / "README.md").read_text()
+    stated = re.search(r"trained with `tools/train_tokenizer.py` \((.+?)\)", readme, re.S)
+    assert stated, "README.md no longer describes the sentencepiece tokenizer's special ids"
+    ids = {name.lower(): int(value) for name, value in re.findall(r"`\[(\w+)\]`=(\d+)", stated.group(1))}
+    assert ids == SENTENCEPIECE_SPECIAL_IDS.to_dict()
 
 
 def test_padded_vocab_size():

@@ -54,7 +54,9 @@ def cluster(tmp_path_factory):
         slurm.stop()
 
 
-def submit(cluster: LocalSlurmCluster, root: Path, name: str, prepared_dir: Path) -> tuple[str, Path, Path]:
+def submit(
+    cluster: LocalSlurmCluster, root: Path, name: str, prepared_dir: Path, extra: tuple[str, ...] = ()
+) -> tuple[str, Path, Path]:
     """sbatch the 64-GPU script scaled down; returns (job id, its log, its run folder)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))}
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -64,9 +66,10 @@ def submit(cluster: LocalSlurmCluster, root: Path, name: str, prepared_dir: Path
         DS_ACCELERATOR="cpu",
     )  # fmt: skip
     args = [*SCALED_DOWN, f"--job-name={name}", f"--output={root}/%x-%j.out", str(SCRIPT),
-            *OVERRIDES, f"data.prepared_dir={prepared_dir}"]  # fmt: skip
+            *OVERRIDES, f"data.prepared_dir={prepared_dir}", *extra]  # fmt: skip
     job_id = cluster.sbatch(args, env=env, cwd=REPO_ROOT)
-    return job_id, root / f"{name}-{job_id}.out", root / "runs" / name
+    # The default run folder is new for each submission.
+    return job_id, root / f"{name}-{job_id}.out", root / "runs" / f"{name}-{job_id}"
 
 
 def read_log(path: Path) -> str:
@@ -176,3 +179,37 @@ def test_cancelled_job_checkpoints_and_is_not_requeued(cluster, tmp_path, embedd
     assert stopped and "while the job is COMPLETING: not requeueing" in text, text[-4000:]
     assert info["Restarts"] == "0" and cluster.job(job_id)["JobState"] == "CANCELLED"
     assert (output_dir / "checkpoints" / f"step_{int(stopped.group(1)):08d}" / "COMPLETE").exists()
+
+
+def test_signal_during_start_up_requeues_and_the_job_completes(cluster, tmp_path, embedded_dataset):
+    import psutil
+
+    from tests.test_engine import _catches
+
+    job_id, log, output_dir = submit(cluster, tmp_path, "slurm-startup", embedded_dataset.train.parent, ("train.duration=4",))
+
+    def ranks_catch_usr1(_: dict[str, str]) -> bool:
+        ranks = []
+        for process in psutil.process_iter(["cmdline"]):
+            command = process.info["cmdline"] or []
+            # The ranks themselves, not srun (whose command line names the same script).
+            if command[:1] == [sys.executable] and any(str(output_dir) in arg for arg in command):
+                ranks.append(process)
+        return len(ranks) == 2 and all(_catches(p, 10) for p in ranks)
+
+    cluster.wait_until(job_id, ranks_catch_usr1, JOB_TIMEOUT, log, "start its ranks")
+    # The ranks are importing torch: no step trained, no checkpoint, yet the job must come back.
+    cluster.run("scancel", "--batch", "--signal=USR1", job_id)
+
+    def back_in_queue(info: dict[str, str]) -> bool:
+        return info.get("Restarts") == "1" and info.get("JobState") in ("PENDING", "RUNNING")
+
+    requeued = cluster.wait_until(job_id, back_in_queue, 120, log, "get requeued")
+    if requeued["JobState"] == "PENDING":
+        cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now+3", check=False)
+    info = cluster.wait_for_state(job_id, {"COMPLETED"}, JOB_TIMEOUT, log)
+    text = read_log(log)
+    assert info["Restarts"] == "1", info
+    assert "signal 10 during start-up" in text and "nothing to checkpoint" in text, text[-4000:]
+    assert f"requeueing job {job_id}" in text and f"output {output_dir}" in text
+    assert [step for step, _ in checkpointed_losses(output_dir)] == [1, 2, 3, 4]

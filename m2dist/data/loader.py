@@ -146,6 +146,15 @@ class MLMStreamingDataset(StreamingDataset):
         self.epoch_of_work = epoch
         return super()._get_work(epoch, sample_in_epoch)
 
+    def _shard_of(self, sample_id: int) -> str:
+        """The shard file holding a sample, as `<stream>/<file>`."""
+        shard_id, _ = self.spanner[sample_id]
+        shard = self.shards[shard_id]
+        stream = self.streams[self.stream_per_shard[shard_id]]
+        info = getattr(shard, "zip_data", None) or getattr(shard, "raw_data", None)
+        name = getattr(info, "basename", f"shard {shard_id}")
+        return f"{(stream.remote or stream.local).rstrip('/')}/{name}"
+
     def get_item(self, sample_id: int, retry: int = 7) -> dict[str, np.ndarray | int]:
         """One sample as numpy (cheaper than torch per sample; `collate_mlm` makes the tensors):
         input_ids and labels (L,) int64, length (tokens before padding), sample_index."""
@@ -153,6 +162,11 @@ class MLMStreamingDataset(StreamingDataset):
         length = len(stored)
         if length > self.seq_len:
             raise DataError(f"sample {sample_id} has {length} tokens, more than the loader's {self.seq_len}")
+        if length and int(stored.max()) >= self.masking.vocab_size:
+            raise DataError(
+                f"{self._shard_of(sample_id)}: sample {sample_id} holds token id {int(stored.max())}, not below the "
+                f"vocabulary size {self.masking.vocab_size} of its manifest; make the shards again with tools/prepare_mds.py"
+            )
         ids_L = np.full(self.seq_len, self.masking.special.pad, dtype=np.int64)
         ids_L[:length] = stored
         epoch = 0 if self.masking.same_masks_every_epoch else self.epoch_of_work

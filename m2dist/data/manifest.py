@@ -74,6 +74,9 @@ class Manifest:
     inputs: list[str] = field(default_factory=list)
     # Documents read at most (None = all): a truncated preparation says so.
     max_documents: int | None = None
+    # The largest token id written (None in manifests of older versions): checked against the
+    # model's embedding rows before the first step.
+    max_token_id: int | None = None
     format: str = MANIFEST_FORMAT
 
     def to_json(self) -> str:
@@ -89,7 +92,7 @@ class Manifest:
             found = values.get("format") if isinstance(values, dict) else type(values).__name__
             raise DataError(f"{source}: key 'format': expected {MANIFEST_FORMAT!r}, found {found!r}")
         names = {f.name for f in fields(cls)}
-        missing = sorted(names - set(values) - {"counts", "inputs", "format", "max_documents"})
+        missing = sorted(names - set(values) - {"counts", "inputs", "format", "max_documents", "max_token_id"})
         if missing:
             raise DataError(f"{source}: missing keys {missing}")
         unknown = sorted(set(values) - names)
@@ -165,6 +168,14 @@ def check_manifest(manifest: Manifest, expected: Expected, location: str) -> Non
         found: Any = getattr(manifest, key)
         if want != found:
             problems.append(f"key {key!r}: expected {want!r} ({expected.sources[key]}), found {found!r}")
+    if manifest.max_token_id is not None and manifest.max_token_id >= expected.padded_vocab_size:
+        source = expected.sources["padded_vocab_size"]
+        problems.append(
+            f"key 'max_token_id': expected below {expected.padded_vocab_size} ({source}, the embedding rows), "
+            f"found {manifest.max_token_id}"
+        )
+    if manifest.counts.samples == 0:
+        problems.append("key 'counts.samples': expected at least one sample, found 0")
     if problems:
         hint = "; make the shards again with the run's tokenizer and length, or change the config"
         raise ManifestMismatchError(f"{location}: " + "; ".join(problems) + hint)

@@ -232,6 +232,7 @@ class _SplitWriter:
         self.sep = tokenizer.special.sep
         self.dtype = token_dtype(tokenizer.vocab_size)
         self.counts = ManifestCounts()
+        self.max_token_id: int | None = None
         self.pending = np.empty(0, dtype=self.dtype)
         self.writer = MDSWriter(out=out, columns={"input_ids": f"ndarray:{self.dtype.name}"}, **writer_args)
         self.local = self.writer.local
@@ -257,6 +258,8 @@ class _SplitWriter:
 
     def _write(self, sample: np.ndarray) -> None:
         self.writer.write({"input_ids": sample})
+        top = int(sample.max())
+        self.max_token_id = top if self.max_token_id is None else max(self.max_token_id, top)
         self.counts.samples += 1
         self.counts.tokens += len(sample)
 
@@ -366,9 +369,11 @@ def prepare_mds(
             target, mode, max_len, tokenizer, compression=compression or None, size_limit=size_limit, exist_ok=True
         )
     _tokenize_and_write(chunks(), writers, tokenizer, num_workers, progress)
+    for writer in writers.values():
+        writer.finish()
+    _check_not_empty(inputs, out, writers, bad.count, max_len, mode)
     manifests = {}
     for split, writer in writers.items():
-        writer.finish()
         writer.counts.bad_lines = bad.count
         manifests[split] = Manifest(
             split=split,
@@ -383,12 +388,40 @@ def prepare_mds(
             dtype=writer.dtype.name,
             val_fraction=val_fraction,
             counts=writer.counts,
+            max_token_id=writer.max_token_id,
             inputs=[str(p) for p in inputs],
             max_documents=max_documents,
         )
     _write_manifests(out, manifests)
     locations = {split: f"{out.rstrip('/')}/{split}" for split in SPLITS}
     return PrepareResult(manifests, locations)
+
+
+def _check_not_empty(
+    inputs: Sequence[str | Path], out: str, writers: dict[str, _SplitWriter], bad_lines: int, max_len: int, mode: Mode
+) -> None:
+    """DataError when the training split got no sample (its empty split folders removed, when
+    local); a warning for an empty validation split."""
+    train, val = writers["train"].counts, writers["val"].counts
+    if train.samples > 0:
+        if val.samples == 0:
+            log.warning("%s/val: no sample (%d documents went to validation); data.val cannot use it", out, val.documents)
+        return
+    if not out.startswith(REMOTE_SCHEMES):
+        for split in SPLITS:
+            shutil.rmtree(Path(out) / split, ignore_errors=True)
+    names = ", ".join(str(p) for p in inputs)
+    skipped = f", {bad_lines} unreadable lines skipped" if bad_lines else ""
+    if train.documents + val.documents == 0:
+        why = f"no document to tokenize (empty, or blank lines only{skipped})"
+    elif mode == "concat" and train.documents:
+        why = (
+            f"{train.documents} training documents gave no sample of {max_len} tokens (concat mode keeps only "
+            "full windows); give more text or a smaller --max-len"
+        )
+    else:
+        why = f"no training document ({val.documents} went to validation); give more text"
+    raise DataError(f"{names}: {why}; nothing written to {out}")
 
 
 def _tokenize_and_write(

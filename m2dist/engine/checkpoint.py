@@ -16,6 +16,7 @@ tensors, plain containers and DeepSpeed's few classes); a damaged one is named i
 next older one is tried. The newest K complete ones are kept.
 """
 
+import errno
 import hashlib
 import json
 import logging
@@ -70,6 +71,47 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def torch_save(obj: Any, path: str | Path, **kwargs: Any) -> None:
+    """torch.save through a Python file: a failed write then raises the OSError (with its errno,
+    e.g. "No space left on device") and the file's name, where torch's own writer reports a bare
+    "file write failed"."""
+    try:
+        with open(path, "wb") as file:
+            torch.save(obj, file, **kwargs)
+    except OSError as err:
+        raise OSError(err.errno, err.strerror, str(path)) from err
+    except RuntimeError as err:
+        cause = _os_error_in(err)
+        if cause is None:
+            raise
+        raise OSError(cause.errno, cause.strerror, str(path)) from err
+
+
+def _os_error_in(err: BaseException) -> OSError | None:
+    """The OSError an exception was raised from or while handling, if any."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError) and err.errno is not None:
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def name_failed_writes(engine) -> None:
+    """Make DeepSpeed's torch checkpoint writer save through `torch_save`, so that a failed write
+    names the file and the OS error (its other writers are left as they are)."""
+    writer = getattr(engine, "checkpoint_engine", None)
+    if type(writer).__name__ != "TorchCheckpointEngine" or getattr(writer, "_m2dist_named", False):
+        return
+
+    def save(state_dict, path: str) -> None:
+        torch_save(state_dict, path, _use_new_zipfile_serialization=getattr(writer, "zipfile_serialization", True))
+
+    writer.save = save
+    writer._m2dist_named = True
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -238,11 +280,12 @@ class CheckpointManager:
             # A leftover of a save that was cut short: it has no COMPLETE marker, start clean.
             shutil.rmtree(folder)
         barrier()
+        name_failed_writes(engine)
         try:
             engine.save_checkpoint(str(self.root), tag=tag, save_latest=False)
-            torch.save(rng_state(), folder / f"rng_rank{self.env.rank}.pt")
+            torch_save(rng_state(), folder / f"rng_rank{self.env.rank}.pt")
             if self.env.is_main:
-                torch.save(client_state, folder / CLIENT_STATE)
+                torch_save(client_state, folder / CLIENT_STATE)
         except (OSError, RuntimeError) as err:
             raise _write_error(folder, err) from err
         barrier()
@@ -309,14 +352,17 @@ class CheckpointManager:
 
 
 def _write_error(folder: Path, err: BaseException) -> CheckpointError:
-    """A failed save, with the folder, the error and the free space there (DeepSpeed's and torch's
-    writers report a full disk as a bare stream error)."""
-    first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    """A failed save, with the file (the folder when unknown), the OS error and the free space there."""
+    os_error = _os_error_in(err)
+    if os_error is not None and os_error.strerror:
+        first_line = f"{os_error.strerror} (errno {os_error.errno}, {errno.errorcode.get(os_error.errno, '?')})"
+    else:
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
     try:
         free = f"{shutil.disk_usage(folder if folder.exists() else folder.parent).free / 2**20:.0f} MiB free there"
     except OSError:
         free = "free space unknown"
-    path = getattr(err, "filename", None) or folder
+    path = (os_error is not None and os_error.filename) or folder
     return CheckpointError(
         f"{path}: writing the checkpoint failed: {first_line} ({free}); it has no {COMPLETE} marker, "
         "so the previous complete checkpoint is still the one a relaunch resumes from"

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+# Where POSIX shared memory objects live on Linux.
+SHM_DIR = "/dev/shm"
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -86,6 +89,22 @@ def init_distributed(device: torch.device) -> DistEnv:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return env
+
+
+def unlink_deepspeed_shm(env: DistEnv) -> None:
+    """Collective. Remove the name of this rank's 66 MiB buffer that DeepSpeed's CPU communication
+    op (shm_comm, used when all ranks share one host) creates in /dev/shm and never removes.
+    Every rank maps every rank's buffer inside `deepspeed.initialize`, so once all have returned
+    from it the names can go: the mappings stay valid, and nothing is left behind at exit, even
+    after a SIGKILL."""
+    barrier()
+    # DeepSpeed's name: deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>.
+    address, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{address}_{port}_{env.rank}"
+    try:
+        os.unlink(os.path.join(SHM_DIR, name))
+    except FileNotFoundError:
+        pass  # another launcher, several hosts or a GPU run: DeepSpeed made no buffer
 
 
 def barrier() -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from m2dist.checkpoint.io import safe_torch_load
 from m2dist.config import Config, check_training_data
 from m2dist.engine.checkpoint import CLIENT_STATE, CheckpointManager, find_resume_tag
 from m2dist.engine.deepspeed_config import batch_layout, build_deepspeed_config, check_deepspeed_precision
-from m2dist.engine.distributed import all_reduce_sum, broadcast_object, init_distributed
+from m2dist.engine.distributed import all_reduce_sum, broadcast_object, init_distributed, unlink_deepspeed_shm
 from m2dist.engine.guards import NonFiniteCounter, NonFiniteTraining, RunFolderLocked, RunLock, check_resume_config
 from m2dist.engine.metrics import (
     METRICS_FILE,
@@ -33,6 +32,7 @@ from m2dist.engine.metrics import (
     peak_flops,
     training_flops_per_token,
 )
+from m2dist.engine.signals import install_stop_handlers, stop_signal
 from m2dist.models import MaskedLM, build_masked_lm, count_parameters
 from m2dist.optim import build_optimizer, warmup_linear_decay
 
@@ -94,6 +94,21 @@ def initialize_from(model: MaskedLM, source: str, resume_tag: str | None) -> str
     return warm_start(model, source)
 
 
+def resume_config_changes(config: Config, checkpoint: Path) -> list[str]:
+    """The settings of `config` that differ from those stored in a checkpoint folder and are allowed
+    (train.resume_allow_changes), one line each; ConfigDrift listing the others. Called before the
+    model is built, so a changed architecture is named by key, not by a tensor size mismatch."""
+    state_file = checkpoint / CLIENT_STATE
+    saved = safe_torch_load(state_file).get("config")
+    if saved is None:
+        return []
+    current = config.to_dict()
+    # Where the run lives and what it starts from may differ; a resume ignores init_from.
+    for key in ("output_dir", "init_from"):
+        current["train"][key] = saved.get("train", {}).get(key, current["train"][key])
+    return check_resume_config(saved, current, config.train.resume_allow_changes, str(state_file))
+
+
 class Trainer:
     def __init__(self, config: Config):
         import deepspeed
@@ -101,24 +116,32 @@ class Trainer:
         from m2dist.engine.data import build_data
         from m2dist.tracking import build_tracker, collect_run_params, log_training_inputs, training_run_name
 
+        install_stop_handlers()
         # Before any work: a recipe without data, a bf16 run that DeepSpeed would run in fp32.
         check_training_data(config)
         check_deepspeed_precision(config.train.precision)
         self.config = config
         train = config.train
         self.device = resolve_device(train.device)
+        self.lock: RunLock | None = None
+        self.data = None
+        self.last_tag: str | None = None
+        self.step = 0
         self.env = init_distributed(self.device)
+        self._leave_if_stopped("joining the process group")
         self.layout = batch_layout(config, self.env.world_size)
         self.output_dir = Path(train.output_dir.format(name=config.name)).resolve()
         self.lock = self._lock_run_folder()
         self.data = build_data(config, self.env, self.layout)
         self.seq_len = self.data.seq_len
         self.total_steps = self._steps_from_duration()
+        self._leave_if_stopped("checking the data")
 
         self.checkpoints = CheckpointManager(self.output_dir / "checkpoints", self.env, train.keep_last)
-        resume_tag = find_resume_tag(self.checkpoints.root, self.env)
+        resume_tag = self.last_tag = find_resume_tag(self.checkpoints.root, self.env)
         if resume_tag is not None:
             self._check_config_drift(resume_tag)
+        self._leave_if_stopped("verifying the checkpoints")
         self.ds_config = build_deepspeed_config(config, self.layout)
         if resume_tag is not None and self.checkpoints.needs_universal(resume_tag):
             resume_tag = self.checkpoints.prepare_universal(resume_tag)
@@ -139,17 +162,16 @@ class Trainer:
             config=self.ds_config,
             dist_init_required=False,
         )
+        unlink_deepspeed_shm(self.env)
         self.num_parameters = count_parameters(model)
-        self.step = 0
         # True once this job trained to the end and saved the last checkpoint.
         self.completed = False
         self.losses: list[tuple[int, float]] = []
-        self._stop_signal: int | None = None
         # Steps since the last log step: (step, mean loss, gradient norm), still on the device.
         self._pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         self._meter: ThroughputMeter | None = None
         self.nonfinite = NonFiniteCounter(train.max_nonfinite_steps)
-        self.last_tag: str | None = resume_tag
+        self.last_tag = resume_tag
         client_state = self._resume(resume_tag) if resume_tag is not None else {}
 
         self.tracker = build_tracker(config.tracking, self.env.rank, self.output_dir)
@@ -165,6 +187,25 @@ class Trainer:
             self.tracker.log_artifact(self.output_dir / "deepspeed.json")
             for path in self.data.artifacts:
                 self.tracker.log_artifact(path)
+
+    def _stop_message(self, phase: str) -> str:
+        start = f"the checkpoint {self.checkpoints.root / self.last_tag}" if self.last_tag else "the start"
+        return (
+            f"signal {stop_signal() or 'on another rank'} during start-up ({phase}): leaving before step "
+            f"{self.step + 1}, nothing to checkpoint; a relaunch continues from {start}"
+        )
+
+    def _leave_if_stopped(self, phase: str) -> None:
+        """Collective, during start-up: once any rank got a stop signal, every rank releases what it
+        holds and leaves with REQUEUE_EXIT_CODE (no step was trained, so nothing is saved)."""
+        if not self._stop_requested():
+            return
+        self._log(self._stop_message(phase))
+        if self.data is not None:
+            self.data.close()
+        if self.lock is not None:
+            self.lock.release()
+        raise SystemExit(REQUEUE_EXIT_CODE)
 
     def _steps_from_duration(self) -> int:
         train = self.config.train
@@ -189,15 +230,7 @@ class Trainer:
 
     def _check_config_drift(self, tag: str) -> None:
         """Compare this config with the one stored in the checkpoint (same result on every rank)."""
-        state_file = self.checkpoints.root / tag / CLIENT_STATE
-        saved = safe_torch_load(state_file).get("config")
-        if saved is None:
-            return
-        current = self.config.to_dict()
-        # Where the run lives and what it starts from may differ; a resume ignores init_from.
-        for key in ("output_dir", "init_from"):
-            current["train"][key] = saved.get("train", {}).get(key, current["train"][key])
-        changes = check_resume_config(saved, current, self.config.train.resume_allow_changes, str(state_file))
+        changes = resume_config_changes(self.config, self.checkpoints.root / tag)
         if changes:
             self._log("resuming with settings changed since the checkpoint:\n  " + "\n  ".join(changes))
 
@@ -213,16 +246,9 @@ class Trainer:
         if self.env.is_main:
             print(message, flush=True)
 
-    def _install_signal_handlers(self) -> None:
-        def request_stop(signum, _frame):
-            self._stop_signal = signum
-
-        for signum in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(signum, request_stop)
-
     def _stop_requested(self) -> bool:
         """True on every rank once any rank got SIGUSR1/SIGTERM (one tiny collective)."""
-        flag = torch.tensor([0.0 if self._stop_signal is None else 1.0], device=self.device)
+        flag = torch.tensor([0.0 if stop_signal() is None else 1.0], device=self.device)
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
@@ -311,7 +337,6 @@ class Trainer:
     def fit(self) -> list[tuple[int, float]]:
         """Train to the configured duration; returns [(step, loss)] of the whole run (resumed included)."""
         train = self.config.train
-        self._install_signal_handlers()
         tokens_per_step = self.layout.global_batch_size * self.seq_len
         flops = training_flops_per_token(self.config.model, self.seq_len, train.mlm_probability)
         self._meter = meter = ThroughputMeter(
@@ -327,6 +352,11 @@ class Trainer:
         if self.step >= self.total_steps:
             self._log(f"training is complete at step {self.step}; nothing to do (a new output_dir starts afresh)")
             return self.losses
+        if self._stop_requested():
+            # A signal during the resume or the engine's set-up: nothing trained since the checkpoint.
+            self._log(self._stop_message("setting up the engine"))
+            self.close(status="KILLED")
+            raise SystemExit(REQUEUE_EXIT_CODE)
         stop_at = self.step + train.stop_after if train.stop_after else self.total_steps
         while self.step < self.total_steps:
             loss, data_wait = self.train_step()
@@ -350,7 +380,7 @@ class Trainer:
             # the CPU's run-ahead of GPU work.
             if log_step and not last and self._stop_requested():
                 self._flush_losses()
-                self._log(f"signal {self._stop_signal or 'on another rank'}: checkpointing at step {self.step}")
+                self._log(f"signal {stop_signal() or 'on another rank'}: checkpointing at step {self.step}")
                 self.save()
                 self.close(status="KILLED")
                 raise SystemExit(REQUEUE_EXIT_CODE)
