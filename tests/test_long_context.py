@@ -104,7 +104,7 @@ def test_bad_sources_give_clear_errors(tmp_path):
     bert = MaskedLM(dataclasses.replace(TINY, l_max=L1, architecture="bert", num_attention_heads=2))
     with pytest.raises(CheckpointError, match=r"model.architecture='m2' in the source, 'bert' in this config"):
         warm_start(bert, release)
-    with pytest.raises(CheckpointError, match="missing: no such file or folder"):
+    with pytest.raises(CheckpointError, match="missing: no such checkpoint file or folder"):
         warm_start(shorter, tmp_path / "missing")
 
 
