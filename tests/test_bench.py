@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from m2dist.engine.bench import benchmark_engine_step, format_row, speedups_over, time_steps
+from m2dist.bench.train import benchmark_engine_step, format_row, speedups_over, time_steps
 
 
 def test_warm_up_lasts_until_the_step_time_is_stable():

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from m2dist.engine.allreduce import bus_bandwidth, parse_size, size_range
+from m2dist.bench.allreduce import bus_bandwidth, parse_size, size_range
 from m2dist.engine.metrics import METRICS_FILE
-from m2dist.engine.scaling import RunFailed, run_resume_check, run_scaling
+from m2dist.bench.scaling import RunFailed, run_resume_check, run_scaling
 from tests.conftest import REPO_ROOT
 from tests.test_engine import _env, _free_port
 

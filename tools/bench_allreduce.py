@@ -9,7 +9,7 @@ NCCL_NVLS_ENABLE=0 unless set otherwise.
 
 import argparse
 
-from m2dist.engine.allreduce import benchmark_all_reduce, parse_size, size_range
+from m2dist.bench.allreduce import benchmark_all_reduce, parse_size, size_range
 
 
 def main() -> None:

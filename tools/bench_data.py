@@ -11,7 +11,7 @@ import argparse
 import json
 import tempfile
 
-from m2dist.data.bench import GOAL_RATIO, bench_data_path, gpu_tokens_per_s
+from m2dist.bench.data import GOAL_RATIO, bench_data_path, gpu_tokens_per_s
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,10 +1,42 @@
-"""Triton kernels against the torch references on one GPU; see kernels/bench.py for the options.
+"""Benchmark the Triton kernels against the torch references on one GPU (bf16, forward + backward).
 
-  python tools/bench_kernels.py
-  python tools/bench_kernels.py --ops fftconv --lengths 128,2048
+Prints one table per op: reference ms, Triton ms, speedup, and the achieved rate against the
+measured ceiling (HBM traffic floor / copy bandwidth for the FFT convolution, useful FLOPs / bf16
+GEMM rate for the GLU MLP).
+
+    python tools/bench_kernels.py                      # both ops at the sizes of the goals
+    python tools/bench_kernels.py --ops fftconv --lengths 128,2048 --variants 4096:2048:8,1024:2048:8
+
+A variant `max_onchip:tile:num_warps` overrides the FFT kernels' plan (sweeps for tuning).
 """
 
-from kernels.bench import main
+import argparse
+
+from m2dist.bench.kernels import run_kernel_benchmarks
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ops", default="fftconv,glu")
+    parser.add_argument("--lengths", default="128,512,2048,8192,32768")
+    parser.add_argument("--fft-tokens", type=int, default=65536, help="batch x L of the FFT benchmark")
+    parser.add_argument("--fft-dim", type=int, default=768)
+    parser.add_argument("--variants", default="", help="comma list of max_onchip:tile:num_warps")
+    parser.add_argument("--toeplitz-max", type=int, default=8192, help="longest L to time the Toeplitz path at")
+    parser.add_argument("--dims", default="768,960,1536,1792")
+    parser.add_argument("--glu-tokens", type=int, default=32768)
+    args = parser.parse_args(argv)
+    run_kernel_benchmarks(
+        ops=args.ops.split(","),
+        lengths=[int(x) for x in args.lengths.split(",")],
+        fft_tokens=args.fft_tokens,
+        fft_dim=args.fft_dim,
+        variants=[tuple(int(x) for x in v.split(":")) for v in args.variants.split(",") if v],
+        toeplitz_max=args.toeplitz_max,
+        dims=[int(x) for x in args.dims.split(",")],
+        glu_tokens=args.glu_tokens,
+    )
+
 
 if __name__ == "__main__":
     main()

@@ -15,7 +15,7 @@ each run's log.
 import argparse
 import sys
 
-from m2dist.engine.scaling import RunFailed, format_resume_report, run_resume_check, run_scaling
+from m2dist.bench.scaling import RunFailed, format_resume_report, run_resume_check, run_scaling
 
 
 def _names(text: str) -> list[str]:

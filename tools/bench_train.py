@@ -11,7 +11,7 @@ schedule), with the same tokens per step, and the speedup column is against bert
 
 import argparse
 
-from m2dist.engine.bench import HEADER, HF_NAME, format_row, run_benchmark, run_engine_benchmark, speedups_over
+from m2dist.bench.train import HEADER, HF_NAME, format_row, run_benchmark, run_engine_benchmark, speedups_over
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from m2dist.cli import run_cli
 from m2dist.config import load_config
-from m2dist.engine.profile import profile_training
+from m2dist.bench.profile import profile_training
 
 
 def main() -> None:

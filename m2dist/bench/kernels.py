@@ -1,16 +1,11 @@
-"""Benchmark the Triton kernels against the torch references on one GPU (bf16, forward + backward).
+"""The Triton kernels against the torch references on one GPU (bf16, forward + backward), what
+tools/bench_kernels.py runs.
 
-Prints one table per op: reference ms, Triton ms, speedup, and the achieved rate against the
-measured ceiling (HBM traffic floor / copy bandwidth for the FFT convolution, useful FLOPs / bf16
-GEMM rate for the GLU MLP).
-
-    python tools/bench_kernels.py                      # both ops at the sizes of the goals
-    python tools/bench_kernels.py --ops fftconv --lengths 128,2048 --variants 4096:2048:8,1024:2048:8
-
-A variant `max_onchip:tile:num_warps` overrides the FFT kernels' plan (sweeps for tuning).
+One table per op: reference ms, Triton ms, speedup, and the achieved rate against the measured
+ceiling (HBM traffic floor / copy bandwidth for the FFT convolution, useful FLOPs / bf16 GEMM rate
+for the GLU MLP).
 """
 
-import argparse
 import functools
 
 import torch
@@ -147,27 +142,25 @@ def _fmt_glu(r):
     return f"| {r[0]} | {r[1]:.3f} | {r[2]:.3f} | {r[3]:.2f}x | {r[4]:.2f}x | {r[5]:.0f} | {r[6]:.1%} |"
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ops", default="fftconv,glu")
-    parser.add_argument("--lengths", default="128,512,2048,8192,32768")
-    parser.add_argument("--fft-tokens", type=int, default=65536, help="batch x L of the FFT benchmark")
-    parser.add_argument("--fft-dim", type=int, default=768)
-    parser.add_argument("--variants", default="", help="comma list of max_onchip:tile:num_warps")
-    parser.add_argument("--toeplitz-max", type=int, default=8192, help="longest L to time the Toeplitz path at")
-    parser.add_argument("--dims", default="768,960,1536,1792")
-    parser.add_argument("--glu-tokens", type=int, default=32768)
-    args = parser.parse_args(argv)
-    ops = args.ops.split(",")
+def run_kernel_benchmarks(
+    ops: list[str],
+    lengths: list[int],
+    fft_tokens: int,
+    fft_dim: int,
+    variants: list[tuple[int, int, int]],
+    toeplitz_max: int,
+    dims: list[int],
+    glu_tokens: int,
+) -> None:
+    """Measure the ceilings, time the ops named in `ops` ("fftconv", "glu") and print one Markdown
+    table per op. A variant `(max_onchip, tile, num_warps)` overrides the FFT kernels' plan."""
     copy_bw, gemm_rate = measure_ceilings()
     print(f"{torch.cuda.get_device_name()}: copy {copy_bw / 1e12:.2f} TB/s (read + write), bf16 GEMM {gemm_rate / 1e12:.0f} TFLOP/s")
     fft_rows, glu_rows = [], []
     if "fftconv" in ops:
-        variants = [tuple(int(x) for x in v.split(":")) for v in args.variants.split(",") if v]
-        lengths = [int(x) for x in args.lengths.split(",")]
-        fft_rows = bench_fftconv(lengths, args.fft_tokens, args.fft_dim, variants, copy_bw, args.toeplitz_max)
+        fft_rows = bench_fftconv(lengths, fft_tokens, fft_dim, variants, copy_bw, toeplitz_max)
     if "glu" in ops:
-        glu_rows = bench_glu_mlp([int(x) for x in args.dims.split(",")], args.glu_tokens, gemm_rate)
+        glu_rows = bench_glu_mlp(dims, glu_tokens, gemm_rate)
     _print_table(
         "Gated FFT long conv (steps 4-7 with residual), bf16, forward + backward",
         "size | algorithm | reference ms | Triton ms | speedup | fwd speedup | GB/s (floor bytes) | of copy BW | x floor",
