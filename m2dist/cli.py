@@ -3,10 +3,9 @@
 import sys
 from collections.abc import Callable
 
-from m2dist.checkpoint.io import CheckpointError, OutputExistsError
-from m2dist.config import ConfigError
-from m2dist.data.manifest import DataError
-from m2dist.engine.guards import ConfigDrift, NonFiniteTraining, RunFolderLocked
+from m2dist.errors import (
+    CheckpointError, ConfigDrift, ConfigError, DataError, NonFiniteTraining, OutputExistsError, RunFolderLocked,
+)  # fmt: skip
 
 USER_ERRORS = (
     ConfigError, CheckpointError, DataError, OutputExistsError, FileNotFoundError, ConfigDrift, NonFiniteTraining,

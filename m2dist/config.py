@@ -19,11 +19,9 @@ from typing import Any, Literal
 
 import yaml
 
+from m2dist.errors import ConfigError
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-
-
-class ConfigError(ValueError):
-    """A config value is unknown, of the wrong type, or impossible."""
 
 
 def _require(ok: bool, key: str, expected: str, value: Any) -> None:

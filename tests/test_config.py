@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from m2dist.config import CONFIG_DIR, ConfigError, load_config
+from m2dist.config import CONFIG_DIR, load_config
+from m2dist.errors import ConfigError
 
 ALL_CONFIGS = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 REQUIRED = {

@@ -17,10 +17,11 @@ import torch
 from safetensors.torch import load_file
 
 from m2dist.checkpoint.convert import MODEL_CARD, convert_checkpoint
-from m2dist.checkpoint.io import CheckpointError, OutputExistsError, read_safetensors_into, write_safetensors
+from m2dist.checkpoint.io import read_safetensors_into, write_safetensors
 from m2dist.checkpoint.release import load_release
 from m2dist.checkpoint.zero import add_shared_names, empty_model
 from m2dist.config import load_config
+from m2dist.errors import CheckpointError, OutputExistsError
 from m2dist.models import MaskedLM, count_parameters
 from tests.conftest import REPO_ROOT
 from tests.test_engine import BASE, _assert_ok, _data_args, _env, final_losses, launch, tiny_shards  # noqa: F401 (fixture)

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from m2dist.config import ConfigError, config_from_dict
+from m2dist.config import config_from_dict
 from m2dist.data.loader import build_mlm_dataloader, clean_stale_shared_memory, close_mlm_dataloader
-from m2dist.data.manifest import DataError, ManifestMismatchError, read_manifest
+from m2dist.data.manifest import read_manifest
 from m2dist.data.masking import IGNORE_INDEX
 from m2dist.data.tokenizer import DEFAULT_VOCAB
+from m2dist.errors import ConfigError, DataError, ManifestMismatchError
 
 SPECIAL_IDS = (0, 100, 101, 102, 103)
 

@@ -16,10 +16,11 @@ import torch
 from m2dist.config import config_from_dict
 from m2dist.data.corpus import EMBEDDED_CORPUS
 from m2dist.data.loader import build_mlm_dataloader
-from m2dist.data.manifest import DataError, read_manifest
+from m2dist.data.manifest import read_manifest
 from m2dist.data.masking import IGNORE_INDEX
 from m2dist.data.prepare import prepare_mds, read_documents
 from m2dist.data.tokenizer import load_tokenizer
+from m2dist.errors import DataError
 
 KEY, SECRET = "m2dist-test", "m2dist-test-secret"
 

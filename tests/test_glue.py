@@ -16,10 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from m2dist.checkpoint.io import CheckpointError
 from m2dist.checkpoint.release import save_release
-from m2dist.config import ConfigError, load_config
-from m2dist.data.prepare import InputError
+from m2dist.config import load_config
+from m2dist.errors import CheckpointError, ConfigError, InputError
 from m2dist.glue import metrics
 from m2dist.glue.config import load_glue_config
 from m2dist.glue.encode import encode_examples, truncate_pair

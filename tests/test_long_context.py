@@ -8,10 +8,10 @@ import torch.nn.functional as F
 
 from m2dist.checkpoint.convert import load_any
 from m2dist.checkpoint.extend import extend_state_dict, warm_start
-from m2dist.checkpoint.io import CheckpointError
 from m2dist.checkpoint.release import save_release
 from m2dist.config import ModelConfig
 from m2dist.engine.trainer import initialize_from
+from m2dist.errors import CheckpointError
 from m2dist.models import MaskedLM
 from m2dist.models.m2 import HyenaFilter, init_weights, positional_features
 from tests.test_engine import _assert_ok, launch, tiny_shards  # noqa: F401 (fixture)

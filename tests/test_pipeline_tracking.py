@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 from m2dist.checkpoint.convert import load_any
 from m2dist.data.manifest import read_manifest
 from m2dist.data.tokenizer import file_sha256
-from m2dist.checkpoint.io import CheckpointError
+from m2dist.errors import CheckpointError
 from m2dist.glue.runner import evaluate_glue
 from m2dist.glue.tracking import model_label, parse_model_uri
 from m2dist.tracking import (

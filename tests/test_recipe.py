@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from m2dist.checkpoint.extend import check_compatible
-from m2dist.config import CONFIG_DIR, ConfigError, KernelConfig, check_training_data, load_config
+from m2dist.config import CONFIG_DIR, KernelConfig, check_training_data, load_config
 from m2dist.engine.deepspeed_config import batch_layout, check_deepspeed_precision
+from m2dist.errors import ConfigError
 from m2dist.glue.config import GLUE_CONFIG_DIR, load_glue_config
 from m2dist.glue.finetune import build_classifier, build_optimizer, build_schedule
 from m2dist.glue.runner import check_model

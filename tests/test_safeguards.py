@@ -18,14 +18,14 @@ import torch
 
 from m2dist.checkpoint.convert import convert_checkpoint
 from m2dist.checkpoint.extend import warm_start
-from m2dist.checkpoint.io import CheckpointError
 from m2dist.checkpoint.release import save_release
 from m2dist.config import load_config
 from m2dist.engine.checkpoint import CheckpointManager, torch_save
 from m2dist.engine.distributed import DistEnv
-from m2dist.engine.guards import ConfigDrift, NonFiniteCounter, NonFiniteTraining, check_resume_config
+from m2dist.engine.guards import NonFiniteCounter, check_resume_config
 from m2dist.engine.metrics import METRICS_FILE, read_metrics
 from m2dist.engine.trainer import resume_config_changes
+from m2dist.errors import CheckpointError, ConfigDrift, NonFiniteTraining
 from m2dist.models import MaskedLM
 from tests.test_engine import BASE, _assert_ok, _data_args, final_losses, launch, start_background, tiny_shards  # noqa: F401
 

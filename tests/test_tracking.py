@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from m2dist.config import Config, ConfigError, TrackingConfig, config_from_dict
+from m2dist.config import Config, TrackingConfig, config_from_dict
+from m2dist.errors import ConfigError
 from m2dist.tracking import (
     MAX_PARAM_VALUE_LENGTH,
     MlflowTracker,

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from m2dist.checkpoint.convert import convert_checkpoint
-from m2dist.checkpoint.io import CheckpointError
 from m2dist.checkpoint.release import load_release, save_release
 from m2dist.checkpoint.upstream import export_upstream, import_upstream, upstream_state_dict
 from m2dist.config import load_config
+from m2dist.errors import CheckpointError
 from m2dist.models import MaskedLM, SequenceClassifier
 from tests.conftest import UPSTREAM_KEY_LIST
 

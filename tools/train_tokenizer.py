@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from m2dist.cli import run_cli
-from m2dist.data.manifest import DataError
+from m2dist.errors import DataError
 from m2dist.tracking import StageRun, add_tracking_arguments, tracked_tokenizer_training
 
 

@@ -22,11 +22,10 @@ from typing import Any
 import torch
 
 from m2dist.checkpoint import zero
-from m2dist.checkpoint.io import (
-    CheckpointError, OutputExistsError, load_deepspeed_file, read_safetensors_header, write_safetensors,
-)  # fmt: skip
+from m2dist.checkpoint.io import load_deepspeed_file, read_safetensors_header, write_safetensors
 from m2dist.checkpoint.release import CONFIG_FILE, RELEASE_FORMAT, WEIGHTS_FILE, load_release, save_release
 from m2dist.checkpoint.upstream import WEIGHT_FILES, export_upstream, import_upstream
+from m2dist.errors import CheckpointError, OutputExistsError
 from m2dist.models import MaskedLM, SequenceClassifier
 
 TARGETS = ("release", "upstream", "universal")

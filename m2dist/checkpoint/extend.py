@@ -39,8 +39,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from m2dist.checkpoint.io import CheckpointError
 from m2dist.config import ModelConfig
+from m2dist.errors import CheckpointError
 from m2dist.models import MaskedLM, SequenceClassifier
 from m2dist.models.m2 import positional_features
 

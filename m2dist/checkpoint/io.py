@@ -12,13 +12,7 @@ from typing import Any
 
 import torch
 
-
-class CheckpointError(ValueError):
-    """A checkpoint is unreadable, unsafe, or does not match the model."""
-
-
-class OutputExistsError(FileExistsError):
-    """The destination exists and the caller did not ask to overwrite it."""
+from m2dist.errors import CheckpointError
 
 
 def safe_torch_load(path: str | Path) -> Any:

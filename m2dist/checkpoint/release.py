@@ -11,9 +11,10 @@ from pathlib import Path
 
 import torch
 
-from m2dist.checkpoint.io import CheckpointError, OutputExistsError, read_safetensors_header, read_safetensors_into
+from m2dist.checkpoint.io import read_safetensors_header, read_safetensors_into
 from m2dist.checkpoint.upstream import key_problems, shared_keys_problem, state_dict_error
-from m2dist.config import ConfigError, ModelConfig, _build
+from m2dist.config import ModelConfig, _build
+from m2dist.errors import CheckpointError, ConfigError, OutputExistsError
 from m2dist.models import MaskedLM, SequenceClassifier
 
 CONFIG_FILE = "config.json"

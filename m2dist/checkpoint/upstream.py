@@ -17,8 +17,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from m2dist.checkpoint.io import CheckpointError, OutputExistsError, safe_torch_load
+from m2dist.checkpoint.io import safe_torch_load
 from m2dist.config import ModelConfig
+from m2dist.errors import CheckpointError, OutputExistsError
 from m2dist.models import MaskedLM, SequenceClassifier
 
 COMPOSER_PREFIX = "model."

@@ -24,11 +24,12 @@ from typing import Any
 
 import torch
 
-from m2dist.checkpoint.io import CheckpointError, load_deepspeed_file, safe_torch_load
-from m2dist.config import ConfigError, ModelConfig, _build
+from m2dist.checkpoint.io import load_deepspeed_file, safe_torch_load
+from m2dist.config import ModelConfig, _build
 from m2dist.engine.checkpoint import (
     CLIENT_STATE, COMPLETE, LATEST, MANIFEST, complete_tags, find_resume_tag, verify_tag,
 )  # fmt: skip
+from m2dist.errors import CheckpointError, ConfigError
 from m2dist.models import MaskedLM
 
 # ZeRO-0/1/2 write mp_rank_00_model_states.pt; ZeRO-3 one zero_pp_rank_<r>_mp_rank_00_model_states.pt per rank.

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from m2dist.checkpoint.io import OutputExistsError
-from m2dist.data.manifest import MANIFEST_NAME, DataError, read_manifest
+from m2dist.data.manifest import MANIFEST_NAME, read_manifest
 from m2dist.data.tokenizer import ASSETS, DEFAULT_VOCAB, file_sha256
+from m2dist.errors import DataError, OutputExistsError
 
 EMBEDDED_CORPUS = ASSETS / "python-docs-3.11.txt.gz"
 # Share of the corpus' paragraphs held out for validation.

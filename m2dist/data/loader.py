@@ -34,10 +34,11 @@ import torch
 import torch.distributed as dist
 from streaming import Stream, StreamingDataLoader, StreamingDataset
 
-from m2dist.data.manifest import DataError, Expected, Manifest, check_manifest, read_manifest
+from m2dist.data.manifest import Expected, Manifest, check_manifest, read_manifest
 from m2dist.data.masking import mask_sample
 from m2dist.data.streams import StreamSpec, parse_streams
 from m2dist.data.tokenizer import DEFAULT_VOCAB, SpecialIds, file_sha256
+from m2dist.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     from m2dist.config import Config
@@ -286,8 +287,6 @@ def resolve_streams(
 ) -> list[StreamSpec]:
     """The streams of `data.train` / `data.val`; the embedded corpus (prepared once per node,
     local rank 0 first) when `data.train` is empty."""
-    from m2dist.config import ConfigError
-
     data = cfg.data
     if data.train:
         streams = parse_streams(data.train if split == "train" else data.val)

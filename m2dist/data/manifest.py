@@ -16,17 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from m2dist.data.streams import REMOTE_SCHEMES
+from m2dist.errors import DataError, ManifestMismatchError
 
 MANIFEST_NAME = "m2dist_manifest.json"
 MANIFEST_FORMAT = "m2dist-mlm-mds/1"
-
-
-class DataError(ValueError):
-    """Input data, shards or their manifest are unusable; the message names the file."""
-
-
-class ManifestMismatchError(DataError):
-    """A shard manifest disagrees with the run's config."""
 
 
 @dataclass

@@ -33,10 +33,10 @@ from typing import Literal
 
 import numpy as np
 
-from m2dist.checkpoint.io import OutputExistsError
-from m2dist.data.manifest import MANIFEST_NAME, DataError, Manifest, ManifestCounts
+from m2dist.data.manifest import MANIFEST_NAME, Manifest, ManifestCounts
 from m2dist.data.streams import REMOTE_SCHEMES
 from m2dist.data.tokenizer import Tokenizer, load_tokenizer
+from m2dist.errors import DataError, InputError, OutputExistsError
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +45,6 @@ InputFormat = Literal["auto", "lines", "paragraphs", "jsonl", "parquet"]
 SPLITS = ("train", "val")
 # Documents handed to a tokenizer worker at once.
 CHUNK_DOCUMENTS = 256
-
-
-class InputError(DataError):
-    """An input line or row cannot be read; the message starts with FILE:LINE."""
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@ import importlib.metadata
 from dataclasses import dataclass
 from typing import Any
 
-from m2dist.config import Config, ConfigError
+from m2dist.config import Config
+from m2dist.errors import ConfigError
 
 # The first DeepSpeed release that reads the `torch_autocast` section; older ones ignore it, and a
 # bf16 run would silently train in fp32.

@@ -14,23 +14,13 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from m2dist.errors import ConfigDrift, NonFiniteTraining, RunFolderLocked
+
 LOCK_FILE = ".m2dist.lock"
 # The holder refreshes the lock file's mtime this often; a lock left unrefreshed for STALE_AFTER_S
 # belongs to a job that died on another machine.
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 180.0
-
-
-class RunFolderLocked(RuntimeError):
-    """Another live job holds the run folder."""
-
-
-class NonFiniteTraining(RuntimeError):
-    """Too many optimizer steps in a row had a non-finite loss or gradient norm, or the weights did."""
-
-
-class ConfigDrift(ValueError):
-    """A resumed run's config changes the model or the data order of its checkpoint."""
 
 
 def _holder() -> dict[str, Any]:

@@ -23,7 +23,7 @@ from m2dist.config import Config, check_training_data
 from m2dist.engine.checkpoint import CLIENT_STATE, CheckpointManager, find_resume_tag
 from m2dist.engine.deepspeed_config import batch_layout, build_deepspeed_config, check_deepspeed_precision
 from m2dist.engine.distributed import all_reduce_sum, broadcast_object, init_distributed, unlink_deepspeed_shm
-from m2dist.engine.guards import NonFiniteCounter, NonFiniteTraining, RunFolderLocked, RunLock, check_resume_config
+from m2dist.engine.guards import NonFiniteCounter, RunLock, check_resume_config
 from m2dist.engine.metrics import (
     METRICS_FILE,
     ThroughputMeter,
@@ -33,6 +33,7 @@ from m2dist.engine.metrics import (
     training_flops_per_token,
 )
 from m2dist.engine.signals import install_stop_handlers, stop_signal
+from m2dist.errors import NonFiniteTraining, RunFolderLocked
 from m2dist.models import MaskedLM, build_masked_lm, count_parameters
 from m2dist.optim import build_optimizer, warmup_linear_decay
 

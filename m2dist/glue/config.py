@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from m2dist.config import CONFIG_DIR, ConfigError, TrackingConfig, _require, load_yaml_config
+from m2dist.config import CONFIG_DIR, TrackingConfig, _require, load_yaml_config
+from m2dist.errors import ConfigError
 
 GLUE_CONFIG_DIR = CONFIG_DIR / "glue"
 # The protocol's seeds; a task runs the first `len(seeds)` of them by default.

@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 from m2dist.checkpoint.convert import load_any
-from m2dist.checkpoint.io import CheckpointError
 from m2dist.checkpoint.release import save_release
 from m2dist.config import KernelConfig, OptimizerConfig
+from m2dist.errors import CheckpointError
 from m2dist.glue.config import GlueConfig, TaskConfig
 from m2dist.glue.encode import EncodedSplit, batch_to, load_encoded
 from m2dist.glue.metrics import split_metrics, task_score

@@ -19,8 +19,9 @@ from typing import Any
 
 import torch
 
-from m2dist.config import ConfigError, ModelConfig, load_config
+from m2dist.config import ModelConfig, load_config
 from m2dist.data.tokenizer import load_tokenizer
+from m2dist.errors import ConfigError
 from m2dist.glue.config import GlueConfig, TaskConfig, load_glue_config
 from m2dist.glue.encode import encode_examples, save_encoded
 from m2dist.glue.finetune import JobResult, JobSpec, load_pretrained

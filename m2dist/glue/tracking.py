@@ -15,8 +15,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from m2dist.checkpoint.io import CheckpointError
 from m2dist.config import TrackingConfig
+from m2dist.errors import CheckpointError
 from m2dist.tracking import (
     MAX_PARAM_VALUE_LENGTH,
     MODEL_URI_PREFIX,
