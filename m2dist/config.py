@@ -24,7 +24,9 @@ from m2dist.errors import ConfigError
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
-def _require(ok: bool, key: str, expected: str, value: Any) -> None:
+def require(ok: bool, key: str, expected: str, value: Any) -> None:
+    """Raise ConfigError "`key`: expected `expected`, got `value`" unless `ok` (the checks of the
+    config dataclasses' `__post_init__`)."""
     if not ok:
         raise ConfigError(f"{key}: expected {expected}, got {value!r}")
 
@@ -41,8 +43,8 @@ class KernelConfig:
     def __post_init__(self) -> None:
         from kernels import blockdiag, fftconv
 
-        _require(self.fftconv in fftconv.BACKENDS, "kernels.fftconv", f"one of {fftconv.BACKENDS}", self.fftconv)
-        _require(
+        require(self.fftconv in fftconv.BACKENDS, "kernels.fftconv", f"one of {fftconv.BACKENDS}", self.fftconv)
+        require(
             self.blockdiag in blockdiag.BACKENDS, "kernels.blockdiag", f"one of {blockdiag.BACKENDS}", self.blockdiag
         )
 
@@ -104,33 +106,33 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "l_max", "filter_order"):
-            _require(getattr(self, name) >= 1, f"model.{name}", "an integer >= 1", getattr(self, name))
-        _require(self.type_vocab_size >= 1, "model.type_vocab_size", "an integer >= 1", self.type_vocab_size)
-        _require(
+            require(getattr(self, name) >= 1, f"model.{name}", "an integer >= 1", getattr(self, name))
+        require(self.type_vocab_size >= 1, "model.type_vocab_size", "an integer >= 1", self.type_vocab_size)
+        require(
             0 <= self.pad_token_id < self.vocab_size, "model.pad_token_id", f"in [0, {self.vocab_size})", self.pad_token_id
         )
         for name in ("hidden_dropout", "attention_dropout"):
-            _require(0.0 <= getattr(self, name) < 1.0, f"model.{name}", "a probability in [0, 1)", getattr(self, name))
-        _require(self.layer_norm_eps > 0, "model.layer_norm_eps", "> 0", self.layer_norm_eps)
-        _require(self.initializer_range > 0, "model.initializer_range", "> 0", self.initializer_range)
-        _require(
+            require(0.0 <= getattr(self, name) < 1.0, f"model.{name}", "a probability in [0, 1)", getattr(self, name))
+        require(self.layer_norm_eps > 0, "model.layer_norm_eps", "> 0", self.layer_norm_eps)
+        require(self.initializer_range > 0, "model.initializer_range", "> 0", self.initializer_range)
+        require(
             self.filter_emb_dim >= 3 and self.filter_emb_dim % 2 == 1,
             "model.filter_emb_dim",
             "an odd integer >= 3",
             self.filter_emb_dim,
         )
-        _require(self.mlp_nblocks >= 1, "model.mlp_nblocks", "an integer >= 1", self.mlp_nblocks)
+        require(self.mlp_nblocks >= 1, "model.mlp_nblocks", "an integer >= 1", self.mlp_nblocks)
         if self.architecture == "m2":
             for name in ("hidden_size", "intermediate_size"):
                 size = getattr(self, name)
-                _require(
+                require(
                     size % self.mlp_nblocks == 0,
                     f"model.{name}",
                     f"a multiple of model.mlp_nblocks={self.mlp_nblocks}",
                     size,
                 )
         else:
-            _require(
+            require(
                 self.num_attention_heads >= 1 and self.hidden_size % self.num_attention_heads == 0,
                 "model.num_attention_heads",
                 f"a divisor of model.hidden_size={self.hidden_size}",
@@ -156,10 +158,10 @@ class OptimizerConfig:
 
     def __post_init__(self) -> None:
         for name in ("lr", "eps", "filter_lr", "pos_emb_lr"):
-            _require(getattr(self, name) > 0, f"train.optimizer.{name}", "> 0", getattr(self, name))
+            require(getattr(self, name) > 0, f"train.optimizer.{name}", "> 0", getattr(self, name))
         for name in ("weight_decay", "filter_weight_decay"):
-            _require(getattr(self, name) >= 0, f"train.optimizer.{name}", ">= 0", getattr(self, name))
-        _require(
+            require(getattr(self, name) >= 0, f"train.optimizer.{name}", ">= 0", getattr(self, name))
+        require(
             len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
             "train.optimizer.betas",
             "two numbers in [0, 1)",
@@ -228,23 +230,23 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("duration", "global_batch_size", "log_every", "keep_last"):
-            _require(getattr(self, name) >= 1, f"train.{name}", "an integer >= 1", getattr(self, name))
+            require(getattr(self, name) >= 1, f"train.{name}", "an integer >= 1", getattr(self, name))
         for name in ("micro_batch_size", "seq_len", "eval_every", "eval_batches", "checkpoint_every", "stop_after"):
-            _require(getattr(self, name) >= 0, f"train.{name}", "an integer >= 0", getattr(self, name))
-        _require(0.0 < self.mlm_probability < 1.0, "train.mlm_probability", "in (0, 1)", self.mlm_probability)
-        _require(self.zero_stage in (0, 1, 2, 3), "train.zero_stage", "0, 1, 2 or 3", self.zero_stage)
-        _require(self.grad_clip >= 0, "train.grad_clip", ">= 0", self.grad_clip)
-        _require(0.0 <= self.warmup_fraction < 1.0, "train.warmup_fraction", "in [0, 1)", self.warmup_fraction)
-        _require(0.0 <= self.final_lr_fraction <= 1.0, "train.final_lr_fraction", "in [0, 1]", self.final_lr_fraction)
-        _require(self.device in ("auto", "cpu", "cuda"), "train.device", "auto, cpu or cuda", self.device)
-        _require(self.max_nonfinite_steps >= 0, "train.max_nonfinite_steps", "an integer >= 0", self.max_nonfinite_steps)
-        _require(
+            require(getattr(self, name) >= 0, f"train.{name}", "an integer >= 0", getattr(self, name))
+        require(0.0 < self.mlm_probability < 1.0, "train.mlm_probability", "in (0, 1)", self.mlm_probability)
+        require(self.zero_stage in (0, 1, 2, 3), "train.zero_stage", "0, 1, 2 or 3", self.zero_stage)
+        require(self.grad_clip >= 0, "train.grad_clip", ">= 0", self.grad_clip)
+        require(0.0 <= self.warmup_fraction < 1.0, "train.warmup_fraction", "in [0, 1)", self.warmup_fraction)
+        require(0.0 <= self.final_lr_fraction <= 1.0, "train.final_lr_fraction", "in [0, 1]", self.final_lr_fraction)
+        require(self.device in ("auto", "cpu", "cuda"), "train.device", "auto, cpu or cuda", self.device)
+        require(self.max_nonfinite_steps >= 0, "train.max_nonfinite_steps", "an integer >= 0", self.max_nonfinite_steps)
+        require(
             self.max_nonfinite_steps == 0 or self.zero_stage in (1, 2),
             "train.max_nonfinite_steps",
             f"0 with train.zero_stage={self.zero_stage} (only ZeRO 1-2 discard a non-finite step's update)",
             self.max_nonfinite_steps,
         )
-        _require(
+        require(
             not (self.offload_optimizer and self.zero_stage == 0),
             "train.offload_optimizer",
             "false with train.zero_stage=0 (offload needs ZeRO 1-3)",
@@ -294,22 +296,22 @@ class DataConfig:
             except ValueError as err:
                 raise ConfigError(f"data.{key}: {err}") from None
             if key == "val":
-                _require(
+                require(
                     all(s.proportion is None for s in streams),
                     "data.val",
                     "streams without @PROPORTION (validation reads each stream whole)",
                     self.val,
                 )
-        _require(
+        require(
             self.tokenizer == "" or self.tokenizer.endswith((".txt", ".model")),
             "data.tokenizer",
             'a WordPiece vocab ending in .txt, a sentencepiece model ending in .model, or ""',
             self.tokenizer,
         )
-        _require(self.num_workers >= 0, "data.num_workers", "an integer >= 0", self.num_workers)
-        _require(self.prefetch_factor >= 1, "data.prefetch_factor", "an integer >= 1", self.prefetch_factor)
-        _require(self.shuffle_block_size >= 0, "data.shuffle_block_size", "an integer >= 0", self.shuffle_block_size)
-        _require(
+        require(self.num_workers >= 0, "data.num_workers", "an integer >= 0", self.num_workers)
+        require(self.prefetch_factor >= 1, "data.prefetch_factor", "an integer >= 1", self.prefetch_factor)
+        require(self.shuffle_block_size >= 0, "data.shuffle_block_size", "an integer >= 0", self.shuffle_block_size)
+        require(
             0.0 < self.eval_mlm_probability < 1.0, "data.eval_mlm_probability", "in (0, 1)", self.eval_mlm_probability
         )
 
@@ -343,26 +345,26 @@ class TrackingConfig:
 
     def __post_init__(self) -> None:
         uri = self.tracking_uri
-        _require(
+        require(
             uri in ("", "databricks") or ("://" in uri and not uri.startswith("file:")),
             "tracking.tracking_uri",
             'a URI such as http://127.0.0.1:5000 or sqlite:////abs/mlflow.db (file: stores are deprecated), or ""',
             self.tracking_uri,
         )
-        _require(self.experiment.strip() != "", "tracking.experiment", "a non-empty name", self.experiment)
-        _require(
+        require(self.experiment.strip() != "", "tracking.experiment", "a non-empty name", self.experiment)
+        require(
             "/" not in self.registered_model and ":" not in self.registered_model,
             "tracking.registered_model",
             'a model name without "/" or ":", or ""',
             self.registered_model,
         )
         for name in ("flush_every_seconds", "retry_every_seconds"):
-            _require(getattr(self, name) > 0, f"tracking.{name}", "> 0", getattr(self, name))
+            require(getattr(self, name) > 0, f"tracking.{name}", "> 0", getattr(self, name))
         for name in ("start_timeout_seconds", "close_timeout_seconds"):
-            _require(getattr(self, name) >= 0, f"tracking.{name}", ">= 0", getattr(self, name))
+            require(getattr(self, name) >= 0, f"tracking.{name}", ">= 0", getattr(self, name))
         entries = self.flush_every_entries
-        _require(entries >= 1, "tracking.flush_every_entries", "an integer >= 1", entries)
-        _require(
+        require(entries >= 1, "tracking.flush_every_entries", "an integer >= 1", entries)
+        require(
             self.max_buffered_metrics >= self.flush_every_entries,
             "tracking.max_buffered_metrics",
             f">= tracking.flush_every_entries={self.flush_every_entries}",
@@ -382,7 +384,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             self.train.seq_len <= self.model.l_max,
             "train.seq_len",
             f"<= model.l_max={self.model.l_max}",
@@ -420,7 +422,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
-        return _build(tp, value, key)
+        return config_section_from_dict(tp, value, key)
     if origin is Literal:
         if value not in typing.get_args(tp):
             raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
@@ -465,7 +467,10 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"{key}: unsupported config annotation {tp!r}")
 
 
-def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+def config_section_from_dict(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    """The config dataclass `cls` (a section such as ModelConfig, or Config itself) from plain values
+    as read from YAML or JSON, each converted to its field's type; an unknown key or a value of the
+    wrong type raises ConfigError naming its dotted path under `prefix`."""
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
@@ -563,7 +568,7 @@ def config_from_dict(values: dict[str, Any], source: str = "<dict>") -> Config:
 
 def _build_named(cls: type, values: dict[str, Any], source: str) -> Any:
     try:
-        return _build(cls, values, "")
+        return config_section_from_dict(cls, values, "")
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
 
@@ -583,7 +588,7 @@ def load_yaml_config(cls: type, name_or_path: str | Path, overrides: list[str] |
         origins.update(dict.fromkeys(_leaf_keys(parsed)))
     source = f"{path}" + (f" with overrides {' '.join(overrides)}" if overrides else "")
     try:
-        return _build(cls, values, "")
+        return config_section_from_dict(cls, values, "")
     except ConfigError as err:
         origin = _origin_of(err, origins)
         if origin is not None and origin != path:

@@ -261,7 +261,10 @@ class NullTracker(Tracker):
 
 
 @lru_cache(maxsize=1024)
-def _mlflow_key(key: str) -> str:
+def mlflow_key(key: str) -> str:
+    """`key` as MLflow accepts a param or metric name: other characters than letters, digits, "_",
+    "/", ".", "-" and space become "_", empty and relative path parts are dropped, and it is cut to
+    MAX_KEY_LENGTH."""
     # MLflow rejects (and so drops the whole batch for) names outside [/\w.\- :] or with empty or
     # relative path parts.
     cleaned = re.sub(r"[^/\w.\- ]", "_", str(key))
@@ -359,7 +362,7 @@ class MlflowTracker(Tracker):
         """
         if self._thread is not None:
             raise RuntimeError("MlflowTracker.start: the run was started already")
-        params = {_mlflow_key(key): str(value)[:MAX_PARAM_VALUE_LENGTH] for key, value in params.items()}
+        params = {mlflow_key(key): str(value)[:MAX_PARAM_VALUE_LENGTH] for key, value in params.items()}
         self._run_id = resume_run_id
         self._enqueue(
             _Task(f"open the run in {self._uri}", lambda client: self._open_run(client, run_name, resume_run_id), True)
@@ -378,7 +381,7 @@ class MlflowTracker(Tracker):
             points = []
             for key, value in metrics.items():
                 try:
-                    points.append((_mlflow_key(key), float(value), timestamp, int(step)))
+                    points.append((mlflow_key(key), float(value), timestamp, int(step)))
                 except (TypeError, ValueError):
                     self._warn_once(f"value:{key}", "MLflow tracking: metric %r is %r, skipped", key, value)
             with self._lock:
@@ -1069,7 +1072,7 @@ class StageRun:
             if commit is not None:
                 run_tags["mlflow.source.git.commit"] = commit[0]
             run = client.create_run(experiment_id, run_name=run_name, tags=run_tags)
-            flat = {_mlflow_key(k): str(v)[:MAX_PARAM_VALUE_LENGTH] for k, v in params.items()}
+            flat = {mlflow_key(k): str(v)[:MAX_PARAM_VALUE_LENGTH] for k, v in params.items()}
             items = [Param(k, v) for k, v in flat.items()]
             for begin in range(0, len(items), _PARAMS_PER_BATCH):
                 client.log_batch(run.info.run_id, params=items[begin : begin + _PARAMS_PER_BATCH], synchronous=True)
@@ -1082,7 +1085,7 @@ class StageRun:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(_mlflow_key(k), float(v), now, step) for k, v in metrics.items()]
+        items = [Metric(mlflow_key(k), float(v), now, step) for k, v in metrics.items()]
         self.call("log metrics", lambda client: client.log_batch(self.run_id, metrics=items, synchronous=True))
 
     def set_tags(self, tags: Mapping[str, str]) -> None:

@@ -33,7 +33,7 @@ def _rand(*shape, dtype=torch.float32, requires_grad=False):
 @pytest.mark.parametrize("residual", [True, False])
 def test_opcheck_fftconv(residual):
     batch, dim, length = 2, 16, 40
-    plan = list(triton_fftconv._plan(length, triton_fftconv._MAX_ONCHIP, triton_fftconv._TILE))
+    plan = list(triton_fftconv.fft_plan(length, triton_fftconv.MAX_ONCHIP, triton_fftconv.TILE))
     u, x1, x2, v = (_rand(batch, dim, length, requires_grad=True) for _ in range(4))
     k = _rand(dim, 2 * length) * 0.1
     k1r, k1i = (t.requires_grad_() for t in triton_fftconv.filter_spectrum(k, length, plan))

@@ -15,7 +15,7 @@ the post-gate and the residual convolution are fused, so each input and output c
 The two inverse transforms of a step share one complex transform: both results are real, so
 `IDFT(Y1 + i Y2) = y1 + i y2`.
 Other sizes add an outer radix R = N / M (M = 256 below N = 4096, M = 4096 above: the plan that
-measured fastest, see `_plan`): one program per (channel block, outer frequency r) computes row r
+measured fastest, see `fft_plan`): one program per (channel block, outer frequency r) computes row r
 of the outer R-point DFT from the data (read through L2 R times), runs the on-chip transform, and
 writes its inverse row to a complex fp32 scratch; a second kernel combines the R rows (the outer
 inverse DFT) and applies the gates.
@@ -36,12 +36,13 @@ import triton
 import triton.language as tl
 
 from kernels.triton_common import dot_precision, new_output
-# Cap on the on-chip transform size M (a power of two >= 256; tests lower it).
-_MAX_ONCHIP = 4096
+# Cap on the on-chip transform size M (a power of two >= 256; tests lower it). MAX_ONCHIP, TILE and
+# NUM_WARPS are the defaults of the plan; tools/bench_kernels.py --variants overrides them to tune.
+MAX_ONCHIP = 4096
 # Elements (channels x spectrum) of one program's tile when the transform is small.
-_TILE = 2048
+TILE = 2048
 # Warps per program of the main kernels; None picks by tile size.
-_NUM_WARPS = None
+NUM_WARPS = None
 MAX_SEQLEN = 32768
 
 
@@ -586,7 +587,7 @@ def _next_pow2(x: int) -> int:
     return 1 << max(x - 1, 0).bit_length()
 
 
-def _plan(length: int, max_onchip: int, tile: int) -> tuple[int, int, int, int, int, int, int]:
+def fft_plan(length: int, max_onchip: int, tile: int) -> tuple[int, int, int, int, int, int, int]:
     """(N, R, M1, M2, P2, K1, C) for sequences of `length`: FFT size N = R * M with the on-chip
     transform M = M1 * M2 in two stages (P2 == 1) or three (M2 = P2 * P3, radix 16), K1 columns of
     the time tile that hold data, C channels per program."""
@@ -645,7 +646,7 @@ def _launch_config(batch: int, dim: int, plan, device: torch.device, waves: int)
     b_per = triton.cdiv(batch, nsplit)
     nsplit = triton.cdiv(batch, b_per)
     tile = c * m1 * m2
-    num_warps = _NUM_WARPS or (4 if tile <= 1024 else 8)
+    num_warps = NUM_WARPS or (4 if tile <= 1024 else 8)
     return b_per, nsplit, num_warps
 
 
@@ -763,7 +764,7 @@ def _spectra(k1r, k1i, k2r, k2i):
     return [t.contiguous() if t is not None else None for t in (k1r, k1i, k2r, k2i)]
 
 
-# The filters enter as spectra (see `filter_spectrum`); `plan` is `_plan`'s tuple. The residual
+# The filters enter as spectra (see `filter_spectrum`); `plan` is `fft_plan`'s tuple. The residual
 # branch is present iff k2r is given. Outputs are fresh contiguous tensors, as the fake
 # implementations state to torch.compile.
 @torch.library.custom_op("m2dist::fftconv", mutates_args=())
@@ -856,7 +857,7 @@ def gated_long_conv(
     k2_DN: torch.Tensor | None = None,
     d2_D: torch.Tensor | None = None,
     *,
-    max_onchip: int = _MAX_ONCHIP,
+    max_onchip: int = MAX_ONCHIP,
 ) -> torch.Tensor:
     """`y = (conv(v * x1; k1) + (v * x1) * d1) * x2 + conv(u; k2) + u * d2` through Triton.
 
@@ -872,7 +873,7 @@ def gated_long_conv(
     length = v_BDL.shape[-1]
     if max_onchip < 256 or max_onchip & (max_onchip - 1):
         raise ValueError(f"max_onchip must be a power of two >= 256, got {max_onchip}")
-    plan = _plan(int(length), max_onchip, _TILE)
+    plan = fft_plan(int(length), max_onchip, TILE)
     k1r, k1i = filter_spectrum(k1_DN, length, plan)
     k2r = k2i = None
     if k2_DN is not None:

@@ -83,16 +83,16 @@ def bench_fftconv(lengths, tokens, dim, variants, copy_bw, toeplitz_max):
             print(_fmt_fft(rows[-1]), flush=True)
 
         for variant in variants or [None]:
-            saved = (triton_fftconv._TILE, triton_fftconv._NUM_WARPS)
+            saved = (triton_fftconv.TILE, triton_fftconv.NUM_WARPS)
             if variant is not None:
-                triton_fftconv._TILE, triton_fftconv._NUM_WARPS = variant[1], variant[2]
-            max_onchip = variant[0] if variant is not None else triton_fftconv._MAX_ONCHIP
-            plan = triton_fftconv._plan(length, max_onchip, triton_fftconv._TILE)
+                triton_fftconv.TILE, triton_fftconv.NUM_WARPS = variant[1], variant[2]
+            max_onchip = variant[0] if variant is not None else triton_fftconv.MAX_ONCHIP
+            plan = triton_fftconv.fft_plan(length, max_onchip, triton_fftconv.TILE)
             if plan[1] <= 64:  # the outer combine unrolls R rows
                 label = "FFT N={} R={} M={}x{} C={}".format(plan[0], plan[1], plan[2], plan[3], plan[6])
                 label += f" w={variant[2]}" if variant else ""
                 measure(label, functools.partial(triton_fftconv.gated_long_conv, max_onchip=max_onchip))
-            triton_fftconv._TILE, triton_fftconv._NUM_WARPS = saved
+            triton_fftconv.TILE, triton_fftconv.NUM_WARPS = saved
         if length <= toeplitz_max:
             for split in (True, False):
                 label = "Toeplitz GEMM" + ("" if split else ", filter in bf16")

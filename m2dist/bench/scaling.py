@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from m2dist.config import load_config
-from m2dist.engine.distributed import _free_port
+from m2dist.engine.distributed import free_port
 from m2dist.engine.metrics import METRICS_FILE, read_metrics
 
 TRAIN_SCRIPT = Path(__file__).resolve().parents[1] / "train.py"
@@ -87,7 +87,7 @@ def run_training(
     """Run m2dist/train.py on `num_gpus` ranks with `output_dir`, its output in `log`; return the
     records of its metrics.jsonl. Raises RunFailed naming `name` and `log`."""
     command = [
-        *shlex.split(launcher or default_launcher()), "--num_gpus", str(num_gpus), "--master_port", str(_free_port()),
+        *shlex.split(launcher or default_launcher()), "--num_gpus", str(num_gpus), "--master_port", str(free_port()),
         str(TRAIN_SCRIPT), "--config", config, *overrides, f"train.output_dir={output_dir}",
     ]  # fmt: skip
     with open(log, "w") as out:

@@ -13,7 +13,7 @@ import torch
 
 from m2dist.checkpoint.io import read_safetensors_header, read_safetensors_into
 from m2dist.checkpoint.upstream import key_problems, shared_keys_problem, state_dict_error
-from m2dist.config import ModelConfig, _build
+from m2dist.config import ModelConfig, config_section_from_dict
 from m2dist.errors import CheckpointError, ConfigError, OutputExistsError
 from m2dist.models import MaskedLM, SequenceClassifier
 
@@ -59,7 +59,7 @@ def load_release(path: str | Path) -> MaskedLM | SequenceClassifier:
     if "model" not in meta:
         raise CheckpointError(f"{config_file}: expected a 'model' section (an upstream config.json? use import_upstream)")
     try:
-        config = _build(ModelConfig, meta["model"], "model")
+        config = config_section_from_dict(ModelConfig, meta["model"], "model")
     except ConfigError as err:
         raise CheckpointError(f"{config_file}: {err}") from None
     if meta.get("task") == "classification":

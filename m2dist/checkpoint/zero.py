@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from m2dist.checkpoint.io import load_deepspeed_file, safe_torch_load
-from m2dist.config import ModelConfig, _build
+from m2dist.config import ModelConfig, config_section_from_dict
 from m2dist.engine.checkpoint import (
     CLIENT_STATE, COMPLETE, LATEST, MANIFEST, complete_tags, find_resume_tag, verify_tag,
 )  # fmt: skip
@@ -152,7 +152,7 @@ def client_state(root: Path, tag: str) -> dict[str, Any]:
 
 def model_config(state: Mapping[str, Any], source: str) -> ModelConfig:
     try:
-        return _build(ModelConfig, dict(state["config"]["model"]), "model")
+        return config_section_from_dict(ModelConfig, dict(state["config"]["model"]), "model")
     except (KeyError, TypeError):
         raise CheckpointError(f"{source}: client state has no 'config' with a 'model' section") from None
     except ConfigError as err:

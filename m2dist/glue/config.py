@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from m2dist.config import CONFIG_DIR, TrackingConfig, _require, load_yaml_config
+from m2dist.config import CONFIG_DIR, TrackingConfig, load_yaml_config, require
 from m2dist.errors import ConfigError
 
 GLUE_CONFIG_DIR = CONFIG_DIR / "glue"
@@ -44,11 +44,11 @@ class TaskConfig:
     init_from_mnli: bool = False
 
     def check(self, key: str) -> None:
-        _require(self.lr > 0, f"{key}.lr", "> 0", self.lr)
-        _require(self.weight_decay >= 0, f"{key}.weight_decay", ">= 0", self.weight_decay)
-        _require(self.epochs >= 1, f"{key}.epochs", "an integer >= 1", self.epochs)
-        _require(self.batch_size >= 1, f"{key}.batch_size", "an integer >= 1", self.batch_size)
-        _require(
+        require(self.lr > 0, f"{key}.lr", "> 0", self.lr)
+        require(self.weight_decay >= 0, f"{key}.weight_decay", ">= 0", self.weight_decay)
+        require(self.epochs >= 1, f"{key}.epochs", "an integer >= 1", self.epochs)
+        require(self.batch_size >= 1, f"{key}.batch_size", "an integer >= 1", self.batch_size)
+        require(
             len(self.seeds) >= 1 and len(set(self.seeds)) == len(self.seeds),
             f"{key}.seeds",
             "a non-empty list of distinct integers",
@@ -72,10 +72,10 @@ class TextTaskConfig(TaskConfig):
 
     def check(self, key: str) -> None:
         super().check(key)
-        _require(self.init_from_mnli is False, f"{key}.init_from_mnli", "false for the text task", self.init_from_mnli)
+        require(self.init_from_mnli is False, f"{key}.init_from_mnli", "false for the text task", self.init_from_mnli)
         for name in ("text_column", "label_column"):
-            _require(getattr(self, name) != "", f"{key}.{name}", "a column name", getattr(self, name))
-        _require(0.0 < self.dev_fraction < 1.0, f"{key}.dev_fraction", "in (0, 1)", self.dev_fraction)
+            require(getattr(self, name) != "", f"{key}.{name}", "a column name", getattr(self, name))
+        require(0.0 < self.dev_fraction < 1.0, f"{key}.dev_fraction", "in (0, 1)", self.dev_fraction)
 
 
 @dataclass
@@ -94,7 +94,7 @@ class GlueTasks:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             getattr(self, f.name).check(f"tasks.{f.name}")
-        _require(not self.mnli.init_from_mnli, "tasks.mnli.init_from_mnli", "false", self.mnli.init_from_mnli)
+        require(not self.mnli.init_from_mnli, "tasks.mnli.init_from_mnli", "false", self.mnli.init_from_mnli)
 
 
 @dataclass
@@ -149,18 +149,18 @@ class GlueConfig:
     def __post_init__(self) -> None:
         from kernels import blockdiag, fftconv
 
-        _require(self.name.strip() != "", "name", "a non-empty name", self.name)
-        _require(self.seq_len >= 0, "seq_len", "an integer >= 0", self.seq_len)
-        _require(
+        require(self.name.strip() != "", "name", "a non-empty name", self.name)
+        require(self.seq_len >= 0, "seq_len", "an integer >= 0", self.seq_len)
+        require(
             len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas), "betas", "two numbers in [0, 1)", self.betas
         )
-        _require(self.eps > 0, "eps", "> 0", self.eps)
-        _require(0.0 <= self.warmup_fraction < 1.0, "warmup_fraction", "in [0, 1)", self.warmup_fraction)
+        require(self.eps > 0, "eps", "> 0", self.eps)
+        require(0.0 <= self.warmup_fraction < 1.0, "warmup_fraction", "in [0, 1)", self.warmup_fraction)
         for name in ("filter_lr", "pos_emb_lr"):
-            _require(getattr(self, name) > 0, name, "> 0", getattr(self, name))
-        _require(self.filter_weight_decay >= 0, "filter_weight_decay", ">= 0", self.filter_weight_decay)
-        _require(self.fftconv in ("", *fftconv.BACKENDS), "fftconv", f"'' or one of {fftconv.BACKENDS}", self.fftconv)
-        _require(
+            require(getattr(self, name) > 0, name, "> 0", getattr(self, name))
+        require(self.filter_weight_decay >= 0, "filter_weight_decay", ">= 0", self.filter_weight_decay)
+        require(self.fftconv in ("", *fftconv.BACKENDS), "fftconv", f"'' or one of {fftconv.BACKENDS}", self.fftconv)
+        require(
             self.blockdiag in ("", *blockdiag.BACKENDS), "blockdiag", f"'' or one of {blockdiag.BACKENDS}", self.blockdiag
         )
         if self.model:
@@ -171,9 +171,9 @@ class GlueConfig:
             except ConfigError as err:
                 raise ConfigError(f"model: {err}") from None
         for name in ("eval_batch_size",):
-            _require(getattr(self, name) >= 1, name, "an integer >= 1", getattr(self, name))
+            require(getattr(self, name) >= 1, name, "an integer >= 1", getattr(self, name))
         for name in ("max_train_examples", "max_eval_examples"):
-            _require(getattr(self, name) >= 0, name, "an integer >= 0", getattr(self, name))
+            require(getattr(self, name) >= 0, name, "an integer >= 0", getattr(self, name))
 
     def task(self, name: str) -> TaskConfig:
         return getattr(self.tasks, name)

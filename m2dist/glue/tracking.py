@@ -27,7 +27,7 @@ from m2dist.tracking import (
     SOURCE_RUN_TAG,
     STAGE_TAG,
     TRAINING_RUN_TAG,
-    _mlflow_key,
+    mlflow_key,
     read_lineage,
     readable_run_name,
     release_in_mlflow_model,
@@ -187,7 +187,7 @@ class GlueTracking:
     def _log_params(self, run_id: str, params: Mapping[str, str]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(_mlflow_key(k), str(v)[:MAX_PARAM_VALUE_LENGTH]) for k, v in params.items()]
+        items = [Param(mlflow_key(k), str(v)[:MAX_PARAM_VALUE_LENGTH]) for k, v in params.items()]
         for start in range(0, len(items), 100):
             self._client.log_batch(run_id, params=items[start : start + 100], synchronous=True)
 
@@ -195,7 +195,7 @@ class GlueTracking:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(_mlflow_key(k), float(v), now, step) for k, v in metrics.items()]
+        items = [Metric(mlflow_key(k), float(v), now, step) for k, v in metrics.items()]
         self._client.log_batch(run_id, metrics=items, synchronous=True)
 
     def start_job(self, job_id: str, params: Mapping[str, str]) -> None:
