@@ -31,22 +31,23 @@ def require(ok: bool, key: str, expected: str, value: Any) -> None:
         raise ConfigError(f"{key}: expected {expected}, got {value!r}")
 
 
+# The implementations of an op in kernels/ (each op's BACKENDS; tests/test_config.py checks they agree).
+KernelBackend = Literal["auto", "reference", "triton"]
+KERNEL_BACKENDS: tuple[str, ...] = typing.get_args(KernelBackend)
+
+
 @dataclass
 class KernelConfig:
     # Implementation of the gated FFT long convolution: "reference" (torch.fft), "triton" (the
     # Triton kernels) or "auto" (Triton on an Ampere or newer GPU, the reference elsewhere).
-    fftconv: str = "auto"
+    fftconv: KernelBackend = "auto"
     # Implementation of the block-diagonal GLU MLP matmuls: "reference" (torch einsum), "triton"
     # or "auto", as above.
-    blockdiag: str = "auto"
+    blockdiag: KernelBackend = "auto"
 
     def __post_init__(self) -> None:
-        from kernels import blockdiag, fftconv
-
-        require(self.fftconv in fftconv.BACKENDS, "kernels.fftconv", f"one of {fftconv.BACKENDS}", self.fftconv)
-        require(
-            self.blockdiag in blockdiag.BACKENDS, "kernels.blockdiag", f"one of {blockdiag.BACKENDS}", self.blockdiag
-        )
+        require(self.fftconv in KERNEL_BACKENDS, "kernels.fftconv", f"one of {KERNEL_BACKENDS}", self.fftconv)
+        require(self.blockdiag in KERNEL_BACKENDS, "kernels.blockdiag", f"one of {KERNEL_BACKENDS}", self.blockdiag)
 
 
 @dataclass
@@ -254,6 +255,52 @@ class TrainConfig:
         )
 
 
+# Prefixes of the stream paths of `data.train` / `data.val` that are remote URLs, not local folders.
+REMOTE_SCHEMES = ("s3://",)
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """One MDS shard directory: a local path or a remote URL, and its share of the mix."""
+
+    # Local directory or remote URL (s3://bucket/prefix) holding index.json and the shards.
+    path: str
+    # Share of the samples drawn from this stream; None = in proportion to its size.
+    proportion: float | None = None
+
+    @property
+    def is_remote(self) -> bool:
+        return self.path.startswith(REMOTE_SCHEMES)
+
+
+def parse_streams(spec: str) -> list[StreamSpec]:
+    """`"s3://b/c4/train@0.8, /data/books/train@0.2"` -> two StreamSpec; `""` -> [].
+
+    Either every stream has a proportion or none has; proportions must be > 0.
+    """
+    streams = []
+    for item in (part.strip() for part in spec.split(",")):
+        if not item:
+            continue
+        path, sep, weight = item.rpartition("@")
+        if not sep:
+            streams.append(StreamSpec(item))
+            continue
+        try:
+            proportion = float(weight)
+        except ValueError:
+            expected = "expected PATH@PROPORTION with a number after '@'"
+            raise ValueError(f"stream {item!r}: {expected}, got {weight!r}") from None
+        if not path or proportion <= 0:
+            raise ValueError(f"stream {item!r}: expected PATH@PROPORTION with a path and a proportion > 0")
+        streams.append(StreamSpec(path, proportion))
+    if streams and len({s.proportion is None for s in streams}) > 1:
+        raise ValueError(f"{spec!r}: give a @PROPORTION to every stream or to none")
+    if len({s.path for s in streams}) < len(streams):
+        raise ValueError(f"{spec!r}: a stream is listed twice")
+    return streams
+
+
 @dataclass
 class DataConfig:
     # Training shards: comma-separated MDS directories or s3:// URLs written by tools/prepare_mds.py,
@@ -288,8 +335,6 @@ class DataConfig:
     eval_mlm_probability: float = 0.15
 
     def __post_init__(self) -> None:
-        from m2dist.data.streams import parse_streams
-
         for key in ("train", "val"):
             try:
                 streams = parse_streams(getattr(self, key))

@@ -28,6 +28,8 @@ class M2ReleaseModel(mlflow.pyfunc.PythonModel):
     """An m2dist MaskedLM or SequenceClassifier served from its release folder."""
 
     def load_context(self, context) -> None:
+        # Imported here, as torch in predict: MLflow runs this file when it logs the model, and only
+        # serving needs torch.
         from m2dist.checkpoint.release import load_release
 
         self.model = load_release(context.artifacts["release"]).eval()

@@ -40,7 +40,11 @@ from typing import Any, Literal
 
 import yaml
 
-from m2dist.config import TrackingConfig
+from m2dist.config import REMOTE_SCHEMES, TrackingConfig, parse_streams
+from m2dist.data.corpus import default_prepared_dir
+from m2dist.data.manifest import read_manifest
+from m2dist.data.prepare import prepare_mds
+from m2dist.data.tokenizer import DEFAULT_VOCAB, file_sha256, train_tokenizer_from_files
 
 logger = logging.getLogger(__name__)
 
@@ -774,8 +778,6 @@ def manifest_digest(manifest: Any) -> str:
 
 def shard_dataset(location: str | Path, manifest: Any) -> ShardDataset:
     """The MLflow dataset of the split at `location` (a local folder or an s3:// URL) with `manifest`."""
-    from m2dist.data.streams import REMOTE_SCHEMES
-
     location = str(location).rstrip("/")
     uri = location if location.startswith(REMOTE_SCHEMES) else Path(location).resolve().as_uri()
     name = "/".join(uri.rstrip("/").split("/")[-2:])
@@ -803,9 +805,6 @@ def training_datasets(config: Any) -> list[tuple[ShardDataset, str, dict[str, st
     and data.val, or the embedded corpus' splits. Remote manifests are downloaded."""
     import tempfile
 
-    from m2dist.data.manifest import read_manifest
-    from m2dist.data.streams import parse_streams
-
     data = config.data
     if data.train:
         streams = [(s, "train") for s in parse_streams(data.train)]
@@ -813,9 +812,6 @@ def training_datasets(config: Any) -> list[tuple[ShardDataset, str, dict[str, st
         where = [(s.path, context, {} if s.proportion is None else {"m2dist.proportion": str(s.proportion)})
                  for s, context in streams]  # fmt: skip
     else:
-        from m2dist.data.corpus import default_prepared_dir
-        from m2dist.data.tokenizer import DEFAULT_VOCAB
-
         seq_len = config.train.seq_len or config.model.l_max
         tokenizer = Path(data.tokenizer) if data.tokenizer else DEFAULT_VOCAB
         root = Path(data.prepared_dir) if data.prepared_dir else default_prepared_dir(seq_len, tokenizer)
@@ -830,8 +826,6 @@ def training_datasets(config: Any) -> list[tuple[ShardDataset, str, dict[str, st
 def log_training_inputs(tracker: Tracker, config: Any) -> None:
     """Log the run's input datasets (the shard splits, context train/validation), its stage and its
     tokenizer's SHA-256, from the tracker's thread. A manifest that cannot be read is warned about."""
-    from m2dist.data.tokenizer import DEFAULT_VOCAB, file_sha256
-
     if isinstance(tracker, NullTracker):
         return
     tokenizer = Path(config.data.tokenizer) if config.data.tokenizer else DEFAULT_VOCAB
@@ -939,6 +933,8 @@ def log_final_model(
     tracking is off, `tracking.log_model` is false or the conversion failed (warned)."""
     if isinstance(tracker, NullTracker) or not config.tracking.log_model:
         return None
+    # Imported here: the checkpoint modules import torch, which the data tools and their spawned
+    # workers (tools/prepare_mds.py, tools/train_tokenizer.py) that import this module do without.
     from m2dist.checkpoint.convert import convert_checkpoint
 
     output_dir = Path(output_dir)
@@ -957,8 +953,6 @@ def log_final_model(
     if name:
 
         def register(client: Any, run_id: str) -> None:
-            from m2dist.data.tokenizer import DEFAULT_VOCAB, file_sha256
-
             tokenizer = Path(config.data.tokenizer) if config.data.tokenizer else DEFAULT_VOCAB
             tags = {TRAINING_RUN_TAG: run_id, TOKENIZER_SHA_TAG: file_sha256(tokenizer), "m2dist.config_name": config.name}
             version = register_model_version(client, name, run_id, tags)
@@ -1162,8 +1156,6 @@ def tracked_tokenizer_training(
     """tools/train_tokenizer.py: `train_tokenizer_from_files` in a run with its settings as params,
     documents, characters, seconds and throughput as metrics, the SHA-256 as a tag and the
     .model/.vocab files as artifacts (under tokenizer/). Returns the tokenizer."""
-    from m2dist.data.tokenizer import train_tokenizer_from_files
-
     params = {
         "inputs": json.dumps([str(p) for p in inputs]), "model_path": str(model_path), "vocab_size": vocab_size,
         "model_type": model_type, "character_coverage": character_coverage, "lowercase": lowercase,
@@ -1203,9 +1195,6 @@ def tracked_prepare_mds(
     and the throughput as metrics, the manifests as artifacts (manifests/), and each split logged
     as an MLflow dataset (context "prepared-train" / "prepared-validation") named after its folder
     with the manifest's digest. Returns prepare_mds's result."""
-    from m2dist.data.prepare import prepare_mds
-    from m2dist.data.tokenizer import DEFAULT_VOCAB
-
     params = {
         "inputs": json.dumps([str(p) for p in inputs]), "out": str(out),
         "tokenizer": str(tokenizer_path or DEFAULT_VOCAB), "max_len": max_len, "mode": mode,
@@ -1242,6 +1231,7 @@ def tracked_prepare_mds(
 def source_lineage(source: str | Path, tag: str | None = None) -> dict[str, str]:
     """What a conversion's source says of its origin: a training run's MLflow run id and store
     (from its checkpoint), or the lineage file of a model folder; {} when unknown."""
+    # Imported here, as in log_final_model: torch.
     from m2dist.checkpoint import zero
 
     source = Path(source)
@@ -1277,6 +1267,7 @@ def tracked_convert(
     and the model card and config as artifacts. With `register` (a release only), the result is
     logged as the run's MLflow model and registered as a new version of that name. A release
     written here gets a lineage file. Returns the written path."""
+    # Imported here, as in log_final_model: torch.
     from m2dist.checkpoint.convert import convert_checkpoint
 
     if register and to != "release":

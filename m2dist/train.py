@@ -35,6 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     config = load_config(args.config, args.overrides)
+    # Imported after the config: a config error is reported before the seconds of torch imports.
     from m2dist.engine.trainer import train
 
     train(config)

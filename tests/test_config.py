@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from m2dist.config import CONFIG_DIR, load_config
+from kernels import blockdiag, fftconv
+from m2dist.config import CONFIG_DIR, KERNEL_BACKENDS, load_config
 from m2dist.errors import ConfigError
 
 ALL_CONFIGS = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
@@ -100,3 +101,7 @@ def test_bad_override_is_named():
 def test_missing_file_lists_shipped_configs():
     with pytest.raises(ConfigError, match="no such config file.*m2-bert-80M"):
         load_config("m2-bert-999M")
+
+
+def test_kernel_backends_are_the_ops_backends():
+    assert set(KERNEL_BACKENDS) == set(fftconv.BACKENDS) == set(blockdiag.BACKENDS)

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from m2dist.data.corpus import EMBEDDED_CORPUS
-from m2dist.data.prepare import prepare_mds, read_documents
+from m2dist.data.prepare import prepare_mds
+from m2dist.data.readers import read_documents
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = 640  # 2 ranks x 8 per batch x 40 batches: no padding, no dropped tail

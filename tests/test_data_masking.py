@@ -6,7 +6,7 @@ import torch
 
 from m2dist.data.corpus import EMBEDDED_CORPUS
 from m2dist.data.masking import IGNORE_INDEX, mask_sample, mask_tokens
-from m2dist.data.prepare import read_documents
+from m2dist.data.readers import read_documents
 from m2dist.data.tokenizer import load_tokenizer
 
 L = 128

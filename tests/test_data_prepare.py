@@ -9,7 +9,8 @@ import pytest
 
 from m2dist.data.corpus import EMBEDDED_CORPUS
 from m2dist.data.manifest import Expected, check_manifest, read_manifest
-from m2dist.data.prepare import prepare_mds, read_documents, token_dtype, val_split_of
+from m2dist.data.prepare import prepare_mds, token_dtype, val_split_of
+from m2dist.data.readers import read_documents
 from m2dist.data.tokenizer import load_tokenizer
 from m2dist.errors import DataError, InputError, ManifestMismatchError
 

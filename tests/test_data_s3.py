@@ -18,7 +18,8 @@ from m2dist.data.corpus import EMBEDDED_CORPUS
 from m2dist.data.loader import build_mlm_dataloader
 from m2dist.data.manifest import read_manifest
 from m2dist.data.masking import IGNORE_INDEX
-from m2dist.data.prepare import prepare_mds, read_documents
+from m2dist.data.prepare import prepare_mds
+from m2dist.data.readers import read_documents
 from m2dist.data.tokenizer import load_tokenizer
 from m2dist.errors import DataError
 

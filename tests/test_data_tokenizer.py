@@ -5,7 +5,7 @@ import re
 import pytest
 
 from m2dist.data.corpus import EMBEDDED_CORPUS
-from m2dist.data.prepare import read_documents
+from m2dist.data.readers import read_documents
 from m2dist.data.tokenizer import (
     DEFAULT_VOCAB,
     SENTENCEPIECE_SPECIAL_IDS,

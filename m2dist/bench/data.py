@@ -12,6 +12,12 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from m2dist.config import config_from_dict
+from m2dist.data.corpus import EMBEDDED_CORPUS
+from m2dist.data.loader import build_mlm_dataloader, close_mlm_dataloader
+from m2dist.data.manifest import MANIFEST_NAME
+from m2dist.data.prepare import prepare_mds
+
 # Tokens/s of one H200 training M2-BERT-80M with the upstream code (bf16, torch.fft path), by
 # sequence length; measured for ../shared/PLATFORM_NOTES.md. The nearest length below is used.
 GPU_TOKENS_PER_S_80M = {128: 41_000, 512: 60_000, 2048: 60_000, 8192: 57_000}
@@ -44,10 +50,6 @@ def gpu_tokens_per_s(seq_len: int) -> int:
 def bench_shards(seq_len: int, work_dir: Path, min_samples: int = 2000) -> Path:
     """`concat` shards of the embedded corpus at `seq_len` (repeated until there are about
     `min_samples` windows, so that an epoch outlasts the measurement), reused if already made."""
-    from m2dist.data.corpus import EMBEDDED_CORPUS
-    from m2dist.data.manifest import MANIFEST_NAME
-    from m2dist.data.prepare import prepare_mds
-
     out = work_dir / f"embedded-concat-L{seq_len}"
     if not (out / "train" / MANIFEST_NAME).is_file():
         corpus_tokens = 1_200_000
@@ -68,9 +70,6 @@ def bench_data_path(
 ) -> BenchResult:
     """Time `num_batches` batches of B = tokens_per_batch // seq_len sequences from the training
     loader (shuffle and masking on) over `bench_shards`, after 2 batches per worker of warm-up."""
-    from m2dist.config import config_from_dict
-    from m2dist.data.loader import build_mlm_dataloader, close_mlm_dataloader
-
     micro_batch_size = max(1, tokens_per_batch // seq_len)
     shards = bench_shards(seq_len, Path(work_dir))
     config = config_from_dict(

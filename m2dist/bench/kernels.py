@@ -12,7 +12,9 @@ import torch
 import triton.testing
 
 from kernels.blockdiag import reference as blockdiag_reference
+from kernels.blockdiag import triton_blockdiag
 from kernels.fftconv import reference as fftconv_reference
+from kernels.fftconv import triton_fftconv, triton_toeplitz
 
 
 def _bench(fn) -> float:
@@ -42,8 +44,6 @@ def _fwd_bwd(fn, inputs, upstream):
 
 
 def bench_fftconv(lengths, tokens, dim, variants, copy_bw, toeplitz_max):
-    from kernels.fftconv import triton_fftconv, triton_toeplitz
-
     rows = []
     for length in lengths:
         batch = max(1, tokens // length)
@@ -107,8 +107,6 @@ def _fmt_fft(r):
 
 
 def bench_glu_mlp(dims, tokens, gemm_rate):
-    from kernels.blockdiag import triton_blockdiag
-
     rows = []
     for dim in dims:
         inner, nblocks = 4 * dim, 4

@@ -19,6 +19,7 @@ import torch
 
 from m2dist.config import Config, KernelConfig, ModelConfig, load_config
 from m2dist.engine.metrics import peak_flops, training_flops_per_token
+from m2dist.engine.trainer import Trainer
 from m2dist.models import build_masked_lm
 
 
@@ -177,8 +178,6 @@ def engine_config(name: str, seq_len: int, batch_size: int, output_dir: str) -> 
 def benchmark_engine_step(label: str, name: str, seq_len: int, batch_size: int, steps: int = 10) -> BenchResult:
     """tokens/s of `m2dist/train.py`'s step (`Trainer.train_step`: DeepSpeed with the config's ZeRO
     stage and precision, the data loader, the schedule) on one device, timed as `benchmark_step`."""
-    from m2dist.engine.trainer import Trainer
-
     with tempfile.TemporaryDirectory(prefix="m2dist-engine-bench-") as out:
         cfg = engine_config(name, seq_len, batch_size, out)
         trainer = Trainer(cfg)

@@ -25,6 +25,7 @@ from m2dist.checkpoint import zero
 from m2dist.checkpoint.io import load_deepspeed_file, read_safetensors_header, write_safetensors
 from m2dist.checkpoint.release import CONFIG_FILE, RELEASE_FORMAT, WEIGHTS_FILE, load_release, save_release
 from m2dist.checkpoint.upstream import WEIGHT_FILES, export_upstream, import_upstream
+from m2dist.data.tokenizer import DEFAULT_VOCAB
 from m2dist.errors import CheckpointError, OutputExistsError
 from m2dist.models import MaskedLM, SequenceClassifier
 
@@ -213,8 +214,6 @@ def _check_release_dtypes(weights_file: Path, dtype: torch.dtype) -> None:
 def _copy_tokenizer(state: dict[str, Any], destination: Path) -> str:
     """Copy the run's tokenizer (data.tokenizer, or the shipped default vocab) as vocab.txt or
     tokenizer.model; returns the file name."""
-    from m2dist.data.tokenizer import DEFAULT_VOCAB
-
     configured = state["config"].get("data", {}).get("tokenizer", "")
     path = Path(configured) if configured else DEFAULT_VOCAB
     if not path.is_file():
@@ -253,6 +252,8 @@ def _zero_to_universal(source: Path, destination: Path, tag: str | None) -> Path
     """DeepSpeed's universal checkpoint of a run's tag, made by the engine's CheckpointManager
     (ds_to_universal with the missing ZeRO-1/2 state injected). The engine resumes from it on another
     world size when it sits at `<output_dir>/checkpoints/<tag>_universal`."""
+    # Imported here: the checkpoint formats sit below the engine (which imports checkpoint.extend);
+    # this one conversion borrows the engine's checkpoint writer.
     from m2dist.engine.checkpoint import UNIVERSAL_SUFFIX, CheckpointManager
     from m2dist.engine.distributed import DistEnv
 

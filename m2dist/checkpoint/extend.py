@@ -39,6 +39,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from m2dist.checkpoint.convert import load_any
+from m2dist.checkpoint.upstream import check_state_dict
 from m2dist.config import ModelConfig
 from m2dist.errors import CheckpointError
 from m2dist.models import MaskedLM, SequenceClassifier
@@ -135,9 +137,6 @@ def warm_start(model: MaskedLM | SequenceClassifier, source: str | Path) -> str:
     """Load into `model` the weights of `source` (a training run, one of its checkpoints, a release
     folder or an upstream checkpoint: whatever `convert.load_any` reads), extended to the model's
     l_max. Returns a one-line account for the log."""
-    from m2dist.checkpoint.convert import load_any
-    from m2dist.checkpoint.upstream import check_state_dict
-
     source_model = load_any(source)
     check_compatible(source_model.config, model.config, str(source))
     target_l_max = model.config.l_max

@@ -16,8 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from m2dist.config import load_config
 from m2dist.data.manifest import MANIFEST_NAME, read_manifest
-from m2dist.data.tokenizer import ASSETS, DEFAULT_VOCAB, file_sha256
+from m2dist.data.prepare import prepare_mds
+from m2dist.data.readers import read_documents
+from m2dist.data.tokenizer import ASSETS, DEFAULT_VOCAB, file_sha256, train_sentencepiece
 from m2dist.errors import DataError, OutputExistsError
 
 EMBEDDED_CORPUS = ASSETS / "python-docs-3.11.txt.gz"
@@ -47,8 +50,6 @@ def default_prepared_dir(max_len: int, tokenizer_path: str | Path | None = None)
 
 
 def _debug_seq_len() -> int:
-    from m2dist.config import load_config
-
     config = load_config("debug")
     return config.train.seq_len or config.model.l_max
 
@@ -118,9 +119,6 @@ def prepare_default_dataset(
     Shards already in `out_dir` with the same settings are reused; otherwise they are built in a
     sibling folder and renamed into place, so concurrent callers (one per node) do not collide.
     """
-    from m2dist.data.prepare import prepare_mds
-    from m2dist.data.tokenizer import train_sentencepiece
-
     if tokenizer_path and sentencepiece_vocab_size:
         raise ValueError("give tokenizer_path or sentencepiece_vocab_size, not both")
     out_dir = Path(out_dir)
@@ -142,8 +140,6 @@ def prepare_default_dataset(
     try:
         staged_tokenizer = tokenizer_path
         if sentencepiece_vocab_size:
-            from m2dist.data.prepare import read_documents
-
             staged_tokenizer = staging / "tokenizer.model"
             documents = (d.text for d in itertools.islice(read_documents(EMBEDDED_CORPUS, "lines"), max_documents))
             train_sentencepiece(documents, staged_tokenizer, sentencepiece_vocab_size, model_type="unigram")

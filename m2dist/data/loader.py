@@ -27,21 +27,19 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from streaming import Stream, StreamingDataLoader, StreamingDataset
 
+from m2dist.config import Config, StreamSpec, parse_streams
+from m2dist.data.corpus import default_prepared_dir, prepare_default_dataset
 from m2dist.data.manifest import Expected, Manifest, check_manifest, read_manifest
 from m2dist.data.masking import mask_sample
-from m2dist.data.streams import StreamSpec, parse_streams
 from m2dist.data.tokenizer import DEFAULT_VOCAB, SpecialIds, file_sha256
 from m2dist.errors import ConfigError, DataError
-
-if TYPE_CHECKING:
-    from m2dist.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +293,6 @@ def resolve_streams(
         return streams
     if data.val:
         raise ConfigError(f"data.val: expected empty when data.train is empty (the embedded corpus), got {data.val!r}")
-    from m2dist.data.corpus import default_prepared_dir, prepare_default_dataset
 
     out_dir = Path(data.prepared_dir) if data.prepared_dir else default_prepared_dir(seq_len, tokenizer_path)
     if _local_rank() == 0:

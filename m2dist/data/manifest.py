@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from m2dist.data.streams import REMOTE_SCHEMES
+from m2dist.config import REMOTE_SCHEMES
 from m2dist.errors import DataError, ManifestMismatchError
 
 MANIFEST_NAME = "m2dist_manifest.json"

@@ -16,10 +16,7 @@ Output: `OUT/train/` and `OUT/val/`, each with MDS shards (zstd, size limit), `i
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import io
-import json
 import logging
 import multiprocessing
 import os
@@ -33,26 +30,18 @@ from typing import Literal
 
 import numpy as np
 
+from m2dist.config import REMOTE_SCHEMES
 from m2dist.data.manifest import MANIFEST_NAME, Manifest, ManifestCounts
-from m2dist.data.streams import REMOTE_SCHEMES
+from m2dist.data.readers import BadLines, Document, InputFormat, read_documents
 from m2dist.data.tokenizer import Tokenizer, load_tokenizer
-from m2dist.errors import DataError, InputError, OutputExistsError
+from m2dist.errors import DataError, OutputExistsError
 
 log = logging.getLogger(__name__)
 
 Mode = Literal["pad", "concat"]
-InputFormat = Literal["auto", "lines", "paragraphs", "jsonl", "parquet"]
 SPLITS = ("train", "val")
 # Documents handed to a tokenizer worker at once.
 CHUNK_DOCUMENTS = 256
-
-
-@dataclass(frozen=True)
-class Document:
-    """One document and where it starts (`file:line`, or `file:row N` for Parquet)."""
-
-    where: str
-    text: str
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -65,132 +54,6 @@ def val_split_of(text: str, val_fraction: float) -> bool:
     as a fraction of 2**64, is below `val_fraction`."""
     digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
     return int.from_bytes(digest, "little") < val_fraction * 2.0**64
-
-
-def resolve_format(path: Path, input_format: InputFormat) -> InputFormat:
-    if input_format != "auto":
-        return input_format
-    suffixes = [s for s in path.suffixes if s != ".gz"]
-    suffix = suffixes[-1] if suffixes else ""
-    if suffix in (".jsonl", ".json", ".ndjson"):
-        return "jsonl"
-    if suffix == ".parquet":
-        return "parquet"
-    return "lines"
-
-
-def _open_binary(path: Path) -> io.BufferedIOBase:
-    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
-
-
-class _BadLines:
-    """Raise on an unreadable line, or log it and count it when skipping is allowed."""
-
-    def __init__(self, on_bad_line: Literal["error", "skip"]) -> None:
-        self.skip = on_bad_line == "skip"
-        self.count = 0
-
-    def __call__(self, where: str, reason: str) -> None:
-        if not self.skip:
-            raise InputError(f"{where}: {reason}")
-        self.count += 1
-        log.warning("skipped unreadable input %s: %s", where, reason)
-
-
-def _decoded_lines(path: Path, bad: _BadLines) -> Iterator[tuple[int, str | None]]:
-    with _open_binary(path) as f:
-        for number, raw in enumerate(f, start=1):
-            try:
-                yield number, raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as err:
-                bad(f"{path}:{number}", f"not valid UTF-8 ({err.reason} at byte {err.start})")
-                yield number, None
-
-
-def read_documents(
-    path: str | Path,
-    input_format: InputFormat = "auto",
-    text_field: str = "text",
-    on_bad_line: Literal["error", "skip"] = "error",
-    bad_lines: _BadLines | None = None,
-) -> Iterator[Document]:
-    """Each non-empty document of one input file, with where it starts."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"input file not found: {path}")
-    bad = bad_lines or _BadLines(on_bad_line)
-    kind = resolve_format(path, input_format)
-    if kind == "lines":
-        for number, line in _decoded_lines(path, bad):
-            if line and line.strip():
-                yield Document(f"{path}:{number}", line.strip())
-    elif kind == "paragraphs":
-        start, lines = 0, []
-        for number, line in _decoded_lines(path, bad):
-            if line is None:
-                continue
-            if line.strip():
-                start = start or number
-                lines.append(line.strip())
-            elif lines:
-                yield Document(f"{path}:{start}", " ".join(lines))
-                start, lines = 0, []
-        if lines:
-            yield Document(f"{path}:{start}", " ".join(lines))
-    elif kind == "jsonl":
-        for number, line in _decoded_lines(path, bad):
-            if line is None or not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                bad(where, f"not valid JSON ({err.msg} at column {err.colno})")
-                continue
-            if not isinstance(record, dict) or text_field not in record:
-                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-                bad(where, f"no text field {text_field!r} (found {keys})")
-                continue
-            text = record[text_field]
-            if not isinstance(text, str):
-                bad(where, f"field {text_field!r} is {type(text).__name__}, expected a string")
-                continue
-            if text.strip():
-                yield Document(where, text.strip())
-    elif kind == "parquet":
-        yield from _read_parquet(path, text_field, bad)
-    else:
-        raise ValueError(f"input_format must be auto, lines, paragraphs, jsonl or parquet, got {input_format!r}")
-
-
-def open_parquet(path: Path):
-    """A pyarrow ParquetFile, or InputError naming the file when it is not one."""
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise ImportError("reading Parquet needs pyarrow: pip install pyarrow") from None
-    try:
-        return pq.ParquetFile(path)
-    except Exception as err:  # pyarrow raises its own ArrowInvalid for a non-Parquet file
-        raise InputError(f"{path}: not a Parquet file: {err}") from None
-
-
-def _read_parquet(path: Path, text_field: str, bad: _BadLines) -> Iterator[Document]:
-    parquet = open_parquet(path)
-    columns = parquet.schema_arrow.names
-    if text_field not in columns:
-        raise InputError(f"{path}: no column {text_field!r}; columns are {columns}")
-    row = 0
-    for batch in parquet.iter_batches(columns=[text_field], batch_size=4096):
-        for text in batch.column(0).to_pylist():
-            row += 1
-            where = f"{path}:row {row}"
-            if not isinstance(text, str):
-                found = "null" if text is None else type(text).__name__
-                bad(where, f"column {text_field!r} is {found}, expected a string")
-                continue
-            if text.strip():
-                yield Document(where, text.strip())
 
 
 _worker_tokenizer: Tokenizer | None = None
@@ -335,7 +198,7 @@ def prepare_mds(
     tokenizer = load_tokenizer(tokenizer_path)
     out = str(out)
     _check_output_free(out, overwrite)
-    bad = _BadLines(on_bad_line)
+    bad = BadLines(on_bad_line)
 
     def documents() -> Iterator[Document]:
         count = 0

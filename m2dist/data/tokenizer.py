@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
+from m2dist.data.readers import read_documents
+
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_VOCAB = ASSETS / "bert-base-uncased-vocab.txt"
 VOCAB_MULTIPLE = 64
@@ -256,8 +258,6 @@ def train_tokenizer_from_files(
     or Parquet files (read as tools/prepare_mds.py reads them; unreadable lines are errors).
 
     If `stats` is given, it receives `documents` and `characters` read, and `seconds` taken."""
-    from m2dist.data.prepare import read_documents
-
     if not inputs:
         raise ValueError("no input files given")
     for path in inputs:

@@ -21,6 +21,7 @@ class TrainingData:
     """
 
     def __init__(self, config: Config, env: DistEnv, layout: BatchLayout):
+        # Imported here: the loader imports streaming, seconds of start-up that only a run with data needs.
         from m2dist.data.loader import DEFAULT_VOCAB, build_mlm_dataloader
 
         self.config = config

@@ -21,6 +21,7 @@ from m2dist.checkpoint.extend import warm_start
 from m2dist.checkpoint.io import safe_torch_load
 from m2dist.config import Config, check_training_data
 from m2dist.engine.checkpoint import CLIENT_STATE, CheckpointManager, find_resume_tag
+from m2dist.engine.data import build_data
 from m2dist.engine.deepspeed_config import batch_layout, build_deepspeed_config, check_deepspeed_precision
 from m2dist.engine.distributed import all_reduce_sum, broadcast_object, init_distributed, unlink_deepspeed_shm
 from m2dist.engine.guards import NonFiniteCounter, RunLock, check_resume_config
@@ -36,6 +37,15 @@ from m2dist.engine.signals import install_stop_handlers, stop_signal
 from m2dist.errors import NonFiniteTraining, RunFolderLocked
 from m2dist.models import MaskedLM, build_masked_lm, count_parameters
 from m2dist.optim import build_optimizer, warmup_linear_decay
+from m2dist.tracking import (
+    build_tracker,
+    collect_run_params,
+    final_model_summary,
+    log_final_model,
+    log_training_inputs,
+    plot_loss_curve,
+    training_run_name,
+)
 
 log = logging.getLogger("m2dist")
 
@@ -113,9 +123,6 @@ def resume_config_changes(config: Config, checkpoint: Path) -> list[str]:
 class Trainer:
     def __init__(self, config: Config):
         import deepspeed
-
-        from m2dist.engine.data import build_data
-        from m2dist.tracking import build_tracker, collect_run_params, log_training_inputs, training_run_name
 
         install_stop_handlers()
         # Before any work: a recipe without data, a bf16 run that DeepSpeed would run in fp32.
@@ -434,15 +441,11 @@ class Trainer:
 
     def close(self, status: str = "FINISHED") -> None:
         if self.env.is_main and self.losses:
-            from m2dist.tracking import plot_loss_curve
-
             plot = self.output_dir / "loss.png"
             steps, losses = zip(*self.losses)
             plot_loss_curve(list(steps), list(losses), plot)
             self.tracker.log_artifact(plot)
         if self.env.is_main and self.completed and status == "FINISHED":
-            from m2dist.tracking import final_model_summary, log_final_model
-
             release = log_final_model(self.tracker, self.config, self.output_dir)
             if release is not None:
                 self._log(final_model_summary(release))

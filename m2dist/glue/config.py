@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from m2dist.config import CONFIG_DIR, TrackingConfig, load_yaml_config, require
+from m2dist.config import CONFIG_DIR, KERNEL_BACKENDS, TrackingConfig, load_yaml_config, require, resolve_config_path
 from m2dist.errors import ConfigError
 
 GLUE_CONFIG_DIR = CONFIG_DIR / "glue"
@@ -126,8 +126,8 @@ class GlueConfig:
     # (false); true draws a new order per epoch from the job's seed.
     shuffle: bool = False
     # Implementations of the M2 heavy ops ("" = as saved in the checkpoint).
-    fftconv: str = ""
-    blockdiag: str = ""
+    fftconv: Literal["", "auto", "reference", "triton"] = ""
+    blockdiag: Literal["", "auto", "reference", "triton"] = ""
     # Zero pad positions inside the M2 mixer (`model.mask_padding`); null = as saved in the checkpoint.
     mask_padding: bool | None = None
     # The pretraining config (configs/<model>.yaml) whose checkpoints this protocol is for; a
@@ -147,8 +147,6 @@ class GlueConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
-        from kernels import blockdiag, fftconv
-
         require(self.name.strip() != "", "name", "a non-empty name", self.name)
         require(self.seq_len >= 0, "seq_len", "an integer >= 0", self.seq_len)
         require(
@@ -159,13 +157,9 @@ class GlueConfig:
         for name in ("filter_lr", "pos_emb_lr"):
             require(getattr(self, name) > 0, name, "> 0", getattr(self, name))
         require(self.filter_weight_decay >= 0, "filter_weight_decay", ">= 0", self.filter_weight_decay)
-        require(self.fftconv in ("", *fftconv.BACKENDS), "fftconv", f"'' or one of {fftconv.BACKENDS}", self.fftconv)
-        require(
-            self.blockdiag in ("", *blockdiag.BACKENDS), "blockdiag", f"'' or one of {blockdiag.BACKENDS}", self.blockdiag
-        )
+        require(self.fftconv in ("", *KERNEL_BACKENDS), "fftconv", f"'' or one of {KERNEL_BACKENDS}", self.fftconv)
+        require(self.blockdiag in ("", *KERNEL_BACKENDS), "blockdiag", f"'' or one of {KERNEL_BACKENDS}", self.blockdiag)
         if self.model:
-            from m2dist.config import resolve_config_path
-
             try:
                 resolve_config_path(self.model)
             except ConfigError as err:

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from m2dist.data.prepare import open_parquet, val_split_of
+from m2dist.data.prepare import val_split_of
+from m2dist.data.readers import open_parquet
 from m2dist.errors import InputError
 
 GLUE_TASKS = ("mnli", "qnli", "qqp", "sst2", "cola", "mrpc", "stsb", "rte")
