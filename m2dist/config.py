@@ -436,6 +436,11 @@ class Config:
             self.train.seq_len,
         )
 
+    @property
+    def seq_len(self) -> int:
+        """Tokens per training sequence: `train.seq_len`, or `model.l_max` when that is 0."""
+        return self.train.seq_len or self.model.l_max
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

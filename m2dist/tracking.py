@@ -743,7 +743,7 @@ def human_count(count: int) -> str:
 
 def training_run_name(config: Any, num_parameters: int) -> str:
     """Config name, parameter count, sequence length and date: "debug-9.61M-L128-20261202-061530"."""
-    seq_len = config.train.seq_len or config.model.l_max
+    seq_len = config.seq_len
     return readable_run_name(config.name, human_count(num_parameters), f"L{seq_len}")
 
 
@@ -812,7 +812,7 @@ def training_datasets(config: Any) -> list[tuple[ShardDataset, str, dict[str, st
         where = [(s.path, context, {} if s.proportion is None else {"m2dist.proportion": str(s.proportion)})
                  for s, context in streams]  # fmt: skip
     else:
-        seq_len = config.train.seq_len or config.model.l_max
+        seq_len = config.seq_len
         tokenizer = Path(data.tokenizer) if data.tokenizer else DEFAULT_VOCAB
         root = Path(data.prepared_dir) if data.prepared_dir else default_prepared_dir(seq_len, tokenizer)
         where = [(str(root / "train"), "train", {}), (str(root / "val"), "validation", {})]

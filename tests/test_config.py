@@ -105,3 +105,8 @@ def test_missing_file_lists_shipped_configs():
 
 def test_kernel_backends_are_the_ops_backends():
     assert set(KERNEL_BACKENDS) == set(fftconv.BACKENDS) == set(blockdiag.BACKENDS)
+
+
+def test_seq_len_is_train_seq_len_or_model_l_max():
+    assert load_config("debug", ["train.seq_len=0", "model.l_max=128"]).seq_len == 128
+    assert load_config("debug", ["train.seq_len=64", "model.l_max=128"]).seq_len == 64

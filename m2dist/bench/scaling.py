@@ -168,7 +168,7 @@ def _sized_for(config: str, seq_len: int | None, overrides: Sequence[str]) -> tu
     """(model name, L, overrides) of `config` at `seq_len` (None: the config's own), with
     `model.l_max` raised to L when the config's is shorter (the long-context configs do the same)."""
     checked = load_config(config, list(overrides))
-    seq_len = seq_len or checked.train.seq_len or checked.model.l_max
+    seq_len = seq_len or checked.seq_len
     longer = [f"model.l_max={seq_len}"] if seq_len > checked.model.l_max else []
     return checked.name, seq_len, [*longer, f"train.seq_len={seq_len}"]
 

@@ -50,8 +50,7 @@ def default_prepared_dir(max_len: int, tokenizer_path: str | Path | None = None)
 
 
 def _debug_seq_len() -> int:
-    config = load_config("debug")
-    return config.train.seq_len or config.model.l_max
+    return load_config("debug").seq_len
 
 
 @dataclass(frozen=True)

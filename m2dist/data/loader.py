@@ -323,7 +323,7 @@ def build_mlm_dataloader(
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     data = cfg.data
-    seq_len = cfg.train.seq_len or cfg.model.l_max
+    seq_len = cfg.seq_len
     tokenizer_path = Path(data.tokenizer) if data.tokenizer else DEFAULT_VOCAB
     if not tokenizer_path.is_file():
         raise FileNotFoundError(f"data.tokenizer: file not found: {tokenizer_path}")

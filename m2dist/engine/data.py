@@ -26,7 +26,7 @@ class TrainingData:
 
         self.config = config
         self.layout = layout
-        self.seq_len = config.train.seq_len or config.model.l_max
+        self.seq_len = config.seq_len
         self.train_loader = build_mlm_dataloader(config, layout.micro_batch_size, "train")
         self.has_validation = not config.data.train or bool(config.data.val)
         # Built now, so that a wrong validation path or manifest stops the run before its first step.
