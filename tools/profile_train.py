@@ -1,6 +1,6 @@
 """Profile the engine's training step (torch.profiler): top operators by device and host time.
 
-  python tools/profile_train.py --config m2-bert-80M --output docs/profiles/m2-bert-80M-L128.txt \
+  python tools/profile_train.py --config m2-bert-80M --output tools/profiles/engine-m2-bert-80M-L128.txt \
       train.seq_len=128 train.global_batch_size=128 train.micro_batch_size=128 tracking.enabled=false
 """
 
