@@ -30,7 +30,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from m2dist.checkpoint.io import check_torch_globals, safe_torch_load
 from m2dist.engine.distributed import DistEnv, barrier, broadcast_object, gather_objects
