@@ -80,6 +80,20 @@ def last_step(log_text: str) -> int:
     return max((int(step) for step, _ in STEP_LINE.findall(log_text)), default=0)
 
 
+def requeued_and_completed(cluster, job_id: str, log: Path) -> dict[str, str]:
+    """Wait for a signalled job to be requeued once and then to complete; its final scontrol info."""
+
+    def back_in_queue(info: dict[str, str]) -> bool:
+        return info.get("Restarts") == "1" and info.get("JobState") in ("PENDING", "RUNNING")
+
+    requeued = cluster.wait_until(job_id, back_in_queue, 120, log, "get requeued")
+    if requeued["JobState"] == "PENDING":
+        # slurmctld holds a requeued job for 120 s (BeginTime); release it sooner, but not within the
+        # second its old credential was revoked in (slurmd would refuse the new one).
+        cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now+3", check=False)
+    return cluster.wait_for_state(job_id, {"COMPLETED"}, JOB_TIMEOUT, log)
+
+
 def checkpointed_losses(output_dir: Path) -> list[tuple[int, float]]:
     latest = (output_dir / "checkpoints" / "latest").read_text().strip()
     assert (output_dir / "checkpoints" / latest / "COMPLETE").exists()
@@ -138,15 +152,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes_exactly(cluster, tmp_pat
     # What --signal=B:USR1@600 does before the time limit: signal the batch shell only.
     cluster.run("scancel", "--batch", "--signal=USR1", job_id)
 
-    def back_in_queue(info: dict[str, str]) -> bool:
-        return info.get("Restarts") == "1" and info.get("JobState") in ("PENDING", "RUNNING")
-
-    requeued = cluster.wait_until(job_id, back_in_queue, 120, log, "get requeued")
-    if requeued["JobState"] == "PENDING":
-        # slurmctld holds a requeued job for 120 s (BeginTime); release it sooner, but not within the
-        # second its old credential was revoked in (slurmd would refuse the new one).
-        cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now+3", check=False)
-    info = cluster.wait_for_state(job_id, {"COMPLETED"}, JOB_TIMEOUT, log)
+    info = requeued_and_completed(cluster, job_id, log)
 
     text = read_log(log)
     assert info["Restarts"] == "1", info
@@ -201,13 +207,7 @@ def test_signal_during_start_up_requeues_and_the_job_completes(cluster, tmp_path
     # The ranks are importing torch: no step trained, no checkpoint, yet the job must come back.
     cluster.run("scancel", "--batch", "--signal=USR1", job_id)
 
-    def back_in_queue(info: dict[str, str]) -> bool:
-        return info.get("Restarts") == "1" and info.get("JobState") in ("PENDING", "RUNNING")
-
-    requeued = cluster.wait_until(job_id, back_in_queue, 120, log, "get requeued")
-    if requeued["JobState"] == "PENDING":
-        cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now+3", check=False)
-    info = cluster.wait_for_state(job_id, {"COMPLETED"}, JOB_TIMEOUT, log)
+    info = requeued_and_completed(cluster, job_id, log)
     text = read_log(log)
     assert info["Restarts"] == "1", info
     assert "signal 10 during start-up" in text and "nothing to checkpoint" in text, text[-4000:]
