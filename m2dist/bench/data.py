@@ -19,7 +19,7 @@ from m2dist.data.manifest import MANIFEST_NAME
 from m2dist.data.prepare import prepare_mds
 
 # Tokens/s of one H200 training M2-BERT-80M with the upstream code (bf16, torch.fft path), by
-# sequence length; measured for ../shared/PLATFORM_NOTES.md. The nearest length below is used.
+# sequence length, as measured on one such GPU. The nearest length below is used.
 GPU_TOKENS_PER_S_80M = {128: 41_000, 512: 60_000, 2048: 60_000, 8192: 57_000}
 GOAL_RATIO = 10.0
 
