@@ -6,8 +6,8 @@ upstream Composer `.pt` / plain state-dict file. Targets:
 - `release`: m2dist's folder (model.safetensors, config.json); from a training run also the tokenizer
   and a model_card.md. A ZeRO checkpoint is consolidated lazily and written tensor by tensor.
 - `upstream`: the upstream M2-BERT layout.
-- `universal`: DeepSpeed's universal checkpoint of a training run (the engine's own conversion),
-  for resuming on another number of ranks.
+- `universal`: DeepSpeed's universal checkpoint of a training run (`layout.make_universal`, as the
+  engine makes it), for resuming on another number of ranks.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 
 from m2dist.checkpoint import zero
 from m2dist.checkpoint.io import load_deepspeed_file, read_safetensors_header, write_safetensors
+from m2dist.checkpoint.layout import CLIENT_STATE, COMPLETE, make_universal, run_markers, universal_tag
 from m2dist.checkpoint.release import CONFIG_FILE, RELEASE_FORMAT, WEIGHTS_FILE, load_release, save_release
 from m2dist.checkpoint.upstream import WEIGHT_FILES, export_upstream, import_upstream
 from m2dist.data.tokenizer import DEFAULT_VOCAB
@@ -37,24 +38,25 @@ def source_kind(source: str | Path) -> str:
     """"run" (a training run, its checkpoints folder or one tag folder), "release" (an m2dist
     release folder), "upstream" (an upstream folder) or "file" (an upstream checkpoint file).
 
-    A folder's kind comes from the files m2dist writes: the engine's markers and shards, or a
-    release's config.json with its `model` section. A folder holding both a training run's files
-    and model weights is refused: which of its files would be read is not for m2dist to guess.
+    A folder's kind comes from the files m2dist writes: the engine's markers and shards
+    (`layout.run_markers`), or a release's config.json with its `model` section. A folder holding
+    both a training run's files and model weights is refused: which of its files would be read is
+    not for m2dist to guess.
     """
     source = Path(source)
     if source.is_file():
         return "file"
     if not source.is_dir():
         raise CheckpointError(f"{source}: no such checkpoint file or folder")
-    engine = zero.engine_files(source)
+    markers = run_markers(source)
     weights = [name for name in WEIGHT_FILES if (source / name).exists()]
-    if engine and weights:
+    if markers and weights:
         raise CheckpointError(
-            f"{source}: refused: it holds both a training run's files ({', '.join(engine)}) and model weights "
+            f"{source}: refused: it holds both a training run's files ({', '.join(markers)}) and model weights "
             f"({', '.join(weights)}), so its kind is ambiguous; a release or upstream folder holds no training "
             "checkpoint files and a run folder no weight files"
         )
-    if engine:
+    if markers:
         return "run"
     config_file = source / CONFIG_FILE
     if config_file.exists():
@@ -183,7 +185,7 @@ def _zero_to_release(source: Path, destination: Path, tag: str | None, *, bf16: 
     """
     root, tag = zero.resolve_zero_checkpoint(source, tag)
     state = zero.client_state(root, tag)
-    config = zero.model_config(state, str(root / tag / zero.CLIENT_STATE))
+    config = zero.model_config(state, str(root / tag / CLIENT_STATE))
     dtype = torch.bfloat16 if bf16 else torch.float32
     model = zero.model_from_state(config, zero.consolidated_state(root, tag), str(root / tag))
     expected = checked_probe_logits(model, root / tag)
@@ -249,20 +251,16 @@ def _model_card(state: dict[str, Any], config, num_parameters: int, root: Path, 
 
 
 def _zero_to_universal(source: Path, destination: Path, tag: str | None) -> Path:
-    """DeepSpeed's universal checkpoint of a run's tag, made by the engine's CheckpointManager
-    (ds_to_universal with the missing ZeRO-1/2 state injected). The engine resumes from it on another
-    world size when it sits at `<output_dir>/checkpoints/<tag>_universal`."""
-    # Imported here: the checkpoint formats sit below the engine (which imports checkpoint.extend);
-    # this one conversion borrows the engine's checkpoint writer.
-    from m2dist.engine.checkpoint import UNIVERSAL_SUFFIX, CheckpointManager
-    from m2dist.engine.distributed import DistEnv
-
+    """DeepSpeed's universal checkpoint of a run's tag, made as the engine makes it (`make_universal`).
+    The engine resumes from it on another world size when it sits at
+    `<output_dir>/checkpoints/<tag>_universal`."""
     root, tag = zero.resolve_zero_checkpoint(source, tag)
-    if destination.resolve() == (root / (tag + UNIVERSAL_SUFFIX)).resolve():
+    if destination.resolve() == (root / universal_tag(tag)).resolve():
         staging = root
     else:
-        # The engine converts <root>/<tag> into <root>/<tag>_universal: give it a root that holds
-        # only a link to the source tag, then move the result into place.
+        # make_universal converts <root>/<tag> into <root>/<tag>_universal (and DeepSpeed writes
+        # <root>/latest_universal): give it a root that holds only a link to the source tag, then
+        # move the result into place.
         staging = destination.parent / f".{destination.name}.staging"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
@@ -270,8 +268,7 @@ def _zero_to_universal(source: Path, destination: Path, tag: str | None) -> Path
     if destination.exists():
         shutil.rmtree(destination)
     try:
-        manager = CheckpointManager(staging, DistEnv(rank=0, world_size=1, local_rank=0), keep_last=1)
-        made = staging / manager.prepare_universal(tag)
+        made = staging / make_universal(staging, tag)
         if staging is not root:
             made.replace(destination)
     finally:
@@ -285,7 +282,7 @@ def _check_universal(folder: Path, root: Path, tag: str) -> None:
     """Every model parameter has its fp32 master weight, of the right size, in the universal folder."""
     config = zero.model_config(zero.client_state(root, tag), str(root / tag))
     expected = {name: p.numel() for name, p in zero.empty_model(config).named_parameters()}
-    for required in (zero.COMPLETE, zero.CLIENT_STATE):
+    for required in (COMPLETE, CLIENT_STATE):
         if not (folder / required).exists():
             raise CheckpointError(f"{folder}: universal checkpoint lacks {required}")
     params = folder / "zero"

@@ -25,15 +25,12 @@ from typing import Any
 import torch
 
 from m2dist.checkpoint.io import load_deepspeed_file, safe_torch_load
-from m2dist.config import ModelConfig, config_section_from_dict
-from m2dist.engine.checkpoint import (
-    CLIENT_STATE, COMPLETE, LATEST, MANIFEST, complete_tags, find_resume_tag, verify_tag,
+from m2dist.checkpoint.layout import (
+    CHECKPOINTS_DIR, CLIENT_STATE, COMPLETE, LATEST, MODEL_STATES, complete_tags, find_resume_tag, verify_tag,
 )  # fmt: skip
+from m2dist.config import ModelConfig, config_section_from_dict
 from m2dist.errors import CheckpointError, ConfigError
 from m2dist.models import MaskedLM
-
-# ZeRO-0/1/2 write mp_rank_00_model_states.pt; ZeRO-3 one zero_pp_rank_<r>_mp_rank_00_model_states.pt per rank.
-MODEL_STATES = "mp_rank_00_model_states.pt"
 
 
 def current_rss_mib() -> float:
@@ -73,25 +70,6 @@ class RssSampler:
         self.peak = max(self.peak, current_rss_mib())
 
 
-# Names that only a training run of m2dist (or DeepSpeed) puts in a folder.
-ENGINE_NAMES = (COMPLETE, CLIENT_STATE, MANIFEST, LATEST, "checkpoints")
-ENGINE_PATTERNS = ("*model_states.pt", "*optim_states.pt", "step_*")
-
-
-def engine_files(path: Path) -> list[str]:
-    """The names in folder `path` that mark a training run, its checkpoints folder or a tag folder."""
-    found = {name for name in ENGINE_NAMES if (path / name).exists()}
-    for pattern in ENGINE_PATTERNS:
-        found.update(p.name for p in path.glob(pattern))
-    return sorted(found)
-
-
-def is_zero_checkpoint(path: str | Path) -> bool:
-    """True for a run folder, a checkpoints folder or a tag folder of the training engine."""
-    path = Path(path)
-    return path.is_dir() and bool(engine_files(path))
-
-
 def resolve_zero_checkpoint(source: str | Path, tag: str | None = None) -> tuple[Path, str]:
     """(checkpoints root, tag) for a run folder, a checkpoints folder or a tag folder.
 
@@ -108,7 +86,7 @@ def resolve_zero_checkpoint(source: str | Path, tag: str | None = None) -> tuple
             raise CheckpointError(f"{source} is the checkpoint of tag {source.name!r}; --tag {tag} does not match it")
         root, tag = source.parent, source.name
     else:
-        root = source / "checkpoints" if (source / "checkpoints").is_dir() else source
+        root = source / CHECKPOINTS_DIR if (source / CHECKPOINTS_DIR).is_dir() else source
         if tag is None:
             if not (root / LATEST).exists():
                 raise CheckpointError(f"{root}: no '{LATEST}' file; pass --tag (complete tags: {complete_tags(root) or 'none'})")

@@ -26,19 +26,19 @@ import numpy as np
 import torch
 
 from m2dist.checkpoint.convert import load_any
+from m2dist.checkpoint.layout import checkpoint_markers
 from m2dist.checkpoint.release import save_release
 from m2dist.config import KernelConfig, OptimizerConfig
 from m2dist.errors import CheckpointError
 from m2dist.glue.config import GlueConfig, TaskConfig
 from m2dist.glue.encode import EncodedSplit, batch_to, load_encoded
 from m2dist.glue.metrics import split_metrics, task_score
+from m2dist.glue.step import FinetuneStep
 from m2dist.models import MaskedLM, SequenceClassifier
 from m2dist.optim import build_param_groups, warmup_linear_decay
 
 # Events a job reports while it runs: ("progress", fraction), ("epoch", metrics).
 Emit = Callable[[str, dict[str, Any]], None]
-# Files that mark a DeepSpeed training checkpoint (m2dist.engine.checkpoint's layout).
-_DEEPSPEED_MARKERS = ("COMPLETE", "client_state.pt", "latest", "mp_rank_00_model_states.pt")
 
 
 @dataclass
@@ -93,7 +93,7 @@ def load_pretrained(path: str | Path) -> MaskedLM | SequenceClassifier:
             f"{path}: a training run folder; its DeepSpeed checkpoints are in {path / 'checkpoints'}/<tag>. Convert "
             "one to a release folder first (python tools/convert_checkpoint.py <tag folder> <release_dir> --to release)"
         )
-    if path.is_dir() and (any((path / m).exists() for m in _DEEPSPEED_MARKERS) or any(path.glob("step_*"))):
+    if path.is_dir() and checkpoint_markers(path):
         raise CheckpointError(
             f"{path}: a DeepSpeed training checkpoint; convert it to a release folder first "
             f"(python tools/convert_checkpoint.py {path} <release_dir> --to release) and pass that folder"
@@ -140,8 +140,11 @@ def build_classifier(
     return model, copy_encoder_weights(source, model, where)
 
 
-def build_optimizer(model: torch.nn.Module, glue: GlueConfig, settings: TaskConfig) -> torch.optim.AdamW:
-    """AdamW over m2dist's pretraining parameter groups (global; M2 filters; M2 positional features z).
+def build_optimizer(
+    model: torch.nn.Module, glue: GlueConfig, settings: TaskConfig, device: torch.device | None = None
+) -> torch.optim.AdamW:
+    """AdamW over m2dist's pretraining parameter groups (global; M2 filters; M2 positional features z);
+    on a CUDA `device` fused (one kernel per step) and capturable (`step.FinetuneStep`'s graph).
 
     `build_param_groups` gives Composer's DecoupledAdamW (decay `wd x lr_t / peak_lr` per step), as
     "decoupled_adamw" asks, for every group (upstream); a task with optimizer "adamw", and the
@@ -162,7 +165,8 @@ def build_optimizer(model: torch.nn.Module, glue: GlueConfig, settings: TaskConf
     for group in groups:
         if settings.optimizer == "adamw" or (group["name"] == "filter" and glue.filter_decay == "adamw"):
             group["weight_decay"] = group["decoupled_weight_decay"]
-    return torch.optim.AdamW(groups, betas=glue.betas, eps=glue.eps)
+    on_gpu = device is not None and device.type == "cuda"
+    return torch.optim.AdamW(groups, betas=glue.betas, eps=glue.eps, fused=on_gpu, capturable=on_gpu)
 
 
 def build_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_fraction: float) -> torch.optim.lr_scheduler.LambdaLR:
@@ -198,9 +202,10 @@ def evaluate(
     for start in range(0, len(split), batch_size):
         batch = batch_to({k: v[start : start + batch_size] for k, v in data.items()}, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            outputs.append(model(**batch).logits.float().cpu())
+            outputs.append(model(**batch).logits.float())
     model.train()
-    return torch.cat(outputs).numpy()
+    # One transfer at the end: the batches are queued without waiting for each other.
+    return torch.cat(outputs).cpu().numpy()
 
 
 _source_cache: dict[str, MaskedLM | SequenceClassifier] = {}
@@ -229,11 +234,14 @@ def run_job(spec: JobSpec, device: str | torch.device, emit: Emit | None = None)
     source = _load_source(spec.init_checkpoint)
     model, pooler_loaded = build_classifier(source, spec.num_labels, spec.glue, settings, spec.init_checkpoint)
     model.to(device).train()
-    optimizer = build_optimizer(model, spec.glue, settings)
+    optimizer = build_optimizer(model, spec.glue, settings, device)
     steps_per_epoch = math.ceil(len(train) / settings.batch_size)
     total_steps = steps_per_epoch * settings.epochs
     schedule = build_schedule(optimizer, total_steps, spec.glue.warmup_fraction)
-    data = train.tensors()
+    # The whole training split on the device (compact dtypes): a step gathers its rows there.
+    train_step = FinetuneStep(
+        model, optimizer, batch_to(train.tensors(), device, widen=False), settings.batch_size, bf16, spec.glue.cuda_graphs
+    )
     order_generator = torch.Generator().manual_seed(spec.seed)
     report_every = max(1, total_steps // 50)
     history: list[dict[str, float]] = []
@@ -241,18 +249,12 @@ def run_job(spec: JobSpec, device: str | torch.device, emit: Emit | None = None)
     step = 0
     for epoch in range(1, settings.epochs + 1):
         started = time.perf_counter()
-        order = epoch_order(len(train), spec.glue.shuffle, order_generator)
+        capture_before = train_step.capture_seconds
+        order = epoch_order(len(train), spec.glue.shuffle, order_generator).to(device)
         loss_sum = torch.zeros((), device=device)
         for start in range(0, len(train), settings.batch_size):
-            index = order[start : start + settings.batch_size]
-            batch = batch_to({k: v[index] for k, v in data.items()}, device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss = model(**batch).loss
-            loss.backward()
-            optimizer.step()
+            loss_sum += train_step(order[start : start + settings.batch_size])
             schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach()
             step += 1
             if step % report_every == 0:
                 emit("progress", {"fraction": step / total_steps})
@@ -268,6 +270,8 @@ def run_job(spec: JobSpec, device: str | torch.device, emit: Emit | None = None)
             "train_loss": float(loss_sum) / steps_per_epoch,
             "epoch_seconds": epoch_seconds,
             "samples_per_s": len(train) / epoch_seconds,
+            # Capturing the step's CUDA graph (first epoch only), included in epoch_seconds.
+            "capture_seconds": train_step.capture_seconds - capture_before,
             "score": task_score(spec.task, metrics),
         }
         record.update({f"{split}/{name}": value for split, values in metrics.items() for name, value in values.items()})
