@@ -7,7 +7,7 @@ import torch
 
 from kernels.blockdiag import blockdiag_glu, blockdiag_matmul
 from kernels.blockdiag.reference import dense_blockdiag
-from kernels.fftconv import bidirectional_kernel, gated_long_conv
+from kernels.fftconv import bidirectional_filter, gated_long_conv
 from kernels.fftconv.reference import direct_bidirectional_conv, fftconv
 from m2dist.config import load_config
 from m2dist.models import MaskedLM
@@ -26,7 +26,7 @@ def test_fftconv_equals_direct_convolution(length, bidirectional):
 
     x, k_fwd, d = rand(3, 4, length), rand(4, length), rand(4)
     k_rev = rand(4, length) if bidirectional else None
-    y_fft = fftconv(x, bidirectional_kernel(k_fwd, k_rev), d)
+    y_fft = fftconv(x, bidirectional_filter(k_fwd, k_rev), d)
     y_direct = direct_bidirectional_conv(x, k_fwd, k_rev, d)
     torch.testing.assert_close(y_fft, y_direct, rtol=1e-10, atol=1e-10)
     upstream_grad = torch.randn(y_fft.shape, generator=generator, dtype=f64)
@@ -37,14 +37,14 @@ def test_fftconv_equals_direct_convolution(length, bidirectional):
         torch.testing.assert_close(g_fft, g_direct, rtol=1e-10, atol=1e-10)
 
 
-def test_bidirectional_kernel_taps():
+def test_bidirectional_filter_taps():
     # y[t] = sum_{s<=t} k_fwd[t-s] x[s] + sum_{j>=1} k_rev[j-1] x[t+j]: impulse responses.
     length = 6
     k_fwd = torch.arange(1.0, length + 1, dtype=f64)[None]
     k_rev = -torch.arange(1.0, length + 1, dtype=f64)[None]
     x = torch.zeros(1, 1, length, dtype=f64)
     x[..., 2] = 1.0
-    y = fftconv(x, bidirectional_kernel(k_fwd, k_rev), torch.zeros(1, dtype=f64))
+    y = fftconv(x, bidirectional_filter(k_fwd, k_rev), torch.zeros(1, dtype=f64))
     torch.testing.assert_close(y[0, 0], torch.tensor([-2.0, -1.0, 1.0, 2.0, 3.0, 4.0], dtype=f64))
 
 

@@ -369,7 +369,8 @@ def test_blockdiag_gpu(dtype, dim):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("length,batch,dim", [(128, 8, 768), (500, 4, 960), (2048, 2, 768)])
+# Batch 48: two 32-row batch blocks, the second partly masked; 256: many, and 16 filter-kernel steps.
+@pytest.mark.parametrize("length,batch,dim", [(128, 8, 768), (128, 48, 768), (128, 256, 256), (500, 4, 960), (2048, 2, 768)])
 def test_fftconv_toeplitz_gpu(length, batch, dim):
     inputs = _conv_inputs(batch, dim, length, True, seed=length)
     _compare(triton_toeplitz.gated_long_conv, fftconv_reference.gated_long_conv, inputs, torch.bfloat16, atol_rel=1e-3)

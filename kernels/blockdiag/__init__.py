@@ -1,7 +1,10 @@
 """Block-diagonal ("Monarch") matmul of the GLU MLP, with a dispatch between implementations.
 
-The model calls `blockdiag_matmul` and `blockdiag_glu` with a backend name from the config.
+A layer resolves the backend its config names once (`matmul_implementation`, `glu_implementation`)
+and calls the result.
 """
+
+from collections.abc import Callable
 
 import torch
 
@@ -62,16 +65,26 @@ def _pick(table: dict, backend: str):
         raise ValueError(f"unknown blockdiag backend {backend!r}; expected one of {BACKENDS}") from None
 
 
+def matmul_implementation(backend: str) -> Callable[..., torch.Tensor]:
+    """`blockdiag_matmul` of `backend`, resolved once by the layer that calls it."""
+    return _pick(_MATMUL, backend)
+
+
+def glu_implementation(backend: str) -> Callable[..., torch.Tensor]:
+    """`blockdiag_glu` of `backend`, resolved once by the layer that calls it."""
+    return _pick(_GLU, backend)
+
+
 def blockdiag_matmul(
     x: torch.Tensor, weight_KQP: torch.Tensor, bias: torch.Tensor | None = None, *, backend: str = "reference"
 ) -> torch.Tensor:
     """x: (..., K*P), weight_KQP: (K, Q, P), bias: (K*Q,) or None -> (..., K*Q)."""
-    return _pick(_MATMUL, backend)(x, weight_KQP, bias)
+    return matmul_implementation(backend)(x, weight_KQP, bias)
 
 
 def blockdiag_glu(x: torch.Tensor, weight_KQP: torch.Tensor, *, backend: str = "reference") -> torch.Tensor:
     """GELU(g) * n of the block-diagonal projection x: (..., K*P) -> (..., K*Q/2) = [g | n] halves."""
-    return _pick(_GLU, backend)(x, weight_KQP)
+    return glu_implementation(backend)(x, weight_KQP)
 
 
-__all__ = ["BACKENDS", "blockdiag_glu", "blockdiag_matmul"]
+__all__ = ["BACKENDS", "blockdiag_glu", "blockdiag_matmul", "glu_implementation", "matmul_implementation"]

@@ -1,14 +1,17 @@
 """Gated bidirectional FFT long convolution: the sequence mixer's heavy op.
 
-The model calls `gated_long_conv` with a backend name from the config; each backend computes the
-same function as `reference.gated_long_conv`.
+A layer resolves the backend its config names once (`implementation`) and calls the result; each
+backend computes the same function as `reference.gated_long_conv`.
 """
+
+import functools
+from collections.abc import Callable
 
 import torch
 
 from kernels import use_triton
 from kernels.fftconv import reference
-from kernels.fftconv.reference import bidirectional_kernel
+from kernels.fftconv.reference import bidirectional_filter
 from kernels.triton_common import can_run, warn_once
 
 
@@ -61,6 +64,25 @@ def _auto_gated_long_conv(u_BDL, x1_BDL, x2_BDL, v_BDL, k1_DN, d1_D, k2_DN, d2_D
 _BACKENDS = {"auto": _auto_gated_long_conv, "reference": reference.gated_long_conv, "triton": _triton_gated_long_conv}
 BACKENDS = tuple(_BACKENDS)
 
+GatedLongConv = Callable[..., torch.Tensor]
+
+
+def _checked(impl: GatedLongConv, u_BDL, x1_BDL, x2_BDL, v_BDL, k1_DN, d1_D, k2_DN=None, d2_D=None) -> torch.Tensor:
+    if (k2_DN is None) != (d2_D is None):
+        raise ValueError("k2_DN and d2_D must be given together")
+    _check_shapes(u_BDL, x1_BDL, x2_BDL, v_BDL, k1_DN, d1_D, k2_DN, d2_D)
+    return impl(u_BDL, x1_BDL, x2_BDL, v_BDL, k1_DN, d1_D, k2_DN, d2_D)
+
+
+def implementation(backend: str) -> GatedLongConv:
+    """`gated_long_conv` of `backend`, with its argument checks; a layer resolves its backend once,
+    when it is built, and calls the result."""
+    try:
+        impl = _BACKENDS[backend]
+    except KeyError:
+        raise ValueError(f"unknown fftconv backend {backend!r}; expected one of {BACKENDS}") from None
+    return functools.partial(_checked, impl)
+
 
 def gated_long_conv(
     u_BDL: torch.Tensor,
@@ -76,18 +98,11 @@ def gated_long_conv(
 ) -> torch.Tensor:
     """`y = (conv(v * x1; k1) + (v * x1) * d1) * x2 + conv(u; k2) + u * d2`.
 
-    u_BDL, x1_BDL, x2_BDL, v_BDL: (B, D, L); k1_DN, k2_DN: (D, 2L) circular kernels from
-    `bidirectional_kernel`; d1_D, d2_D: (D,). k2/d2 None drops the residual long convolution.
+    u_BDL, x1_BDL, x2_BDL, v_BDL: (B, D, L); k1_DN, k2_DN: (D, 2L) circular filters from
+    `bidirectional_filter`; d1_D, d2_D: (D,). k2/d2 None drops the residual long convolution.
     Returns (B, D, L) in the dtype of the inputs.
     """
-    try:
-        impl = _BACKENDS[backend]
-    except KeyError:
-        raise ValueError(f"unknown fftconv backend {backend!r}; expected one of {BACKENDS}") from None
-    if (k2_DN is None) != (d2_D is None):
-        raise ValueError("k2_DN and d2_D must be given together")
-    _check_shapes(u_BDL, x1_BDL, x2_BDL, v_BDL, k1_DN, d1_D, k2_DN, d2_D)
-    return impl(u_BDL, x1_BDL, x2_BDL, v_BDL, k1_DN, d1_D, k2_DN, d2_D)
+    return implementation(backend)(u_BDL, x1_BDL, x2_BDL, v_BDL, k1_DN, d1_D, k2_DN, d2_D)
 
 
-__all__ = ["BACKENDS", "bidirectional_kernel", "gated_long_conv"]
+__all__ = ["BACKENDS", "GatedLongConv", "bidirectional_filter", "gated_long_conv", "implementation"]

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 
-def bidirectional_kernel(k_fwd_DL: torch.Tensor, k_rev_DL: torch.Tensor | None) -> torch.Tensor:
-    """The length-2L circular kernel of a (bi)directional long convolution.
+def bidirectional_filter(k_fwd_DL: torch.Tensor, k_rev_DL: torch.Tensor | None) -> torch.Tensor:
+    """The length-2L circular filter of a (bi)directional long convolution.
 
     k_fwd_DL: (D, L) taps applied to the current and earlier positions.
     k_rev_DL: (D, L) taps applied to later positions, or None for a causal convolution.
@@ -25,8 +25,8 @@ def bidirectional_kernel(k_fwd_DL: torch.Tensor, k_rev_DL: torch.Tensor | None) 
 def fftconv(x_BDL: torch.Tensor, k_DN: torch.Tensor, d_D: torch.Tensor) -> torch.Tensor:
     """Circular convolution of size N = 2L of x with k, plus the skip term x * d.
 
-    x_BDL: (B, D, L) input; k_DN: (D, 2L) kernel from `bidirectional_kernel`; d_D: (D,) skip weight.
-    The FFTs run in the kernel's dtype (fp32 in the model) and the result is cast back to x's
+    x_BDL: (B, D, L) input; k_DN: (D, 2L) filter from `bidirectional_filter`; d_D: (D,) skip weight.
+    The FFTs run in the filter's dtype (fp32 in the model) and the result is cast back to x's
     dtype, as upstream does.
     """
     length = x_BDL.shape[-1]

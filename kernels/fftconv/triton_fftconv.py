@@ -830,7 +830,7 @@ torch.library.register_autograd("m2dist::fftconv", _fftconv_backward, setup_cont
 
 
 def filter_spectrum(k_DN: torch.Tensor, length: int, plan) -> tuple[torch.Tensor, torch.Tensor]:
-    """FFT(k) / N of a (D, 2L) circular kernel, re-laid out for the FFT size N >= 2L of `plan` (the
+    """FFT(k) / N of a (D, 2L) circular filter, re-laid out for the FFT size N >= 2L of `plan` (the
     taps keep their lags, so the convolution of the first L outputs is unchanged) and arranged in
     the kernels' frequency order. Returns (real, imaginary), each (D, R, M1, P2, M2 / P2) fp32;
     differentiable."""
@@ -862,7 +862,7 @@ def gated_long_conv(
     """`y = (conv(v * x1; k1) + (v * x1) * d1) * x2 + conv(u; k2) + u * d2` through Triton.
 
     u_BDL, x1_BDL, x2_BDL, v_BDL: (B, D, L), fp32/bf16/fp16 (one dtype); k1_DN, k2_DN: (D, 2L)
-    circular kernels; d1_D, d2_D: (D,). k2/d2 None drop the residual convolution. Returns (B, D, L).
+    circular filters; d1_D, d2_D: (D,). k2/d2 None drop the residual convolution. Returns (B, D, L).
     Shapes, the length limit MAX_SEQLEN and the device are checked by the caller
     (`kernels.fftconv.gated_long_conv`). The gated inputs' dtype decides the transforms' precision:
     under autocast u is fp32 while the gates are bf16, and the 3-pass product would triple the

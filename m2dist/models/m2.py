@@ -133,7 +133,7 @@ def stacked_long_filters(zs, t_1L1, deltas, freqs, fwd_mlps, rev_mlps, length: i
     deltas: F decay rates (1, 1, D); freqs: F Sin frequencies (1, O), shared by a filter's MLPs;
     fwd_mlps, rev_mlps: F lists of (weight, bias) per Linear (rev_mlps None: causal filters).
     Each MLP is (Linear, Sin) for all but the last Linear; its (L, D) output times
-    exp(-t |delta|) gives the taps. Returns F (D, 2L) circular filters from `bidirectional_kernel`."""
+    exp(-t |delta|) gives the taps. Returns F (D, 2L) circular filters from `bidirectional_filter`."""
     n_filters = len(zs)
     mlps = fwd_mlps + (rev_mlps or [])
     repeat = len(mlps) // n_filters
@@ -148,7 +148,7 @@ def stacked_long_filters(zs, t_1L1, deltas, freqs, fwd_mlps, rev_mlps, length: i
     decay_MLD = torch.exp(-t_1L1[:, :length] * torch.cat(deltas * repeat).abs())
     k_MDL = (torch.bmm(h, weight_MDO.transpose(1, 2)) * decay_MLD).transpose(1, 2)
     k_rev = k_MDL[n_filters:] if rev_mlps is not None else None
-    return list(kernels.fftconv.bidirectional_kernel(k_MDL[:n_filters], k_rev).unbind(0))
+    return list(kernels.fftconv.bidirectional_filter(k_MDL[:n_filters], k_rev).unbind(0))
 
 
 def _compile_here(t: torch.Tensor) -> bool:
@@ -203,7 +203,7 @@ class MonarchMixerSequenceMixing(nn.Module):
         d = config.hidden_size
         self.d_model = d
         self.l_max = config.l_max
-        self.backend = config.kernels.fftconv
+        self.gated_long_conv = kernels.fftconv.implementation(config.kernels.fftconv)
         self.filter_fn = HyenaFilter(config)
         self.filter_fn2 = HyenaFilter(config) if config.residual_long_conv else None
         self.in_linear = nn.Linear(d, 3 * d)
@@ -238,10 +238,9 @@ class MonarchMixerSequenceMixing(nn.Module):
         k2_DN = d2_D = None
         if self.filter_fn2 is not None:
             k2_DN, d2_D = filters_DN[1], self.filter_fn2.bias
-        y_BDL = kernels.fftconv.gated_long_conv(
-            u_BLD.transpose(1, 2), x1_BDL, x2_BDL, v_BDL, filters_DN[0], self.filter_fn.bias, k2_DN, d2_D,
-            backend=self.backend,
-        )  # fmt: skip
+        y_BDL = self.gated_long_conv(
+            u_BLD.transpose(1, 2), x1_BDL, x2_BDL, v_BDL, filters_DN[0], self.filter_fn.bias, k2_DN, d2_D
+        )
         return self.out_linear(y_BDL.transpose(1, 2))
 
 
@@ -252,7 +251,8 @@ class BlockdiagLinear(nn.Module):
         super().__init__()
         if in_features % nblocks or out_features % nblocks:
             raise ValueError(f"in_features={in_features} and out_features={out_features} must divide by nblocks={nblocks}")
-        self.in_features, self.out_features, self.backend = in_features, out_features, backend
+        self.in_features, self.out_features = in_features, out_features
+        self.matmul = kernels.blockdiag.matmul_implementation(backend)
         # Registered before the weight, as upstream, so state dicts list keys in the same order.
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.weight = nn.Parameter(torch.empty(nblocks, out_features // nblocks, in_features // nblocks))
@@ -273,7 +273,7 @@ class BlockdiagLinear(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.blockdiag.blockdiag_matmul(x, self.weight, self.bias, backend=self.backend)
+        return self.matmul(x, self.weight, self.bias)
 
 
 class GatedBlockdiagMLP(nn.Module):
@@ -287,10 +287,10 @@ class GatedBlockdiagMLP(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout)
         self.wo = BlockdiagLinear(inner, d, nblocks, backend=backend)
         self.layernorm = nn.LayerNorm(d, eps=config.layer_norm_eps)
-        self.backend = backend
+        self.glu = kernels.blockdiag.glu_implementation(backend)
 
     def forward(self, x_BLD: torch.Tensor) -> torch.Tensor:
-        a_BLI = kernels.blockdiag.blockdiag_glu(x_BLD, self.gated_layers.weight, backend=self.backend)
+        a_BLI = self.glu(x_BLD, self.gated_layers.weight)
         return self.layernorm(self.wo(self.dropout(a_BLI)) + x_BLD)
 
 
