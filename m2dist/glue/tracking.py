@@ -10,7 +10,6 @@ here. A tracking failure warns once and turns tracking off; the evaluation goes 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,6 @@ from typing import Any
 from m2dist.config import TrackingConfig
 from m2dist.errors import CheckpointError
 from m2dist.tracking import (
-    MAX_PARAM_VALUE_LENGTH,
     MODEL_URI_PREFIX,
     SOURCE_MODEL_NAME_TAG,
     SOURCE_MODEL_TAG,
@@ -27,7 +25,9 @@ from m2dist.tracking import (
     SOURCE_RUN_TAG,
     STAGE_TAG,
     TRAINING_RUN_TAG,
-    mlflow_key,
+    experiment_id,
+    log_metrics,
+    log_params,
     read_lineage,
     readable_run_name,
     release_in_mlflow_model,
@@ -169,47 +169,27 @@ class GlueTracking:
             if self.uri.startswith("sqlite:///"):
                 Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
             self._client = MlflowClient(self.uri)
-            experiment = self._client.get_experiment_by_name(self.experiment)
-            if experiment is None:
-                self._experiment_id = self._client.create_experiment(
-                    self.experiment, artifact_location=self._artifact_location
-                )
-            else:
-                self._experiment_id = experiment.experiment_id
+            self._experiment_id = experiment_id(self._client, self.experiment, self._artifact_location)
             name = readable_run_name(run_name)
             run = self._client.create_run(self._experiment_id, run_name=name, tags=self._source_tags)
             self.parent_run_id = run.info.run_id
-            self._log_params(self.parent_run_id, params)
+            log_params(self._client, self.parent_run_id, params)
             return self.parent_run_id
 
         return self._call("create the parent run", start)
-
-    def _log_params(self, run_id: str, params: Mapping[str, str]) -> None:
-        from mlflow.entities import Param
-
-        items = [Param(mlflow_key(k), str(v)[:MAX_PARAM_VALUE_LENGTH]) for k, v in params.items()]
-        for start in range(0, len(items), 100):
-            self._client.log_batch(run_id, params=items[start : start + 100], synchronous=True)
-
-    def _log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        items = [Metric(mlflow_key(k), float(v), now, step) for k, v in metrics.items()]
-        self._client.log_batch(run_id, metrics=items, synchronous=True)
 
     def start_job(self, job_id: str, params: Mapping[str, str]) -> None:
         def start() -> None:
             tags = {**self._source_tags, PARENT_TAG: self.parent_run_id}
             run = self._client.create_run(self._experiment_id, run_name=job_id, tags=tags)
             self._job_runs[job_id] = run.info.run_id
-            self._log_params(run.info.run_id, params)
+            log_params(self._client, run.info.run_id, params)
 
         self._call(f"create the run of {job_id}", start)
 
     def log_job_metrics(self, job_id: str, metrics: Mapping[str, float], step: int) -> None:
         if job_id in self._job_runs:
-            self._call(f"log metrics of {job_id}", lambda: self._log_metrics(self._job_runs[job_id], metrics, step))
+            self._call(f"log metrics of {job_id}", lambda: log_metrics(self._client, self._job_runs[job_id], metrics, step))
 
     def end_job(self, job_id: str, final: Mapping[str, float] | None, error: str = "") -> None:
         run_id = self._job_runs.pop(job_id, None)
@@ -218,7 +198,7 @@ class GlueTracking:
 
         def end() -> None:
             if final:
-                self._log_metrics(run_id, final, 0)
+                log_metrics(self._client, run_id, final, 0)
             if error:
                 self._client.set_tag(run_id, "error", error[-4000:])
             self._client.set_terminated(run_id, "FAILED" if error else "FINISHED")
@@ -231,7 +211,7 @@ class GlueTracking:
 
         def finish() -> None:
             if metrics:
-                self._log_metrics(self.parent_run_id, metrics, 0)
+                log_metrics(self._client, self.parent_run_id, metrics, 0)
             for path in artifacts:
                 self._client.log_artifact(self.parent_run_id, str(path))
             self._client.set_terminated(self.parent_run_id, "FAILED" if failed else "FINISHED")
