@@ -1,5 +1,6 @@
 """Throughput, model FLOPs and MFU, data wait, memory, ETA: one object, printed by rank 0 and
-appended to `<output_dir>/metrics.jsonl`, one JSON object per log step.
+appended to `<output_dir>/metrics.jsonl`, one JSON object per log step (and one per evaluation,
+which `read_metrics` merges into its step's record).
 
 Model FLOPs per token count the matmuls of the config (2 FLOPs per multiply-add), forward x 3 for
 a training step (backward = 2 x forward):
@@ -20,8 +21,10 @@ import torch
 
 from m2dist.config import ModelConfig
 
-# Rank 0's log steps, one JSON object a line, appended across resumes.
+# Rank 0's log steps and evaluations, one JSON object a line, appended across resumes.
 METRICS_FILE = "metrics.jsonl"
+# The scalars of an evaluation, appended as their own line after the train record of the step.
+EVAL_PREFIX = "eval/"
 
 # Dense bf16 / fp32 (non-tensor-core) peaks from the vendors' datasheets, by device-name substring.
 PEAK_FLOPS = {
@@ -131,12 +134,24 @@ def append_metrics(path: Path, step: int, scalars: dict[str, float], **fields: A
         out.write(json.dumps({"step": step, **fields, **scalars}) + "\n")
 
 
+def is_eval_record(record: dict[str, Any]) -> bool:
+    """True for the line an evaluation appends (step and `eval/*` scalars only)."""
+    keys = set(record) - {"step"}
+    return bool(keys) and all(key.startswith(EVAL_PREFIX) for key in keys)
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl by step, oldest first. Steps logged again after a resume from
-    an older checkpoint (a run killed between checkpoints) keep their newest record."""
+    """The records of a metrics.jsonl by step, oldest first, an evaluation's scalars merged into the
+    train record of its step. Steps logged again after a resume from an older checkpoint (a run
+    killed between checkpoints) keep their newest record: a train record replaces the step's record,
+    its old evaluation included."""
     records: dict[int, dict[str, Any]] = {}
     for line in Path(path).read_text().splitlines():
         if line.strip():
             record = json.loads(line)
-            records[int(record["step"])] = record
+            step = int(record["step"])
+            if is_eval_record(record) and step in records:
+                records[step] = {**records[step], **record}
+            else:
+                records[step] = record
     return [records[step] for step in sorted(records)]

@@ -14,6 +14,8 @@ import re
 import sys
 from pathlib import Path
 
+from m2dist.data.prose import rst_blocks
+
 # Directives whose indented body is prose that belongs to the page.
 PROSE_DIRECTIVES = {
     "function", "method", "class", "attribute", "data", "exception", "decorator", "decoratormethod",
@@ -26,20 +28,12 @@ PROSE_DIRECTIVES = {
 # Directory parts that hold changelogs, licenses or build-only files rather than prose.
 SKIPPED_PARTS = {"includes", "changelog", "license", "copyright", "contents", "about", "bugs"}
 
-ADORNMENT = re.compile(r"^\s*([=\-~^\"'*+#`:.])\1{2,}\s*$")
-DIRECTIVE = re.compile(r"^(\s*)\.\.\s+([\w:-]+)::(.*)$")
-COMMENT = re.compile(r"^(\s*)\.\.(\s|$)")
-BULLET = re.compile(r"^(\s*)([*+\-]|#\.|\d+\.|\(\w\))\s+")
 ROLE = re.compile(r":[\w:-]+:`([^`]*)`")
 REF_WITH_TARGET = re.compile(r"`([^`<]*?)\s*<[^`>]*>`_{0,2}")
 LITERAL = re.compile(r"``([^`]*)``")
 INTERPRETED = re.compile(r"`([^`]*)`_{0,2}")
 EMPHASIS = re.compile(r"\*{1,2}([^*\s][^*]*?)\*{1,2}")
 SUBSTITUTION = re.compile(r"\|(\w+)\|")
-
-
-def indent_of(line: str) -> int:
-    return len(line) - len(line.lstrip(" "))
 
 
 def reduce_role(match: re.Match) -> str:
@@ -73,52 +67,8 @@ def is_prose(paragraph: str) -> bool:
 
 def page_paragraphs(text: str) -> list[str]:
     """Prose paragraphs of one reST page, inline markup reduced to its text."""
-    paragraphs: list[str] = []
-    current: list[str] = []
-    skip_deeper_than: int | None = None
-
-    def flush() -> None:
-        if current:
-            paragraph = inline_text(" ".join(current))
-            if is_prose(paragraph):
-                paragraphs.append(paragraph)
-            current.clear()
-
-    for line in text.splitlines():
-        stripped = line.strip()
-        if skip_deeper_than is not None:
-            if not stripped or indent_of(line) > skip_deeper_than:
-                continue
-            skip_deeper_than = None
-        if not stripped:
-            flush()
-            continue
-        directive = DIRECTIVE.match(line)
-        if directive:
-            flush()
-            if directive.group(2) not in PROSE_DIRECTIVES:
-                skip_deeper_than = indent_of(line)
-            continue
-        if COMMENT.match(line):
-            flush()
-            skip_deeper_than = indent_of(line)
-            continue
-        if ADORNMENT.match(line) or stripped.startswith(("+-", "|", ">>>", "...", "$ ")):
-            flush()
-            continue
-        if re.match(r"^:[\w -]+:", stripped):
-            flush()
-            continue
-        bullet = BULLET.match(line)
-        if bullet:
-            flush()
-            stripped = line[bullet.end() :].strip()
-        current.append(stripped)
-        if stripped.endswith("::"):
-            flush()
-            skip_deeper_than = indent_of(line)
-    flush()
-    return paragraphs
+    blocks = rst_blocks(text.splitlines(), PROSE_DIRECTIVES, ("+-", "|", ">>>", "...", "$ "))
+    return [paragraph for paragraph in map(inline_text, blocks) if is_prose(paragraph)]
 
 
 def main(sources: Path, out: Path) -> None:
