@@ -354,3 +354,11 @@ def test_subset_skips_missing_task_and_runs_rotten_tomatoes(debug_checkpoint, tm
     assert "GLUE task cola skipped" in caplog.text
     assert list(report.tasks) == ["sst2", "rotten_tomatoes"] and report.glue is None
     assert 0.0 <= report.tasks["rotten_tomatoes"].mean <= 1.0 and report.mlflow_parent_run_id is None
+
+
+def test_jobs_per_device_lists_each_device_that_many_times():
+    from m2dist.glue.runner import resolve_devices
+
+    assert resolve_devices("cpu", jobs_per_device=3) == ["cpu", "cpu", "cpu"]
+    with pytest.raises(ConfigError, match=r"--jobs-per-device: expected an integer >= 1, got 0"):
+        resolve_devices("cpu", jobs_per_device=0)

@@ -32,6 +32,7 @@ def main() -> None:
     parser.add_argument("--config", default="default", help="a file in configs/glue/ (e.g. m2-bert-80M) or a path")
     parser.add_argument("--output-dir", help="results, MLflow store, MNLI checkpoint (default outputs/glue/<name>-...)")
     parser.add_argument("--devices", default="auto", help="auto, cpu, cuda, or GPU indices such as 0,1,3")
+    parser.add_argument("--jobs-per-device", type=int, default=1, help="jobs run at once on each device (default 1)")
     parser.add_argument("--text-train", help="labeled-text task: CSV or JSONL with text,label")
     parser.add_argument("--text-dev", help="its dev file (default: a hashed share of --text-train)")
     parser.add_argument("--text-name", default="", help="name of the text task in the results")
@@ -50,6 +51,7 @@ def main() -> None:
         overrides=args.overrides,
         output_dir=args.output_dir,
         devices=args.devices,
+        jobs_per_device=args.jobs_per_device,
         text_train=args.text_train,
         text_dev=args.text_dev,
         text_name=args.text_name,

@@ -136,6 +136,8 @@ class GlueConfig:
     model: str = ""
     # Sequences per evaluation forward pass.
     eval_batch_size: int = 128
+    # On a GPU, replay each job's training step as one CUDA graph (m2dist.glue.step).
+    cuda_graphs: bool = True
     # For smoke runs: use a fixed random subset of this many training / dev rows per split (0 = all).
     max_train_examples: int = 0
     max_eval_examples: int = 0

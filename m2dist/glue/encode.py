@@ -45,10 +45,11 @@ class EncodedSplit:
         }
 
 
-def batch_to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """A batch of `EncodedSplit.tensors()` rows on `device`, ids and masks as int64."""
+def batch_to(batch: dict[str, torch.Tensor], device: torch.device, widen: bool = True) -> dict[str, torch.Tensor]:
+    """A batch of `EncodedSplit.tensors()` rows on `device`, ids and masks as int64 (`widen`) or
+    in their compact dtypes."""
     moved = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    return {k: v if k == "labels" else v.long() for k, v in moved.items()}
+    return {k: v if k == "labels" or not widen else v.long() for k, v in moved.items()}
 
 
 def truncate_pair(ids_a: list[int], ids_b: list[int] | None, budget: int) -> tuple[list[int], list[int] | None]:

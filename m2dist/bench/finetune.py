@@ -1,0 +1,164 @@
+"""Fine-tuning throughput at GLUE's batch sizes, M2 beside BERT in one run, and the whole-GLUE time.
+
+Each row is `python tools/eval_glue.py`'s training step (`m2dist.glue.step.FinetuneStep`: the
+classifier's forward, backward and fused AdamW under bf16 autocast, the schedule stepped on the
+host) on random sequences padded to L, with the config's GLUE optimizer settings and a freshly
+initialised model (speed does not depend on the weights). Steps run back to back as in an epoch,
+without waiting for each one. Reported per row:
+
+- the steady-state seconds per step (blocks of steps are timed until two agree within 3%), and the
+  seconds per epoch of the labeled-text task (Rotten Tomatoes' 11,573 training snippets) from it;
+- the first-epoch overhead: the time of the first `FIRST_STEPS` steps (kernel compilation,
+  autotuning, the CUDA graph's capture) beyond as many steady-state steps.
+
+`glue_wall_time` estimates a whole GLUE run (every task's epochs and seeds, dev evaluation not
+included) from the per-batch-size step times, on one GPU and on several.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from m2dist.config import load_config
+from m2dist.glue.config import GLUE_CONFIG_DIR, GlueConfig, load_glue_config
+from m2dist.glue.finetune import build_optimizer, build_schedule
+from m2dist.glue.step import FinetuneStep
+from m2dist.models import SequenceClassifier
+
+# Training examples per task (GLUE's train splits; "text" is Rotten Tomatoes' training split).
+TRAIN_EXAMPLES = {
+    "mnli": 392_702, "qqp": 363_846, "qnli": 104_743, "sst2": 67_349, "cola": 8_551,
+    "stsb": 5_749, "mrpc": 3_668, "rte": 2_490, "text": 11_573,
+}  # fmt: skip
+FIRST_STEPS = 20
+BLOCK_STEPS = 20
+
+
+@dataclass
+class FinetuneResult:
+    model: str
+    batch_size: int
+    cuda_graph: bool
+    step_ms: float
+    first_overhead_s: float
+    peak_memory_gib: float
+
+    def epoch_seconds(self, examples: int) -> float:
+        return math.ceil(examples / self.batch_size) * self.step_ms / 1000
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def benchmark_finetune_step(
+    config_name: str,
+    glue: GlueConfig,
+    batch_size: int,
+    cuda_graph: bool,
+    device: torch.device,
+    seq_len: int = 128,
+    first_steps: int = FIRST_STEPS,
+    block_steps: int = BLOCK_STEPS,
+) -> FinetuneResult:
+    model_config = load_config(config_name).model
+    seq_len = seq_len or model_config.l_max
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    torch.manual_seed(0)
+    model = SequenceClassifier(model_config, num_labels=2).to(device).train()
+    settings = dataclasses.replace(glue.tasks.text, batch_size=batch_size)
+    optimizer = build_optimizer(model, glue, settings, device)
+    examples = batch_size * 64
+    schedule = build_schedule(optimizer, 10**6, glue.warmup_fraction)
+    lengths = torch.randint(seq_len // 8, seq_len + 1, (examples,), device=device)
+    split = {
+        "input_ids": torch.randint(1000, model_config.vocab_size, (examples, seq_len), device=device, dtype=torch.int32),
+        "token_type_ids": torch.zeros(examples, seq_len, device=device, dtype=torch.int8),
+        "attention_mask": torch.arange(seq_len, device=device)[None] < lengths[:, None],
+        "labels": torch.randint(0, 2, (examples,), device=device),
+    }
+    step = FinetuneStep(model, optimizer, split, batch_size, bf16=device.type == "cuda", cuda_graph=cuda_graph)
+    order = torch.randperm(examples, device=device)
+    position = 0
+
+    def run(n: int) -> float:
+        nonlocal position
+        _synchronize(device)
+        started = time.perf_counter()
+        for _ in range(n):
+            if position + batch_size > examples:
+                position = 0
+            step(order[position : position + batch_size])
+            schedule.step()
+            position += batch_size
+        _synchronize(device)
+        return time.perf_counter() - started
+
+    first = run(first_steps)
+    previous = run(block_steps) / block_steps
+    for _ in range(10):
+        current = run(block_steps) / block_steps
+        if abs(current - previous) <= 0.03 * previous:
+            break
+        previous = current
+    step_s = run(2 * block_steps) / (2 * block_steps)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    return FinetuneResult(config_name, batch_size, step.graph is not None, 1000 * step_s, first - first_steps * step_s, peak)
+
+
+GLUE_CONFIG_FOR = {"bert-base": "default"}
+
+
+def glue_config_for(config_name: str) -> GlueConfig:
+    """The GLUE protocol file of a pretraining config: configs/glue/<name>.yaml, else the default."""
+    name = GLUE_CONFIG_FOR.get(config_name, config_name)
+    return load_glue_config(name if (GLUE_CONFIG_DIR / f"{name}.yaml").exists() else "default")
+
+
+def glue_wall_time(glue: GlueConfig, step_ms: dict[int, float], overhead_s: dict[int, float], devices: int) -> float:
+    """Seconds of a whole GLUE run's training (every task's epochs x seeds; no evaluation) on
+    `devices` GPUs running one job each: jobs placed longest first on the first free GPU, the
+    MNLI-initialised tasks once every MNLI job is done. `step_ms`, `overhead_s`: per batch size."""
+    first, after_mnli = [], []
+    for task, examples in TRAIN_EXAMPLES.items():
+        if task == "text":
+            continue
+        settings = getattr(glue.tasks, task)
+        batch = settings.batch_size
+        seconds = settings.epochs * math.ceil(examples / batch) * step_ms[batch] / 1000 + overhead_s[batch]
+        jobs = after_mnli if settings.init_from_mnli else first
+        jobs.extend((seconds, task) for _ in settings.seeds)
+    free = [0.0] * devices
+    mnli_done = 0.0
+    for seconds, task in sorted(first, reverse=True):
+        start = heapq.heappop(free)
+        heapq.heappush(free, start + seconds)
+        if task == "mnli":
+            mnli_done = max(mnli_done, start + seconds)
+    for seconds, _ in sorted(after_mnli, reverse=True):
+        start = max(heapq.heappop(free), mnli_done)
+        heapq.heappush(free, start + seconds)
+    return max(free)
+
+
+HEADER = (
+    "| model | batch | step | ms/step | s/epoch (text, 11,573) | first-epoch overhead s | peak GiB |\n"
+    "|---|---|---|---|---|---|---|"
+)
+
+
+def format_row(r: FinetuneResult) -> str:
+    mode = "CUDA graph" if r.cuda_graph else "eager"
+    return (
+        f"| {r.model} | {r.batch_size} | {mode} | {r.step_ms:.2f} | {r.epoch_seconds(TRAIN_EXAMPLES['text']):.1f} | "
+        f"{r.first_overhead_s:.1f} | {r.peak_memory_gib:.1f} |"
+    )

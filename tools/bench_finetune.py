@@ -1,0 +1,50 @@
+"""Fine-tuning step throughput at GLUE's batch sizes, M2 beside BERT in one run, with and without
+the CUDA-graph step, and the whole-GLUE training time estimated from it.
+
+  python tools/bench_finetune.py --configs m2-bert-80M bert-base --batch-sizes 16 32 48
+"""
+
+import argparse
+
+import torch
+
+from m2dist.bench.finetune import HEADER, benchmark_finetune_step, format_row, glue_config_for, glue_wall_time
+from m2dist.cli import run_cli
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="+", default=["m2-bert-80M", "bert-base"])
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[16, 32, 48])
+    parser.add_argument("--modes", nargs="+", choices=["graph", "eager"], default=["graph", "eager"])
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--gpus", type=int, default=8, help="also estimate the whole GLUE run on this many GPUs")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    results = []
+    for name in args.configs:
+        for mode in args.modes:
+            for batch in args.batch_sizes:
+                result = benchmark_finetune_step(name, glue_config_for(name), batch, mode == "graph", device, args.seq_len)
+                print(format_row(result), flush=True)
+                results.append((name, mode, result))
+    print(f"\nOn {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}")
+    print(HEADER)
+    for _, _, result in results:
+        print(format_row(result))
+    print("\n| model | step | whole GLUE, 1 GPU | whole GLUE, %d GPUs |\n|---|---|---|---|" % args.gpus)
+    for name in args.configs:
+        for mode in args.modes:
+            rows = [r for n, m, r in results if n == name and m == mode]
+            step_ms = {r.batch_size: r.step_ms for r in rows}
+            overhead = {r.batch_size: max(0.0, r.first_overhead_s) for r in rows}
+            glue = glue_config_for(name)
+            needed = {getattr(glue.tasks, t).batch_size for t in ("mnli", "qqp", "qnli", "sst2", "cola", "stsb", "mrpc", "rte")}
+            if not needed <= step_ms.keys():
+                continue
+            one, many = (glue_wall_time(glue, step_ms, overhead, n) / 3600 for n in (1, args.gpus))
+            print(f"| {name} | {'CUDA graph' if mode == 'graph' else 'eager'} | {one:.2f} h | {many:.2f} h |")
+
+
+if __name__ == "__main__":
+    run_cli(main)
