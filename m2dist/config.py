@@ -191,6 +191,12 @@ class TrainConfig:
     zero_stage: int = 2
     # Keep optimizer state in CPU memory (ZeRO 1-3).
     offload_optimizer: bool = False
+    # torch.compile the model inside the engine (DeepSpeed's `engine.compile()`, ZeRO 0-2): Inductor
+    # fuses the elementwise work around the matmuls; the Triton kernels stay opaque custom ops.
+    compile: bool = False
+    # torch.compile's mode with train.compile: "reduce-overhead" adds CUDA graphs of the forward and
+    # backward (no kernel-launch cost per step; the masked-token gather has a fixed size for it).
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     # Clip the global gradient norm to this (0 = no clipping).
     grad_clip: float = 1.0
     # Linear warmup over this share of training, then linear decay to final_lr_fraction x peak.
@@ -252,6 +258,12 @@ class TrainConfig:
             "train.offload_optimizer",
             "false with train.zero_stage=0 (offload needs ZeRO 1-3)",
             self.offload_optimizer,
+        )
+        require(
+            not (self.compile and self.zero_stage == 3),
+            "train.compile",
+            "false with train.zero_stage=3 (ZeRO-3 gathers parameters in hooks around each module)",
+            self.compile,
         )
 
 

@@ -36,9 +36,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     config = load_config(args.config, args.overrides)
     # Imported after the config: a config error is reported before the seconds of torch imports.
+    from m2dist.engine.distributed import leave_process_group
     from m2dist.engine.trainer import train
 
     train(config)
+    # Every rank together, before the interpreter's exit tears the group down in an order that can
+    # abort a gloo rank whose peers have gone.
+    leave_process_group()
 
 
 if __name__ == "__main__":

@@ -27,6 +27,18 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
+def in_process_rank():
+    """For a test that builds the training engine inside the test process: the engine fills the
+    launcher's variables (MASTER_PORT...) in os.environ, which are restored afterwards, or every later
+    test's launch would inherit a port that this process still listens on. The one-rank process
+    group stays (DeepSpeed keeps its groups, so a later engine in this process reuses it)."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture
 def upstream_fixture_dir():
     if not UPSTREAM_FIXTURES.exists():
         pytest.fail(f"upstream fixtures not found at {UPSTREAM_FIXTURES}: part of the repository, restore them with git")

@@ -43,3 +43,39 @@ def test_engine_mode_times_the_training_engine(tmp_path):
     assert tokens_per_s == pytest.approx(batch * seq_len / (step_ms / 1000), rel=0.01)
     # The run folder was temporary: nothing is left behind.
     assert not list(tmp_path.glob("m2dist-engine-bench-*"))
+
+
+def test_finetune_benchmark_times_the_glue_step_on_cpu():
+    import torch
+
+    from m2dist.bench.finetune import benchmark_finetune_step, format_row, glue_config_for
+
+    result = benchmark_finetune_step(
+        "debug", glue_config_for("debug"), 4, True, torch.device("cpu"), seq_len=32, first_steps=2, block_steps=2
+    )
+    assert result.cuda_graph is False  # no CUDA graph on a CPU: the eager step was timed
+    assert result.step_ms > 0 and result.epoch_seconds(11_573) == pytest.approx(2894 * result.step_ms / 1000)
+    assert format_row(result).startswith("| debug | 4 | eager | ")
+
+
+def test_whole_glue_estimate_adds_every_job_and_waits_for_mnli():
+    import math
+
+    from m2dist.bench.finetune import TRAIN_EXAMPLES, glue_wall_time
+    from m2dist.glue.config import load_glue_config
+
+    glue = load_glue_config("default")
+    step_ms = {16: 10.0, 32: 20.0, 48: 30.0}
+    overhead = {16: 1.0, 32: 2.0, 48: 3.0}
+
+    def job(task):
+        s = getattr(glue.tasks, task)
+        return s.epochs * math.ceil(TRAIN_EXAMPLES[task] / s.batch_size) * step_ms[s.batch_size] / 1000 + overhead[s.batch_size]
+
+    tasks = ["mnli", "qqp", "qnli", "sst2", "cola", "stsb", "mrpc", "rte"]
+    total = sum(job(t) * len(getattr(glue.tasks, t).seeds) for t in tasks)
+    assert glue_wall_time(glue, step_ms, overhead, devices=1) == pytest.approx(total)
+    eight = glue_wall_time(glue, step_ms, overhead, devices=8)
+    # The MNLI-initialised tasks start after MNLI: never sooner than MNLI plus the longest of them.
+    assert eight >= job("mnli") + max(job(t) for t in ("stsb", "mrpc", "rte")) - 1e-9
+    assert total / 8 <= eight < total

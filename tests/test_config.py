@@ -110,3 +110,9 @@ def test_kernel_backends_are_the_ops_backends():
 def test_seq_len_is_train_seq_len_or_model_l_max():
     assert load_config("debug", ["train.seq_len=0", "model.l_max=128"]).seq_len == 128
     assert load_config("debug", ["train.seq_len=64", "model.l_max=128"]).seq_len == 64
+
+
+def test_compile_with_zero_3_is_refused_by_name():
+    assert load_config("debug", ["train.compile=true", "train.zero_stage=2"]).train.compile is True
+    with pytest.raises(ConfigError, match=r"train.compile: expected false with train.zero_stage=3"):
+        load_config("debug", ["train.compile=true", "train.zero_stage=3"])

@@ -1,6 +1,7 @@
 """The training engine end to end: real DeepSpeed ZeRO runs of 2 processes over gloo on real MDS shards."""
 
 import gzip
+import math
 import os
 import re
 import signal
@@ -175,17 +176,29 @@ def test_resume_is_exact_across_an_epoch_boundary(tmp_path, tiny_shards):
     assert resumed == full  # bit-identical fp32 losses, before and after the resume
 
 
-def test_killed_rank_resumes_from_last_complete_checkpoint(tmp_path, tiny_shards):
+def _train_ranks(launcher_pid: int) -> list:
+    """The launcher's descendants that run train.py; a helper process that ends while the list is
+    read (a zombie, or gone) is not one of them."""
     import psutil
 
+    ranks = []
+    for child in psutil.Process(launcher_pid).children(recursive=True):
+        try:
+            if "train.py" in " ".join(child.cmdline()):
+                ranks.append(child)
+        except psutil.NoSuchProcess:  # ZombieProcess included
+            continue
+    return ranks
+
+
+def test_killed_rank_resumes_from_last_complete_checkpoint(tmp_path, tiny_shards):
     out = tmp_path / "run"
     args = [*BASE, *_data_args(tiny_shards), "train.duration=40", "train.checkpoint_every=2", "train.keep_last=5",
             f"train.output_dir={out}", "model.num_layers=4"]  # fmt: skip
     process = start_background(tmp_path, args)
     try:
         wait_for_checkpoint(process, out, 4)
-        workers = [p for p in psutil.Process(process.pid).children(recursive=True) if "train.py" in " ".join(p.cmdline())]
-        rank1 = next(p for p in workers if "LOCAL_RANK" in p.environ() and p.environ()["LOCAL_RANK"] == "1")
+        rank1 = next(p for p in _train_ranks(process.pid) if "LOCAL_RANK" in p.environ() and p.environ()["LOCAL_RANK"] == "1")
         rank1.send_signal(signal.SIGKILL)
         process.communicate(timeout=120)
     finally:
@@ -217,8 +230,6 @@ def _catches(process, signum: int) -> bool:
 
 
 def test_signal_during_start_up_leaves_cleanly_for_a_requeue(tmp_path, tiny_shards):
-    import psutil
-
     out = tmp_path / "run"
     args = [*BASE, *_data_args(tiny_shards), "train.duration=4", "data.num_workers=0", "tracking.enabled=false",
             f"train.output_dir={out}"]  # fmt: skip
@@ -226,7 +237,7 @@ def test_signal_during_start_up_leaves_cleanly_for_a_requeue(tmp_path, tiny_shar
     try:
         deadline = time.time() + 120
         while True:
-            ranks = [p for p in psutil.Process(process.pid).children(recursive=True) if "train.py" in " ".join(p.cmdline())]
+            ranks = _train_ranks(process.pid)
             if len(ranks) == 2 and all(_catches(p, signal.SIGUSR1) for p in ranks):
                 break
             assert process.poll() is None and time.time() < deadline, "the ranks did not start"
@@ -326,3 +337,49 @@ def test_mlflow_server_gets_one_run_and_its_death_does_not_stop_training(tmp_pat
         assert {"config.json", "deepspeed.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
     finally:
         server.stop()  # stop() is idempotent: the server is restarted above
+
+
+@pytest.mark.gpu
+def test_compiled_step_with_cuda_graphs_trains_as_the_eager_one_on_gpu(tmp_path, in_process_rank):
+    """train.compile_mode=reduce-overhead (the forward and backward replayed as CUDA graphs, with
+    the fixed-size masked gather) gives eager training's losses, in bf16 with ZeRO-1 on one GPU."""
+    from m2dist.config import load_config
+    from m2dist.engine.trainer import Trainer
+
+    losses = {}
+    for mode in ("eager", "reduce-overhead"):
+        overrides = [
+            "train.device=cuda", "train.precision=bf16", "train.zero_stage=1", "train.duration=8",
+            "train.seq_len=128", "train.global_batch_size=32", "train.eval_every=0", "train.checkpoint_every=0", "train.log_every=1",
+            "model.hidden_dropout=0.0", "tracking.enabled=false", "data.num_workers=0",
+            f"train.output_dir={tmp_path / mode}", f"train.compile={mode != 'eager'}",
+        ]  # fmt: skip
+        if mode != "eager":
+            overrides.append(f"train.compile_mode={mode}")
+        trainer = Trainer(load_config("debug", overrides))
+        losses[mode] = [loss for _, loss in trainer.fit()]
+        trainer.close()
+    assert len(losses["reduce-overhead"]) == 8 and all(math.isfinite(x) for x in losses["reduce-overhead"])
+    assert losses["reduce-overhead"] == pytest.approx(losses["eager"], rel=2e-2)
+
+
+def test_compiled_model_trains_as_the_eager_one(tmp_path, tiny_shards):
+    """train.compile: the engine's compiled model gives the eager model's losses (fp32, dropout off)
+    and writes checkpoints with the same parameter names (a release loads from them)."""
+    from m2dist.checkpoint.convert import load_any
+
+    args = [*BASE, *_data_args(tiny_shards), "train.zero_stage=1", "train.duration=4", "train.eval_batches=1",
+            "model.hidden_dropout=0.0", "model.num_layers=1"]  # fmt: skip
+    runs = {}
+    for compiled in (False, True):
+        runs[compiled] = out = tmp_path / f"compile-{compiled}"
+        returncode, output = launch(
+            tmp_path, [*args, f"train.compile={compiled}", f"train.output_dir={out}"], nproc=1, launcher="python"
+        )
+        _assert_ok(returncode, output)
+    eager, compiled = final_losses(runs[False]), final_losses(runs[True])
+    assert [step for step, _ in compiled] == [1, 2, 3, 4]
+    assert [loss for _, loss in compiled] == pytest.approx([loss for _, loss in eager], rel=1e-4)
+    tag = (runs[True] / "checkpoints" / "latest").read_text().strip()
+    model = load_any(runs[True] / "checkpoints" / tag)
+    assert not any("_orig_mod" in key for key in model.state_dict())

@@ -25,6 +25,16 @@ def project_modules() -> dict[str, Path]:
     return modules
 
 
+def imported_names(node: ast.AST) -> list[str]:
+    """The dotted names an absolute import statement imports (`a.b` for `from a import b`); [] for
+    any other node."""
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names]
+    if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+        return [f"{node.module}.{alias.name}" for alias in node.names]
+    return []
+
+
 def top_level_imports(path: Path, modules: dict[str, Path]) -> set[str]:
     """The project modules that `path` imports at module level (not under `if TYPE_CHECKING:`),
     with the packages that importing them runs first."""
@@ -36,13 +46,7 @@ def top_level_imports(path: Path, modules: dict[str, Path]) -> set[str]:
 
     imported = set()
     for node in ast.parse(path.read_text()).body:
-        if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [f"{node.module}.{alias.name}" for alias in node.names]
-        else:
-            continue
-        for name in names:
+        for name in imported_names(node):
             if name.split(".")[0] in PACKAGES:
                 module = owner(name)
                 parts = module.split(".")
@@ -89,6 +93,19 @@ def test_no_import_cycle_among_the_project_modules():
 def test_config_imports_no_other_project_module_than_errors():
     modules = project_modules()
     assert top_level_imports(modules["m2dist.config"], modules) == {"m2dist", "m2dist.errors"}
+
+
+def test_checkpoint_formats_sit_below_the_engine():
+    """m2dist.checkpoint imports nothing of m2dist.engine, at module level or inside a function:
+    the engine saves and loads through the checkpoint layout, never the other way round."""
+    modules = project_modules()
+    found = []
+    for name, path in modules.items():
+        if name != "m2dist.checkpoint" and not name.startswith("m2dist.checkpoint."):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            found += [f"{name}: {module}" for module in imported_names(node) if module.split(".")[:2] == ["m2dist", "engine"]]
+    assert found == []
 
 
 def test_cycle_finder_finds_a_cycle():

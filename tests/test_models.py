@@ -76,6 +76,51 @@ def test_mlm_loss_only_on_masked_positions():
     assert out.num_masked == int(masked.sum())
 
 
+def test_fixed_size_masked_gather_gives_the_exact_loss_and_gradients():
+    config = load_config("debug").model
+    torch.manual_seed(0)
+    model = MaskedLM(config).eval()
+    input_ids, labels = _tiny_batch(config, batch=2, length=16)
+    num_masked = int((labels != -100).sum())
+    results = {}
+    for max_masked in (None, num_masked, num_masked + 5, labels.numel()):
+        model.zero_grad()
+        out = model(input_ids, labels=labels, max_masked=max_masked)
+        out.loss.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        results[max_masked] = (out.loss.detach(), grads)
+        assert int(out.num_masked) == num_masked
+        assert out.logits.shape[0] == (num_masked if max_masked is None else max_masked)
+    exact_loss, exact_grads = results[None]
+    for max_masked, (loss, grads) in results.items():
+        torch.testing.assert_close(loss, exact_loss, msg=f"max_masked={max_masked}")
+        assert grads.keys() == exact_grads.keys()
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, exact_grads[name], rtol=1e-4, atol=1e-6, msg=f"{name}, {max_masked}")
+
+
+def test_fixed_size_masked_gather_too_small_gives_a_nonfinite_loss():
+    config = load_config("debug").model
+    model = MaskedLM(config).eval()
+    input_ids, labels = _tiny_batch(config, batch=2, length=16)
+    num_masked = int((labels != -100).sum())
+    assert torch.isnan(model(input_ids, labels=labels, max_masked=num_masked - 1).loss)
+
+
+def test_masked_capacity_holds_the_binomial_tail():
+    from m2dist.models import masked_capacity
+
+    torch.manual_seed(0)
+    for tokens, probability in ((32768, 0.30), (32768, 0.15), (1024, 0.3), (64, 0.3)):
+        capacity = masked_capacity(tokens, probability)
+        assert tokens * probability < capacity <= tokens
+        counts = (torch.rand(2000, tokens) < probability).sum(1)
+        assert int(counts.max()) <= capacity, (tokens, probability)
+    # Large batches pay little: under 8% more rows than the mean at 32k tokens and 30%.
+    assert masked_capacity(32768, 0.3) < 1.08 * 32768 * 0.3
+    assert masked_capacity(16, 0.3) == 16
+
+
 def test_decoder_is_tied_to_word_embeddings():
     model = MaskedLM(load_config("debug").model)
     assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight

@@ -104,6 +104,7 @@ def _encoded_task(tmp_path, rows: int):
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_finetuning_reads_the_training_split_in_file_order_every_epoch(tmp_path, monkeypatch, shuffle):
     import m2dist.glue.finetune as finetune
+    import m2dist.glue.step as step
     from m2dist.checkpoint.release import save_release
 
     torch.manual_seed(0)
@@ -113,14 +114,14 @@ def test_finetuning_reads_the_training_split_in_file_order_every_epoch(tmp_path,
         "default", ["tasks.sst2.epochs=2", "tasks.sst2.batch_size=2", "eval_batch_size=8", f"shuffle={shuffle}"]
     )
     seen = []
-    original = finetune.batch_to
+    original = step.gather_batch
 
-    def recording_batch_to(batch, device):
-        if "labels" in batch and len(batch["input_ids"]) == 2:  # training batches
-            seen.append(batch["input_ids"].clone())
-        return original(batch, device)
+    def recording_gather_batch(split, index):  # the training step's batches
+        batch = original(split, index)
+        seen.append(batch["input_ids"].clone())
+        return batch
 
-    monkeypatch.setattr(finetune, "batch_to", recording_batch_to)
+    monkeypatch.setattr(step, "gather_batch", recording_gather_batch)
     spec = finetune.JobSpec("sst2", 19, 2, str(encoded), str(checkpoint), glue.tasks.sst2, glue)
     finetune.run_job(spec, "cpu")
     file_order = torch.as_tensor(train.input_ids_NL).long()

@@ -3,16 +3,17 @@ non-finite checkpoint, damaged checkpoints detected with a fallback to an intact
 run folder, a resumed config compared with its checkpoint's, and a failed checkpoint write that
 names its file and cause. Real DeepSpeed runs on CPU."""
 
+import contextlib
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -214,13 +215,12 @@ def test_second_job_on_a_run_folder_is_refused(tmp_path, tiny_shards):  # noqa: 
     args = [*BASE, *_data_args(tiny_shards), "train.duration=5000", "train.log_every=2", "tracking.enabled=false",
             "data.num_workers=0", f"train.output_dir={out}"]  # fmt: skip
     first = start_background(tmp_path, args)
+    ranks = []
     try:
         deadline = time.time() + 300
         while not (out / METRICS_FILE).exists():
             assert first.poll() is None and time.time() < deadline, "the first job ended or stalled"
             time.sleep(0.2)
-        import psutil
-
         ranks = [p for p in psutil.Process(first.pid).children(recursive=True) if "train.py" in " ".join(p.cmdline())]
         # Paused (its lock held) while the second job starts, so that the two do not share the CPU.
         for rank in ranks:
@@ -235,6 +235,10 @@ def test_second_job_on_a_run_folder_is_refused(tmp_path, tiny_shards):  # noqa: 
             rank.send_signal(signal.SIGUSR1)
         first_output, _ = first.communicate(timeout=200)
     finally:
+        # The ranks too: torchrun starts them in sessions of their own, beyond its process group.
+        for rank in ranks:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                rank.kill()
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
             first.communicate()

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from m2dist.config import load_config
+from m2dist.engine.distributed import leave_process_group
 from m2dist.engine.trainer import Trainer
 from m2dist.train import parse_args
 
@@ -49,6 +50,7 @@ def main() -> None:
     if trainer.env.is_main:
         torch.save(state, args.dump)
     trainer.close()
+    leave_process_group()
 
 
 if __name__ == "__main__":

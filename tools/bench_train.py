@@ -3,6 +3,8 @@
   python tools/bench_train.py --configs m2-bert-80M bert-base --seq-lens 128 512 2048 8192
   python tools/bench_train.py --configs m2-bert-80M --kernels reference triton --seq-lens 128
   python tools/bench_train.py --configs m2-bert-80M bert-base --seq-lens 128 8192 --engine
+  python tools/bench_train.py --configs m2-bert-80M bert-base --seq-lens 128 --engine \
+      --engine-compile-modes eager reduce-overhead
 
 The default times the model's step alone (forward, backward, fused AdamW under bf16 autocast);
 `--engine` times `m2dist/train.py`'s step for each config as it trains (DeepSpeed, data loader,
@@ -23,10 +25,17 @@ def main() -> None:
     parser.add_argument("--no-hf", action="store_true", help="skip Hugging Face's BertForMaskedLM")
     parser.add_argument("--kernels", nargs="+", default=["triton"], help="M2 kernel backends to run (triton, reference, auto)")
     parser.add_argument("--compile", action="store_true", help="torch.compile every model")
+    parser.add_argument(
+        "--engine-compile-modes", nargs="+", default=["eager"], metavar="MODE",
+        help="with --engine: run each config once per mode, 'eager' or a torch.compile mode "
+        "(default, reduce-overhead, max-autotune-no-cudagraphs) set as train.compile_mode",
+    )  # fmt: skip
     parser.add_argument("--engine", action="store_true", help="time the training engine's step instead of the model's")
     args = parser.parse_args()
     if args.engine:
-        results = run_engine_benchmark(args.configs, args.seq_lens, args.tokens_per_step, args.steps)
+        results = run_engine_benchmark(
+            args.configs, args.seq_lens, args.tokens_per_step, args.steps, tuple(args.engine_compile_modes)
+        )
         baseline = speedups_over(results, "bert-base")
         header = HEADER.replace("vs HF BERT", "vs bert-base")
     else:
@@ -37,7 +46,7 @@ def main() -> None:
         header = HEADER
     print("\n" + header)
     for result in results:
-        print(format_row(result, baseline.get(result.seq_len)))
+        print(format_row(result, baseline.get((result.seq_len, result.variant))))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """Training-step throughput on one GPU: m2dist models and Hugging Face's BERT in the same run.
 
 A step is forward + backward + AdamW (fused on CUDA) under bf16 autocast, on random tokens with
-the config's MLM masking rate; the m2dist models compute the MLM head on masked positions only,
-Hugging Face's BertForMaskedLM on every position (as it does). Tokens per step are the same for
-every model at a given length.
+the config's MLM masking rate; the m2dist models compute the MLM head on the masked positions
+only (a fixed number of rows, as in the engine: `masked_capacity`), Hugging Face's BertForMaskedLM
+on every position (as it does). Tokens per step are the same for every model at a given length.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 from m2dist.config import Config, KernelConfig, ModelConfig, load_config
 from m2dist.engine.metrics import peak_flops, training_flops_per_token
 from m2dist.engine.trainer import Trainer
-from m2dist.models import build_masked_lm
+from m2dist.models import build_masked_lm, masked_capacity
 
 
 @dataclass
@@ -34,6 +34,8 @@ class BenchResult:
     mfu: float | None
     peak_memory_gib: float
     error: str = ""
+    # Rows compare with the baseline row of the same L and variant (the engine's compile mode).
+    variant: str = ""
 
 
 def _hf_bert(config: ModelConfig):
@@ -52,8 +54,7 @@ def time_steps(step: Callable[[], None], steps: int, window: int = 5, max_warmup
     time is stable: windows of `window` steps are run until one's median is within 3% of the one
     before (compilation, autotuning and allocator growth all settle in the first windows), so no
     result depends on its position in a run. Each step is waited for (device events on a GPU), so
-    host work that a step cannot hide behind its own kernels counts in its time (the M2 and BERT
-    steps wait for the host once per step anyway, to pick the masked positions)."""
+    host work that a step cannot hide behind its own kernels counts in its time."""
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
 
     def timed(n: int) -> list[float]:
@@ -99,10 +100,12 @@ def benchmark_step(
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
         input_ids = torch.randint(1000, model_config.vocab_size, (batch_size, seq_len), device=device)
         labels = torch.where(torch.rand(input_ids.shape, device=device) < mlm_probability, input_ids, -100)
+        # m2dist's models gather a fixed number of rows for the MLM head, as the engine's step does.
+        fixed_gather = {} if name.startswith(HF_NAME) else {"max_masked": masked_capacity(labels.numel(), mlm_probability)}
 
         def step() -> None:
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
-                loss = model(input_ids=input_ids, labels=labels).loss
+                loss = model(input_ids=input_ids, labels=labels, **fixed_gather).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -156,13 +159,17 @@ def run_benchmark(
     return results
 
 
-def engine_config(name: str, seq_len: int, batch_size: int, output_dir: str) -> Config:
+def engine_config(
+    name: str, seq_len: int, batch_size: int, output_dir: str, overrides: tuple[str, ...] = ()
+) -> Config:
     """Config `name` set up for a throughput run of the engine: L and one micro-batch of
-    `batch_size` per step, no tracking, the embedded corpus when the config names no data."""
+    `batch_size` per step, no tracking, the embedded corpus when the config names no data, then
+    `overrides` (key=value, e.g. train.compile=true)."""
     config = load_config(name)
     return load_config(
         name,
         [
+            *overrides,
             f"train.seq_len={seq_len}",
             f"model.l_max={max(config.model.l_max, seq_len)}",
             f"train.global_batch_size={batch_size}",
@@ -175,11 +182,13 @@ def engine_config(name: str, seq_len: int, batch_size: int, output_dir: str) -> 
     )
 
 
-def benchmark_engine_step(label: str, name: str, seq_len: int, batch_size: int, steps: int = 10) -> BenchResult:
+def benchmark_engine_step(
+    label: str, name: str, seq_len: int, batch_size: int, steps: int = 10, overrides: tuple[str, ...] = ()
+) -> BenchResult:
     """tokens/s of `m2dist/train.py`'s step (`Trainer.train_step`: DeepSpeed with the config's ZeRO
     stage and precision, the data loader, the schedule) on one device, timed as `benchmark_step`."""
     with tempfile.TemporaryDirectory(prefix="m2dist-engine-bench-") as out:
-        cfg = engine_config(name, seq_len, batch_size, out)
+        cfg = engine_config(name, seq_len, batch_size, out, overrides)
         trainer = Trainer(cfg)
         device = trainer.device
         if device.type == "cuda":
@@ -200,20 +209,32 @@ def benchmark_engine_step(label: str, name: str, seq_len: int, batch_size: int, 
     )
 
 
-def run_engine_benchmark(config_names: list[str], seq_lens: list[int], tokens_per_step: int, steps: int = 10) -> list[BenchResult]:
-    """Every config's engine step at every L with the same tokens per step."""
+def run_engine_benchmark(
+    config_names: list[str],
+    seq_lens: list[int],
+    tokens_per_step: int,
+    steps: int = 10,
+    compile_modes: tuple[str, ...] = ("eager",),
+) -> list[BenchResult]:
+    """Every config's engine step at every L with the same tokens per step, once per entry of
+    `compile_modes` ("eager", or train.compile=true with that torch.compile mode)."""
     results = []
     for seq_len in seq_lens:
         batch = max(1, tokens_per_step // seq_len)
-        for name in config_names:
-            results.append(benchmark_engine_step(f"{name} (engine)", name, seq_len, batch, steps))
-            print(format_row(results[-1]), flush=True)
+        for mode in compile_modes:
+            overrides = () if mode == "eager" else ("train.compile=true", f"train.compile_mode={mode}")
+            suffix = "" if mode == "eager" else f", compiled {mode}"
+            for name in config_names:
+                result = benchmark_engine_step(f"{name} (engine{suffix})", name, seq_len, batch, steps, overrides)
+                results.append(dataclasses.replace(result, variant=mode))
+                print(format_row(results[-1]), flush=True)
     return results
 
 
-def speedups_over(results: list[BenchResult], baseline: str) -> dict[int, float]:
-    """`baseline`'s tokens/s per L (the denominator of the speedup column), `baseline` a name prefix."""
-    return {r.seq_len: r.tokens_per_s for r in results if r.model.startswith(baseline) and not r.error}
+def speedups_over(results: list[BenchResult], baseline: str) -> dict[tuple[int, str], float]:
+    """`baseline`'s tokens/s per (L, variant) (the denominator of the speedup column), `baseline` a
+    name prefix."""
+    return {(r.seq_len, r.variant): r.tokens_per_s for r in results if r.model.startswith(baseline) and not r.error}
 
 
 HF_NAME = "hf-bert-base (sdpa)"

@@ -21,6 +21,17 @@ class DistEnv:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def broadcast(self, value):
+        """Rank 0's picklable `value`, on every rank."""
+        return broadcast_object(value, self)
+
+    def gather(self, value) -> list:
+        """Every rank's picklable `value`, on every rank."""
+        return gather_objects(value, self)
+
+    def barrier(self) -> None:
+        barrier()
+
 
 def free_port() -> int:
     """A TCP port free on this host now (bound to port 0 and released), for a rendezvous."""
@@ -111,6 +122,16 @@ def unlink_deepspeed_shm(env: DistEnv) -> None:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def leave_process_group() -> None:
+    """Collective, just before a rank exits: wait for every rank, then tear the process group down.
+    Left to the interpreter's exit, a gloo rank whose peer (and the rendezvous store it hosts on
+    rank 0) has already gone can abort in the group's destructor ("terminate called without an
+    active exception", status 134) instead of exiting with the status it chose."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def gather_objects(value, env: DistEnv | None = None) -> list:

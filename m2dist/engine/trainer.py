@@ -12,18 +12,22 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
 
 from m2dist.checkpoint.extend import warm_start
 from m2dist.checkpoint.io import safe_torch_load
+from m2dist.checkpoint.layout import CHECKPOINTS_DIR, CLIENT_STATE, find_resume_tag
 from m2dist.config import Config, check_training_data
-from m2dist.engine.checkpoint import CLIENT_STATE, CheckpointManager, find_resume_tag
+from m2dist.engine.checkpoint import CheckpointManager
 from m2dist.engine.data import build_data
 from m2dist.engine.deepspeed_config import batch_layout, build_deepspeed_config, check_deepspeed_precision
-from m2dist.engine.distributed import all_reduce_sum, broadcast_object, init_distributed, unlink_deepspeed_shm
+from m2dist.engine.distributed import (
+    all_reduce_sum, broadcast_object, init_distributed, leave_process_group, unlink_deepspeed_shm,
+)  # fmt: skip
+from m2dist.engine.grad_norm import install_foreach_grad_norm
 from m2dist.engine.guards import NonFiniteCounter, RunLock, check_resume_config
 from m2dist.engine.metrics import (
     METRICS_FILE,
@@ -35,7 +39,7 @@ from m2dist.engine.metrics import (
 )
 from m2dist.engine.signals import install_stop_handlers, stop_signal
 from m2dist.errors import NonFiniteTraining, RunFolderLocked
-from m2dist.models import MaskedLM, build_masked_lm, count_parameters
+from m2dist.models import MaskedLM, build_masked_lm, count_parameters, masked_capacity
 from m2dist.optim import build_optimizer, warmup_linear_decay
 from m2dist.tracking import (
     build_tracker,
@@ -54,6 +58,12 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels")
 
 # Exit status after a checkpoint taken on SIGUSR1/SIGTERM: the SLURM script requeues the job on it.
 REQUEUE_EXIT_CODE = 85
+
+
+def leave_for_requeue() -> NoReturn:
+    """Collective: every rank leaves the process group together, then exits with REQUEUE_EXIT_CODE."""
+    leave_process_group()
+    raise SystemExit(REQUEUE_EXIT_CODE)
 
 
 class WarmupLinearDecay:
@@ -145,7 +155,7 @@ class Trainer:
         self.total_steps = self._steps_from_duration()
         self._leave_if_stopped("checking the data")
 
-        self.checkpoints = CheckpointManager(self.output_dir / "checkpoints", self.env, train.keep_last)
+        self.checkpoints = CheckpointManager(self.output_dir / CHECKPOINTS_DIR, self.env, train.keep_last)
         resume_tag = self.last_tag = find_resume_tag(self.checkpoints.root, self.env)
         if resume_tag is not None:
             self._check_config_drift(resume_tag)
@@ -171,6 +181,11 @@ class Trainer:
             dist_init_required=False,
         )
         unlink_deepspeed_shm(self.env)
+        install_foreach_grad_norm(self.engine.optimizer)
+        if train.compile:
+            # Compiled in place: the module's parameter names, and so the checkpoints, do not change.
+            # "reduce-overhead" also replays the forward and backward as CUDA graphs.
+            self.engine.compile(compile_kwargs={"mode": train.compile_mode})
         self.num_parameters = count_parameters(model)
         # True once this job trained to the end and saved the last checkpoint.
         self.completed = False
@@ -213,7 +228,7 @@ class Trainer:
             self.data.close()
         if self.lock is not None:
             self.lock.release()
-        raise SystemExit(REQUEUE_EXIT_CODE)
+        leave_for_requeue()
 
     def _steps_from_duration(self) -> int:
         train = self.config.train
@@ -276,7 +291,9 @@ class Trainer:
             data_wait += time.perf_counter() - start
             batch = {k: batch[k].to(self.device, non_blocking=True) for k in MODEL_INPUTS if k in batch}
             # bf16 autocast, when configured, is applied by the engine's forward (deepspeed_config).
-            loss = self.engine(**batch).loss
+            # A fixed-size masked-token gather: no host sync, the same shapes every step.
+            max_masked = masked_capacity(batch["labels"].numel(), self.config.train.mlm_probability)
+            loss = self.engine(**batch, max_masked=max_masked).loss
             self.engine.backward(loss)
             self.engine.step()
             total += loss.detach()
@@ -364,7 +381,7 @@ class Trainer:
             # A signal during the resume or the engine's set-up: nothing trained since the checkpoint.
             self._log(self._stop_message("setting up the engine"))
             self.close(status="KILLED")
-            raise SystemExit(REQUEUE_EXIT_CODE)
+            leave_for_requeue()
         stop_at = self.step + train.stop_after if train.stop_after else self.total_steps
         while self.step < self.total_steps:
             loss, data_wait = self.train_step()
@@ -391,7 +408,7 @@ class Trainer:
                 self._log(f"signal {stop_signal() or 'on another rank'}: checkpointing at step {self.step}")
                 self.save()
                 self.close(status="KILLED")
-                raise SystemExit(REQUEUE_EXIT_CODE)
+                leave_for_requeue()
         self._log_eval()
         self.save()
         self.completed = True
@@ -434,9 +451,13 @@ class Trainer:
             self.tracker.log_metrics({"train/loss": value}, step=step)
 
     def _log_eval(self) -> None:
+        # The step's train record first, so that the evaluation record joins it in metrics.jsonl.
+        self._flush_losses()
         metrics = self.evaluate()
         if metrics:
             self._log(f"eval at step {self.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            if self.env.is_main:
+                append_metrics(self.output_dir / METRICS_FILE, self.step, metrics)
             self.tracker.log_metrics(metrics, step=self.step)
 
     def close(self, status: str = "FINISHED") -> None:

@@ -8,6 +8,7 @@ from m2dist.models.model import (
     MaskedLMOutput,
     SequenceClassifier,
     count_parameters,
+    masked_capacity,
 )
 
 
@@ -28,4 +29,5 @@ __all__ = [
     "build_classifier",
     "build_masked_lm",
     "count_parameters",
+    "masked_capacity",
 ]

@@ -6,6 +6,7 @@ names (`cls.predictions`, `bert.pooler`, `classifier`), so their state dicts are
 Shape legend: B batch, L sequence length, D hidden size, V vocabulary, M masked tokens, C labels.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -134,14 +135,25 @@ class MLMHead(nn.Module):
         return self.predictions(h)
 
 
+def masked_capacity(num_tokens: int, mlm_probability: float) -> int:
+    """Rows a fixed-size MLM gather over `num_tokens` tokens reserves: the mean number of masked
+    tokens plus 8 standard deviations of the binomial count (each token is masked on its own with
+    `mlm_probability`), so that more are masked about once in 10^15 batches, at most `num_tokens`."""
+    mean = num_tokens * mlm_probability
+    spread = math.sqrt(num_tokens * mlm_probability * (1.0 - mlm_probability))
+    return max(1, min(num_tokens, math.ceil(mean + 8.0 * spread) + 8))
+
+
 @dataclass
 class MaskedLMOutput:
-    # Mean cross entropy over the masked tokens (None without labels).
+    # Mean cross entropy over the masked tokens (None without labels); NaN when a fixed-size
+    # gather (`max_masked`) had fewer rows than the batch has masked tokens.
     loss: torch.Tensor | None
-    # (M, V) logits of the masked tokens when labels are given, else (B, L, V) for every token.
+    # (M, V) logits of the gathered positions when labels are given, else (B, L, V) for every token.
     logits: torch.Tensor
-    # Number of masked tokens the loss averages over (0 without labels).
-    num_masked: int
+    # Number of masked tokens the loss averages over (0 without labels); a device scalar with
+    # `max_masked`, so that the step never waits for the host.
+    num_masked: int | torch.Tensor
 
 
 class MaskedLM(nn.Module):
@@ -162,16 +174,32 @@ class MaskedLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        max_masked: int | None = None,
     ) -> MaskedLMOutput:
-        """input_ids, attention_mask, token_type_ids, labels: (B, L); labels -100 where not masked."""
+        """input_ids, attention_mask, token_type_ids, labels: (B, L); labels -100 where not masked.
+
+        Without `max_masked` the masked positions are found exactly (`nonzero`, which waits for the
+        device). With it, the head runs on a fixed `max_masked` rows: the masked positions first,
+        then unmasked ones, whose -100 labels leave them out of the loss. Every shape is then fixed,
+        with no host sync, as CUDA graphs and `torch.compile` need; the loss is the same."""
         h_BLD = self.bert(input_ids, attention_mask, token_type_ids)
         if labels is None:
             return MaskedLMOutput(loss=None, logits=self.cls(h_BLD), num_masked=0)
-        masked_M = (labels != self.IGNORE_INDEX).flatten().nonzero().squeeze(1)
+        is_masked = (labels != self.IGNORE_INDEX).flatten()
+        if max_masked is None:
+            masked_M = is_masked.nonzero().squeeze(1)
+        else:
+            # A stable sort of the 0/1 "not masked" flags puts the masked positions first, in order.
+            masked_M = torch.argsort((~is_masked).to(torch.uint8), stable=True)[:max_masked]
         logits_MV = self.cls(h_BLD.flatten(0, 1).index_select(0, masked_M))
         targets_M = labels.flatten().index_select(0, masked_M)
-        loss = F.cross_entropy(logits_MV.float(), targets_M)
-        return MaskedLMOutput(loss=loss, logits=logits_MV, num_masked=int(masked_M.numel()))
+        loss = F.cross_entropy(logits_MV.float(), targets_M, ignore_index=self.IGNORE_INDEX)
+        if max_masked is None:
+            return MaskedLMOutput(loss=loss, logits=logits_MV, num_masked=int(masked_M.numel()))
+        num_masked = is_masked.sum()
+        # More masked tokens than rows would drop some from the loss unseen: make it non-finite.
+        loss = torch.where(num_masked <= max_masked, loss, torch.full_like(loss, float("nan")))
+        return MaskedLMOutput(loss=loss, logits=logits_MV, num_masked=num_masked)
 
 
 @dataclass
