@@ -44,6 +44,10 @@ class KernelConfig:
     # Implementation of the block-diagonal GLU MLP matmuls: "reference" (torch einsum), "triton"
     # or "auto", as above.
     blockdiag: KernelBackend = "auto"
+    # The sequence mixer after in_linear (short convolution, gates, both long convolutions) as one
+    # Triton operator where it applies (Triton fftconv backend, bf16/fp16, no padding mask, L a power
+    # of two up to kernels.mixer.triton_mixer.MAX_LEN); per op (short convolution, then fftconv) when off.
+    fused_mixer: bool = False
 
     def __post_init__(self) -> None:
         require(self.fftconv in KERNEL_BACKENDS, "kernels.fftconv", f"one of {KERNEL_BACKENDS}", self.fftconv)

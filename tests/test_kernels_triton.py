@@ -19,6 +19,8 @@ from kernels.blockdiag import reference as blockdiag_reference  # noqa: E402
 from kernels.blockdiag import triton_blockdiag  # noqa: E402
 from kernels.fftconv import reference as fftconv_reference  # noqa: E402
 from kernels.fftconv import triton_fftconv, triton_toeplitz  # noqa: E402
+from kernels.mixer import reference as mixer_reference  # noqa: E402
+from kernels.mixer import triton_mixer  # noqa: E402
 from kernels import triton_common  # noqa: E402
 from m2dist.config import KernelConfig, load_config  # noqa: E402
 from m2dist.models.m2 import M2Layer  # noqa: E402
@@ -217,6 +219,70 @@ def test_fftconv_toeplitz_matches_reference(length, dtype, residual):
     _compare(triton_toeplitz.gated_long_conv, fftconv_reference.gated_long_conv, inputs, dtype, atol_rel=1e-3, grad_mask=mask)
 
 
+
+def _mixer_inputs(batch, length, dim, residual, seed):
+    """[projection (B, L, 3D), short filter (3D, 1, 3), its bias, u (B, L, D), k1, d1, k2, d2]."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen, dtype=f64) * scale).to(DEVICE)
+
+    width = 3 * dim
+    p, w, b, u = rand(batch, length, width), rand(width, 1, 3, scale=0.5), rand(width, scale=0.1), rand(batch, length, dim)
+    k1, d1 = rand(dim, 2 * length, scale=0.1), rand(dim)
+    k2, d2 = (rand(dim, 2 * length, scale=0.1), rand(dim)) if residual else (None, None)
+    return [p, w, b, u, k1, d1, k2, d2]
+
+
+# The fused mixer in the interpreter (16 channels and 2 sequences per program, spectrum blocks of
+# 16 rows): D = 24 leaves a partial channel block, batch 3 a partial run of sequences, L = 64 four
+# spectrum blocks. The short filter (index 1) stays fp32, as in the model.
+@pytest.mark.parametrize(
+    "batch,length,dim,residual", [(3, 32, 24, True), (2, 64, 16, False), (4, 16, 32, True), (2, 128, 16, True)]
+)
+def test_fused_mixer_matches_reference(batch, length, dim, residual):
+    inputs = _mixer_inputs(batch, length, dim, residual, seed=length + dim)
+    mask = [True, True, True, residual, True, True, residual, residual]
+    _compare(
+        triton_mixer.sequence_mixer, mixer_reference.sequence_mixer, inputs, torch.bfloat16,
+        atol_rel=1e-3, grad_mask=mask, fp32_inputs=(1,),
+    )  # fmt: skip
+
+
+def test_fused_mixer_gradients_far_below_the_activations():
+    inputs = _mixer_inputs(3, 32, 16, True, seed=11)
+    _compare(
+        triton_mixer.sequence_mixer, mixer_reference.sequence_mixer, inputs, torch.bfloat16,
+        atol_rel=1e-3, fp32_inputs=(1,), upstream_scale=1e-5,
+    )  # fmt: skip
+
+
+def test_fused_mixer_dispatch():
+    from kernels.mixer import implementation
+
+    p, w, b, u, k1, d1, k2, d2 = _mixer_inputs(2, 32, 16, True, seed=2)
+    fused = implementation("triton", fused=True)
+    ref = mixer_reference.sequence_mixer(p, w, b, u, k1, d1, k2, d2)
+    # fp32 projections, a padding mask or an L that is not a power of two take the per-op path
+    torch.testing.assert_close(fused(p.float(), w.float(), b.float(), u.float(), k1.float(), d1.float(), k2.float(), d2.float()).double(), ref, rtol=1e-4, atol=1e-4)
+    mask = torch.ones(2, 32, device=DEVICE)
+    mask[1, 20:] = 0
+    args = (p.bfloat16(), w.float(), b.float(), u.float(), k1.float(), d1.float(), k2.float(), d2.float())
+    assert torch.equal(fused(*args, mask), implementation("triton")(*args, mask))
+    assert not triton_mixer.supports(p[:, :24].bfloat16()) and triton_mixer.supports(p.bfloat16())
+    with pytest.raises(ValueError, match=r"projected_BLC must be \(batch, length, 3 \* dim\)"):
+        fused(p[..., :-1], w, b, u, k1, d1, k2, d2)
+    with pytest.raises(ValueError, match="the short filter must be"):
+        fused(p, w[:, :, :2].squeeze(1), b, u, k1, d1, k2, d2)
+    with pytest.raises(ValueError, match="k1_DN must be"):
+        implementation("triton")(p, w, b, u, k1[:, :-2], d1, k2, d2)
+
+
+def test_fused_mixer_traffic_floor_formula():
+    # forward: p (3 x 2 B) + u (4 B) + y (2 B) per token and channel; backward adds dy, dp, du
+    floor = triton_mixer.mixer_traffic_bytes(tokens=10, dim=4)
+    assert floor == {"forward": 12 * 40, "forward_backward": (12 + 6 + 4 + 2 + 6 + 4) * 40}
+
 def _blockdiag_inputs(shape, nblocks, p, q, seed):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(*shape, nblocks * p, generator=gen, dtype=f64)
@@ -333,6 +399,11 @@ def test_m2_layer_triton_matches_reference_under_autocast():
     _check_layer_autocast(length=63, hidden=32, inner=64, batch=2, kernels=KernelConfig(fftconv="triton"))
 
 
+def test_m2_layer_fused_mixer_matches_reference_under_autocast():
+    # bf16 projection, fp32 layer input u: the fused operator with u split for its transforms.
+    _check_layer_autocast(length=32, hidden=32, inner=64, batch=3, kernels=KernelConfig(fftconv="triton", fused_mixer=True))
+
+
 # GPU: the same checks at real sizes.
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
@@ -374,6 +445,27 @@ def test_blockdiag_gpu(dtype, dim):
 def test_fftconv_toeplitz_gpu(length, batch, dim):
     inputs = _conv_inputs(batch, dim, length, True, seed=length)
     _compare(triton_toeplitz.gated_long_conv, fftconv_reference.gated_long_conv, inputs, torch.bfloat16, atol_rel=1e-3)
+
+
+@pytest.mark.gpu
+# Batch 48: six runs of 8 sequences per backward program; d=960: a partial channel block of 32
+# would be none (960 = 30 x 32), so d=1000 checks the mask too.
+@pytest.mark.parametrize("batch,length,dim", [(8, 128, 768), (48, 128, 960), (5, 128, 1000), (4, 256, 768), (16, 64, 768)])
+def test_fused_mixer_gpu(batch, length, dim):
+    inputs = _mixer_inputs(batch, length, dim, True, seed=length + dim)
+    _compare(
+        triton_mixer.sequence_mixer, mixer_reference.sequence_mixer, inputs, torch.bfloat16,
+        atol_rel=1e-3, fp32_inputs=(1,),
+    )  # fmt: skip
+    _compare(
+        triton_mixer.sequence_mixer, mixer_reference.sequence_mixer, inputs, torch.bfloat16,
+        atol_rel=1e-3, fp32_inputs=(1,), upstream_scale=1e-5,
+    )  # fmt: skip
+
+
+@pytest.mark.gpu
+def test_m2_layer_fused_mixer_gpu():
+    _check_layer_autocast(length=128, hidden=768, inner=3072, batch=8, kernels=dataclasses.replace(TRITON, fused_mixer=True))
 
 
 @pytest.mark.gpu

@@ -6,7 +6,7 @@ import torch
 
 from m2dist.config import CONFIG_DIR, ModelConfig, load_config
 from m2dist.models import MaskedLM, SequenceClassifier, count_parameters
-from m2dist.models.m2 import causal_short_conv
+from kernels.mixer import causal_short_conv
 from m2dist.models.model import LayerStack
 from m2dist.optim import build_param_groups
 
@@ -200,7 +200,7 @@ def test_causal_short_conv_is_upstreams_cut_conv1d():
 @pytest.mark.gpu
 def test_compiled_short_conv_matches_eager_under_autocast():
     # On a GPU the model runs the torch.compile'd short conv; bf16 in, bf16 out, fp32 inside.
-    from m2dist.models.m2 import _compiled_short_conv
+    from kernels.mixer import _compiled_short_conv
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     p_BLC = torch.randn(4, 128, 2304, device="cuda", generator=gen, dtype=torch.bfloat16, requires_grad=True)

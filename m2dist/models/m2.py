@@ -15,6 +15,7 @@ import torch.nn as nn
 
 import kernels.blockdiag
 import kernels.fftconv
+import kernels.mixer
 from m2dist.config import ModelConfig
 
 
@@ -162,37 +163,12 @@ def _compiled_stacked_long_filters():
     return torch.compile(stacked_long_filters)
 
 
-def causal_short_conv(p_BLC: torch.Tensor, weight_C1K: torch.Tensor, bias_C: torch.Tensor) -> torch.Tensor:
-    """Upstream's short filter, a depthwise Conv1d(C, C, K, groups=C, padding=K-1) cut to its first
-    L outputs, i.e. causal: out[b, c, t] = bias[c] + sum_j weight[c, 0, j] p[b, t + j - (K - 1), c].
-
-    Takes the in-projection's (B, L, C) layout and returns (B, C, L), contiguous, in p's dtype,
-    accumulated in at least fp32. Written as K shifted products so that on a GPU `torch.compile`
-    fuses the convolution, the transposition and the cast into one pass (and the backward into
-    another), where cuDNN's depthwise kernels with the transposing copy before them cost as much
-    as the long convolution at L=128.
-    """
-    taps = weight_C1K.shape[-1]
-    length = p_BLC.shape[1]
-    acc = torch.promote_types(p_BLC.dtype, torch.float32)
-    padded_BLC = nn.functional.pad(p_BLC, (0, 0, taps - 1, 0)).to(acc)
-    weight_KC = weight_C1K[:, 0].t().to(acc)
-    out_BLC = bias_C.to(acc) + sum(padded_BLC[:, j : j + length] * weight_KC[j] for j in range(taps))
-    return out_BLC.to(p_BLC.dtype).transpose(1, 2).contiguous()
-
-
-@functools.cache
-def _compiled_short_conv():
-    return torch.compile(causal_short_conv)
-
-
-def zero_padding(x: torch.Tensor, mask_BL: torch.Tensor | None, channels_first: bool = False) -> torch.Tensor:
-    """x (B, L, C), or (B, C, L) with `channels_first`, times mask_BL (1 at tokens, 0 at padding):
-    pad positions set to zero (`model.mask_padding`). No mask returns x itself."""
+def zero_padding(x_BLC: torch.Tensor, mask_BL: torch.Tensor | None) -> torch.Tensor:
+    """x_BLC times mask_BL (1 at tokens, 0 at padding): pad positions set to zero
+    (`model.mask_padding`). No mask returns x itself."""
     if mask_BL is None:
-        return x
-    mask = mask_BL.to(x.dtype)
-    return x * (mask[:, None, :] if channels_first else mask[..., None])
+        return x_BLC
+    return x_BLC * mask_BL.to(x_BLC.dtype)[..., None]
 
 
 class MonarchMixerSequenceMixing(nn.Module):
@@ -203,14 +179,14 @@ class MonarchMixerSequenceMixing(nn.Module):
         d = config.hidden_size
         self.d_model = d
         self.l_max = config.l_max
-        self.gated_long_conv = kernels.fftconv.implementation(config.kernels.fftconv)
+        self.sequence_mixer = kernels.mixer.implementation(config.kernels.fftconv, fused=config.kernels.fused_mixer)
         self.filter_fn = HyenaFilter(config)
         self.filter_fn2 = HyenaFilter(config) if config.residual_long_conv else None
         self.in_linear = nn.Linear(d, 3 * d)
         self.out_linear = nn.Linear(d, d)
         # Upstream's `hyena_training_additions`: default nn.LayerNorm eps (1e-5), not layer_norm_eps.
         self.layernorm = nn.LayerNorm(d) if config.pre_layernorm else None
-        # Its parameters (named as upstream's); applied by `causal_short_conv`.
+        # Its parameters (named as upstream's); applied by `kernels.mixer.causal_short_conv`.
         self.short_filter = nn.Conv1d(3 * d, 3 * d, kernel_size=3, groups=3 * d, padding=2)
 
     def filters(self) -> list[HyenaFilter]:
@@ -231,17 +207,14 @@ class MonarchMixerSequenceMixing(nn.Module):
             u_BLD = self.layernorm(u_BLD)
         u_BLD = zero_padding(u_BLD, mask_BL)
         projected_BLC = zero_padding(self.in_linear(u_BLD), mask_BL)
-        short_conv = _compiled_short_conv() if _compile_here(projected_BLC) else causal_short_conv
-        short_BCL = short_conv(projected_BLC, self.short_filter.weight, self.short_filter.bias)
-        x1_BDL, x2_BDL, v_BDL = short_BCL.split(self.d_model, dim=1)
-        v_BDL = zero_padding(v_BDL, mask_BL, channels_first=True)
         k2_DN = d2_D = None
         if self.filter_fn2 is not None:
             k2_DN, d2_D = filters_DN[1], self.filter_fn2.bias
-        y_BDL = self.gated_long_conv(
-            u_BLD.transpose(1, 2), x1_BDL, x2_BDL, v_BDL, filters_DN[0], self.filter_fn.bias, k2_DN, d2_D
-        )
-        return self.out_linear(y_BDL.transpose(1, 2))
+        y_BLD = self.sequence_mixer(
+            projected_BLC, self.short_filter.weight, self.short_filter.bias, u_BLD,
+            filters_DN[0], self.filter_fn.bias, k2_DN, d2_D, mask_BL,
+        )  # fmt: skip
+        return self.out_linear(y_BLD)
 
 
 class BlockdiagLinear(nn.Module):

@@ -1,0 +1,112 @@
+"""M2's sequence mixer after `in_linear`: causal short convolution, gates and the two long
+convolutions, from the projection (B, L, 3D) and the mixer input (B, L, D) to the output (B, L, D).
+
+Two ways to compute it: per op (the short convolution, then `kernels.fftconv`'s gated long
+convolution of the backend, with the transposes between layouts), or, with `fused`, one Triton
+operator (`triton_mixer`) where it applies (no padding mask, bf16/fp16, L a power of two up to
+`triton_mixer.MAX_LEN`). A layer resolves its implementation once (`implementation`).
+"""
+
+import functools
+from collections.abc import Callable
+
+import torch
+
+import kernels.fftconv
+from kernels import use_triton
+from kernels.mixer import reference
+from kernels.mixer.reference import causal_short_conv
+from kernels.triton_common import can_run
+
+SequenceMixer = Callable[..., torch.Tensor]
+
+
+@functools.cache
+def _compiled_short_conv():
+    return torch.compile(causal_short_conv)
+
+
+def _short_conv(p_BLC, weight_C1K, bias_C):
+    """On a GPU, outside a whole-model compilation, the short convolution runs compiled (one fused
+    pass with its transposition and cast; see `causal_short_conv`)."""
+    compiled = p_BLC.is_cuda and not torch.compiler.is_compiling()
+    return (_compiled_short_conv() if compiled else causal_short_conv)(p_BLC, weight_C1K, bias_C)
+
+
+def _per_op(gated_long_conv, p_BLC, weight_C1K, bias_C, u_BLD, k1_DN, d1_D, k2_DN, d2_D, mask_BL):
+    dim = u_BLD.shape[-1]
+    x1_BDL, x2_BDL, v_BDL = _short_conv(p_BLC, weight_C1K, bias_C).split(dim, dim=1)
+    if mask_BL is not None:
+        v_BDL = v_BDL * mask_BL.to(v_BDL.dtype)[:, None, :]
+    y_BDL = gated_long_conv(u_BLD.transpose(1, 2), x1_BDL, x2_BDL, v_BDL, k1_DN, d1_D, k2_DN, d2_D)
+    return y_BDL.transpose(1, 2)
+
+
+def _fused_or_per_op(per_op_conv, p_BLC, weight_C1K, bias_C, u_BLD, k1_DN, d1_D, k2_DN, d2_D, mask_BL):
+    # Imported on first use: Triton modules must be imported after TRITON_INTERPRET is set.
+    from kernels.mixer import triton_mixer
+
+    if mask_BL is None and can_run(p_BLC) and triton_mixer.supports(p_BLC):
+        return triton_mixer.sequence_mixer(p_BLC, weight_C1K, bias_C, u_BLD, k1_DN, d1_D, k2_DN, d2_D)
+    return _per_op(per_op_conv, p_BLC, weight_C1K, bias_C, u_BLD, k1_DN, d1_D, k2_DN, d2_D, mask_BL)
+
+
+def _auto_fused(triton_conv, reference_conv, p_BLC, *args):
+    """"auto": fused (or the Triton kernels per op) on an Ampere or newer GPU, the reference elsewhere."""
+    if use_triton(p_BLC):
+        return _fused_or_per_op(triton_conv, p_BLC, *args)
+    return _per_op(reference_conv, p_BLC, *args)
+
+
+def _check_shapes(p_BLC, weight_C1K, bias_C, u_BLD) -> None:
+    if u_BLD.dim() != 3 or p_BLC.shape != (*u_BLD.shape[:2], 3 * u_BLD.shape[-1]):
+        raise ValueError(
+            f"projected_BLC must be (batch, length, 3 * dim) for u_BLD (batch, length, dim) {tuple(u_BLD.shape)}, "
+            f"got {tuple(p_BLC.shape)}"
+        )
+    if weight_C1K.dim() != 3 or weight_C1K.shape[:2] != (p_BLC.shape[-1], 1) or bias_C.shape != (p_BLC.shape[-1],):
+        raise ValueError(
+            f"the short filter must be ({p_BLC.shape[-1]}, 1, taps) with a ({p_BLC.shape[-1]},) bias, "
+            f"got {tuple(weight_C1K.shape)}, {tuple(bias_C.shape)}"
+        )
+
+
+def _checked(impl, p_BLC, weight_C1K, bias_C, u_BLD, k1_DN, d1_D, k2_DN=None, d2_D=None, mask_BL=None):
+    _check_shapes(p_BLC, weight_C1K, bias_C, u_BLD)
+    return impl(p_BLC, weight_C1K, bias_C, u_BLD, k1_DN, d1_D, k2_DN, d2_D, mask_BL)
+
+
+def implementation(backend: str, fused: bool = False) -> SequenceMixer:
+    """The sequence mixer with `kernels.fftconv`'s `backend`, called as
+    `mixer(projected_BLC, short_weight_C1K, short_bias_C, u_BLD, k1_DN, d1_D, k2_DN, d2_D, mask_BL)`.
+
+    `fused` (Triton backends only) computes it as one operator where that applies, per op elsewhere.
+    mask_BL (B, L), 1 at tokens: the short convolution's v is zeroed at padding (per op only)."""
+    gated_long_conv = kernels.fftconv.implementation(backend)
+    if not fused or backend == "reference":
+        impl = functools.partial(_per_op, gated_long_conv)
+    elif backend == "triton":
+        impl = functools.partial(_fused_or_per_op, gated_long_conv)
+    else:
+        impl = functools.partial(_auto_fused, gated_long_conv, kernels.fftconv.implementation("reference"))
+    return functools.partial(_checked, impl)
+
+
+def sequence_mixer(
+    projected_BLC: torch.Tensor,
+    short_weight_C1K: torch.Tensor,
+    short_bias_C: torch.Tensor,
+    u_BLD: torch.Tensor,
+    k1_DN: torch.Tensor,
+    d1_D: torch.Tensor,
+    k2_DN: torch.Tensor | None = None,
+    d2_D: torch.Tensor | None = None,
+    *,
+    backend: str = "reference",
+    fused: bool = False,
+) -> torch.Tensor:
+    """`reference.sequence_mixer` by `backend` (see `implementation`)."""
+    return implementation(backend, fused)(projected_BLC, short_weight_C1K, short_bias_C, u_BLD, k1_DN, d1_D, k2_DN, d2_D)
+
+
+__all__ = ["SequenceMixer", "causal_short_conv", "implementation", "reference", "sequence_mixer"]

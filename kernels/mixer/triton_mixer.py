@@ -1,0 +1,500 @@
+"""The whole M2 sequence mixer after `in_linear` as one Triton operator, forward and backward.
+
+`reference.sequence_mixer` computes, from the projection p (B, L, 3D) and the mixer input u (B, L, D):
+
+    [x1, x2, v] = causal 3-tap short convolution of p,  a = v * x1
+    y = (conv(a; k1) + a * d1) * x2 + conv(u; k2) + u * d2          (B, L, D)
+
+where conv is the circular convolution of size N = 2L of the zero-padded input, cut to L. Here one
+program owns a block of BD channels of one sequence (forward) or of a run of sequences (backward),
+in the (B, L, C) layout `in_linear` writes and `out_linear` reads: no transposes, no casts, no
+concatenation around the op, and every intermediate stays on chip.
+
+The convolutions are computed as DFT matrix products on tensor cores, channels along the GEMMs'
+N dimension. A real input of length L zero-padded to N = 2L has a half spectrum with exactly 2L
+real degrees of freedom, packed into two (L, BD) tiles: R[f] = Re X[f] for f < L, and I[f] = Im X[f]
+for 1 <= f < L with the real Nyquist bin X[L] in row 0 (Im X[0] = 0). With the (L, L) matrices
+
+    Cf[f, s] = cos(2 pi f s / N),   Sf[f, s] = -sin(2 pi f s / N) (f >= 1),   Sf[0, s] = (-1)^s
+
+the transform is R = Cf a, I = Sf a; the filter's half spectrum K = rfft(k) / N is packed the same
+way (`packed_spectrum`), the product Y = X K is a complex product per bin (the Nyquist row real),
+and since only the first L outputs are kept, the inverse is y = Cf^T W YR + Sf^T W YI with
+W = diag(1, 2, ..., 2) (the conjugate half's bins). The backward is the same machinery transposed:
+dK accumulates X^* G over the batch, dX = K^* G, da = Cf^T dR + Sf^T dI, with G the weighted
+transform of the output gradient. The spectrum is computed in row blocks of BF frequencies, so
+that a DFT operand tile stays within shared memory at any L.
+
+Precision: the tensor cores take bf16/fp16 operands with fp32 accumulation. The DFT matrices and
+the spectra enter them as a high and a low part (`SPLIT`): the matrices' rounding is the same for
+every sequence and channel, so it would not average out of the gradients summed over them, and a
+rounded spectrum would put a second rounding on every output. The gated product a = v * x1 and
+the output gradients enter the forward transforms rounded once, as torch's path stores them; u in
+fp32 (under autocast) enters split too. Everything else (short convolution, gates, skip terms,
+parameter-gradient sums) stays fp32 on chip, with one rounding at each output: the error against
+float64 is at most torch's at the same precision, which rounds at every step.
+
+FLOPs per token and channel, per DFT product: 2L. With the splits a convolution's forward takes 10
+products (12 for an fp32 u) and its backward 14 (16), and the backward recomputes the gated
+convolution's forward: 22 products forward and 40 backward per mixer, ~16k FLOPs per token and
+channel at L=128. The op pays while L is small; `MAX_LEN` bounds what the dispatch sends here.
+
+HBM traffic per token (the floor the benchmark times against), with h the activations' bytes and
+s u's: forward reads p (3D h) and u (D s) and writes y (D h); backward reads p, u and dy (D h) and
+writes dp (3D h) and du (D s): (11 h + 3 s) D bytes per token for forward + backward.
+
+Shape legend: B batch, L sequence length, D channels, C = 3D, BD channels per program, BF
+frequencies per spectrum block, BPP sequences per backward program, NBP backward programs per
+channel block.
+"""
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.triton_common import INTERPRET, new_output
+
+# Longest L the dispatch sends to this operator (longer inputs take the per-op kernels).
+MAX_LEN = 256
+# The shortest: tl.dot needs tiles of at least 16 rows.
+MIN_LEN = 16
+# The DFT matrices as a high and a low part (two products each): one rounding of the matrices is
+# the same for every sequence and channel, so its error does not average out of the gradients that
+# sum over them (short filter, long filter, skip weights), which it left 2-4x above torch's.
+SPLIT = True
+
+
+def mixer_traffic_bytes(tokens: int, dim: int, act_bytes: int = 2, u_bytes: int = 4) -> dict[str, int]:
+    """The minimal HBM traffic of the mixer in bytes (see the module docstring): forward reads p and
+    u and writes y; backward also reads dy and writes dp and du."""
+    forward = (3 * act_bytes + u_bytes + act_bytes) * dim * tokens
+    backward = (3 * act_bytes + u_bytes + act_bytes + 3 * act_bytes + u_bytes) * dim * tokens
+    return {"forward": forward, "forward_backward": forward + backward}
+
+
+@functools.cache
+def dft_matrices(length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(4, L, L) in `dtype`: [Cf_hi, Sf_hi, Cf_lo, Sf_lo], the packed half-spectrum transform of a
+    length-L input zero-padded to 2L (module docstring), as a high part rounded to `dtype` and the
+    rounded remainder: the sum keeps ~16 significant bits."""
+    f = torch.arange(length, dtype=torch.float64)[:, None]
+    s = torch.arange(length, dtype=torch.float64)[None, :]
+    angle = 2 * math.pi * f * s / (2 * length)
+    cos, sin = torch.cos(angle), -torch.sin(angle)
+    sin[0] = torch.cos(math.pi * s[0])
+    exact = torch.stack([cos, sin])
+    high = exact.to(dtype)
+    low = (exact - high.double()).to(dtype)
+    return torch.cat([high, low]).to(device).contiguous()
+
+
+def packed_spectrum(k_DN: torch.Tensor) -> torch.Tensor:
+    """(2, L, D) fp32: the (D, 2L) circular filter's half spectrum / 2L in the operator's packing,
+    [Re K[0..L-1]; Nyquist K[L], Im K[1..L-1]] (differentiable)."""
+    n = k_DN.shape[-1]
+    length = n // 2
+    k_f = torch.fft.rfft(k_DN.float(), n=n) / n
+    imag = torch.cat([k_f.real[:, length:], k_f.imag[:, 1:length]], dim=1)
+    return torch.stack([k_f.real[:, :length], imag]).transpose(1, 2).contiguous()
+
+
+@triton.jit
+def _round(x, DT: tl.constexpr, UPCAST: tl.constexpr):
+    """fp32 x rounded to DT (to nearest even), in fp32. Triton's interpreter truncates fp32 -> bf16,
+    so there (UPCAST) the rounding is done on the bits."""
+    if UPCAST and DT == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    return x.to(DT).to(tl.float32)
+
+
+@triton.jit
+def _up(x, DT: tl.constexpr, UPCAST: tl.constexpr):
+    """x rounded to the tensor-core dtype DT (UPCAST: carried in fp32, for Triton's interpreter,
+    whose half-precision dot is not exact)."""
+    x = _round(x, DT, UPCAST)
+    if not UPCAST:
+        x = x.to(DT)
+    return x
+
+
+@triton.jit
+def _taps(p_ptr, row0, o_t, cols, m_c, L: tl.constexpr, C):
+    """(p[t - 2], p[t - 1], p[t]) at the columns `cols` of sequence row0 (zero before t = 0), fp32."""
+    m = m_c[None, :]
+    p = p_ptr + (row0 + o_t[:, None]).to(tl.int64) * C + cols[None, :]
+    p0 = tl.load(p - 2 * C, mask=m & (o_t[:, None] >= 2), other=0.0).to(tl.float32)
+    p1 = tl.load(p - C, mask=m & (o_t[:, None] >= 1), other=0.0).to(tl.float32)
+    p2 = tl.load(p, mask=m, other=0.0).to(tl.float32)
+    return p0, p1, p2
+
+
+@triton.jit
+def _short_conv(p_ptr, w_ptr, b_ptr, row0, o_t, cols, m_c, L: tl.constexpr, C, DT: tl.constexpr, UPCAST: tl.constexpr):
+    """The causal short convolution at `cols`, fp32 (not rounded: it never leaves the chip)."""
+    p0, p1, p2 = _taps(p_ptr, row0, o_t, cols, m_c, L, C)
+    w0 = tl.load(w_ptr + cols * 3, mask=m_c, other=0.0)
+    w1 = tl.load(w_ptr + cols * 3 + 1, mask=m_c, other=0.0)
+    w2 = tl.load(w_ptr + cols * 3 + 2, mask=m_c, other=0.0)
+    bias = tl.load(b_ptr + cols, mask=m_c, other=0.0)
+    return bias[None, :] + p0 * w0[None, :] + p1 * w1[None, :] + p2 * w2[None, :]
+
+
+@triton.jit
+def _dft_block(dft_ptr, f0, L: tl.constexpr, BF: tl.constexpr, UPCAST: tl.constexpr):
+    """Rows f0..f0+BF of (Cf_hi, Sf_hi, Cf_lo, Sf_lo), (BF, L) each, in their stored dtype (fp32
+    under UPCAST)."""
+    o_f = f0 + tl.arange(0, BF)
+    p = dft_ptr + o_f[:, None] * L + tl.arange(0, L)[None, :]
+    cf, sf = tl.load(p), tl.load(p + L * L)
+    cf_lo, sf_lo = tl.load(p + 2 * L * L), tl.load(p + 3 * L * L)
+    if UPCAST:
+        cf, sf, cf_lo, sf_lo = cf.to(tl.float32), sf.to(tl.float32), cf_lo.to(tl.float32), sf_lo.to(tl.float32)
+    return cf, sf, cf_lo, sf_lo
+
+
+@triton.jit
+def _split(x, DT: tl.constexpr, UPCAST: tl.constexpr):
+    """fp32 x as a DT high part and the DT-rounded remainder (tensor-core operands)."""
+    hi = _round(x, DT, UPCAST)
+    return _up(hi, DT, UPCAST), _up(x - hi, DT, UPCAST)
+
+
+@triton.jit
+def _mm(m_hi, m_lo, x_hi, x_lo, acc, SPLIT: tl.constexpr, X_SPLIT: tl.constexpr):
+    """(m_hi + m_lo) @ (x_hi + x_lo) + acc without the lo @ lo product; SPLIT False drops m_lo,
+    X_SPLIT False drops x_lo (x exact in DT). Small products first."""
+    if SPLIT:
+        acc = tl.dot(m_lo, x_hi, acc)
+    if X_SPLIT:
+        acc = tl.dot(m_hi, x_lo, acc)
+    return tl.dot(m_hi, x_hi, acc)
+
+
+@triton.jit
+def _spectrum_tiles(k_ptr, f0, o_c, m_c, D, L: tl.constexpr, BF: tl.constexpr):
+    """The packed (BF, BD) tiles (re, im) of a (2, L, D) fp32 spectrum at rows f0..f0+BF."""
+    p = (f0 + tl.arange(0, BF))[:, None] * D + o_c[None, :]
+    m = m_c[None, :]
+    return tl.load(k_ptr + p, mask=m, other=0.0), tl.load(k_ptr + L * D + p, mask=m, other=0.0)
+
+
+@triton.jit
+def _times(xr, xi, kr, ki, nyquist):
+    """The packed complex product X K (rows flagged `nyquist` hold the real DC and Nyquist bins)."""
+    return xr * kr - tl.where(nyquist, 0.0, xi * ki), tl.where(nyquist, xi * ki, xr * ki + xi * kr)
+
+
+@triton.jit
+def _times_conj(gr, gi, kr, ki, nyquist):
+    """The packed product G K^* (the adjoint of `_times` in X for fixed K, and in K for fixed X)."""
+    return gr * kr + tl.where(nyquist, 0.0, gi * ki), tl.where(nyquist, gi * ki, gi * kr - gr * ki)
+
+
+@triton.jit
+def _conv(x, k_ptr, dft_ptr, o_c, m_c, D, L: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr,
+          DT: tl.constexpr, SPLIT: tl.constexpr, X_SPLIT: tl.constexpr, UPCAST: tl.constexpr):  # fmt: skip
+    """conv(x; k) for an (L, BD) fp32 tile x (rounded to DT for the tensor cores unless X_SPLIT, which
+    adds its remainder): (L, BD) fp32. The
+    spectrum enters the inverse product as a high and a low part (with SPLIT), so that the only
+    rounding of the result is the caller's."""
+    x_hi, x_lo = _split(x, DT, UPCAST)
+    out = tl.zeros([L, BD], dtype=tl.float32)
+    for f0 in range(0, L, BF):
+        cf, sf, cf_lo, sf_lo = _dft_block(dft_ptr, f0, L, BF, UPCAST)
+        kr, ki = _spectrum_tiles(k_ptr, f0, o_c, m_c, D, L, BF)
+        o_f = f0 + tl.arange(0, BF)
+        zero = tl.zeros([BF, BD], dtype=tl.float32)
+        xr = _mm(cf, cf_lo, x_hi, x_lo, zero, SPLIT, X_SPLIT)
+        xi = _mm(sf, sf_lo, x_hi, x_lo, zero, SPLIT, X_SPLIT)
+        yr, yi = _times(xr, xi, kr, ki, (o_f == 0)[:, None])
+        weight = tl.where(o_f == 0, 1.0, 2.0)[:, None]
+        out = _inverse(cf, cf_lo, yr * weight, out, DT, SPLIT, UPCAST)
+        out = _inverse(sf, sf_lo, yi * weight, out, DT, SPLIT, UPCAST)
+    return out
+
+
+@triton.jit
+def _inverse(m_hi, m_lo, y, acc, DT: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + M^T y for a (BF, L) DFT block M and an fp32 (BF, BD) spectrum block y."""
+    y_hi, y_lo = _split(y, DT, UPCAST)
+    return _mm(tl.trans(m_hi), tl.trans(m_lo), y_hi, y_lo, acc, SPLIT, SPLIT)
+
+
+@triton.jit
+def _conv_backward(x, g, k_ptr, gk_ptr, dft_ptr, o_c, m_c, D, L: tl.constexpr, BF: tl.constexpr,
+                   BD: tl.constexpr, DT: tl.constexpr, SPLIT: tl.constexpr, X_SPLIT: tl.constexpr,
+                   UPCAST: tl.constexpr):  # fmt: skip
+    """For out = conv(x; k) and its gradient g ((L, BD) fp32; g rounded to DT for the tensor cores,
+    x too unless X_SPLIT):
+    returns dx (L, BD) fp32 and adds dK, in the packed layout, to the (2, L, D) fp32 tensor at gk_ptr."""
+    x_hi, x_lo = _split(x, DT, UPCAST)
+    g_hi = _up(g, DT, UPCAST)
+    dx = tl.zeros([L, BD], dtype=tl.float32)
+    for f0 in range(0, L, BF):
+        cf, sf, cf_lo, sf_lo = _dft_block(dft_ptr, f0, L, BF, UPCAST)
+        kr, ki = _spectrum_tiles(k_ptr, f0, o_c, m_c, D, L, BF)
+        o_f = f0 + tl.arange(0, BF)
+        nyquist = (o_f == 0)[:, None]
+        weight = tl.where(o_f == 0, 1.0, 2.0)[:, None]
+        zero = tl.zeros([BF, BD], dtype=tl.float32)
+        gr = _mm(cf, cf_lo, g_hi, g_hi, zero, SPLIT, False) * weight
+        gi = _mm(sf, sf_lo, g_hi, g_hi, zero, SPLIT, False) * weight
+        xr = _mm(cf, cf_lo, x_hi, x_lo, zero, SPLIT, X_SPLIT)
+        xi = _mm(sf, sf_lo, x_hi, x_lo, zero, SPLIT, X_SPLIT)
+        dkr, dki = _times_conj(gr, gi, xr, xi, nyquist)
+        p = o_f[:, None] * D + o_c[None, :]
+        m = m_c[None, :]
+        tl.store(gk_ptr + p, tl.load(gk_ptr + p, mask=m, other=0.0) + dkr, mask=m)
+        tl.store(gk_ptr + L * D + p, tl.load(gk_ptr + L * D + p, mask=m, other=0.0) + dki, mask=m)
+        dxr, dxi = _times_conj(gr, gi, kr, ki, nyquist)
+        dx = _inverse(cf, cf_lo, dxr, dx, DT, SPLIT, UPCAST)
+        dx = _inverse(sf, sf_lo, dxi, dx, DT, SPLIT, UPCAST)
+    return dx
+
+
+@triton.jit
+def _fwd_kernel(
+    p_ptr, w_ptr, b_ptr, u_ptr, k1_ptr, d1_ptr, k2_ptr, d2_ptr, dft_ptr, y_ptr,
+    D,
+    HAS_RES: tl.constexpr, SPLIT: tl.constexpr, U_SPLIT: tl.constexpr, UPCAST: tl.constexpr, L: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr,
+):  # fmt: skip
+    DT: tl.constexpr = y_ptr.dtype.element_ty
+    i_c, i_b = tl.program_id(0), tl.program_id(1)
+    C = 3 * D
+    o_t = tl.arange(0, L)
+    o_c = i_c * BD + tl.arange(0, BD)
+    m_c = o_c < D
+    row0 = i_b * L
+    x1 = _short_conv(p_ptr, w_ptr, b_ptr, row0, o_t, o_c, m_c, L, C, DT, UPCAST)
+    x2 = _short_conv(p_ptr, w_ptr, b_ptr, row0, o_t, D + o_c, m_c, L, C, DT, UPCAST)
+    v = _short_conv(p_ptr, w_ptr, b_ptr, row0, o_t, 2 * D + o_c, m_c, L, C, DT, UPCAST)
+    a = v * x1
+    d1 = tl.load(d1_ptr + o_c, mask=m_c, other=0.0)
+    y = (_conv(a, k1_ptr, dft_ptr, o_c, m_c, D, L, BF, BD, DT, SPLIT, False, UPCAST) + a * d1[None, :]) * x2
+    p_out = (row0 + o_t[:, None]).to(tl.int64) * D + o_c[None, :]
+    m_out = m_c[None, :]
+    if HAS_RES:
+        u = tl.load(u_ptr + p_out, mask=m_out, other=0.0).to(tl.float32)
+        d2 = tl.load(d2_ptr + o_c, mask=m_c, other=0.0)
+        y += _conv(u, k2_ptr, dft_ptr, o_c, m_c, D, L, BF, BD, DT, SPLIT, U_SPLIT, UPCAST) + u * d2[None, :]
+    tl.store(y_ptr + p_out, _round(y, DT, UPCAST).to(DT), mask=m_out)
+
+
+@triton.jit
+def _shifted(x, by: tl.constexpr, o_t, L: tl.constexpr):
+    """x[t + by] along the rows of an (L, BD) tile, zero past the end."""
+    rows = tl.minimum(o_t + by, L - 1)[:, None] + tl.zeros_like(x).to(tl.int32)
+    return tl.where((o_t + by < L)[:, None], tl.gather(x, rows, axis=0), 0.0)
+
+
+@triton.jit
+def _short_conv_backward(dx, p_ptr, w_ptr, dp_ptr, row0, o_t, cols, m_c, L: tl.constexpr, C, UPCAST: tl.constexpr):
+    """Writes dp at `cols` for the short convolution's output gradient dx (L, BD) fp32; returns the
+    partial sums (dw0, dw1, dw2, db) over the tile, (BD,) each."""
+    DT: tl.constexpr = dp_ptr.dtype.element_ty
+    w0 = tl.load(w_ptr + cols * 3, mask=m_c, other=0.0)
+    w1 = tl.load(w_ptr + cols * 3 + 1, mask=m_c, other=0.0)
+    w2 = tl.load(w_ptr + cols * 3 + 2, mask=m_c, other=0.0)
+    dp = dx * w2[None, :] + _shifted(dx, 1, o_t, L) * w1[None, :] + _shifted(dx, 2, o_t, L) * w0[None, :]
+    p_out = (row0 + o_t[:, None]).to(tl.int64) * C + cols[None, :]
+    tl.store(dp_ptr + p_out, _round(dp, DT, UPCAST).to(DT), mask=m_c[None, :])
+    p0, p1, p2 = _taps(p_ptr, row0, o_t, cols, m_c, L, C)
+    return tl.sum(dx * p0, axis=0), tl.sum(dx * p1, axis=0), tl.sum(dx * p2, axis=0), tl.sum(dx, axis=0)
+
+
+@triton.jit
+def _store_short_grads(dw_ptr, db_ptr, i_pb, cols, m_c, C, dw0, dw1, dw2, db):
+    base = i_pb * 3 * C
+    tl.store(dw_ptr + base + cols, dw0, mask=m_c)
+    tl.store(dw_ptr + base + C + cols, dw1, mask=m_c)
+    tl.store(dw_ptr + base + 2 * C + cols, dw2, mask=m_c)
+    tl.store(db_ptr + i_pb * C + cols, db, mask=m_c)
+
+
+@triton.jit
+def _bwd_kernel(
+    dy_ptr, p_ptr, w_ptr, b_ptr, u_ptr, k1_ptr, d1_ptr, k2_ptr, d2_ptr, dft_ptr,
+    dp_ptr, du_ptr, dk1_ptr, dk2_ptr, dd1_ptr, dd2_ptr, dw_ptr, db_ptr,
+    B, D, BPP,
+    HAS_RES: tl.constexpr, SPLIT: tl.constexpr, U_SPLIT: tl.constexpr, UPCAST: tl.constexpr, L: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr,
+):  # fmt: skip
+    """Sequences i_pb * BPP ... of channel block i_c: dp and du in place; the parameter gradients as
+    this program's partial sums at row i_pb of the (NBP, ...) partial tensors (dk*: (NBP, 2, L, D),
+    zeroed by the caller; dd*: (NBP, D); dw: (NBP, 3, C); db: (NBP, C))."""
+    DT: tl.constexpr = dp_ptr.dtype.element_ty
+    i_c, i_pb = tl.program_id(0), tl.program_id(1)
+    C = 3 * D
+    o_t = tl.arange(0, L)
+    o_c = i_c * BD + tl.arange(0, BD)
+    m_c = o_c < D
+    m_out = m_c[None, :]
+    d1 = tl.load(d1_ptr + o_c, mask=m_c, other=0.0)
+    d2 = tl.load(d2_ptr + o_c, mask=m_c, other=0.0)
+    dk1_part = dk1_ptr + i_pb * 2 * L * D
+    dk2_part = dk2_ptr + i_pb * 2 * L * D
+    zero = tl.zeros([BD], dtype=tl.float32)
+    dd1, dd2 = zero, zero
+    dw10, dw11, dw12, db1 = zero, zero, zero, zero
+    dw20, dw21, dw22, db2 = zero, zero, zero, zero
+    dwv0, dwv1, dwv2, dbv = zero, zero, zero, zero
+    for b in range(i_pb * BPP, tl.minimum(B, (i_pb + 1) * BPP)):
+        row0 = b * L
+        x1 = _short_conv(p_ptr, w_ptr, b_ptr, row0, o_t, o_c, m_c, L, C, DT, UPCAST)
+        x2 = _short_conv(p_ptr, w_ptr, b_ptr, row0, o_t, D + o_c, m_c, L, C, DT, UPCAST)
+        v = _short_conv(p_ptr, w_ptr, b_ptr, row0, o_t, 2 * D + o_c, m_c, L, C, DT, UPCAST)
+        a = v * x1
+        z1 = _conv(a, k1_ptr, dft_ptr, o_c, m_c, D, L, BF, BD, DT, SPLIT, False, UPCAST) + a * d1[None, :]
+        p_out = (row0 + o_t[:, None]).to(tl.int64) * D + o_c[None, :]
+        dy = tl.load(dy_ptr + p_out, mask=m_out, other=0.0).to(tl.float32)
+        dz1 = dy * x2
+        da = _conv_backward(a, dz1, k1_ptr, dk1_part, dft_ptr, o_c, m_c, D, L, BF, BD, DT, SPLIT, False, UPCAST)
+        da += dz1 * d1[None, :]
+        dd1 += tl.sum(dz1 * a, axis=0)
+        s0, s1, s2, sb = _short_conv_backward(da * v, p_ptr, w_ptr, dp_ptr, row0, o_t, o_c, m_c, L, C, UPCAST)
+        dw10, dw11, dw12, db1 = dw10 + s0, dw11 + s1, dw12 + s2, db1 + sb
+        s0, s1, s2, sb = _short_conv_backward(dy * z1, p_ptr, w_ptr, dp_ptr, row0, o_t, D + o_c, m_c, L, C, UPCAST)
+        dw20, dw21, dw22, db2 = dw20 + s0, dw21 + s1, dw22 + s2, db2 + sb
+        s0, s1, s2, sb = _short_conv_backward(da * x1, p_ptr, w_ptr, dp_ptr, row0, o_t, 2 * D + o_c, m_c, L, C, UPCAST)
+        dwv0, dwv1, dwv2, dbv = dwv0 + s0, dwv1 + s1, dwv2 + s2, dbv + sb
+        if HAS_RES:
+            u = tl.load(u_ptr + p_out, mask=m_out, other=0.0).to(tl.float32)
+            du = _conv_backward(u, dy, k2_ptr, dk2_part, dft_ptr, o_c, m_c, D, L, BF, BD, DT, SPLIT, U_SPLIT, UPCAST)
+            DU: tl.constexpr = du_ptr.dtype.element_ty
+            tl.store(du_ptr + p_out, _round(du + dy * d2[None, :], DU, UPCAST).to(DU), mask=m_out)
+            dd2 += tl.sum(dy * u, axis=0)
+    _store_short_grads(dw_ptr, db_ptr, i_pb, o_c, m_c, C, dw10, dw11, dw12, db1)
+    _store_short_grads(dw_ptr, db_ptr, i_pb, D + o_c, m_c, C, dw20, dw21, dw22, db2)
+    _store_short_grads(dw_ptr, db_ptr, i_pb, 2 * D + o_c, m_c, C, dwv0, dwv1, dwv2, dbv)
+    tl.store(dd1_ptr + i_pb * D + o_c, dd1, mask=m_c)
+    if HAS_RES:
+        tl.store(dd2_ptr + i_pb * D + o_c, dd2, mask=m_c)
+
+
+def _blocks(batch: int, length: int) -> dict[str, int]:
+    """BD channels per program, BF spectrum rows per block, BPP sequences per backward program.
+
+    Chosen, not yet tuned: a (BF, L) DFT block of at most 32 KiB in bf16, 32 channels, and
+    backward programs of 8 sequences so that a (768 channels, 256 sequences) batch gives 768
+    programs for the H200's 132 SMs."""
+    if INTERPRET:
+        return {"BD": 16, "BF": 16, "BPP": 2, "num_warps": 4}
+    return {"BD": 32, "BF": min(length, 128 * 128 // length), "BPP": 8, "num_warps": 8}
+
+
+def supports(projected_BLC: torch.Tensor) -> bool:
+    """Whether the operator takes the input: bf16/fp16, L a power of two in [MIN_LEN, MAX_LEN], on a
+    GPU or in Triton's interpreter."""
+    length = projected_BLC.shape[1]
+    return (
+        projected_BLC.dtype in (torch.bfloat16, torch.float16)
+        and MIN_LEN <= length <= MAX_LEN
+        and length & (length - 1) == 0
+        and (projected_BLC.device.type == "cuda" or INTERPRET)
+    )
+
+
+# The residual branch is present iff k2 is given; spectra are packed (2, L, D) fp32 tensors.
+@torch.library.custom_op("m2dist::sequence_mixer", mutates_args=())
+def sequence_mixer_op(
+    p: torch.Tensor, w: torch.Tensor, b: torch.Tensor, u: torch.Tensor, k1: torch.Tensor, d1: torch.Tensor,
+    k2: torch.Tensor | None, d2: torch.Tensor | None,
+) -> torch.Tensor:  # fmt: skip
+    """y (B, L, D) in p's dtype, from p (B, L, 3D), the short filter w (3D, 3) and b (3D,), u (B, L, D)."""
+    batch, length, width = p.shape
+    dim = width // 3
+    has_res = k2 is not None
+    blk = _blocks(batch, length)
+    dft = dft_matrices(length, p.dtype, p.device)
+    p, u = p.contiguous(), u.contiguous()
+    w, b, k1, d1 = (t.float().contiguous() for t in (w, b, k1, d1))
+    k2, d2 = (k2.float().contiguous(), d2.float().contiguous()) if has_res else (k1, d1)
+    y = new_output((batch, length, dim), p.dtype, p.device)
+    _fwd_kernel[(triton.cdiv(dim, blk["BD"]), batch)](
+        p, w, b, u, k1, d1, k2, d2, dft, y, dim,
+        HAS_RES=has_res, SPLIT=SPLIT, U_SPLIT=u.dtype == torch.float32, UPCAST=INTERPRET, L=length, BF=blk["BF"], BD=blk["BD"], num_warps=blk["num_warps"],
+    )  # fmt: skip
+    return y
+
+
+@sequence_mixer_op.register_fake
+def _(p, w, b, u, k1, d1, k2, d2):
+    return p.new_empty((p.shape[0], p.shape[1], p.shape[2] // 3))
+
+
+@torch.library.custom_op("m2dist::sequence_mixer_backward", mutates_args=())
+def sequence_mixer_backward(
+    dy: torch.Tensor, p: torch.Tensor, w: torch.Tensor, b: torch.Tensor, u: torch.Tensor, k1: torch.Tensor,
+    d1: torch.Tensor, k2: torch.Tensor | None, d2: torch.Tensor | None,
+) -> list[torch.Tensor]:  # fmt: skip
+    """[dp, dw, db, dk1, dd1] and, with the residual branch, [du, dk2, dd2]; each in its input's dtype."""
+    batch, length, width = p.shape
+    dim = width // 3
+    has_res = k2 is not None
+    blk = _blocks(batch, length)
+    dft = dft_matrices(length, p.dtype, p.device)
+    dy, p, u = dy.contiguous(), p.contiguous(), u.contiguous()
+    wf, bf, k1f, d1f = (t.float().contiguous() for t in (w, b, k1, d1))
+    k2f, d2f = (k2.float().contiguous(), d2.float().contiguous()) if has_res else (k1f, d1f)
+    n_pb = triton.cdiv(batch, blk["BPP"])
+    dp = new_output(p.shape, p.dtype, p.device)
+    du = new_output(u.shape, u.dtype, u.device) if has_res else dp
+    dk1 = torch.zeros((n_pb, 2, length, dim), dtype=torch.float32, device=p.device)
+    dk2 = torch.zeros_like(dk1) if has_res else dk1
+    dd1 = new_output((n_pb, dim), torch.float32, p.device)
+    dd2 = new_output((n_pb, dim), torch.float32, p.device) if has_res else dd1
+    dw = new_output((n_pb, 3, width), torch.float32, p.device)
+    db = new_output((n_pb, width), torch.float32, p.device)
+    _bwd_kernel[(triton.cdiv(dim, blk["BD"]), n_pb)](
+        dy, p, wf, bf, u, k1f, d1f, k2f, d2f, dft, dp, du, dk1, dk2, dd1, dd2, dw, db,
+        batch, dim, blk["BPP"],
+        HAS_RES=has_res, SPLIT=SPLIT, U_SPLIT=u.dtype == torch.float32, UPCAST=INTERPRET, L=length, BF=blk["BF"], BD=blk["BD"], num_warps=blk["num_warps"],
+    )  # fmt: skip
+    grads = [dp, dw.sum(0).t().contiguous().to(w.dtype), db.sum(0).to(b.dtype), dk1.sum(0).to(k1.dtype), dd1.sum(0).to(d1.dtype)]
+    if has_res:
+        grads += [du, dk2.sum(0).to(k2.dtype), dd2.sum(0).to(d2.dtype)]
+    return grads
+
+
+@sequence_mixer_backward.register_fake
+def _(dy, p, w, b, u, k1, d1, k2, d2):
+    grads = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (p, w, b, k1, d1)]
+    if k2 is not None:
+        grads += [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (u, k2, d2)]
+    return grads
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, dy):
+    p, w, b, u, k1, d1, k2, d2 = ctx.saved_tensors
+    grads = sequence_mixer_backward(dy, p, w, b, u, k1, d1, k2, d2)
+    dp, dw, db, dk1, dd1 = grads[:5]
+    du, dk2, dd2 = grads[5:] if k2 is not None else (None, None, None)
+    return dp, dw, db, du, dk1, dd1, dk2, dd2
+
+
+torch.library.register_autograd("m2dist::sequence_mixer", _backward, setup_context=_setup_context)
+
+
+def sequence_mixer(projected_BLC, short_weight_C1K, short_bias_C, u_BLD, k1_DN, d1_D, k2_DN=None, d2_D=None):
+    """`reference.sequence_mixer` as one operator: projected_BLC (B, L, 3D) in bf16 or fp16, u_BLD
+    (B, L, D) in any float dtype (rounded to the projection's for the tensor cores, not in its skip
+    term); returns (B, L, D) in the projection's dtype. The caller (`kernels.mixer`) checks shapes
+    and `supports`."""
+    if not supports(projected_BLC):
+        raise ValueError(
+            f"the fused mixer takes bf16/fp16 projections with L a power of two in [{MIN_LEN}, {MAX_LEN}], "
+            f"got {projected_BLC.dtype} L={projected_BLC.shape[1]}"
+        )
+    width = short_weight_C1K.shape[0]
+    w_C3 = short_weight_C1K.reshape(width, short_weight_C1K.shape[-1])
+    has_res = k2_DN is not None
+    k2 = packed_spectrum(k2_DN) if has_res else None
+    return sequence_mixer_op(projected_BLC, w_C3, short_bias_C, u_BLD, packed_spectrum(k1_DN), d1_D, k2, d2_D)
