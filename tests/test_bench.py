@@ -79,3 +79,35 @@ def test_whole_glue_estimate_adds_every_job_and_waits_for_mnli():
     # The MNLI-initialised tasks start after MNLI: never sooner than MNLI plus the longest of them.
     assert eight >= job("mnli") + max(job(t) for t in ("stsb", "mrpc", "rte")) - 1e-9
     assert total / 8 <= eight < total
+
+
+def test_a_benchmark_variant_names_its_kernels_and_overrides():
+    from m2dist.bench.train import engine_config, kernel_config, split_config_spec
+
+    assert kernel_config("fused").fused_mixer and kernel_config("fused").fftconv == "triton"
+    assert not kernel_config("reference").fused_mixer
+    name, overrides = split_config_spec("debug:model.kernels.fused_mixer=true,train.compile=true")
+    assert (name, overrides) == ("debug", ("model.kernels.fused_mixer=true", "train.compile=true"))
+    assert split_config_spec("bert-base") == ("bert-base", ())
+    config = engine_config(name, 32, 4, "/tmp/unused", overrides)
+    assert config.model.kernels.fused_mixer and config.train.compile
+
+
+def test_mixer_benchmark_times_every_path(monkeypatch):
+    # On the CPU (Triton's interpreter) with a stand-in timer: every path runs forward and
+    # backward, the fused one once per block variant, each against the traffic floor.
+    import m2dist.bench.kernels as bench
+
+    timed = []
+
+    def one_call(fn):
+        fn()
+        timed.append(fn)
+        return 2.0
+
+    monkeypatch.setattr(bench, "_bench", one_call)
+    rows = bench.bench_mixer([32], 64, [16], [(16, 16, 1, 4), (16, 32, 2, 4)], copy_bw=1e9, device="cpu")
+    assert [r[1] for r in rows] == ["reference", "per op", "fused BD=16 BF=16 BPP=1 w=4", "fused BD=16 BF=32 BPP=2 w=4"]
+    floor_ms = bench.triton_mixer.mixer_traffic_bytes(64, 16)["forward_backward"] / 1e9 * 1e3
+    assert rows[2][5] == pytest.approx(2.0 / floor_ms) and rows[2][6] == pytest.approx(1.0)
+    assert len(timed) == 8 and bench.triton_mixer.BLOCKS is None

@@ -1,13 +1,15 @@
 """Benchmark the Triton kernels against the torch references on one GPU (bf16, forward + backward).
 
 Prints one table per op: reference ms, Triton ms, speedup, and the achieved rate against the
-measured ceiling (HBM traffic floor / copy bandwidth for the FFT convolution, useful FLOPs / bf16
-GEMM rate for the GLU MLP).
+measured ceiling (HBM traffic floor / copy bandwidth for the FFT convolution and the sequence mixer,
+useful FLOPs / bf16 GEMM rate for the GLU MLP).
 
-    python tools/bench_kernels.py                      # both ops at the sizes of the goals
+    python tools/bench_kernels.py                      # every op at the sizes of the goals
     python tools/bench_kernels.py --ops fftconv --lengths 128,2048 --variants 4096:2048:8,1024:2048:8
+    python tools/bench_kernels.py --ops mixer --mixer-lengths 128 --mixer-variants 32:128:8:8,16:128:8:4
 
-A variant `max_onchip:tile:num_warps` overrides the FFT kernels' plan (sweeps for tuning).
+A variant `max_onchip:tile:num_warps` overrides the FFT kernels' plan, a mixer variant
+`BD:BF:BPP:num_warps` the fused mixer's blocks (sweeps for tuning).
 """
 
 import argparse
@@ -17,7 +19,7 @@ from m2dist.bench.kernels import run_kernel_benchmarks
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ops", default="fftconv,glu")
+    parser.add_argument("--ops", default="fftconv,mixer,glu")
     parser.add_argument("--lengths", default="128,512,2048,8192,32768")
     parser.add_argument("--fft-tokens", type=int, default=65536, help="batch x L of the FFT benchmark")
     parser.add_argument("--fft-dim", type=int, default=768)
@@ -25,6 +27,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--toeplitz-max", type=int, default=8192, help="longest L to time the Toeplitz path at")
     parser.add_argument("--dims", default="768,960,1536,1792")
     parser.add_argument("--glu-tokens", type=int, default=32768)
+    parser.add_argument("--mixer-lengths", default="128,256", help="L of the sequence-mixer benchmark (--fft-tokens per step)")
+    parser.add_argument("--mixer-dims", default="768,960")
+    parser.add_argument("--mixer-variants", default="", help="comma list of BD:BF:BPP:num_warps for the fused mixer")
     args = parser.parse_args(argv)
     run_kernel_benchmarks(
         ops=args.ops.split(","),
@@ -35,6 +40,9 @@ def main(argv: list[str] | None = None) -> None:
         toeplitz_max=args.toeplitz_max,
         dims=[int(x) for x in args.dims.split(",")],
         glu_tokens=args.glu_tokens,
+        mixer_lengths=[int(x) for x in args.mixer_lengths.split(",")],
+        mixer_dims=[int(x) for x in args.mixer_dims.split(",")],
+        mixer_variants=[tuple(int(x) for x in v.split(":")) for v in args.mixer_variants.split(",") if v],
     )
 
 

@@ -1,14 +1,17 @@
 """Training throughput on one GPU, m2dist models beside Hugging Face's BERT in one run.
 
   python tools/bench_train.py --configs m2-bert-80M bert-base --seq-lens 128 512 2048 8192
-  python tools/bench_train.py --configs m2-bert-80M --kernels reference triton --seq-lens 128
+  python tools/bench_train.py --configs m2-bert-80M --kernels reference triton fused --seq-lens 128
   python tools/bench_train.py --configs m2-bert-80M bert-base --seq-lens 128 8192 --engine
   python tools/bench_train.py --configs m2-bert-80M bert-base --seq-lens 128 --engine \
       --engine-compile-modes eager reduce-overhead
+  python tools/bench_train.py --configs m2-bert-80M m2-bert-80M:model.kernels.fused_mixer=true bert-base \
+      --seq-lens 128 --engine
 
 The default times the model's step alone (forward, backward, fused AdamW under bf16 autocast);
 `--engine` times `m2dist/train.py`'s step for each config as it trains (DeepSpeed, data loader,
-schedule), with the same tokens per step, and the speedup column is against bert-base's engine step.
+schedule), with the same tokens per step, and the speedup column is against bert-base's engine step;
+there a config may carry overrides of its own, `name:key=value,key=value`.
 """
 
 import argparse
@@ -23,7 +26,7 @@ def main() -> None:
     parser.add_argument("--tokens-per-step", type=int, default=32768, help="batch = tokens-per-step / L")
     parser.add_argument("--steps", type=int, default=10, help="timed steps after the warm-up")
     parser.add_argument("--no-hf", action="store_true", help="skip Hugging Face's BertForMaskedLM")
-    parser.add_argument("--kernels", nargs="+", default=["triton"], help="M2 kernel backends to run (triton, reference, auto)")
+    parser.add_argument("--kernels", nargs="+", default=["triton"], help="M2 kernel backends to run (triton, reference, auto; fused: triton with the fused sequence mixer)")
     parser.add_argument("--compile", action="store_true", help="torch.compile every model")
     parser.add_argument(
         "--engine-compile-modes", nargs="+", default=["eager"], metavar="MODE",

@@ -375,15 +375,21 @@ def _bwd_kernel(
         tl.store(dd2_ptr + i_pb * D + o_c, dd2, mask=m_c)
 
 
+# Block sizes that replace `_blocks`'s choice (tools/bench_kernels.py --mixer-variants sweeps them).
+BLOCKS: dict[str, int] | None = None
+
+
 def _blocks(batch: int, length: int) -> dict[str, int]:
     """BD channels per program, BF spectrum rows per block, BPP sequences per backward program.
 
-    Chosen, not yet tuned: a (BF, L) DFT block of at most 32 KiB in bf16, 32 channels, and
-    backward programs of 8 sequences so that a (768 channels, 256 sequences) batch gives 768
-    programs for the H200's 132 SMs."""
+    Chosen, not yet tuned on a GPU: a (BF, L) DFT block of at most 32 KiB in bf16, 32 channels,
+    and backward programs of 8 sequences, so that a (768 channels, 256 sequences) batch gives 768
+    programs for an H200's 132 SMs."""
+    if BLOCKS is not None:
+        return {**BLOCKS, "BF": min(BLOCKS["BF"], length)}
     if INTERPRET:
         return {"BD": 16, "BF": 16, "BPP": 2, "num_warps": 4}
-    return {"BD": 32, "BF": min(length, 128 * 128 // length), "BPP": 8, "num_warps": 8}
+    return {"BD": 32, "BF": min(length, 128 * 128 // length), "BPP": max(1, min(8, batch // 32)), "num_warps": 8}
 
 
 def supports(projected_BLC: torch.Tensor) -> bool:

@@ -2,8 +2,8 @@
 tools/bench_kernels.py runs.
 
 One table per op: reference ms, Triton ms, speedup, and the achieved rate against the measured
-ceiling (HBM traffic floor / copy bandwidth for the FFT convolution, useful FLOPs / bf16 GEMM rate
-for the GLU MLP).
+ceiling (HBM traffic floor / copy bandwidth for the FFT convolution and the whole sequence mixer,
+useful FLOPs / bf16 GEMM rate for the GLU MLP).
 """
 
 import functools
@@ -15,6 +15,8 @@ from kernels.blockdiag import reference as blockdiag_reference
 from kernels.blockdiag import triton_blockdiag
 from kernels.fftconv import reference as fftconv_reference
 from kernels.fftconv import triton_fftconv, triton_toeplitz
+from kernels.mixer import implementation as mixer_implementation
+from kernels.mixer import triton_mixer
 
 
 def _bench(fn) -> float:
@@ -106,6 +108,72 @@ def _fmt_fft(r):
     return f"| {r[0]} | {r[1]} | {r[2]:.3f} | {r[3]:.3f} | {r[4]:.2f}x | {r[5]:.2f}x | {r[6]:.0f} | {r[7]:.1%} | {r[8]:.1f}x |"
 
 
+def bench_mixer(lengths, tokens, dims, variants, copy_bw, device="cuda"):
+    """The sequence mixer after in_linear (short conv, gates, both long convolutions) as the model
+    calls it under bf16 autocast: a bf16 projection (B, L, 3D), the fp32 layer input u (B, L, D),
+    fp32 filters. Paths: reference (torch.fft), per op (the Triton convolution kernels with the
+    compiled short convolution and the transposes around them, today's model path) and fused
+    (`triton_mixer`, once per block `variant` (BD, BF, BPP, num_warps), where it applies). The floor
+    is `triton_mixer.mixer_traffic_bytes` at the copy bandwidth."""
+    rows = []
+    for length in lengths:
+        batch = max(1, tokens // length)
+        for dim in dims:
+            gen = torch.Generator(device=device).manual_seed(0)
+            p = torch.randn(batch, length, 3 * dim, device=device, dtype=torch.bfloat16, generator=gen).requires_grad_()
+            w = (torch.randn(3 * dim, 1, 3, device=device, generator=gen) * 0.5).requires_grad_()
+            b = (torch.randn(3 * dim, device=device, generator=gen) * 0.1).requires_grad_()
+            u = torch.randn(batch, length, dim, device=device, generator=gen).requires_grad_()
+            k1, k2 = ((torch.randn(dim, 2 * length, device=device, generator=gen) * 0.1).requires_grad_() for _ in range(2))
+            d1, d2 = (torch.randn(dim, device=device, generator=gen).requires_grad_() for _ in range(2))
+            inputs = [p, w, b, u, k1, d1, k2, d2]
+            upstream = torch.randn(batch, length, dim, device=device, dtype=torch.bfloat16, generator=gen)
+            floor = triton_mixer.mixer_traffic_bytes(batch * length, dim)
+            floor_ms = {k: v / copy_bw * 1e3 for k, v in floor.items()}
+            size = f"L={length} B={batch} D={dim}"
+
+            # the reference and per-op paths return fp32 (u is fp32), the fused one bf16
+            upstreams = {torch.bfloat16: upstream, torch.float32: upstream.float()}
+
+            def measure(path, fn, per_op_ms=None):
+                def step():
+                    for t in inputs:
+                        t.grad = None
+                    y = fn(*inputs)
+                    y.backward(upstreams[y.dtype])
+
+                try:
+                    fwd_ms = _bench(lambda: fn(*inputs))
+                    both_ms = _bench(step)
+                except Exception as exc:  # a variant that does not compile or fit is reported, not fatal
+                    print(f"mixer {size} {path}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+                    return None
+                rows.append((size, path, fwd_ms, both_ms, fwd_ms / floor_ms["forward"],
+                             both_ms / floor_ms["forward_backward"], None if per_op_ms is None else per_op_ms / both_ms))  # fmt: skip
+                print(_fmt_mixer(rows[-1]), flush=True)
+                return both_ms
+
+            measure("reference", mixer_implementation("reference"))
+            per_op_ms = measure("per op", mixer_implementation("triton"))
+            if triton_mixer.supports(p):
+                for variant in variants or [None]:
+                    saved = triton_mixer.BLOCKS
+                    if variant is not None:
+                        triton_mixer.BLOCKS = dict(zip(("BD", "BF", "BPP", "num_warps"), variant))
+                    label = "fused" + ("" if variant is None else " BD={} BF={} BPP={} w={}".format(*variant))
+                    measure(label, mixer_implementation("triton", fused=True), per_op_ms)
+                    triton_mixer.BLOCKS = saved
+            del inputs, p, u, upstream, upstreams
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+def _fmt_mixer(r):
+    speedup = "" if r[6] is None else f"{r[6]:.2f}x"
+    return f"| {r[0]} | {r[1]} | {r[2]:.3f} | {r[3]:.3f} | {r[4]:.1f}x | {r[5]:.1f}x | {speedup} |"
+
+
 def bench_glu_mlp(dims, tokens, gemm_rate):
     rows = []
     for dim in dims:
@@ -149,20 +217,31 @@ def run_kernel_benchmarks(
     toeplitz_max: int,
     dims: list[int],
     glu_tokens: int,
+    mixer_lengths: list[int] = (128, 256),
+    mixer_dims: list[int] = (768, 960),
+    mixer_variants: list[tuple[int, int, int, int]] = (),
 ) -> None:
-    """Measure the ceilings, time the ops named in `ops` ("fftconv", "glu") and print one Markdown
-    table per op. A variant `(max_onchip, tile, num_warps)` overrides the FFT kernels' plan."""
+    """Measure the ceilings, time the ops named in `ops` ("fftconv", "mixer", "glu") and print one
+    Markdown table per op. A variant `(max_onchip, tile, num_warps)` overrides the FFT kernels' plan,
+    a mixer variant `(BD, BF, BPP, num_warps)` the fused mixer's blocks."""
     copy_bw, gemm_rate = measure_ceilings()
     print(f"{torch.cuda.get_device_name()}: copy {copy_bw / 1e12:.2f} TB/s (read + write), bf16 GEMM {gemm_rate / 1e12:.0f} TFLOP/s")
-    fft_rows, glu_rows = [], []
+    fft_rows, mixer_rows, glu_rows = [], [], []
     if "fftconv" in ops:
         fft_rows = bench_fftconv(lengths, fft_tokens, fft_dim, variants, copy_bw, toeplitz_max)
+    if "mixer" in ops:
+        mixer_rows = bench_mixer(mixer_lengths, fft_tokens, mixer_dims, mixer_variants, copy_bw)
     if "glu" in ops:
         glu_rows = bench_glu_mlp(dims, glu_tokens, gemm_rate)
     _print_table(
         "Gated FFT long conv (steps 4-7 with residual), bf16, forward + backward",
         "size | algorithm | reference ms | Triton ms | speedup | fwd speedup | GB/s (floor bytes) | of copy BW | x floor",
         [_fmt_fft(r) for r in fft_rows],
+    )  # fmt: skip
+    _print_table(
+        "Sequence mixer after in_linear (short conv, gates, both long convolutions), bf16 projection, fp32 u",
+        "size | path | fwd ms | fwd + bwd ms | fwd x floor | fwd + bwd x floor | fwd + bwd speedup over per op",
+        [_fmt_mixer(r) for r in mixer_rows],
     )  # fmt: skip
     _print_table(
         "Block-diagonal GLU MLP (d -> 2I GLU, I -> d + bias, 4 blocks), bf16, forward + backward",

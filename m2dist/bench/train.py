@@ -143,10 +143,8 @@ def run_benchmark(
             mlm = config.train.mlm_probability
             variants = [(name, model_config)]
             if model_config.architecture == "m2":
-                variants = [
-                    (f"{name} ({backend})", dataclasses.replace(model_config, kernels=KernelConfig(backend, backend)))
-                    for backend in kernel_backends
-                ]
+                variants = [(f"{name} ({backend})", dataclasses.replace(model_config, kernels=kernel_config(backend)))
+                            for backend in kernel_backends]  # fmt: skip
             if include_hf and model_config.architecture == "bert":
                 variants.append((HF_NAME, model_config))
             for label, cfg in variants:
@@ -157,6 +155,20 @@ def run_benchmark(
                 results.append(benchmark_step(label, build, cfg, seq_len, batch, mlm, device, steps))
                 print(format_row(results[-1]), flush=True)
     return results
+
+
+def kernel_config(backend: str) -> KernelConfig:
+    """The kernels of a benchmark variant: a backend for both ops, or "fused" (the Triton kernels
+    with the fused sequence mixer)."""
+    if backend == "fused":
+        return KernelConfig("triton", "triton", fused_mixer=True)
+    return KernelConfig(backend, backend)
+
+
+def split_config_spec(spec: str) -> tuple[str, tuple[str, ...]]:
+    """"name" or "name:key=value,key=value" -> (name, overrides)."""
+    name, _, overrides = spec.partition(":")
+    return name, tuple(o for o in overrides.split(",") if o)
 
 
 def engine_config(
@@ -217,15 +229,18 @@ def run_engine_benchmark(
     compile_modes: tuple[str, ...] = ("eager",),
 ) -> list[BenchResult]:
     """Every config's engine step at every L with the same tokens per step, once per entry of
-    `compile_modes` ("eager", or train.compile=true with that torch.compile mode)."""
+    `compile_modes` ("eager", or train.compile=true with that torch.compile mode). A config may
+    carry its own overrides, "name:key=value,key=value" (`split_config_spec`)."""
     results = []
     for seq_len in seq_lens:
         batch = max(1, tokens_per_step // seq_len)
         for mode in compile_modes:
             overrides = () if mode == "eager" else ("train.compile=true", f"train.compile_mode={mode}")
             suffix = "" if mode == "eager" else f", compiled {mode}"
-            for name in config_names:
-                result = benchmark_engine_step(f"{name} (engine{suffix})", name, seq_len, batch, steps, overrides)
+            for spec in config_names:
+                name, own = split_config_spec(spec)
+                label = f"{name} (engine{suffix}{''.join(', ' + o for o in own)})"
+                result = benchmark_engine_step(label, name, seq_len, batch, steps, overrides + own)
                 results.append(dataclasses.replace(result, variant=mode))
                 print(format_row(results[-1]), flush=True)
     return results
