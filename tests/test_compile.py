@@ -16,6 +16,7 @@ if not torch.cuda.is_available():
 
 from kernels.blockdiag import triton_blockdiag  # noqa: E402
 from kernels.fftconv import triton_fftconv, triton_toeplitz  # noqa: E402
+from kernels.mixer import triton_mixer  # noqa: E402
 from m2dist.config import KernelConfig, load_config  # noqa: E402
 from m2dist.models import MaskedLM  # noqa: E402
 from m2dist.models.m2 import M2Layer  # noqa: E402
@@ -87,7 +88,28 @@ def test_opcheck_blockdiag_glu():
     torch.library.opcheck(triton_blockdiag.blockdiag_glu_backward, args, test_utils=OPCHECK_ALL[:3])
 
 
-BACKENDS = {"reference": KernelConfig("reference", "reference"), "triton": KernelConfig("triton", "triton")}
+@pytest.mark.parametrize("residual", [True, False])
+def test_opcheck_sequence_mixer(residual):
+    batch, length, dim = 3, 16, 16
+    p = _rand(batch, length, 3 * dim, dtype=torch.bfloat16, requires_grad=True)
+    w, b = (_rand(3 * dim, 3) * 0.5).requires_grad_(), _rand(3 * dim, requires_grad=True)
+    u = _rand(batch, length, dim, requires_grad=True)
+    k1 = triton_mixer.packed_spectrum(_rand(dim, 2 * length) * 0.1).requires_grad_()
+    d1 = _rand(dim, requires_grad=True)
+    k2 = triton_mixer.packed_spectrum(_rand(dim, 2 * length) * 0.1).requires_grad_() if residual else None
+    d2 = _rand(dim, requires_grad=True) if residual else None
+    args = (p, w, b, u, k1, d1, k2, d2)
+    torch.library.opcheck(triton_mixer.sequence_mixer_op, args, test_utils=OPCHECK_ALL)
+    detached = [t.detach() if t is not None else None for t in args]
+    bwd_args = (_rand(batch, length, dim, dtype=torch.bfloat16), *detached)
+    torch.library.opcheck(triton_mixer.sequence_mixer_backward, bwd_args, test_utils=OPCHECK_ALL[:3])
+
+
+BACKENDS = {
+    "reference": KernelConfig("reference", "reference"),
+    "triton": KernelConfig("triton", "triton"),
+    "fused": KernelConfig("triton", "triton", fused_mixer=True),
+}
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
@@ -101,6 +123,21 @@ def test_m2_layer_compiles_without_graph_breaks(backend):
     h = _rand(2, 40, 32, requires_grad=True)
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(h), layer(h), rtol=1e-5, atol=1e-5)
+
+
+def test_m2_layer_with_the_fused_mixer_compiles_without_graph_breaks():
+    # In bf16 the mixer takes the fused operator, which the compiled graph calls as one op.
+    cfg = dataclasses.replace(
+        load_config("debug").model, hidden_size=32, intermediate_size=64, num_layers=1, l_max=32,
+        filter_order=16, hidden_dropout=0.0, kernels=BACKENDS["fused"],
+    )  # fmt: skip
+    layer = M2Layer(cfg).to(DEVICE, torch.bfloat16)
+    h = _rand(2, 32, 32, dtype=torch.bfloat16, requires_grad=True)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    out = compiled(h)
+    torch.testing.assert_close(out, layer(h), rtol=0, atol=0)
+    out.float().square().sum().backward()
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in layer.parameters() if p.requires_grad)
 
 
 def _loss_and_grads(run, model, batch):
@@ -145,13 +182,15 @@ def _grad_errors(model, run, batch, exact):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("length,batch_size", [(128, 16), (512, 4), (8192, 1)])
-def test_compiled_model_on_gpu_matches_eager(length, batch_size):
+@pytest.mark.parametrize(
+    "length,batch_size,kernels", [(128, 16, "triton"), (128, 16, "fused"), (512, 4, "triton"), (8192, 1, "triton")]
+)
+def test_compiled_model_on_gpu_matches_eager(length, batch_size, kernels):
     # m2-bert-80M's widths with two layers, bf16 autocast as in training. Against the fp32 model on
     # the reference path, the compiled Triton model's error on the loss and every gradient is at most
     # twice the eager Triton model's, plus two bf16 ulps of the tensor's scale.
     cfg = dataclasses.replace(
-        load_config("m2-bert-80M").model, num_layers=2, l_max=length, hidden_dropout=0.0, kernels=BACKENDS["triton"]
+        load_config("m2-bert-80M").model, num_layers=2, l_max=length, hidden_dropout=0.0, kernels=BACKENDS[kernels]
     )
     torch.manual_seed(0)
     model = MaskedLM(cfg).cuda()
