@@ -11,6 +11,7 @@ import os
 
 import pytest
 import torch
+import triton
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -277,6 +278,45 @@ def test_fused_mixer_dispatch():
     with pytest.raises(ValueError, match="k1_DN must be"):
         implementation("triton")(p, w, b, u, k1[:, :-2], d1, k2, d2)
 
+
+
+def test_fused_mixer_autotuned_launch(monkeypatch):
+    # The GPU's launch path (autotuner, blocks pruned to the input's L, grid from the chosen
+    # channel block), here with one candidate so that the interpreter needs no timing.
+    configs = triton_mixer._drop_blocks_longer_than_the_input(
+        [triton.Config({"BD": 32, "BF": 64}), triton.Config({"BD": 16, "BF": 16})], {}, L=32
+    )
+    assert [c.kwargs for c in configs] == [{"BD": 16, "BF": 16}]
+    assert triton_mixer._drop_blocks_longer_than_the_input([triton.Config({"BD": 32, "BF": 64})], {"L": 16})[0].kwargs == {"BD": 16, "BF": 16}
+    inputs = _mixer_inputs(3, 32, 24, True, seed=5)
+    p, w, b, u, k1, d1, k2, d2 = inputs
+    args = [p.bfloat16(), w.float(), b.float(), u.float(), k1.float(), d1.float(), k2.float(), d2.float()]
+    fixed = [t.detach().clone().requires_grad_() for t in args]
+    tuned = [t.detach().clone().requires_grad_() for t in args]
+    y_fixed = triton_mixer.sequence_mixer(*fixed)
+    upstream = torch.randn_like(y_fixed)
+    y_fixed.backward(upstream)
+    monkeypatch.setattr(triton_mixer, "_TUNING", [(16, 16, 4)])
+    monkeypatch.setattr(triton_mixer, "_fwd_tuned", triton_mixer._tuned(triton_mixer._fwd_kernel, key=["D", "L"]))
+    monkeypatch.setattr(
+        triton_mixer, "_bwd_tuned",
+        triton_mixer._tuned(triton_mixer._bwd_kernel, key=["D", "L"], reset_to_zero=["dk1_ptr", "dk2_ptr"]),
+    )  # fmt: skip
+    launched = []
+    kernel = triton_mixer._launch
+
+    def spy(tuned_kernel, *rest, **kw):
+        launched.append(tuned_kernel)
+        return kernel(tuned_kernel, *rest, **kw)
+
+    monkeypatch.setattr(triton_mixer, "_launch", spy)
+    monkeypatch.setattr(triton_mixer, "FIXED_BLOCKS", None)
+    y_tuned = triton_mixer.sequence_mixer(*tuned)
+    y_tuned.backward(upstream)
+    assert launched == [triton_mixer._fwd_tuned, triton_mixer._bwd_tuned]
+    # the same blocks as the interpreter's fixed ones: the same results
+    assert torch.equal(y_tuned, y_fixed)
+    assert all(torch.equal(a.grad, ref.grad) for a, ref in zip(tuned, fixed))
 
 def test_fused_mixer_traffic_floor_formula():
     # forward: p (3 x 2 B) + u (4 B) + y (2 B) per token and channel; backward adds dy, dp, du

@@ -260,7 +260,7 @@ def _conv_backward(x, g, k_ptr, gk_ptr, dft_ptr, o_c, m_c, D, L: tl.constexpr, B
 @triton.jit
 def _fwd_kernel(
     p_ptr, w_ptr, b_ptr, u_ptr, k1_ptr, d1_ptr, k2_ptr, d2_ptr, dft_ptr, y_ptr,
-    D,
+    B, D,
     HAS_RES: tl.constexpr, SPLIT: tl.constexpr, U_SPLIT: tl.constexpr, UPCAST: tl.constexpr, L: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr,
 ):  # fmt: skip
     DT: tl.constexpr = y_ptr.dtype.element_ty
@@ -375,21 +375,54 @@ def _bwd_kernel(
         tl.store(dd2_ptr + i_pb * D + o_c, dd2, mask=m_c)
 
 
-# Block sizes that replace `_blocks`'s choice (tools/bench_kernels.py --mixer-variants sweeps them).
+# Block sizes (BD, BF, BPP, num_warps) that replace the autotuned choice (tools/bench_kernels.py
+# --mixer-variants sweeps them).
 BLOCKS: dict[str, int] | None = None
+# The autotuner's candidates (BD channels per program, BF spectrum rows per block, warps): four DFT
+# blocks of (BF, L) bf16 stay within 32-64 KiB at L=128.
+_TUNING = [(32, 32, 4), (32, 32, 8), (16, 64, 4), (64, 32, 8)]
+# Triton's interpreter cannot time candidates: it runs fixed blocks.
+FIXED_BLOCKS = {"BD": 16, "BF": 16, "num_warps": 4} if INTERPRET else None
 
 
-def _blocks(batch: int, length: int) -> dict[str, int]:
-    """BD channels per program, BF spectrum rows per block, BPP sequences per backward program.
-
-    Chosen, not yet tuned on a GPU: a (BF, L) DFT block of at most 32 KiB in bf16, 32 channels,
-    and backward programs of 8 sequences, so that a (768 channels, 256 sequences) batch gives 768
-    programs for an H200's 132 SMs."""
+def _sequences_per_program(batch: int) -> int:
+    """BPP: runs of up to 8 sequences per backward program, fewer for small batches, so that a
+    (768 channels, 256 sequences) batch gives 768 programs and a batch of 16 gives 384."""
+    if INTERPRET and BLOCKS is None:
+        return 2
     if BLOCKS is not None:
-        return {**BLOCKS, "BF": min(BLOCKS["BF"], length)}
-    if INTERPRET:
-        return {"BD": 16, "BF": 16, "BPP": 2, "num_warps": 4}
-    return {"BD": 32, "BF": min(length, 128 * 128 // length), "BPP": max(1, min(8, batch // 32)), "num_warps": 8}
+        return BLOCKS["BPP"]
+    return max(1, min(8, batch // 32))
+
+
+def _drop_blocks_longer_than_the_input(configs, named_args, **kwargs):
+    length = kwargs.get("L", named_args.get("L"))
+    kept = [c for c in configs if c.kwargs["BF"] <= length]
+    return kept or [triton.Config({"BD": 16, "BF": length}, num_warps=4)]
+
+
+def _tuned(kernel, key, **options):
+    configs = [triton.Config({"BD": bd, "BF": bf}, num_warps=warps) for bd, bf, warps in _TUNING]
+    prune = {"early_config_prune": _drop_blocks_longer_than_the_input}
+    return triton.autotune(configs=configs, key=key, prune_configs_by=prune, **options)(kernel)
+
+
+_fwd_tuned = _tuned(_fwd_kernel, key=["B", "D", "L", "HAS_RES", "U_SPLIT"])
+# The filter-gradient partials are accumulated in place: zeroed before each timed trial.
+_bwd_tuned = _tuned(_bwd_kernel, key=["B", "D", "BPP", "L", "HAS_RES", "U_SPLIT"], reset_to_zero=["dk1_ptr", "dk2_ptr"])
+
+
+def _launch(tuned, kernel, dim, grid_rows, length, *args, **constexprs):
+    """The autotuned kernel on a GPU, the fixed blocks of `BLOCKS` or of the interpreter otherwise,
+    on a grid of (channel blocks of `dim`, grid_rows)."""
+    fixed = BLOCKS if BLOCKS is not None else FIXED_BLOCKS
+    if fixed is None:
+        tuned[lambda meta: (triton.cdiv(dim, meta["BD"]), grid_rows)](*args, L=length, **constexprs)
+        return
+    bf = min(fixed["BF"], length)
+    kernel[(triton.cdiv(dim, fixed["BD"]), grid_rows)](
+        *args, L=length, BF=bf, BD=fixed["BD"], num_warps=fixed["num_warps"], **constexprs
+    )
 
 
 def supports(projected_BLC: torch.Tensor) -> bool:
@@ -414,15 +447,14 @@ def sequence_mixer_op(
     batch, length, width = p.shape
     dim = width // 3
     has_res = k2 is not None
-    blk = _blocks(batch, length)
     dft = dft_matrices(length, p.dtype, p.device)
     p, u = p.contiguous(), u.contiguous()
     w, b, k1, d1 = (t.float().contiguous() for t in (w, b, k1, d1))
     k2, d2 = (k2.float().contiguous(), d2.float().contiguous()) if has_res else (k1, d1)
     y = new_output((batch, length, dim), p.dtype, p.device)
-    _fwd_kernel[(triton.cdiv(dim, blk["BD"]), batch)](
-        p, w, b, u, k1, d1, k2, d2, dft, y, dim,
-        HAS_RES=has_res, SPLIT=SPLIT, U_SPLIT=u.dtype == torch.float32, UPCAST=INTERPRET, L=length, BF=blk["BF"], BD=blk["BD"], num_warps=blk["num_warps"],
+    _launch(
+        _fwd_tuned, _fwd_kernel, dim, batch, length, p, w, b, u, k1, d1, k2, d2, dft, y, batch, dim,
+        HAS_RES=has_res, SPLIT=SPLIT, U_SPLIT=u.dtype == torch.float32, UPCAST=INTERPRET,
     )  # fmt: skip
     return y
 
@@ -441,12 +473,12 @@ def sequence_mixer_backward(
     batch, length, width = p.shape
     dim = width // 3
     has_res = k2 is not None
-    blk = _blocks(batch, length)
+    bpp = _sequences_per_program(batch)
     dft = dft_matrices(length, p.dtype, p.device)
     dy, p, u = dy.contiguous(), p.contiguous(), u.contiguous()
     wf, bf, k1f, d1f = (t.float().contiguous() for t in (w, b, k1, d1))
     k2f, d2f = (k2.float().contiguous(), d2.float().contiguous()) if has_res else (k1f, d1f)
-    n_pb = triton.cdiv(batch, blk["BPP"])
+    n_pb = triton.cdiv(batch, bpp)
     dp = new_output(p.shape, p.dtype, p.device)
     du = new_output(u.shape, u.dtype, u.device) if has_res else dp
     dk1 = torch.zeros((n_pb, 2, length, dim), dtype=torch.float32, device=p.device)
@@ -455,10 +487,10 @@ def sequence_mixer_backward(
     dd2 = new_output((n_pb, dim), torch.float32, p.device) if has_res else dd1
     dw = new_output((n_pb, 3, width), torch.float32, p.device)
     db = new_output((n_pb, width), torch.float32, p.device)
-    _bwd_kernel[(triton.cdiv(dim, blk["BD"]), n_pb)](
-        dy, p, wf, bf, u, k1f, d1f, k2f, d2f, dft, dp, du, dk1, dk2, dd1, dd2, dw, db,
-        batch, dim, blk["BPP"],
-        HAS_RES=has_res, SPLIT=SPLIT, U_SPLIT=u.dtype == torch.float32, UPCAST=INTERPRET, L=length, BF=blk["BF"], BD=blk["BD"], num_warps=blk["num_warps"],
+    _launch(
+        _bwd_tuned, _bwd_kernel, dim, n_pb, length,
+        dy, p, wf, bf, u, k1f, d1f, k2f, d2f, dft, dp, du, dk1, dk2, dd1, dd2, dw, db, batch, dim, bpp,
+        HAS_RES=has_res, SPLIT=SPLIT, U_SPLIT=u.dtype == torch.float32, UPCAST=INTERPRET,
     )  # fmt: skip
     grads = [dp, dw.sum(0).t().contiguous().to(w.dtype), db.sum(0).to(b.dtype), dk1.sum(0).to(k1.dtype), dd1.sum(0).to(d1.dtype)]
     if has_res:
