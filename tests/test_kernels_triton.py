@@ -318,6 +318,25 @@ def test_fused_mixer_autotuned_launch(monkeypatch):
     assert torch.equal(y_tuned, y_fixed)
     assert all(torch.equal(a.grad, ref.grad) for a, ref in zip(tuned, fixed))
 
+
+def test_packed_spectrum_is_the_filters_half_spectrum():
+    # The operator's packing of rfft(k) / 2L, as one fp32 product, also under bf16 autocast.
+    k = torch.randn(24, 64, dtype=f64, device=DEVICE)
+    n, length = 64, 32
+    k64 = k.clone().requires_grad_()
+    k_f = torch.fft.rfft(k64, n=n) / n
+    imag = torch.cat([k_f.real[:, length:], k_f.imag[:, 1:length]], dim=1)
+    expected = torch.stack([k_f.real[:, :length], imag]).transpose(1, 2)
+    k32 = k.float().requires_grad_()
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        packed = triton_mixer.packed_spectrum(k32)
+    assert packed.dtype == torch.float32 and packed.shape == (2, length, 24)
+    torch.testing.assert_close(packed.double(), expected, rtol=0, atol=1e-6)
+    upstream = torch.randn(packed.shape, dtype=f64, device=DEVICE)
+    (want,) = torch.autograd.grad(expected, k64, upstream)
+    (got,) = torch.autograd.grad(packed, k32, upstream.float())
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-6)
+
 def test_fused_mixer_traffic_floor_formula():
     # forward: p (3 x 2 B) + u (4 B) + y (2 B) per token and channel; backward adds dy, dp, du
     floor = triton_mixer.mixer_traffic_bytes(tokens=10, dim=4)

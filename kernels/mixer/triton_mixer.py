@@ -91,14 +91,26 @@ def dft_matrices(length: int, dtype: torch.dtype, device: torch.device) -> torch
     return torch.cat([high, low]).to(device).contiguous()
 
 
+@functools.cache
+def _spectrum_matrix(length: int, device: torch.device) -> torch.Tensor:
+    """(2L, 2L) fp32: a (2L,) filter's packed half spectrum / 2L as one matrix product (rows: Re K[f]
+    for f < L; the real Nyquist K[L]; Im K[f] for 1 <= f < L)."""
+    n = 2 * length
+    f = torch.arange(length, dtype=torch.float64)[:, None]
+    t = torch.arange(n, dtype=torch.float64)[None, :]
+    angle = 2 * math.pi * f * t / n
+    imag = -torch.sin(angle)
+    imag[0] = torch.cos(math.pi * t[0])
+    return (torch.cat([torch.cos(angle), imag]) / n).to(device=device, dtype=torch.float32)
+
+
 def packed_spectrum(k_DN: torch.Tensor) -> torch.Tensor:
     """(2, L, D) fp32: the (D, 2L) circular filter's half spectrum / 2L in the operator's packing,
-    [Re K[0..L-1]; Nyquist K[L], Im K[1..L-1]] (differentiable)."""
-    n = k_DN.shape[-1]
-    length = n // 2
-    k_f = torch.fft.rfft(k_DN.float(), n=n) / n
-    imag = torch.cat([k_f.real[:, length:], k_f.imag[:, 1:length]], dim=1)
-    return torch.stack([k_f.real[:, :length], imag]).transpose(1, 2).contiguous()
+    [Re K[0..L-1]; Nyquist K[L], Im K[1..L-1]] (differentiable). One fp32 matrix product (also under
+    autocast), not an rfft and the copies of its packing: a launch per filter, not six."""
+    dim, n = k_DN.shape
+    with torch.autocast(k_DN.device.type, enabled=False):
+        return (_spectrum_matrix(n // 2, k_DN.device) @ k_DN.float().t()).view(2, n // 2, dim)
 
 
 @triton.jit
@@ -378,9 +390,9 @@ def _bwd_kernel(
 # Block sizes (BD, BF, BPP, num_warps) that replace the autotuned choice (tools/bench_kernels.py
 # --mixer-variants sweeps them).
 BLOCKS: dict[str, int] | None = None
-# The autotuner's candidates (BD channels per program, BF spectrum rows per block, warps): four DFT
-# blocks of (BF, L) bf16 stay within 32-64 KiB at L=128.
-_TUNING = [(32, 32, 4), (32, 32, 8), (16, 64, 4), (64, 32, 8)]
+# The autotuner's candidates (BD channels per program, BF spectrum rows per block, warps): the four
+# (BF, L) bf16 DFT blocks take 32-64 KiB at L=128; an (L, BD) fp32 tile 16-64 registers a thread.
+_TUNING = [(32, 32, 8), (16, 32, 4), (32, 32, 4), (16, 64, 8), (64, 32, 8)]
 # Triton's interpreter cannot time candidates: it runs fixed blocks.
 FIXED_BLOCKS = {"BD": 16, "BF": 16, "num_warps": 4} if INTERPRET else None
 
