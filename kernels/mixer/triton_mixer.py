@@ -263,6 +263,8 @@ def _conv_backward(x, g, k_ptr, gk_ptr, dft_ptr, o_c, m_c, D, L: tl.constexpr, B
         m = m_c[None, :]
         tl.store(gk_ptr + p, tl.load(gk_ptr + p, mask=m, other=0.0) + dkr, mask=m)
         tl.store(gk_ptr + L * D + p, tl.load(gk_ptr + L * D + p, mask=m, other=0.0) + dki, mask=m)
+        # The next sequence's load of these sums may fall to other threads of the program.
+        tl.debug_barrier()
         dxr, dxi = _times_conj(gr, gi, kr, ki, nyquist)
         dx = _inverse(cf, cf_lo, dxr, dx, DT, SPLIT, UPCAST)
         dx = _inverse(sf, sf_lo, dxi, dx, DT, SPLIT, UPCAST)
