@@ -146,7 +146,7 @@ def _taps(p_ptr, row0, o_t, cols, m_c, L: tl.constexpr, C):
 
 
 @triton.jit
-def _short_conv(p_ptr, w_ptr, b_ptr, row0, o_t, cols, m_c, L: tl.constexpr, C, DT: tl.constexpr, UPCAST: tl.constexpr):
+def _short_conv(p_ptr, w_ptr, b_ptr, row0, o_t, cols, m_c, L: tl.constexpr, C):
     """The causal short convolution at `cols`, fp32 (not rounded: it never leaves the chip)."""
     p0, p1, p2 = _taps(p_ptr, row0, o_t, cols, m_c, L, C)
     w0 = tl.load(w_ptr + cols * 3, mask=m_c, other=0.0)
@@ -154,6 +154,16 @@ def _short_conv(p_ptr, w_ptr, b_ptr, row0, o_t, cols, m_c, L: tl.constexpr, C, D
     w2 = tl.load(w_ptr + cols * 3 + 2, mask=m_c, other=0.0)
     bias = tl.load(b_ptr + cols, mask=m_c, other=0.0)
     return bias[None, :] + p0 * w0[None, :] + p1 * w1[None, :] + p2 * w2[None, :]
+
+
+@triton.jit
+def _gates(p_ptr, w_ptr, b_ptr, row0, o_t, o_c, m_c, D, L: tl.constexpr):
+    """(x1, x2, v): the short convolution's three (L, BD) fp32 tiles at channels o_c of sequence row0."""
+    C = 3 * D
+    x1 = _short_conv(p_ptr, w_ptr, b_ptr, row0, o_t, o_c, m_c, L, C)
+    x2 = _short_conv(p_ptr, w_ptr, b_ptr, row0, o_t, D + o_c, m_c, L, C)
+    v = _short_conv(p_ptr, w_ptr, b_ptr, row0, o_t, 2 * D + o_c, m_c, L, C)
+    return x1, x2, v
 
 
 @triton.jit
@@ -279,14 +289,11 @@ def _fwd_kernel(
 ):  # fmt: skip
     DT: tl.constexpr = y_ptr.dtype.element_ty
     i_c, i_b = tl.program_id(0), tl.program_id(1)
-    C = 3 * D
     o_t = tl.arange(0, L)
     o_c = i_c * BD + tl.arange(0, BD)
     m_c = o_c < D
     row0 = i_b * L
-    x1 = _short_conv(p_ptr, w_ptr, b_ptr, row0, o_t, o_c, m_c, L, C, DT, UPCAST)
-    x2 = _short_conv(p_ptr, w_ptr, b_ptr, row0, o_t, D + o_c, m_c, L, C, DT, UPCAST)
-    v = _short_conv(p_ptr, w_ptr, b_ptr, row0, o_t, 2 * D + o_c, m_c, L, C, DT, UPCAST)
+    x1, x2, v = _gates(p_ptr, w_ptr, b_ptr, row0, o_t, o_c, m_c, D, L)
     a = v * x1
     d1 = tl.load(d1_ptr + o_c, mask=m_c, other=0.0)
     y = (_conv(a, k1_ptr, dft_ptr, o_c, m_c, D, L, BF, BD, DT, SPLIT, False, UPCAST) + a * d1[None, :]) * x2
@@ -358,9 +365,7 @@ def _bwd_kernel(
     dwv0, dwv1, dwv2, dbv = zero, zero, zero, zero
     for b in range(i_pb * BPP, tl.minimum(B, (i_pb + 1) * BPP)):
         row0 = b * L
-        x1 = _short_conv(p_ptr, w_ptr, b_ptr, row0, o_t, o_c, m_c, L, C, DT, UPCAST)
-        x2 = _short_conv(p_ptr, w_ptr, b_ptr, row0, o_t, D + o_c, m_c, L, C, DT, UPCAST)
-        v = _short_conv(p_ptr, w_ptr, b_ptr, row0, o_t, 2 * D + o_c, m_c, L, C, DT, UPCAST)
+        x1, x2, v = _gates(p_ptr, w_ptr, b_ptr, row0, o_t, o_c, m_c, D, L)
         a = v * x1
         z1 = _conv(a, k1_ptr, dft_ptr, o_c, m_c, D, L, BF, BD, DT, SPLIT, False, UPCAST) + a * d1[None, :]
         p_out = (row0 + o_t[:, None]).to(tl.int64) * D + o_c[None, :]
