@@ -348,6 +348,7 @@ def _bwd_kernel(
     this program's partial sums at row i_pb of the (NBP, ...) partial tensors (dk*: (NBP, 2, L, D),
     zeroed by the caller; dd*: (NBP, D); dw: (NBP, 3, C); db: (NBP, C))."""
     DT: tl.constexpr = dp_ptr.dtype.element_ty
+    DU: tl.constexpr = du_ptr.dtype.element_ty
     i_c, i_pb = tl.program_id(0), tl.program_id(1)
     C = 3 * D
     o_t = tl.arange(0, L)
@@ -383,7 +384,6 @@ def _bwd_kernel(
         if HAS_RES:
             u = tl.load(u_ptr + p_out, mask=m_out, other=0.0).to(tl.float32)
             du = _conv_backward(u, dy, k2_ptr, dk2_part, dft_ptr, o_c, m_c, D, L, BF, BD, DT, SPLIT, U_SPLIT, UPCAST)
-            DU: tl.constexpr = du_ptr.dtype.element_ty
             tl.store(du_ptr + p_out, _round(du + dy * d2[None, :], DU, UPCAST).to(DU), mask=m_out)
             dd2 += tl.sum(dy * u, axis=0)
     _store_short_grads(dw_ptr, db_ptr, i_pb, o_c, m_c, C, dw10, dw11, dw12, db1)
@@ -399,7 +399,7 @@ def _bwd_kernel(
 BLOCKS: dict[str, int] | None = None
 # The autotuner's candidates (BD channels per program, BF spectrum rows per block, warps): the four
 # (BF, L) bf16 DFT blocks take 32-64 KiB at L=128; an (L, BD) fp32 tile 16-64 registers a thread.
-_TUNING = [(32, 32, 8), (16, 32, 4), (32, 32, 4), (16, 64, 8), (64, 32, 8)]
+_TUNING = [(32, 32, 8), (16, 32, 4), (64, 32, 8)]
 # Triton's interpreter cannot time candidates: it runs fixed blocks.
 FIXED_BLOCKS = {"BD": 16, "BF": 16, "num_warps": 4} if INTERPRET else None
 
