@@ -298,10 +298,9 @@ def test_fused_mixer_autotuned_launch(monkeypatch):
     y_fixed.backward(upstream)
     monkeypatch.setattr(triton_mixer, "_TUNING", [(16, 16, 4)])
     monkeypatch.setattr(triton_mixer, "_fwd_tuned", triton_mixer._tuned(triton_mixer._fwd_kernel, key=["D", "L"]))
-    monkeypatch.setattr(
-        triton_mixer, "_bwd_tuned",
-        triton_mixer._tuned(triton_mixer._bwd_kernel, key=["D", "L"], reset_to_zero=["dk1_ptr", "dk2_ptr"]),
-    )  # fmt: skip
+    for name, partials in (("_bwd_gated", "dk1_ptr"), ("_bwd_residual", "dk2_ptr")):
+        autotuned = triton_mixer._tuned(getattr(triton_mixer, f"{name}_kernel"), key=["D", "L"], reset_to_zero=[partials])
+        monkeypatch.setattr(triton_mixer, f"{name}_tuned", autotuned)
     launched = []
     kernel = triton_mixer._launch
 
@@ -313,7 +312,7 @@ def test_fused_mixer_autotuned_launch(monkeypatch):
     monkeypatch.setattr(triton_mixer, "FIXED_BLOCKS", None)
     y_tuned = triton_mixer.sequence_mixer(*tuned)
     y_tuned.backward(upstream)
-    assert launched == [triton_mixer._fwd_tuned, triton_mixer._bwd_tuned]
+    assert launched == [triton_mixer._fwd_tuned, triton_mixer._bwd_gated_tuned, triton_mixer._bwd_residual_tuned]
     # the same blocks as the interpreter's fixed ones: the same results
     assert torch.equal(y_tuned, y_fixed)
     assert all(torch.equal(a.grad, ref.grad) for a, ref in zip(tuned, fixed))

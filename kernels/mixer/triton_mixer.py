@@ -138,7 +138,7 @@ def _up(x, DT: tl.constexpr, UPCAST: tl.constexpr):
 def _taps(p_ptr, row0, o_t, cols, m_c, L: tl.constexpr, C):
     """(p[t - 2], p[t - 1], p[t]) at the columns `cols` of sequence row0 (zero before t = 0), fp32."""
     m = m_c[None, :]
-    p = p_ptr + (row0 + o_t[:, None]).to(tl.int64) * C + cols[None, :]
+    p = p_ptr + row0 * C + (o_t[:, None] * C + cols[None, :])
     p0 = tl.load(p - 2 * C, mask=m & (o_t[:, None] >= 2), other=0.0).to(tl.float32)
     p1 = tl.load(p - C, mask=m & (o_t[:, None] >= 1), other=0.0).to(tl.float32)
     p2 = tl.load(p, mask=m, other=0.0).to(tl.float32)
@@ -248,15 +248,16 @@ def _inverse(m_hi, m_lo, y, acc, DT: tl.constexpr, SPLIT: tl.constexpr, UPCAST: 
 
 
 @triton.jit
-def _conv_backward(x, g, k_ptr, gk_ptr, dft_ptr, o_c, m_c, D, L: tl.constexpr, BF: tl.constexpr,
+def _conv_backward(x, g, skip, k_ptr, gk_ptr, dft_ptr, o_c, m_c, D, L: tl.constexpr, BF: tl.constexpr,
                    BD: tl.constexpr, DT: tl.constexpr, SPLIT: tl.constexpr, X_SPLIT: tl.constexpr,
                    UPCAST: tl.constexpr):  # fmt: skip
-    """For out = conv(x; k) and its gradient g ((L, BD) fp32; g rounded to DT for the tensor cores,
-    x too unless X_SPLIT):
-    returns dx (L, BD) fp32 and adds dK, in the packed layout, to the (2, L, D) fp32 tensor at gk_ptr."""
+    """For out = conv(x; k) + x * skip and its gradient g ((L, BD) fp32; g rounded to DT for the
+    tensor cores, x too unless X_SPLIT): returns dx (L, BD) fp32 and adds dK, in the packed layout,
+    to the (2, L, D) fp32 tensor at gk_ptr. x and g are dead once rounded (the backward is bound
+    by registers)."""
     x_hi, x_lo = _split(x, DT, UPCAST)
     g_hi = _up(g, DT, UPCAST)
-    dx = tl.zeros([L, BD], dtype=tl.float32)
+    dx = g * skip[None, :]
     for f0 in range(0, L, BF):
         cf, sf, cf_lo, sf_lo = _dft_block(dft_ptr, f0, L, BF, UPCAST)
         kr, ki = _spectrum_tiles(k_ptr, f0, o_c, m_c, D, L, BF)
@@ -292,12 +293,12 @@ def _fwd_kernel(
     o_t = tl.arange(0, L)
     o_c = i_c * BD + tl.arange(0, BD)
     m_c = o_c < D
-    row0 = i_b * L
+    row0 = tl.cast(i_b, tl.int64) * L  # int64: offsets past 2^31 at large batches
     x1, x2, v = _gates(p_ptr, w_ptr, b_ptr, row0, o_t, o_c, m_c, D, L)
     a = v * x1
     d1 = tl.load(d1_ptr + o_c, mask=m_c, other=0.0)
     y = (_conv(a, k1_ptr, dft_ptr, o_c, m_c, D, L, BF, BD, DT, SPLIT, False, UPCAST) + a * d1[None, :]) * x2
-    p_out = (row0 + o_t[:, None]).to(tl.int64) * D + o_c[None, :]
+    p_out = row0 * D + (o_t[:, None] * D + o_c[None, :])
     m_out = m_c[None, :]
     if HAS_RES:
         u = tl.load(u_ptr + p_out, mask=m_out, other=0.0).to(tl.float32)
@@ -322,7 +323,7 @@ def _short_conv_backward(dx, p_ptr, w_ptr, dp_ptr, row0, o_t, cols, m_c, L: tl.c
     w1 = tl.load(w_ptr + cols * 3 + 1, mask=m_c, other=0.0)
     w2 = tl.load(w_ptr + cols * 3 + 2, mask=m_c, other=0.0)
     dp = dx * w2[None, :] + _shifted(dx, 1, o_t, L) * w1[None, :] + _shifted(dx, 2, o_t, L) * w0[None, :]
-    p_out = (row0 + o_t[:, None]).to(tl.int64) * C + cols[None, :]
+    p_out = row0 * C + (o_t[:, None] * C + cols[None, :])
     tl.store(dp_ptr + p_out, _round(dp, DT, UPCAST).to(DT), mask=m_c[None, :])
     p0, p1, p2 = _taps(p_ptr, row0, o_t, cols, m_c, L, C)
     return tl.sum(dx * p0, axis=0), tl.sum(dx * p1, axis=0), tl.sum(dx * p2, axis=0), tl.sum(dx, axis=0)
@@ -338,60 +339,80 @@ def _store_short_grads(dw_ptr, db_ptr, i_pb, cols, m_c, C, dw0, dw1, dw2, db):
 
 
 @triton.jit
-def _bwd_kernel(
-    dy_ptr, p_ptr, w_ptr, b_ptr, u_ptr, k1_ptr, d1_ptr, k2_ptr, d2_ptr, dft_ptr,
-    dp_ptr, du_ptr, dk1_ptr, dk2_ptr, dd1_ptr, dd2_ptr, dw_ptr, db_ptr,
+def _bwd_gated_kernel(
+    dy_ptr, p_ptr, w_ptr, b_ptr, k1_ptr, d1_ptr, dft_ptr, dp_ptr, dk1_ptr, dd1_ptr, dw_ptr, db_ptr,
     B, D, BPP,
-    HAS_RES: tl.constexpr, SPLIT: tl.constexpr, U_SPLIT: tl.constexpr, UPCAST: tl.constexpr, L: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr,
+    SPLIT: tl.constexpr, UPCAST: tl.constexpr, L: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr,
 ):  # fmt: skip
-    """Sequences i_pb * BPP ... of channel block i_c: dp and du in place; the parameter gradients as
-    this program's partial sums at row i_pb of the (NBP, ...) partial tensors (dk*: (NBP, 2, L, D),
-    zeroed by the caller; dd*: (NBP, D); dw: (NBP, 3, C); db: (NBP, C))."""
+    """The gated branch's backward for sequences i_pb * BPP ... of channel block i_c: dp in place;
+    the parameter gradients as this program's partial sums at row i_pb of the (NBP, ...) partial
+    tensors (dk1: (NBP, 2, L, D), zeroed by the caller; dd1: (NBP, D); dw: (NBP, 3, C); db: (NBP, C)).
+    Ordered so that each tile dies early: the backward is bound by registers."""
     DT: tl.constexpr = dp_ptr.dtype.element_ty
-    DU: tl.constexpr = du_ptr.dtype.element_ty
     i_c, i_pb = tl.program_id(0), tl.program_id(1)
     C = 3 * D
     o_t = tl.arange(0, L)
     o_c = i_c * BD + tl.arange(0, BD)
     m_c = o_c < D
-    m_out = m_c[None, :]
     d1 = tl.load(d1_ptr + o_c, mask=m_c, other=0.0)
-    d2 = tl.load(d2_ptr + o_c, mask=m_c, other=0.0)
     dk1_part = dk1_ptr + i_pb * 2 * L * D
-    dk2_part = dk2_ptr + i_pb * 2 * L * D
     zero = tl.zeros([BD], dtype=tl.float32)
-    dd1, dd2 = zero, zero
+    dd1 = zero
     dw10, dw11, dw12, db1 = zero, zero, zero, zero
     dw20, dw21, dw22, db2 = zero, zero, zero, zero
     dwv0, dwv1, dwv2, dbv = zero, zero, zero, zero
     for b in range(i_pb * BPP, tl.minimum(B, (i_pb + 1) * BPP)):
-        row0 = b * L
+        row0 = tl.cast(b, tl.int64) * L
         x1, x2, v = _gates(p_ptr, w_ptr, b_ptr, row0, o_t, o_c, m_c, D, L)
         a = v * x1
         z1 = _conv(a, k1_ptr, dft_ptr, o_c, m_c, D, L, BF, BD, DT, SPLIT, False, UPCAST) + a * d1[None, :]
-        p_out = (row0 + o_t[:, None]).to(tl.int64) * D + o_c[None, :]
-        dy = tl.load(dy_ptr + p_out, mask=m_out, other=0.0).to(tl.float32)
-        dz1 = dy * x2
-        da = _conv_backward(a, dz1, k1_ptr, dk1_part, dft_ptr, o_c, m_c, D, L, BF, BD, DT, SPLIT, False, UPCAST)
-        da += dz1 * d1[None, :]
-        dd1 += tl.sum(dz1 * a, axis=0)
-        s0, s1, s2, sb = _short_conv_backward(da * v, p_ptr, w_ptr, dp_ptr, row0, o_t, o_c, m_c, L, C, UPCAST)
-        dw10, dw11, dw12, db1 = dw10 + s0, dw11 + s1, dw12 + s2, db1 + sb
+        p_out = row0 * D + (o_t[:, None] * D + o_c[None, :])
+        dy = tl.load(dy_ptr + p_out, mask=m_c[None, :], other=0.0).to(tl.float32)
         s0, s1, s2, sb = _short_conv_backward(dy * z1, p_ptr, w_ptr, dp_ptr, row0, o_t, D + o_c, m_c, L, C, UPCAST)
         dw20, dw21, dw22, db2 = dw20 + s0, dw21 + s1, dw22 + s2, db2 + sb
+        dz1 = dy * x2
+        dd1 += tl.sum(dz1 * a, axis=0)
+        da = _conv_backward(a, dz1, d1, k1_ptr, dk1_part, dft_ptr, o_c, m_c, D, L, BF, BD, DT, SPLIT, False, UPCAST)
+        # x1 and v again from the projection (cache hits), not kept alive through the transforms
+        x1 = _short_conv(p_ptr, w_ptr, b_ptr, row0, o_t, o_c, m_c, L, C)
         s0, s1, s2, sb = _short_conv_backward(da * x1, p_ptr, w_ptr, dp_ptr, row0, o_t, 2 * D + o_c, m_c, L, C, UPCAST)
         dwv0, dwv1, dwv2, dbv = dwv0 + s0, dwv1 + s1, dwv2 + s2, dbv + sb
-        if HAS_RES:
-            u = tl.load(u_ptr + p_out, mask=m_out, other=0.0).to(tl.float32)
-            du = _conv_backward(u, dy, k2_ptr, dk2_part, dft_ptr, o_c, m_c, D, L, BF, BD, DT, SPLIT, U_SPLIT, UPCAST)
-            tl.store(du_ptr + p_out, _round(du + dy * d2[None, :], DU, UPCAST).to(DU), mask=m_out)
-            dd2 += tl.sum(dy * u, axis=0)
+        v = _short_conv(p_ptr, w_ptr, b_ptr, row0, o_t, 2 * D + o_c, m_c, L, C)
+        s0, s1, s2, sb = _short_conv_backward(da * v, p_ptr, w_ptr, dp_ptr, row0, o_t, o_c, m_c, L, C, UPCAST)
+        dw10, dw11, dw12, db1 = dw10 + s0, dw11 + s1, dw12 + s2, db1 + sb
     _store_short_grads(dw_ptr, db_ptr, i_pb, o_c, m_c, C, dw10, dw11, dw12, db1)
     _store_short_grads(dw_ptr, db_ptr, i_pb, D + o_c, m_c, C, dw20, dw21, dw22, db2)
     _store_short_grads(dw_ptr, db_ptr, i_pb, 2 * D + o_c, m_c, C, dwv0, dwv1, dwv2, dbv)
     tl.store(dd1_ptr + i_pb * D + o_c, dd1, mask=m_c)
-    if HAS_RES:
-        tl.store(dd2_ptr + i_pb * D + o_c, dd2, mask=m_c)
+
+
+@triton.jit
+def _bwd_residual_kernel(
+    dy_ptr, u_ptr, k2_ptr, d2_ptr, dft_ptr, du_ptr, dk2_ptr, dd2_ptr,
+    B, D, BPP,
+    SPLIT: tl.constexpr, U_SPLIT: tl.constexpr, UPCAST: tl.constexpr, L: tl.constexpr, BF: tl.constexpr,
+    BD: tl.constexpr,
+):  # fmt: skip
+    """The residual convolution's backward for the same programs as `_bwd_gated_kernel`: du in
+    place, dk2 and dd2 as partial sums."""
+    DT: tl.constexpr = dy_ptr.dtype.element_ty
+    DU: tl.constexpr = du_ptr.dtype.element_ty
+    i_c, i_pb = tl.program_id(0), tl.program_id(1)
+    o_t = tl.arange(0, L)
+    o_c = i_c * BD + tl.arange(0, BD)
+    m_c = o_c < D
+    m_out = m_c[None, :]
+    d2 = tl.load(d2_ptr + o_c, mask=m_c, other=0.0)
+    dk2_part = dk2_ptr + i_pb * 2 * L * D
+    dd2 = tl.zeros([BD], dtype=tl.float32)
+    for b in range(i_pb * BPP, tl.minimum(B, (i_pb + 1) * BPP)):
+        p_out = tl.cast(b, tl.int64) * L * D + (o_t[:, None] * D + o_c[None, :])
+        dy = tl.load(dy_ptr + p_out, mask=m_out, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + p_out, mask=m_out, other=0.0).to(tl.float32)
+        dd2 += tl.sum(dy * u, axis=0)
+        du = _conv_backward(u, dy, d2, k2_ptr, dk2_part, dft_ptr, o_c, m_c, D, L, BF, BD, DT, SPLIT, U_SPLIT, UPCAST)
+        tl.store(du_ptr + p_out, _round(du, DU, UPCAST).to(DU), mask=m_out)
+    tl.store(dd2_ptr + i_pb * D + o_c, dd2, mask=m_c)
 
 
 # Block sizes (BD, BF, BPP, num_warps) that replace the autotuned choice (tools/bench_kernels.py
@@ -399,7 +420,7 @@ def _bwd_kernel(
 BLOCKS: dict[str, int] | None = None
 # The autotuner's candidates (BD channels per program, BF spectrum rows per block, warps): the four
 # (BF, L) bf16 DFT blocks take 32-64 KiB at L=128; an (L, BD) fp32 tile 16-64 registers a thread.
-_TUNING = [(32, 32, 8), (16, 32, 4), (64, 32, 8)]
+_TUNING = [(16, 16, 4), (16, 32, 4), (32, 32, 8)]
 # Triton's interpreter cannot time candidates: it runs fixed blocks.
 FIXED_BLOCKS = {"BD": 16, "BF": 16, "num_warps": 4} if INTERPRET else None
 
@@ -428,7 +449,8 @@ def _tuned(kernel, key, **options):
 
 _fwd_tuned = _tuned(_fwd_kernel, key=["B", "D", "L", "HAS_RES", "U_SPLIT"])
 # The filter-gradient partials are accumulated in place: zeroed before each timed trial.
-_bwd_tuned = _tuned(_bwd_kernel, key=["B", "D", "BPP", "L", "HAS_RES", "U_SPLIT"], reset_to_zero=["dk1_ptr", "dk2_ptr"])
+_bwd_gated_tuned = _tuned(_bwd_gated_kernel, key=["B", "D", "BPP", "L"], reset_to_zero=["dk1_ptr"])
+_bwd_residual_tuned = _tuned(_bwd_residual_kernel, key=["B", "D", "BPP", "L", "U_SPLIT"], reset_to_zero=["dk2_ptr"])
 
 
 def _launch(tuned, kernel, dim, grid_rows, length, *args, **constexprs):
@@ -496,21 +518,26 @@ def sequence_mixer_backward(
     dft = dft_matrices(length, p.dtype, p.device)
     dy, p, u = dy.contiguous(), p.contiguous(), u.contiguous()
     wf, bf, k1f, d1f = (t.float().contiguous() for t in (w, b, k1, d1))
-    k2f, d2f = (k2.float().contiguous(), d2.float().contiguous()) if has_res else (k1f, d1f)
+    k2f, d2f = (k2.float().contiguous(), d2.float().contiguous()) if has_res else (None, None)
     n_pb = triton.cdiv(batch, bpp)
     dp = new_output(p.shape, p.dtype, p.device)
-    du = new_output(u.shape, u.dtype, u.device) if has_res else dp
     dk1 = torch.zeros((n_pb, 2, length, dim), dtype=torch.float32, device=p.device)
-    dk2 = torch.zeros_like(dk1) if has_res else dk1
     dd1 = new_output((n_pb, dim), torch.float32, p.device)
-    dd2 = new_output((n_pb, dim), torch.float32, p.device) if has_res else dd1
     dw = new_output((n_pb, 3, width), torch.float32, p.device)
     db = new_output((n_pb, width), torch.float32, p.device)
     _launch(
-        _bwd_tuned, _bwd_kernel, dim, n_pb, length,
-        dy, p, wf, bf, u, k1f, d1f, k2f, d2f, dft, dp, du, dk1, dk2, dd1, dd2, dw, db, batch, dim, bpp,
-        HAS_RES=has_res, SPLIT=SPLIT, U_SPLIT=u.dtype == torch.float32, UPCAST=INTERPRET,
+        _bwd_gated_tuned, _bwd_gated_kernel, dim, n_pb, length,
+        dy, p, wf, bf, k1f, d1f, dft, dp, dk1, dd1, dw, db, batch, dim, bpp, SPLIT=SPLIT, UPCAST=INTERPRET,
     )  # fmt: skip
+    if has_res:
+        du = new_output(u.shape, u.dtype, u.device)
+        dk2 = torch.zeros((n_pb, 2, length, dim), dtype=torch.float32, device=p.device)
+        dd2 = new_output((n_pb, dim), torch.float32, p.device)
+        _launch(
+            _bwd_residual_tuned, _bwd_residual_kernel, dim, n_pb, length,
+            dy, u, k2f, d2f, dft, du, dk2, dd2, batch, dim, bpp,
+            SPLIT=SPLIT, U_SPLIT=u.dtype == torch.float32, UPCAST=INTERPRET,
+        )  # fmt: skip
     grads = [dp, dw.sum(0).t().contiguous().to(w.dtype), db.sum(0).to(b.dtype), dk1.sum(0).to(k1.dtype), dd1.sum(0).to(d1.dtype)]
     if has_res:
         grads += [du, dk2.sum(0).to(k2.dtype), dd2.sum(0).to(d2.dtype)]
