@@ -6,7 +6,7 @@ useful FLOPs / bf16 GEMM rate for the GLU MLP).
 
     python tools/bench_kernels.py                      # every op at the sizes of the goals
     python tools/bench_kernels.py --ops fftconv --lengths 128,2048 --variants 4096:2048:8,1024:2048:8
-    python tools/bench_kernels.py --ops mixer --mixer-lengths 128 --mixer-variants 32:128:8:8,16:128:8:4
+    python tools/bench_kernels.py --ops mixer --mixer-lengths 128 --mixer-variants 16:16:8:8,16:32:8:8,16:16:4:4
 
 A variant `max_onchip:tile:num_warps` overrides the FFT kernels' plan, a mixer variant
 `BD:BF:BPP:num_warps` the fused mixer's blocks (sweeps for tuning).
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--toeplitz-max", type=int, default=8192, help="longest L to time the Toeplitz path at")
     parser.add_argument("--dims", default="768,960,1536,1792")
     parser.add_argument("--glu-tokens", type=int, default=32768)
-    parser.add_argument("--mixer-lengths", default="128,256", help="L of the sequence-mixer benchmark (--fft-tokens per step)")
+    parser.add_argument("--mixer-lengths", default="64,128", help="L of the sequence-mixer benchmark (--fft-tokens per step)")
     parser.add_argument("--mixer-dims", default="768,960")
     parser.add_argument("--mixer-variants", default="", help="comma list of BD:BF:BPP:num_warps for the fused mixer")
     args = parser.parse_args(argv)

@@ -57,8 +57,9 @@ import triton.language as tl
 
 from kernels.triton_common import INTERPRET, new_output
 
-# Longest L the dispatch sends to this operator (longer inputs take the per-op kernels).
-MAX_LEN = 256
+# Longest L the dispatch sends to this operator (longer inputs take the per-op kernels): at L=256 an
+# sm_90 compile of the kernels spills 0.3-1.5 KiB per thread (`compile_report`), at 128 little.
+MAX_LEN = 128
 # The shortest: tl.dot needs tiles of at least 16 rows.
 MIN_LEN = 16
 # The DFT matrices as a high and a low part (two products each): one rounding of the matrices is
@@ -418,9 +419,11 @@ def _bwd_residual_kernel(
 # Block sizes (BD, BF, BPP, num_warps) that replace the autotuned choice (tools/bench_kernels.py
 # --mixer-variants sweeps them).
 BLOCKS: dict[str, int] | None = None
-# The autotuner's candidates (BD channels per program, BF spectrum rows per block, warps): the four
-# (BF, L) bf16 DFT blocks take 32-64 KiB at L=128; an (L, BD) fp32 tile 16-64 registers a thread.
-_TUNING = [(16, 16, 4), (16, 32, 4), (32, 32, 8)]
+# The autotuner's candidates (BD channels per program, BF spectrum rows per block, warps). The
+# kernels are bound by registers: an sm_90 compile at L=128 (`compile_report`) spills nothing with 16
+# channels and 8 warps but the gated backward (~360 B a thread), 1.5-2 KiB with 4 warps or 32
+# channels in the backward.
+_TUNING = [(16, 16, 8), (16, 32, 8), (16, 16, 4)]
 # Triton's interpreter cannot time candidates: it runs fixed blocks.
 FIXED_BLOCKS = {"BD": 16, "BF": 16, "num_warps": 4} if INTERPRET else None
 
@@ -582,3 +585,47 @@ def sequence_mixer(projected_BLC, short_weight_C1K, short_bias_C, u_BLD, k1_DN, 
     has_res = k2_DN is not None
     k2 = packed_spectrum(k2_DN) if has_res else None
     return sequence_mixer_op(projected_BLC, w_C3, short_bias_C, u_BLD, packed_spectrum(k1_DN), d1_D, k2, d2_D)
+
+
+# The activations' dtypes of a compile report's kernels, by argument name (everything else fp32).
+_REPORT_DTYPES = {"p_ptr": "bf16", "dy_ptr": "bf16", "y_ptr": "bf16", "dp_ptr": "bf16", "dft_ptr": "bf16"}
+
+
+def compile_report(length: int = 128, block: tuple[int, int, int] = _TUNING[0], arch: int = 90) -> dict[str, dict]:
+    """Compiles the three kernels for a CUDA target (no GPU needed: Triton's bundled ptxas) at one
+    block choice (BD, BF, num_warps), with bf16 activations and fp32 u, and returns each one's
+    resources from the cubin: {"forward" | "backward gated" | "backward residual": {"registers",
+    "spill_bytes" (the stack frame a thread spills registers to), "shared_bytes"}}. Needs the kernels compiled, not interpreted (TRITON_INTERPRET
+    unset)."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    block_d, block_f, warps = block
+    constexprs = {"HAS_RES": True, "SPLIT": SPLIT, "U_SPLIT": True, "UPCAST": False, "L": length, "BF": block_f, "BD": block_d}
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    report = {}
+    for name, kernel in (("forward", _fwd_kernel), ("backward gated", _bwd_gated_kernel), ("backward residual", _bwd_residual_kernel)):
+        signature, values = {}, {}
+        for index, param in enumerate(kernel.params):
+            arg = kernel.arg_names[index]
+            if param.is_constexpr:
+                signature[arg] = "constexpr"
+                values[(index,)] = constexprs[arg]
+            else:
+                signature[arg] = "*" + _REPORT_DTYPES.get(arg, "fp32") if arg.endswith("_ptr") else "i32"
+        compiled = triton.compile(
+            ASTSource(fn=kernel, signature=signature, constexprs=values),
+            target=GPUTarget("cuda", arch, 32), options={"num_warps": warps},
+        )  # fmt: skip
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+            cubin.write(compiled.asm["cubin"])
+            cubin.flush()
+            usage = subprocess.run([cuobjdump, "--dump-resource-usage", cubin.name], capture_output=True, text=True, check=True).stdout
+        registers, stack = (int(re.search(rf"{key}:(\d+)", usage).group(1)) for key in ("REG", "STACK"))
+        report[name] = {"registers": registers, "spill_bytes": stack, "shared_bytes": compiled.metadata.shared}
+    return report

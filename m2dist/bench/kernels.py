@@ -221,7 +221,7 @@ def run_kernel_benchmarks(
     toeplitz_max: int,
     dims: list[int],
     glu_tokens: int,
-    mixer_lengths: list[int] = (128, 256),
+    mixer_lengths: list[int] = (64, 128),
     mixer_dims: list[int] = (768, 960),
     mixer_variants: list[tuple[int, int, int, int]] = (),
 ) -> None:
