@@ -98,10 +98,11 @@ def test_opcheck_sequence_mixer(residual):
     d1 = _rand(dim, requires_grad=True)
     k2 = triton_mixer.packed_spectrum(_rand(dim, 2 * length) * 0.1).requires_grad_() if residual else None
     d2 = _rand(dim, requires_grad=True) if residual else None
-    args = (p, w, b, u, k1, d1, k2, d2)
+    args = (p, w, b, u, k1, d1, k2, d2, True)
     torch.library.opcheck(triton_mixer.sequence_mixer_op, args, test_utils=OPCHECK_ALL)
-    detached = [t.detach() if t is not None else None for t in args]
-    bwd_args = (_rand(batch, length, dim, dtype=torch.bfloat16), *detached)
+    _, z1 = triton_mixer.sequence_mixer_op(*args)
+    p_, w_, b_, u_, k1_, d1_, k2_, d2_ = [t.detach() if t is not None else None for t in args[:8]]
+    bwd_args = (_rand(batch, length, dim, dtype=torch.bfloat16), p_, w_, b_, u_, z1.detach(), k1_, d1_, k2_, d2_)
     torch.library.opcheck(triton_mixer.sequence_mixer_backward, bwd_args, test_utils=OPCHECK_ALL[:3])
 
 

@@ -8,7 +8,7 @@
 where conv is the circular convolution of size N = 2L of the zero-padded input, cut to L. Here one
 program owns a block of BD channels of one sequence (forward) or of a run of sequences (backward),
 in the (B, L, C) layout `in_linear` writes and `out_linear` reads: no transposes, no casts, no
-concatenation around the op, and every intermediate stays on chip.
+concatenation around the op, and every intermediate but z1 (below) stays on chip.
 
 The convolutions are computed as DFT matrix products on tensor cores, channels along the GEMMs'
 N dimension. A real input of length L zero-padded to N = 2L has a half spectrum with exactly 2L
@@ -35,9 +35,11 @@ parameter-gradient sums) stays fp32 on chip, with one rounding at each output: t
 float64 is at most torch's at the same precision, which rounds at every step.
 
 FLOPs per token and channel, per DFT product: 2L. With the splits a convolution's forward takes 10
-products (12 for an fp32 u) and its backward 14 (16), and the backward recomputes the gated
-convolution's forward: 22 products forward and 40 backward per mixer, ~16k FLOPs per token and
-channel at L=128. The op pays while L is small; `MAX_LEN` bounds what the dispatch sends here.
+products (12 for an fp32 u) and its backward 14 (16): 22 products forward and 30 backward per
+mixer, ~13k FLOPs per token and channel at L=128. The op pays while L is small; `MAX_LEN` bounds
+what the dispatch sends here. The forward keeps z1 = conv(a; k1) + a d1 (bf16) for the backward
+when a gradient is needed, which costs 2 x D h bytes per token beside the floor below and saves
+the backward 10 products and the registers they hold.
 
 HBM traffic per token (the floor the benchmark times against), with h the activations' bytes and
 s u's: forward reads p (3D h) and u (D s) and writes y (D h); backward reads p, u and dy (D h) and
@@ -285,10 +287,13 @@ def _conv_backward(x, g, skip, k_ptr, gk_ptr, dft_ptr, o_c, m_c, D, L: tl.conste
 
 @triton.jit
 def _fwd_kernel(
-    p_ptr, w_ptr, b_ptr, u_ptr, k1_ptr, d1_ptr, k2_ptr, d2_ptr, dft_ptr, y_ptr,
+    p_ptr, w_ptr, b_ptr, u_ptr, k1_ptr, d1_ptr, k2_ptr, d2_ptr, dft_ptr, y_ptr, z1_ptr,
     B, D,
-    HAS_RES: tl.constexpr, SPLIT: tl.constexpr, U_SPLIT: tl.constexpr, UPCAST: tl.constexpr, L: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr,
+    HAS_RES: tl.constexpr, SAVE_Z1: tl.constexpr, SPLIT: tl.constexpr, U_SPLIT: tl.constexpr, UPCAST: tl.constexpr,
+    L: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr,
 ):  # fmt: skip
+    """y for channel block i_c of sequence i_b; with SAVE_Z1 also z1 = conv(a; k1) + a d1 (rounded
+    to the activations' dtype, for the backward)."""
     DT: tl.constexpr = y_ptr.dtype.element_ty
     i_c, i_b = tl.program_id(0), tl.program_id(1)
     o_t = tl.arange(0, L)
@@ -298,9 +303,12 @@ def _fwd_kernel(
     x1, x2, v = _gates(p_ptr, w_ptr, b_ptr, row0, o_t, o_c, m_c, D, L)
     a = v * x1
     d1 = tl.load(d1_ptr + o_c, mask=m_c, other=0.0)
-    y = (_conv(a, k1_ptr, dft_ptr, o_c, m_c, D, L, BF, BD, DT, SPLIT, False, UPCAST) + a * d1[None, :]) * x2
+    z1 = _conv(a, k1_ptr, dft_ptr, o_c, m_c, D, L, BF, BD, DT, SPLIT, False, UPCAST) + a * d1[None, :]
     p_out = row0 * D + (o_t[:, None] * D + o_c[None, :])
     m_out = m_c[None, :]
+    if SAVE_Z1:
+        tl.store(z1_ptr + p_out, _round(z1, DT, UPCAST).to(DT), mask=m_out)
+    y = z1 * x2
     if HAS_RES:
         u = tl.load(u_ptr + p_out, mask=m_out, other=0.0).to(tl.float32)
         d2 = tl.load(d2_ptr + o_c, mask=m_c, other=0.0)
@@ -341,11 +349,12 @@ def _store_short_grads(dw_ptr, db_ptr, i_pb, cols, m_c, C, dw0, dw1, dw2, db):
 
 @triton.jit
 def _bwd_gated_kernel(
-    dy_ptr, p_ptr, w_ptr, b_ptr, k1_ptr, d1_ptr, dft_ptr, dp_ptr, dk1_ptr, dd1_ptr, dw_ptr, db_ptr,
+    dy_ptr, p_ptr, w_ptr, b_ptr, z1_ptr, k1_ptr, d1_ptr, dft_ptr, dp_ptr, dk1_ptr, dd1_ptr, dw_ptr, db_ptr,
     B, D, BPP,
     SPLIT: tl.constexpr, UPCAST: tl.constexpr, L: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr,
 ):  # fmt: skip
-    """The gated branch's backward for sequences i_pb * BPP ... of channel block i_c: dp in place;
+    """The gated branch's backward for sequences i_pb * BPP ... of channel block i_c, from the
+    forward's z1: dp in place;
     the parameter gradients as this program's partial sums at row i_pb of the (NBP, ...) partial
     tensors (dk1: (NBP, 2, L, D), zeroed by the caller; dd1: (NBP, D); dw: (NBP, 3, C); db: (NBP, C)).
     Ordered so that each tile dies early: the backward is bound by registers."""
@@ -366,8 +375,8 @@ def _bwd_gated_kernel(
         row0 = tl.cast(b, tl.int64) * L
         x1, x2, v = _gates(p_ptr, w_ptr, b_ptr, row0, o_t, o_c, m_c, D, L)
         a = v * x1
-        z1 = _conv(a, k1_ptr, dft_ptr, o_c, m_c, D, L, BF, BD, DT, SPLIT, False, UPCAST) + a * d1[None, :]
         p_out = row0 * D + (o_t[:, None] * D + o_c[None, :])
+        z1 = tl.load(z1_ptr + p_out, mask=m_c[None, :], other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + p_out, mask=m_c[None, :], other=0.0).to(tl.float32)
         s0, s1, s2, sb = _short_conv_backward(dy * z1, p_ptr, w_ptr, dp_ptr, row0, o_t, D + o_c, m_c, L, C, UPCAST)
         dw20, dw21, dw22, db2 = dw20 + s0, dw21 + s1, dw22 + s2, db2 + sb
@@ -485,9 +494,11 @@ def supports(projected_BLC: torch.Tensor) -> bool:
 @torch.library.custom_op("m2dist::sequence_mixer", mutates_args=())
 def sequence_mixer_op(
     p: torch.Tensor, w: torch.Tensor, b: torch.Tensor, u: torch.Tensor, k1: torch.Tensor, d1: torch.Tensor,
-    k2: torch.Tensor | None, d2: torch.Tensor | None,
-) -> torch.Tensor:  # fmt: skip
-    """y (B, L, D) in p's dtype, from p (B, L, 3D), the short filter w (3D, 3) and b (3D,), u (B, L, D)."""
+    k2: torch.Tensor | None, d2: torch.Tensor | None, save_z1: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(y, z1): y (B, L, D) in p's dtype, from p (B, L, 3D), the short filter w (3D, 3) and b (3D,),
+    u (B, L, D); with `save_z1` the gated convolution before the post-gate (B, L, D) for the
+    backward (else an empty tensor)."""
     batch, length, width = p.shape
     dim = width // 3
     has_res = k2 is not None
@@ -496,22 +507,24 @@ def sequence_mixer_op(
     w, b, k1, d1 = (t.float().contiguous() for t in (w, b, k1, d1))
     k2, d2 = (k2.float().contiguous(), d2.float().contiguous()) if has_res else (k1, d1)
     y = new_output((batch, length, dim), p.dtype, p.device)
+    z1 = new_output((batch, length, dim), p.dtype, p.device) if save_z1 else p.new_empty(0)
     _launch(
-        _fwd_tuned, _fwd_kernel, dim, batch, length, p, w, b, u, k1, d1, k2, d2, dft, y, batch, dim,
-        HAS_RES=has_res, SPLIT=SPLIT, U_SPLIT=u.dtype == torch.float32, UPCAST=INTERPRET,
+        _fwd_tuned, _fwd_kernel, dim, batch, length, p, w, b, u, k1, d1, k2, d2, dft, y, z1 if save_z1 else y, batch, dim,
+        HAS_RES=has_res, SAVE_Z1=save_z1, SPLIT=SPLIT, U_SPLIT=u.dtype == torch.float32, UPCAST=INTERPRET,
     )  # fmt: skip
-    return y
+    return y, z1
 
 
 @sequence_mixer_op.register_fake
-def _(p, w, b, u, k1, d1, k2, d2):
-    return p.new_empty((p.shape[0], p.shape[1], p.shape[2] // 3))
+def _(p, w, b, u, k1, d1, k2, d2, save_z1):
+    shape = (p.shape[0], p.shape[1], p.shape[2] // 3)
+    return p.new_empty(shape), p.new_empty(shape if save_z1 else (0,))
 
 
 @torch.library.custom_op("m2dist::sequence_mixer_backward", mutates_args=())
 def sequence_mixer_backward(
-    dy: torch.Tensor, p: torch.Tensor, w: torch.Tensor, b: torch.Tensor, u: torch.Tensor, k1: torch.Tensor,
-    d1: torch.Tensor, k2: torch.Tensor | None, d2: torch.Tensor | None,
+    dy: torch.Tensor, p: torch.Tensor, w: torch.Tensor, b: torch.Tensor, u: torch.Tensor, z1: torch.Tensor,
+    k1: torch.Tensor, d1: torch.Tensor, k2: torch.Tensor | None, d2: torch.Tensor | None,
 ) -> list[torch.Tensor]:  # fmt: skip
     """[dp, dw, db, dk1, dd1] and, with the residual branch, [du, dk2, dd2]; each in its input's dtype."""
     batch, length, width = p.shape
@@ -519,7 +532,7 @@ def sequence_mixer_backward(
     has_res = k2 is not None
     bpp = _sequences_per_program(batch)
     dft = dft_matrices(length, p.dtype, p.device)
-    dy, p, u = dy.contiguous(), p.contiguous(), u.contiguous()
+    dy, p, u, z1 = dy.contiguous(), p.contiguous(), u.contiguous(), z1.contiguous()
     wf, bf, k1f, d1f = (t.float().contiguous() for t in (w, b, k1, d1))
     k2f, d2f = (k2.float().contiguous(), d2.float().contiguous()) if has_res else (None, None)
     n_pb = triton.cdiv(batch, bpp)
@@ -530,7 +543,7 @@ def sequence_mixer_backward(
     db = new_output((n_pb, width), torch.float32, p.device)
     _launch(
         _bwd_gated_tuned, _bwd_gated_kernel, dim, n_pb, length,
-        dy, p, wf, bf, k1f, d1f, dft, dp, dk1, dd1, dw, db, batch, dim, bpp, SPLIT=SPLIT, UPCAST=INTERPRET,
+        dy, p, wf, bf, z1, k1f, d1f, dft, dp, dk1, dd1, dw, db, batch, dim, bpp, SPLIT=SPLIT, UPCAST=INTERPRET,
     )  # fmt: skip
     if has_res:
         du = new_output(u.shape, u.dtype, u.device)
@@ -548,7 +561,7 @@ def sequence_mixer_backward(
 
 
 @sequence_mixer_backward.register_fake
-def _(dy, p, w, b, u, k1, d1, k2, d2):
+def _(dy, p, w, b, u, z1, k1, d1, k2, d2):
     grads = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (p, w, b, k1, d1)]
     if k2 is not None:
         grads += [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (u, k2, d2)]
@@ -556,15 +569,16 @@ def _(dy, p, w, b, u, k1, d1, k2, d2):
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    p, w, b, u, k1, d1, k2, d2, _ = inputs
+    ctx.save_for_backward(p, w, b, u, output[1], k1, d1, k2, d2)
 
 
-def _backward(ctx, dy):
-    p, w, b, u, k1, d1, k2, d2 = ctx.saved_tensors
-    grads = sequence_mixer_backward(dy, p, w, b, u, k1, d1, k2, d2)
+def _backward(ctx, dy, _dz1):
+    p, w, b, u, z1, k1, d1, k2, d2 = ctx.saved_tensors
+    grads = sequence_mixer_backward(dy, p, w, b, u, z1, k1, d1, k2, d2)
     dp, dw, db, dk1, dd1 = grads[:5]
     du, dk2, dd2 = grads[5:] if k2 is not None else (None, None, None)
-    return dp, dw, db, du, dk1, dd1, dk2, dd2
+    return dp, dw, db, du, dk1, dd1, dk2, dd2, None
 
 
 torch.library.register_autograd("m2dist::sequence_mixer", _backward, setup_context=_setup_context)
@@ -583,12 +597,15 @@ def sequence_mixer(projected_BLC, short_weight_C1K, short_bias_C, u_BLD, k1_DN, 
     width = short_weight_C1K.shape[0]
     w_C3 = short_weight_C1K.reshape(width, short_weight_C1K.shape[-1])
     has_res = k2_DN is not None
+    k1 = packed_spectrum(k1_DN)
     k2 = packed_spectrum(k2_DN) if has_res else None
-    return sequence_mixer_op(projected_BLC, w_C3, short_bias_C, u_BLD, packed_spectrum(k1_DN), d1_D, k2, d2_D)
+    inputs = (projected_BLC, w_C3, short_bias_C, u_BLD, k1, d1_D, k2, d2_D)
+    save_z1 = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    return sequence_mixer_op(*inputs, save_z1)[0]
 
 
 # The activations' dtypes of a compile report's kernels, by argument name (everything else fp32).
-_REPORT_DTYPES = {"p_ptr": "bf16", "dy_ptr": "bf16", "y_ptr": "bf16", "dp_ptr": "bf16", "dft_ptr": "bf16"}
+_REPORT_DTYPES = {"p_ptr": "bf16", "dy_ptr": "bf16", "y_ptr": "bf16", "z1_ptr": "bf16", "dp_ptr": "bf16", "dft_ptr": "bf16"}
 
 
 def compile_report(length: int = 128, block: tuple[int, int, int] = _TUNING[0], arch: int = 90) -> dict[str, dict]:
@@ -606,7 +623,7 @@ def compile_report(length: int = 128, block: tuple[int, int, int] = _TUNING[0], 
     from triton.compiler import ASTSource
 
     block_d, block_f, warps = block
-    constexprs = {"HAS_RES": True, "SPLIT": SPLIT, "U_SPLIT": True, "UPCAST": False, "L": length, "BF": block_f, "BD": block_d}
+    constexprs = {"HAS_RES": True, "SAVE_Z1": True, "SPLIT": SPLIT, "U_SPLIT": True, "UPCAST": False, "L": length, "BF": block_f, "BD": block_d}
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     report = {}
     for name, kernel in (("forward", _fwd_kernel), ("backward gated", _bwd_gated_kernel), ("backward residual", _bwd_residual_kernel)):
