@@ -56,6 +56,11 @@ def test_finetune_benchmark_times_the_glue_step_on_cpu():
     assert result.cuda_graph is False  # no CUDA graph on a CPU: the eager step was timed
     assert result.step_ms > 0 and result.epoch_seconds(11_573) == pytest.approx(2894 * result.step_ms / 1000)
     assert format_row(result).startswith("| debug | 4 | eager | ")
+    with_overrides = benchmark_finetune_step(
+        "debug", glue_config_for("debug"), 4, False, torch.device("cpu"), seq_len=32, first_steps=1, block_steps=1,
+        overrides=("model.kernels.fused_mixer=true",),
+    )  # fmt: skip
+    assert with_overrides.model == "debug, model.kernels.fused_mixer=true"
 
 
 def test_whole_glue_estimate_adds_every_job_and_waits_for_mnli():

@@ -45,6 +45,16 @@ def test_glue_pooling_per_task_is_what_upstream_ran(name):
     assert not model.bert.pooler.mean
 
 
+def test_glue_kernels_default_to_the_checkpoints_and_can_be_changed():
+    source = SequenceClassifier(_debug_model_config(num_layers=1, kernels=KernelConfig("reference", "auto", fused_mixer=True)), 3)
+    glue = load_glue_config("default")
+    model, _ = build_classifier(source, 3, glue, glue.tasks.rte, "source")
+    assert model.config.kernels == source.config.kernels
+    glue = load_glue_config("default", ["fused_mixer=false", "fftconv=triton"])
+    model, _ = build_classifier(source, 3, glue, glue.tasks.rte, "source")
+    assert model.config.kernels == KernelConfig("triton", "auto", fused_mixer=False)
+
+
 def _zero_grads_step(model, optimizer, schedule, steps_before: int) -> None:
     for _ in range(steps_before):
         schedule.step()

@@ -2,6 +2,9 @@
 the CUDA-graph step, and the whole-GLUE training time estimated from it.
 
   python tools/bench_finetune.py --configs m2-bert-80M bert-base --batch-sizes 16 32 48
+  python tools/bench_finetune.py --configs m2-bert-80M m2-bert-80M:model.kernels.fused_mixer=true bert-base
+
+A config may carry overrides of its own, `name:key=value,key=value`.
 """
 
 import argparse
@@ -9,6 +12,7 @@ import argparse
 import torch
 
 from m2dist.bench.finetune import HEADER, benchmark_finetune_step, format_row, glue_config_for, glue_wall_time
+from m2dist.bench.train import split_config_spec
 from m2dist.cli import run_cli
 
 
@@ -22,28 +26,31 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results = []
-    for name in args.configs:
+    for spec in args.configs:
+        name, overrides = split_config_spec(spec)
         for mode in args.modes:
             for batch in args.batch_sizes:
-                result = benchmark_finetune_step(name, glue_config_for(name), batch, mode == "graph", device, args.seq_len)
+                result = benchmark_finetune_step(
+                    name, glue_config_for(name), batch, mode == "graph", device, args.seq_len, overrides=overrides
+                )
                 print(format_row(result), flush=True)
-                results.append((name, mode, result))
+                results.append((spec, mode, result))
     print(f"\nOn {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}")
     print(HEADER)
     for _, _, result in results:
         print(format_row(result))
     print("\n| model | step | whole GLUE, 1 GPU | whole GLUE, %d GPUs |\n|---|---|---|---|" % args.gpus)
-    for name in args.configs:
+    for spec in args.configs:
         for mode in args.modes:
-            rows = [r for n, m, r in results if n == name and m == mode]
+            rows = [r for n, m, r in results if n == spec and m == mode]
             step_ms = {r.batch_size: r.step_ms for r in rows}
             overhead = {r.batch_size: max(0.0, r.first_overhead_s) for r in rows}
-            glue = glue_config_for(name)
+            glue = glue_config_for(split_config_spec(spec)[0])
             needed = {getattr(glue.tasks, t).batch_size for t in ("mnli", "qqp", "qnli", "sst2", "cola", "stsb", "mrpc", "rte")}
             if not needed <= step_ms.keys():
                 continue
             one, many = (glue_wall_time(glue, step_ms, overhead, n) / 3600 for n in (1, args.gpus))
-            print(f"| {name} | {'CUDA graph' if mode == 'graph' else 'eager'} | {one:.2f} h | {many:.2f} h |")
+            print(f"| {spec} | {'CUDA graph' if mode == 'graph' else 'eager'} | {one:.2f} h | {many:.2f} h |")
 
 
 if __name__ == "__main__":

@@ -67,8 +67,11 @@ def benchmark_finetune_step(
     seq_len: int = 128,
     first_steps: int = FIRST_STEPS,
     block_steps: int = BLOCK_STEPS,
+    overrides: tuple[str, ...] = (),
 ) -> FinetuneResult:
-    model_config = load_config(config_name).model
+    """The fine-tuning step of pretraining config `config_name` (with `overrides`, key=value) at
+    `batch_size`, timed as an epoch runs it."""
+    model_config = load_config(config_name, list(overrides)).model
     seq_len = seq_len or model_config.l_max
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -112,7 +115,8 @@ def benchmark_finetune_step(
         previous = current
     step_s = run(2 * block_steps) / (2 * block_steps)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-    return FinetuneResult(config_name, batch_size, step.graph is not None, 1000 * step_s, first - first_steps * step_s, peak)
+    label = config_name + "".join(f", {o}" for o in overrides)
+    return FinetuneResult(label, batch_size, step.graph is not None, 1000 * step_s, first - first_steps * step_s, peak)
 
 
 GLUE_CONFIG_FOR = {"bert-base": "default"}

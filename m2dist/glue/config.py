@@ -128,6 +128,8 @@ class GlueConfig:
     # Implementations of the M2 heavy ops ("" = as saved in the checkpoint).
     fftconv: Literal["", "auto", "reference", "triton"] = ""
     blockdiag: Literal["", "auto", "reference", "triton"] = ""
+    # The sequence mixer as one fused Triton operator (`model.kernels.fused_mixer`); null = as saved.
+    fused_mixer: bool | None = None
     # Zero pad positions inside the M2 mixer (`model.mask_padding`); null = as saved in the checkpoint.
     mask_padding: bool | None = None
     # The pretraining config (configs/<model>.yaml) whose checkpoints this protocol is for; a

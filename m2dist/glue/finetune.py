@@ -132,7 +132,9 @@ def build_classifier(
     """A fresh classifier (initialised under the current torch seed) with `source`'s encoder."""
     config = source.config
     kernels = KernelConfig(
-        fftconv=glue.fftconv or config.kernels.fftconv, blockdiag=glue.blockdiag or config.kernels.blockdiag
+        fftconv=glue.fftconv or config.kernels.fftconv,
+        blockdiag=glue.blockdiag or config.kernels.blockdiag,
+        fused_mixer=config.kernels.fused_mixer if glue.fused_mixer is None else glue.fused_mixer,
     )
     mask_padding = config.mask_padding if glue.mask_padding is None else glue.mask_padding
     config = dataclasses.replace(config, pool=settings.pool or config.pool, kernels=kernels, mask_padding=mask_padding)
