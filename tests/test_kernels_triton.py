@@ -275,8 +275,11 @@ def test_fused_mixer_dispatch():
         fused(p[..., :-1], w, b, u, k1, d1, k2, d2)
     with pytest.raises(ValueError, match="the short filter must be"):
         fused(p, w[:, :, :2].squeeze(1), b, u, k1, d1, k2, d2)
-    with pytest.raises(ValueError, match="k1_DN must be"):
-        implementation("triton")(p, w, b, u, k1[:, :-2], d1, k2, d2)
+    for mixer in (fused, implementation("triton")):
+        with pytest.raises(ValueError, match=r"k1_DN must be \(16, 64\)"):
+            mixer(p, w, b, u, k1[:, :-2], d1, k2, d2)
+        with pytest.raises(ValueError, match="k2_DN and d2_D must be given together"):
+            mixer(p, w, b, u, k1, d1, k2, None)
 
 
 

@@ -58,7 +58,7 @@ def _auto_fused(triton_conv, reference_conv, p_BLC, *args):
     return _per_op(reference_conv, p_BLC, *args)
 
 
-def _check_shapes(p_BLC, weight_C1K, bias_C, u_BLD) -> None:
+def _check_shapes(p_BLC, weight_C1K, bias_C, u_BLD, k1_DN, d1_D, k2_DN, d2_D) -> None:
     if u_BLD.dim() != 3 or p_BLC.shape != (*u_BLD.shape[:2], 3 * u_BLD.shape[-1]):
         raise ValueError(
             f"projected_BLC must be (batch, length, 3 * dim) for u_BLD (batch, length, dim) {tuple(u_BLD.shape)}, "
@@ -69,10 +69,18 @@ def _check_shapes(p_BLC, weight_C1K, bias_C, u_BLD) -> None:
             f"the short filter must be ({p_BLC.shape[-1]}, 1, taps) with a ({p_BLC.shape[-1]},) bias, "
             f"got {tuple(weight_C1K.shape)}, {tuple(bias_C.shape)}"
         )
+    if (k2_DN is None) != (d2_D is None):
+        raise ValueError("k2_DN and d2_D must be given together")
+    _, length, dim = u_BLD.shape
+    for name, k, d in (("k1_DN", k1_DN, d1_D), ("k2_DN", k2_DN, d2_D)):
+        if k is not None and (k.shape != (dim, 2 * length) or d.shape != (dim,)):
+            raise ValueError(
+                f"{name} must be ({dim}, {2 * length}) with a ({dim},) skip weight, got {tuple(k.shape)}, {tuple(d.shape)}"
+            )
 
 
 def _checked(impl, p_BLC, weight_C1K, bias_C, u_BLD, k1_DN, d1_D, k2_DN=None, d2_D=None, mask_BL=None):
-    _check_shapes(p_BLC, weight_C1K, bias_C, u_BLD)
+    _check_shapes(p_BLC, weight_C1K, bias_C, u_BLD, k1_DN, d1_D, k2_DN, d2_D)
     return impl(p_BLC, weight_C1K, bias_C, u_BLD, k1_DN, d1_D, k2_DN, d2_D, mask_BL)
 
 
