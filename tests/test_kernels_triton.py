@@ -341,22 +341,35 @@ def test_packed_spectrum_is_the_filters_half_spectrum():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests run the kernels themselves")
-def test_fused_mixer_kernels_compile_for_hopper_within_the_register_file():
+def test_kernels_compile_for_hopper_within_the_register_file():
     # The interpreter does not compile: Triton's own compiler (sm_90, as for an H100/H200) must
-    # take the kernels, with at most a little spilling at the first autotuning candidate.
+    # take the fused mixer's kernels, with at most a little spilling at the first autotuning
+    # candidate, and the GLU kernels at their spill-free tiles.
     import json
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = "import json; from kernels.mixer import triton_mixer as m; print(json.dumps(m.compile_report(128)))"
+    code = (
+        "import json\n"
+        "from kernels.compile_report import resources\n"
+        "from kernels.mixer import triton_mixer as m\n"
+        "from kernels.blockdiag import triton_blockdiag as b\n"
+        "report = m.compile_report(128)\n"
+        "glu = dict(HALF=2, PREC='tf32', UPCAST=False, BM=128, BN=64, BK=32, SPLIT_K=1, GROUP_M=8)\n"
+        "dtypes = {n: 'bf16' for n in ('x_ptr', 'w_ptr', 'o_ptr', 'da_ptr', 'dp_ptr')}\n"
+        "report['glu forward'] = resources(b._glu_fwd_kernel, glu, dtypes, 8, 4)\n"
+        "report['glu backward'] = resources(b._glu_bwd_kernel, glu, dtypes, 8, 4)\n"
+        "print(json.dumps(report))\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
-    assert set(report) == {"forward", "backward gated", "backward residual"}
+    assert set(report) == {"forward", "backward gated", "backward residual", "glu forward", "glu backward"}
     for name, usage in report.items():
         assert usage["registers"] <= 255 and usage["shared_bytes"] <= 227 * 1024, (name, usage)
-        assert usage["spill_bytes"] <= 512, (name, usage)
+        assert usage["spill_bytes"] <= (128 if name.startswith("glu") else 512), (name, usage)
+
 
 def test_fused_mixer_traffic_floor_formula():
     # forward: p (3 x 2 B) + u (4 B) + y (2 B) per token and channel; backward adds dy, dp, du

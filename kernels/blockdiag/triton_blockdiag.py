@@ -40,11 +40,15 @@ _GEMM_SHAPES = [
     (64, 128, 64, 4, 4),
     (128, 64, 64, 4, 4),
 ]
+# The GLU kernels hold two accumulators (g and n): in an sm_90 compile (`kernels.compile_report`)
+# the 128 x 128 and the 4-warp tiles spill 0.2-2 KiB a thread, the last two none.
 _GLU_SHAPES = [
     (64, 64, 32, 4, 1) if INTERPRET else (128, 128, 64, 8, 3),
     (128, 64, 64, 4, 4),
     (64, 128, 64, 4, 4),
     (128, 128, 32, 8, 4),
+    (128, 64, 32, 8, 4),
+    (64, 128, 32, 8, 4),
 ]
 
 
@@ -128,16 +132,20 @@ def _glu_gemms(
     HALF: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     BK: tl.constexpr,
 ):  # fmt: skip
-    """Tiles [BM, BN] of g (block i_kg, input chunk i_kg) and n (block and chunk i_kg + HALF)."""
-    o_m = i_m * BM + tl.arange(0, BM)
-    o_q = i_q * BN + tl.arange(0, BN)
+    """Tiles [BM, BN] of g (block i_kg, input chunk i_kg) and n (block and chunk i_kg + HALF).
+    Offsets within the tile are int32 from an int64 base: int64 pointer tiles cost two registers an
+    element, and spilled (an sm_90 compile, `kernels.compile_report`)."""
+    i_kg = i_kg.to(tl.int32)
+    o_m = tl.arange(0, BM)
+    o_q = i_q.to(tl.int32) * BN + tl.arange(0, BN)
     o_k = tl.arange(0, BK)
-    m_m = o_m < M
+    m_m = i_m * BM + o_m < M
     m_q = o_q < Q
     i_kn = i_kg + HALF
     # x: [BM, BK] at columns chunk * P + p; W^T: [BK, BN] at W[block, q, p].
-    p_xg = x_ptr + o_m[:, None] * s_xm + (i_kg * P + o_k)[None, :]
-    p_xn = x_ptr + o_m[:, None] * s_xm + (i_kn * P + o_k)[None, :]
+    x_rows = x_ptr + i_m * BM * s_xm
+    p_xg = x_rows + o_m[:, None] * s_xm + (i_kg * P + o_k)[None, :]
+    p_xn = x_rows + o_m[:, None] * s_xm + (i_kn * P + o_k)[None, :]
     p_wg = w_ptr + (i_kg * Q + o_q)[None, :] * P + o_k[:, None]
     p_wn = w_ptr + (i_kn * Q + o_q)[None, :] * P + o_k[:, None]
     b_g = tl.zeros((BM, BN), tl.float32)

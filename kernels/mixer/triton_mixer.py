@@ -609,40 +609,15 @@ _REPORT_DTYPES = {"p_ptr": "bf16", "dy_ptr": "bf16", "y_ptr": "bf16", "z1_ptr": 
 
 
 def compile_report(length: int = 128, block: tuple[int, int, int] = _TUNING[0], arch: int = 90) -> dict[str, dict]:
-    """Compiles the three kernels for a CUDA target (no GPU needed: Triton's bundled ptxas) at one
-    block choice (BD, BF, num_warps), with bf16 activations and fp32 u, and returns each one's
-    resources from the cubin: {"forward" | "backward gated" | "backward residual": {"registers",
-    "spill_bytes" (the stack frame a thread spills registers to), "shared_bytes"}}. Needs the kernels compiled, not interpreted (TRITON_INTERPRET
-    unset)."""
-    import os
-    import re
-    import subprocess
-    import tempfile
-
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    """The three kernels' registers, spills and shared memory (`kernels.compile_report.resources`)
+    compiled for sm_`arch` at one block choice (BD, BF, num_warps), bf16 activations and fp32 u:
+    {"forward" | "backward gated" | "backward residual": {...}}."""
+    from kernels.compile_report import resources
 
     block_d, block_f, warps = block
-    constexprs = {"HAS_RES": True, "SAVE_Z1": True, "SPLIT": SPLIT, "U_SPLIT": True, "UPCAST": False, "L": length, "BF": block_f, "BD": block_d}
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    report = {}
-    for name, kernel in (("forward", _fwd_kernel), ("backward gated", _bwd_gated_kernel), ("backward residual", _bwd_residual_kernel)):
-        signature, values = {}, {}
-        for index, param in enumerate(kernel.params):
-            arg = kernel.arg_names[index]
-            if param.is_constexpr:
-                signature[arg] = "constexpr"
-                values[(index,)] = constexprs[arg]
-            else:
-                signature[arg] = "*" + _REPORT_DTYPES.get(arg, "fp32") if arg.endswith("_ptr") else "i32"
-        compiled = triton.compile(
-            ASTSource(fn=kernel, signature=signature, constexprs=values),
-            target=GPUTarget("cuda", arch, 32), options={"num_warps": warps},
-        )  # fmt: skip
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-            cubin.write(compiled.asm["cubin"])
-            cubin.flush()
-            usage = subprocess.run([cuobjdump, "--dump-resource-usage", cubin.name], capture_output=True, text=True, check=True).stdout
-        registers, stack = (int(re.search(rf"{key}:(\d+)", usage).group(1)) for key in ("REG", "STACK"))
-        report[name] = {"registers": registers, "spill_bytes": stack, "shared_bytes": compiled.metadata.shared}
-    return report
+    constexprs = {
+        "HAS_RES": True, "SAVE_Z1": True, "SPLIT": SPLIT, "U_SPLIT": True, "UPCAST": False,
+        "L": length, "BF": block_f, "BD": block_d,
+    }  # fmt: skip
+    kernels = {"forward": _fwd_kernel, "backward gated": _bwd_gated_kernel, "backward residual": _bwd_residual_kernel}
+    return {name: resources(kernel, constexprs, _REPORT_DTYPES, warps, arch=arch) for name, kernel in kernels.items()}

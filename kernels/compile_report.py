@@ -1,0 +1,45 @@
+"""What a Triton kernel costs a GPU in registers, spills and shared memory, from a compile for a
+CUDA target on any machine (Triton's bundled ptxas and cuobjdump; no GPU, no driver).
+
+The interpreter that runs the kernels in the CPU tests does not compile them: this is how a
+machine without a GPU checks that they compile for one, and whether a block choice fits the
+register file (`kernels.mixer.triton_mixer.compile_report` uses it, and a test runs that).
+Needs the kernels compiled, not interpreted (TRITON_INTERPRET unset).
+"""
+
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+
+def resources(
+    kernel, constexprs: dict, dtypes: dict[str, str], num_warps: int, num_stages: int = 3, arch: int = 90
+) -> dict[str, int]:
+    """{"registers", "spill_bytes" (the stack frame a thread spills registers to), "shared_bytes"} of
+    `kernel` (a `triton.jit` function) compiled for sm_`arch` with the values `constexprs` (every
+    constexpr parameter), pointer arguments of the element types `dtypes` by argument name ("bf16",
+    "fp32", ...; fp32 when not named) and the other arguments as i32."""
+    signature, values = {}, {}
+    for index, param in enumerate(kernel.params):
+        arg = kernel.arg_names[index]
+        if param.is_constexpr:
+            signature[arg] = "constexpr"
+            values[(index,)] = constexprs[arg]
+        else:
+            signature[arg] = "*" + dtypes.get(arg, "fp32") if arg.endswith("_ptr") else "i32"
+    compiled = triton.compile(
+        ASTSource(fn=kernel, signature=signature, constexprs=values),
+        target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages},
+    )  # fmt: skip
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([cuobjdump, "--dump-resource-usage", cubin.name], capture_output=True, text=True, check=True).stdout
+    registers, stack = (int(re.search(rf"{key}:(\d+)", usage).group(1)) for key in ("REG", "STACK"))
+    return {"registers": registers, "spill_bytes": stack, "shared_bytes": compiled.metadata.shared}
