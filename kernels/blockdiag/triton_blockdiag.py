@@ -133,8 +133,8 @@ def _glu_gemms(
     BK: tl.constexpr,
 ):  # fmt: skip
     """Tiles [BM, BN] of g (block i_kg, input chunk i_kg) and n (block and chunk i_kg + HALF).
-    Offsets within the tile are int32 from an int64 base: int64 pointer tiles cost two registers an
-    element, and spilled (an sm_90 compile, `kernels.compile_report`)."""
+    Offsets within the tile are int32 from an int64 base (int64 pointer tiles take two registers
+    an element; `kernels.compile_report`)."""
     i_kg = i_kg.to(tl.int32)
     o_m = tl.arange(0, BM)
     o_q = i_q.to(tl.int32) * BN + tl.arange(0, BN)
