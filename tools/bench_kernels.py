@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mixer-lengths", default="64,128", help="L of the sequence-mixer benchmark (--fft-tokens per step)")
     parser.add_argument("--mixer-dims", default="768,960")
     parser.add_argument("--mixer-variants", default="", help="comma list of BD:BF:BPP:num_warps for the fused mixer")
+    parser.add_argument("--glu-compiled-reference", action="store_true",
+                        help="also time the torch.compile'd reference GLU MLP (cuBLAS batched GEMMs; compiles per size)")  # fmt: skip
     args = parser.parse_args(argv)
     run_kernel_benchmarks(
         ops=args.ops.split(","),
@@ -43,6 +45,7 @@ def main(argv: list[str] | None = None) -> None:
         mixer_lengths=[int(x) for x in args.mixer_lengths.split(",")],
         mixer_dims=[int(x) for x in args.mixer_dims.split(",")],
         mixer_variants=[tuple(int(x) for x in v.split(":")) for v in args.mixer_variants.split(",") if v],
+        glu_compiled_reference=args.glu_compiled_reference,
     )
 
 

@@ -174,7 +174,7 @@ def _fmt_mixer(r):
     return f"| {r[0]} | {r[1]} | {r[2]:.3f} | {r[3]:.3f} | {r[4]:.1f}x | {r[5]:.1f}x | {speedup} |"
 
 
-def bench_glu_mlp(dims, tokens, gemm_rate):
+def bench_glu_mlp(dims, tokens, gemm_rate, compiled_reference=False):
     rows = []
     for dim in dims:
         inner, nblocks = 4 * dim, 4
@@ -197,19 +197,20 @@ def bench_glu_mlp(dims, tokens, gemm_rate):
         ref_ms = _bench(_fwd_bwd(ref, [x, *params], upstream))
         tri_ms = _bench(_fwd_bwd(tri, [x, *params], upstream))
         # The other candidate: cuBLAS batched GEMMs with the GELU * n and the layout changes fused
-        # around them by inductor.
-        compiled_ms = _bench(_fwd_bwd(torch.compile(ref), [x, *params], upstream))
+        # around them by inductor (a compilation per size: off unless asked for).
+        compiled_ms = _bench(_fwd_bwd(torch.compile(ref), [x, *params], upstream)) if compiled_reference else None
         ref_fwd = _bench(lambda: ref(x, *params))
         tri_fwd = _bench(lambda: tri(x, *params))
         rate = flops / (tri_ms * 1e-3)
         rows.append((f"d={dim} I={inner} M={tokens}", ref_ms, tri_ms, ref_ms / tri_ms, ref_fwd / tri_fwd, rate / 1e12,
-                     rate / gemm_rate, compiled_ms, flops / (compiled_ms * 1e-3) / gemm_rate))  # fmt: skip
+                     rate / gemm_rate, compiled_ms, compiled_ms and flops / (compiled_ms * 1e-3) / gemm_rate))  # fmt: skip
         print(_fmt_glu(rows[-1]), flush=True)
     return rows
 
 
 def _fmt_glu(r):
-    return f"| {r[0]} | {r[1]:.3f} | {r[2]:.3f} | {r[3]:.2f}x | {r[4]:.2f}x | {r[5]:.0f} | {r[6]:.1%} | {r[7]:.3f} | {r[8]:.1%} |"
+    compiled = "- | -" if r[7] is None else f"{r[7]:.3f} | {r[8]:.1%}"
+    return f"| {r[0]} | {r[1]:.3f} | {r[2]:.3f} | {r[3]:.2f}x | {r[4]:.2f}x | {r[5]:.0f} | {r[6]:.1%} | {compiled} |"
 
 
 def run_kernel_benchmarks(
@@ -224,6 +225,7 @@ def run_kernel_benchmarks(
     mixer_lengths: list[int] = (64, 128),
     mixer_dims: list[int] = (768, 960),
     mixer_variants: list[tuple[int, int, int, int]] = (),
+    glu_compiled_reference: bool = False,
 ) -> None:
     """Measure the ceilings, time the ops named in `ops` ("fftconv", "mixer", "glu") and print one
     Markdown table per op. A variant `(max_onchip, tile, num_warps)` overrides the FFT kernels' plan,
@@ -236,7 +238,7 @@ def run_kernel_benchmarks(
     if "mixer" in ops:
         mixer_rows = bench_mixer(mixer_lengths, fft_tokens, mixer_dims, mixer_variants, copy_bw)
     if "glu" in ops:
-        glu_rows = bench_glu_mlp(dims, glu_tokens, gemm_rate)
+        glu_rows = bench_glu_mlp(dims, glu_tokens, gemm_rate, glu_compiled_reference)
     _print_table(
         "Gated FFT long conv (steps 4-7 with residual), bf16, forward + backward",
         "size | algorithm | reference ms | Triton ms | speedup | fwd speedup | GB/s (floor bytes) | of copy BW | x floor",
