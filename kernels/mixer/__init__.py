@@ -23,7 +23,10 @@ SequenceMixer = Callable[..., torch.Tensor]
 
 @functools.cache
 def _compiled_short_conv():
-    return torch.compile(causal_short_conv)
+    # Static shapes: one specialised kernel per (B, L, C), as a model with fixed shapes uses it. With
+    # automatic dynamic shapes the second shape seen recompiles a generic kernel that is slower for
+    # every shape after it (the benchmark's second length measured the per-op mixer 1.7x slower).
+    return torch.compile(causal_short_conv, dynamic=False)
 
 
 def _short_conv(p_BLC, weight_C1K, bias_C):

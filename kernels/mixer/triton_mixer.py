@@ -25,21 +25,22 @@ dK accumulates X^* G over the batch, dX = K^* G, da = Cf^T dR + Sf^T dI, with G 
 transform of the output gradient. The spectrum is computed in row blocks of BF frequencies, so
 that a DFT operand tile stays within shared memory at any L.
 
-Precision: the tensor cores take bf16/fp16 operands with fp32 accumulation. The DFT matrices and
-the spectra enter them as a high and a low part (`SPLIT`): the matrices' rounding is the same for
-every sequence and channel, so it would not average out of the gradients summed over them, and a
-rounded spectrum would put a second rounding on every output. The gated product a = v * x1 and
-the output gradients enter the forward transforms rounded once, as torch's path stores them; u in
-fp32 (under autocast) enters split too. Everything else (short convolution, gates, skip terms,
-parameter-gradient sums) stays fp32 on chip, with one rounding at each output: the error against
-float64 is at most torch's at the same precision, which rounds at every step.
+Precision: the tensor cores take fp16 operands (`OPERAND_DTYPE`) with fp32 accumulation: the
+DFT matrices, and each transform's input tile scaled per channel by a power of two (`_operand`),
+so that the rounding is relative to the channel's largest value and small gradients keep their
+digits. fp16's 11 significant bits matter for the matrices: their rounding is the same for every
+sequence and channel and does not average out of the gradients summed over them (in bf16 it left
+those 2-7x above torch's error; a bf16 high + low split held torch's error at 2.6x the products).
+Everything else (short convolution, gates, skip terms, complex products, parameter-gradient sums)
+stays fp32 on chip, with one rounding at each output.
 
-FLOPs per token and channel, per DFT product: 2L. With the splits a convolution's forward takes 10
-products (12 for an fp32 u) and its backward 14 (16): 22 products forward and 30 backward per
-mixer, ~13k FLOPs per token and channel at L=128. The op pays while L is small; `MAX_LEN` bounds
-what the dispatch sends here. The forward keeps z1 = conv(a; k1) + a d1 (bf16) for the backward
-when a gradient is needed, which costs 2 x D h bytes per token beside the floor below and saves
-the backward 10 products and the registers they hold.
+FLOPs per token and channel, per DFT product: 2L. A convolution's forward takes 4 products (two
+transforms, two inverses) and its backward 6 (the output gradient's and the input's transforms,
+two inverses): 8 forward and 12 backward per mixer, 40 L FLOPs per token and channel (5.1k at
+L=128). The op pays while L is small; `MAX_LEN` bounds what the dispatch sends here. The forward
+keeps z1 = conv(a; k1) + a d1 (bf16) for the backward when a gradient is needed, which costs
+2 x D h bytes per token beside the floor below and saves the backward 4 products and the
+registers they hold.
 
 HBM traffic per token (the floor the benchmark times against), with h the activations' bytes and
 s u's: forward reads p (3D h) and u (D s) and writes y (D h); backward reads p, u and dy (D h) and
@@ -64,10 +65,11 @@ from kernels.triton_common import INTERPRET, new_output
 MAX_LEN = 128
 # The shortest: tl.dot needs tiles of at least 16 rows.
 MIN_LEN = 16
-# The DFT matrices as a high and a low part (two products each): one rounding of the matrices is
-# the same for every sequence and channel, so its error does not average out of the gradients that
-# sum over them (short filter, long filter, skip weights), which it left 2-4x above torch's.
-SPLIT = True
+# The tensor cores' operand dtype. fp16 carries 11 significant bits to bf16's 8, which the DFT
+# matrices need: their rounding is the same for every sequence and channel, so it does not average
+# out of the gradients summed over them, and in bf16 it left those 2-7x above torch's error. Its
+# range is covered by a power-of-two scale per channel of each operand tile (`_operand`).
+OPERAND_DTYPE = torch.float16
 
 
 def mixer_traffic_bytes(tokens: int, dim: int, act_bytes: int = 2, u_bytes: int = 4) -> dict[str, int]:
@@ -79,19 +81,15 @@ def mixer_traffic_bytes(tokens: int, dim: int, act_bytes: int = 2, u_bytes: int 
 
 
 @functools.cache
-def dft_matrices(length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """(4, L, L) in `dtype`: [Cf_hi, Sf_hi, Cf_lo, Sf_lo], the packed half-spectrum transform of a
-    length-L input zero-padded to 2L (module docstring), as a high part rounded to `dtype` and the
-    rounded remainder: the sum keeps ~16 significant bits."""
+def dft_matrices(length: int, device: torch.device) -> torch.Tensor:
+    """(2, L, L) in `OPERAND_DTYPE`: [Cf, Sf], the packed half-spectrum transform of a length-L
+    input zero-padded to 2L (module docstring)."""
     f = torch.arange(length, dtype=torch.float64)[:, None]
     s = torch.arange(length, dtype=torch.float64)[None, :]
     angle = 2 * math.pi * f * s / (2 * length)
     cos, sin = torch.cos(angle), -torch.sin(angle)
     sin[0] = torch.cos(math.pi * s[0])
-    exact = torch.stack([cos, sin])
-    high = exact.to(dtype)
-    low = (exact - high.double()).to(dtype)
-    return torch.cat([high, low]).to(device).contiguous()
+    return torch.stack([cos, sin]).to(device=device, dtype=OPERAND_DTYPE).contiguous()
 
 
 @functools.cache
@@ -171,33 +169,29 @@ def _gates(p_ptr, w_ptr, b_ptr, row0, o_t, o_c, m_c, D, L: tl.constexpr):
 
 @triton.jit
 def _dft_block(dft_ptr, f0, L: tl.constexpr, BF: tl.constexpr, UPCAST: tl.constexpr):
-    """Rows f0..f0+BF of (Cf_hi, Sf_hi, Cf_lo, Sf_lo), (BF, L) each, in their stored dtype (fp32
-    under UPCAST)."""
+    """Rows f0..f0+BF of (Cf, Sf), (BF, L) each, in their stored dtype (fp32 under UPCAST)."""
     o_f = f0 + tl.arange(0, BF)
     p = dft_ptr + o_f[:, None] * L + tl.arange(0, L)[None, :]
     cf, sf = tl.load(p), tl.load(p + L * L)
-    cf_lo, sf_lo = tl.load(p + 2 * L * L), tl.load(p + 3 * L * L)
     if UPCAST:
-        cf, sf, cf_lo, sf_lo = cf.to(tl.float32), sf.to(tl.float32), cf_lo.to(tl.float32), sf_lo.to(tl.float32)
-    return cf, sf, cf_lo, sf_lo
+        cf, sf = cf.to(tl.float32), sf.to(tl.float32)
+    return cf, sf
 
 
 @triton.jit
-def _split(x, DT: tl.constexpr, UPCAST: tl.constexpr):
-    """fp32 x as a DT high part and the DT-rounded remainder (tensor-core operands)."""
-    hi = _round(x, DT, UPCAST)
-    return _up(hi, DT, UPCAST), _up(x - hi, DT, UPCAST)
+def _operand(x, MT: tl.constexpr, UPCAST: tl.constexpr):
+    """An fp32 (R, BD) tile as a tensor-core operand in MT: (x / s rounded to MT, s) with s the
+    power of two at or above each column's largest magnitude, so that the rounding is relative to
+    the column's scale and no column leaves MT's range (gradients 1e-5 of the activations, say)."""
+    amax = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-30)  # an all-zero column: any scale
+    scale = tl.exp2(tl.ceil(tl.log2(amax)))
+    return _up(x * (1.0 / scale)[None, :], MT, UPCAST), scale
 
 
 @triton.jit
-def _mm(m_hi, m_lo, x_hi, x_lo, acc, SPLIT: tl.constexpr, X_SPLIT: tl.constexpr):
-    """(m_hi + m_lo) @ (x_hi + x_lo) + acc without the lo @ lo product; SPLIT False drops m_lo,
-    X_SPLIT False drops x_lo (x exact in DT). Small products first."""
-    if SPLIT:
-        acc = tl.dot(m_lo, x_hi, acc)
-    if X_SPLIT:
-        acc = tl.dot(m_hi, x_lo, acc)
-    return tl.dot(m_hi, x_hi, acc)
+def _mm(m, x_op, x_scale):
+    """m @ (x_op * x_scale): a DFT block times a scaled operand (`_operand`), fp32."""
+    return tl.dot(m, x_op) * x_scale[None, :]
 
 
 @triton.jit
@@ -222,57 +216,49 @@ def _times_conj(gr, gi, kr, ki, nyquist):
 
 @triton.jit
 def _conv(x, k_ptr, dft_ptr, o_c, m_c, D, L: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr,
-          DT: tl.constexpr, SPLIT: tl.constexpr, X_SPLIT: tl.constexpr, UPCAST: tl.constexpr):  # fmt: skip
-    """conv(x; k) for an (L, BD) fp32 tile x (rounded to DT for the tensor cores unless X_SPLIT, which
-    adds its remainder): (L, BD) fp32. The
-    spectrum enters the inverse product as a high and a low part (with SPLIT), so that the only
-    rounding of the result is the caller's."""
-    x_hi, x_lo = _split(x, DT, UPCAST)
+          UPCAST: tl.constexpr):  # fmt: skip
+    """conv(x; k) for an (L, BD) fp32 tile x: (L, BD) fp32. Four DFT products per spectrum block:
+    two forward, two inverse."""
+    MT: tl.constexpr = dft_ptr.dtype.element_ty
+    x_op, x_scale = _operand(x, MT, UPCAST)
     out = tl.zeros([L, BD], dtype=tl.float32)
     for f0 in range(0, L, BF):
-        cf, sf, cf_lo, sf_lo = _dft_block(dft_ptr, f0, L, BF, UPCAST)
+        cf, sf = _dft_block(dft_ptr, f0, L, BF, UPCAST)
         kr, ki = _spectrum_tiles(k_ptr, f0, o_c, m_c, D, L, BF)
         o_f = f0 + tl.arange(0, BF)
-        zero = tl.zeros([BF, BD], dtype=tl.float32)
-        xr = _mm(cf, cf_lo, x_hi, x_lo, zero, SPLIT, X_SPLIT)
-        xi = _mm(sf, sf_lo, x_hi, x_lo, zero, SPLIT, X_SPLIT)
-        yr, yi = _times(xr, xi, kr, ki, (o_f == 0)[:, None])
+        yr, yi = _times(_mm(cf, x_op, x_scale), _mm(sf, x_op, x_scale), kr, ki, (o_f == 0)[:, None])
         weight = tl.where(o_f == 0, 1.0, 2.0)[:, None]
-        out = _inverse(cf, cf_lo, yr * weight, out, DT, SPLIT, UPCAST)
-        out = _inverse(sf, sf_lo, yi * weight, out, DT, SPLIT, UPCAST)
+        out = _inverse(cf, yr * weight, out, MT, UPCAST)
+        out = _inverse(sf, yi * weight, out, MT, UPCAST)
     return out
 
 
 @triton.jit
-def _inverse(m_hi, m_lo, y, acc, DT: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr):
-    """acc + M^T y for a (BF, L) DFT block M and an fp32 (BF, BD) spectrum block y."""
-    y_hi, y_lo = _split(y, DT, UPCAST)
-    return _mm(tl.trans(m_hi), tl.trans(m_lo), y_hi, y_lo, acc, SPLIT, SPLIT)
+def _inverse(m, y, acc, MT: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + M^T y for a (BF, L) DFT block M and an fp32 (BF, BD) spectrum block y (an MT operand)."""
+    y_op, y_scale = _operand(y, MT, UPCAST)
+    return acc + _mm(tl.trans(m), y_op, y_scale)
 
 
 @triton.jit
 def _conv_backward(x, g, skip, k_ptr, gk_ptr, dft_ptr, o_c, m_c, D, L: tl.constexpr, BF: tl.constexpr,
-                   BD: tl.constexpr, DT: tl.constexpr, SPLIT: tl.constexpr, X_SPLIT: tl.constexpr,
-                   UPCAST: tl.constexpr):  # fmt: skip
-    """For out = conv(x; k) + x * skip and its gradient g ((L, BD) fp32; g rounded to DT for the
-    tensor cores, x too unless X_SPLIT): returns dx (L, BD) fp32 and adds dK, in the packed layout,
-    to the (2, L, D) fp32 tensor at gk_ptr. x and g are dead once rounded (the backward is bound
-    by registers)."""
-    x_hi, x_lo = _split(x, DT, UPCAST)
-    g_hi = _up(g, DT, UPCAST)
+                   BD: tl.constexpr, UPCAST: tl.constexpr):  # fmt: skip
+    """For out = conv(x; k) + x * skip and its gradient g ((L, BD) fp32): returns dx (L, BD) fp32
+    and adds dK, in the packed layout, to the (2, L, D) fp32 tensor at gk_ptr. Six DFT products per
+    spectrum block. x and g are dead once they are operands (the backward is bound by registers)."""
+    MT: tl.constexpr = dft_ptr.dtype.element_ty
+    x_op, x_scale = _operand(x, MT, UPCAST)
+    g_op, g_scale = _operand(g, MT, UPCAST)
     dx = g * skip[None, :]
     for f0 in range(0, L, BF):
-        cf, sf, cf_lo, sf_lo = _dft_block(dft_ptr, f0, L, BF, UPCAST)
+        cf, sf = _dft_block(dft_ptr, f0, L, BF, UPCAST)
         kr, ki = _spectrum_tiles(k_ptr, f0, o_c, m_c, D, L, BF)
         o_f = f0 + tl.arange(0, BF)
         nyquist = (o_f == 0)[:, None]
         weight = tl.where(o_f == 0, 1.0, 2.0)[:, None]
-        zero = tl.zeros([BF, BD], dtype=tl.float32)
-        gr = _mm(cf, cf_lo, g_hi, g_hi, zero, SPLIT, False) * weight
-        gi = _mm(sf, sf_lo, g_hi, g_hi, zero, SPLIT, False) * weight
-        xr = _mm(cf, cf_lo, x_hi, x_lo, zero, SPLIT, X_SPLIT)
-        xi = _mm(sf, sf_lo, x_hi, x_lo, zero, SPLIT, X_SPLIT)
-        dkr, dki = _times_conj(gr, gi, xr, xi, nyquist)
+        gr = _mm(cf, g_op, g_scale) * weight
+        gi = _mm(sf, g_op, g_scale) * weight
+        dkr, dki = _times_conj(gr, gi, _mm(cf, x_op, x_scale), _mm(sf, x_op, x_scale), nyquist)
         p = o_f[:, None] * D + o_c[None, :]
         m = m_c[None, :]
         tl.store(gk_ptr + p, tl.load(gk_ptr + p, mask=m, other=0.0) + dkr, mask=m)
@@ -280,8 +266,8 @@ def _conv_backward(x, g, skip, k_ptr, gk_ptr, dft_ptr, o_c, m_c, D, L: tl.conste
         # The next sequence's load of these sums may fall to other threads of the program.
         tl.debug_barrier()
         dxr, dxi = _times_conj(gr, gi, kr, ki, nyquist)
-        dx = _inverse(cf, cf_lo, dxr, dx, DT, SPLIT, UPCAST)
-        dx = _inverse(sf, sf_lo, dxi, dx, DT, SPLIT, UPCAST)
+        dx = _inverse(cf, dxr, dx, MT, UPCAST)
+        dx = _inverse(sf, dxi, dx, MT, UPCAST)
     return dx
 
 
@@ -289,7 +275,7 @@ def _conv_backward(x, g, skip, k_ptr, gk_ptr, dft_ptr, o_c, m_c, D, L: tl.conste
 def _fwd_kernel(
     p_ptr, w_ptr, b_ptr, u_ptr, k1_ptr, d1_ptr, k2_ptr, d2_ptr, dft_ptr, y_ptr, z1_ptr,
     B, D,
-    HAS_RES: tl.constexpr, SAVE_Z1: tl.constexpr, SPLIT: tl.constexpr, U_SPLIT: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_RES: tl.constexpr, SAVE_Z1: tl.constexpr, UPCAST: tl.constexpr,
     L: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr,
 ):  # fmt: skip
     """y for channel block i_c of sequence i_b; with SAVE_Z1 also z1 = conv(a; k1) + a d1 (rounded
@@ -303,7 +289,7 @@ def _fwd_kernel(
     x1, x2, v = _gates(p_ptr, w_ptr, b_ptr, row0, o_t, o_c, m_c, D, L)
     a = v * x1
     d1 = tl.load(d1_ptr + o_c, mask=m_c, other=0.0)
-    z1 = _conv(a, k1_ptr, dft_ptr, o_c, m_c, D, L, BF, BD, DT, SPLIT, False, UPCAST) + a * d1[None, :]
+    z1 = _conv(a, k1_ptr, dft_ptr, o_c, m_c, D, L, BF, BD, UPCAST) + a * d1[None, :]
     p_out = row0 * D + (o_t[:, None] * D + o_c[None, :])
     m_out = m_c[None, :]
     if SAVE_Z1:
@@ -312,7 +298,7 @@ def _fwd_kernel(
     if HAS_RES:
         u = tl.load(u_ptr + p_out, mask=m_out, other=0.0).to(tl.float32)
         d2 = tl.load(d2_ptr + o_c, mask=m_c, other=0.0)
-        y += _conv(u, k2_ptr, dft_ptr, o_c, m_c, D, L, BF, BD, DT, SPLIT, U_SPLIT, UPCAST) + u * d2[None, :]
+        y += _conv(u, k2_ptr, dft_ptr, o_c, m_c, D, L, BF, BD, UPCAST) + u * d2[None, :]
     tl.store(y_ptr + p_out, _round(y, DT, UPCAST).to(DT), mask=m_out)
 
 
@@ -351,14 +337,13 @@ def _store_short_grads(dw_ptr, db_ptr, i_pb, cols, m_c, C, dw0, dw1, dw2, db):
 def _bwd_gated_kernel(
     dy_ptr, p_ptr, w_ptr, b_ptr, z1_ptr, k1_ptr, d1_ptr, dft_ptr, dp_ptr, dk1_ptr, dd1_ptr, dw_ptr, db_ptr,
     B, D, BPP,
-    SPLIT: tl.constexpr, UPCAST: tl.constexpr, L: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr,
+    UPCAST: tl.constexpr, L: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr,
 ):  # fmt: skip
     """The gated branch's backward for sequences i_pb * BPP ... of channel block i_c, from the
     forward's z1: dp in place;
     the parameter gradients as this program's partial sums at row i_pb of the (NBP, ...) partial
     tensors (dk1: (NBP, 2, L, D), zeroed by the caller; dd1: (NBP, D); dw: (NBP, 3, C); db: (NBP, C)).
     Ordered so that each tile dies early: the backward is bound by registers."""
-    DT: tl.constexpr = dp_ptr.dtype.element_ty
     i_c, i_pb = tl.program_id(0), tl.program_id(1)
     C = 3 * D
     o_t = tl.arange(0, L)
@@ -382,7 +367,7 @@ def _bwd_gated_kernel(
         dw20, dw21, dw22, db2 = dw20 + s0, dw21 + s1, dw22 + s2, db2 + sb
         dz1 = dy * x2
         dd1 += tl.sum(dz1 * a, axis=0)
-        da = _conv_backward(a, dz1, d1, k1_ptr, dk1_part, dft_ptr, o_c, m_c, D, L, BF, BD, DT, SPLIT, False, UPCAST)
+        da = _conv_backward(a, dz1, d1, k1_ptr, dk1_part, dft_ptr, o_c, m_c, D, L, BF, BD, UPCAST)
         # x1 and v again from the projection (cache hits), not kept alive through the transforms
         x1 = _short_conv(p_ptr, w_ptr, b_ptr, row0, o_t, o_c, m_c, L, C)
         s0, s1, s2, sb = _short_conv_backward(da * x1, p_ptr, w_ptr, dp_ptr, row0, o_t, 2 * D + o_c, m_c, L, C, UPCAST)
@@ -400,12 +385,10 @@ def _bwd_gated_kernel(
 def _bwd_residual_kernel(
     dy_ptr, u_ptr, k2_ptr, d2_ptr, dft_ptr, du_ptr, dk2_ptr, dd2_ptr,
     B, D, BPP,
-    SPLIT: tl.constexpr, U_SPLIT: tl.constexpr, UPCAST: tl.constexpr, L: tl.constexpr, BF: tl.constexpr,
-    BD: tl.constexpr,
+    UPCAST: tl.constexpr, L: tl.constexpr, BF: tl.constexpr, BD: tl.constexpr,
 ):  # fmt: skip
     """The residual convolution's backward for the same programs as `_bwd_gated_kernel`: du in
     place, dk2 and dd2 as partial sums."""
-    DT: tl.constexpr = dy_ptr.dtype.element_ty
     DU: tl.constexpr = du_ptr.dtype.element_ty
     i_c, i_pb = tl.program_id(0), tl.program_id(1)
     o_t = tl.arange(0, L)
@@ -420,7 +403,7 @@ def _bwd_residual_kernel(
         dy = tl.load(dy_ptr + p_out, mask=m_out, other=0.0).to(tl.float32)
         u = tl.load(u_ptr + p_out, mask=m_out, other=0.0).to(tl.float32)
         dd2 += tl.sum(dy * u, axis=0)
-        du = _conv_backward(u, dy, d2, k2_ptr, dk2_part, dft_ptr, o_c, m_c, D, L, BF, BD, DT, SPLIT, U_SPLIT, UPCAST)
+        du = _conv_backward(u, dy, d2, k2_ptr, dk2_part, dft_ptr, o_c, m_c, D, L, BF, BD, UPCAST)
         tl.store(du_ptr + p_out, _round(du, DU, UPCAST).to(DU), mask=m_out)
     tl.store(dd2_ptr + i_pb * D + o_c, dd2, mask=m_c)
 
@@ -429,10 +412,12 @@ def _bwd_residual_kernel(
 # --mixer-variants sweeps them).
 BLOCKS: dict[str, int] | None = None
 # The autotuner's candidates (BD channels per program, BF spectrum rows per block, warps). The
-# kernels are bound by registers: an sm_90 compile at L=128 (`compile_report`) spills nothing with 16
-# channels and 8 warps but the gated backward (~360 B a thread), 1.5-2 KiB with 4 warps or 32
-# channels in the backward.
-_TUNING = [(16, 16, 8), (16, 32, 8), (16, 16, 4)]
+# kernels are bound by registers: an sm_90 compile at L=128 (`compile_report`) spills nothing in the
+# forward and the residual backward with 16 or 32 channels and 8 warps, while the gated backward
+# (three gates' gradients beside the transforms) spills ~250 B a thread at 16 channels and 8 warps
+# and 2-5 KiB with 32 channels or 4 warps.
+_TUNING = [(16, 16, 8), (16, 32, 8), (32, 16, 8), (32, 32, 8)]
+_TUNING_GATED_BACKWARD = [(16, 16, 8), (16, 32, 8), (16, 16, 4)]
 # Triton's interpreter cannot time candidates: it runs fixed blocks.
 FIXED_BLOCKS = {"BD": 16, "BF": 16, "num_warps": 4} if INTERPRET else None
 
@@ -453,16 +438,18 @@ def _drop_blocks_longer_than_the_input(configs, named_args, **kwargs):
     return kept or [triton.Config({"BD": 16, "BF": length}, num_warps=4)]
 
 
-def _tuned(kernel, key, **options):
-    configs = [triton.Config({"BD": bd, "BF": bf}, num_warps=warps) for bd, bf, warps in _TUNING]
+def _tuned(kernel, key, candidates=None, **options):
+    configs = [triton.Config({"BD": bd, "BF": bf}, num_warps=warps) for bd, bf, warps in candidates or _TUNING]
     prune = {"early_config_prune": _drop_blocks_longer_than_the_input}
     return triton.autotune(configs=configs, key=key, prune_configs_by=prune, **options)(kernel)
 
 
-_fwd_tuned = _tuned(_fwd_kernel, key=["B", "D", "L", "HAS_RES", "U_SPLIT"])
+_fwd_tuned = _tuned(_fwd_kernel, key=["B", "D", "L", "HAS_RES"])
 # The filter-gradient partials are accumulated in place: zeroed before each timed trial.
-_bwd_gated_tuned = _tuned(_bwd_gated_kernel, key=["B", "D", "BPP", "L"], reset_to_zero=["dk1_ptr"])
-_bwd_residual_tuned = _tuned(_bwd_residual_kernel, key=["B", "D", "BPP", "L", "U_SPLIT"], reset_to_zero=["dk2_ptr"])
+_bwd_gated_tuned = _tuned(
+    _bwd_gated_kernel, key=["B", "D", "BPP", "L"], candidates=_TUNING_GATED_BACKWARD, reset_to_zero=["dk1_ptr"]
+)
+_bwd_residual_tuned = _tuned(_bwd_residual_kernel, key=["B", "D", "BPP", "L"], reset_to_zero=["dk2_ptr"])
 
 
 def _launch(tuned, kernel, dim, grid_rows, length, *args, **constexprs):
@@ -502,7 +489,7 @@ def sequence_mixer_op(
     batch, length, width = p.shape
     dim = width // 3
     has_res = k2 is not None
-    dft = dft_matrices(length, p.dtype, p.device)
+    dft = dft_matrices(length, p.device)
     p, u = p.contiguous(), u.contiguous()
     w, b, k1, d1 = (t.float().contiguous() for t in (w, b, k1, d1))
     k2, d2 = (k2.float().contiguous(), d2.float().contiguous()) if has_res else (k1, d1)
@@ -510,7 +497,7 @@ def sequence_mixer_op(
     z1 = new_output((batch, length, dim), p.dtype, p.device) if save_z1 else p.new_empty(0)
     _launch(
         _fwd_tuned, _fwd_kernel, dim, batch, length, p, w, b, u, k1, d1, k2, d2, dft, y, z1 if save_z1 else y, batch, dim,
-        HAS_RES=has_res, SAVE_Z1=save_z1, SPLIT=SPLIT, U_SPLIT=u.dtype == torch.float32, UPCAST=INTERPRET,
+        HAS_RES=has_res, SAVE_Z1=save_z1, UPCAST=INTERPRET,
     )  # fmt: skip
     return y, z1
 
@@ -531,7 +518,7 @@ def sequence_mixer_backward(
     dim = width // 3
     has_res = k2 is not None
     bpp = _sequences_per_program(batch)
-    dft = dft_matrices(length, p.dtype, p.device)
+    dft = dft_matrices(length, p.device)
     dy, p, u, z1 = dy.contiguous(), p.contiguous(), u.contiguous(), z1.contiguous()
     wf, bf, k1f, d1f = (t.float().contiguous() for t in (w, b, k1, d1))
     k2f, d2f = (k2.float().contiguous(), d2.float().contiguous()) if has_res else (None, None)
@@ -543,7 +530,7 @@ def sequence_mixer_backward(
     db = new_output((n_pb, width), torch.float32, p.device)
     _launch(
         _bwd_gated_tuned, _bwd_gated_kernel, dim, n_pb, length,
-        dy, p, wf, bf, z1, k1f, d1f, dft, dp, dk1, dd1, dw, db, batch, dim, bpp, SPLIT=SPLIT, UPCAST=INTERPRET,
+        dy, p, wf, bf, z1, k1f, d1f, dft, dp, dk1, dd1, dw, db, batch, dim, bpp, UPCAST=INTERPRET,
     )  # fmt: skip
     if has_res:
         du = new_output(u.shape, u.dtype, u.device)
@@ -551,8 +538,7 @@ def sequence_mixer_backward(
         dd2 = new_output((n_pb, dim), torch.float32, p.device)
         _launch(
             _bwd_residual_tuned, _bwd_residual_kernel, dim, n_pb, length,
-            dy, u, k2f, d2f, dft, du, dk2, dd2, batch, dim, bpp,
-            SPLIT=SPLIT, U_SPLIT=u.dtype == torch.float32, UPCAST=INTERPRET,
+            dy, u, k2f, d2f, dft, du, dk2, dd2, batch, dim, bpp, UPCAST=INTERPRET,
         )  # fmt: skip
     grads = [dp, dw.sum(0).t().contiguous().to(w.dtype), db.sum(0).to(b.dtype), dk1.sum(0).to(k1.dtype), dd1.sum(0).to(d1.dtype)]
     if has_res:
@@ -605,7 +591,7 @@ def sequence_mixer(projected_BLC, short_weight_C1K, short_bias_C, u_BLD, k1_DN, 
 
 
 # The activations' dtypes of a compile report's kernels, by argument name (everything else fp32).
-_REPORT_DTYPES = {"p_ptr": "bf16", "dy_ptr": "bf16", "y_ptr": "bf16", "z1_ptr": "bf16", "dp_ptr": "bf16", "dft_ptr": "bf16"}
+_REPORT_DTYPES = {"p_ptr": "bf16", "dy_ptr": "bf16", "y_ptr": "bf16", "z1_ptr": "bf16", "dp_ptr": "bf16", "dft_ptr": "fp16"}
 
 
 def compile_report(length: int = 128, block: tuple[int, int, int] = _TUNING[0], arch: int = 90) -> dict[str, dict]:
@@ -616,7 +602,7 @@ def compile_report(length: int = 128, block: tuple[int, int, int] = _TUNING[0], 
 
     block_d, block_f, warps = block
     constexprs = {
-        "HAS_RES": True, "SAVE_Z1": True, "SPLIT": SPLIT, "U_SPLIT": True, "UPCAST": False,
+        "HAS_RES": True, "SAVE_Z1": True, "UPCAST": False,
         "L": length, "BF": block_f, "BD": block_d,
     }  # fmt: skip
     kernels = {"forward": _fwd_kernel, "backward gated": _bwd_gated_kernel, "backward residual": _bwd_residual_kernel}
