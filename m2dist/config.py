@@ -47,6 +47,7 @@ class KernelConfig:
     # The sequence mixer after in_linear (short convolution, gates, both long convolutions) as one
     # Triton operator where it applies (Triton fftconv backend, bf16/fp16, no padding mask, L a power
     # of two up to kernels.mixer.triton_mixer.MAX_LEN); per op (short convolution, then fftconv) when off.
+    # Off by default: on one H200 it measured 0.6x the per-op path (docs/performance.md).
     fused_mixer: bool = False
 
     def __post_init__(self) -> None:
