@@ -88,6 +88,7 @@ def test_whole_glue_estimate_adds_every_job_and_waits_for_mnli():
 
 def test_a_benchmark_variant_names_its_kernels_and_overrides():
     from m2dist.bench.train import engine_config, kernel_config, split_config_spec
+    from m2dist.config import load_config
 
     assert kernel_config("fused").fused_mixer and kernel_config("fused").fftconv == "triton"
     assert not kernel_config("reference").fused_mixer
@@ -96,6 +97,8 @@ def test_a_benchmark_variant_names_its_kernels_and_overrides():
     assert split_config_spec("bert-base") == ("bert-base", ())
     config = engine_config(name, 32, 4, "/tmp/unused", overrides)
     assert config.model.kernels.fused_mixer and config.train.compile
+    # the loader runs as in training, with the config's workers (not in the timed step)
+    assert config.data.num_workers == load_config("debug").data.num_workers > 0
 
 
 def test_mixer_benchmark_times_every_path(monkeypatch):

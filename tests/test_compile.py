@@ -56,15 +56,15 @@ def test_opcheck_fftconv(residual):
 def test_opcheck_toeplitz(residual):
     batch, dim, length = 3, 16, 40
     u = _rand(batch, dim, length, requires_grad=True) if residual else None
-    x1, x2, v = (_rand(batch, dim, length, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    # x = [x1; x2; v] packed along the channels, as the short convolution writes it
+    x = _rand(batch, 3 * dim, length, dtype=torch.bfloat16, requires_grad=True)
     k1, d1 = (_rand(dim, 2 * length) * 0.1).requires_grad_(), _rand(dim, requires_grad=True)
     k2, d2 = ((_rand(dim, 2 * length) * 0.1).requires_grad_(), _rand(dim, requires_grad=True)) if residual else (None, None)
-    args = (u, x1, x2, v, k1, d1, k2, d2, True, True)
+    args = (u, x, k1, d1, k2, d2, True, True)
     torch.library.opcheck(triton_toeplitz.toeplitz_conv, args, test_utils=OPCHECK_ALL)
     y, z1 = triton_toeplitz.toeplitz_conv(*args)
-    detached = [t.detach() if isinstance(t, torch.Tensor) else t for t in args[:8]]
-    u_, x1_, x2_, v_, k1_, d1_, k2_, d2_ = detached
-    bwd_args = (torch.randn_like(y), u_, x1_, x2_, v_, z1.detach(), k1_, d1_, k2_, d2_, True)
+    u_, x_, k1_, d1_, k2_, d2_ = (t.detach() if isinstance(t, torch.Tensor) else t for t in args[:6])
+    bwd_args = (torch.randn_like(y), u_, x_, z1.detach(), k1_, d1_, k2_, d2_, True)
     torch.library.opcheck(triton_toeplitz.toeplitz_conv_backward, bwd_args, test_utils=OPCHECK_ALL[:3])
 
 

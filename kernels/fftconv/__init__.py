@@ -60,8 +60,33 @@ def _auto_gated_long_conv(u_BDL, x1_BDL, x2_BDL, v_BDL, k1_DN, d1_D, k2_DN, d2_D
     return impl(u_BDL, x1_BDL, x2_BDL, v_BDL, k1_DN, d1_D, k2_DN, d2_D)
 
 
+def _unpacked(impl, u_BDL, x_BCL, k1_DN, d1_D, k2_DN, d2_D):
+    return impl(u_BDL, *x_BCL.chunk(3, dim=1), k1_DN, d1_D, k2_DN, d2_D)
+
+
+def _triton_packed(u_BDL, x_BCL, k1_DN, d1_D, k2_DN, d2_D):
+    """The Toeplitz kernels take the packed tensor as it is (no split, and its gradient comes back
+    in one buffer); the other algorithms take its three views."""
+    from kernels.fftconv import triton_toeplitz
+
+    if can_run(x_BCL) and triton_toeplitz.supports(x_BCL):
+        return triton_toeplitz.packed_gated_long_conv(u_BDL, x_BCL, k1_DN, d1_D, k2_DN, d2_D)
+    return _unpacked(_triton_gated_long_conv, u_BDL, x_BCL, k1_DN, d1_D, k2_DN, d2_D)
+
+
+def _auto_packed(u_BDL, x_BCL, k1_DN, d1_D, k2_DN, d2_D):
+    if use_triton(x_BCL):
+        return _triton_packed(u_BDL, x_BCL, k1_DN, d1_D, k2_DN, d2_D)
+    return _unpacked(reference.gated_long_conv, u_BDL, x_BCL, k1_DN, d1_D, k2_DN, d2_D)
+
+
 # "auto": the Triton kernels on an Ampere or newer GPU, the reference elsewhere (`use_triton`).
 _BACKENDS = {"auto": _auto_gated_long_conv, "reference": reference.gated_long_conv, "triton": _triton_gated_long_conv}
+_PACKED_BACKENDS = {
+    "auto": _auto_packed,
+    "reference": functools.partial(_unpacked, reference.gated_long_conv),
+    "triton": _triton_packed,
+}
 BACKENDS = tuple(_BACKENDS)
 
 GatedLongConv = Callable[..., torch.Tensor]
@@ -74,14 +99,25 @@ def _checked(impl: GatedLongConv, u_BDL, x1_BDL, x2_BDL, v_BDL, k1_DN, d1_D, k2_
     return impl(u_BDL, x1_BDL, x2_BDL, v_BDL, k1_DN, d1_D, k2_DN, d2_D)
 
 
-def implementation(backend: str) -> GatedLongConv:
+def _checked_packed(impl: GatedLongConv, u_BDL, x_BCL, k1_DN, d1_D, k2_DN=None, d2_D=None) -> torch.Tensor:
+    if (k2_DN is None) != (d2_D is None):
+        raise ValueError("k2_DN and d2_D must be given together")
+    if x_BCL.dim() != 3 or x_BCL.shape[1] % 3:
+        raise ValueError(f"x_BCL must be (batch, 3 * channels, length), got shape {tuple(x_BCL.shape)}")
+    _check_shapes(u_BDL, *x_BCL.chunk(3, dim=1), k1_DN, d1_D, k2_DN, d2_D)
+    return impl(u_BDL, x_BCL, k1_DN, d1_D, k2_DN, d2_D)
+
+
+def implementation(backend: str, packed: bool = False) -> GatedLongConv:
     """`gated_long_conv` of `backend`, with its argument checks; a layer resolves its backend once,
-    when it is built, and calls the result."""
-    try:
-        impl = _BACKENDS[backend]
-    except KeyError:
-        raise ValueError(f"unknown fftconv backend {backend!r}; expected one of {BACKENDS}") from None
-    return functools.partial(_checked, impl)
+    when it is built, and calls the result. `packed`: called as `(u_BDL, x_BCL, k1_DN, d1_D, k2_DN,
+    d2_D)` with the gated branch's inputs as one (B, 3D, L) tensor x = [x1; x2; v] (as the short
+    convolution writes them), whose gradient then comes back in one buffer where the kernels allow."""
+    if backend not in _BACKENDS:
+        raise ValueError(f"unknown fftconv backend {backend!r}; expected one of {BACKENDS}")
+    if packed:
+        return functools.partial(_checked_packed, _PACKED_BACKENDS[backend])
+    return functools.partial(_checked, _BACKENDS[backend])
 
 
 def gated_long_conv(

@@ -59,13 +59,24 @@ def _dot(a_f32, b_f32, acc, DT: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _dot_split(a_f32, b_f32, acc, DT: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr):
-    """a @ b + acc, a rounded to DT, b as a high DT part plus (SPLIT) a low DT part."""
-    a = _operand(a_f32, DT, UPCAST)
-    b_hi = _operand(b_f32, DT, UPCAST)
-    acc = tl.dot(a, b_hi, acc)
+def _filter_parts(k_row_ptr, o_t, o_s, L, N, DT: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr):
+    """A Toeplitz tile (`_kernel_tile`) as tensor-core operands: its high DT part and, with SPLIT,
+    the low DT part of the remainder (else the high part again, unused)."""
+    tile = _kernel_tile(k_row_ptr, o_t, o_s, L, N)
+    hi = _operand(tile, DT, UPCAST)
+    lo = hi
     if SPLIT:
-        acc = tl.dot(a, _operand(b_f32 - b_hi.to(tl.float32), DT, UPCAST), acc)
+        lo = _operand(tile - hi.to(tl.float32), DT, UPCAST)
+    return hi, lo
+
+
+@triton.jit
+def _product(a_f32, hi, lo, DT: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ (hi + lo): a rounded to DT, the filter tile as its parts (`_filter_parts`), fp32."""
+    a = _operand(a_f32, DT, UPCAST)
+    acc = tl.dot(a, hi)
+    if SPLIT:
+        acc = tl.dot(a, lo, acc)
     return acc
 
 
@@ -75,99 +86,108 @@ def _load(ptr, p, m):
 
 
 @triton.jit
-def _gated(v_ptr, x1_ptr, p, m, DT: tl.constexpr):
-    """v * x1 rounded to the activations' dtype, as torch's path computes it, in fp32."""
-    return (_load(v_ptr, p, m) * _load(x1_ptr, p, m)).to(DT).to(tl.float32)
+def _gated(x_ptr, p, m, DL, DT: tl.constexpr):
+    """v * x1 rounded to the activations' dtype, as torch's path computes it, in fp32; x1 at p of
+    the packed [x1; x2; v] rows, v 2 D L elements after it."""
+    return (_load(x_ptr, p + 2 * DL, m) * _load(x_ptr, p, m)).to(DT).to(tl.float32)
 
 
 @triton.jit
-def _batch_rows(i_b, i_d, B, D, L, BB: tl.constexpr):
-    """[BB, 1] offsets of the rows (b, i_d, :) of batch block i_b in a contiguous (B, D, L) tensor
-    (element (b, d, l) at (b * D + d) * L + l), and their mask."""
-    o_b = i_b * BB + tl.arange(0, BB)
-    return (o_b[:, None].to(tl.int64) * D + i_d) * L, o_b[:, None] < B
+def _rows(o_b, i_d, D, L, CH: tl.constexpr):
+    """[BB, 1] offsets of the rows (b, i_d, :) in a contiguous (B, CH D, L) tensor."""
+    return (o_b[:, None].to(tl.int64) * (CH * D) + i_d) * L
 
 
 @triton.jit
 def _fwd_kernel(
-    u_ptr, x1_ptr, x2_ptr, v_ptr, k1_ptr, d1_ptr, k2_ptr, d2_ptr, y_ptr, z1_ptr,
-    B, D, L,
+    u_ptr, x_ptr, k1_ptr, d1_ptr, k2_ptr, d2_ptr, y_ptr, z1_ptr,
+    B, D, L, BPG,
     HAS_RES: tl.constexpr, SAVE_Z1: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr,
-    BB: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr,
+    LP: tl.constexpr, BB: tl.constexpr, BT: tl.constexpr,
 ):  # fmt: skip
+    """y at output positions o_t of channel i_d for the sequences of group i_g (BPG of them). The
+    filter tiles (all L inputs by BT outputs) are built once and serve every batch block."""
     DT: tl.constexpr = y_ptr.dtype.element_ty
-    i_d, i_b, i_t = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_d, i_t, i_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     N = 2 * L
+    DL = D * L
     o_t = i_t * BT + tl.arange(0, BT)
-    p_row, m_b = _batch_rows(i_b, i_d, B, D, L, BB)
-    k1_row = k1_ptr + i_d * N
-    k2_row = k2_ptr + i_d * N
-    acc1 = tl.zeros([BB, BT], dtype=tl.float32)
-    acc2 = tl.zeros([BB, BT], dtype=tl.float32)
-    for s0 in range(0, L, BS):
-        o_s = s0 + tl.arange(0, BS)
-        p = p_row + o_s[None, :]
-        m = m_b & (o_s[None, :] < L)
-        b_a = _gated(v_ptr, x1_ptr, p, m, DT)
-        acc1 = _dot_split(b_a, _kernel_tile(k1_row, o_t[None, :], o_s[:, None], L, N), acc1, DT, SPLIT, UPCAST)
-        if HAS_RES:
-            b_u = _load(u_ptr, p, m)
-            acc2 = _dot_split(b_u, _kernel_tile(k2_row, o_t[None, :], o_s[:, None], L, N), acc2, DT, SPLIT, UPCAST)
-    p = p_row + o_t[None, :]
-    m = m_b & (o_t[None, :] < L)
-    b_z1 = (acc1 + _gated(v_ptr, x1_ptr, p, m, DT) * tl.load(d1_ptr + i_d)).to(DT)
-    b_y = b_z1.to(tl.float32) * _load(x2_ptr, p, m)
+    o_s = tl.arange(0, LP)
+    k1_hi, k1_lo = _filter_parts(k1_ptr + i_d * N, o_t[None, :], o_s[:, None], L, N, DT, SPLIT, UPCAST)
     if HAS_RES:
-        b_y += acc2 + _load(u_ptr, p, m) * tl.load(d2_ptr + i_d)
-    tl.store(y_ptr + p, b_y.to(DT), mask=m)
-    if SAVE_Z1:
-        tl.store(z1_ptr + p, b_z1, mask=m)
+        k2_hi, k2_lo = _filter_parts(k2_ptr + i_d * N, o_t[None, :], o_s[:, None], L, N, DT, SPLIT, UPCAST)
+    d1 = tl.load(d1_ptr + i_d)
+    d2 = tl.load(d2_ptr + i_d)
+    for b0 in range(i_g * BPG, tl.minimum(B, (i_g + 1) * BPG), BB):
+        o_b = b0 + tl.arange(0, BB)
+        m_b = o_b[:, None] < B
+        x_row, u_row = _rows(o_b, i_d, D, L, 3), _rows(o_b, i_d, D, L, 1)
+        m_in = m_b & (o_s[None, :] < L)
+        acc = _product(_gated(x_ptr, x_row + o_s[None, :], m_in, DL, DT), k1_hi, k1_lo, DT, SPLIT, UPCAST)
+        m_out = m_b & (o_t[None, :] < L)
+        p_x, p_u = x_row + o_t[None, :], u_row + o_t[None, :]
+        b_z1 = (acc + _gated(x_ptr, p_x, m_out, DL, DT) * d1).to(DT)
+        b_y = b_z1.to(tl.float32) * _load(x_ptr, p_x + DL, m_out)
+        if HAS_RES:
+            b_y += _product(_load(u_ptr, u_row + o_s[None, :], m_in), k2_hi, k2_lo, DT, SPLIT, UPCAST)
+            b_y += _load(u_ptr, p_u, m_out) * d2
+        tl.store(y_ptr + p_u, b_y.to(DT), mask=m_out)
+        if SAVE_Z1:
+            tl.store(z1_ptr + p_u, b_z1, mask=m_out)
 
 
 @triton.jit
 def _bwd_inputs_kernel(
-    dy_ptr, u_ptr, x1_ptr, x2_ptr, v_ptr, z1_ptr, k1_ptr, d1_ptr, k2_ptr, d2_ptr,
-    du_ptr, dx1_ptr, dx2_ptr, dv_ptr, dd1_ptr, dd2_ptr,
-    B, D, L,
+    dy_ptr, u_ptr, x_ptr, z1_ptr, k1_ptr, d1_ptr, k2_ptr, d2_ptr,
+    du_ptr, dx_ptr, dd1_ptr, dd2_ptr,
+    B, D, L, BPG,
     HAS_RES: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr,
-    BB: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr,
+    LP: tl.constexpr, BB: tl.constexpr, BS: tl.constexpr,
 ):  # fmt: skip
-    """Input gradients of the block (batch block, input positions o_s) of channel i_d; the
-    skip-weight gradients as partial sums at dd*_ptr[(i_b * n_s + i_s) * D + i_d]."""
-    DT: tl.constexpr = dv_ptr.dtype.element_ty
-    i_d, i_b, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """Input gradients at input positions o_s of channel i_d for the sequences of group i_g, into
+    the packed [dx1; dx2; dv] rows and du; the skip-weight gradients as this program's partial
+    sums at dd*_ptr[(i_g * n_s + i_s) * D + i_d]. The transposed filter tiles are built once."""
+    DT: tl.constexpr = dx_ptr.dtype.element_ty
+    i_d, i_s, i_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     N = 2 * L
+    DL = D * L
     o_s = i_s * BS + tl.arange(0, BS)
-    p_row, m_b = _batch_rows(i_b, i_d, B, D, L, BB)
-    k1_row = k1_ptr + i_d * N
-    k2_row = k2_ptr + i_d * N
-    acc1 = tl.zeros([BB, BS], dtype=tl.float32)
-    acc2 = tl.zeros([BB, BS], dtype=tl.float32)
-    for t0 in range(0, L, BT):
-        o_t = t0 + tl.arange(0, BT)
-        p = p_row + o_t[None, :]
-        m = m_b & (o_t[None, :] < L)
-        b_g = _load(dy_ptr, p, m)
-        b_ga = (b_g * _load(x2_ptr, p, m)).to(DT).to(tl.float32)
-        acc1 = _dot_split(b_ga, _kernel_tile(k1_row, o_t[:, None], o_s[None, :], L, N), acc1, DT, SPLIT, UPCAST)
-        if HAS_RES:
-            acc2 = _dot_split(b_g, _kernel_tile(k2_row, o_t[:, None], o_s[None, :], L, N), acc2, DT, SPLIT, UPCAST)
-    p = p_row + o_s[None, :]
-    m = m_b & (o_s[None, :] < L)
-    b_g = _load(dy_ptr, p, m)
-    b_x1 = _load(x1_ptr, p, m)
-    b_v = _load(v_ptr, p, m)
-    b_ga = (b_g * _load(x2_ptr, p, m)).to(DT).to(tl.float32)
-    b_da = acc1 + b_ga * tl.load(d1_ptr + i_d)
-    tl.store(dv_ptr + p, (b_da * b_x1).to(DT), mask=m)
-    tl.store(dx1_ptr + p, (b_da * b_v).to(DT), mask=m)
-    tl.store(dx2_ptr + p, (b_g * _load(z1_ptr, p, m)).to(DT), mask=m)
-    p_part = (i_b * tl.num_programs(2) + i_s) * D + i_d
-    tl.store(dd1_ptr + p_part, tl.sum(b_ga * (b_v * b_x1).to(DT).to(tl.float32)))
+    o_t = tl.arange(0, LP)
+    k1_hi, k1_lo = _filter_parts(k1_ptr + i_d * N, o_t[:, None], o_s[None, :], L, N, DT, SPLIT, UPCAST)
     if HAS_RES:
-        b_u = _load(u_ptr, p, m)
-        tl.store(du_ptr + p, (acc2 + b_g * tl.load(d2_ptr + i_d)).to(du_ptr.dtype.element_ty), mask=m)
-        tl.store(dd2_ptr + p_part, tl.sum(b_g * b_u))
+        k2_hi, k2_lo = _filter_parts(k2_ptr + i_d * N, o_t[:, None], o_s[None, :], L, N, DT, SPLIT, UPCAST)
+    d1 = tl.load(d1_ptr + i_d)
+    d2 = tl.load(d2_ptr + i_d)
+    dd1 = tl.zeros([BB, BS], dtype=tl.float32)
+    dd2 = tl.zeros([BB, BS], dtype=tl.float32)
+    for b0 in range(i_g * BPG, tl.minimum(B, (i_g + 1) * BPG), BB):
+        o_b = b0 + tl.arange(0, BB)
+        m_b = o_b[:, None] < B
+        x_row, u_row = _rows(o_b, i_d, D, L, 3), _rows(o_b, i_d, D, L, 1)
+        m_in = m_b & (o_t[None, :] < L)
+        b_g = _load(dy_ptr, u_row + o_t[None, :], m_in)
+        b_ga = (b_g * _load(x_ptr, x_row + DL + o_t[None, :], m_in)).to(DT).to(tl.float32)
+        acc = _product(b_ga, k1_hi, k1_lo, DT, SPLIT, UPCAST)
+        if HAS_RES:
+            acc2 = _product(b_g, k2_hi, k2_lo, DT, SPLIT, UPCAST)
+        m = m_b & (o_s[None, :] < L)
+        p_x, p_u = x_row + o_s[None, :], u_row + o_s[None, :]
+        b_g = _load(dy_ptr, p_u, m)
+        b_x1 = _load(x_ptr, p_x, m)
+        b_v = _load(x_ptr, p_x + 2 * DL, m)
+        b_ga = (b_g * _load(x_ptr, p_x + DL, m)).to(DT).to(tl.float32)
+        b_da = acc + b_ga * d1
+        tl.store(dx_ptr + p_x, (b_da * b_v).to(DT), mask=m)
+        tl.store(dx_ptr + p_x + DL, (b_g * _load(z1_ptr, p_u, m)).to(DT), mask=m)
+        tl.store(dx_ptr + p_x + 2 * DL, (b_da * b_x1).to(DT), mask=m)
+        dd1 += b_ga * (b_v * b_x1).to(DT).to(tl.float32)
+        if HAS_RES:
+            tl.store(du_ptr + p_u, (acc2 + b_g * d2).to(du_ptr.dtype.element_ty), mask=m)
+            dd2 += b_g * _load(u_ptr, p_u, m)
+    p_part = (i_g * tl.num_programs(1) + i_s) * D + i_d
+    tl.store(dd1_ptr + p_part, tl.sum(tl.sum(dd1, axis=1), axis=0))
+    if HAS_RES:
+        tl.store(dd2_ptr + p_part, tl.sum(tl.sum(dd2, axis=1), axis=0))
 
 
 @triton.jit
@@ -184,7 +204,7 @@ def _diagonal_sums(acc, BLK: tl.constexpr):
 
 @triton.jit
 def _bwd_filter_kernel(
-    dy_ptr, u_ptr, x1_ptr, x2_ptr, v_ptr, neg1_ptr, pos1_ptr, neg2_ptr, pos2_ptr,
+    dy_ptr, u_ptr, x_ptr, neg1_ptr, pos1_ptr, neg2_ptr, pos2_ptr,
     B, D, L, NB, W,
     HAS_RES: tl.constexpr, UPCAST: tl.constexpr, BB: tl.constexpr, BLK: tl.constexpr,
 ):  # fmt: skip
@@ -203,14 +223,16 @@ def _bwd_filter_kernel(
         for b0 in range(0, B, BB):
             o_b = b0 + tl.arange(0, BB)
             m_b = o_b < B
-            # ga^T as [BLK (t), BB] and a as [BB, BLK (s)]
+            # ga^T as [BLK (t), BB] and a as [BB, BLK (s)]; dy and u (B, D, L), x packed (B, 3D, L)
             p_t = (o_b[None, :].to(tl.int64) * D + i_d) * L + o_t[:, None]
+            p_xt = (o_b[None, :].to(tl.int64) * (3 * D) + i_d) * L + o_t[:, None]
             m_t = m_b[None, :] & (o_t[:, None] < L)
             p_s = (o_b[:, None].to(tl.int64) * D + i_d) * L + o_s[None, :]
+            p_xs = (o_b[:, None].to(tl.int64) * (3 * D) + i_d) * L + o_s[None, :]
             m_s = m_b[:, None] & (o_s[None, :] < L)
             b_gt = _load(dy_ptr, p_t, m_t)
-            b_gat = b_gt * _load(x2_ptr, p_t, m_t)
-            acc1 = _dot(b_gat, _gated(v_ptr, x1_ptr, p_s, m_s, DT), acc1, DT, UPCAST)
+            b_gat = b_gt * _load(x_ptr, p_xt + D * L, m_t)
+            acc1 = _dot(b_gat, _gated(x_ptr, p_xs, m_s, D * L, DT), acc1, DT, UPCAST)
             if HAS_RES:
                 acc2 = _dot(b_gt, _load(u_ptr, p_s, m_s), acc2, DT, UPCAST)
     p_out = i_d * W + q * BLK + NB * BLK - o_blk
@@ -223,18 +245,30 @@ def _bwd_filter_kernel(
         tl.store(pos2_ptr + p_out + BLK, pos)
 
 
-def _blocks(batch: int, length: int) -> dict[str, int]:
-    """Block sizes: BB, BT, BS for the two GEMM kernels, BB_F and BLK for the filter kernel.
+# The GEMM kernels' grid aims at about this many programs (8 per SM of an H200), sharing each
+# program's filter tiles among as many sequences as that leaves.
+TARGET_PROGRAMS = 1024
 
-    Batch blocks of 32 rows: on an H200 (d=768, L=128, fwd + bwd) they take 1.26 ms at B=256 and
-    about 1.0 ms at B=48, against 2.16 and 1.31 ms with one block of up to 128 rows (the wide
-    blocks spill and leave too few programs per SM). The filter kernel steps through the batch 16
-    rows at a time: with 32 rows, Triton 3.6 on an H200 computed the residual filter's gradient
-    wrong (6-9% off, `test_fftconv_toeplitz_gpu` at batch 48), with 16 or 64 rows right."""
+
+def _blocks(batch: int, dim: int, length: int) -> dict[str, int]:
+    """Block sizes: BB rows per batch block, BT = BS output (input) positions per program and BPG
+    sequences per program for the two GEMM kernels; BB_F and BLK for the filter kernel.
+
+    A GEMM program builds its filter tiles (all L inputs by BT outputs, high and low parts) once
+    and runs them over BPG sequences, BB at a time: the tiles cost as much to build as a block's
+    products, so they are shared by as many sequences as the grid's size allows (about 8 programs
+    per SM of an H200). The filter kernel steps through the batch 16 rows at a time: with 32 rows,
+    Triton 3.6 on an H200 computed the residual filter's gradient wrong (6-9% off,
+    `test_fftconv_toeplitz_gpu` at batch 48), with 16 or 64 rows right."""
+    padded = max(16, triton.next_power_of_2(length))
     if INTERPRET:
-        return {"BB": 16, "BT": 32, "BS": 32, "BB_F": 16, "BLK": 32, "num_warps": 4}
-    rows = min(32, max(16, triton.next_power_of_2(batch)))
-    return {"BB": rows, "BT": 64, "BS": 64, "BB_F": 16, "BLK": 64, "num_warps": 8}
+        rows, cols, warps = 16, min(32, padded), 4
+    else:
+        rows, cols, warps = min(64, max(16, triton.next_power_of_2(batch))), min(64, padded), 4
+    grid = dim * triton.cdiv(length, cols)
+    groups = max(1, min(triton.cdiv(batch, rows), triton.cdiv(TARGET_PROGRAMS, grid)))
+    per_group = triton.cdiv(triton.cdiv(batch, groups), rows) * rows
+    return {"LP": padded, "BB": rows, "BT": cols, "BPG": per_group, "BB_F": 16, "BLK": 32 if INTERPRET else 64, "num_warps": warps}
 
 
 def supports(v_BDL: torch.Tensor) -> bool:
@@ -247,77 +281,79 @@ def supports(v_BDL: torch.Tensor) -> bool:
     )
 
 
-def _rows(t: torch.Tensor | None) -> torch.Tensor | None:
-    """The kernels index contiguous (B, D, L) tensors."""
-    return t if t is None else t.contiguous()
-
-
-# The op computes in the given layout and returns fresh contiguous tensors, which is what the fake
-# implementations below state to torch.compile. The residual branch is present iff k2 is given.
+# The ops take the gated branch's inputs packed as x = [x1; x2; v] along the channels (B, 3D, L),
+# as the short convolution writes them, and return its gradient the same way: no split or
+# concatenation around them. They compute in contiguous layouts and return fresh contiguous
+# tensors, which is what the fake implementations state to torch.compile. The residual branch is
+# present iff k2 is given.
 @torch.library.custom_op("m2dist::toeplitz_conv", mutates_args=())
 def toeplitz_conv(
-    u: torch.Tensor | None, x1: torch.Tensor, x2: torch.Tensor, v: torch.Tensor, k1: torch.Tensor, d1: torch.Tensor,
+    u: torch.Tensor | None, x: torch.Tensor, k1: torch.Tensor, d1: torch.Tensor,
     k2: torch.Tensor | None, d2: torch.Tensor | None, split: bool, save_z1: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """(y, z1): the output (B, D, L) in v's dtype and, if `save_z1`, the gated convolution before
+    """(y, z1): the output (B, D, L) in x's dtype and, if `save_z1`, the gated convolution before
     the post-gate (kept for the backward; else an empty tensor)."""
-    batch, dim, length = v.shape
+    batch, width, length = x.shape
+    dim = width // 3
     has_res = k2 is not None
-    u, x1, x2, v = map(_rows, (u, x1, x2, v))
+    x = x.contiguous()
+    u = u.contiguous() if has_res else x
     k1, d1 = k1.float().contiguous(), d1.float().contiguous()
     k2, d2 = (k2.float().contiguous(), d2.float().contiguous()) if has_res else (k1, d1)
-    blk = _blocks(batch, length)
-    y = new_output(v.shape, v.dtype, v.device)
-    z1 = new_output(v.shape, v.dtype, v.device) if save_z1 else v.new_empty(0)
-    grid = (dim, triton.cdiv(batch, blk["BB"]), triton.cdiv(length, blk["BT"]))
+    blk = _blocks(batch, dim, length)
+    y = new_output((batch, dim, length), x.dtype, x.device)
+    z1 = new_output((batch, dim, length), x.dtype, x.device) if save_z1 else x.new_empty(0)
+    grid = (dim, triton.cdiv(length, blk["BT"]), triton.cdiv(batch, blk["BPG"]))
     _fwd_kernel[grid](
-        u if has_res else v, x1, x2, v, k1, d1, k2, d2, y, z1 if save_z1 else y, batch, dim, length,
+        u, x, k1, d1, k2, d2, y, z1 if save_z1 else y, batch, dim, length, blk["BPG"],
         HAS_RES=has_res, SAVE_Z1=save_z1, SPLIT=split, UPCAST=INTERPRET,
-        BB=blk["BB"], BT=blk["BT"], BS=blk["BS"], num_warps=blk["num_warps"],
+        LP=blk["LP"], BB=blk["BB"], BT=blk["BT"], num_warps=blk["num_warps"],
     )  # fmt: skip
     return y, z1
 
 
 @toeplitz_conv.register_fake
-def _(u, x1, x2, v, k1, d1, k2, d2, split, save_z1):
-    return torch.empty_like(v, memory_format=torch.contiguous_format), v.new_empty(v.shape if save_z1 else (0,))
+def _(u, x, k1, d1, k2, d2, split, save_z1):
+    shape = (x.shape[0], x.shape[1] // 3, x.shape[2])
+    return x.new_empty(shape), x.new_empty(shape if save_z1 else (0,))
 
 
 @torch.library.custom_op("m2dist::toeplitz_conv_backward", mutates_args=())
 def toeplitz_conv_backward(
-    dy: torch.Tensor, u: torch.Tensor | None, x1: torch.Tensor, x2: torch.Tensor, v: torch.Tensor, z1: torch.Tensor,
+    dy: torch.Tensor, u: torch.Tensor | None, x: torch.Tensor, z1: torch.Tensor,
     k1: torch.Tensor, d1: torch.Tensor, k2: torch.Tensor | None, d2: torch.Tensor | None, split: bool,
 ) -> list[torch.Tensor]:  # fmt: skip
-    """[dx1, dx2, dv, dk1, dd1] and, with the residual branch, [du, dk2, dd2] after them; each
-    gradient in its input's dtype."""
+    """[dx, dk1, dd1] and, with the residual branch, [du, dk2, dd2] after them; dx packed as x
+    (B, 3D, L), each gradient in its input's dtype."""
     has_res = k2 is not None
-    batch, dim, length = v.shape
-    blk = _blocks(batch, length)
-    dy, u, x1, x2, v, z1 = map(_rows, (dy, u, x1, x2, v, z1))
+    batch, width, length = x.shape
+    dim = width // 3
+    blk = _blocks(batch, dim, length)
+    dy, x, z1 = dy.contiguous(), x.contiguous(), z1.contiguous()
+    u = u.contiguous() if has_res else x
     k1f, d1f = k1.float().contiguous(), d1.float().contiguous()
     k2f, d2f = (k2.float().contiguous(), d2.float().contiguous()) if has_res else (k1f, d1f)
-    u_or_v = u if has_res else v
-    dx1, dx2, dv = (new_output(v.shape, v.dtype, v.device) for _ in range(3))
-    du = new_output(u.shape, u.dtype, u.device) if has_res else dv
-    n_b, n_s = triton.cdiv(batch, blk["BB"]), triton.cdiv(length, blk["BS"])
-    dd1_part = new_output((n_b * n_s, dim), torch.float32, v.device)
-    dd2_part = new_output((n_b * n_s, dim), torch.float32, v.device) if has_res else dd1_part
-    _bwd_inputs_kernel[(dim, n_b, n_s)](
-        dy, u_or_v, x1, x2, v, z1, k1f, d1f, k2f, d2f, du, dx1, dx2, dv, dd1_part, dd2_part,
-        batch, dim, length, HAS_RES=has_res, SPLIT=split, UPCAST=INTERPRET,
-        BB=blk["BB"], BT=blk["BT"], BS=blk["BS"], num_warps=blk["num_warps"],
+    dx = new_output(x.shape, x.dtype, x.device)
+    du = new_output(u.shape, u.dtype, u.device) if has_res else dx
+    n_s, n_g = triton.cdiv(length, blk["BT"]), triton.cdiv(batch, blk["BPG"])
+    dd1_part = new_output((n_g * n_s, dim), torch.float32, x.device)
+    dd2_part = new_output((n_g * n_s, dim), torch.float32, x.device) if has_res else dd1_part
+    _bwd_inputs_kernel[(dim, n_s, n_g)](
+        dy, u, x, z1, k1f, d1f, k2f, d2f, du, dx, dd1_part, dd2_part, batch, dim, length, blk["BPG"],
+        HAS_RES=has_res, SPLIT=split, UPCAST=INTERPRET,
+        LP=blk["LP"], BB=blk["BB"], BS=blk["BT"], num_warps=blk["num_warps"],
     )  # fmt: skip
     nb = triton.cdiv(length, blk["BLK"])
     width = 2 * nb * blk["BLK"] + 1
-    lag_sums = torch.zeros((4 if has_res else 2, dim, width), dtype=torch.float32, device=v.device)
+    lag_sums = torch.zeros((4 if has_res else 2, dim, width), dtype=torch.float32, device=x.device)
     _bwd_filter_kernel[(dim, 2 * nb - 1)](
-        dy, u_or_v, x1, x2, v, lag_sums[0], lag_sums[1], lag_sums[-2], lag_sums[-1],
+        dy, u, x, lag_sums[0], lag_sums[1], lag_sums[-2], lag_sums[-1],
         batch, dim, length, nb, width, HAS_RES=has_res, UPCAST=INTERPRET,
-        BB=blk["BB_F"], BLK=blk["BLK"], num_warps=blk["num_warps"],
+        BB=blk["BB_F"], BLK=blk["BLK"], num_warps=8 if not INTERPRET else 4,
     )  # fmt: skip
     origin = nb * blk["BLK"]
     dk1 = _circular(lag_sums[0] + lag_sums[1], origin, length).to(k1.dtype)
-    grads = [dx1, dx2, dv, dk1, dd1_part.sum(0).to(d1.dtype)]
+    grads = [dx, dk1, dd1_part.sum(0).to(d1.dtype)]
     if has_res:
         dk2 = _circular(lag_sums[2] + lag_sums[3], origin, length).to(k2.dtype)
         grads += [du, dk2, dd2_part.sum(0).to(d2.dtype)]
@@ -325,25 +361,25 @@ def toeplitz_conv_backward(
 
 
 @toeplitz_conv_backward.register_fake
-def _(dy, u, x1, x2, v, z1, k1, d1, k2, d2, split):
-    grads = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (x1, x2, v, k1, d1)]
+def _(dy, u, x, z1, k1, d1, k2, d2, split):
+    grads = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (x, k1, d1)]
     if k2 is not None:
         grads += [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (u, k2, d2)]
     return grads
 
 
 def _toeplitz_setup_context(ctx, inputs, output):
-    u, x1, x2, v, k1, d1, k2, d2, split, _ = inputs
-    ctx.save_for_backward(u, x1, x2, v, output[1], k1, d1, k2, d2)
+    u, x, k1, d1, k2, d2, split, _ = inputs
+    ctx.save_for_backward(u, x, output[1], k1, d1, k2, d2)
     ctx.split = split
 
 
 def _toeplitz_backward(ctx, dy, _dz1):
-    u, x1, x2, v, z1, k1, d1, k2, d2 = ctx.saved_tensors
-    grads = toeplitz_conv_backward(dy, u, x1, x2, v, z1, k1, d1, k2, d2, ctx.split)
-    dx1, dx2, dv, dk1, dd1 = grads[:5]
-    du, dk2, dd2 = grads[5:] if k2 is not None else (None, None, None)
-    return du, dx1, dx2, dv, dk1, dd1, dk2, dd2, None, None
+    u, x, z1, k1, d1, k2, d2 = ctx.saved_tensors
+    grads = toeplitz_conv_backward(dy, u, x, z1, k1, d1, k2, d2, ctx.split)
+    dx, dk1, dd1 = grads[:3]
+    du, dk2, dd2 = grads[3:] if k2 is not None else (None, None, None)
+    return du, dx, dk1, dd1, dk2, dd2, None, None
 
 
 torch.library.register_autograd("m2dist::toeplitz_conv", _toeplitz_backward, setup_context=_toeplitz_setup_context)
@@ -356,17 +392,27 @@ def _circular(by_lag: torch.Tensor, origin: int, length: int) -> torch.Tensor:
     return torch.cat([by_lag[:, origin : origin + length], zero, by_lag[:, origin - length + 1 : origin]], dim=1)
 
 
+def packed_gated_long_conv(u_BDL, x_BCL, k1_DN, d1_D, k2_DN=None, d2_D=None, *, split: bool = True):
+    """`gated_long_conv` with the gated branch's inputs packed as x = [x1; x2; v] (B, 3D, L) in bf16
+    or fp16, as the short convolution writes them; its gradient comes back packed the same way.
+
+    u (B, D, L) in any float dtype, rounded to x's for the tensor cores (its skip term is not); it
+    is laid out contiguously here, once, so that the backward reuses the forward's copy. The
+    output has x's dtype. k1_DN, k2_DN: (D, 2L) circular filters; d1_D, d2_D: (D,). `split` False
+    rounds the filter to the activations' dtype (one GEMM, not two). The caller checks shapes."""
+    if x_BCL.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"the Toeplitz path takes bf16 or fp16 activations, got {x_BCL.dtype}")
+    has_res = k2_DN is not None
+    inputs = (u_BDL.contiguous() if has_res else None, x_BCL, k1_DN, d1_D, k2_DN, d2_D)
+    save_z1 = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    return toeplitz_conv(*inputs, split, save_z1)[0]
+
+
 def gated_long_conv(u_BDL, x1_BDL, x2_BDL, v_BDL, k1_DN, d1_D, k2_DN=None, d2_D=None, *, split: bool = True):
     """`y = (conv(v * x1; k1) + (v * x1) * d1) * x2 + conv(u; k2) + u * d2` by the Toeplitz GEMM.
 
-    x1, x2, v (B, D, L) in bf16 or fp16 (one dtype); u (B, D, L) in any float dtype, rounded to v's
-    for the tensor cores (its skip term is not); the output has v's dtype. k1_DN, k2_DN: (D, 2L)
-    circular filters; d1_D, d2_D: (D,). `split` False rounds the filter to the activations' dtype (one GEMM, not two).
-    The caller (`kernels.fftconv`) checks shapes and picks this path.
+    x1, x2, v (B, D, L) in bf16 or fp16 (one dtype), packed into one tensor here (one copy; the
+    sequence mixer passes the packed tensor to `packed_gated_long_conv` instead); otherwise as
+    `packed_gated_long_conv`. The caller (`kernels.fftconv`) checks shapes and picks this path.
     """
-    if v_BDL.dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError(f"the Toeplitz path takes bf16 or fp16 activations, got {v_BDL.dtype}")
-    has_res = k2_DN is not None
-    inputs = (u_BDL if has_res else None, x1_BDL, x2_BDL, v_BDL, k1_DN, d1_D, k2_DN, d2_D)
-    save_z1 = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
-    return toeplitz_conv(*inputs, split, save_z1)[0]
+    return packed_gated_long_conv(u_BDL, torch.cat([x1_BDL, x2_BDL, v_BDL], dim=1), k1_DN, d1_D, k2_DN, d2_D, split=split)

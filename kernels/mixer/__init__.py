@@ -37,11 +37,14 @@ def _short_conv(p_BLC, weight_C1K, bias_C):
 
 
 def _per_op(gated_long_conv, p_BLC, weight_C1K, bias_C, u_BLD, k1_DN, d1_D, k2_DN, d2_D, mask_BL):
+    """`gated_long_conv`: `kernels.fftconv`'s packed implementation, which takes the short
+    convolution's (B, 3D, L) output x = [x1; x2; v] as it is."""
     dim = u_BLD.shape[-1]
-    x1_BDL, x2_BDL, v_BDL = _short_conv(p_BLC, weight_C1K, bias_C).split(dim, dim=1)
+    x_BCL = _short_conv(p_BLC, weight_C1K, bias_C)
     if mask_BL is not None:
-        v_BDL = v_BDL * mask_BL.to(v_BDL.dtype)[:, None, :]
-    y_BDL = gated_long_conv(u_BLD.transpose(1, 2), x1_BDL, x2_BDL, v_BDL, k1_DN, d1_D, k2_DN, d2_D)
+        x1_BDL, x2_BDL, v_BDL = x_BCL.split(dim, dim=1)
+        x_BCL = torch.cat([x1_BDL, x2_BDL, v_BDL * mask_BL.to(v_BDL.dtype)[:, None, :]], dim=1)
+    y_BDL = gated_long_conv(u_BLD.transpose(1, 2), x_BCL, k1_DN, d1_D, k2_DN, d2_D)
     return y_BDL.transpose(1, 2)
 
 
@@ -93,13 +96,13 @@ def implementation(backend: str, fused: bool = False) -> SequenceMixer:
 
     `fused` (Triton backends only) computes it as one operator where that applies, per op elsewhere.
     mask_BL (B, L), 1 at tokens: the short convolution's v is zeroed at padding (per op only)."""
-    gated_long_conv = kernels.fftconv.implementation(backend)
+    gated_long_conv = kernels.fftconv.implementation(backend, packed=True)
     if not fused or backend == "reference":
         impl = functools.partial(_per_op, gated_long_conv)
     elif backend == "triton":
         impl = functools.partial(_fused_or_per_op, gated_long_conv)
     else:
-        impl = functools.partial(_auto_fused, gated_long_conv, kernels.fftconv.implementation("reference"))
+        impl = functools.partial(_auto_fused, gated_long_conv, kernels.fftconv.implementation("reference", packed=True))
     return functools.partial(_checked, impl)
 
 

@@ -176,7 +176,10 @@ def engine_config(
 ) -> Config:
     """Config `name` set up for a throughput run of the engine: L and one micro-batch of
     `batch_size` per step, no tracking, the embedded corpus when the config names no data, then
-    `overrides` (key=value, e.g. train.compile=true)."""
+    `overrides` (key=value, e.g. train.compile=true). The data loader keeps the config's workers,
+    as training runs it: with none, masking and collating each batch ran on the host inside the timed
+    step (m2-bert-80M at L=128 on one H200 read 163k tokens/s so, against 279k for the profiled
+    engine step with the workers)."""
     config = load_config(name)
     return load_config(
         name,
@@ -189,7 +192,6 @@ def engine_config(
             f"train.output_dir={output_dir}",
             "tracking.enabled=false",
             "data.allow_embedded_corpus=true",
-            "data.num_workers=0",
         ],
     )
 
