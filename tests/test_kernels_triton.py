@@ -233,7 +233,7 @@ def test_fftconv_toeplitz_batch_groups(monkeypatch):
     for target, groups in ((1024, 3), (64, 2), (1, 1)):
         monkeypatch.setattr(triton_toeplitz, "TARGET_PROGRAMS", target)
         blocks = triton_toeplitz._blocks(40, 16, 40)
-        assert triton.cdiv(40, blocks["BPG"]) == groups and blocks["BPG"] % blocks["BB"] == 0
+        assert triton.cdiv(40, blocks["BPG"]) == groups and blocks["BPG"] % max(blocks["BB"], blocks["BB_BWD"]) == 0
         ins = [t.detach().requires_grad_() for t in inputs]
         y = triton_toeplitz.gated_long_conv(*ins)
         results[target] = (y, *torch.autograd.grad(y, ins, upstream))
@@ -563,8 +563,9 @@ def test_blockdiag_gpu(dtype, dim):
 
 
 @pytest.mark.gpu
-# Batch 48: two 32-row batch blocks, the second partly masked; 256: many, and 16 filter-kernel steps.
-@pytest.mark.parametrize("length,batch,dim", [(128, 8, 768), (128, 48, 768), (128, 256, 256), (500, 4, 960), (2048, 2, 768)])
+# Batch 48: a partial batch block; 256: groups of many blocks, and 16 filter-kernel steps; L=100 and
+# 64: a partial and a single output block (the path takes L <= MAX_LEN).
+@pytest.mark.parametrize("length,batch,dim", [(128, 8, 768), (128, 48, 768), (128, 256, 256), (100, 4, 960), (64, 300, 768)])
 def test_fftconv_toeplitz_gpu(length, batch, dim):
     inputs = _conv_inputs(batch, dim, length, True, seed=length)
     _compare(triton_toeplitz.gated_long_conv, fftconv_reference.gated_long_conv, inputs, torch.bfloat16, atol_rel=1e-3)

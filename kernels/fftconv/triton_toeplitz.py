@@ -7,20 +7,25 @@ transform pair (an FFT of size 2L does ~10 passes over twice the data in fp32), 
 the length where the O(L) work per element overtakes the O(log L) of the FFT (`MAX_LEN`, measured
 on an H200; longer inputs take the FFT kernels of `triton_fftconv`).
 
-- Forward: one program per (channel, batch block, output block); T's tiles are read from the
-  kernel row K (fp32, cached on chip) and split into a high and a low half-precision part, so the
-  filter keeps ~16 mantissa bits while the activations enter the tensor cores as they are (bf16 or
-  fp16, as torch's path rounds them); fp32 accumulation. The gating, both skip terms, the post-gate
-  and the residual convolution are fused; the gated conv output z1 is kept for the backward.
-- Backward, activations: the same GEMM with T transposed, one program per input block; writes all
-  four input gradients and per-program partial sums of the skip-weight gradients.
+- Forward: one program per (channel, block of BT output positions, group of BPG sequences). It
+  reads the filter tiles of all L inputs by its BT outputs from the kernel row K (fp32) once, split
+  into a high and a low half-precision part, so the filter keeps ~16 mantissa bits while the
+  activations enter the tensor cores as they are (bf16 or fp16, as torch's path rounds them), and
+  runs them over its sequences BB at a time (one GEMM with K = L per block); fp32 accumulation.
+  Building the tiles costs about as much as a block's products, hence the groups. The gating, both
+  skip terms, the post-gate and the residual convolution are fused; the gated conv output z1 is
+  kept for the backward. The gated branch's inputs come packed, x = [x1; x2; v] (B, 3D, L), as the
+  short convolution writes them.
+- Backward, activations: the same GEMM with T transposed, per block of input positions; writes the
+  packed gradient [dx1; dx2; dv], du, and per-program partial sums of the skip-weight gradients.
 - Backward, filters: dK[j] = sum over (b, t - s = j mod N) of ga[b, t] a[b, s]. A program owns one
   diagonal of the (t block, s block) grid, where every tile has the same lags, so it accumulates
   `ga[:, t block]^T a[:, s block]` (a GEMM over the batch) over the whole diagonal and reduces the
   tile along its diagonals once at the end (a skew with `tl.gather`, then column sums).
 
-Shape legend: B batch, D channels, L sequence length, N = 2L the circular filter length; BB, BT, BS
-block sizes along batch, output time and input time; BLK the tile of the filter-gradient kernel.
+Shape legend: B batch, D channels, C = 3D the packed gated inputs, L sequence length (LP: the next
+power of two), N = 2L the circular filter length; BB, BT, BS block sizes along batch, output time and
+input time; BPG sequences per program; BLK the tile of the filter-gradient kernel.
 """
 
 import torch
@@ -251,24 +256,29 @@ TARGET_PROGRAMS = 1024
 
 
 def _blocks(batch: int, dim: int, length: int) -> dict[str, int]:
-    """Block sizes: BB rows per batch block, BT = BS output (input) positions per program and BPG
-    sequences per program for the two GEMM kernels; BB_F and BLK for the filter kernel.
+    """Block sizes: BB (forward) and BB_BWD (input gradients) rows per batch block, BT = BS output
+    (input) positions per program and BPG sequences per program for the two GEMM kernels; BB_F and
+    BLK for the filter kernel.
 
     A GEMM program builds its filter tiles (all L inputs by BT outputs, high and low parts) once
-    and runs them over BPG sequences, BB at a time: the tiles cost as much to build as a block's
-    products, so they are shared by as many sequences as the grid's size allows (about 8 programs
-    per SM of an H200). The filter kernel steps through the batch 16 rows at a time: with 32 rows,
-    Triton 3.6 on an H200 computed the residual filter's gradient wrong (6-9% off,
-    `test_fftconv_toeplitz_gpu` at batch 48), with 16 or 64 rows right."""
+    and runs them over BPG sequences, a batch block at a time, so that the tiles are shared by as
+    many sequences as a grid of about `TARGET_PROGRAMS` leaves. Per-kernel times on an H200 (d=768,
+    L=128, B=256 | 48, 4 warps, 64-position tiles): forward 312 | 80 us with 16-row blocks, 400 | 125
+    with 32, 308 | 101 with 64; input gradients 448 | 105, 327 | 92, 582 | 222. The filter kernel
+    steps through the batch 16 rows at a time: with 32 rows, Triton 3.6 on an H200 computed the
+    residual filter's gradient wrong (6-9% off, `test_fftconv_toeplitz_gpu` at batch 48), with 16
+    or 64 rows right."""
     padded = max(16, triton.next_power_of_2(length))
-    if INTERPRET:
-        rows, cols, warps = 16, min(32, padded), 4
-    else:
-        rows, cols, warps = min(64, max(16, triton.next_power_of_2(batch))), min(64, padded), 4
+    rows_fwd = 16
+    rows_bwd = 16 if INTERPRET else min(32, max(16, triton.next_power_of_2(batch)))
+    cols = min(32 if INTERPRET else 64, padded)
     grid = dim * triton.cdiv(length, cols)
-    groups = max(1, min(triton.cdiv(batch, rows), triton.cdiv(TARGET_PROGRAMS, grid)))
-    per_group = triton.cdiv(triton.cdiv(batch, groups), rows) * rows
-    return {"LP": padded, "BB": rows, "BT": cols, "BPG": per_group, "BB_F": 16, "BLK": 32 if INTERPRET else 64, "num_warps": warps}
+    groups = max(1, min(triton.cdiv(batch, rows_bwd), triton.cdiv(TARGET_PROGRAMS, grid)))
+    per_group = triton.cdiv(triton.cdiv(batch, groups), rows_bwd) * rows_bwd
+    return {
+        "LP": padded, "BB": rows_fwd, "BB_BWD": rows_bwd, "BT": cols, "BPG": per_group,
+        "BB_F": 16, "BLK": 32 if INTERPRET else 64, "num_warps": 4,
+    }  # fmt: skip
 
 
 def supports(v_BDL: torch.Tensor) -> bool:
@@ -341,7 +351,7 @@ def toeplitz_conv_backward(
     _bwd_inputs_kernel[(dim, n_s, n_g)](
         dy, u, x, z1, k1f, d1f, k2f, d2f, du, dx, dd1_part, dd2_part, batch, dim, length, blk["BPG"],
         HAS_RES=has_res, SPLIT=split, UPCAST=INTERPRET,
-        LP=blk["LP"], BB=blk["BB"], BS=blk["BT"], num_warps=blk["num_warps"],
+        LP=blk["LP"], BB=blk["BB_BWD"], BS=blk["BT"], num_warps=blk["num_warps"],
     )  # fmt: skip
     nb = triton.cdiv(length, blk["BLK"])
     width = 2 * nb * blk["BLK"] + 1
@@ -402,6 +412,9 @@ def packed_gated_long_conv(u_BDL, x_BCL, k1_DN, d1_D, k2_DN=None, d2_D=None, *, 
     rounds the filter to the activations' dtype (one GEMM, not two). The caller checks shapes."""
     if x_BCL.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"the Toeplitz path takes bf16 or fp16 activations, got {x_BCL.dtype}")
+    if x_BCL.shape[-1] > MAX_LEN:
+        # A program holds its filter tiles for all L inputs: longer inputs take the FFT kernels.
+        raise ValueError(f"the Toeplitz path takes L <= {MAX_LEN}, got L={x_BCL.shape[-1]}")
     has_res = k2_DN is not None
     inputs = (u_BDL.contiguous() if has_res else None, x_BCL, k1_DN, d1_D, k2_DN, d2_D)
     save_z1 = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
