@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fft-tokens", type=int, default=65536, help="batch x L of the FFT benchmark")
     parser.add_argument("--fft-dim", type=int, default=768)
     parser.add_argument("--variants", default="", help="comma list of max_onchip:tile:num_warps")
-    parser.add_argument("--toeplitz-max", type=int, default=8192, help="longest L to time the Toeplitz path at")
+    parser.add_argument("--toeplitz-max", type=int, default=8192, help="longest L to time the Toeplitz path at (it takes L <= 128)")
     parser.add_argument("--dims", default="768,960,1536,1792")
     parser.add_argument("--glu-tokens", type=int, default=32768)
     parser.add_argument("--mixer-lengths", default="64,128", help="L of the sequence-mixer benchmark (--fft-tokens per step)")

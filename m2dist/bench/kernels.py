@@ -68,10 +68,10 @@ def bench_fftconv(lengths, tokens, dim, variants, copy_bw, toeplitz_max):
         ref_ms = _bench(_fwd_bwd(fftconv_reference.gated_long_conv, inputs, upstream))
         ref_fwd_ms = _bench(lambda: fftconv_reference.gated_long_conv(*inputs))
 
-        def measure(algorithm, fn):
+        def measure(algorithm, fn, args=inputs):
             try:
-                tri_ms = _bench(_fwd_bwd(fn, inputs, upstream))
-                tri_fwd_ms = _bench(lambda: fn(*inputs))
+                tri_ms = _bench(_fwd_bwd(fn, args, upstream))
+                tri_fwd_ms = _bench(lambda: fn(*args))
             except Exception as exc:  # a variant that does not compile or fit is reported, not fatal
                 print(f"fftconv L={length} {algorithm}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
                 return
@@ -95,10 +95,14 @@ def bench_fftconv(lengths, tokens, dim, variants, copy_bw, toeplitz_max):
                 label += f" w={variant[2]}" if variant else ""
                 measure(label, functools.partial(triton_fftconv.gated_long_conv, max_onchip=max_onchip))
             triton_fftconv.TILE, triton_fftconv.NUM_WARPS = saved
-        if length <= toeplitz_max:
+        if length <= min(toeplitz_max, triton_toeplitz.MAX_LEN):
+            # The gated inputs packed as the sequence mixer passes them (one (B, 3D, L) tensor).
+            x = torch.cat([x1, x2, v], dim=1).detach().requires_grad_()
             for split in (True, False):
                 label = "Toeplitz GEMM" + ("" if split else ", filter in bf16")
-                measure(label, functools.partial(triton_toeplitz.gated_long_conv, split=split))
+                fn = functools.partial(triton_toeplitz.packed_gated_long_conv, split=split)
+                measure(label, fn, [u, x, k1, d1, k2, d2])
+            del x
         del inputs, u, x1, x2, v, upstream
         torch.cuda.empty_cache()
     return rows
