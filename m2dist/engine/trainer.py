@@ -38,6 +38,7 @@ from m2dist.engine.metrics import (
     training_flops_per_token,
 )
 from m2dist.engine.signals import install_stop_handlers, stop_signal
+from m2dist.engine.zero_reduction import skip_single_rank_reduction
 from m2dist.errors import NonFiniteTraining, RunFolderLocked
 from m2dist.models import MaskedLM, build_masked_lm, count_parameters, masked_capacity
 from m2dist.optim import build_optimizer, warmup_linear_decay
@@ -182,6 +183,7 @@ class Trainer:
         )
         unlink_deepspeed_shm(self.env)
         install_foreach_grad_norm(self.engine.optimizer)
+        skip_single_rank_reduction(self.engine.optimizer)
         if train.compile:
             # Compiled in place: the module's parameter names, and so the checkpoints, do not change.
             # "reduce-overhead" also replays the forward and backward as CUDA graphs.
