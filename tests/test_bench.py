@@ -31,12 +31,14 @@ def test_engine_mode_times_the_training_engine(tmp_path):
     # The tool as users run it, in its own process: the engine joins a process group and fills the
     # launcher's variables in the environment, which must not leak into other tests' launches.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
-    cmd = [sys.executable, str(REPO_ROOT / "tools" / "bench_train.py"), "--configs", "debug", "--seq-lens", "32",
-           "--tokens-per-step", "128", "--steps", "2", "--engine"]  # fmt: skip
+    # Without loader workers (the benchmark keeps the config's, as training does: starting them on a
+    # 2-core machine took this test from 12 s to 58 s).
+    cmd = [sys.executable, str(REPO_ROOT / "tools" / "bench_train.py"), "--configs", "debug:data.num_workers=0",
+           "--seq-lens", "32", "--tokens-per-step", "128", "--steps", "2", "--engine"]  # fmt: skip
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     table = out.stdout[out.stdout.index("| model | L | batch | tokens/s | vs bert-base |") :]
-    row = next(line for line in table.splitlines() if line.startswith("| debug (engine) |"))
+    row = next(line for line in table.splitlines() if line.startswith("| debug (engine, data.num_workers=0) |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     seq_len, batch, tokens_per_s, step_ms = int(cells[1]), int(cells[2]), float(cells[3].replace(",", "")), float(cells[5])
     assert (seq_len, batch) == (32, 4)
