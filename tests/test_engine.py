@@ -340,17 +340,22 @@ def test_mlflow_server_gets_one_run_and_its_death_does_not_stop_training(tmp_pat
 
 
 @pytest.mark.gpu
-def test_compiled_step_with_cuda_graphs_trains_as_the_eager_one_on_gpu(tmp_path, in_process_rank):
+# micro_batch_size 8: four micro-batches per step, whose gradients the replayed backward graphs
+# produce in the same memory and the engine accumulates.
+@pytest.mark.parametrize("zero_stage,micro_batch_size", [(1, 32), (1, 8), (2, 8)])
+def test_compiled_step_with_cuda_graphs_trains_as_the_eager_one_on_gpu(tmp_path, in_process_rank, zero_stage, micro_batch_size):
     """train.compile_mode=reduce-overhead (the forward and backward replayed as CUDA graphs, with
-    the fixed-size masked gather) gives eager training's losses, in bf16 with ZeRO-1 on one GPU."""
+    the fixed-size masked gather) gives eager training's losses, in bf16 on one GPU, also with
+    gradient accumulation."""
     from m2dist.config import load_config
     from m2dist.engine.trainer import Trainer
 
     losses = {}
     for mode in ("eager", "reduce-overhead"):
         overrides = [
-            "train.device=cuda", "train.precision=bf16", "train.zero_stage=1", "train.duration=8",
-            "train.seq_len=128", "train.global_batch_size=32", "train.eval_every=0", "train.checkpoint_every=0", "train.log_every=1",
+            "train.device=cuda", "train.precision=bf16", f"train.zero_stage={zero_stage}", "train.duration=8",
+            "train.seq_len=128", "train.global_batch_size=32", f"train.micro_batch_size={micro_batch_size}",
+            "train.eval_every=0", "train.checkpoint_every=0", "train.log_every=1",
             "model.hidden_dropout=0.0", "tracking.enabled=false", "data.num_workers=0",
             f"train.output_dir={tmp_path / mode}", f"train.compile={mode != 'eager'}",
         ]  # fmt: skip
@@ -361,6 +366,10 @@ def test_compiled_step_with_cuda_graphs_trains_as_the_eager_one_on_gpu(tmp_path,
         trainer.close()
     assert len(losses["reduce-overhead"]) == 8 and all(math.isfinite(x) for x in losses["reduce-overhead"])
     assert losses["reduce-overhead"] == pytest.approx(losses["eager"], rel=2e-2)
+    # The first step's gradient (same weights, same batches) is the sum over all its micro-batches:
+    # a replay that overwrote an earlier micro-batch's gradients would change its norm.
+    norms = {mode: read_metrics(tmp_path / mode / METRICS_FILE)[0]["train/grad_norm"] for mode in losses}
+    assert norms["reduce-overhead"] == pytest.approx(norms["eager"], rel=1e-2)
 
 
 def test_compiled_model_trains_as_the_eager_one(tmp_path, tiny_shards):

@@ -188,6 +188,7 @@ class Trainer:
             # Compiled in place: the module's parameter names, and so the checkpoints, do not change.
             # "reduce-overhead" also replays the forward and backward as CUDA graphs.
             self.engine.compile(compile_kwargs={"mode": train.compile_mode})
+        self.cuda_graphs = train.compile and train.compile_mode == "reduce-overhead" and self.device.type == "cuda"
         self.num_parameters = count_parameters(model)
         # True once this job trained to the end and saved the last checkpoint.
         self.completed = False
@@ -284,7 +285,9 @@ class Trainer:
         self.engine.train()
         total = torch.zeros((), device=self.device)
         data_wait = 0.0
-        for _ in range(self.layout.grad_accumulation):
+        for micro_batch in range(self.layout.grad_accumulation):
+            if self.cuda_graphs:
+                self._before_graph_replay(first_micro_batch=micro_batch == 0)
             start = time.perf_counter()
             # The loader draws from the global torch RNG at moments that differ between a fresh and a
             # resumed run; forking keeps dropout's random stream identical across a resume.
@@ -300,6 +303,18 @@ class Trainer:
             self.engine.step()
             total += loss.detach()
         return total / self.layout.grad_accumulation, data_wait
+
+    def _before_graph_replay(self, first_micro_batch: bool) -> None:
+        """With CUDA graphs, each replay of the forward and backward reuses the memory of the last
+        replay's outputs, so a micro-batch begins a new graph step. Autograd would keep the first
+        micro-batch's gradients in that memory (a parameter without a gradient takes the output
+        tensor itself), and the next replay would overwrite them: with gradient accumulation, every
+        parameter gets a zero gradient first, into which autograd adds each micro-batch's."""
+        torch.compiler.cudagraph_mark_step_begin()
+        if first_micro_batch and self.layout.grad_accumulation > 1:
+            for param in self.engine.module.parameters():
+                if param.requires_grad and param.grad is None:
+                    param.grad = torch.zeros_like(param)
 
     def _grad_norm(self) -> torch.Tensor:
         """The last step's global gradient norm as a device scalar (no host sync); 0 when unknown."""
