@@ -67,7 +67,7 @@ def build_deepspeed_config(config: Config, layout: BatchLayout) -> dict[str, Any
     zero: dict[str, Any] = {"stage": train.zero_stage}
     if train.zero_stage >= 1:
         # Overlapping the gradient reduction with the backward takes a hook per parameter tensor
-        # (M2-BERT-80M has 550); on one rank there is nothing to overlap, and the hooks cost
+        # (M2-BERT-80M has 574); on one rank there is nothing to overlap, and the hooks cost
         # about 80 ms of host time per step.
         overlap = layout.world_size > 1
         zero.update(overlap_comm=overlap, contiguous_gradients=overlap, reduce_bucket_size=int(5e7))

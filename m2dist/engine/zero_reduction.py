@@ -3,7 +3,7 @@
 With one rank the all-reduce of a gradient bucket returns the bucket and the average divides by 1,
 yet DeepSpeed (its non-contiguous path, which one rank uses: `deepspeed_config`) still flattens
 every bucket into one tensor, all-reduces it and copies each gradient back out of it: for
-M2-BERT-80M's 550 parameter tensors a concatenation, 550 views and 550 copies per optimizer step,
+M2-BERT-80M's 574 parameter tensors a concatenation, 574 views and 574 copies per optimizer step,
 each a host-side launch in a step that is bound by host work at L=128. Skipping it leaves every
 gradient bit for bit as it was (`tests/test_engine.py`).
 
