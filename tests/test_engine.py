@@ -392,3 +392,46 @@ def test_compiled_model_trains_as_the_eager_one(tmp_path, tiny_shards):
     tag = (runs[True] / "checkpoints" / "latest").read_text().strip()
     model = load_any(runs[True] / "checkpoints" / tag)
     assert not any("_orig_mod" in key for key in model.state_dict())
+
+
+def test_evaluation_gathers_a_fixed_size_and_matches_the_exact_gather(tmp_path, in_process_rank):
+    """`Trainer.evaluate` runs the model with the training step's fixed-size masked-token gather
+    (one shape per batch size, as CUDA graphs need) and sums on the device; its loss and accuracy
+    are those of the exact gather over the same validation batches."""
+    from m2dist.config import load_config
+    from m2dist.engine.trainer import MODEL_INPUTS, Trainer
+
+    config = load_config(
+        "debug",
+        ["train.duration=2", "train.global_batch_size=4", "train.seq_len=32", "train.eval_batches=3",
+         "tracking.enabled=false", "data.num_workers=0", f"train.output_dir={tmp_path}"],
+    )  # fmt: skip
+    trainer = Trainer(config)
+    try:
+        trainer.train_step()
+        seen = []
+        model = trainer.engine.module
+        forward = model.forward
+
+        def recording(*args, **kwargs):
+            seen.append(kwargs.get("max_masked"))
+            return forward(*args, **kwargs)
+
+        model.forward = recording
+        metrics = trainer.evaluate()
+        model.forward = forward
+        assert len(seen) == 3 and all(isinstance(m, int) for m in seen), seen
+        model.eval()
+        loss_sum = correct = masked = 0.0
+        with torch.no_grad():
+            for batch in trainer.data.eval_batches(3):
+                batch = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+                out = model(**batch)
+                loss_sum += out.loss.item() * out.num_masked
+                correct += (out.logits.argmax(-1) == out.targets).sum().item()
+                masked += out.num_masked
+    finally:
+        trainer.close()
+    assert masked > 0
+    assert metrics["eval/mlm_loss"] == pytest.approx(loss_sum / masked, rel=1e-6)
+    assert metrics["eval/mlm_accuracy"] == pytest.approx(correct / masked, abs=1e-12)

@@ -341,15 +341,25 @@ class Trainer:
         if not self.data.has_validation:
             return {}
         self.engine.eval()
-        loss_sum = correct = masked = 0.0
+        # Sums on the device (fp64), read once at the end: no host sync per batch.
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss x masked, correct, masked
         for batch in self.data.eval_batches(self.config.train.eval_batches):
             batch = {k: batch[k].to(self.device) for k in MODEL_INPUTS if k in batch}
-            out = self.engine(**batch)
-            targets = batch["labels"][batch["labels"] != -100]
-            loss_sum += out.loss.float().item() * out.num_masked
-            correct += (out.logits.argmax(-1) == targets).sum().item()
-            masked += out.num_masked
-        loss_sum, correct, masked = all_reduce_sum([loss_sum, correct, masked], self.device)
+            if self.cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            # The training step's fixed-size masked-token gather: one shape per batch size, as a
+            # compiled model with CUDA graphs needs (the exact gather's varying row count would make
+            # a graph per count).
+            max_masked = masked_capacity(batch["labels"].numel(), self.config.data.eval_mlm_probability)
+            out = self.engine(**batch, max_masked=max_masked)
+            num_masked = out.num_masked.double()
+            counted = out.targets != MaskedLM.IGNORE_INDEX
+            sums += torch.stack([
+                torch.where(num_masked > 0, out.loss.double() * num_masked, 0.0),
+                ((out.logits.argmax(-1) == out.targets) & counted).sum().double(),
+                num_masked,
+            ])  # fmt: skip
+        loss_sum, correct, masked = all_reduce_sum(sums.tolist(), self.device)
         self.engine.train()
         return {"eval/mlm_loss": loss_sum / max(masked, 1), "eval/mlm_accuracy": correct / max(masked, 1)}
 

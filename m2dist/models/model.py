@@ -154,6 +154,9 @@ class MaskedLMOutput:
     # Number of masked tokens the loss averages over (0 without labels); a device scalar with
     # `max_masked`, so that the step never waits for the host.
     num_masked: int | torch.Tensor
+    # (M,) labels of the gathered rows (-100 for the unmasked rows that fill a fixed-size gather);
+    # None without labels.
+    targets: torch.Tensor | None = None
 
 
 class MaskedLM(nn.Module):
@@ -195,11 +198,11 @@ class MaskedLM(nn.Module):
         targets_M = labels.flatten().index_select(0, masked_M)
         loss = F.cross_entropy(logits_MV.float(), targets_M, ignore_index=self.IGNORE_INDEX)
         if max_masked is None:
-            return MaskedLMOutput(loss=loss, logits=logits_MV, num_masked=int(masked_M.numel()))
+            return MaskedLMOutput(loss=loss, logits=logits_MV, num_masked=int(masked_M.numel()), targets=targets_M)
         num_masked = is_masked.sum()
         # More masked tokens than rows would drop some from the loss unseen: make it non-finite.
         loss = torch.where(num_masked <= max_masked, loss, torch.full_like(loss, float("nan")))
-        return MaskedLMOutput(loss=loss, logits=logits_MV, num_masked=num_masked)
+        return MaskedLMOutput(loss=loss, logits=logits_MV, num_masked=num_masked, targets=targets_M)
 
 
 @dataclass
