@@ -372,6 +372,40 @@ def test_compiled_step_with_cuda_graphs_trains_as_the_eager_one_on_gpu(tmp_path,
     assert norms["reduce-overhead"] == pytest.approx(norms["eager"], rel=1e-2)
 
 
+@pytest.mark.gpu
+def test_cuda_graph_run_evaluates_checkpoints_and_resumes_on_gpu(tmp_path, in_process_rank):
+    """A whole run with CUDA graphs: evaluations (the fixed-size gather, eval mode), a checkpoint,
+    a stop and a resume in a fresh engine, with 2 micro-batches a step; its losses and evaluations
+    are the eager run's."""
+    from m2dist.config import load_config
+    from m2dist.engine.trainer import Trainer
+
+    def run(mode: str, *extra: str) -> list[tuple[int, float]]:
+        overrides = [
+            "train.device=cuda", "train.precision=bf16", "train.zero_stage=1", "train.duration=8",
+            "train.seq_len=128", "train.global_batch_size=32", "train.micro_batch_size=16",
+            "train.eval_every=4", "train.eval_batches=2", "train.log_every=1", "model.hidden_dropout=0.0",
+            "tracking.enabled=false", "data.num_workers=0", f"train.output_dir={tmp_path / mode}",
+            f"train.compile={mode != 'eager'}", "train.compile_mode=reduce-overhead", *extra,
+        ]  # fmt: skip
+        trainer = Trainer(load_config("debug", overrides))
+        try:
+            return trainer.fit()
+        finally:
+            trainer.close()
+
+    eager = run("eager")
+    assert len(run("graphs", "train.stop_after=4")) == 4
+    graphs = run("graphs")  # resumes from step 4 in a new engine
+    assert [s for s, _ in graphs] == list(range(1, 9))
+    assert [loss for _, loss in graphs] == pytest.approx([loss for _, loss in eager], rel=2e-2)
+    evals = {
+        mode: [r["eval/mlm_loss"] for r in read_metrics(tmp_path / mode / METRICS_FILE) if "eval/mlm_loss" in r]
+        for mode in ("eager", "graphs")
+    }
+    assert len(evals["graphs"]) == 2 and evals["graphs"] == pytest.approx(evals["eager"], rel=2e-2)
+
+
 def test_compiled_model_trains_as_the_eager_one(tmp_path, tiny_shards):
     """train.compile: the engine's compiled model gives the eager model's losses (fp32, dropout off)
     and writes checkpoints with the same parameter names (a release loads from them)."""
