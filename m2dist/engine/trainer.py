@@ -309,7 +309,8 @@ class Trainer:
         replay's outputs, so a micro-batch begins a new graph step. Autograd would keep the first
         micro-batch's gradients in that memory (a parameter without a gradient takes the output
         tensor itself), and the next replay would overwrite them: with gradient accumulation, every
-        parameter gets a zero gradient first, into which autograd adds each micro-batch's."""
+        parameter gets a zero gradient first, into which autograd adds each micro-batch's (memory
+        for a full set of gradients from the step's start, also under ZeRO-2)."""
         torch.compiler.cudagraph_mark_step_begin()
         if first_micro_batch and self.layout.grad_accumulation > 1:
             for param in self.engine.module.parameters():

@@ -5,7 +5,7 @@ yet DeepSpeed (its non-contiguous path, which one rank uses: `deepspeed_config`)
 every bucket into one tensor, all-reduces it and copies each gradient back out of it: for
 M2-BERT-80M's 574 parameter tensors a concatenation, 574 views and 574 copies per optimizer step,
 each a host-side launch in a step that is bound by host work at L=128. Skipping it leaves every
-gradient bit for bit as it was (`tests/test_engine.py`).
+gradient bit for bit as it was (`tests/test_zero_reduction.py`).
 
 Only the bucket all-reduce is skipped; DeepSpeed's bookkeeping around it (which parameters were
 reduced, the partition's gradient views, the norm and the step) runs as before. Buckets whose
