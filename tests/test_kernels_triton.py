@@ -225,8 +225,7 @@ def test_fftconv_toeplitz_matches_reference(length, dtype, residual):
 # the default grid target, 2 groups (of two blocks and of one partial block) with a target of 16
 # programs, and one group of three blocks with a target of 1. Every row is computed the same way
 # whatever the grouping: the outputs and input gradients must be identical, the skip weights'
-# gradients (partial sums per program) equal to rounding. (One group is checked against float64
-# by `test_fftconv_toeplitz_matches_reference`.)
+# gradients (partial sums per program) equal to rounding; and the grouped run matches float64.
 def test_fftconv_toeplitz_batch_groups(monkeypatch):
     inputs = [t.float() if t.dim() < 3 else t.bfloat16() for t in _conv_inputs(40, 4, 40, True, seed=5)]
     upstream = torch.randn(40, 4, 40, generator=torch.Generator().manual_seed(0)).bfloat16().to(DEVICE)
@@ -244,6 +243,11 @@ def test_fftconv_toeplitz_batch_groups(monkeypatch):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
             else:
                 assert torch.equal(a, b), f"output {i} differs between {target} and 1 programs"
+    # (the bf16 rounding of z1 and of the gate products, kept as the kernels always did, reaches a
+    # few times torch's worst-case error on dv at this batch)
+    monkeypatch.setattr(triton_toeplitz, "TARGET_PROGRAMS", 16)
+    _compare(triton_toeplitz.gated_long_conv, fftconv_reference.gated_long_conv, _conv_inputs(40, 4, 40, True, seed=5),
+             torch.bfloat16, atol_rel=1e-2)  # fmt: skip
 
 
 def _mixer_inputs(batch, length, dim, residual, seed):
