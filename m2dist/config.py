@@ -198,9 +198,12 @@ class TrainConfig:
     offload_optimizer: bool = False
     # torch.compile the model inside the engine (DeepSpeed's `engine.compile()`, ZeRO 0-2): Inductor
     # fuses the elementwise work around the matmuls; the Triton kernels stay opaque custom ops.
-    compile: bool = False
-    # torch.compile's mode with train.compile: "reduce-overhead" adds CUDA graphs of the forward and
-    # backward (no kernel-launch cost per step; the masked-token gather has a fixed size for it).
+    # "auto": on a GPU with ZeRO 0-2, compiled with CUDA graphs (mode "reduce-overhead"), the fastest
+    # engine step measured (docs/performance.md); eager elsewhere. true: compiled with compile_mode.
+    # Compilation takes the first steps (about a minute for M2-BERT-80M on one H200).
+    compile: Literal["auto", True, False] = "auto"
+    # torch.compile's mode with train.compile=true: "reduce-overhead" adds CUDA graphs of the forward
+    # and backward (no kernel-launch cost per step; the masked-token gather has a fixed size for it).
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     # Clip the global gradient norm to this (0 = no clipping).
     grad_clip: float = 1.0
@@ -265,7 +268,7 @@ class TrainConfig:
             self.offload_optimizer,
         )
         require(
-            not (self.compile and self.zero_stage == 3),
+            not (self.compile is True and self.zero_stage == 3),
             "train.compile",
             "false with train.zero_stage=3 (ZeRO-3 gathers parameters in hooks around each module)",
             self.compile,

@@ -41,10 +41,9 @@ def build_param_groups(model: nn.Module, config: OptimizerConfig) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, config: OptimizerConfig) -> torch.optim.AdamW:
-    # Fused (one kernel for all tensors) where the parameters will live on a GPU.
-    return torch.optim.AdamW(
-        build_param_groups(model, config), betas=config.betas, eps=config.eps, fused=torch.cuda.is_available()
-    )
+    # Fused (one kernel for all tensors; on the CPU too): its `found_inf` lets the engine skip a step
+    # with a non-finite gradient norm without reading the norm on the host (`engine/device_overflow.py`).
+    return torch.optim.AdamW(build_param_groups(model, config), betas=config.betas, eps=config.eps, fused=True)
 
 
 def warmup_linear_decay(step: int, total_steps: int, warmup_fraction: float = 0.06, final_fraction: float = 0.02) -> float:

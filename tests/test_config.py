@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from kernels import blockdiag, fftconv
 from m2dist.config import CONFIG_DIR, KERNEL_BACKENDS, load_config
@@ -116,3 +117,21 @@ def test_compile_with_zero_3_is_refused_by_name():
     assert load_config("debug", ["train.compile=true", "train.zero_stage=2"]).train.compile is True
     with pytest.raises(ConfigError, match=r"train.compile: expected false with train.zero_stage=3"):
         load_config("debug", ["train.compile=true", "train.zero_stage=3"])
+
+
+def test_compile_auto_is_cuda_graphs_on_one_gpu_with_zero_0_to_2_and_eager_elsewhere():
+    from m2dist.engine.trainer import resolve_compile_mode
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    train = load_config("debug").train
+    assert train.compile == "auto"
+    assert resolve_compile_mode(train, cuda, world_size=1) == "reduce-overhead"
+    assert resolve_compile_mode(train, cuda, world_size=8) is None
+    assert resolve_compile_mode(train, cpu, world_size=1) is None
+    assert resolve_compile_mode(load_config("debug", ["train.zero_stage=3"]).train, cuda, 1) is None
+    assert resolve_compile_mode(load_config("debug", ["train.compile=false"]).train, cuda, 1) is None
+    explicit = load_config("debug", ["train.compile=true", "train.compile_mode=default"]).train
+    assert resolve_compile_mode(explicit, cpu, 1) == "default"
+    assert resolve_compile_mode(explicit, cuda, 8) == "default"
+    with pytest.raises(ConfigError, match=r"train.compile: expected one of 'auto', True, False, got 'maybe'"):
+        load_config("debug", ["train.compile=maybe"])

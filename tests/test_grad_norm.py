@@ -41,7 +41,8 @@ def test_engine_grad_norm_is_deepspeeds_in_a_few_ops(tmp_path, zero_stage, devic
         "debug",
         [
             f"train.zero_stage={zero_stage}", f"train.device={device}", "train.duration=3", "train.global_batch_size=4",
-            "train.seq_len=32", "tracking.enabled=false", "data.num_workers=0", f"train.output_dir={tmp_path}",
+            "train.seq_len=32", "train.compile=false", "tracking.enabled=false", "data.num_workers=0",
+            f"train.output_dir={tmp_path}",
         ],
     )  # fmt: skip
     trainer = Trainer(config)
@@ -70,6 +71,8 @@ def test_engine_grad_norm_is_deepspeeds_in_a_few_ops(tmp_path, zero_stage, devic
     assert len(ours_calls) >= 2
     for (_, mine, mine_ops, num_grads), (_, theirs, theirs_ops, _) in zip(ours_calls, theirs_calls):
         assert theirs > 0 and mine == pytest.approx(theirs, rel=1e-6)
-        assert theirs_ops >= 2 * num_grads and mine_ops <= 12
+        assert theirs_ops >= 2 * num_grads and mine_ops <= 16
+    # A constant number of ops, whatever the group's tensor count.
+    assert len({ops for _, _, ops, _ in ours_calls}) == 1
     # One call per parameter group per step; the global group holds most of the model's tensors.
     assert max(num_grads for *_, num_grads in ours_calls) > 20

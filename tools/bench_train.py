@@ -4,7 +4,7 @@
   python tools/bench_train.py --configs m2-bert-80M --kernels reference triton fused --seq-lens 128
   python tools/bench_train.py --configs m2-bert-80M bert-base --seq-lens 128 8192 --engine
   python tools/bench_train.py --configs m2-bert-80M bert-base --seq-lens 128 --engine \
-      --engine-compile-modes eager reduce-overhead
+      --engine-compile-modes auto eager
   python tools/bench_train.py --configs m2-bert-80M m2-bert-80M:model.kernels.fused_mixer=true bert-base \
       --seq-lens 128 --engine
 
@@ -29,9 +29,10 @@ def main() -> None:
     parser.add_argument("--kernels", nargs="+", default=["triton"], help="M2 kernel backends to run (triton, reference, auto; fused: triton with the fused sequence mixer)")
     parser.add_argument("--compile", action="store_true", help="torch.compile every model")
     parser.add_argument(
-        "--engine-compile-modes", nargs="+", default=["eager"], metavar="MODE",
-        help="with --engine: run each config once per mode, 'eager' or a torch.compile mode "
-        "(default, reduce-overhead, max-autotune-no-cudagraphs) set as train.compile_mode",
+        "--engine-compile-modes", nargs="+", default=["auto"], metavar="MODE",
+        help="with --engine: run each config once per mode: 'auto' (the config's train.compile, as "
+        "training runs it), 'eager' (train.compile=false) or a torch.compile mode (default, "
+        "reduce-overhead, max-autotune-no-cudagraphs) set as train.compile_mode",
     )  # fmt: skip
     parser.add_argument("--engine", action="store_true", help="time the training engine's step instead of the model's")
     args = parser.parse_args()

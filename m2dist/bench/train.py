@@ -9,6 +9,7 @@ on every position (as it does). Tokens per step are the same for every model at 
 from __future__ import annotations
 
 import dataclasses
+import math
 import statistics
 import tempfile
 import time
@@ -50,36 +51,33 @@ def _hf_bert(config: ModelConfig):
 
 
 def time_steps(step: Callable[[], None], steps: int, window: int = 5, max_warmup: int = 100) -> float:
-    """Median seconds per step over `steps` timed steps, after a warm-up that lasts until the step
-    time is stable: windows of `window` steps are run until one's median is within 3% of the one
-    before (compilation, autotuning and allocator growth all settle in the first windows), so no
-    result depends on its position in a run. Each step is waited for (device events on a GPU), so
-    host work that a step cannot hide behind its own kernels counts in its time."""
+    """Seconds per step as a training run sees them: steps run back to back and the host waits for
+    the device only at the end of each window of `window` steps, as the training loop waits only at
+    its log steps. Host work that the device's queue hides costs nothing; host work it cannot hide
+    (a sync inside the step, or more host than device time) counts. Windows run until one's time is
+    within 3% of the one before (compilation, autotuning and allocator growth all settle in the
+    first windows), so no result depends on its position in a run; then the median of as many
+    windows as `steps` steps fill (at least 3)."""
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
 
-    def timed(n: int) -> list[float]:
-        times = []
+    def timed_window(n: int) -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        begin = time.perf_counter()
         for _ in range(n):
-            if cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                step()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) / 1000)
-            else:
-                begin = time.perf_counter()
-                step()
-                times.append(time.perf_counter() - begin)
-        return times
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+        return (time.perf_counter() - begin) / n
 
-    previous = statistics.median(timed(window))
+    previous = timed_window(window)
     for _ in range(max_warmup // window):
-        current = statistics.median(timed(window))
+        current = timed_window(window)
         if abs(current - previous) <= 0.03 * previous:
             break
         previous = current
-    return statistics.median(timed(steps))
+    windows = max(3, math.ceil(steps / window))
+    return statistics.median(timed_window(window) for _ in range(windows))
 
 
 def benchmark_step(
@@ -223,22 +221,27 @@ def benchmark_engine_step(
     )
 
 
+# The engine benchmark's modes besides torch.compile's: the config as it trains, and eager.
+ENGINE_MODE_OVERRIDES = {"auto": (), "eager": ("train.compile=false",)}
+
+
 def run_engine_benchmark(
     config_names: list[str],
     seq_lens: list[int],
     tokens_per_step: int,
     steps: int = 10,
-    compile_modes: tuple[str, ...] = ("eager",),
+    compile_modes: tuple[str, ...] = ("auto",),
 ) -> list[BenchResult]:
     """Every config's engine step at every L with the same tokens per step, once per entry of
-    `compile_modes` ("eager", or train.compile=true with that torch.compile mode). A config may
+    `compile_modes` ("auto": the config's train.compile; "eager"; or train.compile=true with that
+    torch.compile mode). A config may
     carry its own overrides, "name:key=value,key=value" (`split_config_spec`)."""
     results = []
     for seq_len in seq_lens:
         batch = max(1, tokens_per_step // seq_len)
         for mode in compile_modes:
-            overrides = () if mode == "eager" else ("train.compile=true", f"train.compile_mode={mode}")
-            suffix = "" if mode == "eager" else f", compiled {mode}"
+            overrides = ENGINE_MODE_OVERRIDES.get(mode, ("train.compile=true", f"train.compile_mode={mode}"))
+            suffix = {"auto": "", "eager": ", eager"}.get(mode, f", compiled {mode}")
             for spec in config_names:
                 name, own = split_config_spec(spec)
                 label = f"{name} (engine{suffix}{''.join(', ' + o for o in own)})"

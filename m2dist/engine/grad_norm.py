@@ -46,7 +46,6 @@ def _counts_every_gradient(optimizer, params: Sequence[torch.nn.Parameter], norm
 def _grad_norm_direct(optimizer, original, gradients, params, norm_type=2):
     """`DeepSpeedZeroOptimizer.get_grad_norm_direct` with the per-tensor loop as one foreach norm."""
     from deepspeed import comm as dist
-    from deepspeed.runtime.utils import mask_nan_or_inf_with_val_inplace
 
     if not _counts_every_gradient(optimizer, params, float(norm_type)):
         return original(gradients, params, norm_type)
@@ -54,8 +53,9 @@ def _grad_norm_direct(optimizer, original, gradients, params, norm_type=2):
     dist.all_reduce(total_norm, op=dist.ReduceOp.SUM, group=optimizer.dp_process_group)
     optimizer._model_parallel_all_reduce(tensor=total_norm, op=dist.ReduceOp.SUM)
     total_norm = total_norm.sqrt()
-    mask_nan_or_inf_with_val_inplace(total_norm, device=optimizer.device)
-    return total_norm
+    # DeepSpeed's -1 sentinel for a non-finite norm, as its `mask_nan_or_inf_with_val_inplace` sets
+    # it, without the host-to-device copy of the -1 that makes that helper wait for the GPU.
+    return total_norm.masked_fill_(~torch.isfinite(total_norm), -1.0)
 
 
 def install_foreach_grad_norm(optimizer) -> bool:

@@ -20,13 +20,14 @@ import torch.distributed as dist
 from m2dist.checkpoint.extend import warm_start
 from m2dist.checkpoint.io import safe_torch_load
 from m2dist.checkpoint.layout import CHECKPOINTS_DIR, CLIENT_STATE, find_resume_tag
-from m2dist.config import Config, check_training_data
+from m2dist.config import Config, TrainConfig, check_training_data
 from m2dist.engine.checkpoint import CheckpointManager
 from m2dist.engine.data import build_data
 from m2dist.engine.deepspeed_config import batch_layout, build_deepspeed_config, check_deepspeed_precision
 from m2dist.engine.distributed import (
     all_reduce_sum, broadcast_object, init_distributed, leave_process_group, unlink_deepspeed_shm,
 )  # fmt: skip
+from m2dist.engine.device_overflow import install_device_overflow_check
 from m2dist.engine.grad_norm import install_foreach_grad_norm
 from m2dist.engine.guards import NonFiniteCounter, RunLock, check_resume_config
 from m2dist.engine.metrics import (
@@ -131,6 +132,16 @@ def resume_config_changes(config: Config, checkpoint: Path) -> list[str]:
     return check_resume_config(saved, current, config.train.resume_allow_changes, str(state_file))
 
 
+def resolve_compile_mode(train: TrainConfig, device: torch.device, world_size: int) -> str | None:
+    """The torch.compile mode of the engine's model, None for eager: train.compile=true ->
+    train.compile_mode; "auto" -> "reduce-overhead" (CUDA graphs) on one GPU with ZeRO 0-2, where
+    it is measured and tested (several GPUs have not been: they stay eager unless train.compile=true)."""
+    if train.compile == "auto":
+        one_gpu = device.type == "cuda" and world_size == 1
+        return "reduce-overhead" if one_gpu and train.zero_stage <= 2 else None
+    return train.compile_mode if train.compile else None
+
+
 class Trainer:
     def __init__(self, config: Config):
         import deepspeed
@@ -183,12 +194,15 @@ class Trainer:
         )
         unlink_deepspeed_shm(self.env)
         install_foreach_grad_norm(self.engine.optimizer)
+        install_device_overflow_check(self.engine.optimizer)
         skip_single_rank_reduction(self.engine.optimizer)
-        if train.compile:
+        compile_mode = resolve_compile_mode(train, self.device, self.env.world_size)
+        if compile_mode is not None:
             # Compiled in place: the module's parameter names, and so the checkpoints, do not change.
             # "reduce-overhead" also replays the forward and backward as CUDA graphs.
-            self.engine.compile(compile_kwargs={"mode": train.compile_mode})
-        self.cuda_graphs = train.compile and train.compile_mode == "reduce-overhead" and self.device.type == "cuda"
+            self._log(f"train.compile={train.compile}: torch.compile, mode {compile_mode!r}; the first steps compile")
+            self.engine.compile(compile_kwargs={"mode": compile_mode})
+        self.cuda_graphs = compile_mode == "reduce-overhead" and self.device.type == "cuda"
         self.num_parameters = count_parameters(model)
         # True once this job trained to the end and saved the last checkpoint.
         self.completed = False
