@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mixer-dims", default="768,960")
     parser.add_argument("--mixer-variants", default="", help="comma list of BD:BF:BPP:num_warps for the fused mixer")
     parser.add_argument("--glu-compiled-reference", action="store_true",
-                        help="also time the torch.compile'd reference GLU MLP (cuBLAS batched GEMMs; compiles per size)")  # fmt: skip
+                        help="also time the torch.compile'd reference GLU MLP (a cuBLAS GEMM per block, GELU * n fused; compiles per size)")  # fmt: skip
     args = parser.parse_args(argv)
     run_kernel_benchmarks(
         ops=args.ops.split(","),
