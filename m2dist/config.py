@@ -41,7 +41,7 @@ class KernelConfig:
     # Implementation of the gated FFT long convolution: "reference" (torch.fft), "triton" (the
     # Triton kernels) or "auto" (Triton on an Ampere or newer GPU, the reference elsewhere).
     fftconv: KernelBackend = "auto"
-    # Implementation of the block-diagonal GLU MLP matmuls: "reference" (torch einsum), "triton"
+    # Implementation of the block-diagonal GLU MLP matmuls: "reference" (a torch GEMM per block), "triton"
     # or "auto", as above.
     blockdiag: KernelBackend = "auto"
     # The sequence mixer after in_linear (short convolution, gates, both long convolutions) as one
