@@ -1,13 +1,16 @@
 """Fine-tuning step throughput at GLUE's batch sizes, M2 beside BERT in one run, with and without
-the CUDA-graph step, and the whole-GLUE training time estimated from it.
+the CUDA-graph step (and with the classifier compiled, `glue.compile`), and the whole-GLUE training
+time estimated from it.
 
   python tools/bench_finetune.py --configs m2-bert-80M bert-base --batch-sizes 16 32 48
+  python tools/bench_finetune.py --configs m2-bert-80M bert-base --modes graph compiled
   python tools/bench_finetune.py --configs m2-bert-80M m2-bert-80M:model.kernels.fused_mixer=true bert-base
 
 A config may carry overrides of its own, `name:key=value,key=value`.
 """
 
 import argparse
+import dataclasses
 
 import torch
 
@@ -20,7 +23,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="+", default=["m2-bert-80M", "bert-base"])
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[16, 32, 48])
-    parser.add_argument("--modes", nargs="+", choices=["graph", "eager"], default=["graph", "eager"])
+    parser.add_argument("--modes", nargs="+", choices=["graph", "compiled", "eager"], default=["graph", "eager"],
+                        help="compiled: the CUDA-graph step of the torch.compile'd classifier (glue.compile=true)")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--gpus", type=int, default=8, help="also estimate the whole GLUE run on this many GPUs")
     args = parser.parse_args()
@@ -30,9 +34,8 @@ def main() -> None:
         name, overrides = split_config_spec(spec)
         for mode in args.modes:
             for batch in args.batch_sizes:
-                result = benchmark_finetune_step(
-                    name, glue_config_for(name), batch, mode == "graph", device, args.seq_len, overrides=overrides
-                )
+                glue = dataclasses.replace(glue_config_for(name), compile=mode == "compiled")
+                result = benchmark_finetune_step(name, glue, batch, mode != "eager", device, args.seq_len, overrides=overrides)
                 print(format_row(result), flush=True)
                 results.append((spec, mode, result))
     print(f"\nOn {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}")
@@ -50,7 +53,8 @@ def main() -> None:
             if not needed <= step_ms.keys():
                 continue
             one, many = (glue_wall_time(glue, step_ms, overhead, n) / 3600 for n in (1, args.gpus))
-            print(f"| {spec} | {'CUDA graph' if mode == 'graph' else 'eager'} | {one:.2f} h | {many:.2f} h |")
+            label = {"graph": "CUDA graph", "compiled": "CUDA graph, compiled", "eager": "eager"}[mode]
+            print(f"| {spec} | {label} | {one:.2f} h | {many:.2f} h |")
 
 
 if __name__ == "__main__":

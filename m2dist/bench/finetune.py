@@ -27,7 +27,7 @@ import torch
 
 from m2dist.config import load_config
 from m2dist.glue.config import GLUE_CONFIG_DIR, GlueConfig, load_glue_config
-from m2dist.glue.finetune import build_optimizer, build_schedule
+from m2dist.glue.finetune import build_optimizer, build_schedule, compile_if_asked
 from m2dist.glue.step import FinetuneStep
 from m2dist.models import SequenceClassifier
 
@@ -48,6 +48,7 @@ class FinetuneResult:
     step_ms: float
     first_overhead_s: float
     peak_memory_gib: float
+    compiled: bool = False
 
     def epoch_seconds(self, examples: int) -> float:
         return math.ceil(examples / self.batch_size) * self.step_ms / 1000
@@ -78,6 +79,7 @@ def benchmark_finetune_step(
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(0)
     model = SequenceClassifier(model_config, num_labels=2).to(device).train()
+    compile_if_asked(model, glue)
     settings = dataclasses.replace(glue.tasks.text, batch_size=batch_size)
     optimizer = build_optimizer(model, glue, settings, device)
     examples = batch_size * 64
@@ -116,7 +118,9 @@ def benchmark_finetune_step(
     step_s = run(2 * block_steps) / (2 * block_steps)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
     label = config_name + "".join(f", {o}" for o in overrides)
-    return FinetuneResult(label, batch_size, step.graph is not None, 1000 * step_s, first - first_steps * step_s, peak)
+    return FinetuneResult(
+        label, batch_size, step.graph is not None, 1000 * step_s, first - first_steps * step_s, peak, glue.compile
+    )
 
 
 GLUE_CONFIG_FOR = {"bert-base": "default"}
@@ -161,7 +165,7 @@ HEADER = (
 
 
 def format_row(r: FinetuneResult) -> str:
-    mode = "CUDA graph" if r.cuda_graph else "eager"
+    mode = ("CUDA graph" if r.cuda_graph else "eager") + (", compiled" if r.compiled else "")
     return (
         f"| {r.model} | {r.batch_size} | {mode} | {r.step_ms:.2f} | {r.epoch_seconds(TRAIN_EXAMPLES['text']):.1f} | "
         f"{r.first_overhead_s:.1f} | {r.peak_memory_gib:.1f} |"

@@ -140,6 +140,11 @@ class GlueConfig:
     eval_batch_size: int = 128
     # On a GPU, replay each job's training step as one CUDA graph (m2dist.glue.step).
     cuda_graphs: bool = True
+    # torch.compile the classifier (static shapes) before the step is captured: Inductor fuses the
+    # elementwise work around the matmuls and kernels. On one H200 (random-init models, L=128, with
+    # the CUDA graph) it made m2-bert-80M's step 1.11-1.12x and bert-base's 1.33-1.34x faster at
+    # batch 16 and 48, for 20-35 s more in a job's first epoch (docs/performance.md). Off by default.
+    compile: bool = False
     # For smoke runs: use a fixed random subset of this many training / dev rows per split (0 = all).
     max_train_examples: int = 0
     max_eval_examples: int = 0

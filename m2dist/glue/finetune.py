@@ -142,6 +142,13 @@ def build_classifier(
     return model, copy_encoder_weights(source, model, where)
 
 
+def compile_if_asked(model: torch.nn.Module, glue: GlueConfig) -> None:
+    """`glue.compile`: torch.compile the classifier in place (its state dict's keys stay), static
+    shapes: each batch shape compiles once."""
+    if glue.compile:
+        model.compile(dynamic=False)
+
+
 def build_optimizer(
     model: torch.nn.Module, glue: GlueConfig, settings: TaskConfig, device: torch.device | None = None
 ) -> torch.optim.AdamW:
@@ -236,6 +243,7 @@ def run_job(spec: JobSpec, device: str | torch.device, emit: Emit | None = None)
     source = _load_source(spec.init_checkpoint)
     model, pooler_loaded = build_classifier(source, spec.num_labels, spec.glue, settings, spec.init_checkpoint)
     model.to(device).train()
+    compile_if_asked(model, spec.glue)
     optimizer = build_optimizer(model, spec.glue, settings, device)
     steps_per_epoch = math.ceil(len(train) / settings.batch_size)
     total_steps = steps_per_epoch * settings.epochs
