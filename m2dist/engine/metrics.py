@@ -78,18 +78,23 @@ def format_duration(seconds: float) -> str:
 
 @dataclass
 class ThroughputMeter:
-    """Accumulates step and data-wait times between log lines."""
+    """Accumulates step and data-wait times between log lines. The ETA comes from the steps after
+    the first log window, which holds the one-off costs (compilation, CUDA-graph capture, autotuning,
+    the loader's start); until that window ends, from all steps so far."""
 
     tokens_per_step: int
     world_size: int
     flops_per_token: float
     peak: float | None
     device: torch.device
-    _window_start: float = field(default_factory=time.perf_counter)
+    # The clock is looked up at each call (tests replace it).
+    _window_start: float = field(default_factory=lambda: time.perf_counter())
     _window_steps: int = 0
     _window_data_wait: float = 0.0
-    _train_start: float = field(default_factory=time.perf_counter)
+    _train_start: float = field(default_factory=lambda: time.perf_counter())
     _train_steps: int = 0
+    # (time, steps) at the end of the first window: where the ETA's steady rate starts.
+    _steady_from: tuple[float, int] | None = None
 
     def record_step(self, data_wait_seconds: float) -> None:
         self._window_steps += 1
@@ -108,12 +113,20 @@ class ThroughputMeter:
             "throughput/tflops_per_device": per_device * self.flops_per_token / 1e12,
             "throughput/data_wait_pct": 100.0 * self._window_data_wait / elapsed,
             "memory/peak_gib": peak_memory_gib(self.device),
-            "time/eta_s": (now - self._train_start) / max(self._train_steps, 1) * steps_left,
+            "time/eta_s": self._seconds_per_step(now) * steps_left,
         }
         if self.peak is not None:
             metrics["throughput/mfu"] = per_device * self.flops_per_token / self.peak
         self._window_start, self._window_steps, self._window_data_wait = now, 0, 0.0
+        if self._steady_from is None:
+            self._steady_from = (now, self._train_steps)
         return metrics
+
+    def _seconds_per_step(self, now: float) -> float:
+        if self._steady_from is not None and self._train_steps > self._steady_from[1]:
+            start, steps = self._steady_from
+            return (now - start) / (self._train_steps - steps)
+        return (now - self._train_start) / max(self._train_steps, 1)
 
 
 def console_line(step: int, total: int, scalars: dict[str, float]) -> str:
