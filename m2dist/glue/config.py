@@ -142,8 +142,8 @@ class GlueConfig:
     cuda_graphs: bool = True
     # torch.compile the classifier (static shapes) before the step is captured: Inductor fuses the
     # elementwise work around the matmuls and kernels. On one H200 (random-init models, L=128, with
-    # the CUDA graph) it made m2-bert-80M's step 1.11-1.12x and bert-base's 1.33-1.34x faster at
-    # batch 16 and 48, for 20-35 s more in a job's first epoch (docs/performance.md). Off by default.
+    # the CUDA graph) it made m2-bert-80M's step 1.12x and bert-base's 1.33-1.34x faster at batch 16
+    # and 48, for about 20-30 s more in a job's first epoch (docs/performance.md). Off by default.
     compile: bool = False
     # For smoke runs: use a fixed random subset of this many training / dev rows per split (0 = all).
     max_train_examples: int = 0
