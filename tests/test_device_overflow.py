@@ -36,19 +36,18 @@ def _trainer(tmp_path, zero_stage, grad_clip=1.0, device="cpu"):
     config = load_config(
         "debug",
         [
-            f"train.zero_stage={zero_stage}", f"train.device={device}", "train.duration=4", "train.global_batch_size=4", "train.seq_len=32",
-            f"train.grad_clip={grad_clip}", "train.compile=false", "tracking.enabled=false", "data.num_workers=0",
-            f"train.output_dir={tmp_path}",
+            f"train.zero_stage={zero_stage}", f"train.device={device}", "train.duration=4",
+            "train.global_batch_size=4", "train.seq_len=32", f"train.grad_clip={grad_clip}", "train.compile=false",
+            "tracking.enabled=false", "data.num_workers=0", f"train.output_dir={tmp_path}",
         ],
     )  # fmt: skip
     return trainer_module.Trainer(config)
 
 
 def _poison_next_backward(trainer):
-    """A NaN gradient for one parameter in the next backward."""
+    """A NaN gradient for one parameter in the next backward; returns the hook's handle."""
     param = next(p for p in trainer.engine.module.parameters() if p.requires_grad)
-    handle = param.register_hook(lambda grad: grad * float("nan"))
-    return handle
+    return param.register_hook(lambda grad: grad * float("nan"))
 
 
 def _state(trainer):

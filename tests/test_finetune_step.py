@@ -109,5 +109,6 @@ def test_captured_step_trains_as_the_eager_step(architecture, compiled):
     assert step.capture_seconds > 0
     torch.testing.assert_close(graph_losses, eager_losses, **tolerance)
     for key, value in eager_weights.items():
-        torch.testing.assert_close(graph_weights[key], value, rtol=2 * tolerance["rtol"], atol=2 * tolerance["atol"], msg=key)
+        rtol, atol = 2 * tolerance["rtol"], 2 * tolerance["atol"]
+        torch.testing.assert_close(graph_weights[key], value, rtol=rtol, atol=atol, msg=key)
     assert not torch.equal(graph_weights["classifier.weight"], tiny_classifier(architecture, "cpu").classifier.weight)

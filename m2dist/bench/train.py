@@ -221,8 +221,14 @@ def benchmark_engine_step(
     )
 
 
-# The engine benchmark's modes besides torch.compile's: the config as it trains, and eager.
-ENGINE_MODE_OVERRIDES = {"auto": (), "eager": ("train.compile=false",)}
+# The engine benchmark's modes besides torch.compile's (the config as it trains, and eager): their
+# overrides and the suffix of their rows' labels.
+ENGINE_MODES = {"auto": ((), ""), "eager": (("train.compile=false",), ", eager")}
+
+
+def engine_mode(mode: str) -> tuple[tuple[str, ...], str]:
+    """(overrides, label suffix) of an engine benchmark mode: "auto", "eager" or a torch.compile mode."""
+    return ENGINE_MODES.get(mode, (("train.compile=true", f"train.compile_mode={mode}"), f", compiled {mode}"))
 
 
 def run_engine_benchmark(
@@ -234,14 +240,13 @@ def run_engine_benchmark(
 ) -> list[BenchResult]:
     """Every config's engine step at every L with the same tokens per step, once per entry of
     `compile_modes` ("auto": the config's train.compile; "eager"; or train.compile=true with that
-    torch.compile mode). A config may
-    carry its own overrides, "name:key=value,key=value" (`split_config_spec`)."""
+    torch.compile mode). A config may carry its own overrides, "name:key=value,key=value"
+    (`split_config_spec`)."""
     results = []
     for seq_len in seq_lens:
         batch = max(1, tokens_per_step // seq_len)
         for mode in compile_modes:
-            overrides = ENGINE_MODE_OVERRIDES.get(mode, ("train.compile=true", f"train.compile_mode={mode}"))
-            suffix = {"auto": "", "eager": ", eager"}.get(mode, f", compiled {mode}")
+            overrides, suffix = engine_mode(mode)
             for spec in config_names:
                 name, own = split_config_spec(spec)
                 label = f"{name} (engine{suffix}{''.join(', ' + o for o in own)})"

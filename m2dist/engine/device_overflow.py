@@ -4,8 +4,8 @@ its step skipped on the device.
 With fp32 weights under bf16 autocast, DeepSpeed's step reads the global gradient norm on the host
 once to decide whether to skip the step and once per parameter group before clipping (4 times for
 M2's three groups), and each read waits for the whole backward and the steps of the groups before
-it. (The other read, in DeepSpeed's masking of a non-finite norm, `grad_norm.py` avoids.) While the host
-waits the GPU has nothing queued, and what the host does next (the optimizer's bookkeeping, the
+it (`grad_norm.py` avoids the other read, in DeepSpeed's masking of a non-finite norm). While the
+host waits the GPU has nothing queued, and what the host does next (the optimizer's bookkeeping, the
 next micro-batch, its launches) runs with the GPU idle: on one H200 that idle time is most of the
 gap between M2-BERT-80M's engine step and its kernels at L=128.
 
