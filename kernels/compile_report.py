@@ -23,7 +23,8 @@ def resources(
     """{"registers", "spill_bytes" (the stack frame a thread spills registers to), "shared_bytes"} of
     `kernel` (a `triton.jit` function) compiled for sm_`arch` with the values `constexprs` (every
     constexpr parameter), pointer arguments of the element types `dtypes` by argument name ("bf16",
-    "fp32", ...; fp32 when not named) and the other arguments as i32."""
+    "fp32", ...; fp32 when not named) and the other arguments of the types `dtypes` names (i32 when
+    not named)."""
     signature, values = {}, {}
     for index, param in enumerate(kernel.params):
         arg = kernel.arg_names[index]
@@ -31,7 +32,7 @@ def resources(
             signature[arg] = "constexpr"
             values[(index,)] = constexprs[arg]
         else:
-            signature[arg] = "*" + dtypes.get(arg, "fp32") if arg.endswith("_ptr") else "i32"
+            signature[arg] = "*" + dtypes.get(arg, "fp32") if arg.endswith("_ptr") else dtypes.get(arg, "i32")
     compiled = triton.compile(
         ASTSource(fn=kernel, signature=signature, constexprs=values),
         target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages},

@@ -83,9 +83,11 @@ def test_opcheck_blockdiag_matmul(bias):
 def test_opcheck_blockdiag_glu():
     nblocks, p, q, rows = 4, 16, 32, 40
     x, w = _rand(rows, nblocks * p, requires_grad=True), _rand(nblocks, q, p, requires_grad=True)
-    torch.library.opcheck(triton_blockdiag.blockdiag_glu_op, (x, w), test_utils=OPCHECK_ALL)
-    args = (_rand(rows, nblocks * q // 2), x.detach(), w.detach())
-    torch.library.opcheck(triton_blockdiag.blockdiag_glu_backward, args, test_utils=OPCHECK_ALL[:3])
+    seed = torch.tensor([1234], device=x.device)
+    for seed_p in ((None, 0.0), (seed, 0.25)):
+        torch.library.opcheck(triton_blockdiag.blockdiag_glu_op, (x, w, *seed_p), test_utils=OPCHECK_ALL)
+        args = (_rand(rows, nblocks * q // 2), x.detach(), w.detach(), *seed_p)
+        torch.library.opcheck(triton_blockdiag.blockdiag_glu_backward, args, test_utils=OPCHECK_ALL[:3])
 
 
 @pytest.mark.parametrize("residual", [True, False])

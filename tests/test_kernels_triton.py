@@ -373,7 +373,7 @@ def test_packed_spectrum_is_the_filters_half_spectrum():
 def test_kernels_compile_for_hopper_within_the_register_file():
     # The interpreter does not compile: Triton's own compiler (sm_90, as for an H100/H200) must
     # take the fused mixer's kernels, with at most a little spilling at the first autotuning
-    # candidate, and the GLU kernels at their spill-free tiles.
+    # candidate, and the GLU kernels (with dropout) at their nearly spill-free tiles.
     import json
     import subprocess
     import sys
@@ -385,8 +385,9 @@ def test_kernels_compile_for_hopper_within_the_register_file():
         "from kernels.mixer import triton_mixer as m\n"
         "from kernels.blockdiag import triton_blockdiag as b\n"
         "report = m.compile_report(128)\n"
-        "glu = dict(HALF=2, PREC='tf32', UPCAST=False, BM=128, BN=64, BK=32, SPLIT_K=1, GROUP_M=8)\n"
+        "glu = dict(HALF=2, DROPOUT=True, PREC='tf32', UPCAST=False, BM=128, BN=64, BK=32, SPLIT_K=1, GROUP_M=8)\n"
         "dtypes = {n: 'bf16' for n in ('x_ptr', 'w_ptr', 'o_ptr', 'da_ptr', 'dp_ptr')}\n"
+        "dtypes.update(seed_ptr='i64', SCALE='fp32')\n"
         "report['glu forward'] = resources(b._glu_fwd_kernel, glu, dtypes, 8, 4)\n"
         "report['glu backward'] = resources(b._glu_bwd_kernel, glu, dtypes, 8, 4)\n"
         "print(json.dumps(report))\n"
@@ -433,6 +434,66 @@ def test_blockdiag_matmul_matches_reference(dtype, shape, nblocks, p, q):
 def test_blockdiag_glu_matches_reference(dtype, shape, nblocks, p, q):
     x, w, _ = _blockdiag_inputs(shape, nblocks, p, q, seed=q)
     _compare_all(triton_blockdiag.blockdiag_glu, blockdiag_reference.blockdiag_glu, [x, w], dtype)
+
+
+def _glu_with_dropout(x, w, seed, p):
+    """The fused GLU op with dropout on rows of x, shaped as x."""
+    nb, q, _ = w.shape
+    return triton_blockdiag.blockdiag_glu_op(x.reshape(-1, x.shape[-1]), w, seed, p).reshape(*x.shape[:-1], nb * q // 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,nblocks,p,q", [((3, 37), 4, 16, 32), ((50,), 2, 24, 40)])
+def test_blockdiag_glu_dropout_is_the_glu_times_its_keep_mask(dtype, shape, nblocks, p, q):
+    # Forward and backward draw the mask from the seed and each element's position: both must match
+    # the reference GLU times the mask that `dropout_keep_mask` (other tiles) draws from the seed.
+    x, w, _ = _blockdiag_inputs(shape, nblocks, p, q, seed=q + 1)
+    seed, prob = torch.tensor([2024], device=DEVICE), 0.3
+    rows, inner = x[..., 0].numel(), nblocks * q // 2
+    keep = triton_blockdiag.dropout_keep_mask(seed, rows, inner, prob).reshape(*shape, inner)
+    assert 0.15 < 1 - keep.float().mean().item() < 0.45
+    _compare_all(
+        lambda x, w: _glu_with_dropout(x, w, seed, prob),
+        lambda x, w: blockdiag_reference.blockdiag_glu(x, w) * keep / (1 - prob),
+        [x, w], dtype,
+    )  # fmt: skip
+
+
+def test_dropout_keep_mask_is_a_fair_draw_per_seed():
+    rows, cols, prob = 256, 512, 0.1
+    masks = {s: triton_blockdiag.dropout_keep_mask(torch.tensor([s], device=DEVICE), rows, cols, prob) for s in (1, 2)}
+    again = triton_blockdiag.dropout_keep_mask(torch.tensor([1], device=DEVICE), rows, cols, prob)
+    assert torch.equal(masks[1], again)
+    assert (masks[1] != masks[2]).float().mean().item() > 0.1
+    dropped = ~masks[1]
+    assert abs(dropped.float().mean().item() - prob) < 0.005
+    # No pattern along rows, columns or the 8 columns that share one draw of 128 bits.
+    assert (dropped.float().mean(0) - prob).abs().max().item() < 0.1
+    assert (dropped.float().mean(1) - prob).abs().max().item() < 0.06
+    assert (dropped.float().reshape(rows, -1, 8).mean((0, 1)) - prob).abs().max().item() < 0.01
+    both = (dropped[:, :-1] & dropped[:, 1:]).float().mean().item()
+    assert abs(both - prob**2) < 0.003
+
+
+def test_blockdiag_glu_dropout_draws_from_the_torch_generator_and_falls_back_unfused():
+    x, w, _ = _blockdiag_inputs((40,), 4, 16, 32, seed=5)
+    x, w = x.float(), w.float()
+    glu = blockdiag_reference.blockdiag_glu(x, w)
+    outs = []
+    for seed in (7, 7, 8):
+        torch.manual_seed(seed)
+        outs.append(triton_blockdiag.blockdiag_glu(x, w, 0.5))
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
+    kept = outs[0] != 0
+    torch.testing.assert_close(outs[0][kept], 2 * glu[kept], rtol=1e-3, atol=1e-5)
+    assert torch.equal(triton_blockdiag.blockdiag_glu(x, w, 1.0), torch.zeros_like(glu))
+    # 12 columns a block: not a multiple of 8, so torch's dropout runs after the kernel.
+    x, w, _ = _blockdiag_inputs((40,), 2, 16, 24, seed=6)
+    a = triton_blockdiag.blockdiag_glu(x.float(), w.float(), 0.5)
+    kept = a != 0
+    torch.testing.assert_close(a[kept], 2 * blockdiag_reference.blockdiag_glu(x.float(), w.float())[kept], rtol=1e-3, atol=1e-5)
+    with pytest.raises(ValueError, match="dropout probability"):
+        triton_blockdiag.blockdiag_glu(x.float(), w.float(), 1.5)
 
 
 def _compare_all(fn_kernel, fn_torch, inputs64, dtype, atol_rel=None):
@@ -559,6 +620,13 @@ def test_blockdiag_gpu(dtype, dim):
     _compare_all(triton_blockdiag.blockdiag_matmul, lambda x, w, b: blockdiag_reference.blockdiag_matmul(x, w) + b, [x, w, b], dtype)
     x, w, _ = _blockdiag_inputs((4, 509), 4, dim // 4, 2 * dim, seed=dim + 1)
     _compare_all(triton_blockdiag.blockdiag_glu, blockdiag_reference.blockdiag_glu, [x, w], dtype)
+    seed, prob = torch.tensor([dim], device=DEVICE), 0.1
+    keep = triton_blockdiag.dropout_keep_mask(seed, 4 * 509, 4 * dim, prob).reshape(4, 509, 4 * dim)
+    _compare_all(
+        lambda x, w: _glu_with_dropout(x, w, seed, prob),
+        lambda x, w: blockdiag_reference.blockdiag_glu(x, w) * keep / (1 - prob),
+        [x, w], dtype,
+    )  # fmt: skip
 
 
 @pytest.mark.gpu

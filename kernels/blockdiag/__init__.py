@@ -36,20 +36,20 @@ def _triton_matmul(x: torch.Tensor, weight_KQP: torch.Tensor, bias: torch.Tensor
     return triton_blockdiag.blockdiag_matmul(x, weight_KQP, bias)
 
 
-def _triton_glu(x: torch.Tensor, weight_KQP: torch.Tensor) -> torch.Tensor:
+def _triton_glu(x: torch.Tensor, weight_KQP: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
     if _no_triton(x):
-        return reference.blockdiag_glu(x, weight_KQP)
+        return reference.blockdiag_glu(x, weight_KQP, dropout_p)
     from kernels.blockdiag import triton_blockdiag
 
-    return triton_blockdiag.blockdiag_glu(x, weight_KQP)
+    return triton_blockdiag.blockdiag_glu(x, weight_KQP, dropout_p)
 
 
 def _auto_matmul(x: torch.Tensor, weight_KQP: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return (_triton_matmul if use_triton(x) else _reference_matmul)(x, weight_KQP, bias)
 
 
-def _auto_glu(x: torch.Tensor, weight_KQP: torch.Tensor) -> torch.Tensor:
-    return (_triton_glu if use_triton(x) else reference.blockdiag_glu)(x, weight_KQP)
+def _auto_glu(x: torch.Tensor, weight_KQP: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
+    return (_triton_glu if use_triton(x) else reference.blockdiag_glu)(x, weight_KQP, dropout_p)
 
 
 # "auto": the Triton kernels on an Ampere or newer GPU, the reference elsewhere (`use_triton`).
@@ -82,9 +82,12 @@ def blockdiag_matmul(
     return matmul_implementation(backend)(x, weight_KQP, bias)
 
 
-def blockdiag_glu(x: torch.Tensor, weight_KQP: torch.Tensor, *, backend: str = "reference") -> torch.Tensor:
-    """GELU(g) * n of the block-diagonal projection x: (..., K*P) -> (..., K*Q/2) = [g | n] halves."""
-    return glu_implementation(backend)(x, weight_KQP)
+def blockdiag_glu(
+    x: torch.Tensor, weight_KQP: torch.Tensor, dropout_p: float = 0.0, *, backend: str = "reference"
+) -> torch.Tensor:
+    """dropout(GELU(g) * n) of the block-diagonal projection x: (..., K*P) -> (..., K*Q/2) = [g | n]
+    halves; the Triton backend drops in its kernels' epilogues, the reference after them."""
+    return glu_implementation(backend)(x, weight_KQP, dropout_p)
 
 
 __all__ = ["BACKENDS", "blockdiag_glu", "blockdiag_matmul", "glu_implementation", "matmul_implementation"]

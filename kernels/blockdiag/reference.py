@@ -20,8 +20,14 @@ def blockdiag_matmul(x: torch.Tensor, weight_KQP: torch.Tensor) -> torch.Tensor:
     return torch.cat([F.linear(chunk, w_QP) for chunk, w_QP in zip(chunks, weight_KQP.unbind(0))], dim=-1)
 
 
-def blockdiag_glu(x: torch.Tensor, weight_KQP: torch.Tensor) -> torch.Tensor:
-    """GELU(g) * n with [g, n] = blockdiag_matmul(x, weight) split in halves. (..., d) -> (..., I)."""
+def blockdiag_glu(x: torch.Tensor, weight_KQP: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
+    """dropout(GELU(g) * n) with [g, n] = blockdiag_matmul(x, weight) split in halves, dropout with
+    probability `dropout_p` (0: none). (..., d) -> (..., I)."""
+    a = _glu(x, weight_KQP)
+    return F.dropout(a, dropout_p) if dropout_p > 0 else a
+
+
+def _glu(x: torch.Tensor, weight_KQP: torch.Tensor) -> torch.Tensor:
     n_blocks, q, p = weight_KQP.shape
     if n_blocks % 2 or x.shape[-1] != n_blocks * p:
         # The halves split a block (or the shapes are wrong, which blockdiag_matmul reports).

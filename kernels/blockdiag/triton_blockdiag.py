@@ -10,6 +10,10 @@ Kernels:
   so the (M, 2I) pre-activation never reaches HBM.
 - `_glu_bwd_kernel`: recomputes g and n the same way and writes d[g, n] = [da n GELU'(g), da GELU(g)],
   from which `_bmm_kernel` gives dx and dW.
+- Dropout on the GLU's output (the MLP's hidden dropout) in both kernels' epilogues: the keep mask of
+  element (row, column) is a function of a seed tensor and the element's position only
+  (`_dropout_keep`), so the backward regenerates the forward's mask whatever tiles each autotunes to,
+  and neither the dropped output's mask nor a separate dropout pass touches HBM.
 
 Shape legend: M rows (tokens), K number of blocks, P input features per block, Q output features
 per block, I = K Q / 2 the GLU's inner size.
@@ -126,6 +130,51 @@ def _gelu_parts(b_g):
     return b_g * b_cdf, b_cdf + b_g * b_pdf
 
 
+# Dropout draws 16 random bits per element: philox4x on (row, column // 8) gives 4 x 32 bits, i.e.
+# the 8 columns 8c ... 8c + 7 of a row; an element is kept when its 16 bits reach round(p * 2^16).
+DROPOUT_BITS = 16
+DROPOUT_GROUP = 8
+
+
+def dropout_threshold(p: float) -> int:
+    """The 16-bit threshold of dropout probability p: an element is dropped when its bits are below it."""
+    return round(p * (1 << DROPOUT_BITS))
+
+
+@triton.jit
+def _dropout_keep(seed, o_m, j0, THRESHOLD, BM: tl.constexpr, BN: tl.constexpr):
+    """[BM, BN] keep mask for rows o_m and columns j0 + arange(BN), j0 a multiple of 8."""
+    o_c = (j0 // 8 + tl.arange(0, BN // 8)).to(tl.uint32)
+    c0 = tl.broadcast_to(o_m.to(tl.uint32)[:, None], (BM, BN // 8))
+    c1 = tl.broadcast_to(o_c[None, :], (BM, BN // 8))
+    zero = c0 * 0
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, zero, zero)
+    lo, hi = 0xFFFF, 16
+    r01 = tl.join(tl.join(r0 & lo, r0 >> hi), tl.join(r1 & lo, r1 >> hi))
+    r23 = tl.join(tl.join(r2 & lo, r2 >> hi), tl.join(r3 & lo, r3 >> hi))
+    # [BM, BN // 8, 2, 2, 2] -> [BM, BN]: the 8 draws of column group c in columns 8c ... 8c + 7.
+    bits = tl.reshape(tl.join(r01, r23), (BM, BN))
+    return bits >= THRESHOLD
+
+
+@triton.jit
+def _dropout_mask_kernel(seed_ptr, keep_ptr, M, N, THRESHOLD, BM: tl.constexpr, BN: tl.constexpr):
+    """keep[m, n] of `_dropout_keep` for an (M, N) output (tests, and the mask's documentation)."""
+    o_m = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)
+    j0 = tl.program_id(1) * BN
+    o_j = j0 + tl.arange(0, BN)
+    keep = _dropout_keep(tl.load(seed_ptr), o_m, j0, THRESHOLD, BM, BN)
+    tl.store(keep_ptr + o_m[:, None] * N + o_j[None, :], keep.to(tl.int8), mask=(o_m < M)[:, None] & (o_j < N)[None, :])
+
+
+def dropout_keep_mask(seed: torch.Tensor, rows: int, cols: int, p: float) -> torch.Tensor:
+    """The (rows, cols) bool keep mask that the GLU kernels apply with this seed and probability."""
+    keep = torch.empty((rows, cols), dtype=torch.int8, device=seed.device)
+    grid = (triton.cdiv(rows, 16), triton.cdiv(cols, 32))
+    _dropout_mask_kernel[grid](seed, keep, rows, cols, dropout_threshold(p), BM=16, BN=32)
+    return keep.bool()
+
+
 @triton.jit
 def _glu_gemms(
     x_ptr, w_ptr, i_m, i_q, i_kg, M, P, Q, s_xm,
@@ -180,42 +229,53 @@ def _glu_tile(M, Q, HALF: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GROU
 
 @triton.jit
 def _glu_fwd_kernel(
-    x_ptr, w_ptr, o_ptr, M, P, Q, s_xm, s_om,
-    HALF: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    x_ptr, w_ptr, o_ptr, seed_ptr, M, P, Q, s_xm, s_om, THRESHOLD, SCALE,
+    HALF: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
-    """o[:, kg * Q + q] = GELU(g) * n for kg < HALF; x: [M, 2 HALF P], w: [2 HALF, Q, P], o: [M, HALF Q]."""
+    """o[:, kg * Q + q] = GELU(g) * n for kg < HALF; x: [M, 2 HALF P], w: [2 HALF, Q, P], o: [M, HALF Q];
+    with DROPOUT, times keep * SCALE."""
     i_m, i_q, i_kg = _glu_tile(M, Q, HALF, BM, BN, GROUP_M)
     b_g, b_n = _glu_gemms(x_ptr, w_ptr, i_m, i_q, i_kg, M, P, Q, s_xm, HALF, PREC, UPCAST, BM, BN, BK)
     b_gelu, _ = _gelu_parts(b_g)
+    b_o = b_gelu * b_n
     o_m = i_m * BM + tl.arange(0, BM)
     o_q = i_q * BN + tl.arange(0, BN)
-    p_o = o_ptr + o_m[:, None] * s_om + (i_kg * Q + o_q)[None, :]
-    tl.store(p_o, (b_gelu * b_n).to(o_ptr.dtype.element_ty), mask=(o_m < M)[:, None] & (o_q < Q)[None, :])
+    j0 = (i_kg * Q + i_q * BN).to(tl.int32)
+    o_j = j0 + tl.arange(0, BN)
+    if DROPOUT:
+        b_o = tl.where(_dropout_keep(tl.load(seed_ptr), o_m, j0, THRESHOLD, BM, BN), b_o * SCALE, 0.0)
+    p_o = o_ptr + o_m[:, None] * s_om + o_j[None, :]
+    tl.store(p_o, b_o.to(o_ptr.dtype.element_ty), mask=(o_m < M)[:, None] & (o_q < Q)[None, :])
 
 
 @triton.jit
 def _glu_bwd_kernel(
-    x_ptr, w_ptr, da_ptr, dp_ptr, M, P, Q, s_xm, s_dam, s_dpm,
-    HALF: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+    x_ptr, w_ptr, da_ptr, dp_ptr, seed_ptr, M, P, Q, s_xm, s_dam, s_dpm, THRESHOLD, SCALE,
+    HALF: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
-    """Gradient of the pre-activation, dp: [M, 2 HALF Q] (block layout), from da: [M, HALF Q]."""
+    """Gradient of the pre-activation, dp: [M, 2 HALF Q] (block layout), from da: [M, HALF Q] (the
+    gradient of the dropped output with DROPOUT, masked here as the forward masked)."""
     i_m, i_q, i_kg = _glu_tile(M, Q, HALF, BM, BN, GROUP_M)
     b_g, b_n = _glu_gemms(x_ptr, w_ptr, i_m, i_q, i_kg, M, P, Q, s_xm, HALF, PREC, UPCAST, BM, BN, BK)
     b_gelu, b_dgelu = _gelu_parts(b_g)
     o_m = i_m * BM + tl.arange(0, BM)
     o_q = i_q * BN + tl.arange(0, BN)
+    j0 = (i_kg * Q + i_q * BN).to(tl.int32)
+    o_j = j0 + tl.arange(0, BN)
     m_o = (o_m < M)[:, None] & (o_q < Q)[None, :]
     # [BM, BN]
-    b_da = tl.load(da_ptr + o_m[:, None] * s_dam + (i_kg * Q + o_q)[None, :], mask=m_o, other=0.0).to(tl.float32)
-    p_dg = dp_ptr + o_m[:, None] * s_dpm + (i_kg * Q + o_q)[None, :]
+    b_da = tl.load(da_ptr + o_m[:, None] * s_dam + o_j[None, :], mask=m_o, other=0.0).to(tl.float32)
+    if DROPOUT:
+        b_da = tl.where(_dropout_keep(tl.load(seed_ptr), o_m, j0, THRESHOLD, BM, BN), b_da * SCALE, 0.0)
+    p_dg = dp_ptr + o_m[:, None] * s_dpm + o_j[None, :]
     tl.store(p_dg, (b_da * b_n * b_dgelu).to(dp_ptr.dtype.element_ty), mask=m_o)
     tl.store(p_dg + HALF * Q, (b_da * b_gelu).to(dp_ptr.dtype.element_ty), mask=m_o)
 
 
-_glu_fwd = triton.autotune(configs=_configs(_GLU_SHAPES), key=["M", "P", "Q", "PREC"])(_glu_fwd_kernel)
-_glu_bwd = triton.autotune(configs=_configs(_GLU_SHAPES), key=["M", "P", "Q", "PREC"])(_glu_bwd_kernel)
+_glu_fwd = triton.autotune(configs=_configs(_GLU_SHAPES), key=["M", "P", "Q", "PREC", "DROPOUT"])(_glu_fwd_kernel)
+_glu_bwd = triton.autotune(configs=_configs(_GLU_SHAPES), key=["M", "P", "Q", "PREC", "DROPOUT"])(_glu_bwd_kernel)
 
 
 def _bmm(a, b, out, bias, n_groups, m, n, k, a_strides, b_strides, c_strides, atomic=False):
@@ -270,34 +330,45 @@ def blockdiag_bwd(dy_MKQ: torch.Tensor, x_MKP: torch.Tensor, w_KQP: torch.Tensor
     return dx, dw
 
 
-def glu_fwd(x_MKP: torch.Tensor, w_KQP: torch.Tensor) -> torch.Tensor:
-    """GELU(g) * n, [g, n] = x @ blockdiag(w)^T. x_MKP: (M, K*P), w_KQP: (K, Q, P) -> (M, K*Q/2)."""
+def _dropout_args(seed: torch.Tensor | None, p: float, like: torch.Tensor) -> dict:
+    """The GLU kernels' dropout arguments: the seed tensor (a dummy pointer without dropout)."""
+    on = seed is not None and p > 0
+    return dict(
+        seed_ptr=seed if on else like, THRESHOLD=dropout_threshold(p) if on else 0,
+        SCALE=1.0 / (1.0 - p) if on else 1.0, DROPOUT=on,
+    )  # fmt: skip
+
+
+def glu_fwd(x_MKP: torch.Tensor, w_KQP: torch.Tensor, seed: torch.Tensor | None = None, p: float = 0.0) -> torch.Tensor:
+    """GELU(g) * n, [g, n] = x @ blockdiag(w)^T. x_MKP: (M, K*P), w_KQP: (K, Q, P) -> (M, K*Q/2); with a
+    seed and p > 0, dropout(p) of it (Q a multiple of 8)."""
     m = x_MKP.shape[0]
-    nb, q, p = w_KQP.shape
+    nb, q, p_in = w_KQP.shape
     out = new_output((m, nb * q // 2), x_MKP.dtype, x_MKP.device)
 
     def grid(meta):
         return (triton.cdiv(m, meta["BM"]) * triton.cdiv(q, meta["BN"]) * (nb // 2),)
 
     _glu_fwd[grid](
-        x_MKP, w_KQP, out, m, p, q, x_MKP.stride(0), out.stride(0),
-        HALF=nb // 2, PREC=dot_precision(x_MKP.dtype), UPCAST=INTERPRET, GROUP_M=8,
+        x_MKP, w_KQP, out, M=m, P=p_in, Q=q, s_xm=x_MKP.stride(0), s_om=out.stride(0),
+        HALF=nb // 2, PREC=dot_precision(x_MKP.dtype), UPCAST=INTERPRET, GROUP_M=8, **_dropout_args(seed, p, out),
     )  # fmt: skip
     return out
 
 
-def glu_bwd(da_MI: torch.Tensor, x_MKP: torch.Tensor, w_KQP: torch.Tensor):
-    """(dx (M, K*P), dw (K, Q, P) fp32) of `glu_fwd`; the pre-activation is recomputed."""
+def glu_bwd(da_MI: torch.Tensor, x_MKP: torch.Tensor, w_KQP: torch.Tensor, seed: torch.Tensor | None = None, p: float = 0.0):
+    """(dx (M, K*P), dw (K, Q, P) fp32) of `glu_fwd` with the same seed and p; the pre-activation and
+    the dropout mask are recomputed."""
     m = x_MKP.shape[0]
-    nb, q, p = w_KQP.shape
+    nb, q, p_in = w_KQP.shape
     dpre = new_output((m, nb * q), x_MKP.dtype, x_MKP.device)
 
     def grid(meta):
         return (triton.cdiv(m, meta["BM"]) * triton.cdiv(q, meta["BN"]) * (nb // 2),)
 
     _glu_bwd[grid](
-        x_MKP, w_KQP, da_MI, dpre, m, p, q, x_MKP.stride(0), da_MI.stride(0), dpre.stride(0),
-        HALF=nb // 2, PREC=dot_precision(x_MKP.dtype), UPCAST=INTERPRET, GROUP_M=8,
+        x_MKP, w_KQP, da_MI, dpre, M=m, P=p_in, Q=q, s_xm=x_MKP.stride(0), s_dam=da_MI.stride(0), s_dpm=dpre.stride(0),
+        HALF=nb // 2, PREC=dot_precision(x_MKP.dtype), UPCAST=INTERPRET, GROUP_M=8, **_dropout_args(seed, p, dpre),
     )  # fmt: skip
     return blockdiag_bwd(dpre, x_MKP, w_KQP)
 
@@ -357,38 +428,41 @@ torch.library.register_autograd("m2dist::blockdiag_matmul", _matmul_backward, se
 
 
 @torch.library.custom_op("m2dist::blockdiag_glu", mutates_args=())
-def blockdiag_glu_op(x_MKP: torch.Tensor, weight_KQP: torch.Tensor) -> torch.Tensor:
-    nb, q, p = weight_KQP.shape
-    return glu_fwd(_rows(x_MKP, nb * p), weight_KQP.contiguous())
+def blockdiag_glu_op(x_MKP: torch.Tensor, weight_KQP: torch.Tensor, seed: torch.Tensor | None, p: float) -> torch.Tensor:
+    nb, q, p_in = weight_KQP.shape
+    return glu_fwd(_rows(x_MKP, nb * p_in), weight_KQP.contiguous(), seed, p)
 
 
 @blockdiag_glu_op.register_fake
-def _(x_MKP, weight_KQP):
+def _(x_MKP, weight_KQP, seed, p):
     nb, q, _ = weight_KQP.shape
     return x_MKP.new_empty((x_MKP.shape[0], nb * q // 2))
 
 
 @torch.library.custom_op("m2dist::blockdiag_glu_backward", mutates_args=())
-def blockdiag_glu_backward(da_MI: torch.Tensor, x_MKP: torch.Tensor, weight_KQP: torch.Tensor) -> list[torch.Tensor]:
-    """[dx (M, K*P), dw (K, Q, P) fp32]; the pre-activation is recomputed."""
-    nb, q, p = weight_KQP.shape
-    dx, dw = glu_bwd(_rows(da_MI, nb * q // 2), _rows(x_MKP, nb * p), weight_KQP.contiguous())
+def blockdiag_glu_backward(
+    da_MI: torch.Tensor, x_MKP: torch.Tensor, weight_KQP: torch.Tensor, seed: torch.Tensor | None, p: float
+) -> list[torch.Tensor]:
+    """[dx (M, K*P), dw (K, Q, P) fp32]; the pre-activation and the dropout mask are recomputed."""
+    nb, q, p_in = weight_KQP.shape
+    dx, dw = glu_bwd(_rows(da_MI, nb * q // 2), _rows(x_MKP, nb * p_in), weight_KQP.contiguous(), seed, p)
     return [dx, dw]
 
 
 @blockdiag_glu_backward.register_fake
-def _(da_MI, x_MKP, weight_KQP):
+def _(da_MI, x_MKP, weight_KQP, seed, p):
     return [x_MKP.new_empty(x_MKP.shape), weight_KQP.new_empty(weight_KQP.shape, dtype=torch.float32)]
 
 
 def _glu_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    x_MKP, weight_KQP, seed, ctx.p = inputs
+    ctx.save_for_backward(x_MKP, weight_KQP, seed)
 
 
 def _glu_backward(ctx, da_MI):
-    x_MKP, weight_KQP = ctx.saved_tensors
-    dx, dw = blockdiag_glu_backward(da_MI, x_MKP, weight_KQP)
-    return dx, dw.to(weight_KQP.dtype)
+    x_MKP, weight_KQP, seed = ctx.saved_tensors
+    dx, dw = blockdiag_glu_backward(da_MI, x_MKP, weight_KQP, seed, ctx.p)
+    return dx, dw.to(weight_KQP.dtype), None, None
 
 
 torch.library.register_autograd("m2dist::blockdiag_glu", _glu_backward, setup_context=_glu_setup_context)
@@ -418,12 +492,21 @@ def blockdiag_matmul(x: torch.Tensor, weight_KQP: torch.Tensor, bias: torch.Tens
     return y_MKQ.reshape(*x.shape[:-1], nb * q)
 
 
-def blockdiag_glu(x: torch.Tensor, weight_KQP: torch.Tensor) -> torch.Tensor:
-    """GELU(g) * n with [g, n] = x @ blockdiag(weight)^T split in halves. x: (..., K*P),
-    weight_KQP: (K, Q, P) with K even -> (..., K*Q/2)."""
+def blockdiag_glu(x: torch.Tensor, weight_KQP: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
+    """dropout(GELU(g) * n) with [g, n] = x @ blockdiag(weight)^T split in halves. x: (..., K*P),
+    weight_KQP: (K, Q, P) with K even -> (..., K*Q/2). Dropout (probability `dropout_p`, 0 for none)
+    runs in the kernels' epilogues, its mask drawn from a seed that the CUDA generator draws (so
+    CUDA graphs and activation checkpointing see it as any dropout); where a block's outputs are not
+    a multiple of 8 columns, or p = 1, it runs after them instead."""
     _check(x, weight_KQP)
     if weight_KQP.shape[0] % 2:
         raise ValueError(f"the fused GLU needs an even number of blocks, got {weight_KQP.shape[0]}")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1], got {dropout_p}")
     x, weight_KQP = _cast(x, weight_KQP)
     nb, q, p = weight_KQP.shape
-    return blockdiag_glu_op(x.reshape(-1, nb * p), weight_KQP).reshape(*x.shape[:-1], nb * q // 2)
+    fused = 0.0 < dropout_p < 1.0 and q % DROPOUT_GROUP == 0
+    seed = torch.randint(0, 2**62, (1,), device=x.device) if fused else None
+    a = blockdiag_glu_op(x.reshape(-1, nb * p), weight_KQP, seed, dropout_p if fused else 0.0)
+    a = a.reshape(*x.shape[:-1], nb * q // 2)
+    return torch.nn.functional.dropout(a, dropout_p) if dropout_p > 0 and not fused else a

@@ -250,21 +250,22 @@ class BlockdiagLinear(nn.Module):
 
 
 class GatedBlockdiagMLP(nn.Module):
-    """`LayerNorm(BlockDiag_I->d(GELU(g) * n) + x)` with [g, n] = BlockDiag_d->2I(x) (post-LN GLU)."""
+    """`LayerNorm(BlockDiag_I->d(dropout(GELU(g) * n)) + x)` with [g, n] = BlockDiag_d->2I(x) (post-LN GLU)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         d, inner, nblocks = config.hidden_size, config.intermediate_size, config.mlp_nblocks
         backend = config.kernels.blockdiag
         self.gated_layers = BlockdiagLinear(d, 2 * inner, nblocks, bias=False, backend=backend)
-        self.dropout = nn.Dropout(config.hidden_dropout)
+        # The hidden dropout runs inside the GLU op (in the Triton kernels' epilogues).
+        self.dropout_p = config.hidden_dropout
         self.wo = BlockdiagLinear(inner, d, nblocks, backend=backend)
         self.layernorm = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.glu = kernels.blockdiag.glu_implementation(backend)
 
     def forward(self, x_BLD: torch.Tensor) -> torch.Tensor:
-        a_BLI = self.glu(x_BLD, self.gated_layers.weight)
-        return self.layernorm(self.wo(self.dropout(a_BLI)) + x_BLD)
+        a_BLI = self.glu(x_BLD, self.gated_layers.weight, self.dropout_p if self.training else 0.0)
+        return self.layernorm(self.wo(a_BLI) + x_BLD)
 
 
 class M2Layer(nn.Module):
