@@ -190,11 +190,11 @@ def bench_glu_mlp(dims, tokens, gemm_rate, compiled_reference=False):
         params = [w1.requires_grad_(), w2.requires_grad_(), b2.requires_grad_()]
         upstream = torch.randn(tokens, dim, device="cuda", dtype=torch.bfloat16, generator=gen)
 
-        def ref(x, w1, w2, b2):
-            return blockdiag_reference.blockdiag_matmul(blockdiag_reference.blockdiag_glu(x, w1), w2) + b2
+        def ref(x, w1, w2, b2, dropout_p=0.0):
+            return blockdiag_reference.blockdiag_matmul(blockdiag_reference.blockdiag_glu(x, w1, dropout_p), w2) + b2
 
-        def tri(x, w1, w2, b2):
-            return triton_blockdiag.blockdiag_matmul(triton_blockdiag.blockdiag_glu(x, w1), w2, b2)
+        def tri(x, w1, w2, b2, dropout_p=0.0):
+            return triton_blockdiag.blockdiag_matmul(triton_blockdiag.blockdiag_glu(x, w1, dropout_p), w2, b2)
 
         # Useful FLOPs: forward d -> 2I and I -> d block-diagonal GEMMs, backward twice that.
         flops = 3 * (2 * tokens * dim * 2 * inner + 2 * tokens * inner * dim) / nblocks
@@ -205,16 +205,22 @@ def bench_glu_mlp(dims, tokens, gemm_rate, compiled_reference=False):
         compiled_ms = _bench(_fwd_bwd(torch.compile(ref), [x, *params], upstream)) if compiled_reference else None
         ref_fwd = _bench(lambda: ref(x, *params))
         tri_fwd = _bench(lambda: tri(x, *params))
+        # With the MLP's hidden dropout as trained (0.1): torch's after the reference GLU, the
+        # Triton kernels' in their epilogues.
+        ref_drop_ms = _bench(_fwd_bwd(lambda *a: ref(*a, dropout_p=0.1), [x, *params], upstream))
+        tri_drop_ms = _bench(_fwd_bwd(lambda *a: tri(*a, dropout_p=0.1), [x, *params], upstream))
         rate = flops / (tri_ms * 1e-3)
         rows.append((f"d={dim} I={inner} M={tokens}", ref_ms, tri_ms, ref_ms / tri_ms, ref_fwd / tri_fwd, rate / 1e12,
-                     rate / gemm_rate, compiled_ms, compiled_ms and flops / (compiled_ms * 1e-3) / gemm_rate))  # fmt: skip
+                     rate / gemm_rate, compiled_ms, compiled_ms and flops / (compiled_ms * 1e-3) / gemm_rate,
+                     ref_drop_ms, tri_drop_ms))  # fmt: skip
         print(_fmt_glu(rows[-1]), flush=True)
     return rows
 
 
 def _fmt_glu(r):
     compiled = "- | -" if r[7] is None else f"{r[7]:.3f} | {r[8]:.1%}"
-    return f"| {r[0]} | {r[1]:.3f} | {r[2]:.3f} | {r[3]:.2f}x | {r[4]:.2f}x | {r[5]:.0f} | {r[6]:.1%} | {compiled} |"
+    dropout = f"{r[9]:.3f} | {r[10]:.3f} | {r[9] / r[10]:.2f}x"
+    return f"| {r[0]} | {r[1]:.3f} | {r[2]:.3f} | {r[3]:.2f}x | {r[4]:.2f}x | {r[5]:.0f} | {r[6]:.1%} | {compiled} | {dropout} |"
 
 
 def run_kernel_benchmarks(
@@ -255,7 +261,8 @@ def run_kernel_benchmarks(
     )  # fmt: skip
     _print_table(
         "Block-diagonal GLU MLP (d -> 2I GLU, I -> d + bias, 4 blocks), bf16, forward + backward",
-        "size | reference ms | Triton ms | speedup | fwd speedup | TFLOP/s (useful) | of GEMM rate | compiled reference ms | its share of GEMM rate",
+        "size | reference ms | Triton ms | speedup | fwd speedup | TFLOP/s (useful) | of GEMM rate | compiled reference ms | its share of GEMM rate"
+        " | reference + dropout ms | Triton + dropout ms | speedup with dropout",
         [_fmt_glu(r) for r in glu_rows],
     )  # fmt: skip
 
