@@ -385,17 +385,22 @@ def test_kernels_compile_for_hopper_within_the_register_file():
         "from kernels.mixer import triton_mixer as m\n"
         "from kernels.blockdiag import triton_blockdiag as b\n"
         "report = m.compile_report(128)\n"
-        "glu = dict(HALF=2, DROPOUT=True, PREC='tf32', UPCAST=False, BM=128, BN=64, BK=32, SPLIT_K=1, GROUP_M=8)\n"
+        "glu = dict(HALF=2, DROPOUT=True, PREC='tf32', UPCAST=False, PA=128, PB=64, BM=128, BN=64, BK=32, NSUB=1,\n"
+        "           RESIDENT=False, GROUP_M=8)\n"
         "dtypes = {n: 'bf16' for n in ('x_ptr', 'w_ptr', 'o_ptr', 'da_ptr', 'dp_ptr')}\n"
         "dtypes.update(seed_ptr='i64', SCALE='fp32')\n"
         "report['glu forward'] = resources(b._glu_fwd_kernel, glu, dtypes, 8, 4)\n"
         "report['glu backward'] = resources(b._glu_bwd_kernel, glu, dtypes, 8, 4)\n"
+        "glu.update(BN=32, NSUB=8, RESIDENT=True, PA=128, PB=64)\n"
+        "report['glu forward resident'] = resources(b._glu_fwd_kernel, glu, dtypes, 8, 2)\n"
+        "report['glu backward resident'] = resources(b._glu_bwd_kernel, glu, dtypes, 8, 2)\n"
         "print(json.dumps(report))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
-    assert set(report) == {"forward", "backward gated", "backward residual", "glu forward", "glu backward"}
+    glu = {"glu forward", "glu backward", "glu forward resident", "glu backward resident"}
+    assert set(report) == {"forward", "backward gated", "backward residual", *glu}
     for name, usage in report.items():
         assert usage["registers"] <= 255 and usage["shared_bytes"] <= 227 * 1024, (name, usage)
         assert usage["spill_bytes"] <= (128 if name.startswith("glu") else 512), (name, usage)
@@ -429,9 +434,27 @@ def test_blockdiag_matmul_matches_reference(dtype, shape, nblocks, p, q):
     )  # fmt: skip
 
 
+@pytest.fixture(params=["streamed", "resident"])
+def glu_programs(request, monkeypatch):
+    """The GLU kernels with x streamed through the reduction (the interpreter's default config) or
+    resident: two column tiles of 16 a program, x's P features as a PA- and a PB-wide tile."""
+    if request.param == "resident":
+        config = triton.Config({"BM": 16, "BN": 16, "BK": 32, "NSUB": 2, "RESIDENT": True}, num_warps=4, num_stages=1)
+        for kernel in (triton_blockdiag._glu_fwd, triton_blockdiag._glu_bwd):
+            monkeypatch.setattr(kernel, "configs", [config])
+            monkeypatch.setattr(kernel, "cache", {})
+    return request.param
+
+
+def test_resident_split_covers_p_with_two_powers_of_two():
+    assert [triton_blockdiag.resident_split(p) for p in (16, 24, 192, 240, 256, 448)] == [
+        (16, 0), (16, 8), (128, 64), (128, 128), (256, 0), (256, 256),
+    ]  # fmt: skip
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape,nblocks,p,q", [((3, 37), 4, 16, 32), ((50,), 2, 24, 40)])
-def test_blockdiag_glu_matches_reference(dtype, shape, nblocks, p, q):
+def test_blockdiag_glu_matches_reference(dtype, shape, nblocks, p, q, glu_programs):
     x, w, _ = _blockdiag_inputs(shape, nblocks, p, q, seed=q)
     _compare_all(triton_blockdiag.blockdiag_glu, blockdiag_reference.blockdiag_glu, [x, w], dtype)
 
@@ -444,7 +467,7 @@ def _glu_with_dropout(x, w, seed, p):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape,nblocks,p,q", [((3, 37), 4, 16, 32), ((50,), 2, 24, 40)])
-def test_blockdiag_glu_dropout_is_the_glu_times_its_keep_mask(dtype, shape, nblocks, p, q):
+def test_blockdiag_glu_dropout_is_the_glu_times_its_keep_mask(dtype, shape, nblocks, p, q, glu_programs):
     # Forward and backward draw the mask from the seed and each element's position: both must match
     # the reference GLU times the mask that `dropout_keep_mask` (other tiles) draws from the seed.
     x, w, _ = _blockdiag_inputs(shape, nblocks, p, q, seed=q + 1)

@@ -45,7 +45,8 @@ _GEMM_SHAPES = [
     (128, 64, 64, 4, 4),
 ]
 # The GLU kernels hold two accumulators (g and n): in an sm_90 compile (`kernels.compile_report`)
-# the 128 x 128 and the 4-warp tiles spill 0.2-2 KiB a thread, the last two none.
+# the 128 x 128 and the 4-warp tiles spill 0.2-2 KiB a thread, the last two none. These stream x
+# and W through the reduction in BK-wide slices, one [BM, BN] tile of g and n a program.
 _GLU_SHAPES = [
     (64, 64, 32, 4, 1) if INTERPRET else (128, 128, 64, 8, 3),
     (128, 64, 64, 4, 4),
@@ -54,6 +55,47 @@ _GLU_SHAPES = [
     (128, 64, 32, 8, 4),
     (64, 128, 32, 8, 4),
 ]
+# "Resident" GLU programs (BM, BN, NSUB, num_warps, num_stages): the program's BM rows of x (both
+# input chunks, all P features) stay on chip while it sweeps NSUB column tiles of W, so x crosses
+# L2 once per NSUB * BN columns instead of once per BN (at d=768 a streamed 128 x 64 program moves
+# 18 bytes from L2 per output element, a resident one with NSUB = 6 about 8). Their shared memory
+# grows with P: `_prune_glu_configs` drops them where x does not fit. In an sm_90 compile at d=768
+# (P = 128 + 64) the last two spill nothing in either kernel, the first nothing in the forward and
+# 448 bytes a thread in the backward.
+_GLU_RESIDENT_SHAPES = [
+    (128, 64, 4, 8, 2),
+    (128, 32, 8, 8, 2),
+    (64, 32, 16, 4, 2),
+]
+_RESIDENT_X_BYTES = 128 * 1024
+
+
+def _glu_configs():
+    streamed = [
+        triton.Config({"BM": bm, "BN": bn, "BK": bk, "NSUB": 1, "RESIDENT": False}, num_warps=warps, num_stages=stages)
+        for bm, bn, bk, warps, stages in _GLU_SHAPES[: 1 if INTERPRET else None]
+    ]
+    if INTERPRET:
+        return streamed
+    resident = [
+        triton.Config({"BM": bm, "BN": bn, "BK": 32, "NSUB": nsub, "RESIDENT": True}, num_warps=warps, num_stages=stages)
+        for bm, bn, nsub, warps, stages in _GLU_RESIDENT_SHAPES
+    ]
+    return streamed + resident
+
+
+def _prune_glu_configs(configs, named_args, **kwargs):
+    """Resident configs whose x rows (two chunks of PA + PB bf16 features) would not fit on chip."""
+    args = {**named_args, **kwargs}
+    width = args["PA"] + args["PB"]
+    return [c for c in configs if not c.kwargs["RESIDENT"] or c.kwargs["BM"] * width * 2 * 2 <= _RESIDENT_X_BYTES]
+
+
+def resident_split(p: int) -> tuple[int, int]:
+    """(PA, PB): P as the largest power of two PA <= P and a power of two PB >= P - PA (0 if none),
+    the two tiles a resident GLU program holds each input chunk in."""
+    pa = 1 << (p.bit_length() - 1)
+    return pa, (triton.next_power_of_2(p - pa) if p > pa else 0)
 
 
 @triton.jit
@@ -213,6 +255,55 @@ def _glu_gemms(
 
 
 @triton.jit
+def _x_tile(x_rows, o_m, m_m, s_xm, chunk, P, OFF: tl.constexpr, WIDTH: tl.constexpr):
+    """x[rows, chunk * P + OFF : ... + WIDTH] as a [BM, WIDTH] tile, zero beyond P."""
+    o_k = OFF + tl.arange(0, WIDTH)
+    return tl.load(x_rows + o_m[:, None] * s_xm + (chunk * P + o_k)[None, :], mask=m_m[:, None] & (o_k < P)[None, :], other=0.0)
+
+
+@triton.jit
+def _wt_tile(w_ptr, block, o_q, m_q, P, Q, OFF: tl.constexpr, WIDTH: tl.constexpr):
+    """W[block, o_q, OFF : OFF + WIDTH]^T as a [WIDTH, BN] tile, zero beyond P."""
+    o_k = OFF + tl.arange(0, WIDTH)
+    return tl.load(w_ptr + (block * Q + o_q)[None, :] * P + o_k[:, None], mask=(o_k < P)[:, None] & m_q[None, :], other=0.0)
+
+
+@triton.jit
+def _resident_x(x_ptr, i_m, i_kg, M, P, s_xm, HALF: tl.constexpr, PA: tl.constexpr, PB: tl.constexpr, BM: tl.constexpr):
+    """The program's rows of x for g (chunk i_kg) and n (chunk i_kg + HALF), each as a PA-wide and a
+    PB-wide tile (the PB tiles are unused when PB = 0)."""
+    o_m = tl.arange(0, BM)
+    m_m = i_m * BM + o_m < M
+    x_rows = x_ptr + i_m * BM * s_xm
+    xg_a = _x_tile(x_rows, o_m, m_m, s_xm, i_kg, P, 0, PA)
+    xn_a = _x_tile(x_rows, o_m, m_m, s_xm, i_kg + HALF, P, 0, PA)
+    xg_b, xn_b = xg_a, xn_a
+    if PB > 0:
+        xg_b = _x_tile(x_rows, o_m, m_m, s_xm, i_kg, P, PA, PB)
+        xn_b = _x_tile(x_rows, o_m, m_m, s_xm, i_kg + HALF, P, PA, PB)
+    return xg_a, xn_a, xg_b, xn_b
+
+
+@triton.jit
+def _glu_gemms_resident(
+    xg_a, xn_a, xg_b, xn_b, w_ptr, i_q, i_kg, P, Q,
+    HALF: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, PA: tl.constexpr, PB: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr,
+):  # fmt: skip
+    """Tiles [BM, BN] of g and n, column tile i_q, from x rows already on chip (`_resident_x`)."""
+    o_q = (i_q * BN).to(tl.int32) + tl.arange(0, BN)
+    m_q = o_q < Q
+    i_kg = i_kg.to(tl.int32)
+    i_kn = i_kg + HALF
+    b_g = _mma(xg_a, _wt_tile(w_ptr, i_kg, o_q, m_q, P, Q, 0, PA), tl.zeros((BM, BN), tl.float32), PREC, UPCAST)
+    b_n = _mma(xn_a, _wt_tile(w_ptr, i_kn, o_q, m_q, P, Q, 0, PA), tl.zeros((BM, BN), tl.float32), PREC, UPCAST)
+    if PB > 0:
+        b_g = _mma(xg_b, _wt_tile(w_ptr, i_kg, o_q, m_q, P, Q, PA, PB), b_g, PREC, UPCAST)
+        b_n = _mma(xn_b, _wt_tile(w_ptr, i_kn, o_q, m_q, P, Q, PA, PB), b_n, PREC, UPCAST)
+    return b_g, b_n
+
+
+@triton.jit
 def _glu_tile(M, Q, HALF: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
     """(row tile, column tile within a block, block of g) of this program, grouped for L2 reuse."""
     i_t = tl.program_id(0)
@@ -230,52 +321,75 @@ def _glu_tile(M, Q, HALF: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GROU
 @triton.jit
 def _glu_fwd_kernel(
     x_ptr, w_ptr, o_ptr, seed_ptr, M, P, Q, s_xm, s_om, THRESHOLD, SCALE,
-    HALF: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
+    HALF: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, PA: tl.constexpr,
+    PB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NSUB: tl.constexpr,
+    RESIDENT: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """o[:, kg * Q + q] = GELU(g) * n for kg < HALF; x: [M, 2 HALF P], w: [2 HALF, Q, P], o: [M, HALF Q];
-    with DROPOUT, times keep * SCALE."""
-    i_m, i_q, i_kg = _glu_tile(M, Q, HALF, BM, BN, GROUP_M)
-    b_g, b_n = _glu_gemms(x_ptr, w_ptr, i_m, i_q, i_kg, M, P, Q, s_xm, HALF, PREC, UPCAST, BM, BN, BK)
-    b_gelu, _ = _gelu_parts(b_g)
-    b_o = b_gelu * b_n
-    o_m = i_m * BM + tl.arange(0, BM)
-    o_q = i_q * BN + tl.arange(0, BN)
-    j0 = (i_kg * Q + i_q * BN).to(tl.int32)
-    o_j = j0 + tl.arange(0, BN)
+    with DROPOUT, times keep * SCALE. A program computes NSUB column tiles of BN (one when x streams)."""
+    i_m, i_c, i_kg = _glu_tile(M, Q, HALF, BM, BN * NSUB, GROUP_M)
+    i_c, i_kg = i_c.to(tl.int32), i_kg.to(tl.int32)
+    if RESIDENT:
+        xg_a, xn_a, xg_b, xn_b = _resident_x(x_ptr, i_m, i_kg, M, P, s_xm, HALF, PA, PB, BM)
     if DROPOUT:
-        b_o = tl.where(_dropout_keep(tl.load(seed_ptr), o_m, j0, THRESHOLD, BM, BN), b_o * SCALE, 0.0)
-    p_o = o_ptr + o_m[:, None] * s_om + o_j[None, :]
-    tl.store(p_o, b_o.to(o_ptr.dtype.element_ty), mask=(o_m < M)[:, None] & (o_q < Q)[None, :])
+        seed = tl.load(seed_ptr)
+    o_m = i_m * BM + tl.arange(0, BM)
+    for s in range(NSUB):
+        i_q = i_c * NSUB + s
+        if RESIDENT:
+            b_g, b_n = _glu_gemms_resident(xg_a, xn_a, xg_b, xn_b, w_ptr, i_q, i_kg, P, Q, HALF, PREC, UPCAST, PA, PB, BM, BN)
+        else:
+            b_g, b_n = _glu_gemms(x_ptr, w_ptr, i_m, i_q, i_kg, M, P, Q, s_xm, HALF, PREC, UPCAST, BM, BN, BK)
+        b_gelu, _ = _gelu_parts(b_g)
+        b_o = b_gelu * b_n
+        o_q = i_q * BN + tl.arange(0, BN)
+        j0 = i_kg * Q + i_q * BN
+        if DROPOUT:
+            b_o = tl.where(_dropout_keep(seed, o_m, j0, THRESHOLD, BM, BN), b_o * SCALE, 0.0)
+        p_o = o_ptr + o_m[:, None] * s_om + (j0 + tl.arange(0, BN))[None, :]
+        tl.store(p_o, b_o.to(o_ptr.dtype.element_ty), mask=(o_m < M)[:, None] & (o_q < Q)[None, :])
 
 
 @triton.jit
 def _glu_bwd_kernel(
     x_ptr, w_ptr, da_ptr, dp_ptr, seed_ptr, M, P, Q, s_xm, s_dam, s_dpm, THRESHOLD, SCALE,
-    HALF: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
+    HALF: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, PA: tl.constexpr,
+    PB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NSUB: tl.constexpr,
+    RESIDENT: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """Gradient of the pre-activation, dp: [M, 2 HALF Q] (block layout), from da: [M, HALF Q] (the
     gradient of the dropped output with DROPOUT, masked here as the forward masked)."""
-    i_m, i_q, i_kg = _glu_tile(M, Q, HALF, BM, BN, GROUP_M)
-    b_g, b_n = _glu_gemms(x_ptr, w_ptr, i_m, i_q, i_kg, M, P, Q, s_xm, HALF, PREC, UPCAST, BM, BN, BK)
-    b_gelu, b_dgelu = _gelu_parts(b_g)
-    o_m = i_m * BM + tl.arange(0, BM)
-    o_q = i_q * BN + tl.arange(0, BN)
-    j0 = (i_kg * Q + i_q * BN).to(tl.int32)
-    o_j = j0 + tl.arange(0, BN)
-    m_o = (o_m < M)[:, None] & (o_q < Q)[None, :]
-    # [BM, BN]
-    b_da = tl.load(da_ptr + o_m[:, None] * s_dam + o_j[None, :], mask=m_o, other=0.0).to(tl.float32)
+    i_m, i_c, i_kg = _glu_tile(M, Q, HALF, BM, BN * NSUB, GROUP_M)
+    i_c, i_kg = i_c.to(tl.int32), i_kg.to(tl.int32)
+    if RESIDENT:
+        xg_a, xn_a, xg_b, xn_b = _resident_x(x_ptr, i_m, i_kg, M, P, s_xm, HALF, PA, PB, BM)
     if DROPOUT:
-        b_da = tl.where(_dropout_keep(tl.load(seed_ptr), o_m, j0, THRESHOLD, BM, BN), b_da * SCALE, 0.0)
-    p_dg = dp_ptr + o_m[:, None] * s_dpm + o_j[None, :]
-    tl.store(p_dg, (b_da * b_n * b_dgelu).to(dp_ptr.dtype.element_ty), mask=m_o)
-    tl.store(p_dg + HALF * Q, (b_da * b_gelu).to(dp_ptr.dtype.element_ty), mask=m_o)
+        seed = tl.load(seed_ptr)
+    o_m = i_m * BM + tl.arange(0, BM)
+    for s in range(NSUB):
+        i_q = i_c * NSUB + s
+        if RESIDENT:
+            b_g, b_n = _glu_gemms_resident(xg_a, xn_a, xg_b, xn_b, w_ptr, i_q, i_kg, P, Q, HALF, PREC, UPCAST, PA, PB, BM, BN)
+        else:
+            b_g, b_n = _glu_gemms(x_ptr, w_ptr, i_m, i_q, i_kg, M, P, Q, s_xm, HALF, PREC, UPCAST, BM, BN, BK)
+        b_gelu, b_dgelu = _gelu_parts(b_g)
+        o_q = i_q * BN + tl.arange(0, BN)
+        j0 = i_kg * Q + i_q * BN
+        o_j = j0 + tl.arange(0, BN)
+        m_o = (o_m < M)[:, None] & (o_q < Q)[None, :]
+        # [BM, BN]
+        b_da = tl.load(da_ptr + o_m[:, None] * s_dam + o_j[None, :], mask=m_o, other=0.0).to(tl.float32)
+        if DROPOUT:
+            b_da = tl.where(_dropout_keep(seed, o_m, j0, THRESHOLD, BM, BN), b_da * SCALE, 0.0)
+        p_dg = dp_ptr + o_m[:, None] * s_dpm + o_j[None, :]
+        tl.store(p_dg, (b_da * b_n * b_dgelu).to(dp_ptr.dtype.element_ty), mask=m_o)
+        tl.store(p_dg + HALF * Q, (b_da * b_gelu).to(dp_ptr.dtype.element_ty), mask=m_o)
 
 
-_glu_fwd = triton.autotune(configs=_configs(_GLU_SHAPES), key=["M", "P", "Q", "PREC", "DROPOUT"])(_glu_fwd_kernel)
-_glu_bwd = triton.autotune(configs=_configs(_GLU_SHAPES), key=["M", "P", "Q", "PREC", "DROPOUT"])(_glu_bwd_kernel)
+_GLU_KEY = ["M", "P", "Q", "PREC", "DROPOUT"]
+_GLU_PRUNE = {"early_config_prune": _prune_glu_configs}
+_glu_fwd = triton.autotune(configs=_glu_configs(), key=_GLU_KEY, prune_configs_by=_GLU_PRUNE)(_glu_fwd_kernel)
+_glu_bwd = triton.autotune(configs=_glu_configs(), key=_GLU_KEY, prune_configs_by=_GLU_PRUNE)(_glu_bwd_kernel)
 
 
 def _bmm(a, b, out, bias, n_groups, m, n, k, a_strides, b_strides, c_strides, atomic=False):
@@ -339,6 +453,15 @@ def _dropout_args(seed: torch.Tensor | None, p: float, like: torch.Tensor) -> di
     )  # fmt: skip
 
 
+def _glu_grid(m: int, q: int, nb: int):
+    """Programs of the GLU kernels: row tiles x column groups of NSUB * BN x the g blocks."""
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BM"]) * triton.cdiv(q, meta["BN"] * meta["NSUB"]) * (nb // 2),)
+
+    return grid
+
+
 def glu_fwd(x_MKP: torch.Tensor, w_KQP: torch.Tensor, seed: torch.Tensor | None = None, p: float = 0.0) -> torch.Tensor:
     """GELU(g) * n, [g, n] = x @ blockdiag(w)^T. x_MKP: (M, K*P), w_KQP: (K, Q, P) -> (M, K*Q/2); with a
     seed and p > 0, dropout(p) of it (Q a multiple of 8)."""
@@ -346,12 +469,10 @@ def glu_fwd(x_MKP: torch.Tensor, w_KQP: torch.Tensor, seed: torch.Tensor | None 
     nb, q, p_in = w_KQP.shape
     out = new_output((m, nb * q // 2), x_MKP.dtype, x_MKP.device)
 
-    def grid(meta):
-        return (triton.cdiv(m, meta["BM"]) * triton.cdiv(q, meta["BN"]) * (nb // 2),)
-
-    _glu_fwd[grid](
-        x_MKP, w_KQP, out, M=m, P=p_in, Q=q, s_xm=x_MKP.stride(0), s_om=out.stride(0),
-        HALF=nb // 2, PREC=dot_precision(x_MKP.dtype), UPCAST=INTERPRET, GROUP_M=8, **_dropout_args(seed, p, out),
+    pa, pb = resident_split(p_in)
+    _glu_fwd[_glu_grid(m, q, nb)](
+        x_MKP, w_KQP, out, M=m, P=p_in, Q=q, s_xm=x_MKP.stride(0), s_om=out.stride(0), HALF=nb // 2,
+        PREC=dot_precision(x_MKP.dtype), UPCAST=INTERPRET, PA=pa, PB=pb, GROUP_M=8, **_dropout_args(seed, p, out),
     )  # fmt: skip
     return out
 
@@ -363,12 +484,11 @@ def glu_bwd(da_MI: torch.Tensor, x_MKP: torch.Tensor, w_KQP: torch.Tensor, seed:
     nb, q, p_in = w_KQP.shape
     dpre = new_output((m, nb * q), x_MKP.dtype, x_MKP.device)
 
-    def grid(meta):
-        return (triton.cdiv(m, meta["BM"]) * triton.cdiv(q, meta["BN"]) * (nb // 2),)
-
-    _glu_bwd[grid](
-        x_MKP, w_KQP, da_MI, dpre, M=m, P=p_in, Q=q, s_xm=x_MKP.stride(0), s_dam=da_MI.stride(0), s_dpm=dpre.stride(0),
-        HALF=nb // 2, PREC=dot_precision(x_MKP.dtype), UPCAST=INTERPRET, GROUP_M=8, **_dropout_args(seed, p, dpre),
+    pa, pb = resident_split(p_in)
+    _glu_bwd[_glu_grid(m, q, nb)](
+        x_MKP, w_KQP, da_MI, dpre, M=m, P=p_in, Q=q, s_xm=x_MKP.stride(0), s_dam=da_MI.stride(0),
+        s_dpm=dpre.stride(0), HALF=nb // 2, PREC=dot_precision(x_MKP.dtype), UPCAST=INTERPRET, PA=pa, PB=pb,
+        GROUP_M=8, **_dropout_args(seed, p, dpre),
     )  # fmt: skip
     return blockdiag_bwd(dpre, x_MKP, w_KQP)
 

@@ -214,7 +214,17 @@ def bench_glu_mlp(dims, tokens, gemm_rate, compiled_reference=False):
                      rate / gemm_rate, compiled_ms, compiled_ms and flops / (compiled_ms * 1e-3) / gemm_rate,
                      ref_drop_ms, tri_drop_ms))  # fmt: skip
         print(_fmt_glu(rows[-1]), flush=True)
+        print(f"  GLU configs at d={dim}: {glu_config_summary()}", flush=True)
     return rows
+
+
+def glu_config_summary() -> str:
+    """The GLU kernels' autotuned configs, the last ones chosen (streamed or resident x, tiles)."""
+    parts = []
+    for name, kernel in (("forward", triton_blockdiag._glu_fwd), ("backward", triton_blockdiag._glu_bwd)):
+        config = getattr(kernel, "best_config", None)
+        parts.append(f"{name} {'-' if config is None else config}")
+    return "; ".join(parts)
 
 
 def _fmt_glu(r):
