@@ -436,10 +436,12 @@ def test_blockdiag_matmul_matches_reference(dtype, shape, nblocks, p, q):
 
 @pytest.fixture(params=["streamed", "resident"])
 def glu_programs(request, monkeypatch):
-    """The GLU kernels with x streamed through the reduction (the interpreter's default config) or
-    resident: two column tiles of 16 a program, x's P features as a PA- and a PB-wide tile."""
+    """The GLU kernels with x streamed through the reduction (the autotuner's choice; the
+    interpreter's one config) or resident: a sweep of column tiles a program, x's P features as a
+    PA- and a PB-wide tile (in the interpreter two tiles of 16, on a GPU a tile of the autotuner's)."""
     if request.param == "resident":
-        config = triton.Config({"BM": 16, "BN": 16, "BK": 32, "NSUB": 2, "RESIDENT": True}, num_warps=4, num_stages=1)
+        bm, bn, nsub, warps, stages = (16, 16, 2, 4, 1) if DEVICE == "cpu" else triton_blockdiag._GLU_RESIDENT_SHAPES[1]
+        config = triton.Config({"BM": bm, "BN": bn, "BK": 32, "NSUB": nsub, "RESIDENT": True}, num_warps=warps, num_stages=stages)
         for kernel in (triton_blockdiag._glu_fwd, triton_blockdiag._glu_bwd):
             monkeypatch.setattr(kernel, "configs", [config])
             monkeypatch.setattr(kernel, "cache", {})
@@ -450,6 +452,22 @@ def test_resident_split_covers_p_with_two_powers_of_two():
     assert [triton_blockdiag.resident_split(p) for p in (16, 24, 192, 240, 256, 448)] == [
         (16, 0), (16, 8), (128, 64), (128, 128), (256, 0), (256, 256),
     ]  # fmt: skip
+
+
+def test_resident_glu_programs_are_pruned_where_x_does_not_fit():
+    configs = [
+        triton.Config({"BM": bm, "BN": 64, "BK": 32, "NSUB": 4, "RESIDENT": resident})
+        for bm in (64, 128) for resident in (False, True)
+    ]  # fmt: skip
+
+    def kept(dtype, pa, pb):
+        x = torch.empty(1, 1, dtype=dtype)
+        return [(c.kwargs["BM"], c.kwargs["RESIDENT"]) for c in triton_blockdiag._prune_glu_configs(configs, {"x_ptr": x}, PA=pa, PB=pb)]
+
+    everything = [(64, False), (64, True), (128, False), (128, True)]
+    assert kept(torch.bfloat16, 128, 64) == everything  # d=768: 96 KiB of x at 128 rows
+    assert kept(torch.bfloat16, 256, 256) == [(64, False), (64, True), (128, False)]  # d=1792
+    assert kept(torch.float32, 256, 256) == [(64, False), (128, False)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -638,7 +656,9 @@ def test_fftconv_gpu_small_gradients(length, batch, dim):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("dim", [768, 960])
-def test_blockdiag_gpu(dtype, dim):
+def test_blockdiag_gpu(dtype, dim, glu_programs):
+    if glu_programs == "resident" and dtype == torch.float32:
+        pytest.skip("fp32 rows of x do not fit on chip (the autotuner prunes resident programs there)")
     x, w, b = _blockdiag_inputs((4, 509), 4, dim // 4, dim // 4, seed=dim)
     _compare_all(triton_blockdiag.blockdiag_matmul, lambda x, w, b: blockdiag_reference.blockdiag_matmul(x, w) + b, [x, w, b], dtype)
     x, w, _ = _blockdiag_inputs((4, 509), 4, dim // 4, 2 * dim, seed=dim + 1)

@@ -85,10 +85,10 @@ def _glu_configs():
 
 
 def _prune_glu_configs(configs, named_args, **kwargs):
-    """Resident configs whose x rows (two chunks of PA + PB bf16 features) would not fit on chip."""
+    """Resident configs whose x rows (two chunks of PA + PB features) would not fit on chip."""
     args = {**named_args, **kwargs}
-    width = args["PA"] + args["PB"]
-    return [c for c in configs if not c.kwargs["RESIDENT"] or c.kwargs["BM"] * width * 2 * 2 <= _RESIDENT_X_BYTES]
+    row_bytes = 2 * (args["PA"] + args["PB"]) * args["x_ptr"].element_size()
+    return [c for c in configs if not c.kwargs["RESIDENT"] or c.kwargs["BM"] * row_bytes <= _RESIDENT_X_BYTES]
 
 
 def resident_split(p: int) -> tuple[int, int]:
