@@ -528,13 +528,15 @@ def test_blockdiag_glu_dropout_draws_from_the_torch_generator_and_falls_back_unf
     kept = outs[0] != 0
     torch.testing.assert_close(outs[0][kept], 2 * glu[kept], rtol=1e-3, atol=1e-5)
     assert torch.equal(triton_blockdiag.blockdiag_glu(x, w, 1.0), torch.zeros_like(glu))
-    # 12 columns a block: not a multiple of 8, so torch's dropout runs after the kernel.
-    x, w, _ = _blockdiag_inputs((40,), 2, 16, 24, seed=6)
+    # 20 columns a block: not a multiple of 8, so torch's dropout runs after the kernel.
+    x, w, _ = _blockdiag_inputs((40,), 2, 16, 20, seed=6)
     a = triton_blockdiag.blockdiag_glu(x.float(), w.float(), 0.5)
     kept = a != 0
     torch.testing.assert_close(a[kept], 2 * blockdiag_reference.blockdiag_glu(x.float(), w.float())[kept], rtol=1e-3, atol=1e-5)
     with pytest.raises(ValueError, match="dropout probability"):
         triton_blockdiag.blockdiag_glu(x.float(), w.float(), 1.5)
+    with pytest.raises(ValueError, match="Q % 8 == 0"):
+        triton_blockdiag.glu_fwd(x.float(), w.float().contiguous(), torch.tensor([1], device=DEVICE), 0.5)
 
 
 def _compare_all(fn_kernel, fn_torch, inputs64, dtype, atol_rel=None):

@@ -444,12 +444,14 @@ def blockdiag_bwd(dy_MKQ: torch.Tensor, x_MKP: torch.Tensor, w_KQP: torch.Tensor
     return dx, dw
 
 
-def _dropout_args(seed: torch.Tensor | None, p: float, like: torch.Tensor) -> dict:
+def _dropout_args(seed: torch.Tensor | None, dropout_p: float, q: int, like: torch.Tensor) -> dict:
     """The GLU kernels' dropout arguments: the seed tensor (a dummy pointer without dropout)."""
-    on = seed is not None and p > 0
+    on = seed is not None and dropout_p > 0
+    if on and (q % DROPOUT_GROUP or not dropout_p < 1):
+        raise ValueError(f"the GLU kernels' dropout needs Q % {DROPOUT_GROUP} == 0 and p < 1, got Q={q}, p={dropout_p}")
     return dict(
-        seed_ptr=seed if on else like, THRESHOLD=dropout_threshold(p) if on else 0,
-        SCALE=1.0 / (1.0 - p) if on else 1.0, DROPOUT=on,
+        seed_ptr=seed if on else like, THRESHOLD=dropout_threshold(dropout_p) if on else 0,
+        SCALE=1.0 / (1.0 - dropout_p) if on else 1.0, DROPOUT=on,
     )  # fmt: skip
 
 
@@ -462,33 +464,36 @@ def _glu_grid(m: int, q: int, nb: int):
     return grid
 
 
-def glu_fwd(x_MKP: torch.Tensor, w_KQP: torch.Tensor, seed: torch.Tensor | None = None, p: float = 0.0) -> torch.Tensor:
+def glu_fwd(
+    x_MKP: torch.Tensor, w_KQP: torch.Tensor, seed: torch.Tensor | None = None, dropout_p: float = 0.0
+) -> torch.Tensor:
     """GELU(g) * n, [g, n] = x @ blockdiag(w)^T. x_MKP: (M, K*P), w_KQP: (K, Q, P) -> (M, K*Q/2); with a
-    seed and p > 0, dropout(p) of it (Q a multiple of 8)."""
+    seed and dropout_p > 0, dropout of it (Q a multiple of 8)."""
     m = x_MKP.shape[0]
-    nb, q, p_in = w_KQP.shape
+    nb, q, p = w_KQP.shape
     out = new_output((m, nb * q // 2), x_MKP.dtype, x_MKP.device)
-
-    pa, pb = resident_split(p_in)
+    pa, pb = resident_split(p)
     _glu_fwd[_glu_grid(m, q, nb)](
-        x_MKP, w_KQP, out, M=m, P=p_in, Q=q, s_xm=x_MKP.stride(0), s_om=out.stride(0), HALF=nb // 2,
-        PREC=dot_precision(x_MKP.dtype), UPCAST=INTERPRET, PA=pa, PB=pb, GROUP_M=8, **_dropout_args(seed, p, out),
+        x_MKP, w_KQP, out, M=m, P=p, Q=q, s_xm=x_MKP.stride(0), s_om=out.stride(0), HALF=nb // 2,
+        PREC=dot_precision(x_MKP.dtype), UPCAST=INTERPRET, PA=pa, PB=pb, GROUP_M=8,
+        **_dropout_args(seed, dropout_p, q, out),
     )  # fmt: skip
     return out
 
 
-def glu_bwd(da_MI: torch.Tensor, x_MKP: torch.Tensor, w_KQP: torch.Tensor, seed: torch.Tensor | None = None, p: float = 0.0):
-    """(dx (M, K*P), dw (K, Q, P) fp32) of `glu_fwd` with the same seed and p; the pre-activation and
-    the dropout mask are recomputed."""
+def glu_bwd(
+    da_MI: torch.Tensor, x_MKP: torch.Tensor, w_KQP: torch.Tensor, seed: torch.Tensor | None = None, dropout_p: float = 0.0
+):
+    """(dx (M, K*P), dw (K, Q, P) fp32) of `glu_fwd` with the same seed and dropout_p; the
+    pre-activation and the dropout mask are recomputed."""
     m = x_MKP.shape[0]
-    nb, q, p_in = w_KQP.shape
+    nb, q, p = w_KQP.shape
     dpre = new_output((m, nb * q), x_MKP.dtype, x_MKP.device)
-
-    pa, pb = resident_split(p_in)
+    pa, pb = resident_split(p)
     _glu_bwd[_glu_grid(m, q, nb)](
-        x_MKP, w_KQP, da_MI, dpre, M=m, P=p_in, Q=q, s_xm=x_MKP.stride(0), s_dam=da_MI.stride(0),
+        x_MKP, w_KQP, da_MI, dpre, M=m, P=p, Q=q, s_xm=x_MKP.stride(0), s_dam=da_MI.stride(0),
         s_dpm=dpre.stride(0), HALF=nb // 2, PREC=dot_precision(x_MKP.dtype), UPCAST=INTERPRET, PA=pa, PB=pb,
-        GROUP_M=8, **_dropout_args(seed, p, dpre),
+        GROUP_M=8, **_dropout_args(seed, dropout_p, q, dpre),
     )  # fmt: skip
     return blockdiag_bwd(dpre, x_MKP, w_KQP)
 
@@ -548,40 +553,42 @@ torch.library.register_autograd("m2dist::blockdiag_matmul", _matmul_backward, se
 
 
 @torch.library.custom_op("m2dist::blockdiag_glu", mutates_args=())
-def blockdiag_glu_op(x_MKP: torch.Tensor, weight_KQP: torch.Tensor, seed: torch.Tensor | None, p: float) -> torch.Tensor:
-    nb, q, p_in = weight_KQP.shape
-    return glu_fwd(_rows(x_MKP, nb * p_in), weight_KQP.contiguous(), seed, p)
+def blockdiag_glu_op(
+    x_MKP: torch.Tensor, weight_KQP: torch.Tensor, seed: torch.Tensor | None, dropout_p: float
+) -> torch.Tensor:
+    nb, q, p = weight_KQP.shape
+    return glu_fwd(_rows(x_MKP, nb * p), weight_KQP.contiguous(), seed, dropout_p)
 
 
 @blockdiag_glu_op.register_fake
-def _(x_MKP, weight_KQP, seed, p):
+def _(x_MKP, weight_KQP, seed, dropout_p):
     nb, q, _ = weight_KQP.shape
     return x_MKP.new_empty((x_MKP.shape[0], nb * q // 2))
 
 
 @torch.library.custom_op("m2dist::blockdiag_glu_backward", mutates_args=())
 def blockdiag_glu_backward(
-    da_MI: torch.Tensor, x_MKP: torch.Tensor, weight_KQP: torch.Tensor, seed: torch.Tensor | None, p: float
+    da_MI: torch.Tensor, x_MKP: torch.Tensor, weight_KQP: torch.Tensor, seed: torch.Tensor | None, dropout_p: float
 ) -> list[torch.Tensor]:
     """[dx (M, K*P), dw (K, Q, P) fp32]; the pre-activation and the dropout mask are recomputed."""
-    nb, q, p_in = weight_KQP.shape
-    dx, dw = glu_bwd(_rows(da_MI, nb * q // 2), _rows(x_MKP, nb * p_in), weight_KQP.contiguous(), seed, p)
+    nb, q, p = weight_KQP.shape
+    dx, dw = glu_bwd(_rows(da_MI, nb * q // 2), _rows(x_MKP, nb * p), weight_KQP.contiguous(), seed, dropout_p)
     return [dx, dw]
 
 
 @blockdiag_glu_backward.register_fake
-def _(da_MI, x_MKP, weight_KQP, seed, p):
+def _(da_MI, x_MKP, weight_KQP, seed, dropout_p):
     return [x_MKP.new_empty(x_MKP.shape), weight_KQP.new_empty(weight_KQP.shape, dtype=torch.float32)]
 
 
 def _glu_setup_context(ctx, inputs, output):
-    x_MKP, weight_KQP, seed, ctx.p = inputs
+    x_MKP, weight_KQP, seed, ctx.dropout_p = inputs
     ctx.save_for_backward(x_MKP, weight_KQP, seed)
 
 
 def _glu_backward(ctx, da_MI):
     x_MKP, weight_KQP, seed = ctx.saved_tensors
-    dx, dw = blockdiag_glu_backward(da_MI, x_MKP, weight_KQP, seed, ctx.p)
+    dx, dw = blockdiag_glu_backward(da_MI, x_MKP, weight_KQP, seed, ctx.dropout_p)
     return dx, dw.to(weight_KQP.dtype), None, None
 
 
