@@ -319,6 +319,38 @@ def _glu_tile(M, Q, HALF: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GROU
 
 
 @triton.jit
+def _glu_program(
+    x_ptr, seed_ptr, M, P, Q, s_xm, HALF: tl.constexpr, DROPOUT: tl.constexpr, PA: tl.constexpr,
+    PB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, NSUB: tl.constexpr, RESIDENT: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """What a GLU program sets up before its column tiles: (row tile, column group, block of g,
+    its rows o_m, the dropout seed (0 without), x's rows on chip (resident programs; 0 otherwise))."""
+    i_m, i_c, i_kg = _glu_tile(M, Q, HALF, BM, BN * NSUB, GROUP_M)
+    i_c, i_kg = i_c.to(tl.int32), i_kg.to(tl.int32)
+    xg_a, xn_a, xg_b, xn_b = 0, 0, 0, 0
+    if RESIDENT:
+        xg_a, xn_a, xg_b, xn_b = _resident_x(x_ptr, i_m, i_kg, M, P, s_xm, HALF, PA, PB, BM)
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(seed_ptr)
+    return i_m, i_c, i_kg, i_m * BM + tl.arange(0, BM), seed, xg_a, xn_a, xg_b, xn_b
+
+
+@triton.jit
+def _glu_tile_gemms(
+    x_ptr, w_ptr, xg_a, xn_a, xg_b, xn_b, i_m, i_q, i_kg, M, P, Q, s_xm,
+    HALF: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, PA: tl.constexpr, PB: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, RESIDENT: tl.constexpr,
+):  # fmt: skip
+    """Tiles [BM, BN] of g and n at column tile i_q, from x on chip or streamed."""
+    if RESIDENT:
+        return _glu_gemms_resident(xg_a, xn_a, xg_b, xn_b, w_ptr, i_q, i_kg, P, Q, HALF, PREC, UPCAST, PA, PB, BM, BN)
+    else:
+        return _glu_gemms(x_ptr, w_ptr, i_m, i_q, i_kg, M, P, Q, s_xm, HALF, PREC, UPCAST, BM, BN, BK)
+
+
+@triton.jit
 def _glu_fwd_kernel(
     x_ptr, w_ptr, o_ptr, seed_ptr, M, P, Q, s_xm, s_om, THRESHOLD, SCALE,
     HALF: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, PA: tl.constexpr,
@@ -327,19 +359,15 @@ def _glu_fwd_kernel(
 ):  # fmt: skip
     """o[:, kg * Q + q] = GELU(g) * n for kg < HALF; x: [M, 2 HALF P], w: [2 HALF, Q, P], o: [M, HALF Q];
     with DROPOUT, times keep * SCALE. A program computes NSUB column tiles of BN (one when x streams)."""
-    i_m, i_c, i_kg = _glu_tile(M, Q, HALF, BM, BN * NSUB, GROUP_M)
-    i_c, i_kg = i_c.to(tl.int32), i_kg.to(tl.int32)
-    if RESIDENT:
-        xg_a, xn_a, xg_b, xn_b = _resident_x(x_ptr, i_m, i_kg, M, P, s_xm, HALF, PA, PB, BM)
-    if DROPOUT:
-        seed = tl.load(seed_ptr)
-    o_m = i_m * BM + tl.arange(0, BM)
+    i_m, i_c, i_kg, o_m, seed, xg_a, xn_a, xg_b, xn_b = _glu_program(
+        x_ptr, seed_ptr, M, P, Q, s_xm, HALF, DROPOUT, PA, PB, BM, BN, NSUB, RESIDENT, GROUP_M
+    )
     for s in range(NSUB):
         i_q = i_c * NSUB + s
-        if RESIDENT:
-            b_g, b_n = _glu_gemms_resident(xg_a, xn_a, xg_b, xn_b, w_ptr, i_q, i_kg, P, Q, HALF, PREC, UPCAST, PA, PB, BM, BN)
-        else:
-            b_g, b_n = _glu_gemms(x_ptr, w_ptr, i_m, i_q, i_kg, M, P, Q, s_xm, HALF, PREC, UPCAST, BM, BN, BK)
+        b_g, b_n = _glu_tile_gemms(
+            x_ptr, w_ptr, xg_a, xn_a, xg_b, xn_b, i_m, i_q, i_kg, M, P, Q, s_xm,
+            HALF, PREC, UPCAST, PA, PB, BM, BN, BK, RESIDENT,
+        )  # fmt: skip
         b_gelu, _ = _gelu_parts(b_g)
         b_o = b_gelu * b_n
         o_q = i_q * BN + tl.arange(0, BN)
@@ -359,19 +387,15 @@ def _glu_bwd_kernel(
 ):  # fmt: skip
     """Gradient of the pre-activation, dp: [M, 2 HALF Q] (block layout), from da: [M, HALF Q] (the
     gradient of the dropped output with DROPOUT, masked here as the forward masked)."""
-    i_m, i_c, i_kg = _glu_tile(M, Q, HALF, BM, BN * NSUB, GROUP_M)
-    i_c, i_kg = i_c.to(tl.int32), i_kg.to(tl.int32)
-    if RESIDENT:
-        xg_a, xn_a, xg_b, xn_b = _resident_x(x_ptr, i_m, i_kg, M, P, s_xm, HALF, PA, PB, BM)
-    if DROPOUT:
-        seed = tl.load(seed_ptr)
-    o_m = i_m * BM + tl.arange(0, BM)
+    i_m, i_c, i_kg, o_m, seed, xg_a, xn_a, xg_b, xn_b = _glu_program(
+        x_ptr, seed_ptr, M, P, Q, s_xm, HALF, DROPOUT, PA, PB, BM, BN, NSUB, RESIDENT, GROUP_M
+    )
     for s in range(NSUB):
         i_q = i_c * NSUB + s
-        if RESIDENT:
-            b_g, b_n = _glu_gemms_resident(xg_a, xn_a, xg_b, xn_b, w_ptr, i_q, i_kg, P, Q, HALF, PREC, UPCAST, PA, PB, BM, BN)
-        else:
-            b_g, b_n = _glu_gemms(x_ptr, w_ptr, i_m, i_q, i_kg, M, P, Q, s_xm, HALF, PREC, UPCAST, BM, BN, BK)
+        b_g, b_n = _glu_tile_gemms(
+            x_ptr, w_ptr, xg_a, xn_a, xg_b, xn_b, i_m, i_q, i_kg, M, P, Q, s_xm,
+            HALF, PREC, UPCAST, PA, PB, BM, BN, BK, RESIDENT,
+        )  # fmt: skip
         b_gelu, b_dgelu = _gelu_parts(b_g)
         o_q = i_q * BN + tl.arange(0, BN)
         j0 = i_kg * Q + i_q * BN
