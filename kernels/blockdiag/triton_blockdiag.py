@@ -58,7 +58,7 @@ _GLU_SHAPES = [
 # "Resident" GLU programs (BM, BN, NSUB, num_warps, num_stages): the program's BM rows of x (both
 # input chunks, all P features) stay on chip while it sweeps NSUB column tiles of W, so x crosses
 # L2 once per NSUB * BN columns instead of once per BN (at d=768 a streamed 128 x 64 program moves
-# 18 bytes from L2 per output element, a resident one with NSUB = 6 about 8). Their shared memory
+# 18 bytes from L2 per output element, a resident one sweeping 256 columns about 9). Their shared memory
 # grows with P: `_prune_glu_configs` drops them where x does not fit. In an sm_90 compile at d=768
 # (P = 128 + 64) the last two spill nothing in either kernel, the first nothing in the forward and
 # 448 bytes a thread in the backward.
