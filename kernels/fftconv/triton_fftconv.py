@@ -820,7 +820,9 @@ def _fftconv_setup_context(ctx, inputs, output):
 
 def _fftconv_backward(ctx, dy):
     u, x1, x2, v, k1r, k1i, d1, k2r, k2i, d2 = ctx.saved_tensors
-    grads = fftconv_backward(dy, u, x1, x2, v, k1r, k1i, d1, k2r, k2i, d2, ctx.plan)
+    # The transposed view of the (B, L, D) gradient, laid out outside the op, where a compiled
+    # backward does it as a tiled transpose (see `triton_toeplitz._toeplitz_backward`).
+    grads = fftconv_backward(_rows_contiguous(dy), u, x1, x2, v, k1r, k1i, d1, k2r, k2i, d2, ctx.plan)
     dx1, dx2, dv, dk1r, dk1i, dd1 = grads[:6]
     du, dk2r, dk2i, dd2 = grads[6:] if k2r is not None else (None, None, None, None)
     return du, dx1, dx2, dv, dk1r, dk1i, dd1, dk2r, dk2i, dd2, None

@@ -386,7 +386,10 @@ def _toeplitz_setup_context(ctx, inputs, output):
 
 def _toeplitz_backward(ctx, dy, _dz1):
     u, x, z1, k1, d1, k2, d2 = ctx.saved_tensors
-    grads = toeplitz_conv_backward(dy, u, x, z1, k1, d1, k2, d2, ctx.split)
+    # dy reaches here as the transposed view of the (B, L, D) gradient that `out_linear` gives:
+    # laid out here, outside the op, a compiled backward does it as one of Inductor's tiled
+    # transposes (inside, it was aten's strided copy, one of the slowest kernels of the step).
+    grads = toeplitz_conv_backward(dy.contiguous(), u, x, z1, k1, d1, k2, d2, ctx.split)
     dx, dk1, dd1 = grads[:3]
     du, dk2, dd2 = grads[3:] if k2 is not None else (None, None, None)
     return du, dx, dk1, dd1, dk2, dd2, None, None
