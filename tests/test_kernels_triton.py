@@ -448,9 +448,10 @@ def glu_programs(request, monkeypatch):
     return request.param
 
 
-def test_resident_split_covers_p_with_two_powers_of_two():
-    assert [triton_blockdiag.resident_split(p) for p in (16, 24, 192, 240, 256, 448)] == [
-        (16, 0), (16, 8), (128, 64), (128, 128), (256, 0), (256, 256),
+def test_resident_split_covers_p_with_two_powers_of_two_of_at_least_16():
+    # Each tile at least 16 wide, a tensor-core dot's least reduction.
+    assert [triton_blockdiag.resident_split(p) for p in (8, 16, 24, 192, 240, 256, 448)] == [
+        (16, 0), (16, 0), (16, 16), (128, 64), (128, 128), (256, 0), (256, 256),
     ]  # fmt: skip
 
 

@@ -93,9 +93,10 @@ def _prune_glu_configs(configs, named_args, **kwargs):
 
 def resident_split(p: int) -> tuple[int, int]:
     """(PA, PB): P as the largest power of two PA <= P and a power of two PB >= P - PA (0 if none),
-    the two tiles a resident GLU program holds each input chunk in."""
-    pa = 1 << (p.bit_length() - 1)
-    return pa, (triton.next_power_of_2(p - pa) if p > pa else 0)
+    the two tiles a resident GLU program holds each input chunk in; each at least 16 wide, the
+    least reduction a tensor-core `tl.dot` takes (the tiles are masked beyond P)."""
+    pa = max(16, 1 << (p.bit_length() - 1))
+    return pa, (max(16, triton.next_power_of_2(p - pa)) if p > pa else 0)
 
 
 @triton.jit
