@@ -179,6 +179,12 @@ DROPOUT_BITS = 16
 DROPOUT_GROUP = 8
 
 
+def kernels_draw_dropout(q: int, dropout_p: float) -> bool:
+    """Whether the GLU kernels can draw dropout(dropout_p) for blocks of Q output columns: each
+    Philox draw covers 8 columns, so Q must be a multiple of 8 (p = 1 drops everything)."""
+    return 0.0 < dropout_p < 1.0 and q % DROPOUT_GROUP == 0
+
+
 def dropout_threshold(p: float) -> int:
     """The 16-bit threshold of dropout probability p: an element is dropped when its bits are below it."""
     return round(p * (1 << DROPOUT_BITS))
@@ -292,9 +298,8 @@ def _glu_gemms_resident(
     BM: tl.constexpr, BN: tl.constexpr,
 ):  # fmt: skip
     """Tiles [BM, BN] of g and n, column tile i_q, from x rows already on chip (`_resident_x`)."""
-    o_q = (i_q * BN).to(tl.int32) + tl.arange(0, BN)
+    o_q = i_q * BN + tl.arange(0, BN)
     m_q = o_q < Q
-    i_kg = i_kg.to(tl.int32)
     i_kn = i_kg + HALF
     b_g = _mma(xg_a, _wt_tile(w_ptr, i_kg, o_q, m_q, P, Q, 0, PA), tl.zeros((BM, BN), tl.float32), PREC, UPCAST)
     b_n = _mma(xn_a, _wt_tile(w_ptr, i_kn, o_q, m_q, P, Q, 0, PA), tl.zeros((BM, BN), tl.float32), PREC, UPCAST)
@@ -472,7 +477,7 @@ def blockdiag_bwd(dy_MKQ: torch.Tensor, x_MKP: torch.Tensor, w_KQP: torch.Tensor
 def _dropout_args(seed: torch.Tensor | None, dropout_p: float, q: int, like: torch.Tensor) -> dict:
     """The GLU kernels' dropout arguments: the seed tensor (a dummy pointer without dropout)."""
     on = seed is not None and dropout_p > 0
-    if on and (q % DROPOUT_GROUP or not dropout_p < 1):
+    if on and not kernels_draw_dropout(q, dropout_p):
         raise ValueError(f"the GLU kernels' dropout needs Q % {DROPOUT_GROUP} == 0 and p < 1, got Q={q}, p={dropout_p}")
     return dict(
         seed_ptr=seed if on else like, THRESHOLD=dropout_threshold(dropout_p) if on else 0,
@@ -657,7 +662,7 @@ def blockdiag_glu(x: torch.Tensor, weight_KQP: torch.Tensor, dropout_p: float = 
         raise ValueError(f"dropout probability must be in [0, 1], got {dropout_p}")
     x, weight_KQP = _cast(x, weight_KQP)
     nb, q, p = weight_KQP.shape
-    fused = 0.0 < dropout_p < 1.0 and q % DROPOUT_GROUP == 0
+    fused = kernels_draw_dropout(q, dropout_p)
     seed = torch.randint(0, 2**62, (1,), device=x.device) if fused else None
     a = blockdiag_glu_op(x.reshape(-1, nb * p), weight_KQP, seed, dropout_p if fused else 0.0)
     a = a.reshape(*x.shape[:-1], nb * q // 2)
