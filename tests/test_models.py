@@ -307,3 +307,44 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(architecture
     assert grads_ckpt.keys() == grads_plain.keys()
     for name, grad in grads_plain.items():
         torch.testing.assert_close(grads_ckpt[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_bert_baseline_is_hugging_faces_bert():
+    """The baseline is BERT as Hugging Face implements it: with Hugging Face's weights loaded under
+    their own names, the MLM logits on a padded batch and the gradients of a masked-token loss agree."""
+    transformers = pytest.importorskip("transformers")
+    config = dataclasses.replace(
+        load_config("bert-base").model, hidden_size=64, intermediate_size=256, num_layers=2, num_attention_heads=4
+    )
+    hf_config = transformers.BertConfig(
+        vocab_size=config.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=256, max_position_embeddings=config.l_max, type_vocab_size=config.type_vocab_size,
+        layer_norm_eps=config.layer_norm_eps, pad_token_id=config.pad_token_id, attn_implementation="eager",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    hf = transformers.BertForMaskedLM(hf_config).eval()
+    ours = MaskedLM(config).eval()
+    missing, unexpected = ours.load_state_dict(hf.state_dict(), strict=False)
+    assert [k for k in missing if not k.endswith("position_ids")] == []
+    # Hugging Face lists the decoder's bias twice (also as cls.predictions.bias).
+    assert [k for k in unexpected if not k.endswith("position_ids")] == ["cls.predictions.bias"]
+
+    input_ids, mask = torch.randint(5, 1000, (3, 20)), torch.ones(3, 20, dtype=torch.long)
+    mask[1, 14:] = 0
+    mask[2, 5:] = 0
+    labels = torch.full_like(input_ids, -100)
+    labels[:, 2] = input_ids[:, 2]
+    labels[0, 17] = input_ids[0, 17]
+    with torch.no_grad():
+        expected = hf(input_ids=input_ids, attention_mask=mask).logits
+        got = ours(input_ids, mask).logits
+    torch.testing.assert_close(got[mask.bool()], expected[mask.bool()], atol=1e-4, rtol=1e-4)
+
+    loss_hf = hf(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+    loss_ours = ours(input_ids, mask, labels=labels).loss
+    torch.testing.assert_close(loss_ours, loss_hf, atol=1e-5, rtol=1e-5)
+    loss_hf.backward()
+    loss_ours.backward()
+    theirs = dict(hf.named_parameters(remove_duplicate=False))
+    for name, param in ours.named_parameters():
+        torch.testing.assert_close(param.grad, theirs[name].grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")

@@ -68,6 +68,11 @@ _GLU_RESIDENT_SHAPES = [
     (64, 32, 16, 4, 2),
 ]
 _RESIDENT_X_BYTES = 128 * 1024
+# Whether the autotuner tries the resident programs. Off: on one H200 (bf16, d=768, 32,768 tokens)
+# the autotuner picked the 64 x 32 x 16 resident program and the GLU forward + backward took
+# 2.36 ms against 1.83 for the streamed programs alone (an earlier run of the same benchmark), and
+# tuning them costs minutes of compilation per shape. They stay tested (forced by the tests).
+_GLU_TRY_RESIDENT = False
 
 
 def _glu_configs():
@@ -75,7 +80,7 @@ def _glu_configs():
         triton.Config({"BM": bm, "BN": bn, "BK": bk, "NSUB": 1, "RESIDENT": False}, num_warps=warps, num_stages=stages)
         for bm, bn, bk, warps, stages in _GLU_SHAPES[: 1 if INTERPRET else None]
     ]
-    if INTERPRET:
+    if INTERPRET or not _GLU_TRY_RESIDENT:
         return streamed
     resident = [
         triton.Config({"BM": bm, "BN": bn, "BK": 32, "NSUB": nsub, "RESIDENT": True}, num_warps=warps, num_stages=stages)
