@@ -221,6 +221,10 @@ def test_glue_config_errors_name_key_and_file(tmp_path):
     assert config.tasks.rte.init_from_mnli and config.tasks.cola.seeds == [19, 8364, 717, 10536]
     seeds = {t: len(config.task(t).seeds) for t in GLUE_TASKS}
     assert seeds == {"mnli": 1, "qnli": 1, "qqp": 1, "sst2": 3, "cola": 4, "mrpc": 5, "stsb": 5, "rte": 5}
+    # The labeled-text task runs with SST-2's settings, pooling included (mean for M2, the checkpoint's for BERT).
+    text, sst2 = config.tasks.text, config.tasks.sst2
+    assert (text.lr, text.epochs, text.batch_size, text.pool) == (sst2.lr, sst2.epochs, sst2.batch_size, sst2.pool)
+    assert load_glue_config("default").tasks.text.pool == load_glue_config("default").tasks.sst2.pool == ""
     bad = tmp_path / "bad.yaml"
     bad.write_text("base: " + str(Path(__file__).parents[1] / "configs/glue/default.yaml") + "\ntasks:\n  rte: {lr_peak: 1}\n")
     with pytest.raises(ConfigError, match=rf"{bad}: tasks.rte.lr_peak: unknown key"):
