@@ -1,9 +1,11 @@
 """Streaming MLM batches in one process: layout, manifest check before training, stream mixing,
-masks independent of the worker count, stale shared memory, config checks."""
+masks independent of the worker count, stale shared memory, jobs starting together, config checks."""
 
 import json
+import multiprocessing
 import os
 import shutil
+import time
 from multiprocessing import shared_memory
 
 import numpy as np
@@ -11,7 +13,12 @@ import pytest
 import torch
 
 from m2dist.config import config_from_dict
-from m2dist.data.loader import build_mlm_dataloader, clean_stale_shared_memory, close_mlm_dataloader
+from m2dist.data.loader import (
+    build_mlm_dataloader,
+    clean_stale_shared_memory,
+    close_mlm_dataloader,
+    streaming_registration_lock,
+)
 from m2dist.data.manifest import read_manifest
 from m2dist.data.masking import IGNORE_INDEX
 from m2dist.data.tokenizer import DEFAULT_VOCAB
@@ -176,6 +183,76 @@ def test_stale_shared_memory_is_removed_and_live_segments_kept():
         live.unlink()
         if os.path.exists("/dev/shm/999990_resume"):
             os.unlink("/dev/shm/999990_resume")
+
+
+def _job_building_a_loader(prepared_dir, cache_dir, events, results):
+    """One job's local rank 0 (another process): reports "ready", builds its loader on "go", reports
+    ("ok", time) or ("error", message), and keeps the loader (and its shared memory) until "finish"."""
+    go, finish = events
+    cfg = config_from_dict(
+        {"train": {"seq_len": 64}, "data": {"prepared_dir": prepared_dir, "num_workers": 0, "cache_dir": cache_dir}}
+    )
+    results.put(("ready", os.getpid()))
+    go.wait(timeout=300)
+    try:
+        loader = build_mlm_dataloader(cfg, micro_batch_size=4)
+    except Exception as err:  # noqa: BLE001 - reported to the test process
+        results.put(("error", repr(err)))
+        return
+    results.put(("ok", time.time()))
+    finish.wait(timeout=300)
+    close_mlm_dataloader(loader)
+
+
+def _start_jobs(count, embedded_dataset, tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    go, finish, results = ctx.Event(), ctx.Event(), ctx.Queue()
+    jobs = [
+        ctx.Process(
+            target=_job_building_a_loader,
+            args=(str(embedded_dataset.train.parent), str(tmp_path / f"job{i}"), (go, finish), results),
+        )
+        for i in range(count)
+    ]
+    for job in jobs:
+        job.start()
+    for _ in jobs:
+        assert results.get(timeout=300)[0] == "ready"
+    return jobs, go, finish, results
+
+
+def _stop_jobs(jobs, finish):
+    finish.set()
+    for job in jobs:
+        job.join(timeout=120)
+        if job.is_alive():
+            job.kill()
+
+
+def test_a_job_registers_its_shared_memory_only_under_the_node_lock(embedded_dataset, tmp_path):
+    with streaming_registration_lock():
+        jobs, go, finish, results = _start_jobs(1, embedded_dataset, tmp_path)
+        go.set()
+        time.sleep(3.0)  # building takes well under a second when nothing holds the lock
+        released = time.time()
+    try:
+        status, value = results.get(timeout=300)
+        assert status == "ok", value
+        assert value >= released, "the loader was built while another job held the registration lock"
+    finally:
+        _stop_jobs(jobs, finish)
+
+
+def test_jobs_starting_together_on_one_node_all_get_their_loaders(embedded_dataset, tmp_path):
+    # Without the lock two of them can pick the same shared-memory prefix and one dies in streaming
+    # (FileExistsError on '<prefix>_locals').
+    jobs, go, finish, results = _start_jobs(4, embedded_dataset, tmp_path)
+    try:
+        go.set()
+        outcomes = [results.get(timeout=300) for _ in jobs]
+        assert [status for status, _ in outcomes] == ["ok"] * 4, outcomes
+    finally:
+        _stop_jobs(jobs, finish)
 
 
 def test_data_config_checks_name_the_key():

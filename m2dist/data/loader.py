@@ -17,6 +17,8 @@ WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE); initialise torch.distributed before b
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import logging
 import os
@@ -89,6 +91,37 @@ def clean_stale_shared_memory(shm_dir: str = "/dev/shm") -> list[str]:
     if removed:
         log.warning("removed %d stale streaming shared-memory segments: %s", len(removed), ", ".join(removed))
     return removed
+
+
+@contextlib.contextmanager
+def streaming_registration_lock(lock_dir: str = ""):
+    """Held by each job's local rank 0 while it builds a StreamingDataset: one job of the node at a
+    time registers its shared memory.
+
+    streaming gives each dataset a numeric prefix for its shared-memory segments: the local leader
+    looks for the first prefix without segments, then creates `<prefix>_locals`. Two jobs that start
+    on one node at the same moment can pick the same prefix, and the second one then dies inside
+    streaming with `FileExistsError: '/000384_locals'`. Under this lock the second job looks after
+    the first has registered, and finds the next prefix. An exclusive `flock` on a file in the
+    temporary folder (where streaming keeps its own locks), released by the kernel if the holder
+    dies; other ranks of the job wait for their leader inside streaming and do not take it.
+    """
+    if _local_rank() != 0:
+        yield
+        return
+    folder = Path(lock_dir or tempfile.gettempdir())
+    path = folder / "m2dist-streaming-register.lock"
+    try:
+        handle = open(path, "a")
+    except PermissionError:
+        # Another user's lock file in a sticky folder: serialise at least this user's jobs.
+        handle = open(folder / f"m2dist-streaming-register-{os.getuid()}.lock", "a")
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _local_rank() -> int:
@@ -269,15 +302,16 @@ def build_mlm_dataset(
         seed=seed,
         same_masks_every_epoch=same_masks_every_epoch,
     )
-    return MLMStreamingDataset(
-        streams=stream_objects,
-        seq_len=seq_len,
-        masking=masking,
-        batch_size=micro_batch_size,
-        shuffle=shuffle,
-        shuffle_seed=seed,
-        shuffle_block_size=shuffle_block_size or None,
-    )
+    with streaming_registration_lock():
+        return MLMStreamingDataset(
+            streams=stream_objects,
+            seq_len=seq_len,
+            masking=masking,
+            batch_size=micro_batch_size,
+            shuffle=shuffle,
+            shuffle_seed=seed,
+            shuffle_block_size=shuffle_block_size or None,
+        )
 
 
 def resolve_streams(
