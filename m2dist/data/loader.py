@@ -94,7 +94,7 @@ def clean_stale_shared_memory(shm_dir: str = "/dev/shm") -> list[str]:
 
 
 @contextlib.contextmanager
-def streaming_registration_lock(lock_dir: str = ""):
+def streaming_registration_lock():
     """Held by each job's local rank 0 while it builds a StreamingDataset: one job of the node at a
     time registers its shared memory.
 
@@ -109,7 +109,7 @@ def streaming_registration_lock(lock_dir: str = ""):
     if _local_rank() != 0:
         yield
         return
-    folder = Path(lock_dir or tempfile.gettempdir())
+    folder = Path(tempfile.gettempdir())
     path = folder / "m2dist-streaming-register.lock"
     try:
         handle = open(path, "a")
@@ -117,7 +117,11 @@ def streaming_registration_lock(lock_dir: str = ""):
         # Another user's lock file in a sticky folder: serialise at least this user's jobs.
         handle = open(folder / f"m2dist-streaming-register-{os.getuid()}.lock", "a")
     with handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another job on this node to build its data loader (lock %s)", handle.name)
+            fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
         finally:
