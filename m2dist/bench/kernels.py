@@ -6,6 +6,7 @@ ceiling (HBM traffic floor / copy bandwidth for the FFT convolution and the whol
 useful FLOPs / bf16 GEMM rate for the GLU MLP).
 """
 
+import contextlib
 import functools
 
 import torch
@@ -209,13 +210,28 @@ def bench_glu_mlp(dims, tokens, gemm_rate, compiled_reference=False):
         # Triton kernels' in their epilogues.
         ref_drop_ms = _bench(_fwd_bwd(lambda *a: ref(*a, dropout_p=0.1), [x, *params], upstream))
         tri_drop_ms = _bench(_fwd_bwd(lambda *a: tri(*a, dropout_p=0.1), [x, *params], upstream))
+        # The plain block-diagonal GEMMs (the output projection, the GLU's input and weight
+        # gradients) on the Triton kernel instead of cuBLAS (`triton_blockdiag.cublas_gemms`).
+        with _triton_blockdiag_gemms():
+            tri_bmm_ms = _bench(_fwd_bwd(tri, [x, *params], upstream))
         rate = flops / (tri_ms * 1e-3)
         rows.append((f"d={dim} I={inner} M={tokens}", ref_ms, tri_ms, ref_ms / tri_ms, ref_fwd / tri_fwd, rate / 1e12,
                      rate / gemm_rate, compiled_ms, compiled_ms and flops / (compiled_ms * 1e-3) / gemm_rate,
-                     ref_drop_ms, tri_drop_ms))  # fmt: skip
+                     ref_drop_ms, tri_drop_ms, tri_bmm_ms))  # fmt: skip
         print(_fmt_glu(rows[-1]), flush=True)
         print(f"  GLU configs at d={dim}: {glu_config_summary()}", flush=True)
     return rows
+
+
+@contextlib.contextmanager
+def _triton_blockdiag_gemms():
+    """The block-diagonal GEMMs outside the GLU kernels on `_bmm_body` while inside."""
+    chosen = triton_blockdiag.cublas_gemms
+    triton_blockdiag.cublas_gemms = lambda t: False
+    try:
+        yield
+    finally:
+        triton_blockdiag.cublas_gemms = chosen
 
 
 def glu_config_summary() -> str:
@@ -230,7 +246,8 @@ def glu_config_summary() -> str:
 def _fmt_glu(r):
     compiled = "- | -" if r[7] is None else f"{r[7]:.3f} | {r[8]:.1%}"
     dropout = f"{r[9]:.3f} | {r[10]:.3f} | {r[9] / r[10]:.2f}x"
-    return f"| {r[0]} | {r[1]:.3f} | {r[2]:.3f} | {r[3]:.2f}x | {r[4]:.2f}x | {r[5]:.0f} | {r[6]:.1%} | {compiled} | {dropout} |"
+    return (f"| {r[0]} | {r[1]:.3f} | {r[2]:.3f} | {r[3]:.2f}x | {r[4]:.2f}x | {r[5]:.0f} | {r[6]:.1%} | {compiled} | {dropout}"
+            f" | {r[11]:.3f} |")  # fmt: skip
 
 
 def run_kernel_benchmarks(
@@ -272,7 +289,7 @@ def run_kernel_benchmarks(
     _print_table(
         "Block-diagonal GLU MLP (d -> 2I GLU, I -> d + bias, 4 blocks), bf16, forward + backward",
         "size | reference ms | Triton ms | speedup | fwd speedup | TFLOP/s (useful) | of GEMM rate | compiled reference ms | its share of GEMM rate"
-        " | reference + dropout ms | Triton + dropout ms | speedup with dropout",
+        " | reference + dropout ms | Triton + dropout ms | speedup with dropout | Triton, plain GEMMs on Triton too ms",
         [_fmt_glu(r) for r in glu_rows],
     )  # fmt: skip
 
