@@ -121,3 +121,38 @@ def test_mixer_benchmark_times_every_path(monkeypatch):
     floor_ms = bench.triton_mixer.mixer_traffic_bytes(64, 16)["forward_backward"] / 1e9 * 1e3
     assert rows[2][5] == pytest.approx(2.0 / floor_ms) and rows[2][6] == pytest.approx(1.0)
     assert len(timed) == 8 and bench.triton_mixer.BLOCKS is None
+
+
+def test_blockdiag_gemm_benchmark_times_both_engines(monkeypatch):
+    # Interpreter, stand-in timer: each plain GEMM once per engine, then the fused GLU forward
+    # beside cuBLAS's up-projection; the rates come from the GEMM's FLOPs and the timings.
+    import torch
+
+    import m2dist.bench.kernels as bench
+
+    calls = []
+
+    def one_call(fn):
+        calls.append(fn())
+        return 4.0 if len(calls) % 2 else 2.0  # Triton first, then cuBLAS
+
+    monkeypatch.setattr(bench, "_bench", one_call)
+    rows = bench.bench_blockdiag_gemms([64], [32], gemm_rate=1e12, device="cpu")
+    assert [r[1] for r in rows][:3] == ["output projection, forward", "output projection, input gradient", "output projection, weight gradient"]
+    assert len(rows) == 6 and len(calls) == 12
+    # the weight gradients come back in fp32, (blocks, out/blocks, in/blocks)
+    assert calls[4].dtype == calls[5].dtype == torch.float32 and tuple(calls[4].shape) == (4, 16, 64)
+    line = bench._fmt_gemm(rows[0])  # 2 x 32 x 256 x 64 / 4 FLOPs in 2 ms on cuBLAS
+    assert line.endswith("| 2.00x |") and f"| {2 * 32 * 256 * 64 / 4 / 2e-3 / 1e12:.0f} |" in line
+
+
+def test_glu_tile_sweep_times_each_tile_and_marks_the_candidates(monkeypatch):
+    import m2dist.bench.kernels as bench
+
+    monkeypatch.setattr(bench, "_SWEEP_TILES", [(16, 16, 4)])
+    times = iter([3.0, 1.0, 2.0, 1.5, 1.0, 1.0, 5.0, 5.0])
+    monkeypatch.setattr(bench, "_bench", lambda fn: (fn(), next(times))[1])
+    rows = bench.sweep_glu_tiles(64, 32, top=3, device="cpu")
+    # four configs (BK 32/64 x 2/3 stages), the three fastest forward + backward, fastest first
+    assert [r[0] for r in rows] == [(16, 16, 64, 4, 2), (16, 16, 32, 4, 3), (16, 16, 32, 4, 2)]
+    assert bench._fmt_sweep(rows[0], {(16, 16, 64, 4, 2)}).endswith("| 2.000 | yes |")

@@ -740,19 +740,21 @@ def test_triton_backend_without_triton_falls_back_to_the_reference_with_one_warn
     assert out.stdout.strip() == "['blockdiag triton backend', 'fftconv triton backend']"
 
 
+@pytest.mark.parametrize("engine", ["cublas", "triton"])
 @pytest.mark.parametrize("nblocks,p,q,rows", [(4, 16, 24, 37), (2, 40, 16, 5)])
-def test_blockdiag_batched_gemms_on_block_views_match_the_reference(nblocks, p, q, rows):
-    # The cuBLAS path's GEMMs (torch.bmm on strided views of the rows, the output written in place)
-    # run here on the CPU: the views must pick each block's columns and write them back in place.
+def test_blockdiag_gemms_of_each_engine_match_the_reference(engine, nblocks, p, q, rows):
+    # Each engine's three GEMMs on their own (the benchmark times them one by one). cuBLAS's are
+    # torch.bmm on strided views of the rows, written in place, which the CPU runs too.
     x, w, b = _blockdiag_inputs((rows,), nblocks, p, q, seed=rows)
     x, w, b = x.float(), w.float(), b.float()
-    y = triton_blockdiag.cublas_blockdiag_fwd(x, w, b)
-    torch.testing.assert_close(y, blockdiag_reference.blockdiag_matmul(x, w) + b)
+    gemms = triton_blockdiag.GEMMS[engine]
+    y = gemms.fwd(x, w, b)
+    torch.testing.assert_close(y, blockdiag_reference.blockdiag_matmul(x, w) + b, rtol=1e-4, atol=1e-4)
     dy = torch.randn_like(y)
-    dx, dw = triton_blockdiag.cublas_blockdiag_bwd(dy, x, w)
     x_ = x.clone().requires_grad_()
     w_ = w.clone().requires_grad_()
     blockdiag_reference.blockdiag_matmul(x_, w_).backward(dy)
-    torch.testing.assert_close(dx, x_.grad)
-    torch.testing.assert_close(dw, w_.grad)
-    assert dw.dtype == torch.float32 and triton_blockdiag.cublas_blockdiag_bwd(dy, x, w, need_dx=False)[0] is None
+    torch.testing.assert_close(gemms.dx(dy, w), x_.grad, rtol=1e-4, atol=1e-4)
+    dw = gemms.dw(dy, x, w)
+    assert dw.dtype == torch.float32
+    torch.testing.assert_close(dw, w_.grad, rtol=1e-4, atol=1e-4)

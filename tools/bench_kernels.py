@@ -7,6 +7,8 @@ useful FLOPs / bf16 GEMM rate for the GLU MLP).
     python tools/bench_kernels.py                      # every op at the sizes of the goals
     python tools/bench_kernels.py --ops fftconv --lengths 128,2048 --variants 4096:2048:8,1024:2048:8
     python tools/bench_kernels.py --ops mixer --mixer-lengths 128 --mixer-variants 16:16:8:8,16:32:8:8,16:16:4:4
+    python tools/bench_kernels.py --ops gemms --dims 768 --gemm-tokens 32768,2048   # Triton or cuBLAS, per GEMM
+    python tools/bench_kernels.py --ops glu --dims 768 --glu-sweep                  # the GLU kernels' tiles
 
 A variant `max_onchip:tile:num_warps` overrides the FFT kernels' plan, a mixer variant
 `BD:BF:BPP:num_warps` the fused mixer's blocks (sweeps for tuning).
@@ -32,6 +34,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mixer-variants", default="", help="comma list of BD:BF:BPP:num_warps for the fused mixer")
     parser.add_argument("--glu-compiled-reference", action="store_true",
                         help="also time the torch.compile'd reference GLU MLP (a cuBLAS GEMM per block, GELU * n fused; compiles per size)")  # fmt: skip
+    parser.add_argument("--gemm-tokens", default="32768,2048", help="token counts of the plain-GEMM comparison (--ops gemms)")
+    parser.add_argument("--glu-sweep", action="store_true", help="also time the GLU kernels at each tile of a sweep (first of --dims)")
     args = parser.parse_args(argv)
     run_kernel_benchmarks(
         ops=args.ops.split(","),
@@ -46,6 +50,8 @@ def main(argv: list[str] | None = None) -> None:
         mixer_dims=[int(x) for x in args.mixer_dims.split(",")],
         mixer_variants=[tuple(int(x) for x in v.split(":")) for v in args.mixer_variants.split(",") if v],
         glu_compiled_reference=args.glu_compiled_reference,
+        gemm_tokens=[int(x) for x in args.gemm_tokens.split(",")],
+        glu_sweep=args.glu_sweep,
     )
 
 

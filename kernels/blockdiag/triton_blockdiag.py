@@ -21,6 +21,9 @@ Shape legend: M rows (tokens), K number of blocks, P input features per block, Q
 per block, I = K Q / 2 the GLU's inner size.
 """
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -46,12 +49,12 @@ _GEMM_SHAPES = [
     (64, 128, 64, 4, 4),
     (128, 64, 64, 4, 4),
 ]
-# The GLU kernels hold two accumulators (g and n): in an sm_90 compile (`kernels.compile_report`)
-# the 128 x 128 and the 4-warp tiles spill 0.2-2 KiB a thread, the last two none. These stream x
-# and W through the reduction in BK-wide slices, one [BM, BN] tile of g and n a program.
-# The six fastest of a sweep of 40 tiles on one H200 (bf16, d=768, 32,768 tokens; forward +
-# backward 0.88-1.04 ms, the previous candidates' autotuned choice about 0.99): two stages or three,
-# 4 warps at 64 x 128 and 128 x 64.
+# The GLU kernels hold two accumulators (g and n) and stream x and W through the reduction in
+# BK-wide slices, one [BM, BN] tile of g and n a program. The candidates are the six fastest of a
+# sweep of 20 tiles on one H200 (`tools/bench_kernels.py --glu-sweep`; bf16, d=768, 32,768 tokens:
+# forward + backward 0.88-1.04 ms, the previous candidates' autotuned choice about 0.99), mostly
+# 4 warps at 64 x 128 and 128 x 64 with two or three stages, although an sm_90 compile
+# (`kernels.compile_report`) showed 4-warp tiles spilling registers where 8-warp ones did not.
 _GLU_SHAPES = [
     (64, 64, 32, 4, 1) if INTERPRET else (64, 128, 64, 4, 2),
     (64, 128, 32, 4, 3),
@@ -451,7 +454,8 @@ def cublas_gemms(t: torch.Tensor) -> bool:
     the blocks on strided views of the rows (no copies), instead of `_bmm_body`. On one H200 (bf16,
     d=768, 32,768 tokens, the MLP's output projection) cuBLAS took 0.078 / 0.092 / 0.093 ms for the
     forward / input gradient / weight gradient, the Triton kernel at the best of 16 tiles 0.107 /
-    0.139 / 0.114. fp32 (tf32x3 in the kernel) and the interpreter keep the Triton kernel."""
+    0.139 / 0.114 (`tools/bench_kernels.py --ops gemms`). fp32 (tf32x3 in the kernel) and the
+    interpreter keep the Triton kernel."""
     return not INTERPRET and t.is_cuda and t.dtype in (torch.bfloat16, torch.float16)
 
 
@@ -467,28 +471,26 @@ def bmm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a.float(), b.float())
 
 
-def cublas_blockdiag_fwd(x_MKP: torch.Tensor, w_KQP: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`blockdiag_fwd` as one batched GEMM (cuBLAS on a GPU), written in place into (M, K*Q)."""
+def _cublas_fwd(x_MKP: torch.Tensor, w_KQP: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     nb, q, _ = w_KQP.shape
     y = new_output((x_MKP.shape[0], nb * q), x_MKP.dtype, x_MKP.device)
     torch.bmm(column_blocks(x_MKP, nb), w_KQP.transpose(1, 2), out=column_blocks(y, nb))
     return y if bias is None else y.add_(bias)
 
 
-def cublas_blockdiag_bwd(dy_MKQ: torch.Tensor, x_MKP: torch.Tensor, w_KQP: torch.Tensor, need_dx: bool = True):
-    """`blockdiag_bwd` as batched GEMMs (cuBLAS on a GPU); dw in fp32."""
+def _cublas_dx(dy_MKQ: torch.Tensor, w_KQP: torch.Tensor) -> torch.Tensor:
     nb, _, p = w_KQP.shape
-    dx = None
-    if need_dx:
-        dx = new_output((x_MKP.shape[0], nb * p), x_MKP.dtype, x_MKP.device)
-        torch.bmm(column_blocks(dy_MKQ, nb), w_KQP, out=column_blocks(dx, nb))
-    return dx, bmm_fp32(column_blocks(dy_MKQ, nb).transpose(1, 2), column_blocks(x_MKP, nb))
+    dx = new_output((dy_MKQ.shape[0], nb * p), dy_MKQ.dtype, dy_MKQ.device)
+    torch.bmm(column_blocks(dy_MKQ, nb), w_KQP, out=column_blocks(dx, nb))
+    return dx
 
 
-def blockdiag_fwd(x_MKP: torch.Tensor, w_KQP: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """y = x @ blockdiag(w)^T (+ bias). x_MKP: (M, K*P), w_KQP: (K, Q, P), bias: (K*Q,) -> (M, K*Q)."""
-    if cublas_gemms(x_MKP):
-        return cublas_blockdiag_fwd(x_MKP, w_KQP, bias)
+def _cublas_dw(dy_MKQ: torch.Tensor, x_MKP: torch.Tensor, w_KQP: torch.Tensor) -> torch.Tensor:
+    nb = w_KQP.shape[0]
+    return bmm_fp32(column_blocks(dy_MKQ, nb).transpose(1, 2), column_blocks(x_MKP, nb))
+
+
+def _triton_fwd(x_MKP: torch.Tensor, w_KQP: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     m = x_MKP.shape[0]
     nb, q, p = w_KQP.shape
     y = new_output((m, nb * q), x_MKP.dtype, x_MKP.device)
@@ -501,21 +503,22 @@ def blockdiag_fwd(x_MKP: torch.Tensor, w_KQP: torch.Tensor, bias: torch.Tensor |
     return y
 
 
-def blockdiag_bwd(dy_MKQ: torch.Tensor, x_MKP: torch.Tensor, w_KQP: torch.Tensor, need_dx: bool = True):
-    """(dx (M, K*P) or None, dw (K, Q, P) fp32) of y = x @ blockdiag(w)^T."""
-    if cublas_gemms(x_MKP):
-        return cublas_blockdiag_bwd(dy_MKQ, x_MKP, w_KQP, need_dx)
+def _triton_dx(dy_MKQ: torch.Tensor, w_KQP: torch.Tensor) -> torch.Tensor:
+    m = dy_MKQ.shape[0]
+    nb, q, p = w_KQP.shape
+    dx = new_output((m, nb * p), dy_MKQ.dtype, dy_MKQ.device)
+    _bmm(
+        dy_MKQ, w_KQP, dx, None, nb, m, p, q,
+        (q * dy_MKQ.stride(1), dy_MKQ.stride(0), dy_MKQ.stride(1)),
+        (w_KQP.stride(0), w_KQP.stride(1), w_KQP.stride(2)),
+        (p * dx.stride(1), dx.stride(0), dx.stride(1)),
+    )  # fmt: skip
+    return dx
+
+
+def _triton_dw(dy_MKQ: torch.Tensor, x_MKP: torch.Tensor, w_KQP: torch.Tensor) -> torch.Tensor:
     m = x_MKP.shape[0]
     nb, q, p = w_KQP.shape
-    dx = None
-    if need_dx:
-        dx = new_output((m, nb * p), x_MKP.dtype, x_MKP.device)
-        _bmm(
-            dy_MKQ, w_KQP, dx, None, nb, m, p, q,
-            (q * dy_MKQ.stride(1), dy_MKQ.stride(0), dy_MKQ.stride(1)),
-            (w_KQP.stride(0), w_KQP.stride(1), w_KQP.stride(2)),
-            (p * dx.stride(1), dx.stride(0), dx.stride(1)),
-        )  # fmt: skip
     dw = torch.zeros((nb, q, p), dtype=torch.float32, device=x_MKP.device)
     # dw[g] = dy_g^T @ x_g: rows q, reduction over the M tokens (split across programs).
     _bmm(
@@ -525,7 +528,38 @@ def blockdiag_bwd(dy_MKQ: torch.Tensor, x_MKP: torch.Tensor, w_KQP: torch.Tensor
         (dw.stride(0), dw.stride(1), dw.stride(2)),
         atomic=True,
     )  # fmt: skip
-    return dx, dw
+    return dw
+
+
+class BlockdiagGemms(NamedTuple):
+    """The three GEMMs of y = x @ blockdiag(w)^T (+ bias), x_MKP: (M, K*P), w_KQP: (K, Q, P):
+    `fwd(x, w, bias)` -> y (M, K*Q); `dx(dy, w)` -> (M, K*P); `dw(dy, x, w)` -> (K, Q, P) in fp32."""
+
+    fwd: Callable
+    dx: Callable
+    dw: Callable
+
+
+GEMMS = {
+    "triton": BlockdiagGemms(_triton_fwd, _triton_dx, _triton_dw),
+    "cublas": BlockdiagGemms(_cublas_fwd, _cublas_dx, _cublas_dw),
+}
+
+
+def gemms_for(t: torch.Tensor) -> BlockdiagGemms:
+    """The GEMMs that run for inputs like `t` (`cublas_gemms`)."""
+    return GEMMS["cublas" if cublas_gemms(t) else "triton"]
+
+
+def blockdiag_fwd(x_MKP: torch.Tensor, w_KQP: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """y = x @ blockdiag(w)^T (+ bias). x_MKP: (M, K*P), w_KQP: (K, Q, P), bias: (K*Q,) -> (M, K*Q)."""
+    return gemms_for(x_MKP).fwd(x_MKP, w_KQP, bias)
+
+
+def blockdiag_bwd(dy_MKQ: torch.Tensor, x_MKP: torch.Tensor, w_KQP: torch.Tensor, need_dx: bool = True):
+    """(dx (M, K*P) or None, dw (K, Q, P) fp32) of y = x @ blockdiag(w)^T."""
+    gemms = gemms_for(x_MKP)
+    return gemms.dx(dy_MKQ, w_KQP) if need_dx else None, gemms.dw(dy_MKQ, x_MKP, w_KQP)
 
 
 def _dropout_args(seed: torch.Tensor | None, dropout_p: float, q: int, like: torch.Tensor) -> dict:

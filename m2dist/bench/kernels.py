@@ -8,8 +8,10 @@ useful FLOPs / bf16 GEMM rate for the GLU MLP).
 
 import contextlib
 import functools
+import itertools
 
 import torch
+import triton
 import triton.testing
 
 from kernels.blockdiag import reference as blockdiag_reference
@@ -223,6 +225,91 @@ def bench_glu_mlp(dims, tokens, gemm_rate, compiled_reference=False):
     return rows
 
 
+def bench_blockdiag_gemms(dims, token_counts, gemm_rate, device="cuda"):
+    """Each plain block-diagonal GEMM of the GLU MLP (4 blocks) on the Triton kernel and on cuBLAS
+    (`triton_blockdiag.GEMMS`), and the fused GLU forward beside cuBLAS's up-projection alone (which
+    writes the (M, 2I) pre-activation that the fused kernel keeps on chip)."""
+    rows = []
+    for dim, tokens in itertools.product(dims, token_counts):
+        inner, nb = 4 * dim, 4
+        gen = torch.Generator(device=device).manual_seed(0)
+
+        def rand(*shape, scale=1.0):
+            return (torch.randn(*shape, device=device, generator=gen) * scale).to(torch.bfloat16)
+
+        x, a, dy, dpre = rand(tokens, dim), rand(tokens, inner), rand(tokens, dim), rand(tokens, 2 * inner)
+        w1, w2, b2 = rand(nb, 2 * inner // nb, dim // nb, scale=0.05), rand(nb, dim // nb, inner // nb, scale=0.05), rand(dim)
+        out_flops, up_flops = 2 * tokens * inner * dim / nb, 2 * tokens * dim * 2 * inner / nb
+        cases = [
+            ("output projection, forward", out_flops, lambda g: g.fwd(a, w2, b2)),
+            ("output projection, input gradient", out_flops, lambda g: g.dx(dy, w2)),
+            ("output projection, weight gradient", out_flops, lambda g: g.dw(dy, a, w2)),
+            ("GLU, input gradient", up_flops, lambda g: g.dx(dpre, w1)),
+            ("GLU, weight gradient", up_flops, lambda g: g.dw(dpre, x, w1)),
+        ]
+        for name, flops, gemm in cases:
+            tri_ms = _bench(functools.partial(gemm, triton_blockdiag.GEMMS["triton"]))
+            cub_ms = _bench(functools.partial(gemm, triton_blockdiag.GEMMS["cublas"]))
+            rows.append((f"d={dim} M={tokens}", name, tri_ms, cub_ms, flops, gemm_rate))
+            print(_fmt_gemm(rows[-1]), flush=True)
+        fused_ms = _bench(lambda: triton_blockdiag.glu_fwd(x, w1))
+        up_ms = _bench(lambda: triton_blockdiag.GEMMS["cublas"].fwd(x, w1, None))
+        rows.append((f"d={dim} M={tokens}", "GLU forward: fused (Triton) / up-projection alone (cuBLAS)", fused_ms, up_ms, up_flops, gemm_rate))
+        print(_fmt_gemm(rows[-1]), flush=True)
+    return rows
+
+
+def _fmt_gemm(r):
+    size, name, tri_ms, cub_ms, flops, gemm_rate = r
+    tri, cub = flops / (tri_ms * 1e-3), flops / (cub_ms * 1e-3)
+    return (f"| {size} | {name} | {tri_ms:.3f} | {cub_ms:.3f} | {tri / 1e12:.0f} | {cub / 1e12:.0f} | {cub / gemm_rate:.1%}"
+            f" | {tri_ms / cub_ms:.2f}x |")  # fmt: skip
+
+
+# The GLU kernels' tile sweep: (BM, BN, num_warps) x BK x num_stages; a tile that does not fit the
+# GPU (shared memory, registers) raises one of these at its launch and is left out.
+_TILE_ERRORS = tuple(getattr(triton.runtime.errors, name) for name in ("OutOfResources", "PTXASError") if hasattr(triton.runtime.errors, name))
+_SWEEP_TILES = [(128, 128, 8), (128, 64, 4), (128, 64, 8), (64, 128, 4), (64, 256, 8)]
+
+
+def sweep_glu_tiles(dim, tokens, top=10, device="cuda"):
+    """Time both GLU kernels (no dropout) at every tile of the sweep, each launched directly with
+    its config (no autotuning); rows (config, forward ms, backward ms), fastest forward + backward
+    first. Tiles that do not fit (out of shared memory) are left out."""
+    inner, nb = 4 * dim, 4
+    p, q = dim // nb, 2 * inner // nb
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(tokens, dim, device=device, dtype=torch.bfloat16, generator=gen)
+    w = (torch.randn(nb, q, p, device=device, generator=gen) * 0.05).to(torch.bfloat16)
+    da = torch.randn(tokens, inner, device=device, dtype=torch.bfloat16, generator=gen)
+    out, dpre = torch.empty_like(da), torch.empty(tokens, 2 * inner, device=device, dtype=torch.bfloat16)
+    pa, pb = triton_blockdiag.resident_split(p)
+    rows = []
+    for (bm, bn, warps), bk, stages in itertools.product(_SWEEP_TILES, (32, 64), (2, 3)):
+        grid = (triton.cdiv(tokens, bm) * triton.cdiv(q, bn) * (nb // 2),)
+        meta = dict(
+            M=tokens, P=p, Q=q, s_xm=x.stride(0), HALF=nb // 2, PREC="tf32", UPCAST=False, PA=pa, PB=pb, GROUP_M=8,
+            THRESHOLD=0, SCALE=1.0, DROPOUT=False, BM=bm, BN=bn, BK=bk, NSUB=1, RESIDENT=False,
+            num_warps=warps, num_stages=stages,
+        )  # fmt: skip
+        try:
+            fwd_ms = _bench(lambda: triton_blockdiag._glu_fwd_kernel[grid](x, w, out, x, s_om=out.stride(0), **meta))
+            bwd_ms = _bench(
+                lambda: triton_blockdiag._glu_bwd_kernel[grid](x, w, da, dpre, x, s_dam=da.stride(0), s_dpm=dpre.stride(0), **meta)
+            )
+        except _TILE_ERRORS:
+            continue
+        rows.append(((bm, bn, bk, warps, stages), fwd_ms, bwd_ms))
+    rows.sort(key=lambda r: r[1] + r[2])
+    return rows[:top]
+
+
+def _fmt_sweep(r, candidates):
+    config, fwd_ms, bwd_ms = r
+    mark = "yes" if config in candidates else ""
+    return f"| {' x '.join(map(str, config[:3]))} | {config[3]} | {config[4]} | {fwd_ms:.3f} | {bwd_ms:.3f} | {fwd_ms + bwd_ms:.3f} | {mark} |"
+
+
 @contextlib.contextmanager
 def _triton_blockdiag_gemms():
     """The block-diagonal GEMMs outside the GLU kernels on `_bmm_body` while inside."""
@@ -263,10 +350,14 @@ def run_kernel_benchmarks(
     mixer_dims: list[int] = (768, 960),
     mixer_variants: list[tuple[int, int, int, int]] = (),
     glu_compiled_reference: bool = False,
+    gemm_tokens: list[int] = (32768, 2048),
+    glu_sweep: bool = False,
 ) -> None:
     """Measure the ceilings, time the ops named in `ops` ("fftconv", "mixer", "glu") and print one
     Markdown table per op. A variant `(max_onchip, tile, num_warps)` overrides the FFT kernels' plan,
-    a mixer variant `(BD, BF, BPP, num_warps)` the fused mixer's blocks."""
+    a mixer variant `(BD, BF, BPP, num_warps)` the fused mixer's blocks. "gemms" times the MLP's
+    plain block-diagonal GEMMs on both engines at `gemm_tokens`; `glu_sweep` the GLU kernels' tiles
+    at the first of `dims` and `glu_tokens`."""
     copy_bw, gemm_rate = measure_ceilings()
     print(f"{torch.cuda.get_device_name()}: copy {copy_bw / 1e12:.2f} TB/s (read + write), bf16 GEMM {gemm_rate / 1e12:.0f} TFLOP/s")
     fft_rows, mixer_rows, glu_rows = [], [], []
@@ -276,6 +367,8 @@ def run_kernel_benchmarks(
         mixer_rows = bench_mixer(mixer_lengths, fft_tokens, mixer_dims, mixer_variants, copy_bw)
     if "glu" in ops:
         glu_rows = bench_glu_mlp(dims, glu_tokens, gemm_rate, glu_compiled_reference)
+    gemm_rows = bench_blockdiag_gemms(dims, gemm_tokens, gemm_rate) if "gemms" in ops else []
+    sweep_rows = sweep_glu_tiles(dims[0], glu_tokens) if glu_sweep else []
     _print_table(
         "Gated FFT long conv (steps 4-7 with residual), bf16, forward + backward",
         "size | algorithm | reference ms | Triton ms | speedup | fwd speedup | GB/s (floor bytes) | of copy BW | x floor",
@@ -291,6 +384,17 @@ def run_kernel_benchmarks(
         "size | reference ms | Triton ms | speedup | fwd speedup | TFLOP/s (useful) | of GEMM rate | compiled reference ms | its share of GEMM rate"
         " | reference + dropout ms | Triton + dropout ms | speedup with dropout | Triton, plain GEMMs on Triton too ms",
         [_fmt_glu(r) for r in glu_rows],
+    )  # fmt: skip
+    _print_table(
+        "Plain block-diagonal GEMMs of the GLU MLP (4 blocks), bf16: Triton kernel against cuBLAS batched on strided views",
+        "size | GEMM | Triton ms | cuBLAS ms | Triton TFLOP/s | cuBLAS TFLOP/s | cuBLAS of GEMM rate | cuBLAS speedup",
+        [_fmt_gemm(r) for r in gemm_rows],
+    )  # fmt: skip
+    candidates = {tuple(shape) for shape in triton_blockdiag._GLU_SHAPES}
+    _print_table(
+        f"GLU kernel tiles, d={dims[0]}, {glu_tokens} tokens, bf16, no dropout (fastest forward + backward first)",
+        "BM x BN x BK | warps | stages | forward ms | backward ms | forward + backward ms | autotuning candidate",
+        [_fmt_sweep(r, candidates) for r in sweep_rows],
     )  # fmt: skip
 
 
