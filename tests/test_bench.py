@@ -65,6 +65,22 @@ def test_finetune_benchmark_times_the_glue_step_on_cpu():
     assert with_overrides.model == "debug, model.kernels.fused_mixer=true"
 
 
+def test_finetune_benchmark_writes_a_profile_of_the_step(tmp_path):
+    import torch
+
+    from m2dist.bench.finetune import benchmark_finetune_step, glue_config_for
+
+    report = tmp_path / "profiles" / "finetune-debug-b4.txt"
+    result = benchmark_finetune_step(
+        "debug", glue_config_for("debug"), 4, False, torch.device("cpu"), seq_len=32, first_steps=1, block_steps=1,
+        profile_to=report,
+    )  # fmt: skip
+    text = report.read_text()
+    assert text.startswith(f"fine-tuning step of debug: batch 4, L=32, eager; {result.step_ms:.2f} ms a step unprofiled")
+    assert "Top operators by self device time" in text and "aten::" in text
+    assert "device time per step (sum of kernels)" in text.splitlines()[0]
+
+
 def test_whole_glue_estimate_adds_every_job_and_waits_for_mnli():
     import math
 
@@ -156,3 +172,22 @@ def test_glu_tile_sweep_times_each_tile_and_marks_the_candidates(monkeypatch):
     # four configs (BK 32/64 x 2/3 stages), the three fastest forward + backward, fastest first
     assert [r[0] for r in rows] == [(16, 16, 64, 4, 2), (16, 16, 32, 4, 3), (16, 16, 32, 4, 2)]
     assert bench._fmt_sweep(rows[0], {(16, 16, 64, 4, 2)}).endswith("| 2.000 | yes |")
+
+
+def test_engine_profile_reports_the_step_and_its_top_operators(tmp_path, in_process_rank):
+    from m2dist.bench.profile import profile_training
+    from m2dist.config import load_config
+
+    config = load_config(
+        "debug",
+        [
+            "train.duration=4", "train.global_batch_size=4", "train.seq_len=32", "tracking.enabled=false",
+            "data.num_workers=0", f"train.output_dir={tmp_path / 'run'}",
+        ],
+    )  # fmt: skip
+    report = tmp_path / "engine.txt"
+    header = profile_training(config, warmup=1, steps=1, output=report)
+    assert header.startswith(f"debug: L=32, 128 tokens per step, 1 rank(s), ZeRO-{config.train.zero_stage}, ")
+    text = report.read_text()
+    assert text.startswith(header) and "device time per step (sum of kernels)" in header
+    assert "Top operators by self device time" in text and "Top operators by total host time" in text

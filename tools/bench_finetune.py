@@ -5,12 +5,14 @@ time estimated from it.
   python tools/bench_finetune.py --configs m2-bert-80M bert-base --batch-sizes 16 32 48
   python tools/bench_finetune.py --configs m2-bert-80M bert-base --modes graph compiled
   python tools/bench_finetune.py --configs m2-bert-80M m2-bert-80M:model.kernels.fused_mixer=true bert-base
+  python tools/bench_finetune.py --batch-sizes 16 --modes graph --profile-dir tools/profiles   # where a step's time goes
 
 A config may carry overrides of its own, `name:key=value,key=value`.
 """
 
 import argparse
 import dataclasses
+from pathlib import Path
 
 import torch
 
@@ -27,6 +29,8 @@ def main() -> None:
                         help="compiled: the CUDA-graph step of the torch.compile'd classifier (glue.compile=true)")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--gpus", type=int, default=8, help="also estimate the whole GLUE run on this many GPUs")
+    parser.add_argument("--profile-dir", type=Path,
+                        help="also profile each row's step: DIR/finetune-<config>-b<batch>-<mode>.txt")  # fmt: skip
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results = []
@@ -35,7 +39,10 @@ def main() -> None:
         for mode in args.modes:
             for batch in args.batch_sizes:
                 glue = dataclasses.replace(glue_config_for(name), compile=mode == "compiled")
-                result = benchmark_finetune_step(name, glue, batch, mode != "eager", device, args.seq_len, overrides=overrides)
+                profile_to = args.profile_dir and args.profile_dir / f"finetune-{spec.replace(':', '-')}-b{batch}-{mode}.txt"
+                result = benchmark_finetune_step(
+                    name, glue, batch, mode != "eager", device, args.seq_len, overrides=overrides, profile_to=profile_to
+                )
                 print(format_row(result), flush=True)
                 results.append((spec, mode, result))
     print(f"\nOn {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}")

@@ -22,9 +22,12 @@ import heapq
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
+from m2dist.bench.profile import write_profile_report
 from m2dist.config import load_config
 from m2dist.glue.config import GLUE_CONFIG_DIR, GlueConfig, load_glue_config
 from m2dist.glue.finetune import build_optimizer, build_schedule, compile_if_asked
@@ -38,6 +41,7 @@ TRAIN_EXAMPLES = {
 }  # fmt: skip
 FIRST_STEPS = 20
 BLOCK_STEPS = 20
+PROFILE_STEPS = 10
 
 
 @dataclass
@@ -69,9 +73,11 @@ def benchmark_finetune_step(
     first_steps: int = FIRST_STEPS,
     block_steps: int = BLOCK_STEPS,
     overrides: tuple[str, ...] = (),
+    profile_to: Path | None = None,
 ) -> FinetuneResult:
     """The fine-tuning step of pretraining config `config_name` (with `overrides`, key=value) at
-    `batch_size`, timed as an epoch runs it."""
+    `batch_size`, timed as an epoch runs it; with `profile_to`, then `PROFILE_STEPS` more steps
+    under torch.profiler, whose report (top operators by device and host time) goes there."""
     model_config = load_config(config_name, list(overrides)).model
     seq_len = seq_len or model_config.l_max
     if device.type == "cuda":
@@ -118,6 +124,16 @@ def benchmark_finetune_step(
     step_s = run(2 * block_steps) / (2 * block_steps)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
     label = config_name + "".join(f", {o}" for o in overrides)
+    if profile_to is not None:
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            run(PROFILE_STEPS)
+        mode = "CUDA graph" if step.graph is not None else "eager"
+        header = (
+            f"fine-tuning step of {label}: batch {batch_size}, L={seq_len}, {mode}"
+            f"{', compiled' if glue.compile else ''}; {1000 * step_s:.2f} ms a step unprofiled"
+        )
+        write_profile_report(prof, PROFILE_STEPS, device.type == "cuda", header, profile_to)
     return FinetuneResult(
         label, batch_size, step.graph is not None, 1000 * step_s, first - first_steps * step_s, peak, glue.compile
     )

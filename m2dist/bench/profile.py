@@ -1,4 +1,5 @@
-"""Profile training steps of the engine (DeepSpeed, data loader, schedule) with torch.profiler.
+"""Profile training steps of the engine (DeepSpeed, data loader, schedule) with torch.profiler, and
+write a profile's report (`write_profile_report`, which the fine-tuning benchmark uses too).
 
 Runs `warmup` steps, then profiles `steps` steps and writes the top operators by device time and
 by host time as text: where a step's time goes, and how much of it is the engine's own overhead
@@ -41,8 +42,20 @@ def profile_training(config: Config, warmup: int, steps: int, output: Path, rows
     finally:
         trainer.close()
     tokens = trainer.layout.global_batch_size * trainer.seq_len
+    header = (
+        f"{config.name}: L={trainer.seq_len}, {tokens} tokens per step, {trainer.env.world_size} rank(s), "
+        f"ZeRO-{config.train.zero_stage}, {config.train.precision}, kernels {config.model.kernels.fftconv}/"
+        f"{config.model.kernels.blockdiag}\n"
+        f"wall time per step {step_ms:.1f} ms ({tokens / step_ms * 1000:,.0f} tokens/s)"
+    )
+    return write_profile_report(prof, steps, trainer.device.type == "cuda", header, output, rows)
+
+
+def write_profile_report(prof, steps: int, cuda: bool, header: str, output: Path, rows: int = 30) -> str:
+    """Write `header`, the device time per step (the sum of the kernels over `steps` profiled steps)
+    and the profile's top operators by device time and by host time to `output`; returns the first
+    two."""
     averages = prof.key_averages()
-    cuda = trainer.device.type == "cuda"
     device_key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     # Only the device's own events (kernels, copies): an operator's "self device time" repeats the
     # time of the kernels it launched.
@@ -50,13 +63,7 @@ def profile_training(config: Config, warmup: int, steps: int, output: Path, rows
         device_us = sum(e.self_device_time_total for e in averages if e.device_type == DeviceType.CUDA) / steps
     else:
         device_us = sum(e.self_cpu_time_total for e in averages) / steps
-    header = (
-        f"{config.name}: L={trainer.seq_len}, {tokens} tokens per step, {trainer.env.world_size} rank(s), "
-        f"ZeRO-{config.train.zero_stage}, {config.train.precision}, kernels {config.model.kernels.fftconv}/"
-        f"{config.model.kernels.blockdiag}\n"
-        f"wall time per step {step_ms:.1f} ms ({tokens / step_ms * 1000:,.0f} tokens/s); "
-        f"device time per step (sum of kernels) {device_us / 1000:.1f} ms\n"
-    )
+    header = f"{header}; device time per step (sum of kernels) {device_us / 1000:.1f} ms\n"
     report = (
         header
         + "\nTop operators by self device time:\n"
