@@ -154,7 +154,8 @@ def test_blockdiag_gemm_benchmark_times_both_engines(monkeypatch):
 
     monkeypatch.setattr(bench, "_bench", one_call)
     rows = bench.bench_blockdiag_gemms([64], [32], gemm_rate=1e12, device="cpu")
-    assert [r[1] for r in rows][:3] == ["output projection, forward", "output projection, input gradient", "output projection, weight gradient"]
+    names = [r[1] for r in rows]
+    assert names[:3] == ["output projection, forward", "output projection, input gradient", "output projection, weight gradient"]
     assert len(rows) == 6 and len(calls) == 12
     # the weight gradients come back in fp32, (blocks, out/blocks, in/blocks)
     assert calls[4].dtype == calls[5].dtype == torch.float32 and tuple(calls[4].shape) == (4, 16, 64)

@@ -238,7 +238,8 @@ def bench_blockdiag_gemms(dims, token_counts, gemm_rate, device="cuda"):
             return (torch.randn(*shape, device=device, generator=gen) * scale).to(torch.bfloat16)
 
         x, a, dy, dpre = rand(tokens, dim), rand(tokens, inner), rand(tokens, dim), rand(tokens, 2 * inner)
-        w1, w2, b2 = rand(nb, 2 * inner // nb, dim // nb, scale=0.05), rand(nb, dim // nb, inner // nb, scale=0.05), rand(dim)
+        w1, w2 = rand(nb, 2 * inner // nb, dim // nb, scale=0.05), rand(nb, dim // nb, inner // nb, scale=0.05)
+        b2 = rand(dim)
         out_flops, up_flops = 2 * tokens * inner * dim / nb, 2 * tokens * dim * 2 * inner / nb
         cases = [
             ("output projection, forward", out_flops, lambda g: g.fwd(a, w2, b2)),
@@ -254,7 +255,8 @@ def bench_blockdiag_gemms(dims, token_counts, gemm_rate, device="cuda"):
             print(_fmt_gemm(rows[-1]), flush=True)
         fused_ms = _bench(lambda: triton_blockdiag.glu_fwd(x, w1))
         up_ms = _bench(lambda: triton_blockdiag.GEMMS["cublas"].fwd(x, w1, None))
-        rows.append((f"d={dim} M={tokens}", "GLU forward: fused (Triton) / up-projection alone (cuBLAS)", fused_ms, up_ms, up_flops, gemm_rate))
+        name = "GLU forward: fused (Triton) / up-projection alone (cuBLAS)"
+        rows.append((f"d={dim} M={tokens}", name, fused_ms, up_ms, up_flops, gemm_rate))
         print(_fmt_gemm(rows[-1]), flush=True)
     return rows
 
@@ -268,7 +270,9 @@ def _fmt_gemm(r):
 
 # The GLU kernels' tile sweep: (BM, BN, num_warps) x BK x num_stages; a tile that does not fit the
 # GPU (shared memory, registers) raises one of these at its launch and is left out.
-_TILE_ERRORS = tuple(getattr(triton.runtime.errors, name) for name in ("OutOfResources", "PTXASError") if hasattr(triton.runtime.errors, name))
+_TILE_ERRORS = tuple(
+    getattr(triton.runtime.errors, name) for name in ("OutOfResources", "PTXASError") if hasattr(triton.runtime.errors, name)
+)
 _SWEEP_TILES = [(128, 128, 8), (128, 64, 4), (128, 64, 8), (64, 128, 4), (64, 256, 8)]
 
 
