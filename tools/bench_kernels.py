@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--toeplitz-max", type=int, default=8192, help="longest L to time the Toeplitz path at (it takes L <= 128)")
     parser.add_argument("--dims", default="768,960,1536,1792")
     parser.add_argument("--glu-tokens", type=int, default=32768)
-    parser.add_argument("--mixer-lengths", default="64,128", help="L of the sequence-mixer benchmark (--fft-tokens per step)")
+    parser.add_argument("--mixer-lengths", default="128,512,2048,8192,16384,32768",
+                        help="L of the sequence-mixer benchmark (--fft-tokens per step; the fused operator where it applies)")  # fmt: skip
     parser.add_argument("--mixer-dims", default="768,960")
     parser.add_argument("--mixer-variants", default="", help="comma list of BD:BF:BPP:num_warps for the fused mixer")
     parser.add_argument("--glu-compiled-reference", action="store_true",

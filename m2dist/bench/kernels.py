@@ -350,7 +350,7 @@ def run_kernel_benchmarks(
     toeplitz_max: int,
     dims: list[int],
     glu_tokens: int,
-    mixer_lengths: list[int] = (64, 128),
+    mixer_lengths: list[int] = (128, 512, 2048, 8192, 16384, 32768),
     mixer_dims: list[int] = (768, 960),
     mixer_variants: list[tuple[int, int, int, int]] = (),
     glu_compiled_reference: bool = False,
