@@ -132,11 +132,20 @@ def test_mixer_benchmark_times_every_path(monkeypatch):
         return 2.0
 
     monkeypatch.setattr(bench, "_bench", one_call)
+    from kernels.mixer import triton_short_conv
+
+    short_convs = []
+    kernel = triton_short_conv.causal_short_conv
+    monkeypatch.setattr(triton_short_conv, "causal_short_conv", lambda *a: (short_convs.append(1), kernel(*a))[1])
     rows = bench.bench_mixer([32], 64, [16], [(16, 16, 1, 4), (16, 32, 2, 4)], copy_bw=1e9, device="cpu")
-    assert [r[1] for r in rows] == ["reference", "per op", "fused BD=16 BF=16 BPP=1 w=4", "fused BD=16 BF=32 BPP=2 w=4"]
+    assert [r[1] for r in rows] == [
+        "reference", "per op", "per op, compiled short conv", "fused BD=16 BF=16 BPP=1 w=4", "fused BD=16 BF=32 BPP=2 w=4"
+    ]  # fmt: skip
     floor_ms = bench.triton_mixer.mixer_traffic_bytes(64, 16)["forward_backward"] / 1e9 * 1e3
-    assert rows[2][5] == pytest.approx(2.0 / floor_ms) and rows[2][6] == pytest.approx(1.0)
-    assert len(timed) == 8 and bench.triton_mixer.BLOCKS is None
+    assert rows[3][5] == pytest.approx(2.0 / floor_ms) and rows[3][6] == pytest.approx(1.0)
+    assert len(timed) == 10 and bench.triton_mixer.BLOCKS is None
+    # the short convolution's kernels on the per-op row only (forward, then forward + backward)
+    assert len(short_convs) == 2 and bench.kernels.mixer.TRITON_SHORT_CONV
 
 
 def test_blockdiag_gemm_benchmark_times_both_engines(monkeypatch):
@@ -173,6 +182,29 @@ def test_glu_tile_sweep_times_each_tile_and_marks_the_candidates(monkeypatch):
     # four configs (BK 32/64 x 2/3 stages), the three fastest forward + backward, fastest first
     assert [r[0] for r in rows] == [(16, 16, 64, 4, 2), (16, 16, 32, 4, 3), (16, 16, 32, 4, 2)]
     assert bench._fmt_sweep(rows[0], {(16, 16, 64, 4, 2)}).endswith("| 2.000 | yes |")
+
+
+def test_toeplitz_block_sweep_times_each_kernel_at_each_block_choice(monkeypatch):
+    # Interpreter, tiny channels: every kernel launches at the default blocks and at each choice.
+    import m2dist.bench.kernels as bench
+
+    monkeypatch.setattr(
+        bench, "_TOEPLITZ_SWEEP",
+        {
+            "forward": [dict(rows_fwd=16, cols_fwd=32), dict(rows_fwd=16, cols_fwd=64, target_programs=1)],
+            "input gradients": [dict(rows_bwd=16, cols_bwd=32)],
+            "filter gradients": [dict(rows_filter=16, blk_filter=32), dict(rows_filter=64, blk_filter=32)],
+        },
+    )  # fmt: skip
+    times = iter([4.0, 2.0, 1.0, 3.0, 3.0, 5.0, 6.0, 4.0])
+    monkeypatch.setattr(bench, "_bench", lambda fn: (fn(), next(times))[1])
+    rows = bench.sweep_toeplitz_blocks(2, 128, [16], top=2, device="cpu")
+    assert [(r[1], r[3], r[4]) for r in rows] == [
+        ("forward", 1.0, 4.0), ("forward", 2.0, 4.0), ("input gradients", 3.0, 3.0),
+        ("filter gradients", 4.0, 5.0), ("filter gradients", 6.0, 5.0),
+    ]  # fmt: skip
+    assert rows[0][2] == dict(rows_fwd=16, cols_fwd=64, target_programs=1)
+    assert bench._fmt_toeplitz_sweep(rows[0]) == "| 16 | forward | rows_fwd=16, cols_fwd=64, target_programs=1 | 1000.0 | 4000.0 | 4.00x |"
 
 
 def test_engine_profile_reports_the_step_and_its_top_operators(tmp_path, in_process_rank):

@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
 
 from kernels.blockdiag import triton_blockdiag  # noqa: E402
 from kernels.fftconv import triton_fftconv, triton_toeplitz  # noqa: E402
-from kernels.mixer import triton_mixer  # noqa: E402
+from kernels.mixer import triton_mixer, triton_short_conv  # noqa: E402
 from m2dist.config import KernelConfig, load_config  # noqa: E402
 from m2dist.models import MaskedLM  # noqa: E402
 from m2dist.models.m2 import M2Layer  # noqa: E402
@@ -66,6 +66,16 @@ def test_opcheck_toeplitz(residual):
     u_, x_, k1_, d1_, k2_, d2_ = (t.detach() if isinstance(t, torch.Tensor) else t for t in args[:6])
     bwd_args = (torch.randn_like(y), u_, x_, z1.detach(), k1_, d1_, k2_, d2_, True)
     torch.library.opcheck(triton_toeplitz.toeplitz_conv_backward, bwd_args, test_utils=OPCHECK_ALL[:3])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_short_conv(dtype):
+    p = _rand(2, 37, 40, dtype=dtype, requires_grad=True)  # partial tiles of positions and channels
+    weight, bias = _rand(40, 1, 3, requires_grad=True), _rand(40, requires_grad=True)
+    torch.library.opcheck(triton_short_conv.short_conv, (p, weight, bias), test_utils=OPCHECK_ALL)
+    out = triton_short_conv.short_conv(p, weight, bias)
+    bwd_args = (torch.randn_like(out), p.detach(), weight.detach())
+    torch.library.opcheck(triton_short_conv.short_conv_backward, bwd_args, test_utils=OPCHECK_ALL[:3])
 
 
 @pytest.mark.parametrize("bias", [True, False])

@@ -7,6 +7,7 @@ a small atol (`err(kernel) <= 2 * err(torch) + atol`), and every output starts N
 """
 
 import dataclasses
+import functools
 import os
 
 import pytest
@@ -230,10 +231,14 @@ def test_fftconv_toeplitz_batch_groups(monkeypatch):
     inputs = [t.float() if t.dim() < 3 else t.bfloat16() for t in _conv_inputs(40, 4, 40, True, seed=5)]
     upstream = torch.randn(40, 4, 40, generator=torch.Generator().manual_seed(0)).bfloat16().to(DEVICE)
     results = {}
+    # The interpreter's geometry (16-row blocks by 32 positions) on a GPU too.
+    blocks_of = functools.partial(triton_toeplitz._blocks, rows_fwd=16, cols_fwd=32, rows_bwd=16, cols_bwd=32)
+    monkeypatch.setattr(triton_toeplitz, "_blocks", blocks_of)
     for target, groups in ((1024, 3), (16, 2), (1, 1)):
         monkeypatch.setattr(triton_toeplitz, "TARGET_PROGRAMS", target)
-        blocks = triton_toeplitz._blocks(40, 4, 40)
-        assert triton.cdiv(40, blocks["BPG"]) == groups and blocks["BPG"] % max(blocks["BB"], blocks["BB_BWD"]) == 0
+        blocks = blocks_of(40, 4, 40)
+        for per_group, rows in ((blocks["BPG"], blocks["BB"]), (blocks["BPG_BWD"], blocks["BB_BWD"])):
+            assert triton.cdiv(40, per_group) == groups and per_group % rows == 0
         ins = [t.detach().requires_grad_() for t in inputs]
         y = triton_toeplitz.gated_long_conv(*ins)
         results[target] = (y, *torch.autograd.grad(y, ins, upstream))
@@ -758,3 +763,56 @@ def test_blockdiag_gemms_of_each_engine_match_the_reference(engine, nblocks, p, 
     dw = gemms.dw(dy, x, w)
     assert dw.dtype == torch.float32
     torch.testing.assert_close(dw, w_.grad, rtol=1e-4, atol=1e-4)
+
+
+# The short convolution's kernels: awkward L and C (partial tiles of positions and channels), the
+# projection's (B, L, C) layout in, (B, C, L) out, fp32 and bf16 activations with fp32 parameters.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch,length,width", [(3, 37, 40), (1, 5, 24), (2, 64, 48)])
+def test_short_conv_matches_reference(dtype, batch, length, width):
+    from kernels.mixer import triton_short_conv
+
+    gen = torch.Generator().manual_seed(length + width)
+    p = torch.randn(batch, length, width, generator=gen, dtype=f64).to(DEVICE)
+    weight = torch.randn(width, 1, 3, generator=gen, dtype=f64).to(DEVICE)
+    bias = torch.randn(width, generator=gen, dtype=f64).to(DEVICE)
+    out = triton_short_conv.causal_short_conv(p.to(dtype), weight.float(), bias.float())
+    assert out.shape == (batch, width, length) and out.is_contiguous() and out.dtype == dtype
+    # (Triton's interpreter rounds to bf16 by truncation, up to one ulp: 2^-8 of the output's scale.)
+    bf16_atol = 2**-7 if triton_common.INTERPRET else 1e-3
+    _compare(triton_short_conv.causal_short_conv, mixer_reference.causal_short_conv, [p, weight, bias], dtype,
+             atol_rel=1e-6 if dtype == torch.float32 else bf16_atol, fp32_inputs=(1,))  # fmt: skip
+
+
+def test_short_conv_takes_the_triton_path_per_op(monkeypatch):
+    # The Triton backends' per-op mixer calls the kernels, the reference backend the reference; both
+    # give the reference mixer's output.
+    from kernels import mixer
+    from kernels.mixer import triton_short_conv
+
+    calls = []
+    kernel = triton_short_conv.causal_short_conv
+    monkeypatch.setattr(triton_short_conv, "causal_short_conv", lambda *a: (calls.append(1), kernel(*a))[1])
+    inputs = _mixer_inputs(2, 32, 16, True, seed=3)
+    ref = mixer_reference.sequence_mixer(*inputs)
+    args = [t.float() for t in inputs]  # fp32, as the kernels compute
+    for backend in ("triton", "reference"):
+        torch.testing.assert_close(mixer.implementation(backend)(*args).double(), ref, rtol=1e-3, atol=1e-3)
+    assert calls == [1]
+    monkeypatch.setattr(mixer, "TRITON_SHORT_CONV", False)
+    mixer.implementation("triton")(*args)
+    assert calls == [1]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [16, 48, 256])
+def test_short_conv_gpu(batch):
+    # M2-BERT-80M's projection at L=128 (C = 3 x 768), as the engine and fine-tuning pass it.
+    from kernels.mixer import triton_short_conv
+
+    gen = torch.Generator().manual_seed(batch)
+    p = torch.randn(batch, 128, 2304, generator=gen, dtype=f64).to(DEVICE)
+    weight = (torch.randn(2304, 1, 3, generator=gen, dtype=f64) * 0.5).to(DEVICE)
+    bias = (torch.randn(2304, generator=gen, dtype=f64) * 0.1).to(DEVICE)
+    _compare(triton_short_conv.causal_short_conv, mixer_reference.causal_short_conv, [p, weight, bias], torch.bfloat16,
+             atol_rel=1e-3, fp32_inputs=(1,))  # fmt: skip

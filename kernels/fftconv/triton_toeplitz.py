@@ -255,29 +255,53 @@ def _bwd_filter_kernel(
 TARGET_PROGRAMS = 1024
 
 
-def _blocks(batch: int, dim: int, length: int) -> dict[str, int]:
-    """Block sizes: BB (forward) and BB_BWD (input gradients) rows per batch block, BT = BS output
-    (input) positions per program and BPG sequences per program for the two GEMM kernels; BB_F and
-    BLK for the filter kernel.
+def _groups(batch: int, programs_per_group: int, rows: int, target: int) -> int:
+    """Sequences per group (BPG): a whole number of `rows`-row blocks, as many groups as a grid of
+    about `target` programs leaves."""
+    groups = max(1, min(triton.cdiv(batch, rows), triton.cdiv(target, programs_per_group)))
+    return triton.cdiv(triton.cdiv(batch, groups), rows) * rows
+
+
+# The forward takes 32-row blocks by 128 output positions for batches of whole 32-row blocks.
+WIDE_FORWARD_ROWS = 32
+
+
+def _blocks(
+    batch: int, dim: int, length: int, *, rows_fwd: int | None = None, cols_fwd: int | None = None, warps: int = 8,
+    rows_bwd: int | None = None, cols_bwd: int | None = None, warps_bwd: int = 4, target_programs: int | None = None,
+    rows_filter: int = 16, blk_filter: int | None = None, warps_filter: int = 4,
+) -> dict[str, int]:  # fmt: skip
+    """Block sizes of the three kernels; the keywords override the defaults (`tools/bench_kernels.py
+    --toeplitz-sweep` times them). Forward: BB rows per batch block, BT output positions and BPG
+    sequences per program; input gradients: BB_BWD, BS (input positions) and BPG_BWD; filter
+    gradients: BB_F rows per step through the batch and BLK, its tile.
 
     A GEMM program builds its filter tiles (all L inputs by BT outputs, high and low parts) once
     and runs them over BPG sequences, a batch block at a time, so that the tiles are shared by as
-    many sequences as a grid of about `TARGET_PROGRAMS` leaves. Per-kernel times on an H200 (d=768,
-    L=128, B=256 | 48, 4 warps, 64-position tiles): forward 312 | 80 us with 16-row blocks, 400 | 125
-    with 32, 308 | 101 with 64; input gradients 448 | 105, 327 | 92, 582 | 222. The filter kernel
-    steps through the batch 16 rows at a time: with 32 rows, Triton 3.6 on an H200 computed the
-    residual filter's gradient wrong (6-9% off, `test_fftconv_toeplitz_gpu` at batch 48), with 16
-    or 64 rows right."""
+    many sequences as a grid of about `TARGET_PROGRAMS` leaves. The defaults are the fastest of a
+    sweep on one H200 (d=768, L=128, batch 16, 32, 48, 128 and 256, each kernel alone): the forward
+    with 8 warps, 32 rows by 128 outputs where the batch is whole 32-row blocks (60 against 67 us at
+    batch 32, 166 against 183 at 128, 271 against 320 at 256; at 16 and 48, 16 by 64), the input gradients with
+    32-position tiles at batch 16 (51 against 58 us), the filter gradients with 4 warps (44 against
+    72 us at batch 16, 64 against 91 at 48, 177 against 219 at 256). The filter kernel steps
+    through the batch 16 rows at a time: with 32 rows, Triton 3.6 on an H200 computed the residual
+    filter's gradient wrong (6-9% off, `test_fftconv_toeplitz_gpu` at batch 48), with 16 or 64 rows
+    right."""
     padded = max(16, triton.next_power_of_2(length))
-    rows_fwd = 16
-    rows_bwd = 16 if INTERPRET else min(32, max(16, triton.next_power_of_2(batch)))
-    cols = min(32 if INTERPRET else 64, padded)
-    grid = dim * triton.cdiv(length, cols)
-    groups = max(1, min(triton.cdiv(batch, rows_bwd), triton.cdiv(TARGET_PROGRAMS, grid)))
-    per_group = triton.cdiv(triton.cdiv(batch, groups), rows_bwd) * rows_bwd
+    target = target_programs or TARGET_PROGRAMS
+    wide = batch % WIDE_FORWARD_ROWS == 0 and not INTERPRET
+    rows_fwd = rows_fwd or (32 if wide else 16)
+    cols_fwd = min(cols_fwd or (32 if INTERPRET else 128 if wide else 64), padded)
+    if rows_bwd is None:
+        rows_bwd = 16 if INTERPRET else min(32, max(16, triton.next_power_of_2(batch)))
+    cols_bwd = min(cols_bwd or (32 if INTERPRET or batch <= 16 else 64), padded)
     return {
-        "LP": padded, "BB": rows_fwd, "BB_BWD": rows_bwd, "BT": cols, "BPG": per_group,
-        "BB_F": 16, "BLK": 32 if INTERPRET else 64, "num_warps": 4,
+        "LP": padded,
+        "BB": rows_fwd, "BT": cols_fwd, "num_warps": warps,
+        "BPG": _groups(batch, dim * triton.cdiv(length, cols_fwd), rows_fwd, target),
+        "BB_BWD": rows_bwd, "BS": cols_bwd, "num_warps_bwd": warps_bwd,
+        "BPG_BWD": _groups(batch, dim * triton.cdiv(length, cols_bwd), rows_bwd, target),
+        "BB_F": rows_filter, "BLK": blk_filter or (32 if INTERPRET else 64), "num_warps_filter": warps_filter,
     }  # fmt: skip
 
 
@@ -289,6 +313,48 @@ def supports(v_BDL: torch.Tensor) -> bool:
         and v_BDL.shape[-1] <= MAX_LEN
         and (v_BDL.device.type == "cuda" or INTERPRET)
     )
+
+
+def launch_forward(u, x, k1, d1, k2, d2, y, z1, has_res: bool, save_z1: bool, split: bool, blk: dict) -> None:
+    """`_fwd_kernel` over (B, 3D, L) x into y (and z1) with the block sizes `blk` (`_blocks`)."""
+    batch, width, length = x.shape
+    dim = width // 3
+    grid = (dim, triton.cdiv(length, blk["BT"]), triton.cdiv(batch, blk["BPG"]))
+    _fwd_kernel[grid](
+        u, x, k1, d1, k2, d2, y, z1 if save_z1 else y, batch, dim, length, blk["BPG"],
+        HAS_RES=has_res, SAVE_Z1=save_z1, SPLIT=split, UPCAST=INTERPRET,
+        LP=blk["LP"], BB=blk["BB"], BT=blk["BT"], num_warps=blk["num_warps"],
+    )  # fmt: skip
+
+
+def launch_backward_inputs(dy, u, x, z1, k1, d1, k2, d2, du, dx, has_res: bool, split: bool, blk: dict):
+    """`_bwd_inputs_kernel` into dx (and du); returns the skip weights' partial sums (dd1, dd2)."""
+    batch, width, length = x.shape
+    dim = width // 3
+    n_s, n_g = triton.cdiv(length, blk["BS"]), triton.cdiv(batch, blk["BPG_BWD"])
+    dd1_part = new_output((n_g * n_s, dim), torch.float32, x.device)
+    dd2_part = new_output((n_g * n_s, dim), torch.float32, x.device) if has_res else dd1_part
+    _bwd_inputs_kernel[(dim, n_s, n_g)](
+        dy, u, x, z1, k1, d1, k2, d2, du, dx, dd1_part, dd2_part, batch, dim, length, blk["BPG_BWD"],
+        HAS_RES=has_res, SPLIT=split, UPCAST=INTERPRET,
+        LP=blk["LP"], BB=blk["BB_BWD"], BS=blk["BS"], num_warps=blk["num_warps_bwd"],
+    )  # fmt: skip
+    return dd1_part, dd2_part
+
+
+def launch_backward_filters(dy, u, x, has_res: bool, blk: dict) -> tuple[torch.Tensor, int]:
+    """`_bwd_filter_kernel`: (lag sums (2 or 4, D, W) fp32, the column of lag 0)."""
+    batch, width, length = x.shape
+    dim = width // 3
+    nb = triton.cdiv(length, blk["BLK"])
+    width = 2 * nb * blk["BLK"] + 1
+    lag_sums = torch.zeros((4 if has_res else 2, dim, width), dtype=torch.float32, device=x.device)
+    _bwd_filter_kernel[(dim, 2 * nb - 1)](
+        dy, u, x, lag_sums[0], lag_sums[1], lag_sums[-2], lag_sums[-1],
+        batch, dim, length, nb, width, HAS_RES=has_res, UPCAST=INTERPRET,
+        BB=blk["BB_F"], BLK=blk["BLK"], num_warps=blk["num_warps_filter"],
+    )  # fmt: skip
+    return lag_sums, nb * blk["BLK"]
 
 
 # The ops take the gated branch's inputs packed as x = [x1; x2; v] along the channels (B, 3D, L),
@@ -310,15 +376,9 @@ def toeplitz_conv(
     u = u.contiguous() if has_res else x
     k1, d1 = k1.float().contiguous(), d1.float().contiguous()
     k2, d2 = (k2.float().contiguous(), d2.float().contiguous()) if has_res else (k1, d1)
-    blk = _blocks(batch, dim, length)
     y = new_output((batch, dim, length), x.dtype, x.device)
     z1 = new_output((batch, dim, length), x.dtype, x.device) if save_z1 else x.new_empty(0)
-    grid = (dim, triton.cdiv(length, blk["BT"]), triton.cdiv(batch, blk["BPG"]))
-    _fwd_kernel[grid](
-        u, x, k1, d1, k2, d2, y, z1 if save_z1 else y, batch, dim, length, blk["BPG"],
-        HAS_RES=has_res, SAVE_Z1=save_z1, SPLIT=split, UPCAST=INTERPRET,
-        LP=blk["LP"], BB=blk["BB"], BT=blk["BT"], num_warps=blk["num_warps"],
-    )  # fmt: skip
+    launch_forward(u, x, k1, d1, k2, d2, y, z1, has_res, save_z1, split, _blocks(batch, dim, length))
     return y, z1
 
 
@@ -345,23 +405,8 @@ def toeplitz_conv_backward(
     k2f, d2f = (k2.float().contiguous(), d2.float().contiguous()) if has_res else (k1f, d1f)
     dx = new_output(x.shape, x.dtype, x.device)
     du = new_output(u.shape, u.dtype, u.device) if has_res else dx
-    n_s, n_g = triton.cdiv(length, blk["BT"]), triton.cdiv(batch, blk["BPG"])
-    dd1_part = new_output((n_g * n_s, dim), torch.float32, x.device)
-    dd2_part = new_output((n_g * n_s, dim), torch.float32, x.device) if has_res else dd1_part
-    _bwd_inputs_kernel[(dim, n_s, n_g)](
-        dy, u, x, z1, k1f, d1f, k2f, d2f, du, dx, dd1_part, dd2_part, batch, dim, length, blk["BPG"],
-        HAS_RES=has_res, SPLIT=split, UPCAST=INTERPRET,
-        LP=blk["LP"], BB=blk["BB_BWD"], BS=blk["BT"], num_warps=blk["num_warps"],
-    )  # fmt: skip
-    nb = triton.cdiv(length, blk["BLK"])
-    width = 2 * nb * blk["BLK"] + 1
-    lag_sums = torch.zeros((4 if has_res else 2, dim, width), dtype=torch.float32, device=x.device)
-    _bwd_filter_kernel[(dim, 2 * nb - 1)](
-        dy, u, x, lag_sums[0], lag_sums[1], lag_sums[-2], lag_sums[-1],
-        batch, dim, length, nb, width, HAS_RES=has_res, UPCAST=INTERPRET,
-        BB=blk["BB_F"], BLK=blk["BLK"], num_warps=8 if not INTERPRET else 4,
-    )  # fmt: skip
-    origin = nb * blk["BLK"]
+    dd1_part, dd2_part = launch_backward_inputs(dy, u, x, z1, k1f, d1f, k2f, d2f, du, dx, has_res, split, blk)
+    lag_sums, origin = launch_backward_filters(dy, u, x, has_res, blk)
     dk1 = _circular(lag_sums[0] + lag_sums[1], origin, length).to(k1.dtype)
     grads = [dx, dk1, dd1_part.sum(0).to(d1.dtype)]
     if has_res:

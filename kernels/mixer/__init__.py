@@ -5,6 +5,10 @@ Two ways to compute it: per op (the short convolution, then `kernels.fftconv`'s 
 convolution of the backend, with the transposes between layouts), or, with `fused`, one Triton
 operator (`triton_mixer`) where it applies (no padding mask, bf16/fp16, L a power of two up to
 `triton_mixer.MAX_LEN`). A layer resolves its implementation once (`implementation`).
+
+Per op, the Triton backends take the short convolution's own kernels (`triton_short_conv`: the
+projection's (B, L, C) layout in, the long convolution's (B, C, L) out, and back); the reference
+backend takes the reference, `torch.compile`d on a GPU.
 """
 
 import functools
@@ -36,11 +40,25 @@ def _short_conv(p_BLC, weight_C1K, bias_C):
     return (_compiled_short_conv() if compiled else causal_short_conv)(p_BLC, weight_C1K, bias_C)
 
 
-def _per_op(gated_long_conv, p_BLC, weight_C1K, bias_C, u_BLD, k1_DN, d1_D, k2_DN, d2_D, mask_BL):
+# Whether the Triton backends take the short convolution's kernels (False: the reference's path,
+# as `tools/bench_kernels.py` compares them).
+TRITON_SHORT_CONV = True
+
+
+def _triton_short_conv(p_BLC, weight_C1K, bias_C):
+    # Imported on first use: Triton modules must be imported after TRITON_INTERPRET is set.
+    from kernels.mixer import triton_short_conv
+
+    if TRITON_SHORT_CONV and triton_short_conv.supports(p_BLC, weight_C1K):
+        return triton_short_conv.causal_short_conv(p_BLC, weight_C1K, bias_C)
+    return _short_conv(p_BLC, weight_C1K, bias_C)
+
+
+def _per_op(gated_long_conv, p_BLC, weight_C1K, bias_C, u_BLD, k1_DN, d1_D, k2_DN, d2_D, mask_BL, short_conv=_short_conv):
     """`gated_long_conv`: `kernels.fftconv`'s packed implementation, which takes the short
     convolution's (B, 3D, L) output x = [x1; x2; v] as it is."""
     dim = u_BLD.shape[-1]
-    x_BCL = _short_conv(p_BLC, weight_C1K, bias_C)
+    x_BCL = short_conv(p_BLC, weight_C1K, bias_C)
     if mask_BL is not None:
         x1_BDL, x2_BDL, v_BDL = x_BCL.split(dim, dim=1)
         x_BCL = torch.cat([x1_BDL, x2_BDL, v_BDL * mask_BL.to(v_BDL.dtype)[:, None, :]], dim=1)
@@ -54,13 +72,24 @@ def _fused_or_per_op(per_op_conv, p_BLC, weight_C1K, bias_C, u_BLD, k1_DN, d1_D,
 
     if mask_BL is None and can_run(p_BLC) and triton_mixer.supports(p_BLC):
         return triton_mixer.sequence_mixer(p_BLC, weight_C1K, bias_C, u_BLD, k1_DN, d1_D, k2_DN, d2_D)
-    return _per_op(per_op_conv, p_BLC, weight_C1K, bias_C, u_BLD, k1_DN, d1_D, k2_DN, d2_D, mask_BL)
+    return _triton_per_op(per_op_conv, p_BLC, weight_C1K, bias_C, u_BLD, k1_DN, d1_D, k2_DN, d2_D, mask_BL)
+
+
+def _triton_per_op(per_op_conv, p_BLC, *args):
+    return _per_op(per_op_conv, p_BLC, *args, short_conv=_triton_short_conv)
 
 
 def _auto_fused(triton_conv, reference_conv, p_BLC, *args):
     """"auto": fused (or the Triton kernels per op) on an Ampere or newer GPU, the reference elsewhere."""
     if use_triton(p_BLC):
         return _fused_or_per_op(triton_conv, p_BLC, *args)
+    return _per_op(reference_conv, p_BLC, *args)
+
+
+def _auto_per_op(triton_conv, reference_conv, p_BLC, *args):
+    """"auto" per op: the Triton kernels on an Ampere or newer GPU, the reference elsewhere."""
+    if use_triton(p_BLC):
+        return _triton_per_op(triton_conv, p_BLC, *args)
     return _per_op(reference_conv, p_BLC, *args)
 
 
@@ -97,12 +126,13 @@ def implementation(backend: str, fused: bool = False) -> SequenceMixer:
     `fused` (Triton backends only) computes it as one operator where that applies, per op elsewhere.
     mask_BL (B, L), 1 at tokens: the short convolution's v is zeroed at padding (per op only)."""
     gated_long_conv = kernels.fftconv.implementation(backend, packed=True)
-    if not fused or backend == "reference":
+    reference_conv = kernels.fftconv.implementation("reference", packed=True)
+    if backend == "reference":
         impl = functools.partial(_per_op, gated_long_conv)
     elif backend == "triton":
-        impl = functools.partial(_fused_or_per_op, gated_long_conv)
+        impl = functools.partial(_fused_or_per_op if fused else _triton_per_op, gated_long_conv)
     else:
-        impl = functools.partial(_auto_fused, gated_long_conv, kernels.fftconv.implementation("reference", packed=True))
+        impl = functools.partial(_auto_fused if fused else _auto_per_op, gated_long_conv, reference_conv)
     return functools.partial(_checked, impl)
 
 

@@ -133,7 +133,7 @@ def benchmark_finetune_step(
             f"fine-tuning step of {label}: batch {batch_size}, L={seq_len}, {mode}"
             f"{', compiled' if glue.compile else ''}; {1000 * step_s:.2f} ms a step unprofiled"
         )
-        write_profile_report(prof, PROFILE_STEPS, device.type == "cuda", header, profile_to)
+        write_profile_report(prof, PROFILE_STEPS, device.type == "cuda", header, profile_to, rows=60)
     return FinetuneResult(
         label, batch_size, step.graph is not None, 1000 * step_s, first - first_steps * step_s, peak, glue.compile
     )

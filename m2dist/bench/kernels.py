@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.testing
 
+import kernels.mixer
 from kernels.blockdiag import reference as blockdiag_reference
 from kernels.blockdiag import triton_blockdiag
 from kernels.fftconv import reference as fftconv_reference
@@ -119,7 +120,8 @@ def bench_mixer(lengths, tokens, dims, variants, copy_bw, device="cuda"):
     """The sequence mixer after in_linear (short conv, gates, both long convolutions) as the model
     calls it under bf16 autocast: a bf16 projection (B, L, 3D), the fp32 layer input u (B, L, D),
     fp32 filters. Paths: reference (torch.fft), per op (the Triton convolution kernels with the
-    compiled short convolution and the transposes around them, today's model path) and fused
+    short convolution's kernels and the transposes around them, today's model path), the same with
+    the `torch.compile`d reference short convolution instead, and fused
     (`triton_mixer`, once per block `variant` (BD, BF, BPP, num_warps), where it applies). The floor
     is `triton_mixer.mixer_traffic_bytes` at the copy bandwidth."""
     rows = []
@@ -162,6 +164,8 @@ def bench_mixer(lengths, tokens, dims, variants, copy_bw, device="cuda"):
 
             measure("reference", mixer_implementation("reference"))
             per_op_ms = measure("per op", mixer_implementation("triton"))
+            with _compiled_short_conv():
+                measure("per op, compiled short conv", mixer_implementation("triton"), per_op_ms)
             if triton_mixer.supports(p):
                 for variant in variants or [None]:
                     saved = triton_mixer.BLOCKS
@@ -314,6 +318,77 @@ def _fmt_sweep(r, candidates):
     return f"| {' x '.join(map(str, config[:3]))} | {config[3]} | {config[4]} | {fwd_ms:.3f} | {bwd_ms:.3f} | {fwd_ms + bwd_ms:.3f} | {mark} |"
 
 
+# The Toeplitz kernels' block sweep, per kernel: keyword overrides of `triton_toeplitz._blocks`.
+_TOEPLITZ_SWEEP = {
+    "forward": [
+        dict(rows_fwd=rows, cols_fwd=cols, warps=warps, target_programs=target)
+        for rows, cols, warps, target in itertools.product((16, 32), (32, 64, 128), (4, 8), (1024, 4096))
+    ],
+    "input gradients": [
+        dict(rows_bwd=rows, cols_bwd=cols, warps_bwd=warps, target_programs=target)
+        for rows, cols, warps, target in itertools.product((16, 32), (32, 64, 128), (4, 8), (1024, 4096))
+    ],
+    "filter gradients": [
+        dict(rows_filter=rows, blk_filter=blk, warps_filter=warps)
+        for rows, blk, warps in itertools.product((16, 64), (32, 64), (4, 8))
+    ],
+}
+
+
+def sweep_toeplitz_blocks(dim, length, batches, top=3, device="cuda"):
+    """Time each Toeplitz kernel (bf16 activations, fp32 u as the model passes it, the residual
+    branch on) at every block choice of `_TOEPLITZ_SWEEP` for each batch size, launched directly;
+    rows (batch, kernel, overrides, ms, default ms), the `top` fastest per batch and kernel."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    rows = []
+    for batch in batches:
+
+        def rand(*shape, dtype=torch.bfloat16, scale=1.0):
+            return (torch.randn(*shape, device=device, generator=gen) * scale).to(dtype)
+
+        x, u = rand(batch, 3 * dim, length), rand(batch, dim, length, dtype=torch.float32)
+        k1, k2 = rand(dim, 2 * length, dtype=torch.float32, scale=0.1), rand(dim, 2 * length, dtype=torch.float32, scale=0.1)
+        d1, d2 = rand(dim, dtype=torch.float32), rand(dim, dtype=torch.float32)
+        dy, z1, y = rand(batch, dim, length), rand(batch, dim, length), rand(batch, dim, length)
+        dx, du = torch.empty_like(x), torch.empty_like(u)
+        launches = {
+            "forward": lambda blk: triton_toeplitz.launch_forward(u, x, k1, d1, k2, d2, y, z1, True, True, True, blk),
+            "input gradients": lambda blk: triton_toeplitz.launch_backward_inputs(
+                dy, u, x, z1, k1, d1, k2, d2, du, dx, True, True, blk
+            ),
+            "filter gradients": lambda blk: triton_toeplitz.launch_backward_filters(dy, u, x, True, blk),
+        }
+        for kernel, launch in launches.items():
+            default_ms = _bench(lambda: launch(triton_toeplitz._blocks(batch, dim, length)))
+            timed = []
+            for overrides in _TOEPLITZ_SWEEP[kernel]:
+                blk = triton_toeplitz._blocks(batch, dim, length, **overrides)
+                try:
+                    timed.append((overrides, _bench(lambda: launch(blk))))
+                except _TILE_ERRORS:
+                    continue
+            timed.sort(key=lambda r: r[1])
+            rows += [(batch, kernel, overrides, ms, default_ms) for overrides, ms in timed[:top]]
+    return rows
+
+
+def _fmt_toeplitz_sweep(r):
+    batch, kernel, overrides, ms, default_ms = r
+    blocks = ", ".join(f"{k}={v}" for k, v in overrides.items())
+    return f"| {batch} | {kernel} | {blocks} | {ms * 1000:.1f} | {default_ms * 1000:.1f} | {default_ms / ms:.2f}x |"
+
+
+@contextlib.contextmanager
+def _compiled_short_conv():
+    """The per-op mixer with the compiled reference short convolution while inside."""
+    chosen = kernels.mixer.TRITON_SHORT_CONV
+    kernels.mixer.TRITON_SHORT_CONV = False
+    try:
+        yield
+    finally:
+        kernels.mixer.TRITON_SHORT_CONV = chosen
+
+
 @contextlib.contextmanager
 def _triton_blockdiag_gemms():
     """The block-diagonal GEMMs outside the GLU kernels on `_bmm_body` while inside."""
@@ -356,12 +431,14 @@ def run_kernel_benchmarks(
     glu_compiled_reference: bool = False,
     gemm_tokens: list[int] = (32768, 2048),
     glu_sweep: bool = False,
+    toeplitz_sweep: list[int] = (),
 ) -> None:
     """Measure the ceilings, time the ops named in `ops` ("fftconv", "mixer", "glu") and print one
     Markdown table per op. A variant `(max_onchip, tile, num_warps)` overrides the FFT kernels' plan,
     a mixer variant `(BD, BF, BPP, num_warps)` the fused mixer's blocks. "gemms" times the MLP's
     plain block-diagonal GEMMs on both engines at `gemm_tokens`; `glu_sweep` the GLU kernels' tiles
-    at the first of `dims` and `glu_tokens`."""
+    at the first of `dims` and `glu_tokens`; `toeplitz_sweep` the Toeplitz kernels' blocks at these
+    batch sizes (L=128, d = `fft_dim`)."""
     copy_bw, gemm_rate = measure_ceilings()
     print(f"{torch.cuda.get_device_name()}: copy {copy_bw / 1e12:.2f} TB/s (read + write), bf16 GEMM {gemm_rate / 1e12:.0f} TFLOP/s")
     fft_rows, mixer_rows, glu_rows = [], [], []
@@ -373,6 +450,7 @@ def run_kernel_benchmarks(
         glu_rows = bench_glu_mlp(dims, glu_tokens, gemm_rate, glu_compiled_reference)
     gemm_rows = bench_blockdiag_gemms(dims, gemm_tokens, gemm_rate) if "gemms" in ops else []
     sweep_rows = sweep_glu_tiles(dims[0], glu_tokens) if glu_sweep else []
+    toeplitz_rows = sweep_toeplitz_blocks(fft_dim, triton_toeplitz.MAX_LEN, toeplitz_sweep) if toeplitz_sweep else []
     _print_table(
         "Gated FFT long conv (steps 4-7 with residual), bf16, forward + backward",
         "size | algorithm | reference ms | Triton ms | speedup | fwd speedup | GB/s (floor bytes) | of copy BW | x floor",
@@ -399,6 +477,11 @@ def run_kernel_benchmarks(
         f"GLU kernel tiles, d={dims[0]}, {glu_tokens} tokens, bf16, no dropout (fastest forward + backward first)",
         "BM x BN x BK | warps | stages | forward ms | backward ms | forward + backward ms | autotuning candidate",
         [_fmt_sweep(r, candidates) for r in sweep_rows],
+    )  # fmt: skip
+    _print_table(
+        f"Toeplitz kernel blocks, d={fft_dim}, L={triton_toeplitz.MAX_LEN}, bf16 (fastest first per batch and kernel)",
+        "batch | kernel | blocks | us | default blocks us | speedup over the default",
+        [_fmt_toeplitz_sweep(r) for r in toeplitz_rows],
     )  # fmt: skip
 
 

@@ -60,10 +60,13 @@ def write_profile_report(prof, steps: int, cuda: bool, header: str, output: Path
     # Only the device's own events (kernels, copies): an operator's "self device time" repeats the
     # time of the kernels it launched.
     if cuda:
-        device_us = sum(e.self_device_time_total for e in averages if e.device_type == DeviceType.CUDA) / steps
+        device_events = [e for e in averages if e.device_type == DeviceType.CUDA]
+        device_us = sum(e.self_device_time_total for e in device_events) / steps
+        launches = f", {sum(e.count for e in device_events) / steps:,.0f} kernels and copies"
     else:
         device_us = sum(e.self_cpu_time_total for e in averages) / steps
-    header = f"{header}; device time per step (sum of kernels) {device_us / 1000:.1f} ms\n"
+        launches = ""
+    header = f"{header}; device time per step (sum of kernels) {device_us / 1000:.1f} ms{launches}\n"
     report = (
         header
         + "\nTop operators by self device time:\n"

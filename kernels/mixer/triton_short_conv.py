@@ -1,0 +1,174 @@
+"""Triton path of the mixer's causal short convolution (`reference.causal_short_conv`: upstream's
+depthwise Conv1d of 3 taps, cut to its first L outputs), in the layouts around it.
+
+- Forward: one program per (block of BL positions, block of BC channels, sequence). It reads
+  `in_linear`'s output p in its (B, L, C) layout, three rows shifted by one position each, sums
+  bias + the taps in fp32 in the reference's order, and writes the (B, C, L) layout that the long
+  convolution's kernels take, rounded once to p's dtype: the transposition is the store's, the
+  cast the output's, no pass of their own.
+- Backward: one program per (block of positions, block of channels, group of BPG sequences). It
+  reads the output's gradient g in the (B, C, L) layout and p, writes p's gradient in the (B, L, C)
+  layout, dp[s] = sum_j w_j g[s + 2 - j], and accumulates the filter's and the bias's gradients
+  over its sequences; their per-program partial sums are added up after it (one small sum).
+
+Shape legend: B batch, L sequence length, C channels (3D, the projection's width), K = 3 taps.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.triton_common import INTERPRET, new_output
+
+TAPS = 3
+# The backward's grid aims at about this many programs, each summing the parameter gradients of
+# as many sequences as that leaves (fewer partial sums to add up afterwards).
+TARGET_PROGRAMS = 2048
+
+
+def _blocks(batch: int, length: int, width: int) -> dict[str, int]:
+    """BL positions by BC channels a tile; BPG sequences per backward program."""
+    bl, bc = (16, 16) if INTERPRET else (32, 64)
+    tiles = triton.cdiv(length, bl) * triton.cdiv(width, bc)
+    groups = max(1, min(batch, triton.cdiv(TARGET_PROGRAMS, tiles)))
+    return {"BL": bl, "BC": bc, "BPG": triton.cdiv(batch, groups), "num_warps": 4, "num_warps_bwd": 4 if INTERPRET else 8}
+
+
+def supports(p_BLC: torch.Tensor, weight_C1K: torch.Tensor) -> bool:
+    """Whether this path takes the input: a 3-tap filter, on a GPU or in Triton's interpreter."""
+    return weight_C1K.shape[-1] == TAPS and (p_BLC.device.type == "cuda" or INTERPRET)
+
+
+@triton.jit
+def _taps(w_ptr, o_c, m_c):
+    w0 = tl.load(w_ptr + o_c * 3, mask=m_c, other=0.0).to(tl.float32)
+    w1 = tl.load(w_ptr + o_c * 3 + 1, mask=m_c, other=0.0).to(tl.float32)
+    w2 = tl.load(w_ptr + o_c * 3 + 2, mask=m_c, other=0.0).to(tl.float32)
+    return w0, w1, w2
+
+
+@triton.jit
+def _rows_at(ptr, base, o_s, o_c, m_c, L, C):
+    """[BL, BC] of a (B, L, C) tensor at positions o_s (zero outside [0, L)), fp32."""
+    m = ((o_s >= 0) & (o_s < L))[:, None] & m_c[None, :]
+    return tl.load(ptr + base + o_s[:, None] * C + o_c[None, :], mask=m, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _cols_at(ptr, base, o_t, o_c, m_c, L):
+    """[BL, BC] of a (B, C, L) tensor at positions o_t (zero past L), fp32."""
+    m = (o_t < L)[:, None] & m_c[None, :]
+    return tl.load(ptr + base + o_c[None, :] * L + o_t[:, None], mask=m, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _fwd_kernel(p_ptr, w_ptr, b_ptr, out_ptr, L, C, BL: tl.constexpr, BC: tl.constexpr):
+    """out[b, c, t] = bias[c] + sum_j w[c, j] p[b, t + j - 2, c] for this program's tile."""
+    i_t, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    o_t = i_t * BL + tl.arange(0, BL)
+    o_c = i_c * BC + tl.arange(0, BC)
+    m_c = o_c < C
+    base = i_b.to(tl.int64) * L * C
+    w0, w1, w2 = _taps(w_ptr, o_c, m_c)
+    # the reference's order: ((x0 w0 + x1 w1) + x2 w2), then the bias
+    acc = _rows_at(p_ptr, base, o_t - 2, o_c, m_c, L, C) * w0[None, :]
+    acc += _rows_at(p_ptr, base, o_t - 1, o_c, m_c, L, C) * w1[None, :]
+    acc += _rows_at(p_ptr, base, o_t, o_c, m_c, L, C) * w2[None, :]
+    acc = tl.load(b_ptr + o_c, mask=m_c, other=0.0).to(tl.float32)[None, :] + acc
+    m = (o_t < L)[:, None] & m_c[None, :]
+    tl.store(out_ptr + base + o_c[None, :] * L + o_t[:, None], acc.to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _bwd_kernel(
+    g_ptr, p_ptr, w_ptr, dp_ptr, part_ptr, B, L, C, BPG,
+    BL: tl.constexpr, BC: tl.constexpr,
+):  # fmt: skip
+    """dp at this tile's positions for the sequences of group i_g; the filter's and bias's
+    gradients over them as partial sums at part[(i_g * n_t + i_t), 0..3, c] (taps 0-2, bias)."""
+    i_t, i_c, i_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    o_s = i_t * BL + tl.arange(0, BL)
+    o_c = i_c * BC + tl.arange(0, BC)
+    m_c = o_c < C
+    m = (o_s < L)[:, None] & m_c[None, :]
+    w0, w1, w2 = _taps(w_ptr, o_c, m_c)
+    dw0 = tl.zeros([BL, BC], dtype=tl.float32)
+    dw1 = tl.zeros([BL, BC], dtype=tl.float32)
+    dw2 = tl.zeros([BL, BC], dtype=tl.float32)
+    db = tl.zeros([BL, BC], dtype=tl.float32)
+    for b in range(i_g * BPG, tl.minimum(B, (i_g + 1) * BPG)):
+        base = (b + tl.zeros([], dtype=tl.int64)) * L * C
+        # output position t = s + 2 - j took input position s through tap j
+        g0 = _cols_at(g_ptr, base, o_s + 2, o_c, m_c, L)
+        g1 = _cols_at(g_ptr, base, o_s + 1, o_c, m_c, L)
+        g2 = _cols_at(g_ptr, base, o_s, o_c, m_c, L)
+        x = _rows_at(p_ptr, base, o_s, o_c, m_c, L, C)
+        dp = g0 * w0[None, :] + g1 * w1[None, :] + g2 * w2[None, :]
+        tl.store(dp_ptr + base + o_s[:, None] * C + o_c[None, :], dp.to(dp_ptr.dtype.element_ty), mask=m)
+        dw0 += g0 * x
+        dw1 += g1 * x
+        dw2 += g2 * x
+        db += g2  # every output position once: t = s over s < L
+    p_part = part_ptr + (i_g * tl.num_programs(0) + i_t).to(tl.int64) * 4 * C + o_c
+    tl.store(p_part, tl.sum(dw0, axis=0), mask=m_c)
+    tl.store(p_part + C, tl.sum(dw1, axis=0), mask=m_c)
+    tl.store(p_part + 2 * C, tl.sum(dw2, axis=0), mask=m_c)
+    tl.store(p_part + 3 * C, tl.sum(db, axis=0), mask=m_c)
+
+
+@torch.library.custom_op("m2dist::short_conv", mutates_args=())
+def short_conv(p: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """(B, C, L) in p's dtype, contiguous, of p (B, L, C), weight (C, 1, 3), bias (C,)."""
+    batch, length, width = p.shape
+    p, weight = p.contiguous(), weight.contiguous()
+    blk = _blocks(batch, length, width)
+    out = new_output((batch, width, length), p.dtype, p.device)
+    grid = (triton.cdiv(length, blk["BL"]), triton.cdiv(width, blk["BC"]), batch)
+    _fwd_kernel[grid](p, weight, bias.contiguous(), out, length, width, BL=blk["BL"], BC=blk["BC"], num_warps=blk["num_warps"])
+    return out
+
+
+@short_conv.register_fake
+def _(p, weight, bias):
+    return p.new_empty((p.shape[0], p.shape[2], p.shape[1]))
+
+
+@torch.library.custom_op("m2dist::short_conv_backward", mutates_args=())
+def short_conv_backward(g: torch.Tensor, p: torch.Tensor, weight: torch.Tensor) -> list[torch.Tensor]:
+    """[dp (B, L, C) in p's dtype, dweight (C, 1, 3) and dbias (C,) in weight's dtype] from the
+    output's gradient g (B, C, L)."""
+    batch, length, width = p.shape
+    g, p, weight = g.contiguous(), p.contiguous(), weight.contiguous()
+    blk = _blocks(batch, length, width)
+    grid = (triton.cdiv(length, blk["BL"]), triton.cdiv(width, blk["BC"]), triton.cdiv(batch, blk["BPG"]))
+    dp = new_output(p.shape, p.dtype, p.device)
+    parts = new_output((grid[2] * grid[0], 4, width), torch.float32, p.device)
+    _bwd_kernel[grid](g, p, weight, dp, parts, batch, length, width, blk["BPG"], BL=blk["BL"], BC=blk["BC"], num_warps=blk["num_warps_bwd"])
+    dweight = parts[:, :TAPS].sum(0).t().contiguous().view(width, 1, TAPS).to(weight.dtype)
+    return [dp, dweight, parts[:, TAPS].sum(0).to(weight.dtype)]
+
+
+@short_conv_backward.register_fake
+def _(g, p, weight):
+    return [torch.empty_like(p, memory_format=torch.contiguous_format), torch.empty_like(weight), weight.new_empty(weight.shape[0])]
+
+
+def _setup_context(ctx, inputs, output):
+    p, weight, bias = inputs
+    ctx.save_for_backward(p, weight)
+    ctx.bias_dtype = bias.dtype
+
+
+def _backward(ctx, g):
+    p, weight = ctx.saved_tensors
+    dp, dweight, dbias = short_conv_backward(g, p, weight)
+    return dp, dweight, dbias.to(ctx.bias_dtype)
+
+
+torch.library.register_autograd("m2dist::short_conv", _backward, setup_context=_setup_context)
+
+
+def causal_short_conv(p_BLC: torch.Tensor, weight_C1K: torch.Tensor, bias_C: torch.Tensor) -> torch.Tensor:
+    """`reference.causal_short_conv` by the kernels: (B, L, C) -> (B, C, L) in p's dtype,
+    accumulated in fp32. The caller checks `supports`."""
+    return short_conv(p_BLC, weight_C1K, bias_C)
