@@ -12,6 +12,9 @@ Kernels:
   so the (M, 2I) pre-activation never reaches HBM.
 - `_glu_bwd_kernel`: recomputes g and n the same way and writes d[g, n] = [da n GELU'(g), da GELU(g)],
   from which `_bmm_kernel` gives dx and dW.
+- `_glu_act_fwd_kernel` / `_glu_act_bwd_kernel` (`GLU_VIA_GEMMS`, off by default): the GLU as the
+  up-projection on the plain GEMMs, writing the (M, 2I) pre-activation, then GELU(g) * n (and its
+  gradient) elementwise, with the same dropout mask; the backward recomputes the pre-activation.
 - Dropout on the GLU's output (the MLP's hidden dropout) in both kernels' epilogues: the keep mask of
   element (row, column) is a function of a seed tensor and the element's position only
   (`_dropout_keep`), so the backward regenerates the forward's mask whatever tiles each autotunes to,
@@ -436,6 +439,55 @@ _glu_fwd = triton.autotune(configs=_glu_configs(), key=_GLU_KEY, prune_configs_b
 _glu_bwd = triton.autotune(configs=_glu_configs(), key=_GLU_KEY, prune_configs_by=_GLU_PRUNE)(_glu_bwd_kernel)
 
 
+@triton.jit
+def _glu_act_fwd_kernel(
+    pre_ptr, o_ptr, seed_ptr, M, I, s_pm, s_om, THRESHOLD, SCALE,
+    DROPOUT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+):  # fmt: skip
+    """o = GELU(g) * n (with DROPOUT, times keep * SCALE) from the pre-activation [g, n]: (M, 2I)."""
+    o_m = tl.program_id(0) * BM + tl.arange(0, BM)
+    j0 = tl.program_id(1) * BN
+    o_j = j0 + tl.arange(0, BN)
+    m = (o_m < M)[:, None] & (o_j < I)[None, :]
+    p_g = pre_ptr + o_m[:, None].to(tl.int64) * s_pm + o_j[None, :]
+    b_g = tl.load(p_g, mask=m, other=0.0).to(tl.float32)
+    b_n = tl.load(p_g + I, mask=m, other=0.0).to(tl.float32)
+    b_gelu, _ = _gelu_parts(b_g)
+    b_o = b_gelu * b_n
+    if DROPOUT:
+        b_o = tl.where(_dropout_keep(tl.load(seed_ptr), o_m, j0, THRESHOLD, BM, BN), b_o * SCALE, 0.0)
+    tl.store(o_ptr + o_m[:, None].to(tl.int64) * s_om + o_j[None, :], b_o.to(o_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _glu_act_bwd_kernel(
+    pre_ptr, da_ptr, dp_ptr, seed_ptr, M, I, s_pm, s_dam, s_dpm, THRESHOLD, SCALE,
+    DROPOUT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+):  # fmt: skip
+    """d[g, n] = [da n GELU'(g), da GELU(g)] (M, 2I) from the pre-activation and da (M, I), the
+    gradient of the dropped output with DROPOUT (masked as the forward masked)."""
+    o_m = tl.program_id(0) * BM + tl.arange(0, BM)
+    j0 = tl.program_id(1) * BN
+    o_j = j0 + tl.arange(0, BN)
+    m = (o_m < M)[:, None] & (o_j < I)[None, :]
+    rows = o_m[:, None].to(tl.int64)
+    p_g = pre_ptr + rows * s_pm + o_j[None, :]
+    b_g = tl.load(p_g, mask=m, other=0.0).to(tl.float32)
+    b_n = tl.load(p_g + I, mask=m, other=0.0).to(tl.float32)
+    b_da = tl.load(da_ptr + rows * s_dam + o_j[None, :], mask=m, other=0.0).to(tl.float32)
+    if DROPOUT:
+        b_da = tl.where(_dropout_keep(tl.load(seed_ptr), o_m, j0, THRESHOLD, BM, BN), b_da * SCALE, 0.0)
+    b_gelu, b_dgelu = _gelu_parts(b_g)
+    p_dg = dp_ptr + rows * s_dpm + o_j[None, :]
+    tl.store(p_dg, (b_da * b_n * b_dgelu).to(dp_ptr.dtype.element_ty), mask=m)
+    tl.store(p_dg + I, (b_da * b_gelu).to(dp_ptr.dtype.element_ty), mask=m)
+
+
+def _act_grid(m: int, inner: int) -> tuple[dict, tuple[int, int]]:
+    blocks = dict(BM=16, BN=32) if INTERPRET else dict(BM=32, BN=128, num_warps=4)
+    return blocks, (triton.cdiv(m, blocks["BM"]), triton.cdiv(inner, blocks["BN"]))
+
+
 def _bmm(a, b, out, bias, n_groups, m, n, k, a_strides, b_strides, c_strides, atomic=False):
     """Launch C[g] = A[g] @ B[g] for g < n_groups; strides are (group, row, column) triples."""
     kernel = _bmm_splitk_kernel if atomic else _bmm_kernel
@@ -573,6 +625,13 @@ def _dropout_args(seed: torch.Tensor | None, dropout_p: float, q: int, like: tor
     )  # fmt: skip
 
 
+# The GLU as its up-projection on the plain block-diagonal GEMMs (`gemms_for`: cuBLAS for bf16/fp16 on
+# a GPU), writing the (M, 2I) pre-activation, then an elementwise kernel for GELU(g) * n (and the
+# dropout); the backward recomputes the pre-activation the same way. Off: the fused GLU kernels,
+# which never write it. `tools/bench_kernels.py --ops glu` times both.
+GLU_VIA_GEMMS = False
+
+
 def _glu_grid(m: int, q: int, nb: int):
     """Programs of the GLU kernels: row tiles x column groups of NSUB * BN x the g blocks."""
 
@@ -590,6 +649,14 @@ def glu_fwd(
     m = x_MKP.shape[0]
     nb, q, p = w_KQP.shape
     out = new_output((m, nb * q // 2), x_MKP.dtype, x_MKP.device)
+    if GLU_VIA_GEMMS:
+        pre = gemms_for(x_MKP).fwd(x_MKP, w_KQP, None)
+        blocks, grid = _act_grid(m, out.shape[1])
+        _glu_act_fwd_kernel[grid](
+            pre, out, M=m, I=out.shape[1], s_pm=pre.stride(0), s_om=out.stride(0),
+            **blocks, **_dropout_args(seed, dropout_p, q, out),
+        )  # fmt: skip
+        return out
     pa, pb = resident_split(p)
     _glu_fwd[_glu_grid(m, q, nb)](
         x_MKP, w_KQP, out, M=m, P=p, Q=q, s_xm=x_MKP.stride(0), s_om=out.stride(0), HALF=nb // 2,
@@ -607,6 +674,14 @@ def glu_bwd(
     m = x_MKP.shape[0]
     nb, q, p = w_KQP.shape
     dpre = new_output((m, nb * q), x_MKP.dtype, x_MKP.device)
+    if GLU_VIA_GEMMS:
+        pre = gemms_for(x_MKP).fwd(x_MKP, w_KQP, None)
+        blocks, grid = _act_grid(m, da_MI.shape[1])
+        _glu_act_bwd_kernel[grid](
+            pre, da_MI, dpre, M=m, I=da_MI.shape[1], s_pm=pre.stride(0), s_dam=da_MI.stride(0),
+            s_dpm=dpre.stride(0), **blocks, **_dropout_args(seed, dropout_p, q, dpre),
+        )  # fmt: skip
+        return blockdiag_bwd(dpre, x_MKP, w_KQP)
     pa, pb = resident_split(p)
     _glu_bwd[_glu_grid(m, q, nb)](
         x_MKP, w_KQP, da_MI, dpre, M=m, P=p, Q=q, s_xm=x_MKP.stride(0), s_dam=da_MI.stride(0),

@@ -220,10 +220,15 @@ def bench_glu_mlp(dims, tokens, gemm_rate, compiled_reference=False):
         # gradients) on the Triton kernel instead of cuBLAS (`triton_blockdiag.cublas_gemms`).
         with _triton_blockdiag_gemms():
             tri_bmm_ms = _bench(_fwd_bwd(tri, [x, *params], upstream))
+        # The GLU as the up-projection on the plain GEMMs and the activation kernels
+        # (`triton_blockdiag.GLU_VIA_GEMMS`), without and with the dropout.
+        with _glu_via_gemms():
+            via_ms = _bench(_fwd_bwd(tri, [x, *params], upstream))
+            via_drop_ms = _bench(_fwd_bwd(lambda *a: tri(*a, dropout_p=0.1), [x, *params], upstream))
         rate = flops / (tri_ms * 1e-3)
         rows.append((f"d={dim} I={inner} M={tokens}", ref_ms, tri_ms, ref_ms / tri_ms, ref_fwd / tri_fwd, rate / 1e12,
                      rate / gemm_rate, compiled_ms, compiled_ms and flops / (compiled_ms * 1e-3) / gemm_rate,
-                     ref_drop_ms, tri_drop_ms, tri_bmm_ms))  # fmt: skip
+                     ref_drop_ms, tri_drop_ms, tri_bmm_ms, via_ms, via_drop_ms))  # fmt: skip
         print(_fmt_glu(rows[-1]), flush=True)
         print(f"  GLU configs at d={dim}: {glu_config_summary()}", flush=True)
     return rows
@@ -390,6 +395,17 @@ def _compiled_short_conv():
 
 
 @contextlib.contextmanager
+def _glu_via_gemms():
+    """The GLU as its up-projection on the plain GEMMs and the activation kernels while inside."""
+    chosen = triton_blockdiag.GLU_VIA_GEMMS
+    triton_blockdiag.GLU_VIA_GEMMS = True
+    try:
+        yield
+    finally:
+        triton_blockdiag.GLU_VIA_GEMMS = chosen
+
+
+@contextlib.contextmanager
 def _triton_blockdiag_gemms():
     """The block-diagonal GEMMs outside the GLU kernels on `_bmm_body` while inside."""
     chosen = triton_blockdiag.cublas_gemms
@@ -413,7 +429,7 @@ def _fmt_glu(r):
     compiled = "- | -" if r[7] is None else f"{r[7]:.3f} | {r[8]:.1%}"
     dropout = f"{r[9]:.3f} | {r[10]:.3f} | {r[9] / r[10]:.2f}x"
     return (f"| {r[0]} | {r[1]:.3f} | {r[2]:.3f} | {r[3]:.2f}x | {r[4]:.2f}x | {r[5]:.0f} | {r[6]:.1%} | {compiled} | {dropout}"
-            f" | {r[11]:.3f} |")  # fmt: skip
+            f" | {r[11]:.3f} | {r[12]:.3f} | {r[13]:.3f} |")  # fmt: skip
 
 
 def run_kernel_benchmarks(
@@ -464,7 +480,8 @@ def run_kernel_benchmarks(
     _print_table(
         "Block-diagonal GLU MLP (d -> 2I GLU, I -> d + bias, 4 blocks), bf16, forward + backward",
         "size | reference ms | Triton ms | speedup | fwd speedup | TFLOP/s (useful) | of GEMM rate | compiled reference ms | its share of GEMM rate"
-        " | reference + dropout ms | Triton + dropout ms | speedup with dropout | Triton, plain GEMMs on Triton too ms",
+        " | reference + dropout ms | Triton + dropout ms | speedup with dropout | Triton, plain GEMMs on Triton too ms"
+        " | GLU as GEMMs + activation kernel ms | the same + dropout ms",
         [_fmt_glu(r) for r in glu_rows],
     )  # fmt: skip
     _print_table(
