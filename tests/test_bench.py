@@ -65,6 +65,21 @@ def test_finetune_benchmark_times_the_glue_step_on_cpu():
     assert with_overrides.model == "debug, model.kernels.fused_mixer=true"
 
 
+def test_concurrent_finetune_jobs_share_the_device():
+    # Two processes fine-tune at once on the CPU, as --jobs-per-device 2 runs them on a GPU: the
+    # device's time per step is positive, and a job that fails is reported, not waited for.
+    import torch
+
+    from m2dist.bench.finetune import concurrent_step_ms, glue_config_for
+
+    glue = glue_config_for("debug")
+    shared_ms = concurrent_step_ms("debug", glue, 4, False, torch.device("cpu"), 2, seq_len=32, warmup=1, steps=2)
+    assert 0 < shared_ms < 60_000
+    with pytest.raises(RuntimeError, match="a concurrent fine-tuning job of debug at batch 4 failed: .*model.no_such_key"):
+        concurrent_step_ms("debug", glue, 4, False, torch.device("cpu"), 2, seq_len=32, warmup=1, steps=1,
+                           overrides=("model.no_such_key=1",))  # fmt: skip
+
+
 def test_finetune_benchmark_writes_a_profile_of_the_step(tmp_path):
     import torch
 

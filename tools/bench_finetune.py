@@ -6,6 +6,7 @@ time estimated from it.
   python tools/bench_finetune.py --configs m2-bert-80M bert-base --modes graph compiled
   python tools/bench_finetune.py --configs m2-bert-80M m2-bert-80M:model.kernels.fused_mixer=true bert-base
   python tools/bench_finetune.py --batch-sizes 16 --modes graph --profile-dir tools/profiles   # where a step's time goes
+  python tools/bench_finetune.py --batch-sizes 16 32 48 --modes graph --jobs-per-device 2 3     # several jobs on one GPU
 
 A config may carry overrides of its own, `name:key=value,key=value`.
 """
@@ -16,7 +17,14 @@ from pathlib import Path
 
 import torch
 
-from m2dist.bench.finetune import HEADER, benchmark_finetune_step, format_row, glue_config_for, glue_wall_time
+from m2dist.bench.finetune import (
+    HEADER,
+    benchmark_finetune_step,
+    concurrent_step_ms,
+    format_row,
+    glue_config_for,
+    glue_wall_time,
+)
 from m2dist.bench.train import split_config_spec
 from m2dist.cli import run_cli
 
@@ -31,9 +39,11 @@ def main() -> None:
     parser.add_argument("--gpus", type=int, default=8, help="also estimate the whole GLUE run on this many GPUs")
     parser.add_argument("--profile-dir", type=Path,
                         help="also profile each row's step: DIR/finetune-<config>-b<batch>-<mode>.txt")  # fmt: skip
+    parser.add_argument("--jobs-per-device", nargs="*", type=int, default=[],
+                        help="also time this many jobs fine-tuning on the GPU at once (eval_glue's --jobs-per-device)")  # fmt: skip
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    results = []
+    results, concurrent = [], []
     for spec in args.configs:
         name, overrides = split_config_spec(spec)
         for mode in args.modes:
@@ -45,10 +55,17 @@ def main() -> None:
                 )
                 print(format_row(result), flush=True)
                 results.append((spec, mode, result))
+                for jobs in args.jobs_per_device:
+                    shared_ms = concurrent_step_ms(name, glue, batch, mode != "eager", device, jobs, args.seq_len, overrides=overrides)
+                    concurrent.append((spec, mode, batch, jobs, shared_ms, result.step_ms))
+                    print(format_concurrent(*concurrent[-1]), flush=True)
     print(f"\nOn {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}")
     print(HEADER)
     for _, _, result in results:
         print(format_row(result))
+    if concurrent:
+        print("\n| model | step | batch | jobs at once | ms per step of the GPU | throughput against one job |\n|---|---|---|---|---|---|")
+        print("\n".join(format_concurrent(*row) for row in concurrent))
     print("\n| model | step | whole GLUE, 1 GPU | whole GLUE, %d GPUs |\n|---|---|---|---|" % args.gpus)
     for spec in args.configs:
         for mode in args.modes:
@@ -60,8 +77,14 @@ def main() -> None:
             if not needed <= step_ms.keys():
                 continue
             one, many = (glue_wall_time(glue, step_ms, overhead, n) / 3600 for n in (1, args.gpus))
-            label = {"graph": "CUDA graph", "compiled": "CUDA graph, compiled", "eager": "eager"}[mode]
-            print(f"| {spec} | {label} | {one:.2f} h | {many:.2f} h |")
+            print(f"| {spec} | {MODE_LABELS[mode]} | {one:.2f} h | {many:.2f} h |")
+
+
+def format_concurrent(spec: str, mode: str, batch: int, jobs: int, shared_ms: float, alone_ms: float) -> str:
+    return f"| {spec} | {MODE_LABELS[mode]} | {batch} | {jobs} | {shared_ms:.2f} | {alone_ms / shared_ms:.2f}x |"
+
+
+MODE_LABELS = {"graph": "CUDA graph", "compiled": "CUDA graph, compiled", "eager": "eager"}
 
 
 if __name__ == "__main__":

@@ -20,7 +20,9 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import math
+import multiprocessing
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,26 +65,14 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def benchmark_finetune_step(
-    config_name: str,
-    glue: GlueConfig,
-    batch_size: int,
-    cuda_graph: bool,
-    device: torch.device,
-    seq_len: int = 128,
-    first_steps: int = FIRST_STEPS,
-    block_steps: int = BLOCK_STEPS,
-    overrides: tuple[str, ...] = (),
-    profile_to: Path | None = None,
-) -> FinetuneResult:
-    """The fine-tuning step of pretraining config `config_name` (with `overrides`, key=value) at
-    `batch_size`, timed as an epoch runs it; with `profile_to`, then `PROFILE_STEPS` more steps
-    under torch.profiler, whose report (top operators by device and host time) goes there."""
+def _finetune_runner(
+    config_name: str, glue: GlueConfig, batch_size: int, cuda_graph: bool, device: torch.device, seq_len: int,
+    overrides: tuple[str, ...],
+) -> tuple[Callable[[int], float], FinetuneStep, int]:  # fmt: skip
+    """(run, step, seq_len): `run(n)` trains n fine-tuning steps of `config_name` at `batch_size`
+    on random sequences, as an epoch runs them, and returns their seconds."""
     model_config = load_config(config_name, list(overrides)).model
     seq_len = seq_len or model_config.l_max
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(0)
     model = SequenceClassifier(model_config, num_labels=2).to(device).train()
     compile_if_asked(model, glue)
@@ -114,6 +104,28 @@ def benchmark_finetune_step(
         _synchronize(device)
         return time.perf_counter() - started
 
+    return run, step, seq_len
+
+
+def benchmark_finetune_step(
+    config_name: str,
+    glue: GlueConfig,
+    batch_size: int,
+    cuda_graph: bool,
+    device: torch.device,
+    seq_len: int = 128,
+    first_steps: int = FIRST_STEPS,
+    block_steps: int = BLOCK_STEPS,
+    overrides: tuple[str, ...] = (),
+    profile_to: Path | None = None,
+) -> FinetuneResult:
+    """The fine-tuning step of pretraining config `config_name` (with `overrides`, key=value) at
+    `batch_size`, timed as an epoch runs it; with `profile_to`, then `PROFILE_STEPS` more steps
+    under torch.profiler, whose report (top operators by device and host time) goes there."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    run, step, seq_len = _finetune_runner(config_name, glue, batch_size, cuda_graph, device, seq_len, overrides)
     first = run(first_steps)
     previous = run(block_steps) / block_steps
     for _ in range(10):
@@ -137,6 +149,55 @@ def benchmark_finetune_step(
     return FinetuneResult(
         label, batch_size, step.graph is not None, 1000 * step_s, first - first_steps * step_s, peak, glue.compile
     )
+
+
+def _concurrent_job(args: tuple, barrier, results) -> None:
+    """One of `concurrent_step_ms`'s processes: warm up, wait for the others, time the steps."""
+    config_name, glue, batch_size, cuda_graph, device, seq_len, overrides, warmup, steps = args
+    try:
+        run, _, _ = _finetune_runner(config_name, glue, batch_size, cuda_graph, torch.device(device), seq_len, overrides)
+        run(warmup)
+        barrier.wait()
+        results.put(("ok", run(steps)))
+    except BaseException as err:  # reported by the parent; the others must not wait for this one
+        barrier.abort()
+        results.put(("error", f"{type(err).__name__}: {err}"))
+
+
+def concurrent_step_ms(
+    config_name: str,
+    glue: GlueConfig,
+    batch_size: int,
+    cuda_graph: bool,
+    device: torch.device,
+    jobs: int,
+    seq_len: int = 128,
+    warmup: int = FIRST_STEPS + BLOCK_STEPS,
+    steps: int = 4 * BLOCK_STEPS,
+    overrides: tuple[str, ...] = (),
+    timeout_s: float = 900.0,
+) -> float:
+    """Milliseconds per step of the whole device when `jobs` processes fine-tune on it at once, as
+    `tools/eval_glue.py --jobs-per-device` runs them: each process builds and warms up its own step
+    (`warmup` steps), all start `steps` timed steps together, and the slowest one's time is divided
+    by the steps of all. Below the step time of one job alone, several jobs raise the throughput."""
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(jobs), ctx.Queue()
+    args = (config_name, glue, batch_size, cuda_graph, str(device), seq_len, tuple(overrides), warmup, steps)
+    procs = [ctx.Process(target=_concurrent_job, args=(args, barrier, results)) for _ in range(jobs)]
+    for proc in procs:
+        proc.start()
+    try:
+        outcomes = [results.get(timeout=timeout_s) for _ in procs]
+    finally:
+        for proc in procs:
+            proc.join(timeout=60)
+            if proc.is_alive():
+                proc.kill()
+    errors = [message for status, message in outcomes if status == "error"]
+    if errors:
+        raise RuntimeError(f"a concurrent fine-tuning job of {config_name} at batch {batch_size} failed: {errors[0]}")
+    return 1000 * max(seconds for _, seconds in outcomes) / (jobs * steps)
 
 
 GLUE_CONFIG_FOR = {"bert-base": "default"}
