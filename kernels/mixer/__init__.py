@@ -79,17 +79,10 @@ def _triton_per_op(per_op_conv, p_BLC, *args):
     return _per_op(per_op_conv, p_BLC, *args, short_conv=_triton_short_conv)
 
 
-def _auto_fused(triton_conv, reference_conv, p_BLC, *args):
-    """"auto": fused (or the Triton kernels per op) on an Ampere or newer GPU, the reference elsewhere."""
+def _auto(triton_path, triton_conv, reference_conv, p_BLC, *args):
+    """"auto": `triton_path` (fused or per op) on an Ampere or newer GPU, the reference elsewhere."""
     if use_triton(p_BLC):
-        return _fused_or_per_op(triton_conv, p_BLC, *args)
-    return _per_op(reference_conv, p_BLC, *args)
-
-
-def _auto_per_op(triton_conv, reference_conv, p_BLC, *args):
-    """"auto" per op: the Triton kernels on an Ampere or newer GPU, the reference elsewhere."""
-    if use_triton(p_BLC):
-        return _triton_per_op(triton_conv, p_BLC, *args)
+        return triton_path(triton_conv, p_BLC, *args)
     return _per_op(reference_conv, p_BLC, *args)
 
 
@@ -132,7 +125,8 @@ def implementation(backend: str, fused: bool = False) -> SequenceMixer:
     elif backend == "triton":
         impl = functools.partial(_fused_or_per_op if fused else _triton_per_op, gated_long_conv)
     else:
-        impl = functools.partial(_auto_fused if fused else _auto_per_op, gated_long_conv, reference_conv)
+        triton_path = _fused_or_per_op if fused else _triton_per_op
+        impl = functools.partial(_auto, triton_path, gated_long_conv, reference_conv)
     return functools.partial(_checked, impl)
 
 

@@ -143,14 +143,17 @@ def short_conv_backward(g: torch.Tensor, p: torch.Tensor, weight: torch.Tensor) 
     grid = (triton.cdiv(length, blk["BL"]), triton.cdiv(width, blk["BC"]), triton.cdiv(batch, blk["BPG"]))
     dp = new_output(p.shape, p.dtype, p.device)
     parts = new_output((grid[2] * grid[0], 4, width), torch.float32, p.device)
-    _bwd_kernel[grid](g, p, weight, dp, parts, batch, length, width, blk["BPG"], BL=blk["BL"], BC=blk["BC"], num_warps=blk["num_warps_bwd"])
+    _bwd_kernel[grid](
+        g, p, weight, dp, parts, batch, length, width, blk["BPG"], BL=blk["BL"], BC=blk["BC"], num_warps=blk["num_warps_bwd"]
+    )
     dweight = parts[:, :TAPS].sum(0).t().contiguous().view(width, 1, TAPS).to(weight.dtype)
     return [dp, dweight, parts[:, TAPS].sum(0).to(weight.dtype)]
 
 
 @short_conv_backward.register_fake
 def _(g, p, weight):
-    return [torch.empty_like(p, memory_format=torch.contiguous_format), torch.empty_like(weight), weight.new_empty(weight.shape[0])]
+    dp = torch.empty_like(p, memory_format=torch.contiguous_format)
+    return [dp, torch.empty_like(weight), weight.new_empty(weight.shape[0])]
 
 
 def _setup_context(ctx, inputs, output):
