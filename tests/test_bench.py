@@ -70,11 +70,12 @@ def test_concurrent_finetune_jobs_share_the_device():
     # device's time per step is positive, and a job that fails is reported, not waited for.
     import torch
 
-    from m2dist.bench.finetune import concurrent_step_ms, glue_config_for
+    from m2dist.bench.finetune import concurrent_step_ms, format_concurrent, glue_config_for
 
     glue = glue_config_for("debug")
     shared_ms = concurrent_step_ms("debug", glue, 4, False, torch.device("cpu"), 2, seq_len=32, warmup=1, steps=2)
     assert 0 < shared_ms < 60_000
+    assert format_concurrent("debug", "graph", 4, 2, 5.0, 8.0) == "| debug | CUDA graph | 4 | 2 | 5.00 | 1.60x |"
     with pytest.raises(RuntimeError, match="a concurrent fine-tuning job of debug at batch 4 failed: .*model.no_such_key"):
         concurrent_step_ms("debug", glue, 4, False, torch.device("cpu"), 2, seq_len=32, warmup=1, steps=1,
                            overrides=("model.no_such_key=1",))  # fmt: skip

@@ -19,8 +19,10 @@ import torch
 
 from m2dist.bench.finetune import (
     HEADER,
+    MODE_LABELS,
     benchmark_finetune_step,
     concurrent_step_ms,
+    format_concurrent,
     format_row,
     glue_config_for,
     glue_wall_time,
@@ -78,13 +80,6 @@ def main() -> None:
                 continue
             one, many = (glue_wall_time(glue, step_ms, overhead, n) / 3600 for n in (1, args.gpus))
             print(f"| {spec} | {MODE_LABELS[mode]} | {one:.2f} h | {many:.2f} h |")
-
-
-def format_concurrent(spec: str, mode: str, batch: int, jobs: int, shared_ms: float, alone_ms: float) -> str:
-    return f"| {spec} | {MODE_LABELS[mode]} | {batch} | {jobs} | {shared_ms:.2f} | {alone_ms / shared_ms:.2f}x |"
-
-
-MODE_LABELS = {"graph": "CUDA graph", "compiled": "CUDA graph, compiled", "eager": "eager"}
 
 
 if __name__ == "__main__":

@@ -247,3 +247,12 @@ def format_row(r: FinetuneResult) -> str:
         f"| {r.model} | {r.batch_size} | {mode} | {r.step_ms:.2f} | {r.epoch_seconds(TRAIN_EXAMPLES['text']):.1f} | "
         f"{r.first_overhead_s:.1f} | {r.peak_memory_gib:.1f} |"
     )
+
+
+MODE_LABELS = {"graph": "CUDA graph", "compiled": "CUDA graph, compiled", "eager": "eager"}
+
+
+def format_concurrent(spec: str, mode: str, batch: int, jobs: int, shared_ms: float, alone_ms: float) -> str:
+    """A row of the several-jobs table: the GPU's ms per step with `jobs` at once, its throughput
+    against one job alone (`alone_ms` a step)."""
+    return f"| {spec} | {MODE_LABELS[mode]} | {batch} | {jobs} | {shared_ms:.2f} | {alone_ms / shared_ms:.2f}x |"
