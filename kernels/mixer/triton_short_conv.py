@@ -9,7 +9,7 @@ depthwise Conv1d of 3 taps, cut to its first L outputs), in the layouts around i
 - Backward: one program per (block of positions, block of channels, group of BPG sequences). It
   reads the output's gradient g in the (B, C, L) layout and p, writes p's gradient in the (B, L, C)
   layout, dp[s] = sum_j w_j g[s + 2 - j], and accumulates the filter's and the bias's gradients
-  over its sequences; their per-program partial sums are added up after it (one small sum).
+  over its sequences; their per-program partial sums are added up after it.
 
 Shape legend: B batch, L sequence length, C channels (3D, the projection's width), K = 3 taps.
 """
@@ -27,7 +27,8 @@ TARGET_PROGRAMS = 2048
 
 
 def _blocks(batch: int, length: int, width: int) -> dict[str, int]:
-    """BL positions by BC channels a tile; BPG sequences per backward program."""
+    """BL positions by BC channels a tile (32 x 64 on a GPU, not swept yet); BPG sequences per
+    backward program."""
     bl, bc = (16, 16) if INTERPRET else (32, 64)
     tiles = triton.cdiv(length, bl) * triton.cdiv(width, bc)
     groups = max(1, min(batch, triton.cdiv(TARGET_PROGRAMS, tiles)))
