@@ -347,11 +347,11 @@ def launch_backward_filters(dy, u, x, has_res: bool, blk: dict) -> tuple[torch.T
     batch, width, length = x.shape
     dim = width // 3
     nb = triton.cdiv(length, blk["BLK"])
-    width = 2 * nb * blk["BLK"] + 1
-    lag_sums = torch.zeros((4 if has_res else 2, dim, width), dtype=torch.float32, device=x.device)
+    lags = 2 * nb * blk["BLK"] + 1
+    lag_sums = torch.zeros((4 if has_res else 2, dim, lags), dtype=torch.float32, device=x.device)
     _bwd_filter_kernel[(dim, 2 * nb - 1)](
         dy, u, x, lag_sums[0], lag_sums[1], lag_sums[-2], lag_sums[-1],
-        batch, dim, length, nb, width, HAS_RES=has_res, UPCAST=INTERPRET,
+        batch, dim, length, nb, lags, HAS_RES=has_res, UPCAST=INTERPRET,
         BB=blk["BB_F"], BLK=blk["BLK"], num_warps=blk["num_warps_filter"],
     )  # fmt: skip
     return lag_sums, nb * blk["BLK"]

@@ -164,7 +164,8 @@ def bench_mixer(lengths, tokens, dims, variants, copy_bw, device="cuda"):
 
             measure("reference", mixer_implementation("reference"))
             per_op_ms = measure("per op", mixer_implementation("triton"))
-            with _compiled_short_conv():
+            # the compiled reference short convolution instead of its kernels
+            with _setting(kernels.mixer, "TRITON_SHORT_CONV", False):
                 measure("per op, compiled short conv", mixer_implementation("triton"), per_op_ms)
             if triton_mixer.supports(p):
                 for variant in variants or [None]:
@@ -218,11 +219,11 @@ def bench_glu_mlp(dims, tokens, gemm_rate, compiled_reference=False):
         tri_drop_ms = _bench(_fwd_bwd(lambda *a: tri(*a, dropout_p=0.1), [x, *params], upstream))
         # The plain block-diagonal GEMMs (the output projection, the GLU's input and weight
         # gradients) on the Triton kernel instead of cuBLAS (`triton_blockdiag.cublas_gemms`).
-        with _triton_blockdiag_gemms():
+        with _setting(triton_blockdiag, "cublas_gemms", lambda t: False):
             tri_bmm_ms = _bench(_fwd_bwd(tri, [x, *params], upstream))
         # The GLU as the up-projection on the plain GEMMs and the activation kernels
         # (`triton_blockdiag.GLU_VIA_GEMMS`), without and with the dropout.
-        with _glu_via_gemms():
+        with _setting(triton_blockdiag, "GLU_VIA_GEMMS", True):
             via_ms = _bench(_fwd_bwd(tri, [x, *params], upstream))
             via_drop_ms = _bench(_fwd_bwd(lambda *a: tri(*a, dropout_p=0.1), [x, *params], upstream))
         rate = flops / (tri_ms * 1e-3)
@@ -384,36 +385,14 @@ def _fmt_toeplitz_sweep(r):
 
 
 @contextlib.contextmanager
-def _compiled_short_conv():
-    """The per-op mixer with the compiled reference short convolution while inside."""
-    chosen = kernels.mixer.TRITON_SHORT_CONV
-    kernels.mixer.TRITON_SHORT_CONV = False
+def _setting(module, name: str, value):
+    """`module.name` set to `value` while inside (a path the benchmark times beside the default)."""
+    chosen = getattr(module, name)
+    setattr(module, name, value)
     try:
         yield
     finally:
-        kernels.mixer.TRITON_SHORT_CONV = chosen
-
-
-@contextlib.contextmanager
-def _glu_via_gemms():
-    """The GLU as its up-projection on the plain GEMMs and the activation kernels while inside."""
-    chosen = triton_blockdiag.GLU_VIA_GEMMS
-    triton_blockdiag.GLU_VIA_GEMMS = True
-    try:
-        yield
-    finally:
-        triton_blockdiag.GLU_VIA_GEMMS = chosen
-
-
-@contextlib.contextmanager
-def _triton_blockdiag_gemms():
-    """The block-diagonal GEMMs outside the GLU kernels on `_bmm_body` while inside."""
-    chosen = triton_blockdiag.cublas_gemms
-    triton_blockdiag.cublas_gemms = lambda t: False
-    try:
-        yield
-    finally:
-        triton_blockdiag.cublas_gemms = chosen
+        setattr(module, name, chosen)
 
 
 def glu_config_summary() -> str:
