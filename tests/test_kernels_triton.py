@@ -515,6 +515,19 @@ def test_blockdiag_glu_dropout_is_the_glu_times_its_keep_mask(dtype, shape, nblo
     )  # fmt: skip
 
 
+def test_glu_runs_via_the_gemms_where_it_draws_dropout_on_cublas(monkeypatch):
+    # The measured choice: the GEMMs and the activation kernels where the GLU draws dropout and
+    # cuBLAS runs the GEMMs; the fused kernels without dropout or without cuBLAS; a forced path wins.
+    x = torch.zeros(4, 8, device=DEVICE)
+    monkeypatch.setattr(triton_blockdiag, "GLU_VIA_GEMMS", None)
+    for cublas in (True, False):
+        monkeypatch.setattr(triton_blockdiag, "cublas_gemms", lambda t, cublas=cublas: cublas)
+        assert [triton_blockdiag.glu_via_gemms(x, dropout) for dropout in (True, False)] == [cublas, False]
+    for forced in (True, False):
+        monkeypatch.setattr(triton_blockdiag, "GLU_VIA_GEMMS", forced)
+        assert [triton_blockdiag.glu_via_gemms(x, dropout) for dropout in (True, False)] == [forced, forced]
+
+
 def test_dropout_keep_mask_is_a_fair_draw_per_seed():
     rows, cols, prob = 256, 512, 0.1
     masks = {s: triton_blockdiag.dropout_keep_mask(torch.tensor([s], device=DEVICE), rows, cols, prob) for s in (1, 2)}

@@ -12,9 +12,10 @@ Kernels:
   so the (M, 2I) pre-activation never reaches HBM.
 - `_glu_bwd_kernel`: recomputes g and n the same way and writes d[g, n] = [da n GELU'(g), da GELU(g)],
   from which `_bmm_kernel` gives dx and dW.
-- `_glu_act_fwd_kernel` / `_glu_act_bwd_kernel` (`GLU_VIA_GEMMS`, off by default): the GLU as the
-  up-projection on the plain GEMMs, writing the (M, 2I) pre-activation, then GELU(g) * n (and its
-  gradient) elementwise, with the same dropout mask; the backward recomputes the pre-activation.
+- `_glu_act_fwd_kernel` / `_glu_act_bwd_kernel` (`glu_via_gemms`: where the GLU draws dropout and
+  cuBLAS runs the plain GEMMs): the GLU as the up-projection on the plain GEMMs, writing the (M, 2I)
+  pre-activation, then GELU(g) * n (and its gradient) elementwise, with the same dropout mask; the
+  backward recomputes the pre-activation.
 - Dropout on the GLU's output (the MLP's hidden dropout) in both kernels' epilogues: the keep mask of
   element (row, column) is a function of a seed tensor and the element's position only
   (`_dropout_keep`), so the backward regenerates the forward's mask whatever tiles each autotunes to,
@@ -627,9 +628,20 @@ def _dropout_args(seed: torch.Tensor | None, dropout_p: float, q: int, like: tor
 
 # The GLU as its up-projection on the plain block-diagonal GEMMs (`gemms_for`: cuBLAS for bf16/fp16 on
 # a GPU), writing the (M, 2I) pre-activation, then an elementwise kernel for GELU(g) * n (and the
-# dropout); the backward recomputes the pre-activation the same way. Off: the fused GLU kernels,
-# which never write it. `tools/bench_kernels.py --ops glu` times both.
-GLU_VIA_GEMMS = False
+# dropout); the backward recomputes the pre-activation the same way. The fused GLU kernels never
+# write it, but drawing the dropout mask in their GEMM epilogues costs more than the traffic saved:
+# on one H200, bf16, 32,768 tokens, the MLP forward + backward took 2.017 ms via the GEMMs against
+# 2.270 fused with dropout at d=768 (2.447 against 2.508 at d=960), and 1.995 against 1.752 without
+# (2.259 against 2.203). `tools/bench_kernels.py --ops glu` times both. True / False force a path.
+GLU_VIA_GEMMS: bool | None = None
+
+
+def glu_via_gemms(x: torch.Tensor, dropout: bool) -> bool:
+    """Whether the GLU of `x` runs as the plain GEMMs and the activation kernels (`GLU_VIA_GEMMS`):
+    by default where it draws dropout and cuBLAS runs the GEMMs, the fused kernels otherwise."""
+    if GLU_VIA_GEMMS is not None:
+        return GLU_VIA_GEMMS
+    return dropout and cublas_gemms(x)
 
 
 def _glu_grid(m: int, q: int, nb: int):
@@ -649,7 +661,7 @@ def glu_fwd(
     m = x_MKP.shape[0]
     nb, q, p = w_KQP.shape
     out = new_output((m, nb * q // 2), x_MKP.dtype, x_MKP.device)
-    if GLU_VIA_GEMMS:
+    if glu_via_gemms(x_MKP, seed is not None and dropout_p > 0):
         pre = gemms_for(x_MKP).fwd(x_MKP, w_KQP, None)
         blocks, grid = _act_grid(m, out.shape[1])
         _glu_act_fwd_kernel[grid](
@@ -674,7 +686,7 @@ def glu_bwd(
     m = x_MKP.shape[0]
     nb, q, p = w_KQP.shape
     dpre = new_output((m, nb * q), x_MKP.dtype, x_MKP.device)
-    if GLU_VIA_GEMMS:
+    if glu_via_gemms(x_MKP, seed is not None and dropout_p > 0):
         pre = gemms_for(x_MKP).fwd(x_MKP, w_KQP, None)
         blocks, grid = _act_grid(m, da_MI.shape[1])
         _glu_act_bwd_kernel[grid](
