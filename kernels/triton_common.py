@@ -1,11 +1,14 @@
 """What the Triton paths of every op share: the interpreter switch, output allocation, the dot
-precision for an input dtype, whether a tensor can run the kernels, and a warning given once.
+precision for an input dtype, whether a tensor can run the kernels, constant tables kept on a
+device, and a warning given once.
 
 Importing this module does not import Triton, so the dispatch can use it on any machine.
 """
 
+import concurrent.futures
 import os
 import warnings
+from collections.abc import Callable
 
 import torch
 
@@ -34,6 +37,34 @@ def dot_precision(dtype: torch.dtype) -> str:
 def can_run(t: torch.Tensor) -> bool:
     """Whether the kernels can take `t`: on a CUDA GPU, or anywhere in the interpreter."""
     return t.device.type == "cuda" or INTERPRET
+
+
+# One thread that moves constant tables to a GPU (`device_constants`).
+_CONSTANTS_THREAD = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="m2dist-constants")
+
+
+def device_constants(tables: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """`tables` (built on the CPU) on `device`, for a cache that lives as long as the process (DFT
+    matrices, twiddles). On a GPU they are copied from a thread of their own: while torch.compile's
+    CUDA graphs warm up or record a step, every allocation of the calling thread comes from the
+    graph's private memory pool, and a tensor that stays alive there after the step fails the graph's
+    check ("tensor(s) in the cudagraph pool not tracked as outputs"). The first call for a shape
+    must not come during a stream capture (the graph's warm-up run precedes it)."""
+    if device.type != "cuda":
+        return {name: t.to(device) for name, t in tables.items()}
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "constant tables for a new shape were requested while a CUDA graph is being captured; "
+            "run the step once before capturing it (torch.compile's CUDA graphs do)"
+        )
+
+    def copy():
+        with torch.cuda.device(device):
+            moved = {name: t.to(device) for name, t in tables.items()}
+            torch.cuda.current_stream().synchronize()
+        return moved
+
+    return _CONSTANTS_THREAD.submit(copy).result()
 
 
 def warn_once(message: str) -> None:

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_common import dot_precision, new_output
+from kernels.triton_common import device_constants, dot_precision, new_output
 # Cap on the on-chip transform size M (a power of two >= 256; tests lower it). MAX_ONCHIP, TILE and
 # NUM_WARPS are the defaults of the plan; tools/bench_kernels.py --variants overrides them to tune.
 MAX_ONCHIP = 4096
@@ -622,11 +622,11 @@ def _tables(n: int, r: int, m1: int, m2: int, p2: int, device: torch.device) -> 
         return [torch.cos(ang).flatten(), -torch.sin(ang).flatten()]
 
     parts = w(m1, m1, m1) + w(m2, m1, m) + w(p2, p2, p2) + w(p3, p2, m2) + w(p3, p3, p3)
-    tabs = {"tab": torch.cat(parts).float().to(device)}
-    tabs["otr"], tabs["oti"] = (t.float().to(device) for t in w(r, m, n))
+    tabs = {"tab": torch.cat(parts).float()}
+    tabs["otr"], tabs["oti"] = (t.float() for t in w(r, m, n))
     ang = 2 * math.pi * torch.arange(r, dtype=torch.float64) / r
-    tabs["wc"], tabs["ws"] = torch.cos(ang).float().to(device), torch.sin(ang).float().to(device)
-    return tabs
+    tabs["wc"], tabs["ws"] = torch.cos(ang).float(), torch.sin(ang).float()
+    return device_constants(tabs, device)
 
 
 def _num_sms(device: torch.device) -> int:

@@ -58,7 +58,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_common import INTERPRET, new_output
+from kernels.triton_common import INTERPRET, device_constants, new_output
 
 # Longest L the dispatch sends to this operator (longer inputs take the per-op kernels): at L=256 an
 # sm_90 compile of the kernels spills 0.3-1.5 KiB per thread (`compile_report`), at 128 little.
@@ -89,7 +89,7 @@ def dft_matrices(length: int, device: torch.device) -> torch.Tensor:
     angle = 2 * math.pi * f * s / (2 * length)
     cos, sin = torch.cos(angle), -torch.sin(angle)
     sin[0] = torch.cos(math.pi * s[0])
-    return torch.stack([cos, sin]).to(device=device, dtype=OPERAND_DTYPE).contiguous()
+    return device_constants({"dft": torch.stack([cos, sin]).to(OPERAND_DTYPE)}, device)["dft"]
 
 
 @functools.cache
@@ -102,7 +102,7 @@ def _spectrum_matrix(length: int, device: torch.device) -> torch.Tensor:
     angle = 2 * math.pi * f * t / n
     imag = -torch.sin(angle)
     imag[0] = torch.cos(math.pi * t[0])
-    return (torch.cat([torch.cos(angle), imag]) / n).to(device=device, dtype=torch.float32)
+    return device_constants({"spectrum": (torch.cat([torch.cos(angle), imag]) / n).float()}, device)["spectrum"]
 
 
 def packed_spectrum(k_DN: torch.Tensor) -> torch.Tensor:
