@@ -8,7 +8,6 @@ Importing this module does not import Triton, so the dispatch can use it on any 
 import concurrent.futures
 import os
 import warnings
-from collections.abc import Callable
 
 import torch
 
