@@ -148,3 +148,15 @@ def test_auto_backends_run_the_reference_off_the_gpu():
     x, w = torch.randn(3, 8, generator=gen), torch.randn(2, 8, 4, generator=gen)
     assert torch.equal(blockdiag_glu(x, w, backend="auto"), blockdiag_glu(x, w, backend="reference"))
     assert torch.equal(blockdiag_matmul(x, w[:, :4], backend="auto"), blockdiag_matmul(x, w[:, :4], backend="reference"))
+
+
+def test_device_constants_refuses_a_new_table_during_a_graph_capture(monkeypatch):
+    # A table first asked for while a CUDA graph is captured would be allocated inside the graph:
+    # the error says so before anything reaches the device. Off a GPU the tables are moved as given.
+    from kernels import triton_common
+
+    tables = {"twiddles": torch.arange(4.0)}
+    assert torch.equal(triton_common.device_constants(tables, torch.device("cpu"))["twiddles"], tables["twiddles"])
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="while a CUDA graph is being captured"):
+        triton_common.device_constants(tables, torch.device("cuda"))
