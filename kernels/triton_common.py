@@ -56,6 +56,8 @@ def device_constants(tables: dict[str, torch.Tensor], device: torch.device) -> d
             "constant tables for a new shape were requested while a CUDA graph is being captured; "
             "run the step once before capturing it (torch.compile's CUDA graphs do)"
         )
+    if device.index is None:  # the helper thread's current device is not necessarily this one's
+        device = torch.device("cuda", torch.cuda.current_device())
 
     def copy():
         with torch.cuda.device(device):
