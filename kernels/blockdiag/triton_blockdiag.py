@@ -615,9 +615,14 @@ def blockdiag_bwd(dy_MKQ: torch.Tensor, x_MKP: torch.Tensor, w_KQP: torch.Tensor
     return gemms.dx(dy_MKQ, w_KQP) if need_dx else None, gemms.dw(dy_MKQ, x_MKP, w_KQP)
 
 
+def _draws_dropout(seed: torch.Tensor | None, dropout_p: float) -> bool:
+    """Whether a GLU call with this seed and probability applies dropout."""
+    return seed is not None and dropout_p > 0
+
+
 def _dropout_args(seed: torch.Tensor | None, dropout_p: float, q: int, like: torch.Tensor) -> dict:
     """The GLU kernels' dropout arguments: the seed tensor (a dummy pointer without dropout)."""
-    on = seed is not None and dropout_p > 0
+    on = _draws_dropout(seed, dropout_p)
     if on and not kernels_draw_dropout(q, dropout_p):
         raise ValueError(f"the GLU kernels' dropout needs Q % {DROPOUT_GROUP} == 0 and p < 1, got Q={q}, p={dropout_p}")
     return dict(
@@ -661,7 +666,7 @@ def glu_fwd(
     m = x_MKP.shape[0]
     nb, q, p = w_KQP.shape
     out = new_output((m, nb * q // 2), x_MKP.dtype, x_MKP.device)
-    if glu_via_gemms(x_MKP, seed is not None and dropout_p > 0):
+    if glu_via_gemms(x_MKP, _draws_dropout(seed, dropout_p)):
         pre = gemms_for(x_MKP).fwd(x_MKP, w_KQP, None)
         blocks, grid = _act_grid(m, out.shape[1])
         _glu_act_fwd_kernel[grid](
@@ -686,7 +691,7 @@ def glu_bwd(
     m = x_MKP.shape[0]
     nb, q, p = w_KQP.shape
     dpre = new_output((m, nb * q), x_MKP.dtype, x_MKP.device)
-    if glu_via_gemms(x_MKP, seed is not None and dropout_p > 0):
+    if glu_via_gemms(x_MKP, _draws_dropout(seed, dropout_p)):
         pre = gemms_for(x_MKP).fwd(x_MKP, w_KQP, None)
         blocks, grid = _act_grid(m, da_MI.shape[1])
         _glu_act_bwd_kernel[grid](
