@@ -18,19 +18,22 @@ from triton.compiler import ASTSource
 
 
 def resources(
-    kernel, constexprs: dict, dtypes: dict[str, str], num_warps: int, num_stages: int = 3, arch: int = 90
+    kernel, constexprs: dict, dtypes: dict[str, str], num_warps: int, num_stages: int = 3, arch: int = 90,
+    unit_args: tuple[str, ...] = (),
 ) -> dict[str, int]:
     """{"registers", "spill_bytes" (the stack frame a thread spills registers to), "shared_bytes"} of
     `kernel` (a `triton.jit` function) compiled for sm_`arch` with the values `constexprs` (every
     constexpr parameter), pointer arguments of the element types `dtypes` by argument name ("bf16",
     "fp32", ...; fp32 when not named) and the other arguments of the types `dtypes` names (i32 when
-    not named)."""
+    not named). `unit_args`: integer arguments that are 1 at launch (unit strides), which Triton
+    compiles as constants; left as variables, their address arithmetic takes registers the
+    launched kernel does not spend."""
     signature, values = {}, {}
     for index, param in enumerate(kernel.params):
         arg = kernel.arg_names[index]
-        if param.is_constexpr:
+        if param.is_constexpr or arg in unit_args:
             signature[arg] = "constexpr"
-            values[(index,)] = constexprs[arg]
+            values[(index,)] = constexprs[arg] if param.is_constexpr else 1
         else:
             signature[arg] = "*" + dtypes.get(arg, "fp32") if arg.endswith("_ptr") else dtypes.get(arg, "i32")
     compiled = triton.compile(

@@ -249,3 +249,19 @@ def test_engine_profile_reports_the_step_and_its_top_operators(tmp_path, in_proc
     text = report.read_text()
     assert text.startswith(header) and "device time per step (sum of kernels)" in header
     assert "Top operators by self device time" in text and "Top operators by total host time" in text
+
+
+def test_fft_benchmark_times_each_plan_with_each_transform_operand(monkeypatch):
+    # Interpreter, stand-in timer: the default plan once with tf32 and once with fp16 operands
+    # (the kernels launched with each precision), the switch restored after.
+    import m2dist.bench.kernels as bench
+    from kernels.fftconv import triton_fftconv
+
+    monkeypatch.setattr(bench, "_bench", lambda fn: (fn(), 2.0)[1])
+    precisions = []
+    launch = triton_fftconv.transform_precision
+    monkeypatch.setattr(triton_fftconv, "transform_precision", lambda dtype: precisions.append(launch(dtype)) or precisions[-1])
+    rows = bench.bench_fftconv([40], 80, 16, [], copy_bw=1e9, toeplitz_max=0, operands=("tf32", "fp16"), device="cpu")
+    assert [r[1] for r in rows] == ["FFT N=256 R=1 M=16x16 C=8 tf32", "FFT N=256 R=1 M=16x16 C=8 fp16"]
+    assert set(precisions) == {"tf32", "fp16"} and precisions[0] == "tf32" and precisions[-1] == "fp16"
+    assert not triton_fftconv.FP16_OPERANDS

@@ -180,6 +180,43 @@ def test_fftconv_model_layout_reaches_the_kernels_as_rows_at_gate_precision(monk
     assert u_BLD.grad is not None and not u_BLD.grad.isnan().any()
 
 
+@pytest.fixture
+def fp16_operands(monkeypatch):
+    """The FFT kernels' transforms with fp16 tensor-core operands (`triton_fftconv.FP16_OPERANDS`)."""
+    monkeypatch.setattr(triton_fftconv, "FP16_OPERANDS", True)
+
+
+# fp16 transform operands. The interpreter rounds the operands to fp16 as the tensor cores take
+# them (its tf32 products are exact fp32), so these check the precision a GPU gets. Activations
+# 100x (unscaled, the stages' growth overflows fp16) and gradients 1e-5 of the activations
+# (unscaled, they sink into fp16's subnormals), on every kind of plan: two stages (L=63, 128),
+# outer radix over two stages (300, 500), three stages (1500) and outer radix over three (2100).
+@pytest.mark.parametrize(
+    "length,batch,dtype,act_scale,upstream_scale,fp32_u",
+    [
+        (63, 3, torch.bfloat16, 1.0, 1.0, False),
+        (128, 3, torch.float16, 1.0, 1.0, False),
+        (300, 2, torch.bfloat16, 100.0, 1.0, False),
+        (500, 3, torch.bfloat16, 1.0, 1e-5, True),
+        (1500, 1, torch.bfloat16, 100.0, 1e-5, False),
+        (2100, 1, torch.bfloat16, 1.0, 1.0, False),
+    ],
+)
+def test_fftconv_fp16_operands_match_reference(fp16_operands, length, batch, dtype, act_scale, upstream_scale, fp32_u):
+    inputs = _conv_inputs(batch, 16, length, True, seed=length)
+    inputs[:4] = [t * act_scale for t in inputs[:4]]
+    _compare(
+        triton_fftconv.gated_long_conv, fftconv_reference.gated_long_conv, inputs, dtype, atol_rel=1e-3,
+        fp32_inputs=(0,) if fp32_u else (), upstream_scale=upstream_scale,
+    )  # fmt: skip
+
+
+def test_fftconv_fp16_operands_only_for_half_precision_activations(fp16_operands):
+    assert triton_fftconv.transform_precision(torch.bfloat16) == "fp16"
+    assert triton_fftconv.transform_precision(torch.float16) == "fp16"
+    assert triton_fftconv.transform_precision(torch.float32) == "tf32x3"
+
+
 def test_fftconv_outer_radix_path():
     # A lowered on-chip limit sends L = 200 (FFT size 512) through the outer-radix kernels (R = 2).
     inputs = _conv_inputs(2, 16, 200, True, seed=3)
@@ -409,6 +446,41 @@ def test_kernels_compile_for_hopper_within_the_register_file():
     for name, usage in report.items():
         assert usage["registers"] <= 255 and usage["shared_bytes"] <= 227 * 1024, (name, usage)
         assert usage["spill_bytes"] <= (128 if name.startswith("glu") else 512), (name, usage)
+
+
+def test_fft_kernels_with_fp16_operands_compile_for_hopper():
+    # The interpreter does not compile: the FFT kernels with fp16 transform operands must compile for
+    # sm_90 (as launched: unit strides along L) on each kind of plan with outer radix or three stages,
+    # within the register file and shared memory. (Their tf32 build spills as much: 0.2-1.3 KiB a
+    # thread in the backward, a bound recorded here so that a change cannot add much silently.)
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = (
+        "import json\n"
+        "from kernels.compile_report import resources\n"
+        "from kernels.fftconv import triton_fftconv as t\n"
+        "acts = ('u_ptr', 'x1_ptr', 'x2_ptr', 'v_ptr', 'y_ptr', 'dy_ptr', 'du_ptr', 'dx1_ptr', 'dx2_ptr', 'dv_ptr')\n"
+        "units = ('s_ul', 's_x1l', 's_x2l', 's_vl', 's_gl', 's_yl')\n"
+        "report = {}\n"
+        "for length in (512, 2048, 8192):\n"
+        "    n, r, m1, m2, p2, k1, c = t.fft_plan(length, t.MAX_ONCHIP, t.TILE)\n"
+        "    plan = dict(R=r, M1=m1, M2=m2, P2=p2, K1=k1, C=c, HAS_RES=True, PREC='fp16')\n"
+        "    warps = t._launch_config(1, 768, (n, r, m1, m2, p2, k1, c), t.torch.device('cpu'), 4)[2]\n"
+        "    dtypes = dict.fromkeys(acts, 'bf16')\n"
+        "    report[f'forward {length}'] = resources(t._fwd_kernel, plan, dtypes, warps, 1, unit_args=units)\n"
+        "    report[f'backward {length}'] = resources(t._bwd_kernel, dict(plan, ATOMIC=True), dtypes, warps, 1, unit_args=units)\n"
+        "print(json.dumps(report))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(report) == 6
+    for name, usage in report.items():
+        assert usage["registers"] <= 255 and usage["shared_bytes"] <= 227 * 1024, (name, usage)
+        assert usage["spill_bytes"] <= 2048, (name, usage)
 
 
 def test_fused_mixer_traffic_floor_formula():
@@ -660,9 +732,10 @@ def test_m2_layer_fused_mixer_matches_reference_under_autocast():
 
 # GPU: the same checks at real sizes.
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("dtype,fp16", [(torch.bfloat16, False), (torch.bfloat16, True), (torch.float32, False)], ids=["bf16", "bf16-fp16-operands", "fp32"])
 @pytest.mark.parametrize("length,batch,dim", [(128, 8, 768), (500, 4, 960), (2048, 2, 768), (8192, 2, 768), (32768, 1, 768)])
-def test_fftconv_gpu(length, batch, dim, dtype):
+def test_fftconv_gpu(length, batch, dim, dtype, fp16, monkeypatch):
+    monkeypatch.setattr(triton_fftconv, "FP16_OPERANDS", fp16)
     inputs = _conv_inputs(batch, dim, length, True, seed=length)
     _compare(
         triton_fftconv.gated_long_conv, fftconv_reference.gated_long_conv, inputs, dtype,
@@ -671,8 +744,10 @@ def test_fftconv_gpu(length, batch, dim, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fp16", [False, True], ids=["tf32", "fp16-operands"])
 @pytest.mark.parametrize("length,batch,dim", [(500, 4, 960), (8192, 2, 768)])
-def test_fftconv_gpu_small_gradients(length, batch, dim):
+def test_fftconv_gpu_small_gradients(length, batch, dim, fp16, monkeypatch):
+    monkeypatch.setattr(triton_fftconv, "FP16_OPERANDS", fp16)
     # Gradients 1e-5 of the activations: the tf32 transforms' error must stay relative to each
     # gradient, not to the activations packed beside it. (All inputs bf16: with u in fp32 torch's
     # own error on du is ~1e-7 of its scale, below what tf32 transforms reach, about 1e-3.)

@@ -6,6 +6,7 @@ useful FLOPs / bf16 GEMM rate for the GLU MLP).
 
     python tools/bench_kernels.py                      # every op at the sizes of the goals
     python tools/bench_kernels.py --ops fftconv --lengths 128,2048 --variants 4096:2048:8,1024:2048:8
+    python tools/bench_kernels.py --ops fftconv --lengths 512,2048,8192,32768 --fft-operands tf32,fp16
     python tools/bench_kernels.py --ops mixer --mixer-lengths 128 --mixer-variants 16:16:8:8,16:32:8:8,16:16:4:4
     python tools/bench_kernels.py --ops gemms --dims 768 --gemm-tokens 32768,2048   # Triton or cuBLAS, per GEMM
     python tools/bench_kernels.py --ops glu --dims 768 --glu-sweep                  # the GLU kernels' tiles
@@ -27,6 +28,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fft-tokens", type=int, default=65536, help="batch x L of the FFT benchmark")
     parser.add_argument("--fft-dim", type=int, default=768)
     parser.add_argument("--variants", default="", help="comma list of max_onchip:tile:num_warps")
+    parser.add_argument("--fft-operands", default="tf32",
+                        help="comma list of the FFT transforms' tensor-core operands to time each plan with: tf32, fp16")  # fmt: skip
     parser.add_argument("--toeplitz-max", type=int, default=8192, help="longest L to time the Toeplitz path at (it takes L <= 128)")
     parser.add_argument("--dims", default="768,960,1536,1792")
     parser.add_argument("--glu-tokens", type=int, default=32768)
@@ -56,7 +59,16 @@ def main(argv: list[str] | None = None) -> None:
         gemm_tokens=[int(x) for x in args.gemm_tokens.split(",")],
         glu_sweep=args.glu_sweep,
         toeplitz_sweep=[int(x) for x in args.toeplitz_sweep.split(",") if x],
+        fft_operands=_choices(args.fft_operands, ("tf32", "fp16"), "--fft-operands"),
     )
+
+
+def _choices(value: str, allowed: tuple[str, ...], flag: str) -> list[str]:
+    chosen = [x for x in value.split(",") if x]
+    unknown = [x for x in chosen if x not in allowed]
+    if unknown or not chosen:
+        raise SystemExit(f"{flag}: expected a comma list of {', '.join(allowed)}, got {value!r}")
+    return chosen
 
 
 if __name__ == "__main__":

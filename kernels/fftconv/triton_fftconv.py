@@ -4,7 +4,8 @@
 
 Algorithm (FlashFFTConv's, in Triton): an FFT of size N is Bailey's four-step FFT. The on-chip
 transform of size M = M1 * M2 is matrix products with small DFT matrices (tl.dot on tensor cores,
-tf32 operands and fp32 accumulation; complex numbers as pairs of real tiles) and twiddle products:
+tf32 operands, or fp16 ones under `FP16_OPERANDS`, and fp32 accumulation; complex numbers as pairs
+of real tiles) and twiddle products:
     time n = M2 * n1 + n2, frequency k = k1 + M1 * k2,
     X[k1, k2] = sum_n2 W_M^(n2 k1) (sum_n1 x[n1, n2] W_M1^(n1 k1)) W_M2^(n2 k2),
 with the M2-point transform itself split again (M2 = 16 x 16) from M = 4096 on, so every product
@@ -35,7 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_common import device_constants, dot_precision, new_output
+from kernels.triton_common import INTERPRET, device_constants, dot_precision, new_output
+
 # Cap on the on-chip transform size M (a power of two >= 256; tests lower it). MAX_ONCHIP, TILE and
 # NUM_WARPS are the defaults of the plan; tools/bench_kernels.py --variants overrides them to tune.
 MAX_ONCHIP = 4096
@@ -44,6 +46,26 @@ TILE = 2048
 # Warps per program of the main kernels; None picks by tile size.
 NUM_WARPS = None
 MAX_SEQLEN = 32768
+# The transforms' tensor-core operands for bf16/fp16 activations (fp32 activations always take the
+# 3-pass tf32 product). False: tf32. True: fp16, each transform's input scaled by a power of two to at
+# most 1 and the output scaled back (`_dft`, `_idft`). Both carry 11 significant bits, so the error is
+# the same; fp16 runs the tensor cores at twice tf32's rate and moves half the bytes through shared
+# memory in the stages' layout changes (an sm_90 compile: the same registers, half the shared
+# memory). Its range holds: a radix-16 stage grows values at most 16-fold, so a 4096-point transform
+# of inputs within 1 stays below 6,000 (fp16's largest value is 65,504). Off until timed on a GPU
+# against tf32 (`tools/bench_kernels.py --fft-operands tf32,fp16`).
+FP16_OPERANDS = False
+# Triton's interpreter does not round a half-precision tl.dot as a GPU does: there the operands are
+# rounded to fp16 and multiplied in fp32, which is exact for them, as on the tensor cores.
+_UPCAST = tl.constexpr(INTERPRET)
+
+
+def transform_precision(dtype: torch.dtype) -> str:
+    """The transforms' `PREC` for activations of `dtype`: "fp16" under FP16_OPERANDS for bf16/fp16,
+    else `dot_precision`'s."""
+    if FP16_OPERANDS and dtype in (torch.bfloat16, torch.float16):
+        return "fp16"
+    return dot_precision(dtype)
 
 
 @triton.jit
@@ -52,13 +74,33 @@ def _cmul(ar, ai, br, bi):
 
 
 @triton.jit
-def _dot(a, b, acc, PREC: tl.constexpr):
-    """a @ b (+ acc) with fp32 accumulation. PREC "fp16": operands rounded to fp16 (the caller
-    keeps them in range); otherwise fp32 operands with that tl.dot input precision."""
+def _operand(x, PREC: tl.constexpr):
+    """x as a tensor-core operand: PREC "fp16" rounds it to fp16 (the caller keeps it in range; in
+    the interpreter carried in fp32 after the rounding), other precisions leave it to tl.dot."""
     if PREC == "fp16":
-        return tl.dot(a.to(tl.float16), b.to(tl.float16), acc)
+        x = x.to(tl.float16)
+        if _UPCAST:
+            x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _dot(a, b, acc, PREC: tl.constexpr):
+    """a @ b (+ acc) with fp32 accumulation. PREC "fp16": fp16 operands (`_operand`); otherwise
+    fp32 operands with that tl.dot input precision."""
+    if PREC == "fp16":
+        if _UPCAST:
+            return tl.dot(_operand(a, PREC), _operand(b, PREC), acc, input_precision="ieee")
+        return tl.dot(_operand(a, PREC), _operand(b, PREC), acc)
     else:
         return tl.dot(a, b, acc, input_precision=PREC)
+
+
+@triton.jit
+def _unit_scale(amax):
+    """The power of two 2^-e that brings amax >= 0 to at most 1 (1 for 0; e within +-100)."""
+    e = tl.ceil(tl.log2(tl.where(amax > 0, amax, 1.0)))
+    return tl.exp2(-tl.minimum(tl.maximum(e, -100.0), 100.0))
 
 
 @triton.jit
@@ -122,6 +164,7 @@ def _stage_last_inv(
     b_er, b_ei = _cmul(
         tl.reshape(dr, (C, M1, M2)), tl.reshape(di, (C, M1, M2)), b_twr[None, :, :], -b_twi[None, :, :]
     )
+    b_er, b_ei = _operand(b_er, PREC), _operand(b_ei, PREC)
     b_er = tl.reshape(tl.permute(b_er, (0, 2, 1)), (C * M2, M1))
     b_ei = tl.reshape(tl.permute(b_ei, (0, 2, 1)), (C * M2, M1))
     # [M1, K1]
@@ -137,7 +180,7 @@ def _stage_last_inv(
 
 @triton.jit
 def _dft(
-    xr, xi, tab_ptr,
+    xr, xi, amax, tab_ptr,
     C: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr, P2: tl.constexpr, K1: tl.constexpr,
     HAS_IMAG: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
@@ -147,23 +190,36 @@ def _dft(
     hold data). P2 == 1: the M2-point DFT is one matrix product (two stages in all); otherwise it
     is itself two stages P2 x P3 (three in all). Returns the spectra as [C * M / SC, SC] tiles with
     SC = M2 (P2 == 1) or P3: row (c, k1[, k2]), column k2 or k3; frequency k1 + M1 (k2 + P2 k3).
-    `tab_ptr` holds the tables of `_tables`, at the offsets of `_tab_offsets`.
+    `tab_ptr` holds the tables of `_tables`, at the offsets of `_tab_offsets`. amax: a bound on the
+    inputs' modulus, by which PREC "fp16" scales them to at most 1 (undone on the output).
     """
     fa_r, fa_i, ta_r, ta_i, fb_r, fb_i, tb_r, tb_i, fc_r, fc_i = _tab_offsets(tab_ptr, M1, M2, P2)
+    if PREC == "fp16":
+        scale = _unit_scale(amax)
+        xr *= scale
+        if HAS_IMAG:
+            xi *= scale
     b_cr, b_ci = _stage_first(xr, xi, fa_r, fa_i, ta_r, ta_i, C, M1, M2, K1, HAS_IMAG, PREC)
+    # Rounded to the operand dtype before the layout change (fp16 moves half the bytes).
+    b_cr, b_ci = _operand(b_cr, PREC), _operand(b_ci, PREC)
     if P2 == 1:
         b_cr = tl.reshape(tl.permute(b_cr, (0, 2, 1)), (C * M1, M2))
         b_ci = tl.reshape(tl.permute(b_ci, (0, 2, 1)), (C * M1, M2))
-        return _stage_dft(b_cr, b_ci, fc_r, fc_i, M2, False, PREC)
+        b_yr, b_yi = _stage_dft(b_cr, b_ci, fc_r, fc_i, M2, False, PREC)
     else:
         P3: tl.constexpr = M2 // P2
         # m2 = P3 n2 + n3: each k1 row is a sequence of length M2, as a [P3, P2] time tile.
         b_cr = tl.reshape(tl.permute(tl.reshape(b_cr, (C, P2, P3, M1)), (0, 3, 2, 1)), (C * M1 * P3, P2))
         b_ci = tl.reshape(tl.permute(tl.reshape(b_ci, (C, P2, P3, M1)), (0, 3, 2, 1)), (C * M1 * P3, P2))
         b_cr, b_ci = _stage_first(b_cr, b_ci, fb_r, fb_i, tb_r, tb_i, C * M1, P2, P3, P2, True, PREC)
+        b_cr, b_ci = _operand(b_cr, PREC), _operand(b_ci, PREC)
         b_cr = tl.reshape(tl.permute(b_cr, (0, 2, 1)), (C * M1 * P2, P3))
         b_ci = tl.reshape(tl.permute(b_ci, (0, 2, 1)), (C * M1 * P2, P3))
-        return _stage_dft(b_cr, b_ci, fc_r, fc_i, P3, False, PREC)
+        b_yr, b_yi = _stage_dft(b_cr, b_ci, fc_r, fc_i, P3, False, PREC)
+    if PREC == "fp16":
+        b_yr *= 1.0 / scale
+        b_yi *= 1.0 / scale
+    return b_yr, b_yi
 
 
 @triton.jit
@@ -172,8 +228,13 @@ def _idft(
     C: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr, P2: tl.constexpr, K1: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """Unnormalised inverse DFT (exponent +) of C spectra in the layout `_dft` returns.
-    Returns the time tiles [C * M2, K1] (real, imaginary), n1 < K1 only."""
+    Returns the time tiles [C * M2, K1] (real, imaginary), n1 < K1 only. PREC "fp16" scales the
+    spectra by the power of two that brings their largest part to at most 1 (undone on the output)."""
     fa_r, fa_i, ta_r, ta_i, fb_r, fb_i, tb_r, tb_i, fc_r, fc_i = _tab_offsets(tab_ptr, M1, M2, P2)
+    if PREC == "fp16":
+        scale = _unit_scale(tl.maximum(tl.max(tl.abs(yr)), tl.max(tl.abs(yi))))
+        yr *= scale
+        yi *= scale
     if P2 == 1:
         b_dr, b_di = _stage_dft(yr, yi, fc_r, fc_i, M2, True, PREC)
     else:
@@ -183,7 +244,11 @@ def _idft(
         b_dr, b_di = _stage_last_inv(b_dr, b_di, fb_r, fb_i, tb_r, tb_i, C * M1, P2, P3, P2, PREC)
         b_dr = tl.reshape(tl.permute(tl.reshape(b_dr, (C, M1, P3, P2)), (0, 1, 3, 2)), (C * M1, M2))
         b_di = tl.reshape(tl.permute(tl.reshape(b_di, (C, M1, P3, P2)), (0, 1, 3, 2)), (C * M1, M2))
-    return _stage_last_inv(b_dr, b_di, fa_r, fa_i, ta_r, ta_i, C, M1, M2, K1, PREC)
+    b_or, b_oi = _stage_last_inv(b_dr, b_di, fa_r, fa_i, ta_r, ta_i, C, M1, M2, K1, PREC)
+    if PREC == "fp16":
+        b_or *= 1.0 / scale
+        b_oi *= 1.0 / scale
+    return b_or, b_oi
 
 
 @triton.jit
@@ -280,6 +345,8 @@ def _fwd_kernel(
     i_bs = tl.program_id(1).to(tl.int64)
     i_r = tl.program_id(2).to(tl.int64)
     M: tl.constexpr = M1 * M2
+    # An outer row sums at most R / 2 rows of data (twiddled): its modulus is within this many times theirs.
+    OUTER_GAIN: tl.constexpr = max(R // 2, 1)
     # Time tile [C * M2, K1]: row c * M2 + n2, column n1, inner time M2 * n1 + n2.
     # Scalar (int64) offsets of the channel block go into the base pointers; in-tile offsets are int32.
     i_d0 = i_dc * C
@@ -301,27 +368,25 @@ def _fwd_kernel(
     i_blo = i_bs * B_PER
     i_bhi = tl.minimum(i_blo + B_PER, B)
     for i_b in range(i_blo, i_bhi):
-        b_ar, b_ai, _ = _load_outer_row(
+        b_ar, b_ai, amax_a = _load_outer_row(
             v_ptr, s_vb, s_vd, s_vl, x1_ptr, s_x1b, s_x1d, s_x1l, wc_ptr, ws_ptr,
             i_b, i_r, o_d, o_t, m_d, L, R, M, True,
         )  # fmt: skip
         if R > 1:
             b_ar, b_ai = _cmul(b_ar, b_ai, b_otr, b_oti)
-        b_ar, b_ai = _dft(b_ar, b_ai, tab_ptr, C, M1, M2, P2, K1, R > 1, PREC)
+        b_ar, b_ai = _dft(b_ar, b_ai, amax_a * OUTER_GAIN, tab_ptr, C, M1, M2, P2, K1, R > 1, PREC)
         # The spectra are re-read (from L2) every iteration: holding them costs registers.
         b_yr, b_yi = _cmul(
             b_ar, b_ai, tl.load(k1r_ptr + i_k0 + p_k, mask=m_k, other=0.0), tl.load(k1i_ptr + i_k0 + p_k, mask=m_k, other=0.0)
         )
         if HAS_RES:
-            b_ur, b_ui, _ = _load_outer_row(
+            b_ur, b_ui, amax_u = _load_outer_row(
                 u_ptr, s_ub, s_ud, s_ul, u_ptr, s_ub, s_ud, s_ul, wc_ptr, ws_ptr,
                 i_b, i_r, o_d, o_t, m_d, L, R, M, False,
             )  # fmt: skip
             if R > 1:
                 b_ur, b_ui = _cmul(b_ur, b_ui, b_otr, b_oti)
-            b_ur, b_ui = _dft(
-                b_ur, b_ui, tab_ptr, C, M1, M2, P2, K1, R > 1, PREC
-            )
+            b_ur, b_ui = _dft(b_ur, b_ui, amax_u * OUTER_GAIN, tab_ptr, C, M1, M2, P2, K1, R > 1, PREC)
             b_ur, b_ui = _cmul(
                 b_ur, b_ui, tl.load(k2r_ptr + i_k0 + p_k, mask=m_k, other=0.0), tl.load(k2i_ptr + i_k0 + p_k, mask=m_k, other=0.0)
             )
@@ -410,6 +475,8 @@ def _bwd_kernel(
     i_bs = tl.program_id(1).to(tl.int64)
     i_r = tl.program_id(2).to(tl.int64)
     M: tl.constexpr = M1 * M2
+    # An outer row sums at most R / 2 rows of data (twiddled): its modulus is within this many times theirs.
+    OUTER_GAIN: tl.constexpr = max(R // 2, 1)
     # Scalar (int64) offsets of the channel block go into the base pointers; in-tile offsets are int32.
     i_d0 = i_dc * C
     u_ptr += i_d0 * s_ud
@@ -452,8 +519,8 @@ def _bwd_kernel(
         if R > 1:
             b_ar, b_ai = _cmul(b_ar, b_ai, b_otr, b_oti)
             b_gr, b_gi = _cmul(b_gr, b_gi, b_otr, b_oti)
-        b_ar, b_ai = _dft(b_ar, b_ai, tab_ptr, C, M1, M2, P2, K1, R > 1, PREC)
-        b_gr, b_gi = _dft(b_gr, b_gi, tab_ptr, C, M1, M2, P2, K1, R > 1, PREC)
+        b_ar, b_ai = _dft(b_ar, b_ai, amax_a * OUTER_GAIN, tab_ptr, C, M1, M2, P2, K1, R > 1, PREC)
+        b_gr, b_gi = _dft(b_gr, b_gi, amax_g * OUTER_GAIN, tab_ptr, C, M1, M2, P2, K1, R > 1, PREC)
         b_dk1r += b_ar * b_gr + b_ai * b_gi
         b_dk1i += b_ar * b_gi - b_ai * b_gr
         # A K1 (for y1, needed by dx2) + i s G1 conj(K1) (the correlation giving da): one inverse.
@@ -491,23 +558,19 @@ def _bwd_kernel(
             tl.store(s1i_ptr + p_s, b_si, mask=m_d)
         if HAS_RES:
             # Conv 2 on u with upstream gradient dy.
-            b_ur, b_ui, _ = _load_outer_row(
+            b_ur, b_ui, amax_u = _load_outer_row(
                 u_ptr, s_ub, s_ud, s_ul, u_ptr, s_ub, s_ud, s_ul, wc_ptr, ws_ptr,
                 i_b, i_r, o_d, o_t, m_d, L, R, M, False,
             )  # fmt: skip
-            b_hr, b_hi, _ = _load_outer_row(
+            b_hr, b_hi, amax_h = _load_outer_row(
                 dy_ptr, s_gb, s_gd, s_gl, dy_ptr, s_gb, s_gd, s_gl, wc_ptr, ws_ptr,
                 i_b, i_r, o_d, o_t, m_d, L, R, M, False,
             )  # fmt: skip
             if R > 1:
                 b_ur, b_ui = _cmul(b_ur, b_ui, b_otr, b_oti)
                 b_hr, b_hi = _cmul(b_hr, b_hi, b_otr, b_oti)
-            b_ur, b_ui = _dft(
-                b_ur, b_ui, tab_ptr, C, M1, M2, P2, K1, R > 1, PREC
-            )
-            b_hr, b_hi = _dft(
-                b_hr, b_hi, tab_ptr, C, M1, M2, P2, K1, R > 1, PREC
-            )
+            b_ur, b_ui = _dft(b_ur, b_ui, amax_u * OUTER_GAIN, tab_ptr, C, M1, M2, P2, K1, R > 1, PREC)
+            b_hr, b_hi = _dft(b_hr, b_hi, amax_h * OUTER_GAIN, tab_ptr, C, M1, M2, P2, K1, R > 1, PREC)
             b_dk2r += b_ur * b_hr + b_ui * b_hi
             b_dk2i += b_ur * b_hi - b_ui * b_hr
             b_qr, b_qi = _cmul(
@@ -684,7 +747,7 @@ def fftconv_fwd(u, x1, x2, v, k1r, k1i, d1, k2r, k2i, d2, plan) -> torch.Tensor:
         k1r, k1i, k2r if has_res else k1r, k2i if has_res else k1i, d1, d2 if has_res else d1,
         tabs["tab"], tabs["otr"], tabs["oti"], tabs["wc"], tabs["ws"],
         batch, dim, length, b_per, *_strides(uu, x1, x2, v, y),
-        R=r, M1=m1, M2=m2, P2=p2, K1=k1, C=c, HAS_RES=has_res, PREC=dot_precision(v.dtype), num_warps=num_warps,
+        R=r, M1=m1, M2=m2, P2=p2, K1=k1, C=c, HAS_RES=has_res, PREC=transform_precision(v.dtype), num_warps=num_warps,
         num_stages=1,
     )  # fmt: skip
     if r > 1:
@@ -732,7 +795,7 @@ def fftconv_bwd(dy, u, x1, x2, v, k1r, k1i, d1, k2r, k2i, d2, plan):
         tabs["tab"], tabs["otr"], tabs["oti"], tabs["wc"], tabs["ws"],
         batch, dim, length, b_per, *_strides(uu, x1, x2, v, dy),
         R=r, M1=m1, M2=m2, P2=p2, K1=k1, C=c, HAS_RES=has_res, ATOMIC=atomic,
-        PREC=dot_precision(v.dtype),
+        PREC=transform_precision(v.dtype),
         num_warps=num_warps, num_stages=1,
     )  # fmt: skip
     if r > 1:

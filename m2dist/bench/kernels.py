@@ -49,23 +49,25 @@ def _fwd_bwd(fn, inputs, upstream):
     return step
 
 
-def bench_fftconv(lengths, tokens, dim, variants, copy_bw, toeplitz_max):
+def bench_fftconv(lengths, tokens, dim, variants, copy_bw, toeplitz_max, operands=("tf32",), device="cuda"):
+    """Rows of the FFT table; each plan (`variants`, else the default) is timed with the transforms'
+    tensor-core operands of each of `operands` ("tf32", "fp16": `triton_fftconv.FP16_OPERANDS`)."""
     rows = []
     for length in lengths:
         batch = max(1, tokens // length)
-        gen = torch.Generator(device="cuda").manual_seed(0)
+        gen = torch.Generator(device=device).manual_seed(0)
 
         def act():
-            return torch.randn(batch, dim, length, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
+            return torch.randn(batch, dim, length, device=device, dtype=torch.bfloat16, generator=gen).requires_grad_()
 
         def filt(*shape, scale=0.1):
-            return (torch.randn(*shape, device="cuda", generator=gen) * scale).requires_grad_()
+            return (torch.randn(*shape, device=device, generator=gen) * scale).requires_grad_()
 
         u, x1, x2, v = act(), act(), act(), act()
         k1, k2 = filt(dim, 2 * length), filt(dim, 2 * length)
         d1, d2 = filt(dim, scale=1.0), filt(dim, scale=1.0)
         inputs = [u, x1, x2, v, k1, d1, k2, d2]
-        upstream = torch.randn(batch, dim, length, device="cuda", dtype=torch.bfloat16, generator=gen)
+        upstream = torch.randn(batch, dim, length, device=device, dtype=torch.bfloat16, generator=gen)
         # HBM floor: forward reads u, x1, x2, v and writes y; backward reads those and dy and
         # writes four input gradients; the filters are O(D L) and left out.
         floor_bytes = 14 * batch * dim * length * 2
@@ -88,17 +90,18 @@ def bench_fftconv(lengths, tokens, dim, variants, copy_bw, toeplitz_max):
             )  # fmt: skip
             print(_fmt_fft(rows[-1]), flush=True)
 
-        for variant in variants or [None]:
-            saved = (triton_fftconv.TILE, triton_fftconv.NUM_WARPS)
+        for variant, operand in itertools.product(variants or [None], operands):
+            saved = (triton_fftconv.TILE, triton_fftconv.NUM_WARPS, triton_fftconv.FP16_OPERANDS)
             if variant is not None:
                 triton_fftconv.TILE, triton_fftconv.NUM_WARPS = variant[1], variant[2]
+            triton_fftconv.FP16_OPERANDS = operand == "fp16"
             max_onchip = variant[0] if variant is not None else triton_fftconv.MAX_ONCHIP
             plan = triton_fftconv.fft_plan(length, max_onchip, triton_fftconv.TILE)
             if plan[1] <= 64:  # the outer combine unrolls R rows
-                label = "FFT N={} R={} M={}x{} C={}".format(plan[0], plan[1], plan[2], plan[3], plan[6])
+                label = "FFT N={} R={} M={}x{} C={} {}".format(plan[0], plan[1], plan[2], plan[3], plan[6], operand)
                 label += f" w={variant[2]}" if variant else ""
                 measure(label, functools.partial(triton_fftconv.gated_long_conv, max_onchip=max_onchip))
-            triton_fftconv.TILE, triton_fftconv.NUM_WARPS = saved
+            triton_fftconv.TILE, triton_fftconv.NUM_WARPS, triton_fftconv.FP16_OPERANDS = saved
         if length <= min(toeplitz_max, triton_toeplitz.MAX_LEN):
             # The gated inputs packed as the sequence mixer passes them (one (B, 3D, L) tensor).
             x = torch.cat([x1, x2, v], dim=1).detach().requires_grad_()
@@ -108,7 +111,8 @@ def bench_fftconv(lengths, tokens, dim, variants, copy_bw, toeplitz_max):
                 measure(label, fn, [u, x, k1, d1, k2, d2])
             del x
         del inputs, u, x1, x2, v, upstream
-        torch.cuda.empty_cache()
+        if device == "cuda":
+            torch.cuda.empty_cache()
     return rows
 
 
@@ -428,18 +432,20 @@ def run_kernel_benchmarks(
     gemm_tokens: list[int] = (32768, 2048),
     glu_sweep: bool = False,
     toeplitz_sweep: list[int] = (),
+    fft_operands: list[str] = ("tf32",),
 ) -> None:
     """Measure the ceilings, time the ops named in `ops` ("fftconv", "mixer", "glu") and print one
     Markdown table per op. A variant `(max_onchip, tile, num_warps)` overrides the FFT kernels' plan,
     a mixer variant `(BD, BF, BPP, num_warps)` the fused mixer's blocks. "gemms" times the MLP's
     plain block-diagonal GEMMs on both engines at `gemm_tokens`; `glu_sweep` the GLU kernels' tiles
     at the first of `dims` and `glu_tokens`; `toeplitz_sweep` the Toeplitz kernels' blocks at these
-    batch sizes (L=128, d = `fft_dim`)."""
+    batch sizes (L=128, d = `fft_dim`). `fft_operands`: the FFT kernels' transform operands to time
+    each plan with ("tf32", "fp16")."""
     copy_bw, gemm_rate = measure_ceilings()
     print(f"{torch.cuda.get_device_name()}: copy {copy_bw / 1e12:.2f} TB/s (read + write), bf16 GEMM {gemm_rate / 1e12:.0f} TFLOP/s")
     fft_rows, mixer_rows, glu_rows = [], [], []
     if "fftconv" in ops:
-        fft_rows = bench_fftconv(lengths, fft_tokens, fft_dim, variants, copy_bw, toeplitz_max)
+        fft_rows = bench_fftconv(lengths, fft_tokens, fft_dim, variants, copy_bw, toeplitz_max, fft_operands)
     if "mixer" in ops:
         mixer_rows = bench_mixer(mixer_lengths, fft_tokens, mixer_dims, mixer_variants, copy_bw)
     if "glu" in ops:
