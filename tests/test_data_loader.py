@@ -268,3 +268,34 @@ def test_data_config_checks_name_the_key():
         config_from_dict({"data": {"tokenizer": "tok.json"}})
     streams = config_from_dict({"data": {"train": "s3://b/c4/train@0.8, /d/books/train@0.2"}}).data.train
     assert streams == "s3://b/c4/train@0.8, /d/books/train@0.2"
+
+
+def test_mapped_shard_reads_give_streamings_bytes_and_keep_few_files_open(tmp_path, monkeypatch):
+    # Every sample read through the memory map is the bytes streaming's reader returns; a process
+    # keeps at most MAX_OPEN shards mapped; a shard not on disk raises FileNotFoundError, on which
+    # the dataset lets streaming fetch it.
+    from streaming import MDSWriter
+    from streaming.base.format import reader_from_json
+
+    from m2dist.data import mapped_shards
+
+    out = tmp_path / "shards"
+    rng = np.random.default_rng(0)
+    with MDSWriter(out=str(out), columns={"input_ids": "ndarray:uint16"}, size_limit=4096) as writer:
+        for _ in range(300):
+            writer.write({"input_ids": rng.integers(0, 30000, rng.integers(1, 128), dtype=np.uint16)})
+    index = json.loads((out / "index.json").read_text())
+    readers = [reader_from_json(str(out), None, shard) for shard in index["shards"]]
+    assert len(readers) > 4
+    monkeypatch.setattr(mapped_shards, "MAX_OPEN", 3)
+    mapped_shards.close_all()
+    try:
+        for reader in readers:
+            for i in range(reader.samples):
+                assert mapped_shards.sample_bytes(reader, i) == reader.get_sample_data(i)
+            assert len(mapped_shards._maps) <= 3
+        missing = reader_from_json(str(tmp_path / "elsewhere"), None, index["shards"][0])
+        with pytest.raises(FileNotFoundError):
+            mapped_shards.sample_bytes(missing, 0)
+    finally:
+        mapped_shards.close_all()

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from m2dist.data.corpus import EMBEDDED_CORPUS
-from m2dist.data.masking import IGNORE_INDEX, mask_sample, mask_tokens
+from m2dist.data.masking import IGNORE_INDEX, mask_sample, mask_samples, mask_tokens
 from m2dist.data.readers import read_documents
 from m2dist.data.tokenizer import load_tokenizer
 
@@ -83,3 +83,18 @@ def test_mask_tokens_keeps_its_torch_interface(sequences):
     assert (a[1] != IGNORE_INDEX).any()
     with pytest.raises(ValueError, match="probability"):
         mask_tokens(ids, special.mask, vocab_size, 1.5)
+
+
+def test_a_batch_is_masked_row_by_row_as_each_sample_alone(sequences):
+    # The loader masks a whole batch at once; each row must get exactly the masks of its own
+    # (seed, epoch, sample index), so that batching changes nothing on resume or another layout.
+    rows, special, vocab_size = sequences
+    kwargs = dict(mask_token_id=special.mask, vocab_size=vocab_size, probability=0.3, special_ids=special.as_tuple(), seed=5)
+    epochs, indices = [0, 3, 3, 1, 0, 7], [9, 2, 2**40, 0, 123456, 9]
+    corrupted, labels = mask_samples(rows[:6], epochs_B=epochs, sample_indices_B=indices, **kwargs)
+    assert corrupted.shape == labels.shape == (6, L) and corrupted.dtype == labels.dtype == np.int64
+    for row, (epoch, index) in enumerate(zip(epochs, indices)):
+        alone = mask_sample(rows[row], epoch=epoch, sample_index=index, **kwargs)
+        assert np.array_equal(corrupted[row], alone[0]) and np.array_equal(labels[row], alone[1]), row
+    with pytest.raises(ValueError, match="one epoch and sample index per row: 6 rows, 5 epochs"):
+        mask_samples(rows[:6], epochs_B=epochs[:5], sample_indices_B=indices[:5], **kwargs)

@@ -3,8 +3,8 @@
     python tools/bench_data.py --seq-len 128 8192 --workers 1
 
 Shards are made from the embedded corpus (concat mode, full windows, the corpus repeated for long
-lengths) under --work-dir. The goal is a ratio >= 10: each worker (8 per node, one per GPU)
-delivers 10x what one GPU consumes training M2-BERT-80M.
+lengths) under --work-dir. The goal is a ratio >= 10: each worker delivers 10x what one GPU
+consumes training M2-BERT-80M through the engine (a rank runs data.num_workers of them, 2 by default).
 """
 
 import argparse

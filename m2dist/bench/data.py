@@ -1,7 +1,7 @@
 """Throughput of the data path (MDS shards -> masked MLM batches), what tools/bench_data.py runs.
 
-Goal of the data issue: one node's loader (8 worker processes) delivers at least 10x the tokens/s
-that 8 GPUs consume training M2-BERT-80M, i.e. each worker at least 10x one GPU's rate.
+Goal of the data issue: each loader worker delivers at least 10x the tokens/s that one GPU consumes
+training M2-BERT-80M, so that a rank's workers never hold its GPU back.
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ from m2dist.data.loader import build_mlm_dataloader, close_mlm_dataloader
 from m2dist.data.manifest import MANIFEST_NAME
 from m2dist.data.prepare import prepare_mds
 
-# Tokens/s of one H200 training M2-BERT-80M with the upstream code (bf16, torch.fft path), by
-# sequence length, as measured on one such GPU. The nearest length below is used.
-GPU_TOKENS_PER_S_80M = {128: 41_000, 512: 60_000, 2048: 60_000, 8192: 57_000}
+# Tokens/s of one H200 training M2-BERT-80M through m2dist's engine (the default step, 32,768
+# tokens a step; docs/performance.md's engine table of 2026-12-04), by sequence length. The
+# nearest length below is used: lengths in between get the shorter length's (higher) rate.
+GPU_TOKENS_PER_S_80M = {128: 504_527, 8192: 194_019}
 GOAL_RATIO = 10.0
 
 

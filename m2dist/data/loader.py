@@ -25,6 +25,7 @@ import os
 import re
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,11 +36,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from streaming import Stream, StreamingDataLoader, StreamingDataset
+from streaming.base.format.mds.reader import MDSReader
 
 from m2dist.config import Config, StreamSpec, parse_streams
+from m2dist.data import mapped_shards
 from m2dist.data.corpus import default_prepared_dir, prepare_default_dataset
 from m2dist.data.manifest import Expected, Manifest, check_manifest, read_manifest
-from m2dist.data.masking import mask_sample
+from m2dist.data.masking import mask_samples
 from m2dist.data.tokenizer import DEFAULT_VOCAB, SpecialIds, file_sha256
 from m2dist.errors import ConfigError, DataError
 
@@ -172,7 +175,6 @@ class MLMStreamingDataset(StreamingDataset):
         super().__init__(**kwargs)
         self.seq_len = seq_len
         self.masking = masking
-        self.special_ids = masking.special.as_tuple()
         self.epoch_of_work = 0
 
     def _get_work(self, epoch: int, sample_in_epoch: int) -> np.ndarray:
@@ -191,10 +193,27 @@ class MLMStreamingDataset(StreamingDataset):
         name = getattr(info, "basename", f"shard {shard_id}")
         return f"{(stream.remote or stream.local).rstrip('/')}/{name}"
 
+    def _stored_ids(self, sample_id: int, retry: int) -> np.ndarray:
+        """A sample's stored token ids: read through the shard's memory map (`mapped_shards`) when
+        the shard is an MDS file on local disk, else by streaming, which downloads it first."""
+        shard_id, index_in_shard = self.spanner[sample_id]
+        shard = self.shards[shard_id]
+        if isinstance(shard, MDSReader) and not (hasattr(self, "_event") and self._event.is_set()):
+            try:
+                data = mapped_shards.sample_bytes(shard, index_in_shard)
+            except FileNotFoundError:
+                pass
+            else:
+                # As streaming's own read does: the access time orders its cache evictions.
+                self._shard_access_times[shard_id] = time.time_ns()
+                return shard.decode_sample(data)["input_ids"]
+        return super().get_item(sample_id, retry)["input_ids"]
+
     def get_item(self, sample_id: int, retry: int = 7) -> dict[str, np.ndarray | int]:
-        """One sample as numpy (cheaper than torch per sample; `collate_mlm` makes the tensors):
-        input_ids and labels (L,) int64, length (tokens before padding), sample_index."""
-        stored = super().get_item(sample_id, retry)["input_ids"]
+        """One sample as numpy, not yet masked (`MLMCollator` masks and makes the tensors a batch at
+        a time): input_ids (L,) int64 padded, length (tokens before padding), sample_index, and the
+        epoch whose masks it takes."""
+        stored = self._stored_ids(sample_id, retry)
         length = len(stored)
         if length > self.seq_len:
             raise DataError(f"sample {sample_id} has {length} tokens, more than the loader's {self.seq_len}")
@@ -206,17 +225,7 @@ class MLMStreamingDataset(StreamingDataset):
         ids_L = np.full(self.seq_len, self.masking.special.pad, dtype=np.int64)
         ids_L[:length] = stored
         epoch = 0 if self.masking.same_masks_every_epoch else self.epoch_of_work
-        corrupted_L, labels_L = mask_sample(
-            ids_L,
-            mask_token_id=self.masking.special.mask,
-            vocab_size=self.masking.vocab_size,
-            probability=self.masking.probability,
-            special_ids=self.special_ids,
-            seed=self.masking.seed,
-            epoch=epoch,
-            sample_index=int(sample_id),
-        )
-        return {"input_ids": corrupted_L, "labels": labels_L, "length": length, "sample_index": int(sample_id)}
+        return {"input_ids": ids_L, "length": length, "sample_index": int(sample_id), "epoch": epoch}
 
 
 # GIL switch interval of loader worker processes. Each worker runs streaming's two helper threads
@@ -230,18 +239,35 @@ def _init_worker(worker_id: int) -> None:
     sys.setswitchinterval(WORKER_SWITCH_INTERVAL_S)
 
 
-def collate_mlm(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Stack MLMStreamingDataset samples into the batch of the module docstring ((B, L) int64)."""
-    input_ids_BL = torch.from_numpy(np.stack([s["input_ids"] for s in samples]))
-    lengths_B = torch.tensor([s["length"] for s in samples], dtype=torch.int64)
-    positions_L = torch.arange(input_ids_BL.shape[1])
-    return {
-        "input_ids": input_ids_BL,
-        "attention_mask": (positions_L[None, :] < lengths_B[:, None]).to(torch.int64),
-        "token_type_ids": torch.zeros_like(input_ids_BL),
-        "labels": torch.from_numpy(np.stack([s["labels"] for s in samples])),
-        "sample_index": torch.tensor([s["sample_index"] for s in samples], dtype=torch.int64),
-    }
+@dataclass(frozen=True)
+class MLMCollator:
+    """Masks a list of MLMStreamingDataset samples (each row as `mask_sample` would, keyed by its
+    seed, epoch and sample index) and stacks them into the batch of the module docstring."""
+
+    masking: MaskingSpec
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        stored_BL = np.stack([s["input_ids"] for s in samples])
+        sample_index_B = [s["sample_index"] for s in samples]
+        corrupted_BL, labels_BL = mask_samples(
+            stored_BL,
+            mask_token_id=self.masking.special.mask,
+            vocab_size=self.masking.vocab_size,
+            probability=self.masking.probability,
+            special_ids=self.masking.special.as_tuple(),
+            seed=self.masking.seed,
+            epochs_B=[s["epoch"] for s in samples],
+            sample_indices_B=sample_index_B,
+        )
+        lengths_B = np.array([s["length"] for s in samples])
+        input_ids_BL = torch.from_numpy(corrupted_BL)
+        return {
+            "input_ids": input_ids_BL,
+            "attention_mask": torch.from_numpy((np.arange(stored_BL.shape[1])[None, :] < lengths_B[:, None]).astype(np.int64)),
+            "token_type_ids": torch.zeros_like(input_ids_BL),
+            "labels": torch.from_numpy(labels_BL),
+            "sample_index": torch.tensor(sample_index_B, dtype=torch.int64),
+        }
 
 
 def close_mlm_dataloader(loader: StreamingDataLoader) -> None:
@@ -397,7 +423,7 @@ def build_mlm_dataloader(
     return StreamingDataLoader(
         dataset,
         batch_size=micro_batch_size,
-        collate_fn=collate_mlm,
+        collate_fn=MLMCollator(dataset.masking),
         num_workers=data.num_workers,
         worker_init_fn=_init_worker,
         prefetch_factor=data.prefetch_factor if data.num_workers > 0 else None,

@@ -1,12 +1,15 @@
 """BERT masked-language-model corruption with 80/10/10 replacement.
 
-One implementation (`mask_array`, numpy, draws from a counter-based stream given by a key) behind
-two entry points:
+One implementation (`_corrupt`, numpy, draws from counter-based streams given by keys) behind
+three entry points:
 - `mask_sample`: one sequence, keyed by (seed, epoch, sample index), so a sample is masked the same
   way whichever rank, worker or batch loads it, and after a resume;
+- `mask_samples`: a batch of such sequences at once, each row exactly as `mask_sample` masks it
+  (what the loader does: one vectorised pass per batch instead of a dozen small ones per sample);
 - `mask_tokens`: a batch of torch tensors, drawn from a torch generator.
 """
 
+from collections.abc import Sequence
 from functools import lru_cache
 
 import numpy as np
@@ -28,9 +31,13 @@ _U64 = (1 << 64) - 1
 
 def splitmix64_stream(key: int, count: int) -> np.ndarray:
     """(count,) uint64: the first `count` outputs of splitmix64 started at state `key`."""
-    z = np.arange(1, count + 1, dtype=np.uint64)
-    z *= _GOLDEN
-    z += np.uint64(key & _U64)
+    return splitmix64_streams(np.array([key & _U64], dtype=np.uint64), count)[0]
+
+
+def splitmix64_streams(keys_B: np.ndarray, count: int) -> np.ndarray:
+    """(B, count) uint64: row b holds the first `count` outputs of splitmix64 started at keys_B[b]."""
+    z = np.arange(1, count + 1, dtype=np.uint64)[None, :] * _GOLDEN
+    z = z + keys_B.astype(np.uint64)[:, None]
     z ^= z >> np.uint64(30)
     z *= _MIX1
     z ^= z >> np.uint64(27)
@@ -68,13 +75,18 @@ def mask_array(
     The draws are the splitmix64 stream of `key`, one 64-bit number per token. Returns
     (corrupted ids, labels) as int64 arrays of the shape of `ids`; labels are IGNORE_INDEX where
     not selected."""
+    bits = splitmix64_stream(key, ids.size).reshape(ids.shape)
+    return _corrupt(ids, bits, mask_token_id, vocab_size, probability, special_ids)
+
+
+def _corrupt(ids, bits, mask_token_id, vocab_size, probability, special_ids):
+    """`mask_array` with the draws `bits` (uint64, the shape of ids)."""
     if not 0.0 < probability < 1.0:
         raise ValueError(f"probability must be in (0, 1), got {probability}")
     ids = ids.astype(np.int64, copy=False)
     special = _special_table(tuple(special_ids), vocab_size)
     if ids.size and (ids.min() < 0 or ids.max() >= len(special)):
         raise ValueError(f"token ids must be in [0, {len(special)}), got {ids.min()}..{ids.max()}")
-    bits = splitmix64_stream(key, ids.size).reshape(ids.shape)
     # The top 24 bits give u, uniform on [0, 1): u < p selects a token; within the selection
     # u < 0.8p -> [MASK], 0.8p <= u < 0.9p -> random token, else kept. The low 32 bits give the
     # random token (modulo bias < vocab_size / 2**32).
@@ -128,3 +140,26 @@ def mask_sample(
     resumed run, or one with another number of ranks or workers, masks every sample identically.
     Returns corrupted ids (L,) and labels (L,), int64."""
     return mask_array(ids_L, sample_key(seed, epoch, sample_index), mask_token_id, vocab_size, probability, special_ids)
+
+
+def mask_samples(
+    ids_BL: np.ndarray,
+    *,
+    mask_token_id: int,
+    vocab_size: int,
+    probability: float,
+    special_ids: tuple[int, ...],
+    seed: int,
+    epochs_B: Sequence[int],
+    sample_indices_B: Sequence[int],
+) -> tuple[np.ndarray, np.ndarray]:
+    """`mask_sample` of every row of ids_BL (B, L) at once: row b is masked as sample
+    sample_indices_B[b] of epoch epochs_B[b]. Returns corrupted ids (B, L) and labels (B, L), int64."""
+    if not len(epochs_B) == len(sample_indices_B) == len(ids_BL):
+        raise ValueError(
+            f"one epoch and sample index per row: {len(ids_BL)} rows, {len(epochs_B)} epochs, "
+            f"{len(sample_indices_B)} indices"
+        )
+    keys_B = np.array([sample_key(seed, e, i) for e, i in zip(epochs_B, sample_indices_B)], dtype=np.uint64)
+    bits_BL = splitmix64_streams(keys_B, ids_BL.shape[1])
+    return _corrupt(ids_BL, bits_BL, mask_token_id, vocab_size, probability, special_ids)
