@@ -169,7 +169,8 @@ class MaskingSpec:
 
 
 class MLMStreamingDataset(StreamingDataset):
-    """StreamingDataset whose samples are masked MLM examples of length L (see module doc)."""
+    """StreamingDataset of MLM examples of length L, padded; `MLMCollator` masks them into the
+    batches of the module docstring."""
 
     def __init__(self, *, seq_len: int, masking: MaskingSpec, **kwargs: Any) -> None:
         super().__init__(**kwargs)
