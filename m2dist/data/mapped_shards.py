@@ -2,8 +2,9 @@
 
 streaming's MDS reader opens the shard file for every sample it reads (a seek and read of the
 sample's offsets, a seek and read of its bytes, a close): at L=128 that was over half of a loader
-worker's time per sample. The shard files are immutable (the index names each by its content), so
-a map of one serves the same bytes for as long as it is open. A process keeps the maps of the
+worker's time per sample. streaming writes each shard file into the job's cache folder once (a
+temporary file renamed into place, for downloads and decompression alike) and never changes it, so a
+map of one serves the same bytes for as long as it is open. A process keeps the maps of the
 MAX_OPEN shards it read last; a shard that streaming evicts from its cache (`cache_limit`) frees
 its disk space once its map is dropped too.
 """
