@@ -413,7 +413,8 @@ def test_packed_spectrum_is_the_filters_half_spectrum():
 
 def _sm90_report(body: str) -> dict:
     """The dict `report` that `body` fills, run by Python without Triton's interpreter, where
-    `resources` (`kernels.compile_report`) compiles kernels for sm_90."""
+    `resources` (`kernels.compile_report`) compiles kernels for sm_90; every kernel in it checked to
+    fit the register file and shared memory."""
     import json
     import subprocess
     import sys
@@ -422,7 +423,10 @@ def _sm90_report(body: str) -> dict:
     code = "import json\nfrom kernels.compile_report import resources\n" + body + "print(json.dumps(report))\n"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    for name, usage in report.items():
+        assert usage["registers"] <= 255 and usage["shared_bytes"] <= 227 * 1024, (name, usage)
+    return report
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests run the kernels themselves")
@@ -447,7 +451,6 @@ def test_kernels_compile_for_hopper_within_the_register_file():
     glu = {"glu forward", "glu backward", "glu forward resident", "glu backward resident"}
     assert set(report) == {"forward", "backward gated", "backward residual", *glu}
     for name, usage in report.items():
-        assert usage["registers"] <= 255 and usage["shared_bytes"] <= 227 * 1024, (name, usage)
         assert usage["spill_bytes"] <= (128 if name.startswith("glu") else 512), (name, usage)
 
 
@@ -472,7 +475,6 @@ def test_fft_kernels_with_fp16_operands_compile_for_hopper():
     )
     assert len(report) == 6
     for name, usage in report.items():
-        assert usage["registers"] <= 255 and usage["shared_bytes"] <= 227 * 1024, (name, usage)
         assert usage["spill_bytes"] <= 2048, (name, usage)
 
 
