@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from m2dist.config import Config
+from m2dist.data.masking import IGNORE_INDEX
 from m2dist.engine.deepspeed_config import BatchLayout
 from m2dist.engine.distributed import DistEnv
 
@@ -46,11 +47,13 @@ class TrainingData:
                 self._train_iter = None
 
     def eval_batches(self, max_batches: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-        """One pass over the validation split (the first `max_batches` batches if > 0)."""
+        """One pass over the validation split (the first `max_batches` batches if > 0), every batch of
+        micro-batch size: the split's short last batch comes filled up (`fill_batch`), since a
+        compiled model would compile its graph again for a new batch size."""
         for index, batch in enumerate(self._eval_loader):
             if max_batches and index >= max_batches:
                 break
-            yield batch
+            yield fill_batch(batch, self.layout.micro_batch_size)
 
     def state_dict(self) -> dict[str, Any]:
         return self.train_loader.state_dict()
@@ -61,6 +64,21 @@ class TrainingData:
 
     def close(self) -> None:
         self._train_iter = None
+
+
+def fill_batch(batch: dict[str, torch.Tensor], rows: int) -> dict[str, torch.Tensor]:
+    """`batch` with `rows` rows: a shorter one gets copies of its first row appended, their labels
+    all IGNORE_INDEX, so that the filler adds nothing to the loss or the accuracy."""
+    count = batch["labels"].shape[0]
+    if count >= rows:
+        return batch
+    filled = {}
+    for key, value in batch.items():
+        filler = value[:1].expand(rows - count, *value.shape[1:])
+        if key == "labels":
+            filler = torch.full_like(filler, IGNORE_INDEX)
+        filled[key] = torch.cat([value, filler])
+    return filled
 
 
 def build_data(config: Config, env: DistEnv, layout: BatchLayout) -> TrainingData:
