@@ -8,7 +8,7 @@ import pytest
 
 from m2dist.bench.compare import compare_runs, read_mlflow_run, read_run_folder
 from m2dist.config import load_config
-from m2dist.engine.metrics import METRICS_FILE
+from m2dist.engine.metrics import METRICS_FILE, read_metrics
 from m2dist.errors import DataError
 from tests.test_engine import BASE, _assert_ok, _data_args, launch, tiny_shards  # noqa: F401
 
@@ -165,6 +165,8 @@ def test_two_real_tiny_runs(tmp_path, tiny_shards):  # noqa: F811
     assert (run.name, run.architecture, run.num_parameters, run.steps) == ("debug", "m2", 4_260_416, 8)
     assert [(p.step, p.tokens_seen) for p in run.evals] == [(2, 512.0), (4, 1024.0), (6, 1536.0), (8, 2048.0)]
     assert f"eval at step 8: eval/mlm_loss {run.final_eval.loss:.4f}" in output
+    eval_seconds = [r["eval/seconds"] for r in read_metrics(long_run / METRICS_FILE) if "eval/seconds" in r]
+    assert len(eval_seconds) == 4 and all(0 < s < 60 for s in eval_seconds), eval_seconds
     assert f"step      8/8  loss {run.final_train_loss:.4f}" in output
     seconds = [p.gpu_seconds for p in run.evals]
     assert 0 < seconds[0] < seconds[1] < seconds[2] < seconds[3] == run.gpu_seconds

@@ -495,9 +495,15 @@ class Trainer:
     def _log_eval(self) -> None:
         # The step's train record first, so that the evaluation record joins it in metrics.jsonl.
         self._flush_losses()
+        start = time.perf_counter()
         metrics = self.evaluate()
         if metrics:
-            self._log(f"eval at step {self.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            # The evaluation reads its sums on the host at its end: its wall time, compilation included.
+            seconds = time.perf_counter() - start
+            self._log(
+                f"eval at step {self.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + f"  ({seconds:.1f} s)"
+            )
+            metrics["eval/seconds"] = seconds
             if self.env.is_main:
                 append_metrics(self.output_dir / METRICS_FILE, self.step, metrics)
             self.tracker.log_metrics(metrics, step=self.step)
