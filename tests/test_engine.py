@@ -435,7 +435,7 @@ def test_compiled_model_trains_as_the_eager_one(tmp_path, tiny_shards):
 
 def test_evaluation_gathers_a_fixed_size_and_matches_the_exact_gather(tmp_path, in_process_rank):
     """`Trainer.evaluate` runs the model with the training step's fixed-size masked-token gather
-    and one batch size (the split's short last batch filled up: a compiled model would compile
+    (on a GPU or compiled) and one batch size (the split's short last batch filled up: a compiled model would compile
     again for a new size) and sums on the device; its loss and accuracy over the whole validation
     split are those of the exact gather over the split's own batches."""
     from m2dist.config import load_config
@@ -447,6 +447,9 @@ def test_evaluation_gathers_a_fixed_size_and_matches_the_exact_gather(tmp_path, 
          "tracking.enabled=false", "data.num_workers=0", f"train.output_dir={tmp_path}"],
     )  # fmt: skip
     trainer = Trainer(config)
+    # The fixed-size gather, as on a GPU or compiled (an eager CPU run takes the exact one).
+    assert not trainer.fixed_masked_gather
+    trainer.fixed_masked_gather = True
     try:
         trainer.train_step()
         seen = []

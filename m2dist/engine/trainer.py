@@ -203,6 +203,12 @@ class Trainer:
             self._log(f"train.compile={train.compile}: torch.compile, mode {compile_mode!r}; the first steps compile")
             self.engine.compile(compile_kwargs={"mode": compile_mode})
         self.cuda_graphs = compile_mode == "reduce-overhead" and self.device.type == "cuda"
+        # The MLM head's fixed-size gather (`masked_capacity` rows) keeps every shape static and the
+        # host from waiting for the device: on a GPU, and for a compiled model. It reserves rows for
+        # every token of the batch at the masking rate, and padding is never masked: on the debug
+        # model's short, padded documents 4x the rows the exact gather takes, which doubled its CPU
+        # step. An eager model on the CPU, where the host is the device, takes the exact gather.
+        self.fixed_masked_gather = self.device.type == "cuda" or compile_mode is not None
         self.num_parameters = count_parameters(model)
         # True once this job trained to the end and saved the last checkpoint.
         self.completed = False
@@ -311,12 +317,17 @@ class Trainer:
             batch = {k: batch[k].to(self.device, non_blocking=True) for k in MODEL_INPUTS if k in batch}
             # bf16 autocast, when configured, is applied by the engine's forward (deepspeed_config).
             # A fixed-size masked-token gather: no host sync, the same shapes every step.
-            max_masked = masked_capacity(batch["labels"].numel(), self.config.train.mlm_probability)
+            max_masked = self._masked_rows(batch["labels"], self.config.train.mlm_probability)
             loss = self.engine(**batch, max_masked=max_masked).loss
             self.engine.backward(loss)
             self.engine.step()
             total += loss.detach()
         return total / self.layout.grad_accumulation, data_wait
+
+    def _masked_rows(self, labels: torch.Tensor, mlm_probability: float) -> int | None:
+        """The MLM head's rows for a batch: `masked_capacity` under `fixed_masked_gather`, else None
+        (the exact gather)."""
+        return masked_capacity(labels.numel(), mlm_probability) if self.fixed_masked_gather else None
 
     def _before_graph_replay(self, first_micro_batch: bool) -> None:
         """With CUDA graphs, each replay of the forward and backward reuses the memory of the last
@@ -362,12 +373,12 @@ class Trainer:
             batch = {k: batch[k].to(self.device) for k in MODEL_INPUTS if k in batch}
             if self.cuda_graphs:
                 torch.compiler.cudagraph_mark_step_begin()
-            # The training step's fixed-size masked-token gather: one shape per batch size, as a
-            # compiled model with CUDA graphs needs (the exact gather's varying row count would make
-            # a graph per count).
-            max_masked = masked_capacity(batch["labels"].numel(), self.config.data.eval_mlm_probability)
+            # The training step's gather: a fixed size gives one shape per batch size, as a compiled
+            # model with CUDA graphs needs (the exact gather's varying row count would make a graph
+            # per count).
+            max_masked = self._masked_rows(batch["labels"], self.config.data.eval_mlm_probability)
             out = self.engine(**batch, max_masked=max_masked)
-            num_masked = out.num_masked.double()
+            num_masked = torch.as_tensor(out.num_masked, dtype=torch.float64, device=self.device)
             counted = out.targets != MaskedLM.IGNORE_INDEX
             sums += torch.stack([
                 torch.where(num_masked > 0, out.loss.double() * num_masked, 0.0),
