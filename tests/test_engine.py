@@ -435,9 +435,9 @@ def test_compiled_model_trains_as_the_eager_one(tmp_path, tiny_shards):
 
 def test_evaluation_gathers_a_fixed_size_and_matches_the_exact_gather(tmp_path, in_process_rank):
     """`Trainer.evaluate` runs the model with the training step's fixed-size masked-token gather
-    (on a GPU or compiled) and one batch size (the split's short last batch filled up: a compiled model would compile
-    again for a new size) and sums on the device; its loss and accuracy over the whole validation
-    split are those of the exact gather over the split's own batches."""
+    (on a GPU or compiled) and one batch size (the split's short last batch filled up: a compiled
+    model would compile again for a new size) and sums on the device; its loss and accuracy over
+    the whole validation split are those of the exact gather over the split's own batches."""
     from m2dist.config import load_config
     from m2dist.engine.trainer import MODEL_INPUTS, Trainer
 

@@ -316,7 +316,8 @@ class Trainer:
             data_wait += time.perf_counter() - start
             batch = {k: batch[k].to(self.device, non_blocking=True) for k in MODEL_INPUTS if k in batch}
             # bf16 autocast, when configured, is applied by the engine's forward (deepspeed_config).
-            # A fixed-size masked-token gather: no host sync, the same shapes every step.
+            # The MLM head's rows (`_masked_rows`): a fixed number on a GPU or compiled, so no host
+            # sync and the same shapes every step.
             max_masked = self._masked_rows(batch["labels"], self.config.train.mlm_probability)
             loss = self.engine(**batch, max_masked=max_masked).loss
             self.engine.backward(loss)
@@ -511,9 +512,8 @@ class Trainer:
         if metrics:
             # The evaluation reads its sums on the host at its end: its wall time, compilation included.
             seconds = time.perf_counter() - start
-            self._log(
-                f"eval at step {self.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + f"  ({seconds:.1f} s)"
-            )
+            scalars = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+            self._log(f"eval at step {self.step}: {scalars}  ({seconds:.1f} s)")
             metrics["eval/seconds"] = seconds
             if self.env.is_main:
                 append_metrics(self.output_dir / METRICS_FILE, self.step, metrics)
