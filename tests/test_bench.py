@@ -162,6 +162,10 @@ def test_mixer_benchmark_times_every_path(monkeypatch):
     assert len(timed) == 10 and bench.triton_mixer.BLOCKS is None
     # the short convolution's kernels on the per-op row only (forward, then forward + backward)
     assert len(short_convs) == 2 and bench.kernels.mixer.TRITON_SHORT_CONV
+    # Beyond the length where "auto" leaves the FFT kernels, the default path gets a row of its own.
+    monkeypatch.setattr(bench.kernels.fftconv, "AUTO_TRITON_MAX_LEN", 16)
+    rows = bench.bench_mixer([32], 64, [16], [], copy_bw=1e9, device="cpu")
+    assert [r[1] for r in rows][:3] == ["reference", "per op", "per op, torch.fft (default)"]
 
 
 def test_blockdiag_gemm_benchmark_times_both_engines(monkeypatch):
@@ -252,16 +256,20 @@ def test_engine_profile_reports_the_step_and_its_top_operators(tmp_path, in_proc
 
 
 def test_fft_benchmark_times_each_plan_with_each_transform_operand(monkeypatch):
-    # Interpreter, stand-in timer: the default plan once with tf32 and once with fp16 operands
-    # (the kernels launched with each precision), the switch restored after.
+    # Interpreter, stand-in timer: the default plan with the kernels' own choice (tf32 for this
+    # 256-point transform), then forced to tf32 and to fp16 (the kernels launched with each
+    # precision, the label naming it), the switch restored after.
     import m2dist.bench.kernels as bench
     from kernels.fftconv import triton_fftconv
 
     monkeypatch.setattr(bench, "_bench", lambda fn: (fn(), 2.0)[1])
     precisions = []
     launch = triton_fftconv.transform_precision
-    monkeypatch.setattr(triton_fftconv, "transform_precision", lambda dtype: precisions.append(launch(dtype)) or precisions[-1])
-    rows = bench.bench_fftconv([40], 80, 16, [], copy_bw=1e9, toeplitz_max=0, operands=("tf32", "fp16"), device="cpu")
-    assert [r[1] for r in rows] == ["FFT N=256 R=1 M=16x16 C=8 tf32", "FFT N=256 R=1 M=16x16 C=8 fp16"]
+    monkeypatch.setattr(
+        triton_fftconv, "transform_precision", lambda dtype, plan=None: precisions.append(launch(dtype, plan)) or precisions[-1]
+    )
+    rows = bench.bench_fftconv([40], 80, 16, [], copy_bw=1e9, toeplitz_max=0, operands=("default", "tf32", "fp16"), device="cpu")
+    labels = [r[1] for r in rows]
+    assert labels == ["FFT N=256 R=1 M=16x16 C=8 tf32", "FFT N=256 R=1 M=16x16 C=8 tf32", "FFT N=256 R=1 M=16x16 C=8 fp16"]
     assert set(precisions) == {"tf32", "fp16"} and precisions[0] == "tf32" and precisions[-1] == "fp16"
-    assert not triton_fftconv.FP16_OPERANDS
+    assert triton_fftconv.FP16_OPERANDS is None

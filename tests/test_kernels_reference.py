@@ -150,6 +150,33 @@ def test_auto_backends_run_the_reference_off_the_gpu():
     assert torch.equal(blockdiag_matmul(x, w[:, :4], backend="auto"), blockdiag_matmul(x, w[:, :4], backend="reference"))
 
 
+def test_auto_takes_torch_fft_beyond_the_triton_length(monkeypatch):
+    # On a GPU, "auto" takes the Triton kernels up to AUTO_TRITON_MAX_LEN and torch.fft (the
+    # reference) beyond it, through both entries (the packed one is the sequence mixer's); "triton"
+    # keeps the kernels at every length. A stand-in GPU check and recording stand-ins for the paths.
+    import kernels.fftconv as fftconv
+
+    taken = []
+
+    def recording(name, fn):
+        return lambda *args: taken.append(name) or fn(*args)
+
+    monkeypatch.setattr(fftconv, "use_triton", lambda t: True)
+    monkeypatch.setattr(fftconv, "AUTO_TRITON_MAX_LEN", 16)
+    triton_path = recording("triton", fftconv.reference.gated_long_conv)
+    monkeypatch.setattr(fftconv, "_triton_gated_long_conv", triton_path)
+    monkeypatch.setitem(fftconv._BACKENDS, "triton", triton_path)
+    monkeypatch.setattr(fftconv.reference, "gated_long_conv", recording("reference", fftconv.reference.gated_long_conv))
+    gen = torch.Generator().manual_seed(0)
+    for length in (16, 17):
+        u, x1, x2, v = (torch.randn(2, 8, length, generator=gen) for _ in range(4))
+        k_DN, d_D = torch.randn(8, 2 * length, generator=gen), torch.randn(8, generator=gen)
+        fftconv.gated_long_conv(u, x1, x2, v, k_DN, d_D, k_DN, d_D, backend="auto")
+        fftconv.implementation("auto", packed=True)(u, torch.cat([x1, x2, v], dim=1), k_DN, d_D, k_DN, d_D)
+        fftconv.gated_long_conv(u, x1, x2, v, k_DN, d_D, k_DN, d_D, backend="triton")
+    assert taken == ["triton"] * 3 + ["reference", "reference", "triton"]
+
+
 def test_device_constants_refuses_a_new_table_during_a_graph_capture(monkeypatch):
     # A table first asked for while a CUDA graph is captured would be allocated inside the graph:
     # the error says so before anything reaches the device. Off a GPU the tables are moved as given.

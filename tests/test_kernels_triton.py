@@ -217,6 +217,25 @@ def test_fftconv_fp16_operands_only_for_half_precision_activations(fp16_operands
     assert triton_fftconv.transform_precision(torch.float32) == "tf32x3"
 
 
+def test_fftconv_operands_by_plan_by_default(monkeypatch):
+    # The default: fp16 for the three-stage on-chip transforms (L >= 2048), tf32 for the 256-point
+    # ones (with or without an outer radix); fp32 activations always the 3-pass product; forced
+    # either way by FP16_OPERANDS.
+    monkeypatch.setattr(triton_fftconv, "FP16_OPERANDS", None)
+
+    def prec(length, dtype=torch.bfloat16):
+        plan = triton_fftconv.fft_plan(length, triton_fftconv.MAX_ONCHIP, triton_fftconv.TILE)
+        return triton_fftconv.transform_precision(dtype, plan)
+
+    assert [prec(n) for n in (128, 512, 1024)] == ["tf32"] * 3
+    assert [prec(n) for n in (2048, 8192, 32768)] == ["fp16"] * 3
+    assert prec(1500, torch.float16) == "fp16" and prec(8192, torch.float32) == "tf32x3"
+    monkeypatch.setattr(triton_fftconv, "FP16_OPERANDS", False)
+    assert prec(8192) == "tf32"
+    monkeypatch.setattr(triton_fftconv, "FP16_OPERANDS", True)
+    assert prec(512) == "fp16"
+
+
 def test_fftconv_outer_radix_path():
     # A lowered on-chip limit sends L = 200 (FFT size 512) through the outer-radix kernels (R = 2).
     inputs = _conv_inputs(2, 16, 200, True, seed=3)

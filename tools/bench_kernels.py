@@ -28,8 +28,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fft-tokens", type=int, default=65536, help="batch x L of the FFT benchmark")
     parser.add_argument("--fft-dim", type=int, default=768)
     parser.add_argument("--variants", default="", help="comma list of max_onchip:tile:num_warps")
-    parser.add_argument("--fft-operands", default="tf32",
-                        help="comma list of the FFT transforms' tensor-core operands to time each plan with: tf32, fp16")  # fmt: skip
+    parser.add_argument("--fft-operands", default="default",
+                        help="comma list of the FFT transforms' tensor-core operands to time each plan with: "
+                        "default (the kernels' choice per plan), tf32, fp16")  # fmt: skip
     parser.add_argument("--toeplitz-max", type=int, default=8192, help="longest L to time the Toeplitz path at (it takes L <= 128)")
     parser.add_argument("--dims", default="768,960,1536,1792")
     parser.add_argument("--glu-tokens", type=int, default=32768)
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
         gemm_tokens=[int(x) for x in args.gemm_tokens.split(",")],
         glu_sweep=args.glu_sweep,
         toeplitz_sweep=[int(x) for x in args.toeplitz_sweep.split(",") if x],
-        fft_operands=_choices(args.fft_operands, ("tf32", "fp16"), "--fft-operands"),
+        fft_operands=_choices(args.fft_operands, ("default", "tf32", "fp16"), "--fft-operands"),
     )
 
 

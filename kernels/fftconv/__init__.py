@@ -55,8 +55,23 @@ def _check_shapes(u_BDL, x1_BDL, x2_BDL, v_BDL, k1_DN, d1_D, k2_DN, d2_D) -> Non
             )
 
 
+# The longest L at which "auto" takes the Triton kernels; longer inputs take torch.fft (the
+# reference). Measured on one H200 (bf16, d=768, 65,536 tokens, forward + backward, the FFT kernels
+# with their default operands, `tools/bench_kernels.py --ops fftconv,mixer`): at L=32768 the FFT
+# kernels took 34.2 ms against torch.fft's 16.0; at L=8192 the sequence mixer with them took 16.0 ms
+# against 16.8 with torch.fft (both with the compiled reference short convolution), at 2048 12.8
+# against 15.4. L=16384 was not measured.
+AUTO_TRITON_MAX_LEN = 8192
+
+
+def _auto_takes_triton(v_BDL: torch.Tensor) -> bool:
+    """"auto"'s choice: the Triton kernels on an Ampere or newer GPU (`use_triton`) up to
+    `AUTO_TRITON_MAX_LEN`, the reference elsewhere."""
+    return use_triton(v_BDL) and v_BDL.shape[-1] <= AUTO_TRITON_MAX_LEN
+
+
 def _auto_gated_long_conv(u_BDL, x1_BDL, x2_BDL, v_BDL, k1_DN, d1_D, k2_DN, d2_D):
-    impl = _triton_gated_long_conv if use_triton(v_BDL) else reference.gated_long_conv
+    impl = _triton_gated_long_conv if _auto_takes_triton(v_BDL) else reference.gated_long_conv
     return impl(u_BDL, x1_BDL, x2_BDL, v_BDL, k1_DN, d1_D, k2_DN, d2_D)
 
 
@@ -75,12 +90,13 @@ def _triton_packed(u_BDL, x_BCL, k1_DN, d1_D, k2_DN, d2_D):
 
 
 def _auto_packed(u_BDL, x_BCL, k1_DN, d1_D, k2_DN, d2_D):
-    if use_triton(x_BCL):
+    if _auto_takes_triton(x_BCL):
         return _triton_packed(u_BDL, x_BCL, k1_DN, d1_D, k2_DN, d2_D)
     return _unpacked(reference.gated_long_conv, u_BDL, x_BCL, k1_DN, d1_D, k2_DN, d2_D)
 
 
-# "auto": the Triton kernels on an Ampere or newer GPU, the reference elsewhere (`use_triton`).
+# "auto": the Triton kernels on an Ampere or newer GPU up to AUTO_TRITON_MAX_LEN, the reference
+# elsewhere; "triton" forces the kernels at every length they take.
 _BACKENDS = {"auto": _auto_gated_long_conv, "reference": reference.gated_long_conv, "triton": _triton_gated_long_conv}
 _PACKED_BACKENDS = {
     "auto": _auto_packed,

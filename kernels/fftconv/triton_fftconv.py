@@ -4,7 +4,7 @@
 
 Algorithm (FlashFFTConv's, in Triton): an FFT of size N is Bailey's four-step FFT. The on-chip
 transform of size M = M1 * M2 is matrix products with small DFT matrices (tl.dot on tensor cores,
-tf32 operands, or fp16 ones under `FP16_OPERANDS`, and fp32 accumulation; complex numbers as pairs
+tf32 or fp16 operands (`transform_precision`), and fp32 accumulation; complex numbers as pairs
 of real tiles) and twiddle products:
     time n = M2 * n1 + n2, frequency k = k1 + M1 * k2,
     X[k1, k2] = sum_n2 W_M^(n2 k1) (sum_n1 x[n1, n2] W_M1^(n1 k1)) W_M2^(n2 k2),
@@ -52,19 +52,30 @@ MAX_SEQLEN = 32768
 # the same; fp16 runs the tensor cores at twice tf32's rate and moves half the bytes through shared
 # memory in the stages' layout changes (an sm_90 compile: the same registers, half the shared
 # memory). Its range holds: a radix-16 stage grows values at most 16-fold, so a 4096-point transform
-# of inputs within 1 stays below 6,000 (fp16's largest value is 65,504). Off until timed on a GPU
-# against tf32 (`tools/bench_kernels.py --fft-operands tf32,fp16`).
-FP16_OPERANDS = False
+# of inputs within 1 stays below 6,000 (fp16's largest value is 65,504).
+# None (the default) chooses per plan (`transform_precision`): fp16 for the three-stage on-chip
+# transforms (M = 4096, i.e. L >= 2048), tf32 for the 256-point ones. Measured on one H200 (bf16,
+# d=768, 65,536 tokens, forward + backward, `tools/bench_kernels.py --ops fftconv --fft-operands
+# tf32,fp16`): fp16 took 8.28 against tf32's 9.43 ms at L=2048, 12.82 against 13.92 at 8192 and
+# 34.18 against 33.86 at 32768, but 9.81 against 8.45 at L=512, where the transform is 256 points.
+FP16_OPERANDS: bool | None = None
+# On-chip transform size from which the default takes fp16 operands.
+FP16_MIN_ONCHIP = 4096
 # Triton's interpreter does not round a half-precision tl.dot as a GPU does: there the operands are
 # rounded to fp16 and multiplied in fp32, which is exact for them, as on the tensor cores.
 _UPCAST = tl.constexpr(INTERPRET)
 
 
-def transform_precision(dtype: torch.dtype) -> str:
-    """The transforms' `PREC` for activations of `dtype`: "fp16" under FP16_OPERANDS for bf16/fp16,
-    else `dot_precision`'s."""
-    if FP16_OPERANDS and dtype in (torch.bfloat16, torch.float16):
-        return "fp16"
+def transform_precision(dtype: torch.dtype, plan=None) -> str:
+    """The transforms' `PREC` for activations of `dtype` under `plan` (`fft_plan`'s tuple): "fp16"
+    for bf16/fp16 activations where `FP16_OPERANDS` says so (None: on-chip transforms of at least
+    `FP16_MIN_ONCHIP` points; no plan counts as the largest), else `dot_precision`'s."""
+    if dtype in (torch.bfloat16, torch.float16):
+        use_fp16 = FP16_OPERANDS
+        if use_fp16 is None:
+            use_fp16 = plan is None or plan[2] * plan[3] >= FP16_MIN_ONCHIP
+        if use_fp16:
+            return "fp16"
     return dot_precision(dtype)
 
 
@@ -747,7 +758,7 @@ def fftconv_fwd(u, x1, x2, v, k1r, k1i, d1, k2r, k2i, d2, plan) -> torch.Tensor:
         k1r, k1i, k2r if has_res else k1r, k2i if has_res else k1i, d1, d2 if has_res else d1,
         tabs["tab"], tabs["otr"], tabs["oti"], tabs["wc"], tabs["ws"],
         batch, dim, length, b_per, *_strides(uu, x1, x2, v, y),
-        R=r, M1=m1, M2=m2, P2=p2, K1=k1, C=c, HAS_RES=has_res, PREC=transform_precision(v.dtype), num_warps=num_warps,
+        R=r, M1=m1, M2=m2, P2=p2, K1=k1, C=c, HAS_RES=has_res, PREC=transform_precision(v.dtype, plan), num_warps=num_warps,
         num_stages=1,
     )  # fmt: skip
     if r > 1:
@@ -795,7 +806,7 @@ def fftconv_bwd(dy, u, x1, x2, v, k1r, k1i, d1, k2r, k2i, d2, plan):
         tabs["tab"], tabs["otr"], tabs["oti"], tabs["wc"], tabs["ws"],
         batch, dim, length, b_per, *_strides(uu, x1, x2, v, dy),
         R=r, M1=m1, M2=m2, P2=p2, K1=k1, C=c, HAS_RES=has_res, ATOMIC=atomic,
-        PREC=transform_precision(v.dtype),
+        PREC=transform_precision(v.dtype, plan),
         num_warps=num_warps, num_stages=1,
     )  # fmt: skip
     if r > 1:

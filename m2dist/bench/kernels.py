@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.testing
 
+import kernels.fftconv
 import kernels.mixer
 from kernels.blockdiag import reference as blockdiag_reference
 from kernels.blockdiag import triton_blockdiag
@@ -49,9 +50,10 @@ def _fwd_bwd(fn, inputs, upstream):
     return step
 
 
-def bench_fftconv(lengths, tokens, dim, variants, copy_bw, toeplitz_max, operands=("tf32",), device="cuda"):
+def bench_fftconv(lengths, tokens, dim, variants, copy_bw, toeplitz_max, operands=("default",), device="cuda"):
     """Rows of the FFT table; each plan (`variants`, else the default) is timed with the transforms'
-    tensor-core operands of each of `operands` ("tf32", "fp16": `triton_fftconv.FP16_OPERANDS`)."""
+    tensor-core operands of each of `operands` ("default": the kernels' choice for the plan; "tf32",
+    "fp16": forced through `triton_fftconv.FP16_OPERANDS`). The label names the operands used."""
     rows = []
     for length in lengths:
         batch = max(1, tokens // length)
@@ -94,11 +96,12 @@ def bench_fftconv(lengths, tokens, dim, variants, copy_bw, toeplitz_max, operand
             saved = (triton_fftconv.TILE, triton_fftconv.NUM_WARPS, triton_fftconv.FP16_OPERANDS)
             if variant is not None:
                 triton_fftconv.TILE, triton_fftconv.NUM_WARPS = variant[1], variant[2]
-            triton_fftconv.FP16_OPERANDS = operand == "fp16"
+            triton_fftconv.FP16_OPERANDS = None if operand == "default" else operand == "fp16"
             max_onchip = variant[0] if variant is not None else triton_fftconv.MAX_ONCHIP
             plan = triton_fftconv.fft_plan(length, max_onchip, triton_fftconv.TILE)
             if plan[1] <= 64:  # the outer combine unrolls R rows
-                label = "FFT N={} R={} M={}x{} C={} {}".format(plan[0], plan[1], plan[2], plan[3], plan[6], operand)
+                used = triton_fftconv.transform_precision(torch.bfloat16, plan)
+                label = "FFT N={} R={} M={}x{} C={} {}".format(plan[0], plan[1], plan[2], plan[3], plan[6], used)
                 label += f" w={variant[2]}" if variant else ""
                 measure(label, functools.partial(triton_fftconv.gated_long_conv, max_onchip=max_onchip))
             triton_fftconv.TILE, triton_fftconv.NUM_WARPS, triton_fftconv.FP16_OPERANDS = saved
@@ -124,8 +127,10 @@ def bench_mixer(lengths, tokens, dims, variants, copy_bw, device="cuda"):
     """The sequence mixer after in_linear (short conv, gates, both long convolutions) as the model
     calls it under bf16 autocast: a bf16 projection (B, L, 3D), the fp32 layer input u (B, L, D),
     fp32 filters. Paths: reference (torch.fft), per op (the Triton convolution kernels with the
-    short convolution's kernels and the transposes around them, today's model path), the same with
-    the `torch.compile`d reference short convolution instead, and fused
+    short convolution's kernels and the transposes around them, the model's path up to
+    `kernels.fftconv.AUTO_TRITON_MAX_LEN`; beyond it the model's path takes torch.fft for the long
+    convolution, a row of its own), the same with the `torch.compile`d reference short convolution
+    instead, and fused
     (`triton_mixer`, once per block `variant` (BD, BF, BPP, num_warps), where it applies). The floor
     is `triton_mixer.mixer_traffic_bytes` at the copy bandwidth."""
     rows = []
@@ -168,6 +173,9 @@ def bench_mixer(lengths, tokens, dims, variants, copy_bw, device="cuda"):
 
             measure("reference", mixer_implementation("reference"))
             per_op_ms = measure("per op", mixer_implementation("triton"))
+            if length > kernels.fftconv.AUTO_TRITON_MAX_LEN:
+                # the default there: the short convolution's kernels, the long convolution on torch.fft
+                measure("per op, torch.fft (default)", mixer_implementation("auto"), per_op_ms)
             # the compiled reference short convolution instead of its kernels
             with _setting(kernels.mixer, "TRITON_SHORT_CONV", False):
                 measure("per op, compiled short conv", mixer_implementation("triton"), per_op_ms)
@@ -432,7 +440,7 @@ def run_kernel_benchmarks(
     gemm_tokens: list[int] = (32768, 2048),
     glu_sweep: bool = False,
     toeplitz_sweep: list[int] = (),
-    fft_operands: list[str] = ("tf32",),
+    fft_operands: list[str] = ("default",),
 ) -> None:
     """Measure the ceilings, time the ops named in `ops` ("fftconv", "mixer", "glu") and print one
     Markdown table per op. A variant `(max_onchip, tile, num_warps)` overrides the FFT kernels' plan,
@@ -440,7 +448,7 @@ def run_kernel_benchmarks(
     plain block-diagonal GEMMs on both engines at `gemm_tokens`; `glu_sweep` the GLU kernels' tiles
     at the first of `dims` and `glu_tokens`; `toeplitz_sweep` the Toeplitz kernels' blocks at these
     batch sizes (L=128, d = `fft_dim`). `fft_operands`: the FFT kernels' transform operands to time
-    each plan with ("tf32", "fp16")."""
+    each plan with ("default", "tf32", "fp16")."""
     copy_bw, gemm_rate = measure_ceilings()
     print(f"{torch.cuda.get_device_name()}: copy {copy_bw / 1e12:.2f} TB/s (read + write), bf16 GEMM {gemm_rate / 1e12:.0f} TFLOP/s")
     fft_rows, mixer_rows, glu_rows = [], [], []
