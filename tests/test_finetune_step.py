@@ -32,14 +32,17 @@ def random_split(examples: int, length: int, device: str) -> dict[str, torch.Ten
     }
 
 
-def train(model, split, batch_size: int, epochs: int, cuda_graph: bool, device: str):
-    """Losses and final weights of `epochs` passes over `split` in file order (last batch partial)."""
+def train(model, split, batch_size: int, epochs: int, cuda_graph: bool, device: str, fill: bool | None = None):
+    """Losses and final weights of `epochs` passes over `split` in file order (last batch partial);
+    `fill` sets the step's `fill_short_batches` (None: its default)."""
     glue, settings = GlueConfig(), TaskConfig(lr=1e-3, batch_size=batch_size)
     optimizer = build_optimizer(model, glue, settings, torch.device(device))
     examples = len(split["labels"])
     steps = epochs * -(-examples // batch_size)
     schedule = build_schedule(optimizer, steps, 0.2)
     step = FinetuneStep(model, optimizer, split, batch_size, bf16=device == "cuda", cuda_graph=cuda_graph)
+    if fill is not None:
+        step.fill_short_batches = fill
     losses = []
     for _ in range(epochs):
         for start in range(0, examples, batch_size):
@@ -79,6 +82,43 @@ def test_eager_step_is_the_plain_training_loop():
         torch.testing.assert_close(weights[key], value, rtol=0, atol=0, msg=key)
 
 
+@pytest.mark.parametrize("regression", [False, True], ids=["classes", "regression"])
+def test_short_batch_filled_up_trains_as_the_short_batch(regression):
+    """A short batch filled up to the batch size (as on a GPU) with rows the loss ignores: the
+    model sees one batch shape, and the losses and weights are those of the plain loop."""
+    model = tiny_classifier("m2", "cpu")
+    if regression:
+        model.classifier = torch.nn.Linear(model.classifier.in_features, 1)
+        model.num_labels = 1
+    twin = copy.deepcopy(model)
+    split = random_split(20, 32, "cpu")
+    if regression:
+        split["labels"] = torch.rand(20, generator=torch.Generator().manual_seed(2))
+    shapes = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: shapes.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    filled_losses, filled_weights, step = train(model, split, batch_size=8, epochs=2, cuda_graph=False, device="cpu", fill=True)
+    plain_losses, plain_weights, _ = train(twin, split, batch_size=8, epochs=2, cuda_graph=False, device="cpu", fill=False)
+    assert shapes == [8] * 6  # 20 examples: batches of 8, 8 and 4 filled up to 8, twice
+    torch.testing.assert_close(filled_losses, plain_losses, rtol=1e-5, atol=1e-6)
+    for key, value in plain_weights.items():
+        torch.testing.assert_close(filled_weights[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_classifier_losses_leave_out_ignored_rows():
+    model = tiny_classifier("m2", "cpu").eval()
+    split = random_split(6, 16, "cpu")
+    batch = gather_batch(split, torch.arange(6))
+    labels = batch["labels"].clone()
+    labels[4:] = SequenceClassifier.IGNORE_INDEX
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    expected = torch.nn.functional.cross_entropy(logits[:4], batch["labels"][:4])
+    torch.testing.assert_close(model(**{**batch, "labels": labels}).loss, expected)
+    model.classifier, model.num_labels = torch.nn.Linear(model.classifier.in_features, 1), 1
+    targets = torch.tensor([0.1, 0.5, 0.9, 0.3, float("nan"), float("nan")])
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.squeeze(-1)
+    torch.testing.assert_close(model(**{**batch, "labels": targets}).loss, ((logits[:4] - targets[:4]) ** 2).mean())
+
+
 def test_glue_compile_compiles_the_classifier_in_place():
     """glue.compile (off by default) compiles the module itself: its state dict's keys, which the
     MNLI-initialised tasks and the saved jobs use, stay as they are."""
@@ -96,15 +136,17 @@ def test_glue_compile_compiles_the_classifier_in_place():
 @pytest.mark.parametrize("architecture", ["m2", "bert"])
 def test_captured_step_trains_as_the_eager_step(architecture, compiled):
     """Two epochs of 7 steps (the last partial) with the step captured after EAGER_STEPS: the same
-    losses and weights as all-eager training, and the graph replayed for the full batches; also with
-    the classifier compiled (`glue.compile`), whose fused kernels round differently."""
+    losses and weights as all-eager training on the batches as they are, and the graph replayed for
+    every later batch, the short ones filled up; also with the classifier compiled
+    (`glue.compile`), whose fused kernels round differently."""
     model = tiny_classifier(architecture, "cuda")
     twin = copy.deepcopy(model)
     compile_if_asked(model, GlueConfig(compile=compiled))
     tolerance = {"rtol": 2e-2, "atol": 2e-3} if compiled else {"rtol": 1e-3, "atol": 1e-4}
     split = random_split(52, 128, "cuda")
     graph_losses, graph_weights, step = train(model, split, 8, epochs=2, cuda_graph=True, device="cuda")
-    eager_losses, eager_weights, _ = train(twin, split, 8, epochs=2, cuda_graph=False, device="cuda")
+    # The eager twin trains on the short batches as they are; the graph replays them filled up.
+    eager_losses, eager_weights, _ = train(twin, split, 8, epochs=2, cuda_graph=False, device="cuda", fill=False)
     assert step.graph is not None and step.warmup_steps == EAGER_STEPS
     assert step.capture_seconds > 0
     torch.testing.assert_close(graph_losses, eager_losses, **tolerance)
@@ -112,3 +154,28 @@ def test_captured_step_trains_as_the_eager_step(architecture, compiled):
         rtol, atol = 2 * tolerance["rtol"], 2 * tolerance["atol"]
         torch.testing.assert_close(graph_weights[key], value, rtol=rtol, atol=atol, msg=key)
     assert not torch.equal(graph_weights["classifier.weight"], tiny_classifier(architecture, "cpu").classifier.weight)
+
+
+def test_evaluation_fills_its_last_batch_and_drops_the_filled_outputs():
+    """`evaluate` with `fill_last` (the default on a GPU): every batch has the batch size, and the
+    outputs are those of the examples themselves, in order."""
+    import numpy as np
+
+    from m2dist.glue.encode import EncodedSplit
+    from m2dist.glue.finetune import evaluate
+
+    model = tiny_classifier("m2", "cpu")
+    generator = np.random.default_rng(3)
+    split = EncodedSplit(
+        input_ids_NL=generator.integers(5, 1000, (11, 16), dtype=np.int32),
+        token_type_ids_NL=np.zeros((11, 16), dtype=np.int8),
+        lengths_N=generator.integers(4, 17, 11),
+        labels_N=generator.integers(0, 3, 11),
+    )
+    shapes = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: shapes.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    filled = evaluate(model, split, 4, torch.device("cpu"), bf16=False, fill_last=True)
+    assert shapes == [4, 4, 4]
+    plain = evaluate(model, split, 4, torch.device("cpu"), bf16=False, fill_last=False)
+    assert shapes[3:] == [4, 4, 3] and filled.shape == plain.shape == (11, 3)
+    np.testing.assert_allclose(filled, plain, rtol=1e-5, atol=1e-6)

@@ -201,17 +201,24 @@ def seed_everything(seed: int) -> None:
 
 @torch.no_grad()
 def evaluate(
-    model: SequenceClassifier, split: EncodedSplit, batch_size: int, device: torch.device, bf16: bool
-) -> np.ndarray:
-    """The model's (N, C) outputs on every example of `split`, in fp32."""
+    model: SequenceClassifier, split: EncodedSplit, batch_size: int, device: torch.device, bf16: bool,
+    fill_last: bool | None = None,
+) -> np.ndarray:  # fmt: skip
+    """The model's (N, C) outputs on every example of `split`, in fp32. With `fill_last` (None: on
+    a GPU) a short last batch is filled up to `batch_size` with copies of its first row, whose
+    outputs are dropped, so that no kernel is compiled or autotuned for a second shape."""
     model.eval()
     data = split.tensors()
     data.pop("labels")
+    fill = (device.type == "cuda" if fill_last is None else fill_last) and len(split) > batch_size
     outputs = []
     for start in range(0, len(split), batch_size):
-        batch = batch_to({k: v[start : start + batch_size] for k, v in data.items()}, device)
+        batch = {k: v[start : start + batch_size] for k, v in data.items()}
+        rows = len(batch["input_ids"])
+        if fill and rows < batch_size:
+            batch = {k: torch.cat([v, v[:1].expand(batch_size - rows, *v.shape[1:])]) for k, v in batch.items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            outputs.append(model(**batch).logits.float())
+            outputs.append(model(**batch_to(batch, device)).logits.float()[:rows])
     model.train()
     # One transfer at the end: the batches are queued without waiting for each other.
     return torch.cat(outputs).cpu().numpy()

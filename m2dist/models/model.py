@@ -216,6 +216,8 @@ class ClassifierOutput:
 class SequenceClassifier(nn.Module):
     """Encoder + pooler + dropout + Linear(D, C); C = 1 is regression (e.g. STS-B)."""
 
+    IGNORE_INDEX = -100
+
     def __init__(self, config: ModelConfig, num_labels: int):
         super().__init__()
         if num_labels < 1:
@@ -234,7 +236,9 @@ class SequenceClassifier(nn.Module):
         token_type_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
     ) -> ClassifierOutput:
-        """input_ids, attention_mask, token_type_ids: (B, L); labels: (B,) ints, or floats when C = 1."""
+        """input_ids, attention_mask, token_type_ids: (B, L); labels: (B,) ints, or floats when C = 1.
+        Rows labelled IGNORE_INDEX (classes) or NaN (regression) are left out of the loss, which
+        averages over the others: the fine-tuning step fills a short batch up with such rows."""
         h_BLD = self.bert(input_ids, attention_mask, token_type_ids)
         if self.num_labels == 1:
             # Regression (STS-B): pooler, classifier and loss in fp32 under autocast; the encoder not.
@@ -245,9 +249,12 @@ class SequenceClassifier(nn.Module):
         loss = None
         if labels is not None:
             if self.num_labels == 1:
-                loss = F.mse_loss(logits_BC.squeeze(-1).float(), labels.float())
+                target_B = labels.float()
+                kept_B = ~target_B.isnan()
+                squared_B = (logits_BC.squeeze(-1).float() - target_B.nan_to_num()).square()
+                loss = torch.where(kept_B, squared_B, 0.0).sum() / kept_B.sum().clamp(min=1)
             else:
-                loss = F.cross_entropy(logits_BC.float(), labels)
+                loss = F.cross_entropy(logits_BC.float(), labels, ignore_index=self.IGNORE_INDEX)
         return ClassifierOutput(loss=loss, logits=logits_BC)
 
     def _head(self, h_BLD: torch.Tensor, attention_mask_BL: torch.Tensor | None) -> torch.Tensor:
