@@ -40,8 +40,8 @@ def gather_batch(split: dict[str, torch.Tensor], index: torch.Tensor) -> dict[st
 
 
 def ignore_rows_from(labels_B: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """labels_B with the rows from `rows` (a device scalar) on set to what the classifier's loss
-    leaves out: IGNORE_INDEX for class labels, NaN for regression targets."""
+    """labels_B with every row at or past `rows` (a device scalar: the batch's own rows come first)
+    set to what the classifier's loss leaves out: IGNORE_INDEX for classes, NaN for regression."""
     fill = float("nan") if labels_B.is_floating_point() else SequenceClassifier.IGNORE_INDEX
     kept_B = torch.arange(labels_B.shape[0], device=labels_B.device) < rows
     return torch.where(kept_B, labels_B, torch.full_like(labels_B, fill))
