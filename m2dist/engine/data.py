@@ -68,8 +68,8 @@ class TrainingData:
 
 def fill_batch(batch: dict[str, torch.Tensor], rows: int) -> dict[str, torch.Tensor]:
     """`batch` with `rows` rows: a shorter one gets copies of its first row appended, their labels
-    all IGNORE_INDEX, so that the filler adds nothing to the loss or the accuracy."""
-    count = batch["labels"].shape[0]
+    (if it has labels) all IGNORE_INDEX, so that the filler adds nothing to the loss or the accuracy."""
+    count = next(iter(batch.values())).shape[0]
     if count >= rows:
         return batch
     filled = {}

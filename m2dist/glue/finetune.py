@@ -29,6 +29,7 @@ from m2dist.checkpoint.convert import load_any
 from m2dist.checkpoint.layout import checkpoint_markers
 from m2dist.checkpoint.release import save_release
 from m2dist.config import KernelConfig, OptimizerConfig
+from m2dist.engine.data import fill_batch
 from m2dist.errors import CheckpointError
 from m2dist.glue.config import GlueConfig, TaskConfig
 from m2dist.glue.encode import EncodedSplit, batch_to, load_encoded
@@ -215,8 +216,8 @@ def evaluate(
     for start in range(0, len(split), batch_size):
         batch = {k: v[start : start + batch_size] for k, v in data.items()}
         rows = len(batch["input_ids"])
-        if fill and rows < batch_size:
-            batch = {k: torch.cat([v, v[:1].expand(batch_size - rows, *v.shape[1:])]) for k, v in batch.items()}
+        if fill:
+            batch = fill_batch(batch, batch_size)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             outputs.append(model(**batch_to(batch, device)).logits.float()[:rows])
     model.train()
