@@ -60,7 +60,7 @@ def _check_shapes(u_BDL, x1_BDL, x2_BDL, v_BDL, k1_DN, d1_D, k2_DN, d2_D) -> Non
 # with their default operands, `tools/bench_kernels.py --ops fftconv,mixer`): at L=32768 the FFT
 # kernels took 34.2 ms against torch.fft's 16.0; at L=8192 the sequence mixer with them took 16.0 ms
 # against 16.8 with torch.fft (both with the compiled reference short convolution), at 2048 12.8
-# against 15.4. L=16384 was not measured.
+# against 15.4; at L=16384 (4 x 16384 tokens) 22.4 ms against 18.6 with torch.fft.
 AUTO_TRITON_MAX_LEN = 8192
 
 
