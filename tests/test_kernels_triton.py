@@ -895,6 +895,32 @@ def test_short_conv_matches_reference(dtype, batch, length, width):
              atol_rel=1e-6 if dtype == torch.float32 else bf16_atol, fp32_inputs=(1,))  # fmt: skip
 
 
+def test_short_conv_backward_blocks_give_the_same_gradients():
+    # The block choices the benchmark's sweep times (tiles, sequences per program) compute the same
+    # gradients: dp bit for bit, the parameter gradients' partial sums to the same totals.
+    from kernels.mixer import triton_short_conv
+
+    gen = torch.Generator().manual_seed(7)
+    batch, length, width = 5, 37, 40
+    p = torch.randn(batch, length, width, generator=gen).to(DEVICE)
+    g = torch.randn(batch, width, length, generator=gen).to(DEVICE)
+    weight = torch.randn(width, 1, 3, generator=gen).to(DEVICE)
+
+    def backward(**overrides):
+        dp = torch.empty_like(p)
+        blk = triton_short_conv._blocks(batch, length, width, **overrides)
+        return dp, triton_short_conv.launch_backward(g, p, weight, dp, blk).sum(0), blk
+
+    dp, sums, default = backward()
+    assert default["BPG"] == 1  # the default grid: one sequence a program at this size
+    for overrides in (dict(target_programs=1), dict(rows=32, cols=16, target_programs=4), dict(rows=16, cols=32)):
+        dp_, sums_, blk = backward(**overrides)
+        assert blk != default
+        torch.testing.assert_close(dp_, dp, rtol=0, atol=0)
+        torch.testing.assert_close(sums_, sums, rtol=1e-5, atol=1e-5)
+    assert triton_short_conv._blocks(batch, length, width, target_programs=1)["BPG"] == batch
+
+
 def test_short_conv_takes_the_triton_path_per_op(monkeypatch):
     # The Triton backends' per-op mixer calls the kernels, the reference backend the reference; both
     # give the reference mixer's output.

@@ -10,7 +10,7 @@ useful FLOPs / bf16 GEMM rate for the GLU MLP).
     python tools/bench_kernels.py --ops mixer --mixer-lengths 128 --mixer-variants 16:16:8:8,16:32:8:8,16:16:4:4
     python tools/bench_kernels.py --ops gemms --dims 768 --gemm-tokens 32768,2048   # Triton or cuBLAS, per GEMM
     python tools/bench_kernels.py --ops glu --dims 768 --glu-sweep                  # the GLU kernels' tiles
-    python tools/bench_kernels.py --ops none --toeplitz-sweep 16,48,256             # the Toeplitz kernels' blocks
+    python tools/bench_kernels.py --ops none --conv-sweep 16,48,256                 # the L=128 convolution kernels' blocks
 
 A variant `max_onchip:tile:num_warps` overrides the FFT kernels' plan, a mixer variant
 `BD:BF:BPP:num_warps` the fused mixer's blocks (sweeps for tuning).
@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="also time the torch.compile'd reference GLU MLP (a cuBLAS GEMM per block, GELU * n fused; compiles per size)")  # fmt: skip
     parser.add_argument("--gemm-tokens", default="32768,2048", help="token counts of the plain-GEMM comparison (--ops gemms)")
     parser.add_argument("--glu-sweep", action="store_true", help="also time the GLU kernels at each tile of a sweep (first of --dims)")
-    parser.add_argument("--toeplitz-sweep", default="", help="comma list of batch sizes: time the Toeplitz kernels' blocks at L=128")
+    parser.add_argument("--conv-sweep", default="", help="comma list of batch sizes: time the blocks of the "
+                        "Toeplitz kernels and the short convolution's backward at L=128")  # fmt: skip
     args = parser.parse_args(argv)
     run_kernel_benchmarks(
         ops=args.ops.split(","),
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
         glu_compiled_reference=args.glu_compiled_reference,
         gemm_tokens=[int(x) for x in args.gemm_tokens.split(",")],
         glu_sweep=args.glu_sweep,
-        toeplitz_sweep=[int(x) for x in args.toeplitz_sweep.split(",") if x],
+        conv_sweep=[int(x) for x in args.conv_sweep.split(",") if x],
         fft_operands=_choices(args.fft_operands, ("default", "tf32", "fp16"), "--fft-operands"),
     )
 

@@ -272,7 +272,7 @@ def _blocks(
     rows_filter: int = 16, blk_filter: int | None = None, warps_filter: int = 4,
 ) -> dict[str, int]:  # fmt: skip
     """Block sizes of the three kernels; the keywords override the defaults (`tools/bench_kernels.py
-    --toeplitz-sweep` times them). Forward: BB rows per batch block, BT output positions and BPG
+    --conv-sweep` times them). Forward: BB rows per batch block, BT output positions and BPG
     sequences per program; input gradients: BB_BWD, BS (input positions) and BPG_BWD; filter
     gradients: BB_F rows per step through the batch and BLK, its tile.
 

@@ -26,13 +26,19 @@ TAPS = 3
 TARGET_PROGRAMS = 2048
 
 
-def _blocks(batch: int, length: int, width: int) -> dict[str, int]:
-    """BL positions by BC channels a tile (32 x 64 on a GPU, not swept yet); BPG sequences per
-    backward program."""
+def _blocks(
+    batch: int, length: int, width: int, rows: int | None = None, cols: int | None = None,
+    target_programs: int | None = None, warps_bwd: int | None = None,
+) -> dict[str, int]:  # fmt: skip
+    """BL positions by BC channels a tile (32 x 64 on a GPU), BPG sequences per backward program
+    (for about `target_programs` programs, TARGET_PROGRAMS by default) and the backward's warps;
+    the keywords override the defaults (`tools/bench_kernels.py --conv-sweep` times them)."""
     bl, bc = (16, 16) if INTERPRET else (32, 64)
+    bl, bc = rows or bl, cols or bc
     tiles = triton.cdiv(length, bl) * triton.cdiv(width, bc)
-    groups = max(1, min(batch, triton.cdiv(TARGET_PROGRAMS, tiles)))
-    return {"BL": bl, "BC": bc, "BPG": triton.cdiv(batch, groups), "num_warps": 4, "num_warps_bwd": 4 if INTERPRET else 8}
+    groups = max(1, min(batch, triton.cdiv(target_programs or TARGET_PROGRAMS, tiles)))
+    warps = warps_bwd or (4 if INTERPRET else 8)
+    return {"BL": bl, "BC": bc, "BPG": triton.cdiv(batch, groups), "num_warps": 4, "num_warps_bwd": warps}
 
 
 def supports(p_BLC: torch.Tensor, weight_C1K: torch.Tensor) -> bool:
@@ -140,15 +146,23 @@ def short_conv_backward(g: torch.Tensor, p: torch.Tensor, weight: torch.Tensor) 
     output's gradient g (B, C, L)."""
     batch, length, width = p.shape
     g, p, weight = g.contiguous(), p.contiguous(), weight.contiguous()
-    blk = _blocks(batch, length, width)
-    grid = (triton.cdiv(length, blk["BL"]), triton.cdiv(width, blk["BC"]), triton.cdiv(batch, blk["BPG"]))
     dp = new_output(p.shape, p.dtype, p.device)
+    parts = launch_backward(g, p, weight, dp, _blocks(batch, length, width))
+    dweight = parts[:, :TAPS].sum(0).t().contiguous().view(width, 1, TAPS).to(weight.dtype)
+    return [dp, dweight, parts[:, TAPS].sum(0).to(weight.dtype)]
+
+
+def launch_backward(g: torch.Tensor, p: torch.Tensor, weight: torch.Tensor, dp: torch.Tensor, blk: dict) -> torch.Tensor:
+    """`_bwd_kernel` over contiguous g (B, C, L) and p (B, L, C) into dp with the blocks `blk`
+    (`_blocks`); returns the per-program partial sums of the taps' and the bias's gradients,
+    (programs along L and the batch, 4, C) fp32."""
+    batch, length, width = p.shape
+    grid = (triton.cdiv(length, blk["BL"]), triton.cdiv(width, blk["BC"]), triton.cdiv(batch, blk["BPG"]))
     parts = new_output((grid[2] * grid[0], 4, width), torch.float32, p.device)
     _bwd_kernel[grid](
         g, p, weight, dp, parts, batch, length, width, blk["BPG"], BL=blk["BL"], BC=blk["BC"], num_warps=blk["num_warps_bwd"]
     )
-    dweight = parts[:, :TAPS].sum(0).t().contiguous().view(width, 1, TAPS).to(weight.dtype)
-    return [dp, dweight, parts[:, TAPS].sum(0).to(weight.dtype)]
+    return parts
 
 
 @short_conv_backward.register_fake

@@ -21,7 +21,7 @@ from kernels.blockdiag import triton_blockdiag
 from kernels.fftconv import reference as fftconv_reference
 from kernels.fftconv import triton_fftconv, triton_toeplitz
 from kernels.mixer import implementation as mixer_implementation
-from kernels.mixer import triton_mixer
+from kernels.mixer import triton_mixer, triton_short_conv
 
 
 def _bench(fn) -> float:
@@ -337,8 +337,10 @@ def _fmt_sweep(r, candidates):
     return f"| {' x '.join(map(str, config[:3]))} | {config[3]} | {config[4]} | {fwd_ms:.3f} | {bwd_ms:.3f} | {fwd_ms + bwd_ms:.3f} | {mark} |"
 
 
-# The Toeplitz kernels' block sweep, per kernel: keyword overrides of `triton_toeplitz._blocks`.
-_TOEPLITZ_SWEEP = {
+# The L=128 convolution kernels' block sweep, per kernel: keyword overrides of
+# `triton_toeplitz._blocks` (the Toeplitz kernels) or `triton_short_conv._blocks` (the short
+# convolution's backward).
+_CONV_SWEEP = {
     "forward": [
         dict(rows_fwd=rows, cols_fwd=cols, warps=warps, target_programs=target)
         for rows, cols, warps, target in itertools.product((16, 32), (32, 64, 128), (4, 8), (1024, 4096))
@@ -351,13 +353,18 @@ _TOEPLITZ_SWEEP = {
         dict(rows_filter=rows, blk_filter=blk, warps_filter=warps)
         for rows, blk, warps in itertools.product((16, 64), (32, 64), (4, 8))
     ],
+    "short conv backward": [
+        dict(rows=rows, cols=cols, warps_bwd=warps, target_programs=target)
+        for rows, cols, warps, target in itertools.product((16, 32, 64), (32, 64, 128), (4, 8), (2048, 8192, 32768))
+    ],
 }
 
 
-def sweep_toeplitz_blocks(dim, length, batches, top=3, device="cuda"):
-    """Time each Toeplitz kernel (bf16 activations, fp32 u as the model passes it, the residual
-    branch on) at every block choice of `_TOEPLITZ_SWEEP` for each batch size, launched directly;
-    rows (batch, kernel, overrides, ms, default ms), the `top` fastest per batch and kernel."""
+def sweep_conv_blocks(dim, length, batches, top=3, device="cuda"):
+    """Time each convolution kernel of the L <= 128 path (the Toeplitz kernels with bf16
+    activations, fp32 u as the model passes it and the residual branch on; the short convolution's
+    backward) at every block choice of `_CONV_SWEEP` for each batch size, launched directly; rows
+    (batch, kernel, overrides, ms, default ms), the `top` fastest per batch and kernel."""
     gen = torch.Generator(device=device).manual_seed(0)
     rows = []
     for batch in batches:
@@ -370,18 +377,28 @@ def sweep_toeplitz_blocks(dim, length, batches, top=3, device="cuda"):
         d1, d2 = rand(dim, dtype=torch.float32), rand(dim, dtype=torch.float32)
         dy, z1, y = rand(batch, dim, length), rand(batch, dim, length), rand(batch, dim, length)
         dx, du = torch.empty_like(x), torch.empty_like(u)
+        # the short convolution: in_linear's output p (B, L, 3D), its output's gradient in x's layout
+        p, taps = rand(batch, length, 3 * dim), rand(3 * dim, 1, 3, dtype=torch.float32)
+        dp = torch.empty_like(p)
+        toeplitz_blocks = functools.partial(triton_toeplitz._blocks, batch, dim, length)
+        short_conv_blocks = functools.partial(triton_short_conv._blocks, batch, length, 3 * dim)
         launches = {
-            "forward": lambda blk: triton_toeplitz.launch_forward(u, x, k1, d1, k2, d2, y, z1, True, True, True, blk),
-            "input gradients": lambda blk: triton_toeplitz.launch_backward_inputs(
-                dy, u, x, z1, k1, d1, k2, d2, du, dx, True, True, blk
+            "forward": (
+                toeplitz_blocks,
+                lambda blk: triton_toeplitz.launch_forward(u, x, k1, d1, k2, d2, y, z1, True, True, True, blk),
             ),
-            "filter gradients": lambda blk: triton_toeplitz.launch_backward_filters(dy, u, x, True, blk),
+            "input gradients": (
+                toeplitz_blocks,
+                lambda blk: triton_toeplitz.launch_backward_inputs(dy, u, x, z1, k1, d1, k2, d2, du, dx, True, True, blk),
+            ),
+            "filter gradients": (toeplitz_blocks, lambda blk: triton_toeplitz.launch_backward_filters(dy, u, x, True, blk)),
+            "short conv backward": (short_conv_blocks, lambda blk: triton_short_conv.launch_backward(x, p, taps, dp, blk)),
         }
-        for kernel, launch in launches.items():
-            default_ms = _bench(lambda: launch(triton_toeplitz._blocks(batch, dim, length)))
+        for kernel, (blocks, launch) in launches.items():
+            default_ms = _bench(lambda: launch(blocks()))
             timed = []
-            for overrides in _TOEPLITZ_SWEEP[kernel]:
-                blk = triton_toeplitz._blocks(batch, dim, length, **overrides)
+            for overrides in _CONV_SWEEP[kernel]:
+                blk = blocks(**overrides)
                 try:
                     timed.append((overrides, _bench(lambda: launch(blk))))
                 except _TILE_ERRORS:
@@ -391,7 +408,7 @@ def sweep_toeplitz_blocks(dim, length, batches, top=3, device="cuda"):
     return rows
 
 
-def _fmt_toeplitz_sweep(r):
+def _fmt_conv_sweep(r):
     batch, kernel, overrides, ms, default_ms = r
     blocks = ", ".join(f"{k}={v}" for k, v in overrides.items())
     return f"| {batch} | {kernel} | {blocks} | {ms * 1000:.1f} | {default_ms * 1000:.1f} | {default_ms / ms:.2f}x |"
@@ -439,16 +456,16 @@ def run_kernel_benchmarks(
     glu_compiled_reference: bool = False,
     gemm_tokens: list[int] = (32768, 2048),
     glu_sweep: bool = False,
-    toeplitz_sweep: list[int] = (),
+    conv_sweep: list[int] = (),
     fft_operands: list[str] = ("default",),
 ) -> None:
     """Measure the ceilings, time the ops named in `ops` ("fftconv", "mixer", "glu") and print one
     Markdown table per op. A variant `(max_onchip, tile, num_warps)` overrides the FFT kernels' plan,
     a mixer variant `(BD, BF, BPP, num_warps)` the fused mixer's blocks. "gemms" times the MLP's
     plain block-diagonal GEMMs on both engines at `gemm_tokens`; `glu_sweep` the GLU kernels' tiles
-    at the first of `dims` and `glu_tokens`; `toeplitz_sweep` the Toeplitz kernels' blocks at these
-    batch sizes (L=128, d = `fft_dim`). `fft_operands`: the FFT kernels' transform operands to time
-    each plan with ("default", "tf32", "fp16")."""
+    at the first of `dims` and `glu_tokens`; `conv_sweep` the blocks of the Toeplitz kernels and the
+    short convolution's backward at these batch sizes (L=128, d = `fft_dim`). `fft_operands`: the
+    FFT kernels' transform operands to time each plan with ("default", "tf32", "fp16")."""
     copy_bw, gemm_rate = measure_ceilings()
     print(f"{torch.cuda.get_device_name()}: copy {copy_bw / 1e12:.2f} TB/s (read + write), bf16 GEMM {gemm_rate / 1e12:.0f} TFLOP/s")
     fft_rows, mixer_rows, glu_rows = [], [], []
@@ -460,7 +477,7 @@ def run_kernel_benchmarks(
         glu_rows = bench_glu_mlp(dims, glu_tokens, gemm_rate, glu_compiled_reference)
     gemm_rows = bench_blockdiag_gemms(dims, gemm_tokens, gemm_rate) if "gemms" in ops else []
     sweep_rows = sweep_glu_tiles(dims[0], glu_tokens) if glu_sweep else []
-    toeplitz_rows = sweep_toeplitz_blocks(fft_dim, triton_toeplitz.MAX_LEN, toeplitz_sweep) if toeplitz_sweep else []
+    conv_rows = sweep_conv_blocks(fft_dim, triton_toeplitz.MAX_LEN, conv_sweep) if conv_sweep else []
     _print_table(
         "Gated FFT long conv (steps 4-7 with residual), bf16, forward + backward",
         "size | algorithm | reference ms | Triton ms | speedup | fwd speedup | GB/s (floor bytes) | of copy BW | x floor",
@@ -490,9 +507,9 @@ def run_kernel_benchmarks(
         [_fmt_sweep(r, candidates) for r in sweep_rows],
     )  # fmt: skip
     _print_table(
-        f"Toeplitz kernel blocks, d={fft_dim}, L={triton_toeplitz.MAX_LEN}, bf16 (fastest first per batch and kernel)",
+        f"Convolution kernel blocks, d={fft_dim}, L={triton_toeplitz.MAX_LEN}, bf16 (fastest first per batch and kernel)",
         "batch | kernel | blocks | us | default blocks us | speedup over the default",
-        [_fmt_toeplitz_sweep(r) for r in toeplitz_rows],
+        [_fmt_conv_sweep(r) for r in conv_rows],
     )  # fmt: skip
 
 
