@@ -240,6 +240,37 @@ def test_conv_block_sweep_times_each_kernel_at_each_block_choice(monkeypatch):
     assert bench._fmt_conv_sweep(rows[0]) == expected
 
 
+def test_device_idle_finds_the_gaps_between_kernels_and_the_host_work_in_them():
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from m2dist.bench.profile import device_idle, format_device_idle
+
+    def event(name, start, end, device=DeviceType.CUDA, parent=None):
+        return SimpleNamespace(name=name, time_range=SimpleNamespace(start=start, end=end), device_type=device, cpu_parent=parent)
+
+    step = event("train_step", 0, 1000, DeviceType.CPU)
+    events = [
+        event("fwd", 100, 300), event("overlapping copy", 250, 320), event("inside", 260, 280),
+        event("bwd", 330, 500),  # 10 us after the copy: idle, but not a long gap
+        event("adamw", 700, 760), event("norm", 800, 900),  # 200 and 40 us gaps
+        step, event("optimizer step", 520, 690, DeviceType.CPU), event("cudaLaunchKernel", 690, 695, DeviceType.CPU, step),
+        event("zero-length", 950, 950),
+    ]  # fmt: skip
+    idle = device_idle(events, top=1, min_gap_us=20)
+    assert (idle.window_us, idle.busy_us, idle.idle_us) == (800, 550, 250)
+    assert (idle.long_gaps, idle.long_gap_us) == (2, 240)
+    (gap,) = idle.gaps
+    assert (gap.start_us, gap.end_us, gap.before, gap.after) == (500, 700, "bwd", "adamw")
+    # outermost host operators only (the launch inside the step is not listed on its own)
+    assert gap.host == (("train_step", 200), ("optimizer step", 170))
+    text = format_device_idle(idle, steps=2)
+    assert text.startswith("Device idle between its first and last event: 0.12 ms a step of 0.40 (31.2%)")
+    assert "200 us after bwd until adamw; host: train_step 200 us; optimizer step 170 us" in text
+    assert device_idle([step]) is None
+
+
 def test_engine_profile_reports_the_step_and_its_top_operators(tmp_path, in_process_rank):
     from m2dist.bench.profile import profile_training
     from m2dist.config import load_config

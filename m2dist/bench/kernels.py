@@ -355,7 +355,7 @@ _CONV_SWEEP = {
     ],
     "short conv backward": [
         dict(rows=rows, cols=cols, warps_bwd=warps, target_programs=target)
-        for rows, cols, warps, target in itertools.product((16, 32, 64), (32, 64, 128), (4, 8), (2048, 8192, 32768))
+        for rows, cols, warps, target in itertools.product((16, 32, 64), (32, 64, 128), (4, 8), (2048, 8192, 65536))
     ],
 }
 

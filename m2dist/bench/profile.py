@@ -3,7 +3,7 @@ write a profile's report (`write_profile_report`, which the fine-tuning benchmar
 
 Runs `warmup` steps, then profiles `steps` steps and writes the top operators by device time and
 by host time as text: where a step's time goes, and how much of it is the engine's own overhead
-(host time with the GPU idle) rather than kernels.
+(host time with the GPU idle, `device_idle`) rather than kernels.
 """
 
 from __future__ import annotations
@@ -51,10 +51,97 @@ def profile_training(config: Config, warmup: int, steps: int, output: Path, rows
     return write_profile_report(prof, steps, trainer.device.type == "cuda", header, output, rows)
 
 
+@dataclasses.dataclass(frozen=True)
+class IdleGap:
+    """A stretch with no kernel or copy running on the device, between two device events."""
+
+    start_us: float
+    end_us: float
+    before: str  # the device event that ran last before it
+    after: str  # the device event that ended it
+    host: tuple[tuple[str, float], ...]  # outermost host operators overlapping it, (name, overlap us), most first
+
+    @property
+    def us(self) -> float:
+        return self.end_us - self.start_us
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceIdle:
+    """The device's busy and idle time between its first and last event of a profile."""
+
+    window_us: float
+    busy_us: float
+    min_gap_us: float
+    long_gaps: int  # gaps of at least min_gap_us
+    long_gap_us: float  # their total
+    gaps: tuple[IdleGap, ...]  # the longest of them, longest first
+
+    @property
+    def idle_us(self) -> float:
+        return self.window_us - self.busy_us
+
+
+def device_idle(events, top: int = 5, min_gap_us: float = 20.0) -> DeviceIdle | None:
+    """Where the device waits: the union of the device events' time ranges (`prof.events()`: CUDA
+    kernels, copies, memsets) against the span from the first to the last, and the `top` longest
+    gaps of at least `min_gap_us` with the outermost host operators running during each. None
+    without device events."""
+    device = sorted(
+        (e.time_range.start, e.time_range.end, e.name)
+        for e in events
+        if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start
+    )
+    if not device:
+        return None
+    busy, gaps = 0.0, []
+    run_start, run_end, last = device[0]  # the current run of overlapping events; `last` ends it
+    for start, end, name in device[1:]:
+        if start > run_end:
+            busy += run_end - run_start
+            if start - run_end >= min_gap_us:
+                gaps.append((run_end, start, last, name))
+            run_start = start
+        if end >= run_end:
+            run_end, last = end, name
+    busy += run_end - run_start
+    gaps.sort(key=lambda g: g[1] - g[0], reverse=True)
+    host = [e for e in events if e.device_type == DeviceType.CPU and e.cpu_parent is None]
+    chosen = []
+    for start, end, before, after in gaps[:top]:
+        overlaps = {}
+        for e in host:
+            overlap = min(end, e.time_range.end) - max(start, e.time_range.start)
+            if overlap > 0:
+                overlaps[e.name] = overlaps.get(e.name, 0.0) + overlap
+        ranked = tuple(sorted(overlaps.items(), key=lambda kv: -kv[1])[:3])
+        chosen.append(IdleGap(start, end, before, after, ranked))
+    long_gap_us = sum(end - start for start, end, _, _ in gaps)
+    return DeviceIdle(run_end - device[0][0], busy, min_gap_us, len(gaps), long_gap_us, tuple(chosen))
+
+
+def _short(name: str, width: int = 60) -> str:
+    return name if len(name) <= width else name[: width - 3] + "..."
+
+
+def format_device_idle(idle: DeviceIdle, steps: int) -> str:
+    """The idle summary per step and the longest gaps with what the host was doing."""
+    lines = [
+        f"Device idle between its first and last event: {idle.idle_us / steps / 1000:.2f} ms a step of "
+        f"{idle.window_us / steps / 1000:.2f} ({idle.idle_us / idle.window_us:.1%}), of which "
+        f"{idle.long_gap_us / steps / 1000:.2f} ms in {idle.long_gaps / steps:,.0f} gaps of {idle.min_gap_us:.0f} us or more a step, "
+        "the rest between kernels; the longest gaps:"
+    ]
+    for gap in idle.gaps:
+        host = "; ".join(f"{_short(name)} {us:.0f} us" for name, us in gap.host) or "no host operator"
+        lines.append(f"  {gap.us:8.0f} us after {_short(gap.before)} until {_short(gap.after)}; host: {host}")
+    return "\n".join(lines) + "\n"
+
+
 def write_profile_report(prof, steps: int, cuda: bool, header: str, output: Path, rows: int = 30) -> str:
-    """Write `header`, the device time per step (the sum of the kernels over `steps` profiled steps)
-    and the profile's top operators by device time and by host time to `output`; returns the first
-    two."""
+    """Write `header`, the device time per step (the sum of the kernels over `steps` profiled steps),
+    where the device waited (`device_idle`, on a GPU) and the profile's top operators by device time
+    and by host time to `output`; returns the header line."""
     averages = prof.key_averages()
     device_key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     # Only the device's own events (kernels, copies): an operator's "self device time" repeats the
@@ -67,8 +154,10 @@ def write_profile_report(prof, steps: int, cuda: bool, header: str, output: Path
         device_us = sum(e.self_cpu_time_total for e in averages) / steps
         launches = ""
     header = f"{header}; device time per step (sum of kernels) {device_us / 1000:.1f} ms{launches}\n"
+    idle = device_idle(prof.events()) if cuda else None
     report = (
         header
+        + ("" if idle is None else "\n" + format_device_idle(idle, steps))
         + "\nTop operators by self device time:\n"
         + averages.table(sort_by=device_key, row_limit=rows)
         + "\nTop operators by total host time:\n"
