@@ -525,13 +525,15 @@ def test_blockdiag_matmul_matches_reference(dtype, shape, nblocks, p, q):
     )  # fmt: skip
 
 
-@pytest.fixture(params=["streamed", "resident", "gemms"])
+@pytest.fixture(params=["streamed", "resident", "gemms", "gemms, kept"])
 def glu_programs(request, monkeypatch):
     """The GLU kernels with x streamed through the reduction (the autotuner's choice; the
     interpreter's one config) or resident: a sweep of column tiles a program, x's P features as a
     PA- and a PB-wide tile (in the interpreter two tiles of 16, on a GPU a tile of the autotuner's);
-    or the GLU as the plain GEMMs' up-projection and the activation kernels (`GLU_VIA_GEMMS`)."""
-    monkeypatch.setattr(triton_blockdiag, "GLU_VIA_GEMMS", request.param == "gemms")
+    or the GLU as the plain GEMMs' up-projection and the activation kernels (`GLU_VIA_GEMMS`), its
+    backward recomputing the pre-activation or given the forward's (`GLU_KEEPS_PRE_ACTIVATION`)."""
+    monkeypatch.setattr(triton_blockdiag, "GLU_VIA_GEMMS", request.param.startswith("gemms"))
+    monkeypatch.setattr(triton_blockdiag, "GLU_KEEPS_PRE_ACTIVATION", request.param == "gemms, kept")
     if request.param == "resident":
         bm, bn, nsub, warps, stages = (16, 16, 2, 4, 1) if DEVICE == "cpu" else triton_blockdiag._GLU_RESIDENT_SHAPES[1]
         config = triton.Config({"BM": bm, "BN": bn, "BK": 32, "NSUB": nsub, "RESIDENT": True}, num_warps=warps, num_stages=stages)
@@ -575,13 +577,40 @@ def _glu_atol(dtype, glu_programs):
     """The GLU's tolerance: the GEMMs path rounds the pre-activation and its gradient to bf16 as
     torch's path does, which Triton's interpreter does by truncation (up to one ulp, 2^-8 of the
     scale, twice); the default elsewhere."""
-    return 2**-6 if glu_programs == "gemms" and dtype == torch.bfloat16 and triton_common.INTERPRET else None
+    return 2**-6 if glu_programs.startswith("gemms") and dtype == torch.bfloat16 and triton_common.INTERPRET else None
 
 
 def _glu_with_dropout(x, w, seed, p):
-    """The fused GLU op with dropout on rows of x, shaped as x."""
+    """The GLU op with dropout on rows of x (the one that keeps the pre-activation where
+    `keeps_pre_activation`), shaped as x."""
     nb, q, _ = w.shape
-    return triton_blockdiag.blockdiag_glu_op(x.reshape(-1, x.shape[-1]), w, seed, p).reshape(*x.shape[:-1], nb * q // 2)
+    rows = x.reshape(-1, x.shape[-1])
+    if triton_blockdiag.keeps_pre_activation(rows, True):
+        out = triton_blockdiag.blockdiag_glu_kept_op(rows, w, seed, p)[0]
+    else:
+        out = triton_blockdiag.blockdiag_glu_op(rows, w, seed, p)
+    return out.reshape(*x.shape[:-1], nb * q // 2)
+
+
+def test_glu_on_the_gemms_keeps_its_pre_activation_or_recomputes_it(monkeypatch):
+    # The up-projection runs once (in the forward) when the pre-activation is kept and twice when the
+    # backward recomputes it; the gradients are the same bit for bit (same seed, same mask).
+    monkeypatch.setattr(triton_blockdiag, "GLU_VIA_GEMMS", True)
+    ups = []
+    for name, gemms in triton_blockdiag.GEMMS.items():
+        counted = gemms._replace(fwd=lambda *a, fwd=gemms.fwd: (ups.append(1), fwd(*a))[1])
+        monkeypatch.setitem(triton_blockdiag.GEMMS, name, counted)
+    x, w, _ = _blockdiag_inputs((2, 9), 4, 16, 32, seed=11)
+    seed = torch.tensor([5], device=DEVICE)
+    grads = {}
+    for keeps in (False, True):
+        monkeypatch.setattr(triton_blockdiag, "GLU_KEEPS_PRE_ACTIVATION", keeps)
+        ups.clear()
+        x_, w_ = x.float().requires_grad_(), w.float().requires_grad_()
+        _glu_with_dropout(x_, w_, seed, 0.2).square().sum().backward()
+        assert len(ups) == (1 if keeps else 2)
+        grads[keeps] = (x_.grad, w_.grad)
+    torch.testing.assert_close(grads[True], grads[False], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

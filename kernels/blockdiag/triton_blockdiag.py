@@ -649,6 +649,21 @@ def glu_via_gemms(x: torch.Tensor, dropout: bool) -> bool:
     return dropout and cublas_gemms(x)
 
 
+# Whether the GLU on the plain GEMMs keeps its (M, 2I) pre-activation, which its forward writes
+# anyway, for the backward (`m2dist::blockdiag_glu_kept`) instead of recomputing it there: one
+# up-projection GEMM fewer a layer (in the engine's profile at L=128 the recomputation is 12 of
+# the up-projection's 24 launches a step, 1.8 ms) for 2I bf16 values more of saved activations a
+# token and layer (12 KiB at d=768). Off until measured on a GPU (`tools/bench_kernels.py --ops glu`
+# times both).
+GLU_KEEPS_PRE_ACTIVATION = False
+
+
+def keeps_pre_activation(x: torch.Tensor, dropout: bool) -> bool:
+    """Whether the GLU of `x` keeps its pre-activation for the backward: on the plain GEMMs
+    (`glu_via_gemms`) with `GLU_KEEPS_PRE_ACTIVATION`."""
+    return GLU_KEEPS_PRE_ACTIVATION and glu_via_gemms(x, dropout)
+
+
 def _glu_grid(m: int, q: int, nb: int):
     """Programs of the GLU kernels: row tiles x column groups of NSUB * BN x the g blocks."""
 
@@ -665,15 +680,9 @@ def glu_fwd(
     seed and dropout_p > 0, dropout of it (Q a multiple of 8)."""
     m = x_MKP.shape[0]
     nb, q, p = w_KQP.shape
-    out = new_output((m, nb * q // 2), x_MKP.dtype, x_MKP.device)
     if glu_via_gemms(x_MKP, _draws_dropout(seed, dropout_p)):
-        pre = gemms_for(x_MKP).fwd(x_MKP, w_KQP, None)
-        blocks, grid = _act_grid(m, out.shape[1])
-        _glu_act_fwd_kernel[grid](
-            pre, out, M=m, I=out.shape[1], s_pm=pre.stride(0), s_om=out.stride(0),
-            **blocks, **_dropout_args(seed, dropout_p, q, out),
-        )  # fmt: skip
-        return out
+        return glu_fwd_via_gemms(x_MKP, w_KQP, seed, dropout_p)[0]
+    out = new_output((m, nb * q // 2), x_MKP.dtype, x_MKP.device)
     pa, pb = resident_split(p)
     _glu_fwd[_glu_grid(m, q, nb)](
         x_MKP, w_KQP, out, M=m, P=p, Q=q, s_xm=x_MKP.stride(0), s_om=out.stride(0), HALF=nb // 2,
@@ -683,16 +692,36 @@ def glu_fwd(
     return out
 
 
+def glu_fwd_via_gemms(
+    x_MKP: torch.Tensor, w_KQP: torch.Tensor, seed: torch.Tensor | None = None, dropout_p: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(`glu_fwd`'s output, the (M, K*Q) pre-activation [g, n]) on the plain GEMMs and the
+    activation kernel (`glu_via_gemms`)."""
+    m = x_MKP.shape[0]
+    nb, q, _ = w_KQP.shape
+    out = new_output((m, nb * q // 2), x_MKP.dtype, x_MKP.device)
+    pre = gemms_for(x_MKP).fwd(x_MKP, w_KQP, None)
+    blocks, grid = _act_grid(m, out.shape[1])
+    _glu_act_fwd_kernel[grid](
+        pre, out, M=m, I=out.shape[1], s_pm=pre.stride(0), s_om=out.stride(0),
+        **blocks, **_dropout_args(seed, dropout_p, q, out),
+    )  # fmt: skip
+    return out, pre
+
+
 def glu_bwd(
-    da_MI: torch.Tensor, x_MKP: torch.Tensor, w_KQP: torch.Tensor, seed: torch.Tensor | None = None, dropout_p: float = 0.0
-):
-    """(dx (M, K*P), dw (K, Q, P) fp32) of `glu_fwd` with the same seed and dropout_p; the
-    pre-activation and the dropout mask are recomputed."""
+    da_MI: torch.Tensor, x_MKP: torch.Tensor, w_KQP: torch.Tensor, seed: torch.Tensor | None = None,
+    dropout_p: float = 0.0, pre: torch.Tensor | None = None,
+):  # fmt: skip
+    """(dx (M, K*P), dw (K, Q, P) fp32) of `glu_fwd` with the same seed and dropout_p; the dropout
+    mask is recomputed, and the pre-activation unless the forward's `pre` is given (then on the
+    plain GEMMs, as `glu_fwd_via_gemms` computed it)."""
     m = x_MKP.shape[0]
     nb, q, p = w_KQP.shape
     dpre = new_output((m, nb * q), x_MKP.dtype, x_MKP.device)
-    if glu_via_gemms(x_MKP, _draws_dropout(seed, dropout_p)):
-        pre = gemms_for(x_MKP).fwd(x_MKP, w_KQP, None)
+    if pre is not None or glu_via_gemms(x_MKP, _draws_dropout(seed, dropout_p)):
+        if pre is None:
+            pre = gemms_for(x_MKP).fwd(x_MKP, w_KQP, None)
         blocks, grid = _act_grid(m, da_MI.shape[1])
         _glu_act_bwd_kernel[grid](
             pre, da_MI, dpre, M=m, I=da_MI.shape[1], s_pm=pre.stride(0), s_dam=da_MI.stride(0),
@@ -805,6 +834,55 @@ def _glu_backward(ctx, da_MI):
 torch.library.register_autograd("m2dist::blockdiag_glu", _glu_backward, setup_context=_glu_setup_context)
 
 
+# The GLU on the plain GEMMs keeping its pre-activation for the backward (`keeps_pre_activation`).
+@torch.library.custom_op("m2dist::blockdiag_glu_kept", mutates_args=())
+def blockdiag_glu_kept_op(
+    x_MKP: torch.Tensor, weight_KQP: torch.Tensor, seed: torch.Tensor | None, dropout_p: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the GLU's output (M, K*Q/2), its pre-activation (M, K*Q))."""
+    nb, q, p = weight_KQP.shape
+    return glu_fwd_via_gemms(_rows(x_MKP, nb * p), weight_KQP.contiguous(), seed, dropout_p)
+
+
+@blockdiag_glu_kept_op.register_fake
+def _(x_MKP, weight_KQP, seed, dropout_p):
+    nb, q, _ = weight_KQP.shape
+    return x_MKP.new_empty((x_MKP.shape[0], nb * q // 2)), x_MKP.new_empty((x_MKP.shape[0], nb * q))
+
+
+@torch.library.custom_op("m2dist::blockdiag_glu_kept_backward", mutates_args=())
+def blockdiag_glu_kept_backward(
+    da_MI: torch.Tensor, x_MKP: torch.Tensor, weight_KQP: torch.Tensor, seed: torch.Tensor | None, dropout_p: float,
+    pre_MKQ: torch.Tensor,
+) -> list[torch.Tensor]:  # fmt: skip
+    """[dx (M, K*P), dw (K, Q, P) fp32] from the forward's pre-activation; the dropout mask is recomputed."""
+    nb, q, p = weight_KQP.shape
+    dx, dw = glu_bwd(
+        _rows(da_MI, nb * q // 2), _rows(x_MKP, nb * p), weight_KQP.contiguous(), seed, dropout_p, _rows(pre_MKQ, nb * q)
+    )
+    return [dx, dw]
+
+
+@blockdiag_glu_kept_backward.register_fake
+def _(da_MI, x_MKP, weight_KQP, seed, dropout_p, pre_MKQ):
+    return [x_MKP.new_empty(x_MKP.shape), weight_KQP.new_empty(weight_KQP.shape, dtype=torch.float32)]
+
+
+def _glu_kept_setup_context(ctx, inputs, output):
+    x_MKP, weight_KQP, seed, ctx.dropout_p = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(x_MKP, weight_KQP, seed, output[1])
+
+
+def _glu_kept_backward(ctx, da_MI, _dpre):
+    x_MKP, weight_KQP, seed, pre_MKQ = ctx.saved_tensors
+    dx, dw = blockdiag_glu_kept_backward(da_MI, x_MKP, weight_KQP, seed, ctx.dropout_p, pre_MKQ)
+    return dx, dw.to(weight_KQP.dtype), None, None
+
+
+torch.library.register_autograd("m2dist::blockdiag_glu_kept", _glu_kept_backward, setup_context=_glu_kept_setup_context)
+
+
 def _check(x: torch.Tensor, weight_KQP: torch.Tensor) -> None:
     if weight_KQP.dim() != 3 or x.shape[-1] != weight_KQP.shape[0] * weight_KQP.shape[2]:
         raise ValueError(f"x's last dim must be K*P for a (K, Q, P) weight, got {tuple(x.shape)} and {tuple(weight_KQP.shape)}")
@@ -844,6 +922,10 @@ def blockdiag_glu(x: torch.Tensor, weight_KQP: torch.Tensor, dropout_p: float = 
     nb, q, p = weight_KQP.shape
     fused = kernels_draw_dropout(q, dropout_p)
     seed = torch.randint(0, 2**62, (1,), device=x.device) if fused else None
-    a = blockdiag_glu_op(x.reshape(-1, nb * p), weight_KQP, seed, dropout_p if fused else 0.0)
+    x_MKP, p_kernels = x.reshape(-1, nb * p), dropout_p if fused else 0.0
+    if keeps_pre_activation(x_MKP, _draws_dropout(seed, p_kernels)):
+        a = blockdiag_glu_kept_op(x_MKP, weight_KQP, seed, p_kernels)[0]
+    else:
+        a = blockdiag_glu_op(x_MKP, weight_KQP, seed, p_kernels)
     a = a.reshape(*x.shape[:-1], nb * q // 2)
     return torch.nn.functional.dropout(a, dropout_p) if dropout_p > 0 and not fused else a
