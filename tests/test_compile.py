@@ -101,7 +101,7 @@ def test_opcheck_blockdiag_glu():
         # the GLU on the plain GEMMs that keeps its pre-activation for the backward
         torch.library.opcheck(triton_blockdiag.blockdiag_glu_kept_op, (x, w, *seed_p), test_utils=OPCHECK_ALL)
         pre = triton_blockdiag.blockdiag_glu_kept_op(x.detach(), w.detach(), *seed_p)[1]
-        torch.library.opcheck(triton_blockdiag.blockdiag_glu_kept_backward, (*args, pre), test_utils=OPCHECK_ALL[:3])
+        torch.library.opcheck(triton_blockdiag.blockdiag_glu_backward, (*args, pre), test_utils=OPCHECK_ALL[:3])
 
 
 @pytest.mark.parametrize("residual", [True, False])

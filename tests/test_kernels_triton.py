@@ -581,15 +581,9 @@ def _glu_atol(dtype, glu_programs):
 
 
 def _glu_with_dropout(x, w, seed, p):
-    """The GLU op with dropout on rows of x (the one that keeps the pre-activation where
-    `keeps_pre_activation`), shaped as x."""
+    """The GLU op with dropout on rows of x (`glu_rows`), shaped as x."""
     nb, q, _ = w.shape
-    rows = x.reshape(-1, x.shape[-1])
-    if triton_blockdiag.keeps_pre_activation(rows, True):
-        out = triton_blockdiag.blockdiag_glu_kept_op(rows, w, seed, p)[0]
-    else:
-        out = triton_blockdiag.blockdiag_glu_op(rows, w, seed, p)
-    return out.reshape(*x.shape[:-1], nb * q // 2)
+    return triton_blockdiag.glu_rows(x.reshape(-1, x.shape[-1]), w, seed, p).reshape(*x.shape[:-1], nb * q // 2)
 
 
 def test_glu_on_the_gemms_keeps_its_pre_activation_or_recomputes_it(monkeypatch):

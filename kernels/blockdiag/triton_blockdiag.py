@@ -807,16 +807,19 @@ def _(x_MKP, weight_KQP, seed, dropout_p):
 
 @torch.library.custom_op("m2dist::blockdiag_glu_backward", mutates_args=())
 def blockdiag_glu_backward(
-    da_MI: torch.Tensor, x_MKP: torch.Tensor, weight_KQP: torch.Tensor, seed: torch.Tensor | None, dropout_p: float
-) -> list[torch.Tensor]:
-    """[dx (M, K*P), dw (K, Q, P) fp32]; the pre-activation and the dropout mask are recomputed."""
+    da_MI: torch.Tensor, x_MKP: torch.Tensor, weight_KQP: torch.Tensor, seed: torch.Tensor | None, dropout_p: float,
+    pre_MKQ: torch.Tensor | None = None,
+) -> list[torch.Tensor]:  # fmt: skip
+    """[dx (M, K*P), dw (K, Q, P) fp32]; the dropout mask is recomputed, and the pre-activation
+    unless the forward kept it (`pre_MKQ`, from `blockdiag_glu_kept_op`)."""
     nb, q, p = weight_KQP.shape
-    dx, dw = glu_bwd(_rows(da_MI, nb * q // 2), _rows(x_MKP, nb * p), weight_KQP.contiguous(), seed, dropout_p)
+    pre = None if pre_MKQ is None else _rows(pre_MKQ, nb * q)
+    dx, dw = glu_bwd(_rows(da_MI, nb * q // 2), _rows(x_MKP, nb * p), weight_KQP.contiguous(), seed, dropout_p, pre)
     return [dx, dw]
 
 
 @blockdiag_glu_backward.register_fake
-def _(da_MI, x_MKP, weight_KQP, seed, dropout_p):
+def _(da_MI, x_MKP, weight_KQP, seed, dropout_p, pre_MKQ=None):
     return [x_MKP.new_empty(x_MKP.shape), weight_KQP.new_empty(weight_KQP.shape, dtype=torch.float32)]
 
 
@@ -850,24 +853,6 @@ def _(x_MKP, weight_KQP, seed, dropout_p):
     return x_MKP.new_empty((x_MKP.shape[0], nb * q // 2)), x_MKP.new_empty((x_MKP.shape[0], nb * q))
 
 
-@torch.library.custom_op("m2dist::blockdiag_glu_kept_backward", mutates_args=())
-def blockdiag_glu_kept_backward(
-    da_MI: torch.Tensor, x_MKP: torch.Tensor, weight_KQP: torch.Tensor, seed: torch.Tensor | None, dropout_p: float,
-    pre_MKQ: torch.Tensor,
-) -> list[torch.Tensor]:  # fmt: skip
-    """[dx (M, K*P), dw (K, Q, P) fp32] from the forward's pre-activation; the dropout mask is recomputed."""
-    nb, q, p = weight_KQP.shape
-    dx, dw = glu_bwd(
-        _rows(da_MI, nb * q // 2), _rows(x_MKP, nb * p), weight_KQP.contiguous(), seed, dropout_p, _rows(pre_MKQ, nb * q)
-    )
-    return [dx, dw]
-
-
-@blockdiag_glu_kept_backward.register_fake
-def _(da_MI, x_MKP, weight_KQP, seed, dropout_p, pre_MKQ):
-    return [x_MKP.new_empty(x_MKP.shape), weight_KQP.new_empty(weight_KQP.shape, dtype=torch.float32)]
-
-
 def _glu_kept_setup_context(ctx, inputs, output):
     x_MKP, weight_KQP, seed, ctx.dropout_p = inputs
     ctx.mark_non_differentiable(output[1])
@@ -876,11 +861,19 @@ def _glu_kept_setup_context(ctx, inputs, output):
 
 def _glu_kept_backward(ctx, da_MI, _dpre):
     x_MKP, weight_KQP, seed, pre_MKQ = ctx.saved_tensors
-    dx, dw = blockdiag_glu_kept_backward(da_MI, x_MKP, weight_KQP, seed, ctx.dropout_p, pre_MKQ)
+    dx, dw = blockdiag_glu_backward(da_MI, x_MKP, weight_KQP, seed, ctx.dropout_p, pre_MKQ)
     return dx, dw.to(weight_KQP.dtype), None, None
 
 
 torch.library.register_autograd("m2dist::blockdiag_glu_kept", _glu_kept_backward, setup_context=_glu_kept_setup_context)
+
+
+def glu_rows(x_MKP: torch.Tensor, weight_KQP: torch.Tensor, seed: torch.Tensor | None, dropout_p: float) -> torch.Tensor:
+    """The GLU op of rows x_MKP (M, K*P) -> (M, K*Q/2): the one that keeps its pre-activation for
+    the backward where `keeps_pre_activation`, else the one that recomputes it."""
+    if keeps_pre_activation(x_MKP, _draws_dropout(seed, dropout_p)):
+        return blockdiag_glu_kept_op(x_MKP, weight_KQP, seed, dropout_p)[0]
+    return blockdiag_glu_op(x_MKP, weight_KQP, seed, dropout_p)
 
 
 def _check(x: torch.Tensor, weight_KQP: torch.Tensor) -> None:
@@ -922,10 +915,6 @@ def blockdiag_glu(x: torch.Tensor, weight_KQP: torch.Tensor, dropout_p: float = 
     nb, q, p = weight_KQP.shape
     fused = kernels_draw_dropout(q, dropout_p)
     seed = torch.randint(0, 2**62, (1,), device=x.device) if fused else None
-    x_MKP, p_kernels = x.reshape(-1, nb * p), dropout_p if fused else 0.0
-    if keeps_pre_activation(x_MKP, _draws_dropout(seed, p_kernels)):
-        a = blockdiag_glu_kept_op(x_MKP, weight_KQP, seed, p_kernels)[0]
-    else:
-        a = blockdiag_glu_op(x_MKP, weight_KQP, seed, p_kernels)
+    a = glu_rows(x.reshape(-1, nb * p), weight_KQP, seed, dropout_p if fused else 0.0)
     a = a.reshape(*x.shape[:-1], nb * q // 2)
     return torch.nn.functional.dropout(a, dropout_p) if dropout_p > 0 and not fused else a
