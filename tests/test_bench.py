@@ -272,6 +272,31 @@ def test_device_idle_finds_the_gaps_between_kernels_and_the_host_work_in_them():
     assert device_idle([step]) is None
 
 
+def test_aten_by_input_shape_ranks_eager_operators_by_their_kernels_time_per_step():
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from m2dist.bench.profile import aten_by_input_shape, format_aten_by_input_shape
+
+    def avg(key, shapes, count, device_us, device=DeviceType.CPU):
+        return SimpleNamespace(key=key, input_shapes=shapes, count=count, device_time_total=device_us, device_type=device)
+
+    averages = [
+        avg("aten::copy_", [[256, 768, 128], [256, 768, 128]], 24, 1700.0),
+        avg("aten::copy_", [[768, 3], [768, 3]], 24, 60.0),
+        avg("aten::view", [[4, 4]], 10, 0.0),  # launches nothing
+        avg("elementwise_kernel", [], 24, 1700.0, DeviceType.CUDA),  # a kernel, not an operator
+        avg("## Call CompiledFxGraph", [], 2, 9000.0),  # not aten
+    ]
+    rows = aten_by_input_shape(averages, steps=2)
+    assert [(r.name, r.calls, r.device_us) for r in rows] == [("aten::copy_", 12, 850.0), ("aten::copy_", 12, 30.0)]
+    assert rows[0].shapes == "[[256, 768, 128], [256, 768, 128]]"
+    assert aten_by_input_shape(averages, steps=2, top=1) == rows[:1]
+    text = format_aten_by_input_shape(rows)
+    assert "    850.0 us    12.0 calls  aten::copy_ [[256, 768, 128], [256, 768, 128]]" in text
+
+
 def test_engine_profile_reports_the_step_and_its_top_operators(tmp_path, in_process_rank):
     from m2dist.bench.profile import profile_training
     from m2dist.config import load_config

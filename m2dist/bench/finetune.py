@@ -138,7 +138,7 @@ def benchmark_finetune_step(
     label = config_name + "".join(f", {o}" for o in overrides)
     if profile_to is not None:
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        with profile(activities=activities) as prof:
+        with profile(activities=activities, record_shapes=True) as prof:
             run(PROFILE_STEPS)
         mode = "CUDA graph" if step.graph is not None else "eager"
         header = (

@@ -35,7 +35,7 @@ def profile_training(config: Config, warmup: int, steps: int, output: Path, rows
         sync()
         step_ms = 1000 * (time.perf_counter() - start) / steps
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trainer.device.type == "cuda" else [])
-        with profile(activities=activities) as prof:
+        with profile(activities=activities, record_shapes=True) as prof:
             for _ in range(steps):
                 trainer.train_step()
             sync()
@@ -138,9 +138,40 @@ def format_device_idle(idle: DeviceIdle, steps: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+@dataclasses.dataclass(frozen=True)
+class ShapedOperator:
+    """An aten operator called outside compiled code with one set of input shapes, per step."""
+
+    name: str
+    shapes: str
+    calls: float
+    device_us: float  # the kernels it launched, its children's included
+
+
+def aten_by_input_shape(averages, steps: int, top: int = 10) -> list[ShapedOperator]:
+    """The `top` aten operators by the device time of the kernels they launch, one row per set of
+    input shapes (`prof.key_averages(group_by_input_shape=True)` of a profile recorded with
+    `record_shapes=True`): which tensors an eager copy or cast moves, where the flat table only
+    names its kernel. Operators inside CUDA graphs or compiled code launch nothing from the host and
+    do not appear."""
+    rows = [
+        ShapedOperator(e.key, str(e.input_shapes), e.count / steps, e.device_time_total / steps)
+        for e in averages
+        if e.device_type == DeviceType.CPU and e.key.startswith("aten::") and e.device_time_total > 0
+    ]
+    return sorted(rows, key=lambda r: -r.device_us)[:top]
+
+
+def format_aten_by_input_shape(rows: list[ShapedOperator]) -> str:
+    lines = ["aten operators by input shapes (device time of the kernels they launch, per step):"]
+    lines += [f"  {r.device_us:9.1f} us  {r.calls:6.1f} calls  {r.name} {_short(r.shapes, 100)}" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
 def write_profile_report(prof, steps: int, cuda: bool, header: str, output: Path, rows: int = 30) -> str:
     """Write `header`, the device time per step (the sum of the kernels over `steps` profiled steps),
-    where the device waited (`device_idle`, on a GPU) and the profile's top operators by device time
+    where the device waited (`device_idle`, on a GPU), the eager aten operators by input shapes
+    (`aten_by_input_shape`, on a GPU; shapes where `prof` recorded them) and the profile's top operators by device time
     and by host time to `output`; returns the header line."""
     averages = prof.key_averages()
     device_key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
@@ -155,9 +186,11 @@ def write_profile_report(prof, steps: int, cuda: bool, header: str, output: Path
         launches = ""
     header = f"{header}; device time per step (sum of kernels) {device_us / 1000:.1f} ms{launches}\n"
     idle = device_idle(prof.events()) if cuda else None
+    shaped = aten_by_input_shape(prof.key_averages(group_by_input_shape=True), steps) if cuda else []
     report = (
         header
         + ("" if idle is None else "\n" + format_device_idle(idle, steps))
+        + ("" if not shaped else "\n" + format_aten_by_input_shape(shaped))
         + "\nTop operators by self device time:\n"
         + averages.table(sort_by=device_key, row_limit=rows)
         + "\nTop operators by total host time:\n"
