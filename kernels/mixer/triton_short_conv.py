@@ -24,20 +24,23 @@ TAPS = 3
 # The backward's grid aims at about this many programs, each summing the parameter gradients of
 # as many sequences as that leaves (fewer partial sums to add up afterwards).
 TARGET_PROGRAMS = 2048
+# A tile on a GPU, ROWS positions by COLS channels, and the backward's warps.
+ROWS, COLS, BWD_WARPS = 32, 64, 8
 
 
 def _blocks(
     batch: int, length: int, width: int, rows: int | None = None, cols: int | None = None,
     target_programs: int | None = None, warps_bwd: int | None = None,
 ) -> dict[str, int]:  # fmt: skip
-    """BL positions by BC channels a tile (32 x 64 on a GPU), BPG sequences per backward program
-    (for about `target_programs` programs, TARGET_PROGRAMS by default) and the backward's warps;
-    the keywords override the defaults (`tools/bench_kernels.py --conv-sweep` times them)."""
-    bl, bc = (16, 16) if INTERPRET else (32, 64)
+    """BL positions by BC channels a tile (ROWS x COLS on a GPU), BPG sequences per backward
+    program (for about `target_programs` programs, TARGET_PROGRAMS by default) and the backward's
+    warps (BWD_WARPS on a GPU); the keywords override the defaults (`tools/bench_kernels.py
+    --conv-sweep` times them)."""
+    bl, bc = (16, 16) if INTERPRET else (ROWS, COLS)
     bl, bc = rows or bl, cols or bc
     tiles = triton.cdiv(length, bl) * triton.cdiv(width, bc)
     groups = max(1, min(batch, triton.cdiv(target_programs or TARGET_PROGRAMS, tiles)))
-    warps = warps_bwd or (4 if INTERPRET else 8)
+    warps = warps_bwd or (4 if INTERPRET else BWD_WARPS)
     return {"BL": bl, "BC": bc, "BPG": triton.cdiv(batch, groups), "num_warps": 4, "num_warps_bwd": warps}
 
 
