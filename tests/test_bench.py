@@ -248,12 +248,16 @@ def test_device_idle_finds_the_gaps_between_kernels_and_the_host_work_in_them():
 
     from m2dist.bench.profile import device_idle, format_device_idle
 
-    def event(name, start, end, device=DeviceType.CUDA, parent=None):
-        return SimpleNamespace(name=name, time_range=SimpleNamespace(start=start, end=end), device_type=device, cpu_parent=parent)
+    def event(name, start, end, device=DeviceType.CUDA, parent=None, annotation=False):
+        return SimpleNamespace(
+            name=name, time_range=SimpleNamespace(start=start, end=end), device_type=device, cpu_parent=parent,
+            is_user_annotation=annotation,
+        )  # fmt: skip
 
     step = event("train_step", 0, 1000, DeviceType.CPU)
     events = [
         event("fwd", 100, 300), event("overlapping copy", 250, 320), event("inside", 260, 280),
+        event("CompiledFunction", 100, 900, annotation=True),  # a range on the device's timeline, not work
         event("bwd", 330, 500),  # 10 us after the copy: idle, but not a long gap
         event("adamw", 700, 760), event("norm", 800, 900),  # 200 and 40 us gaps
         step, event("optimizer step", 520, 690, DeviceType.CPU), event("cudaLaunchKernel", 690, 695, DeviceType.CPU, step),

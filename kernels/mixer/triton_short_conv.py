@@ -24,8 +24,12 @@ TAPS = 3
 # The backward's grid aims at about this many programs, each summing the parameter gradients of
 # as many sequences as that leaves (fewer partial sums to add up afterwards).
 TARGET_PROGRAMS = 2048
-# A tile on a GPU, ROWS positions by COLS channels, and the backward's warps.
-ROWS, COLS, BWD_WARPS = 32, 64, 8
+# A tile on a GPU, ROWS positions by COLS channels, and the backward's warps: the fastest backward
+# of `tools/bench_kernels.py --conv-sweep 16,48,256` on one H200 (d=768, L=128) at batch 16 and 48
+# (32.4 against 46.4 us with 32 x 64 tiles and 8 warps, 71.6 against 94.6). At 256 it was not
+# among the three fastest (64 x 32 tiles, 8 warps: 302 against 336 us; this tile with 8192
+# programs: 304); the engine's L=128 step (batch 256) measured the same with either tile.
+ROWS, COLS, BWD_WARPS = 16, 32, 4
 
 
 def _blocks(

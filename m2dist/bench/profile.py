@@ -82,6 +82,12 @@ class DeviceIdle:
         return self.window_us - self.busy_us
 
 
+def _is_device_work(event) -> bool:
+    """A kernel, copy or memset on the device; not a user annotation's range drawn on the device's
+    timeline (a compiled region's `CompiledFunction`, which spans the kernels it launched)."""
+    return event.device_type == DeviceType.CUDA and not getattr(event, "is_user_annotation", False)
+
+
 def device_idle(events, top: int = 5, min_gap_us: float = 20.0) -> DeviceIdle | None:
     """Where the device waits: the union of the device events' time ranges (`prof.events()`: CUDA
     kernels, copies, memsets) against the span from the first to the last, and the `top` longest
@@ -90,7 +96,7 @@ def device_idle(events, top: int = 5, min_gap_us: float = 20.0) -> DeviceIdle | 
     device = sorted(
         (e.time_range.start, e.time_range.end, e.name)
         for e in events
-        if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start
+        if _is_device_work(e) and e.time_range.end > e.time_range.start
     )
     if not device:
         return None
@@ -178,7 +184,7 @@ def write_profile_report(prof, steps: int, cuda: bool, header: str, output: Path
     # Only the device's own events (kernels, copies): an operator's "self device time" repeats the
     # time of the kernels it launched.
     if cuda:
-        device_events = [e for e in averages if e.device_type == DeviceType.CUDA]
+        device_events = [e for e in averages if _is_device_work(e)]
         device_us = sum(e.self_device_time_total for e in device_events) / steps
         launches = f", {sum(e.count for e in device_events) / steps:,.0f} kernels and copies"
     else:
