@@ -99,6 +99,32 @@ def test_fixed_size_masked_gather_gives_the_exact_loss_and_gradients():
             torch.testing.assert_close(grad, exact_grads[name], rtol=1e-4, atol=1e-6, msg=f"{name}, {max_masked}")
 
 
+def test_training_forward_gives_no_differentiable_logits_for_the_backward_to_fill():
+    """A compiled training step's backward takes a gradient for each differentiable output; the
+    logits' was never given and was made as a (rows, vocab) tensor of zeros every step."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    config = load_config("debug").model
+    torch.manual_seed(0)
+    model = MaskedLM(config)
+    input_ids, labels = _tiny_batch(config, batch=2, length=16)
+    out = torch.compile(model, backend="aot_eager")(input_ids, labels=labels, max_masked=labels.numel())
+    assert out.loss.requires_grad and not out.logits.requires_grad
+
+    class LogitSized(TorchDispatchMode):
+        made = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            if isinstance(result, torch.Tensor) and result.shape == out.logits.shape:
+                self.made.append(str(func))
+            return result
+
+    with LogitSized() as mode:
+        out.loss.backward()
+    assert not [name for name in mode.made if "zeros" in name or "fill" in name], mode.made
+
+
 def test_fixed_size_masked_gather_too_small_gives_a_nonfinite_loss():
     config = load_config("debug").model
     model = MaskedLM(config).eval()
