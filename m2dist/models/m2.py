@@ -138,16 +138,20 @@ def stacked_long_filters(zs, t_1L1, deltas, freqs, fwd_mlps, rev_mlps, length: i
     n_filters = len(zs)
     mlps = fwd_mlps + (rev_mlps or [])
     repeat = len(mlps) // n_filters
-    z_MLE = torch.cat(zs * repeat)[:, :length]
-    freq_M1O = torch.stack(freqs * repeat)
-    h = z_MLE
+    # Features along dim 1, positions along dim 2: every weight is the left operand of its batched
+    # matmul, so that its gradient comes out contiguous like the weight. (As the right operand,
+    # transposed, it came out transposed, and autograd copied each of the ~400 weights' gradients
+    # into the weight's layout on the host in every backward.)
+    z_MEL = torch.cat(zs * repeat)[:, :length].transpose(1, 2)
+    freq_MO1 = torch.stack(freqs * repeat).transpose(1, 2)
+    h = z_MEL
     for i in range(len(mlps[0]) - 1):
         weight_MOI = torch.stack([mlp[i][0] for mlp in mlps])
-        bias_M1O = torch.stack([mlp[i][1] for mlp in mlps])[:, None]
-        h = torch.sin(freq_M1O * torch.baddbmm(bias_M1O, h, weight_MOI.transpose(1, 2)))
+        bias_MO1 = torch.stack([mlp[i][1] for mlp in mlps])[:, :, None]
+        h = torch.sin(freq_MO1 * torch.baddbmm(bias_MO1, weight_MOI, h))
     weight_MDO = torch.stack([mlp[-1][0] for mlp in mlps])
-    decay_MLD = torch.exp(-t_1L1[:, :length] * torch.cat(deltas * repeat).abs())
-    k_MDL = (torch.bmm(h, weight_MDO.transpose(1, 2)) * decay_MLD).transpose(1, 2)
+    decay_MDL = torch.exp(-t_1L1[:, :length] * torch.cat(deltas * repeat).abs()).transpose(1, 2)
+    k_MDL = torch.bmm(weight_MDO, h) * decay_MDL
     k_rev = k_MDL[n_filters:] if rev_mlps is not None else None
     return list(kernels.fftconv.bidirectional_filter(k_MDL[:n_filters], k_rev).unbind(0))
 
