@@ -17,8 +17,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="a name in configs/ or a YAML path")
     parser.add_argument("--output", required=True, type=Path, help="text file for the report")
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=5,
+                        help="steps before the timed windows, which run on until the step time is steady")
+    parser.add_argument("--steps", type=int, default=3, help="steps profiled (and timed per window, up to 5)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     args = parser.parse_args()
     config = load_config(args.config, args.overrides)

@@ -1,7 +1,8 @@
 """Profile training steps of the engine (DeepSpeed, data loader, schedule) with torch.profiler, and
 write a profile's report (`write_profile_report`, which the fine-tuning benchmark uses too).
 
-Runs `warmup` steps, then profiles `steps` steps and writes the top operators by device time and
+Runs `warmup` steps, then windows of steps until the step time is steady (`bench.train.time_steps`,
+whose median is the report's wall time per step), then profiles `steps` steps and writes the top operators by device time and
 by host time as text: where a step's time goes, and how much of it is the engine's own overhead
 (host time with the GPU idle, `device_idle`) rather than kernels.
 """
@@ -9,13 +10,13 @@ by host time as text: where a step's time goes, and how much of it is the engine
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 
 import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
+from m2dist.bench.train import time_steps
 from m2dist.config import Config
 from m2dist.engine.trainer import Trainer
 
@@ -27,13 +28,10 @@ def profile_training(config: Config, warmup: int, steps: int, output: Path, rows
     try:
         for _ in range(warmup):
             trainer.train_step()
+        # Then windows until the step time is steady (compilation and autotuning can outlast a
+        # fixed warm-up: at L=128 with CUDA graphs, 10 steps were not enough), and their median.
+        step_ms = 1000 * time_steps(trainer.train_step, steps, window=min(5, steps))
         sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
-        sync()
-        start = time.perf_counter()
-        for _ in range(steps):
-            trainer.train_step()
-        sync()
-        step_ms = 1000 * (time.perf_counter() - start) / steps
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trainer.device.type == "cuda" else [])
         with profile(activities=activities, record_shapes=True) as prof:
             for _ in range(steps):
