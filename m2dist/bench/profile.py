@@ -2,9 +2,9 @@
 write a profile's report (`write_profile_report`, which the fine-tuning benchmark uses too).
 
 Runs `warmup` steps, then windows of steps until the step time is steady (`bench.train.time_steps`,
-whose median is the report's wall time per step), then profiles `steps` steps and writes the top operators by device time and
-by host time as text: where a step's time goes, and how much of it is the engine's own overhead
-(host time with the GPU idle, `device_idle`) rather than kernels.
+whose median is the report's wall time per step), then profiles `steps` steps and writes the top
+operators by device time and by host time as text: where a step's time goes, and how much of it is
+the engine's own overhead (host time with the GPU idle, `device_idle`) rather than kernels.
 """
 
 from __future__ import annotations
@@ -175,8 +175,8 @@ def format_aten_by_input_shape(rows: list[ShapedOperator]) -> str:
 def write_profile_report(prof, steps: int, cuda: bool, header: str, output: Path, rows: int = 30) -> str:
     """Write `header`, the device time per step (the sum of the kernels over `steps` profiled steps),
     where the device waited (`device_idle`, on a GPU), the eager aten operators by input shapes
-    (`aten_by_input_shape`, on a GPU; shapes where `prof` recorded them) and the profile's top operators by device time
-    and by host time to `output`; returns the header line."""
+    (`aten_by_input_shape`, on a GPU; shapes where `prof` recorded them) and the profile's top
+    operators by device time and by host time to `output`; returns the header line."""
     averages = prof.key_averages()
     device_key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     # Only the device's own events (kernels, copies): an operator's "self device time" repeats the
