@@ -30,7 +30,7 @@ def profile_training(config: Config, warmup: int, steps: int, output: Path, rows
             trainer.train_step()
         # Then windows until the step time is steady (compilation and autotuning can outlast a
         # fixed warm-up: at L=128 with CUDA graphs, 10 steps were not enough), and their median.
-        step_ms = 1000 * time_steps(trainer.train_step, steps, window=min(5, steps))
+        step_ms = 1000 * time_steps(trainer.train_step, steps, window=max(1, min(5, steps)))
         sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trainer.device.type == "cuda" else [])
         with profile(activities=activities, record_shapes=True) as prof:
