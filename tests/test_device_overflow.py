@@ -1,5 +1,6 @@
 """The ZeRO 1-2 step without host syncs: the same training as DeepSpeed's step, no host read of the
-gradient norm, and a step with a non-finite gradient skipped on the device."""
+gradient norm, a step with a non-finite gradient skipped on the device, and no device
+synchronization by DeepSpeed's timers."""
 
 import functools
 import math
@@ -134,6 +135,54 @@ def test_host_read_counter_sees_deepspeeds_checks(tmp_path, in_process_rank, mon
     finally:
         trainer.close()
     assert reads.count >= 2
+
+
+class DeviceSyncs:
+    """Counts the accelerator's device synchronizations (DeepSpeed's timers call them)."""
+
+    def __init__(self, monkeypatch):
+        from deepspeed.accelerator import get_accelerator
+
+        self.count = 0
+        accelerator = get_accelerator()
+        original = accelerator.synchronize
+
+        def synchronize(*args, **kwargs):
+            self.count += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(accelerator, "synchronize", synchronize)
+
+
+def _syncs_in_steps(tmp_path, monkeypatch) -> int:
+    """Device synchronizations in steps 3-5 (DeepSpeed's throughput timer starts at its third step)."""
+    trainer = _trainer(tmp_path, zero_stage=1)
+    try:
+        for _ in range(2):
+            trainer.train_step()
+        syncs = DeviceSyncs(monkeypatch)
+        for _ in range(3):
+            trainer.train_step()
+    finally:
+        trainer.close()
+    return syncs.count
+
+
+def test_step_never_waits_for_the_device(tmp_path, in_process_rank, monkeypatch):
+    """No device synchronization inside the step, so the host can queue the next step's kernels
+    while the GPU runs this one's."""
+    assert _syncs_in_steps(tmp_path, monkeypatch) == 0
+
+
+def test_sync_counter_sees_deepspeeds_throughput_timer(tmp_path, in_process_rank, monkeypatch):
+    """The counter above can fail: DeepSpeed's default throughput timer synchronizes twice a step."""
+    build = trainer_module.build_deepspeed_config
+
+    def with_default_timers(*args, **kwargs):
+        return {k: v for k, v in build(*args, **kwargs).items() if k != "timers"}
+
+    monkeypatch.setattr(trainer_module, "build_deepspeed_config", with_default_timers)
+    assert _syncs_in_steps(tmp_path, monkeypatch) >= 3
 
 
 def test_other_optimizers_are_left_alone():
