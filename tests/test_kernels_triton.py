@@ -525,6 +525,23 @@ def test_blockdiag_matmul_matches_reference(dtype, shape, nblocks, p, q):
     )  # fmt: skip
 
 
+@pytest.mark.parametrize("cublas", [True, False], ids=["cublas", "triton"])
+def test_blockdiag_matmul_bias_outside_the_op_on_cublas(cublas, monkeypatch):
+    # cuBLAS's batched GEMM has no bias epilogue: there the bias is added outside the op (where a
+    # compiled graph fuses it), with the same values and gradients; the Triton GEMM takes it inside.
+    x, w, b = _blockdiag_inputs((6, 5), 4, 16, 32, seed=3)
+    monkeypatch.setattr(triton_blockdiag, "cublas_gemms", lambda t: cublas)
+    biases = []
+    fwd = triton_blockdiag.blockdiag_fwd
+    monkeypatch.setattr(triton_blockdiag, "blockdiag_fwd", lambda x, w, bias: biases.append(bias) or fwd(x, w, bias))
+    _compare_all(
+        lambda x, w, b: triton_blockdiag.blockdiag_matmul(x, w, b),
+        lambda x, w, b: blockdiag_reference.blockdiag_matmul(x, w) + b,
+        [x, w, b], torch.bfloat16,
+    )  # fmt: skip
+    assert biases and all((bias is None) == cublas for bias in biases)
+
+
 @pytest.fixture(params=["streamed", "resident", "gemms", "gemms, kept"])
 def glu_programs(request, monkeypatch):
     """The GLU kernels with x streamed through the reduction (the autotuner's choice; the
