@@ -39,6 +39,7 @@ from m2dist.engine.metrics import (
     training_flops_per_token,
 )
 from m2dist.engine.signals import install_stop_handlers, stop_signal
+from m2dist.engine.zero_flatten import install_foreach_flatten
 from m2dist.engine.zero_reduction import skip_single_rank_reduction
 from m2dist.errors import NonFiniteTraining, RunFolderLocked
 from m2dist.models import MaskedLM, build_masked_lm, count_parameters, masked_capacity
@@ -196,6 +197,7 @@ class Trainer:
         install_foreach_grad_norm(self.engine.optimizer)
         install_device_overflow_check(self.engine.optimizer)
         skip_single_rank_reduction(self.engine.optimizer)
+        install_foreach_flatten(self.engine.optimizer)
         compile_mode = resolve_compile_mode(train, self.device, self.env.world_size)
         if compile_mode is not None:
             # Compiled in place: the module's parameter names, and so the checkpoints, do not change.
