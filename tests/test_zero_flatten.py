@@ -1,11 +1,9 @@
-"""ZeRO 1-2's flattening as one multi-tensor copy: the same tensor as DeepSpeed's `torch.cat`, and
-the same training, bit for bit."""
+"""ZeRO 1-2's flattening as one multi-tensor copy: the same tensor as DeepSpeed's `torch.cat` (the
+same training, bit for bit: `tests/test_zero_reduction.py`)."""
 
 import pytest
 import torch
 
-import m2dist.engine.trainer as trainer_module
-from m2dist.config import load_config
 from m2dist.engine.zero_flatten import flatten_by_foreach_copy, install_foreach_flatten
 
 
@@ -34,37 +32,6 @@ def test_flatten_is_the_concatenation():
 def test_lists_it_does_not_handle_go_to_the_fallback(tensors):
     sentinel = torch.tensor([7.0])
     assert flatten_by_foreach_copy(tensors, lambda ts: sentinel) is sentinel
-
-
-def _train(tmp_path, zero_stage):
-    """Losses and final weights of 3 steps of the debug config on one rank, and the flattens run."""
-    config = load_config(
-        "debug",
-        [
-            f"train.zero_stage={zero_stage}", "train.duration=3", "train.global_batch_size=4", "train.seq_len=32",
-            "tracking.enabled=false", "data.num_workers=0", f"train.output_dir={tmp_path}",
-        ],
-    )  # fmt: skip
-    trainer = trainer_module.Trainer(config)
-    flatten, calls = trainer.engine.optimizer.flatten, []
-    trainer.engine.optimizer.flatten = lambda tensors: calls.append(len(tensors)) or flatten(tensors)
-    try:
-        losses = [float(trainer.train_step()[0]) for _ in range(3)]
-    finally:
-        trainer.close()
-    weights = {k: v.detach().clone() for k, v in trainer.engine.module.state_dict().items()}
-    return losses, weights, calls
-
-
-@pytest.mark.parametrize("zero_stage", [1, 2])
-def test_training_is_unchanged_with_the_multi_tensor_flatten(tmp_path, zero_stage, in_process_rank, monkeypatch):
-    ours = _train(tmp_path / "foreach", zero_stage)
-    assert ours[2], "the optimizer step flattens nothing: the test would not see the change"
-    monkeypatch.setattr(trainer_module, "install_foreach_flatten", lambda optimizer: False)
-    deepspeeds = _train(tmp_path / "cat", zero_stage)
-    assert ours[0] == deepspeeds[0]
-    for name, tensor in deepspeeds[1].items():
-        assert torch.equal(ours[1][name], tensor), name
 
 
 def test_other_optimizers_are_left_alone():

@@ -1,5 +1,5 @@
 """One data-parallel rank: the ZeRO 1-2 gradient all-reduce is left out, and training is bit for bit
-what DeepSpeed's path gives."""
+what DeepSpeed's path gives; so is it with the multi-tensor flatten (`m2dist.engine.zero_flatten`)."""
 
 import functools
 
@@ -39,13 +39,28 @@ def _train(tmp_path, zero_stage, skip):
             return func(*args, **kwargs)
 
         optimizer.buffered_reduce_fallback = functools.partial(replacement, deepspeeds)
+    flatten = optimizer.flatten
+
+    def counted_flatten(tensors):
+        calls["flatten"] = calls.get("flatten", 0) + 1
+        return flatten(tensors)
+
+    optimizer.flatten = counted_flatten
     try:
         losses = [float(trainer.train_step()[0]) for _ in range(3)]
     finally:
         trainer.close()
     assert calls["deepspeed"] == 0 and calls["skipped"] >= 3 * skip
+    assert calls.get("flatten", 0) >= 3, "no step flattened: a test of the flatten would not see it"
     weights = {k: v.detach().clone() for k, v in trainer.engine.module.state_dict().items()}
     return losses, weights
+
+
+def _assert_same_training(run, baseline):
+    """The same losses and final weights, bit for bit."""
+    assert run[0] == baseline[0]
+    for name, tensor in baseline[1].items():
+        assert torch.equal(run[1][name], tensor), name
 
 
 @pytest.mark.parametrize("zero_stage", [1, 2])
@@ -53,9 +68,17 @@ def test_single_rank_training_is_unchanged_without_the_reduction(tmp_path, zero_
     skipped = _train(tmp_path / "skip", zero_stage, skip=True)
     monkeypatch.setattr(trainer_module, "skip_single_rank_reduction", lambda optimizer: False)
     reduced = _train(tmp_path / "reduce", zero_stage, skip=False)
-    assert skipped[0] == reduced[0]
-    for name, tensor in reduced[1].items():
-        assert torch.equal(skipped[1][name], tensor), name
+    _assert_same_training(skipped, reduced)
+
+
+@pytest.mark.parametrize("zero_stage", [1, 2])
+def test_single_rank_training_is_unchanged_with_the_multi_tensor_flatten(
+    tmp_path, zero_stage, in_process_rank, monkeypatch
+):
+    foreach = _train(tmp_path / "foreach", zero_stage, skip=True)
+    monkeypatch.setattr(trainer_module, "install_foreach_flatten", lambda optimizer: False)
+    concatenated = _train(tmp_path / "cat", zero_stage, skip=True)
+    _assert_same_training(foreach, concatenated)
 
 
 def test_other_optimizers_are_left_alone():
