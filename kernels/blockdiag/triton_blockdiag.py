@@ -902,7 +902,7 @@ def blockdiag_matmul(x: torch.Tensor, weight_KQP: torch.Tensor, bias: torch.Tens
     # on cuBLAS the bias is added here, outside the op, where a compiled graph fuses it into the
     # kernel that follows (the MLP's residual add and LayerNorm); inside the op it was a broadcast
     # add of its own over the output, one aten `elementwise_kernel` a layer (71 us at 32,768 tokens,
-    # d=960, in the engine's profile on one H200).
+    # d=768, in the engine's profile on one H200).
     bias_in_op = None if cublas_gemms(x) else bias
     y_MKQ = blockdiag_matmul_op(x.reshape(-1, nb * p), weight_KQP, bias_in_op)
     if bias is not None and bias_in_op is None:

@@ -2,13 +2,14 @@
 
 Each optimizer step the ZeRO 1-2 optimizer flattens every parameter group's gradients into its
 partition (`flatten`, which is `torch.cat` of the flattened tensors). For M2-BERT-80M's 574
-parameter tensors, many of them small, torch's concatenation kernel moves the 77M fp32 gradients
+parameter tensors, many of them small, torch's concatenation kernel moves the 80M fp32 gradients
 at about 0.6 TB/s: 1.0 ms of the engine's 56.6 ms step at L=128 on one H200 (the CUDA-graph profile
 in `tools/profiles`). `torch._foreach_copy_` into views of one new buffer copies the same bytes with
 the optimizers' multi-tensor kernel: on one H100 the engine's M2-BERT-80M step at L=128 took 62.4
 against 63.1 ms (two pairs of runs). The result is the same tensor, bit for bit
-(`tests/test_zero_flatten.py`, and the same training: `tests/test_zero_reduction.py`); lists it does not handle (mixed dtypes or devices, tensors that
-autograd tracks, an empty list) go to DeepSpeed's own function.
+(`tests/test_zero_flatten.py`; the same training: `tests/test_zero_reduction.py`); lists it does
+not handle (mixed dtypes or devices, tensors that autograd tracks, an empty list) go to
+DeepSpeed's own function.
 """
 
 from __future__ import annotations
