@@ -344,14 +344,16 @@ def _fmt_sweep(r, candidates):
 # The L=128 convolution kernels' block sweep, per kernel: keyword overrides of
 # `triton_toeplitz._blocks` (the Toeplitz kernels) or `triton_short_conv._blocks` (the short
 # convolution's backward).
+# Grids of about 256 programs give each channel's filter tiles one group of sequences up to batch
+# 256 at d=768 (the tiles built once per channel and output block instead of twice or more).
 _CONV_SWEEP = {
     "forward": [
         dict(rows_fwd=rows, cols_fwd=cols, warps=warps, target_programs=target)
-        for rows, cols, warps, target in itertools.product((16, 32), (32, 64, 128), (4, 8), (1024, 4096))
+        for rows, cols, warps, target in itertools.product((16, 32), (32, 64, 128), (4, 8), (256, 1024, 4096))
     ],
     "input gradients": [
         dict(rows_bwd=rows, cols_bwd=cols, warps_bwd=warps, target_programs=target)
-        for rows, cols, warps, target in itertools.product((16, 32), (32, 64, 128), (4, 8), (1024, 4096))
+        for rows, cols, warps, target in itertools.product((16, 32), (32, 64, 128), (4, 8), (256, 1024, 4096))
     ],
     "filter gradients": [
         dict(rows_filter=rows, blk_filter=blk, warps_filter=warps)
@@ -359,7 +361,7 @@ _CONV_SWEEP = {
     ],
     "short conv backward": [
         dict(rows=rows, cols=cols, warps_bwd=warps, target_programs=target)
-        for rows, cols, warps, target in itertools.product((16, 32, 64), (32, 64, 128), (4, 8), (2048, 8192, 65536))
+        for rows, cols, warps, target in itertools.product((16, 32, 64), (32, 64, 128), (4, 8), (512, 2048, 8192, 65536))
     ],
 }
 
