@@ -34,5 +34,18 @@ def test_lists_it_does_not_handle_go_to_the_fallback(tensors):
     assert flatten_by_foreach_copy(tensors, lambda ts: sentinel) is sentinel
 
 
+@pytest.mark.parametrize("zenflow", [False, True])
+def test_installs_on_zero_optimizers_but_zenflows(zenflow):
+    # ZenFlow's flatten transposes matrices before concatenating them: it keeps its own.
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    optimizer = object.__new__(DeepSpeedZeroOptimizer)
+    optimizer.flatten, optimizer.zenflow = _cat, zenflow
+    assert install_foreach_flatten(optimizer) == (not zenflow)
+    assert (optimizer.flatten is _cat) == zenflow
+    tensors = [torch.arange(6.0).reshape(2, 3), torch.ones(2)]
+    assert torch.equal(optimizer.flatten(tensors), _cat(tensors))
+
+
 def test_other_optimizers_are_left_alone():
     assert not install_foreach_flatten(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1))

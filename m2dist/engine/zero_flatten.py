@@ -39,10 +39,13 @@ def flatten_by_foreach_copy(tensors: Sequence[torch.Tensor], fallback: Callable)
 
 def install_foreach_flatten(optimizer) -> bool:
     """Give a DeepSpeed ZeRO 1-2 optimizer (`engine.optimizer`) the multi-tensor flatten; False,
-    changing nothing, for any other optimizer."""
+    changing nothing, for any other optimizer, and for ZenFlow's, whose flatten transposes
+    matrices first."""
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
     if not isinstance(optimizer, DeepSpeedZeroOptimizer) or not callable(getattr(optimizer, "flatten", None)):
+        return False
+    if getattr(optimizer, "zenflow", False):
         return False
     fallback = optimizer.flatten
     optimizer.flatten = lambda tensors: flatten_by_foreach_copy(tensors, fallback)
