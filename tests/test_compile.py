@@ -62,9 +62,9 @@ def test_opcheck_toeplitz(residual):
     k2, d2 = ((_rand(dim, 2 * length) * 0.1).requires_grad_(), _rand(dim, requires_grad=True)) if residual else (None, None)
     args = (u, x, k1, d1, k2, d2, True, True)
     torch.library.opcheck(triton_toeplitz.toeplitz_conv, args, test_utils=OPCHECK_ALL)
-    y, z1 = triton_toeplitz.toeplitz_conv(*args)
+    y, z1, rows = triton_toeplitz.toeplitz_conv(*args)
     u_, x_, k1_, d1_, k2_, d2_ = (t.detach() if isinstance(t, torch.Tensor) else t for t in args[:6])
-    bwd_args = (torch.randn_like(y), u_, x_, z1.detach(), k1_, d1_, k2_, d2_, True)
+    bwd_args = (torch.randn_like(y), u_, x_, z1.detach(), rows.detach(), k1_, d1_, k2_, d2_, True)
     torch.library.opcheck(triton_toeplitz.toeplitz_conv_backward, bwd_args, test_utils=OPCHECK_ALL[:3])
 
 

@@ -269,8 +269,11 @@ def test_fftconv_dispatch_and_errors():
 
 
 # The Toeplitz GEMM path (bf16/fp16 inputs): L = 63 and 80 leave partial blocks (block 32 in the
-# interpreter), batch 3 a partial batch block; with and without the residual convolution.
-@pytest.mark.parametrize("length,dtype,residual", [(63, torch.bfloat16, True), (80, torch.float16, False)])
+# interpreter), batch 3 a partial batch block; with and without the residual convolution. L = 32
+# is its own padded length: the tiles are read without masks.
+@pytest.mark.parametrize(
+    "length,dtype,residual", [(63, torch.bfloat16, True), (80, torch.float16, False), (32, torch.bfloat16, True)]
+)
 def test_fftconv_toeplitz_matches_reference(length, dtype, residual):
     inputs = _conv_inputs(3, 16, length, residual, seed=length)
     mask = [residual, True, True, True, True, True, residual, residual]

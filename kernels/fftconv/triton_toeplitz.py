@@ -40,12 +40,23 @@ MAX_LEN = 128
 
 
 @triton.jit
-def _kernel_tile(k_row_ptr, o_t, o_s, L, N):
-    """T[t, s] = K[(t - s) mod N] for the index grids o_t, o_s (broadcast to one tile), fp32;
-    zero where t or s is past L."""
-    lag = o_t - o_s
-    idx = tl.where(lag < 0, lag + N, lag)
-    return tl.load(k_row_ptr + idx, mask=(o_t < L) & (o_s < L), other=0.0)
+def _rows_kernel(k1_ptr, k2_ptr, rows_ptr, L, N, HAS_RES: tl.constexpr, NP: tl.constexpr):
+    """The filter rows the GEMM kernels build their Toeplitz tiles from, for channel i_d: row
+    R[j] = K[(j - L) mod N] (so that T[t, s] = R[t - s + L], an index without wrap-around) as its
+    high part hi = R rounded to the activations' dtype and the low part lo = R - hi rounded again,
+    at rows[f, i_d, 0 (hi) or 1 (lo), j] for filter f (k1, then k2 with the residual branch)."""
+    DT: tl.constexpr = rows_ptr.dtype.element_ty
+    i_d, D = tl.program_id(0), tl.num_programs(0)
+    o_j = tl.arange(0, NP)
+    m = o_j < N
+    src = tl.where(o_j < L, o_j + L, o_j - L)  # (j - L) mod N for 0 <= j < N = 2L
+    for f in tl.static_range(2 if HAS_RES else 1):
+        k_ptr = k1_ptr if f == 0 else k2_ptr
+        row = tl.load(k_ptr + i_d * N + src, mask=m, other=0.0)
+        hi = row.to(DT)
+        p_out = rows_ptr + (f * D + i_d) * 2 * N + o_j
+        tl.store(p_out, hi, mask=m)
+        tl.store(p_out + N, (row - hi.to(tl.float32)).to(DT), mask=m)
 
 
 @triton.jit
@@ -64,14 +75,27 @@ def _dot(a_f32, b_f32, acc, DT: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _filter_parts(k_row_ptr, o_t, o_s, L, N, DT: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr):
-    """A Toeplitz tile (`_kernel_tile`) as tensor-core operands: its high DT part and, with SPLIT,
-    the low DT part of the remainder (else the high part again, unused)."""
-    tile = _kernel_tile(k_row_ptr, o_t, o_s, L, N)
-    hi = _operand(tile, DT, UPCAST)
+def _tile_load(ptr, idx, o_t, o_s, L, FULL: tl.constexpr, UPCAST: tl.constexpr):
+    if FULL:  # every t and s of the tile below L: no mask
+        x = tl.load(ptr + idx)
+    else:
+        x = tl.load(ptr + idx, mask=(o_t < L) & (o_s < L), other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _filter_parts(row_ptr, o_t, o_s, L, N, SPLIT: tl.constexpr, FULL: tl.constexpr, UPCAST: tl.constexpr):
+    """The Toeplitz tile T[t, s] = K[(t - s) mod N] for the index grids o_t, o_s (broadcast to one
+    tile), zero where t or s is past L, as tensor-core operands read from the channel's filter rows
+    (`_rows_kernel`): its high part and, with SPLIT, its low part (else the high part again, unused).
+    FULL: L is the padded length, so no index reaches L."""
+    idx = o_t - o_s + L
+    hi = _tile_load(row_ptr, idx, o_t, o_s, L, FULL, UPCAST)
     lo = hi
     if SPLIT:
-        lo = _operand(tile - hi.to(tl.float32), DT, UPCAST)
+        lo = _tile_load(row_ptr + N, idx, o_t, o_s, L, FULL, UPCAST)
     return hi, lo
 
 
@@ -105,10 +129,10 @@ def _rows(o_b, i_d, D, L, CH: tl.constexpr):
 
 @triton.jit
 def _fwd_kernel(
-    u_ptr, x_ptr, k1_ptr, d1_ptr, k2_ptr, d2_ptr, y_ptr, z1_ptr,
+    u_ptr, x_ptr, rows_ptr, d1_ptr, d2_ptr, y_ptr, z1_ptr,
     B, D, L, BPG,
     HAS_RES: tl.constexpr, SAVE_Z1: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr,
-    LP: tl.constexpr, BB: tl.constexpr, BT: tl.constexpr,
+    LP: tl.constexpr, BB: tl.constexpr, BT: tl.constexpr, FULL: tl.constexpr,
 ):  # fmt: skip
     """y at output positions o_t of channel i_d for the sequences of group i_g (BPG of them). The
     filter tiles (all L inputs by BT outputs) are built once and serve every batch block."""
@@ -118,9 +142,9 @@ def _fwd_kernel(
     DL = D * L
     o_t = i_t * BT + tl.arange(0, BT)
     o_s = tl.arange(0, LP)
-    k1_hi, k1_lo = _filter_parts(k1_ptr + i_d * N, o_t[None, :], o_s[:, None], L, N, DT, SPLIT, UPCAST)
+    k1_hi, k1_lo = _filter_parts(rows_ptr + i_d * 2 * N, o_t[None, :], o_s[:, None], L, N, SPLIT, FULL, UPCAST)
     if HAS_RES:
-        k2_hi, k2_lo = _filter_parts(k2_ptr + i_d * N, o_t[None, :], o_s[:, None], L, N, DT, SPLIT, UPCAST)
+        k2_hi, k2_lo = _filter_parts(rows_ptr + (D + i_d) * 2 * N, o_t[None, :], o_s[:, None], L, N, SPLIT, FULL, UPCAST)
     d1 = tl.load(d1_ptr + i_d)
     d2 = tl.load(d2_ptr + i_d)
     for b0 in range(i_g * BPG, tl.minimum(B, (i_g + 1) * BPG), BB):
@@ -143,11 +167,11 @@ def _fwd_kernel(
 
 @triton.jit
 def _bwd_inputs_kernel(
-    dy_ptr, u_ptr, x_ptr, z1_ptr, k1_ptr, d1_ptr, k2_ptr, d2_ptr,
+    dy_ptr, u_ptr, x_ptr, z1_ptr, rows_ptr, d1_ptr, d2_ptr,
     du_ptr, dx_ptr, dd1_ptr, dd2_ptr,
     B, D, L, BPG,
     HAS_RES: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr,
-    LP: tl.constexpr, BB: tl.constexpr, BS: tl.constexpr,
+    LP: tl.constexpr, BB: tl.constexpr, BS: tl.constexpr, FULL: tl.constexpr,
 ):  # fmt: skip
     """Input gradients at input positions o_s of channel i_d for the sequences of group i_g, into
     the packed [dx1; dx2; dv] rows and du; the skip-weight gradients as this program's partial
@@ -158,9 +182,9 @@ def _bwd_inputs_kernel(
     DL = D * L
     o_s = i_s * BS + tl.arange(0, BS)
     o_t = tl.arange(0, LP)
-    k1_hi, k1_lo = _filter_parts(k1_ptr + i_d * N, o_t[:, None], o_s[None, :], L, N, DT, SPLIT, UPCAST)
+    k1_hi, k1_lo = _filter_parts(rows_ptr + i_d * 2 * N, o_t[:, None], o_s[None, :], L, N, SPLIT, FULL, UPCAST)
     if HAS_RES:
-        k2_hi, k2_lo = _filter_parts(k2_ptr + i_d * N, o_t[:, None], o_s[None, :], L, N, DT, SPLIT, UPCAST)
+        k2_hi, k2_lo = _filter_parts(rows_ptr + (D + i_d) * 2 * N, o_t[:, None], o_s[None, :], L, N, SPLIT, FULL, UPCAST)
     d1 = tl.load(d1_ptr + i_d)
     d2 = tl.load(d2_ptr + i_d)
     dd1 = tl.zeros([BB, BS], dtype=tl.float32)
@@ -250,6 +274,46 @@ def _bwd_filter_kernel(
         tl.store(pos2_ptr + p_out + BLK, pos)
 
 
+@triton.jit
+def _finish_filter_kernel(
+    lag_ptr, dd_part_ptr, dk1_ptr, dk2_ptr, dd1_ptr, dd2_ptr,
+    D, L, W, P, NEG_END, POS_START,
+    BD: tl.constexpr, NP: tl.constexpr, BP: tl.constexpr,
+):  # fmt: skip
+    """For filter f (program 1; k1, then k2) and a block of BD channels: the circular filter's
+    gradient dk (D, N) from the filter kernel's lag sums and the skip weight's gradient dd (D,)
+    from the input kernel's P partial sums, each rounded once to its output's dtype.
+
+    lag_ptr: (2 F, D, W), the sums by lag of `_bwd_filter_kernel` (neg, then pos, per filter), lag 0
+    at column W // 2; neg written at columns 1..NEG_END, pos at POS_START..W - 1, the rest never
+    written (and holding no lag). dk[:, c] is lag c for c < L, lag c - N for c > L, zero at c = L
+    (the circular filter's column that no product uses)."""
+    i_b, f = tl.program_id(0), tl.program_id(1)
+    N = 2 * L
+    o_d = i_b * BD + tl.arange(0, BD)
+    m_d = o_d < D
+    o_c = tl.arange(0, NP)
+    col = W // 2 + tl.where(o_c < L, o_c, o_c - N)
+    valid = m_d[:, None] & ((o_c < N) & (o_c != L))[None, :]
+    p_neg = lag_ptr + ((2 * f) * D + o_d[:, None]).to(tl.int64) * W + col[None, :]
+    by_lag = tl.load(p_neg, mask=valid & (col <= NEG_END)[None, :], other=0.0)
+    by_lag += tl.load(p_neg + D * W, mask=valid & (col >= POS_START)[None, :], other=0.0)
+    acc = tl.zeros([BP, BD], dtype=tl.float32)
+    for r0 in range(0, P, BP):
+        o_r = r0 + tl.arange(0, BP)
+        m = (o_r < P)[:, None] & m_d[None, :]
+        acc += tl.load(dd_part_ptr + ((f * P + o_r[:, None]).to(tl.int64) * D + o_d[None, :]), mask=m, other=0.0)
+    dd = tl.sum(acc, axis=0)
+    p_dk = o_d[:, None] * N + o_c[None, :]
+    m_dk = m_d[:, None] & (o_c < N)[None, :]
+    if f == 0:
+        tl.store(dk1_ptr + p_dk, by_lag.to(dk1_ptr.dtype.element_ty), mask=m_dk)
+        tl.store(dd1_ptr + o_d, dd.to(dd1_ptr.dtype.element_ty), mask=m_d)
+    else:
+        tl.store(dk2_ptr + p_dk, by_lag.to(dk2_ptr.dtype.element_ty), mask=m_dk)
+        tl.store(dd2_ptr + o_d, dd.to(dd2_ptr.dtype.element_ty), mask=m_d)
+
+
 # The GEMM kernels' grid aims at about this many programs (8 per SM of an H200), sharing each
 # program's filter tiles among as many sequences as that leaves.
 TARGET_PROGRAMS = 1024
@@ -315,46 +379,74 @@ def supports(v_BDL: torch.Tensor) -> bool:
     )
 
 
-def launch_forward(u, x, k1, d1, k2, d2, y, z1, has_res: bool, save_z1: bool, split: bool, blk: dict) -> None:
-    """`_fwd_kernel` over (B, 3D, L) x into y (and z1) with the block sizes `blk` (`_blocks`)."""
+def filter_rows(k1, k2, dtype: torch.dtype) -> torch.Tensor:
+    """The tile rows of fp32 filters k1 (and k2) (D, N): (1 or 2, D, 2, N) in `dtype`, high and low
+    parts (`_rows_kernel`)."""
+    dim, n = k1.shape
+    rows = new_output((1 if k2 is None else 2, dim, 2, n), dtype, k1.device)
+    _rows_kernel[(dim,)](k1, k1 if k2 is None else k2, rows, n // 2, n, HAS_RES=k2 is not None, NP=triton.next_power_of_2(n))
+    return rows
+
+
+def launch_forward(u, x, rows, d1, d2, y, z1, has_res: bool, save_z1: bool, split: bool, blk: dict) -> None:
+    """`_fwd_kernel` over (B, 3D, L) x into y (and z1) with the filter rows `rows` (`filter_rows`) and
+    the block sizes `blk` (`_blocks`)."""
     batch, width, length = x.shape
     dim = width // 3
     grid = (dim, triton.cdiv(length, blk["BT"]), triton.cdiv(batch, blk["BPG"]))
     _fwd_kernel[grid](
-        u, x, k1, d1, k2, d2, y, z1 if save_z1 else y, batch, dim, length, blk["BPG"],
+        u, x, rows, d1, d2, y, z1 if save_z1 else y, batch, dim, length, blk["BPG"],
         HAS_RES=has_res, SAVE_Z1=save_z1, SPLIT=split, UPCAST=INTERPRET,
-        LP=blk["LP"], BB=blk["BB"], BT=blk["BT"], num_warps=blk["num_warps"],
+        LP=blk["LP"], BB=blk["BB"], BT=blk["BT"], FULL=length == blk["LP"], num_warps=blk["num_warps"],
     )  # fmt: skip
 
 
-def launch_backward_inputs(dy, u, x, z1, k1, d1, k2, d2, du, dx, has_res: bool, split: bool, blk: dict):
-    """`_bwd_inputs_kernel` into dx (and du); returns the skip weights' partial sums (dd1, dd2)."""
+def launch_backward_inputs(dy, u, x, z1, rows, d1, d2, du, dx, has_res: bool, split: bool, blk: dict):
+    """`_bwd_inputs_kernel` into dx (and du); returns the skip weights' partial sums (2 or 1, P, D)."""
     batch, width, length = x.shape
     dim = width // 3
     n_s, n_g = triton.cdiv(length, blk["BS"]), triton.cdiv(batch, blk["BPG_BWD"])
-    dd1_part = new_output((n_g * n_s, dim), torch.float32, x.device)
-    dd2_part = new_output((n_g * n_s, dim), torch.float32, x.device) if has_res else dd1_part
+    dd_parts = new_output((2 if has_res else 1, n_g * n_s, dim), torch.float32, x.device)
     _bwd_inputs_kernel[(dim, n_s, n_g)](
-        dy, u, x, z1, k1, d1, k2, d2, du, dx, dd1_part, dd2_part, batch, dim, length, blk["BPG_BWD"],
+        dy, u, x, z1, rows, d1, d2, du, dx, dd_parts[0], dd_parts[-1], batch, dim, length, blk["BPG_BWD"],
         HAS_RES=has_res, SPLIT=split, UPCAST=INTERPRET,
-        LP=blk["LP"], BB=blk["BB_BWD"], BS=blk["BS"], num_warps=blk["num_warps_bwd"],
+        LP=blk["LP"], BB=blk["BB_BWD"], BS=blk["BS"], FULL=length == blk["LP"], num_warps=blk["num_warps_bwd"],
     )  # fmt: skip
-    return dd1_part, dd2_part
+    return dd_parts
 
 
-def launch_backward_filters(dy, u, x, has_res: bool, blk: dict) -> tuple[torch.Tensor, int]:
-    """`_bwd_filter_kernel`: (lag sums (2 or 4, D, W) fp32, the column of lag 0)."""
+def launch_backward_filters(dy, u, x, has_res: bool, blk: dict) -> tuple[torch.Tensor, int, int]:
+    """`_bwd_filter_kernel`: (lag sums (2 or 4, D, W) fp32, lag 0 at column W // 2; the last
+    column of the neg sums and the first of the pos sums that it writes)."""
     batch, width, length = x.shape
     dim = width // 3
     nb = triton.cdiv(length, blk["BLK"])
     lags = 2 * nb * blk["BLK"] + 1
-    lag_sums = torch.zeros((4 if has_res else 2, dim, lags), dtype=torch.float32, device=x.device)
+    lag_sums = new_output((4 if has_res else 2, dim, lags), torch.float32, x.device)
     _bwd_filter_kernel[(dim, 2 * nb - 1)](
         dy, u, x, lag_sums[0], lag_sums[1], lag_sums[-2], lag_sums[-1],
         batch, dim, length, nb, lags, HAS_RES=has_res, UPCAST=INTERPRET,
         BB=blk["BB_F"], BLK=blk["BLK"], num_warps=blk["num_warps_filter"],
     )  # fmt: skip
-    return lag_sums, nb * blk["BLK"]
+    return lag_sums, (2 * nb - 1) * blk["BLK"], blk["BLK"] + 1
+
+
+# The finishing kernel's channels per program.
+FINISH_CHANNELS = 16
+
+
+def finish_filter_grads(lag_sums, neg_end, pos_start, dd_parts, k1, d1, k2, d2) -> list[torch.Tensor]:
+    """[dk1, dd1] and with k2 [dk2, dd2] from the kernels' lag sums and skip-weight partial sums,
+    in the parameters' dtypes (`_finish_filter_kernel`)."""
+    dim, n = k1.shape
+    has_res = k2 is not None
+    dk1, dd1 = new_output(k1.shape, k1.dtype, k1.device), new_output(d1.shape, d1.dtype, k1.device)
+    dk2, dd2 = (new_output(k2.shape, k2.dtype, k1.device), new_output(d2.shape, d2.dtype, k1.device)) if has_res else (dk1, dd1)
+    _finish_filter_kernel[(triton.cdiv(dim, FINISH_CHANNELS), 2 if has_res else 1)](
+        lag_sums, dd_parts, dk1, dk2, dd1, dd2, dim, n // 2, lag_sums.shape[-1], dd_parts.shape[1], neg_end, pos_start,
+        BD=FINISH_CHANNELS, NP=triton.next_power_of_2(n), BP=32,
+    )  # fmt: skip
+    return [dk1, dd1, dk2, dd2] if has_res else [dk1, dd1]
 
 
 # The ops take the gated branch's inputs packed as x = [x1; x2; v] along the channels (B, 3D, L),
@@ -366,57 +458,56 @@ def launch_backward_filters(dy, u, x, has_res: bool, blk: dict) -> tuple[torch.T
 def toeplitz_conv(
     u: torch.Tensor | None, x: torch.Tensor, k1: torch.Tensor, d1: torch.Tensor,
     k2: torch.Tensor | None, d2: torch.Tensor | None, split: bool, save_z1: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """(y, z1): the output (B, D, L) in x's dtype and, if `save_z1`, the gated convolution before
-    the post-gate (kept for the backward; else an empty tensor)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(y, z1, rows): the output (B, D, L) in x's dtype; if `save_z1`, the gated convolution before
+    the post-gate (kept for the backward; else an empty tensor); the filters' tile rows
+    (`filter_rows`, kept for the backward's input gradients)."""
     batch, width, length = x.shape
     dim = width // 3
     has_res = k2 is not None
     x = x.contiguous()
     u = u.contiguous() if has_res else x
-    k1, d1 = k1.float().contiguous(), d1.float().contiguous()
-    k2, d2 = (k2.float().contiguous(), d2.float().contiguous()) if has_res else (k1, d1)
+    d1 = d1.float().contiguous()
+    d2 = d2.float().contiguous() if has_res else d1
+    rows = filter_rows(k1.float().contiguous(), k2.float().contiguous() if has_res else None, x.dtype)
     y = new_output((batch, dim, length), x.dtype, x.device)
     z1 = new_output((batch, dim, length), x.dtype, x.device) if save_z1 else x.new_empty(0)
-    launch_forward(u, x, k1, d1, k2, d2, y, z1, has_res, save_z1, split, _blocks(batch, dim, length))
-    return y, z1
+    launch_forward(u, x, rows, d1, d2, y, z1, has_res, save_z1, split, _blocks(batch, dim, length))
+    return y, z1, rows
 
 
 @toeplitz_conv.register_fake
 def _(u, x, k1, d1, k2, d2, split, save_z1):
     shape = (x.shape[0], x.shape[1] // 3, x.shape[2])
-    return x.new_empty(shape), x.new_empty(shape if save_z1 else (0,))
+    rows = x.new_empty((1 if k2 is None else 2, k1.shape[0], 2, k1.shape[1]))
+    return x.new_empty(shape), x.new_empty(shape if save_z1 else (0,)), rows
 
 
 @torch.library.custom_op("m2dist::toeplitz_conv_backward", mutates_args=())
 def toeplitz_conv_backward(
-    dy: torch.Tensor, u: torch.Tensor | None, x: torch.Tensor, z1: torch.Tensor,
+    dy: torch.Tensor, u: torch.Tensor | None, x: torch.Tensor, z1: torch.Tensor, rows: torch.Tensor,
     k1: torch.Tensor, d1: torch.Tensor, k2: torch.Tensor | None, d2: torch.Tensor | None, split: bool,
 ) -> list[torch.Tensor]:  # fmt: skip
     """[dx, dk1, dd1] and, with the residual branch, [du, dk2, dd2] after them; dx packed as x
-    (B, 3D, L), each gradient in its input's dtype."""
+    (B, 3D, L), each gradient in its input's dtype. `rows`: the forward's filter rows."""
     has_res = k2 is not None
     batch, width, length = x.shape
     dim = width // 3
     blk = _blocks(batch, dim, length)
-    dy, x, z1 = dy.contiguous(), x.contiguous(), z1.contiguous()
+    dy, x, z1, rows = dy.contiguous(), x.contiguous(), z1.contiguous(), rows.contiguous()
     u = u.contiguous() if has_res else x
-    k1f, d1f = k1.float().contiguous(), d1.float().contiguous()
-    k2f, d2f = (k2.float().contiguous(), d2.float().contiguous()) if has_res else (k1f, d1f)
+    d1f = d1.float().contiguous()
+    d2f = d2.float().contiguous() if has_res else d1f
     dx = new_output(x.shape, x.dtype, x.device)
     du = new_output(u.shape, u.dtype, u.device) if has_res else dx
-    dd1_part, dd2_part = launch_backward_inputs(dy, u, x, z1, k1f, d1f, k2f, d2f, du, dx, has_res, split, blk)
-    lag_sums, origin = launch_backward_filters(dy, u, x, has_res, blk)
-    dk1 = _circular(lag_sums[0] + lag_sums[1], origin, length).to(k1.dtype)
-    grads = [dx, dk1, dd1_part.sum(0).to(d1.dtype)]
-    if has_res:
-        dk2 = _circular(lag_sums[2] + lag_sums[3], origin, length).to(k2.dtype)
-        grads += [du, dk2, dd2_part.sum(0).to(d2.dtype)]
-    return grads
+    dd_parts = launch_backward_inputs(dy, u, x, z1, rows, d1f, d2f, du, dx, has_res, split, blk)
+    lag_sums, neg_end, pos_start = launch_backward_filters(dy, u, x, has_res, blk)
+    params = finish_filter_grads(lag_sums, neg_end, pos_start, dd_parts, k1, d1, k2, d2)
+    return [dx, *params[:2], du, *params[2:]] if has_res else [dx, *params]
 
 
 @toeplitz_conv_backward.register_fake
-def _(dy, u, x, z1, k1, d1, k2, d2, split):
+def _(dy, u, x, z1, rows, k1, d1, k2, d2, split):
     grads = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (x, k1, d1)]
     if k2 is not None:
         grads += [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (u, k2, d2)]
@@ -425,29 +516,22 @@ def _(dy, u, x, z1, k1, d1, k2, d2, split):
 
 def _toeplitz_setup_context(ctx, inputs, output):
     u, x, k1, d1, k2, d2, split, _ = inputs
-    ctx.save_for_backward(u, x, output[1], k1, d1, k2, d2)
+    ctx.save_for_backward(u, x, output[1], output[2], k1, d1, k2, d2)
     ctx.split = split
 
 
-def _toeplitz_backward(ctx, dy, _dz1):
-    u, x, z1, k1, d1, k2, d2 = ctx.saved_tensors
+def _toeplitz_backward(ctx, dy, _dz1, _drows):
+    u, x, z1, rows, k1, d1, k2, d2 = ctx.saved_tensors
     # dy reaches here as the transposed view of the (B, L, D) gradient that `out_linear` gives:
     # laid out here, outside the op, a compiled backward does it as one of Inductor's tiled
     # transposes (inside, it was aten's strided copy, one of the slowest kernels of the step).
-    grads = toeplitz_conv_backward(dy.contiguous(), u, x, z1, k1, d1, k2, d2, ctx.split)
+    grads = toeplitz_conv_backward(dy.contiguous(), u, x, z1, rows, k1, d1, k2, d2, ctx.split)
     dx, dk1, dd1 = grads[:3]
     du, dk2, dd2 = grads[3:] if k2 is not None else (None, None, None)
     return du, dx, dk1, dd1, dk2, dd2, None, None
 
 
 torch.library.register_autograd("m2dist::toeplitz_conv", _toeplitz_backward, setup_context=_toeplitz_setup_context)
-
-
-def _circular(by_lag: torch.Tensor, origin: int, length: int) -> torch.Tensor:
-    """(D, W) sums by lag (lag 0 at column `origin`) -> (D, 2L) gradient of the circular filter:
-    lags 0..L-1 at 0..L-1, lags -(L-1)..-1 at L+1..2L-1, column L (never used) zero."""
-    zero = torch.zeros_like(by_lag[:, :1])
-    return torch.cat([by_lag[:, origin : origin + length], zero, by_lag[:, origin - length + 1 : origin]], dim=1)
 
 
 def packed_gated_long_conv(u_BDL, x_BCL, k1_DN, d1_D, k2_DN=None, d2_D=None, *, split: bool = True):
