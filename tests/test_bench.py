@@ -65,6 +65,36 @@ def test_finetune_benchmark_times_the_glue_step_on_cpu():
     assert with_overrides.model == "debug, model.kernels.fused_mixer=true"
 
 
+def test_finetune_benchmark_times_the_models_in_turn(monkeypatch):
+    # Each model is warmed up alone, then the timed blocks alternate between the models, so that
+    # both are timed in the same stretch of the run; a row is the median of its blocks.
+    import types
+
+    import torch
+
+    from m2dist.bench import finetune
+
+    calls, per_step = [], {"a": [1.0, 1.0, 9.0], "b": [2.0, 3.0, 2.0]}
+
+    def fake_runner(name, glue, batch_size, cuda_graph, device, seq_len, overrides):
+        def run(n):
+            calls.append((name, n))
+            timed = len([c for c in calls if c == (name, 4)])
+            return n * (per_step[name][timed - 1] if n == 4 else 5.0) / 1000
+        return run, types.SimpleNamespace(graph=None), seq_len
+
+    monkeypatch.setattr(finetune, "_finetune_runner", fake_runner)
+    glue = finetune.glue_config_for("debug")
+    cases = [finetune.FinetuneCase("a", glue), finetune.FinetuneCase("b", glue, ("model.x=1",))]
+    results = finetune.benchmark_finetune_steps(cases, 4, False, torch.device("cpu"), 32, first_steps=1, block_steps=2, rounds=3)
+    # warm-up: the first steps, then two blocks that agree
+    assert calls[:6] == [("a", 1), ("a", 2), ("a", 2), ("b", 1), ("b", 2), ("b", 2)]
+    assert calls[6:] == [("a", 4), ("b", 4)] * 3
+    assert [r.model for r in results] == ["a", "b, model.x=1"]
+    assert [r.step_ms for r in results] == pytest.approx([1.0, 2.0])
+    assert results[0].first_overhead_s == pytest.approx(0.005 - 0.001)
+
+
 def test_concurrent_finetune_jobs_share_the_device():
     # Two processes fine-tune at once on the CPU, as --jobs-per-device 2 runs them on a GPU: the
     # device's time per step is positive, and a job that fails is reported, not waited for.

@@ -1,6 +1,7 @@
 """Fine-tuning step throughput at GLUE's batch sizes, M2 beside BERT in one run, with and without
 the CUDA-graph step (and with the classifier compiled, `glue.compile`), and the whole-GLUE training
-time estimated from it.
+time estimated from it. At each batch size and mode the configs are timed side by side, in turn
+(`m2dist.bench.finetune.benchmark_finetune_steps`).
 
   python tools/bench_finetune.py --configs m2-bert-80M bert-base --batch-sizes 16 32 48
   python tools/bench_finetune.py --configs m2-bert-80M bert-base --modes graph compiled
@@ -20,7 +21,8 @@ import torch
 from m2dist.bench.finetune import (
     HEADER,
     MODE_LABELS,
-    benchmark_finetune_step,
+    FinetuneCase,
+    benchmark_finetune_steps,
     concurrent_step_ms,
     format_concurrent,
     format_row,
@@ -46,21 +48,26 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results, concurrent = [], []
-    for spec in args.configs:
-        name, overrides = split_config_spec(spec)
-        for mode in args.modes:
-            for batch in args.batch_sizes:
+    for mode in args.modes:
+        for batch in args.batch_sizes:
+            cases = []
+            for spec in args.configs:
+                name, overrides = split_config_spec(spec)
                 glue = dataclasses.replace(glue_config_for(name), compile=mode == "compiled")
                 profile_to = args.profile_dir and args.profile_dir / f"finetune-{spec.replace(':', '-')}-b{batch}-{mode}.txt"
-                result = benchmark_finetune_step(
-                    name, glue, batch, mode != "eager", device, args.seq_len, overrides=overrides, profile_to=profile_to
-                )
+                cases.append(FinetuneCase(name, glue, overrides, profile_to))
+            timed = benchmark_finetune_steps(cases, batch, mode != "eager", device, args.seq_len)
+            for spec, case, result in zip(args.configs, cases, timed):
                 print(format_row(result), flush=True)
                 results.append((spec, mode, result))
                 for jobs in args.jobs_per_device:
-                    shared_ms = concurrent_step_ms(name, glue, batch, mode != "eager", device, jobs, args.seq_len, overrides=overrides)
+                    shared_ms = concurrent_step_ms(
+                        case.config_name, case.glue, batch, mode != "eager", device, jobs, args.seq_len, overrides=case.overrides
+                    )
                     concurrent.append((spec, mode, batch, jobs, shared_ms, result.step_ms))
                     print(format_concurrent(*concurrent[-1]), flush=True)
+    # the table by model, as the whole-GLUE estimates below
+    results.sort(key=lambda row: (args.configs.index(row[0]), args.modes.index(row[1])))
     print(f"\nOn {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}")
     print(HEADER)
     for _, _, result in results:

@@ -6,8 +6,9 @@ host) on random sequences padded to L, with the config's GLUE optimizer settings
 initialised model (speed does not depend on the weights). Steps run back to back as in an epoch,
 without waiting for each one. Reported per row:
 
-- the steady-state seconds per step (blocks of steps are timed until two agree within 3%), and the
-  seconds per epoch of the labeled-text task (Rotten Tomatoes' 11,573 training snippets) from it;
+- the steady-state seconds per step (after a warm-up until two blocks of steps agree within 3%,
+  the median of blocks timed in turn with the run's other models, `benchmark_finetune_steps`),
+  and the seconds per epoch of the labeled-text task (Rotten Tomatoes' 11,573 training snippets);
 - the first-epoch overhead: the time of the first `FIRST_STEPS` steps (kernel compilation,
   autotuning, the CUDA graph's capture) beyond as many steady-state steps.
 
@@ -21,6 +22,7 @@ import dataclasses
 import heapq
 import math
 import multiprocessing
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -107,6 +109,95 @@ def _finetune_runner(
     return run, step, seq_len
 
 
+@dataclass(frozen=True)
+class FinetuneCase:
+    """One row to time: a pretraining config with its overrides (key=value) and its GLUE protocol;
+    with `profile_to`, the step's profile report goes there."""
+
+    config_name: str
+    glue: GlueConfig
+    overrides: tuple[str, ...] = ()
+    profile_to: Path | None = None
+
+    @property
+    def label(self) -> str:
+        return self.config_name + "".join(f", {o}" for o in self.overrides)
+
+
+# Timed blocks per case, taken in turn with the other cases of the run.
+ROUNDS = 5
+
+
+def _settle(run: Callable[[int], float], block_steps: int) -> None:
+    """Blocks of steps until two in a row agree within 3% (at most 10 more)."""
+    previous = run(block_steps) / block_steps
+    for _ in range(10):
+        current = run(block_steps) / block_steps
+        if abs(current - previous) <= 0.03 * previous:
+            return
+        previous = current
+
+
+def benchmark_finetune_steps(
+    cases: list[FinetuneCase],
+    batch_size: int,
+    cuda_graph: bool,
+    device: torch.device,
+    seq_len: int = 128,
+    first_steps: int = FIRST_STEPS,
+    block_steps: int = BLOCK_STEPS,
+    rounds: int = ROUNDS,
+) -> list[FinetuneResult]:
+    """The fine-tuning step of each case at `batch_size`, timed as an epoch runs it, side by side.
+
+    Each case is built and warmed up in turn (its first `first_steps` steps: compilation,
+    autotuning, the graph's capture; then blocks of `block_steps` until two agree within 3%). Then
+    the cases run blocks of 2 x `block_steps` steps in turn, `rounds` rounds, and a row's step time
+    is the median of its blocks. Every case is timed in the same stretch of the run, so no row
+    depends on its position in it: timed one after the other, on one H100, whichever model came
+    second ran 3-5% slower at batch 16 and 32 than when it came first (the GPU's clocks fall under
+    minutes of load). A case's peak memory is what it allocated beyond the cases built before it.
+    With a case's `profile_to`, `PROFILE_STEPS` more of its steps run under torch.profiler after
+    the timing, and the report (top operators by device and host time) goes there."""
+    warmed = []
+    for case in cases:
+        base = 0
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            base = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        run, step, length = _finetune_runner(case.config_name, case.glue, batch_size, cuda_graph, device, seq_len, case.overrides)
+        first = run(first_steps)
+        _settle(run, block_steps)
+        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**30 if device.type == "cuda" else 0.0
+        warmed.append((run, step, length, first, peak))
+    blocks: list[list[float]] = [[] for _ in cases]
+    for _ in range(rounds):
+        for (run, *_), times in zip(warmed, blocks):
+            times.append(run(2 * block_steps) / (2 * block_steps))
+    results = []
+    for case, (run, step, length, first, peak), times in zip(cases, warmed, blocks):
+        step_s = statistics.median(times)
+        if case.profile_to is not None:
+            _profile(run, step, case, batch_size, length, step_s, device)
+        results.append(
+            FinetuneResult(case.label, batch_size, step.graph is not None, 1000 * step_s, first - first_steps * step_s, peak, case.glue.compile)
+        )
+    return results
+
+
+def _profile(run, step: FinetuneStep, case: FinetuneCase, batch_size: int, seq_len: int, step_s: float, device) -> None:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities, record_shapes=True) as prof:
+        run(PROFILE_STEPS)
+    mode = "CUDA graph" if step.graph is not None else "eager"
+    header = (
+        f"fine-tuning step of {case.label}: batch {batch_size}, L={seq_len}, {mode}"
+        f"{', compiled' if case.glue.compile else ''}; {1000 * step_s:.2f} ms a step unprofiled"
+    )
+    write_profile_report(prof, PROFILE_STEPS, device.type == "cuda", header, case.profile_to, rows=60)
+
+
 def benchmark_finetune_step(
     config_name: str,
     glue: GlueConfig,
@@ -118,37 +209,11 @@ def benchmark_finetune_step(
     block_steps: int = BLOCK_STEPS,
     overrides: tuple[str, ...] = (),
     profile_to: Path | None = None,
+    rounds: int = ROUNDS,
 ) -> FinetuneResult:
-    """The fine-tuning step of pretraining config `config_name` (with `overrides`, key=value) at
-    `batch_size`, timed as an epoch runs it; with `profile_to`, then `PROFILE_STEPS` more steps
-    under torch.profiler, whose report (top operators by device and host time) goes there."""
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    run, step, seq_len = _finetune_runner(config_name, glue, batch_size, cuda_graph, device, seq_len, overrides)
-    first = run(first_steps)
-    previous = run(block_steps) / block_steps
-    for _ in range(10):
-        current = run(block_steps) / block_steps
-        if abs(current - previous) <= 0.03 * previous:
-            break
-        previous = current
-    step_s = run(2 * block_steps) / (2 * block_steps)
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-    label = config_name + "".join(f", {o}" for o in overrides)
-    if profile_to is not None:
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        with profile(activities=activities, record_shapes=True) as prof:
-            run(PROFILE_STEPS)
-        mode = "CUDA graph" if step.graph is not None else "eager"
-        header = (
-            f"fine-tuning step of {label}: batch {batch_size}, L={seq_len}, {mode}"
-            f"{', compiled' if glue.compile else ''}; {1000 * step_s:.2f} ms a step unprofiled"
-        )
-        write_profile_report(prof, PROFILE_STEPS, device.type == "cuda", header, profile_to, rows=60)
-    return FinetuneResult(
-        label, batch_size, step.graph is not None, 1000 * step_s, first - first_steps * step_s, peak, glue.compile
-    )
+    """`benchmark_finetune_steps` for one config."""
+    case = FinetuneCase(config_name, glue, tuple(overrides), profile_to)
+    return benchmark_finetune_steps([case], batch_size, cuda_graph, device, seq_len, first_steps, block_steps, rounds)[0]
 
 
 def _concurrent_job(args: tuple, barrier, results) -> None:
