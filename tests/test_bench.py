@@ -181,8 +181,8 @@ def test_mixer_benchmark_times_every_path(monkeypatch):
     from kernels.mixer import triton_short_conv
 
     short_convs = []
-    kernel = triton_short_conv.causal_short_conv
-    monkeypatch.setattr(triton_short_conv, "causal_short_conv", lambda *a: (short_convs.append(1), kernel(*a))[1])
+    kernel = triton_short_conv.causal_short_conv_and_layout
+    monkeypatch.setattr(triton_short_conv, "causal_short_conv_and_layout", lambda *a: (short_convs.append(1), kernel(*a))[1])
     rows = bench.bench_mixer([32], 64, [16], [(16, 16, 1, 4), (16, 32, 2, 4)], copy_bw=1e9, device="cpu")
     assert [r[1] for r in rows] == [
         "reference", "per op", "per op, compiled short conv", "fused BD=16 BF=16 BPP=1 w=4", "fused BD=16 BF=32 BPP=2 w=4"

@@ -72,10 +72,13 @@ def test_opcheck_toeplitz(residual):
 def test_opcheck_short_conv(dtype):
     p = _rand(2, 37, 40, dtype=dtype, requires_grad=True)  # partial tiles of positions and channels
     weight, bias = _rand(40, 1, 3, requires_grad=True), _rand(40, requires_grad=True)
-    torch.library.opcheck(triton_short_conv.short_conv, (p, weight, bias), test_utils=OPCHECK_ALL)
-    out = triton_short_conv.short_conv(p, weight, bias)
-    bwd_args = (torch.randn_like(out), p.detach(), weight.detach())
-    torch.library.opcheck(triton_short_conv.short_conv_backward, bwd_args, test_utils=OPCHECK_ALL[:3])
+    u = _rand(2, 37, 13, requires_grad=True)  # the mixer input, laid out by the same kernels
+    for u_or_none in (None, u):
+        torch.library.opcheck(triton_short_conv.short_conv, (p, weight, bias, u_or_none), test_utils=OPCHECK_ALL)
+        out, ut = triton_short_conv.short_conv(p, weight, bias, u_or_none)
+        gu = None if u_or_none is None else torch.randn_like(ut)
+        bwd_args = (torch.randn_like(out), gu, p.detach(), weight.detach())
+        torch.library.opcheck(triton_short_conv.short_conv_backward, bwd_args, test_utils=OPCHECK_ALL[:3])
 
 
 @pytest.mark.parametrize("bias", [True, False])

@@ -973,8 +973,8 @@ def test_short_conv_takes_the_triton_path_per_op(monkeypatch):
     from kernels.mixer import triton_short_conv
 
     calls = []
-    kernel = triton_short_conv.causal_short_conv
-    monkeypatch.setattr(triton_short_conv, "causal_short_conv", lambda *a: (calls.append(1), kernel(*a))[1])
+    kernel = triton_short_conv.causal_short_conv_and_layout
+    monkeypatch.setattr(triton_short_conv, "causal_short_conv_and_layout", lambda *a: (calls.append(1), kernel(*a))[1])
     inputs = _mixer_inputs(2, 32, 16, True, seed=3)
     ref = mixer_reference.sequence_mixer(*inputs)
     args = [t.float() for t in inputs]  # fp32, as the kernels compute
@@ -984,6 +984,56 @@ def test_short_conv_takes_the_triton_path_per_op(monkeypatch):
     monkeypatch.setattr(mixer, "TRITON_SHORT_CONV", False)
     mixer.implementation("triton")(*args)
     assert calls == [1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_short_conv_lays_out_the_mixer_input(dtype):
+    # The kernels that lay out the projection also copy the mixer input u (B, L, D) to (B, D, L)
+    # and its gradient back, bit for bit; D = 13 leaves partial channel tiles (C = 39).
+    from kernels.mixer import triton_short_conv
+
+    gen = torch.Generator().manual_seed(11)
+    batch, length, dim = 3, 37, 13
+    p = torch.randn(batch, length, 3 * dim, generator=gen).to(DEVICE, dtype).requires_grad_()
+    weight = torch.randn(3 * dim, 1, 3, generator=gen).to(DEVICE).requires_grad_()
+    bias = torch.randn(3 * dim, generator=gen).to(DEVICE).requires_grad_()
+    u = torch.randn(batch, length, dim, generator=gen).to(DEVICE).requires_grad_()
+    x, u_BDL = triton_short_conv.causal_short_conv_and_layout(p, weight, bias, u)
+    assert u_BDL.is_contiguous() and torch.equal(u_BDL, u.transpose(1, 2))
+    assert torch.equal(x, triton_short_conv.causal_short_conv(p, weight, bias))
+    gx = torch.randn(x.shape, generator=gen).to(DEVICE, dtype)
+    gu = torch.randn(u_BDL.shape, generator=gen).to(DEVICE)
+    dp, dw, db, du = torch.autograd.grad((x, u_BDL), (p, weight, bias, u), (gx, gu))
+    assert du.is_contiguous() and torch.equal(du, gu.transpose(1, 2))
+    for ours, alone in zip((dp, dw, db), torch.autograd.grad(triton_short_conv.causal_short_conv(p, weight, bias), (p, weight, bias), gx)):
+        assert torch.equal(ours, alone)
+
+
+def test_triton_mixer_makes_no_strided_pass_over_its_input():
+    # The per-op Triton mixer takes u (B, L, D) (fp32, as under autocast) and gives u's gradient
+    # (B, L, D) contiguous, with no strided pass over u or its gradient of its own: the layout
+    # changes are the short convolution kernels' loads and stores.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from kernels import mixer
+
+    inputs = [t.float().requires_grad_() for t in _mixer_inputs(2, 32, 16, True, seed=4)]
+    inputs[0] = inputs[0].detach().bfloat16().requires_grad_()
+    u = inputs[3]
+    strided = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            u_sized = [a for a in args if isinstance(a, torch.Tensor) and a.dtype == u.dtype and a.numel() == u.numel()]
+            if not isinstance(out, torch.Tensor) or not out._is_view():
+                strided.extend(func.__name__ for a in u_sized if not a.is_contiguous())
+            return out
+
+    with Record():
+        y = mixer.implementation("triton")(*inputs)
+        (du,) = torch.autograd.grad(y, [u], torch.randn_like(y))
+    assert strided == [] and du.is_contiguous()
 
 
 @pytest.mark.gpu

@@ -7,8 +7,10 @@ operator (`triton_mixer`) where it applies (no padding mask, bf16/fp16, L a powe
 `triton_mixer.MAX_LEN`). A layer resolves its implementation once (`implementation`).
 
 Per op, the Triton backends take the short convolution's own kernels (`triton_short_conv`: the
-projection's (B, L, C) layout in, the long convolution's (B, C, L) out, and back); the reference
-backend takes the reference, `torch.compile`d on a GPU.
+projection's (B, L, C) layout in, the long convolution's (B, C, L) out, and back; they also lay the
+mixer input u out as (B, D, L) for the long convolution and its gradient back as (B, L, D), where
+separate copies were strided passes of their own); the reference backend takes the reference,
+`torch.compile`d on a GPU, and a transposed view of u.
 """
 
 import functools
@@ -33,11 +35,13 @@ def _compiled_short_conv():
     return torch.compile(causal_short_conv, dynamic=False)
 
 
-def _short_conv(p_BLC, weight_C1K, bias_C):
-    """On a GPU, outside a whole-model compilation, the short convolution runs compiled (one fused
-    pass with its transposition and cast; see `causal_short_conv`)."""
+def _short_conv(p_BLC, weight_C1K, bias_C, u_BLD):
+    """(x (B, C, L), u (B, D, L) as a transposed view, or None without u). On a GPU, outside a whole-model compilation,
+    the short convolution runs compiled (one fused pass with its transposition and cast; see
+    `causal_short_conv`)."""
     compiled = p_BLC.is_cuda and not torch.compiler.is_compiling()
-    return (_compiled_short_conv() if compiled else causal_short_conv)(p_BLC, weight_C1K, bias_C)
+    x_BCL = (_compiled_short_conv() if compiled else causal_short_conv)(p_BLC, weight_C1K, bias_C)
+    return x_BCL, None if u_BLD is None else u_BLD.transpose(1, 2)
 
 
 # Whether the Triton backends take the short convolution's kernels (False: the reference's path,
@@ -45,24 +49,30 @@ def _short_conv(p_BLC, weight_C1K, bias_C):
 TRITON_SHORT_CONV = True
 
 
-def _triton_short_conv(p_BLC, weight_C1K, bias_C):
+def _triton_short_conv(p_BLC, weight_C1K, bias_C, u_BLD):
+    """(x (B, C, L), u (B, D, L)) from the short convolution's kernels, u laid out contiguously by
+    them (and its gradient laid back); `_short_conv` where they do not apply."""
     # Imported on first use: Triton modules must be imported after TRITON_INTERPRET is set.
     from kernels.mixer import triton_short_conv
 
     if TRITON_SHORT_CONV and triton_short_conv.supports(p_BLC, weight_C1K):
-        return triton_short_conv.causal_short_conv(p_BLC, weight_C1K, bias_C)
-    return _short_conv(p_BLC, weight_C1K, bias_C)
+        if u_BLD is None:
+            return triton_short_conv.causal_short_conv(p_BLC, weight_C1K, bias_C), None
+        return triton_short_conv.causal_short_conv_and_layout(p_BLC, weight_C1K, bias_C, u_BLD)
+    return _short_conv(p_BLC, weight_C1K, bias_C, u_BLD)
 
 
 def _per_op(gated_long_conv, p_BLC, weight_C1K, bias_C, u_BLD, k1_DN, d1_D, k2_DN, d2_D, mask_BL, short_conv=_short_conv):
     """`gated_long_conv`: `kernels.fftconv`'s packed implementation, which takes the short
-    convolution's (B, 3D, L) output x = [x1; x2; v] as it is."""
+    convolution's (B, 3D, L) output x = [x1; x2; v] as it is. `short_conv` gives x and u in the
+    long convolution's (B, D, L) layout (u only for the residual convolution, the one that reads it)."""
     dim = u_BLD.shape[-1]
-    x_BCL = short_conv(p_BLC, weight_C1K, bias_C)
+    residual = k2_DN is not None
+    x_BCL, u_BDL = short_conv(p_BLC, weight_C1K, bias_C, u_BLD if residual else None)
     if mask_BL is not None:
         x1_BDL, x2_BDL, v_BDL = x_BCL.split(dim, dim=1)
         x_BCL = torch.cat([x1_BDL, x2_BDL, v_BDL * mask_BL.to(v_BDL.dtype)[:, None, :]], dim=1)
-    y_BDL = gated_long_conv(u_BLD.transpose(1, 2), x_BCL, k1_DN, d1_D, k2_DN, d2_D)
+    y_BDL = gated_long_conv(u_BDL if residual else u_BLD.transpose(1, 2), x_BCL, k1_DN, d1_D, k2_DN, d2_D)
     return y_BDL.transpose(1, 2)
 
 

@@ -10,8 +10,14 @@ depthwise Conv1d of 3 taps, cut to its first L outputs), in the layouts around i
   reads the output's gradient g in the (B, C, L) layout and p, writes p's gradient in the (B, L, C)
   layout, dp[s] = sum_j w_j g[s + 2 - j], and accumulates the filter's and the bias's gradients
   over its sequences; a second kernel adds up their per-program partial sums.
+- The mixer input u (B, L, D), which the long convolution's kernels read as (B, D, L), is laid
+  out by the same kernels (`causal_short_conv_and_layout`): the forward's programs of the first D
+  channels copy their tile of u transposed, the backward's copy u's gradient back to (B, L, D).
+  Separately, the copy and the transposed gradient were strided passes of their own (and left the
+  LayerNorm before the mixer a strided gradient; docs/performance.md, fine-tuning step).
 
-Shape legend: B batch, L sequence length, C channels (3D, the projection's width), K = 3 taps.
+Shape legend: B batch, L sequence length, C channels (3D, the projection's width), D = C / 3 the
+mixer's width, K = 3 taps.
 """
 
 import torch
@@ -76,12 +82,23 @@ def _cols_at(ptr, base, o_t, o_c, m_c, L):
 
 
 @triton.jit
-def _fwd_kernel(p_ptr, w_ptr, b_ptr, out_ptr, L, C, BL: tl.constexpr, BC: tl.constexpr):
-    """out[b, c, t] = bias[c] + sum_j w[c, j] p[b, t + j - 2, c] for this program's tile."""
+def _fwd_kernel(
+    p_ptr, w_ptr, b_ptr, out_ptr, u_ptr, ut_ptr, L, C, D,
+    HAS_U: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr,
+):  # fmt: skip
+    """out[b, c, t] = bias[c] + sum_j w[c, j] p[b, t + j - 2, c] for this program's tile; with
+    HAS_U, the tiles of the first D channels also copy u (B, L, D) to ut (B, D, L)."""
     i_t, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_t = i_t * BL + tl.arange(0, BL)
     o_c = i_c * BC + tl.arange(0, BC)
     m_c = o_c < C
+    if HAS_U:
+        if i_c * BC < D:
+            m_u = o_c < D
+            base_u = i_b.to(tl.int64) * L * D
+            u = _rows_at(u_ptr, base_u, o_t, o_c, m_u, L, D)
+            m = (o_t < L)[:, None] & m_u[None, :]
+            tl.store(ut_ptr + base_u + o_c[None, :] * L + o_t[:, None], u.to(ut_ptr.dtype.element_ty), mask=m)
     base = i_b.to(tl.int64) * L * C
     w0, w1, w2 = _taps(w_ptr, o_c, m_c)
     # the reference's order: ((x0 w0 + x1 w1) + x2 w2), then the bias
@@ -95,16 +112,25 @@ def _fwd_kernel(p_ptr, w_ptr, b_ptr, out_ptr, L, C, BL: tl.constexpr, BC: tl.con
 
 @triton.jit
 def _bwd_kernel(
-    g_ptr, p_ptr, w_ptr, dp_ptr, part_ptr, B, L, C, BPG,
-    BL: tl.constexpr, BC: tl.constexpr,
+    g_ptr, p_ptr, w_ptr, dp_ptr, part_ptr, gu_ptr, du_ptr, B, L, C, D, BPG,
+    HAS_U: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr,
 ):  # fmt: skip
     """dp at this tile's positions for the sequences of group i_g; the filter's and bias's
-    gradients over them as partial sums at part[(i_g * n_t + i_t), 0..3, c] (taps 0-2, bias)."""
+    gradients over them as partial sums at part[(i_g * n_t + i_t), 0..3, c] (taps 0-2, bias); with
+    HAS_U, the tiles of the first D channels also copy ut's gradient gu (B, D, L) to du (B, L, D)."""
     i_t, i_c, i_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_s = i_t * BL + tl.arange(0, BL)
     o_c = i_c * BC + tl.arange(0, BC)
     m_c = o_c < C
     m = (o_s < L)[:, None] & m_c[None, :]
+    if HAS_U:
+        if i_c * BC < D:
+            m_u = o_c < D
+            for b in range(i_g * BPG, tl.minimum(B, (i_g + 1) * BPG)):
+                base_u = (b + tl.zeros([], dtype=tl.int64)) * L * D
+                gu = _cols_at(gu_ptr, base_u, o_s, o_c, m_u, L)
+                m_du = (o_s < L)[:, None] & m_u[None, :]
+                tl.store(du_ptr + base_u + o_s[:, None] * D + o_c[None, :], gu.to(du_ptr.dtype.element_ty), mask=m_du)
     w0, w1, w2 = _taps(w_ptr, o_c, m_c)
     dw0 = tl.zeros([BL, BC], dtype=tl.float32)
     dw1 = tl.zeros([BL, BC], dtype=tl.float32)
@@ -156,67 +182,88 @@ PARAM_ROWS, PARAM_COLS = 32, 64
 
 
 @torch.library.custom_op("m2dist::short_conv", mutates_args=())
-def short_conv(p: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """(B, C, L) in p's dtype, contiguous, of p (B, L, C), weight (C, 1, 3), bias (C,)."""
+def short_conv(
+    p: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, u: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, ut): out (B, C, L) in p's dtype, contiguous, of p (B, L, C), weight (C, 1, 3), bias
+    (C,); ut, with u (B, L, D) given, u laid out as (B, D, L) in u's dtype (else an empty tensor)."""
     batch, length, width = p.shape
     p, weight = p.contiguous(), weight.contiguous()
     blk = _blocks(batch, length, width)
     out = new_output((batch, width, length), p.dtype, p.device)
+    has_u = u is not None
+    u = u.contiguous() if has_u else p
+    ut = new_output((batch, u.shape[2], length), u.dtype, p.device) if has_u else p.new_empty(0)
     grid = (triton.cdiv(length, blk["BL"]), triton.cdiv(width, blk["BC"]), batch)
-    _fwd_kernel[grid](p, weight, bias.contiguous(), out, length, width, BL=blk["BL"], BC=blk["BC"], num_warps=blk["num_warps"])
-    return out
+    _fwd_kernel[grid](
+        p, weight, bias.contiguous(), out, u, ut if has_u else out, length, width, u.shape[2] if has_u else 0,
+        HAS_U=has_u, BL=blk["BL"], BC=blk["BC"], num_warps=blk["num_warps"],
+    )  # fmt: skip
+    return out, ut
 
 
 @short_conv.register_fake
-def _(p, weight, bias):
-    return p.new_empty((p.shape[0], p.shape[2], p.shape[1]))
+def _(p, weight, bias, u):
+    ut = p.new_empty(0) if u is None else u.new_empty((u.shape[0], u.shape[2], u.shape[1]))
+    return p.new_empty((p.shape[0], p.shape[2], p.shape[1])), ut
 
 
 @torch.library.custom_op("m2dist::short_conv_backward", mutates_args=())
-def short_conv_backward(g: torch.Tensor, p: torch.Tensor, weight: torch.Tensor) -> list[torch.Tensor]:
-    """[dp (B, L, C) in p's dtype, dweight (C, 1, 3) and dbias (C,) in weight's dtype] from the
-    output's gradient g (B, C, L)."""
+def short_conv_backward(g: torch.Tensor, gu: torch.Tensor | None, p: torch.Tensor, weight: torch.Tensor) -> list[torch.Tensor]:
+    """[dp (B, L, C) in p's dtype, dweight (C, 1, 3) and dbias (C,) in weight's dtype, du] from the
+    output's gradient g (B, C, L) and, where given, ut's gradient gu (B, D, L), which comes back
+    laid out as u (B, L, D) in du (else an empty tensor)."""
     batch, length, width = p.shape
     g, p, weight = g.contiguous(), p.contiguous(), weight.contiguous()
     dp = new_output(p.shape, p.dtype, p.device)
-    parts = launch_backward(g, p, weight, dp, _blocks(batch, length, width))
+    has_u = gu is not None
+    gu = gu.contiguous() if has_u else g
+    du = new_output((batch, length, gu.shape[1]), gu.dtype, p.device) if has_u else p.new_empty(0)
+    parts = launch_backward(g, p, weight, dp, _blocks(batch, length, width), gu if has_u else None, du)
     dweight = new_output(weight.shape, weight.dtype, p.device)
     dbias = new_output((width,), weight.dtype, p.device)
     _param_grads_kernel[(triton.cdiv(width, PARAM_COLS), TAPS + 1)](
         parts, dweight, dbias, parts.shape[0], width, BP=PARAM_ROWS, BC=PARAM_COLS
     )
-    return [dp, dweight, dbias]
+    return [dp, dweight, dbias, du]
 
 
-def launch_backward(g: torch.Tensor, p: torch.Tensor, weight: torch.Tensor, dp: torch.Tensor, blk: dict) -> torch.Tensor:
-    """`_bwd_kernel` over contiguous g (B, C, L) and p (B, L, C) into dp with the blocks `blk`
-    (`_blocks`); returns the per-program partial sums of the taps' and the bias's gradients,
-    (programs along L and the batch, 4, C) fp32."""
+def launch_backward(
+    g: torch.Tensor, p: torch.Tensor, weight: torch.Tensor, dp: torch.Tensor, blk: dict,
+    gu: torch.Tensor | None = None, du: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """`_bwd_kernel` over contiguous g (B, C, L) and p (B, L, C) into dp (and gu (B, D, L) into du
+    (B, L, D)) with the blocks `blk` (`_blocks`); returns the per-program partial sums of the taps'
+    and the bias's gradients, (programs along L and the batch, 4, C) fp32."""
     batch, length, width = p.shape
     grid = (triton.cdiv(length, blk["BL"]), triton.cdiv(width, blk["BC"]), triton.cdiv(batch, blk["BPG"]))
     parts = new_output((grid[2] * grid[0], 4, width), torch.float32, p.device)
+    has_u = gu is not None
     _bwd_kernel[grid](
-        g, p, weight, dp, parts, batch, length, width, blk["BPG"], BL=blk["BL"], BC=blk["BC"], num_warps=blk["num_warps_bwd"]
-    )
+        g, p, weight, dp, parts, gu if has_u else g, du if has_u else dp, batch, length, width,
+        gu.shape[1] if has_u else 0, blk["BPG"], HAS_U=has_u, BL=blk["BL"], BC=blk["BC"], num_warps=blk["num_warps_bwd"],
+    )  # fmt: skip
     return parts
 
 
 @short_conv_backward.register_fake
-def _(g, p, weight):
+def _(g, gu, p, weight):
     dp = torch.empty_like(p, memory_format=torch.contiguous_format)
-    return [dp, torch.empty_like(weight), weight.new_empty(weight.shape[0])]
+    du = p.new_empty(0) if gu is None else gu.new_empty((gu.shape[0], gu.shape[2], gu.shape[1]))
+    return [dp, torch.empty_like(weight), weight.new_empty(weight.shape[0]), du]
 
 
 def _setup_context(ctx, inputs, output):
-    p, weight, bias = inputs
+    p, weight, bias, u = inputs
     ctx.save_for_backward(p, weight)
     ctx.bias_dtype = bias.dtype
+    ctx.has_u = u is not None
 
 
-def _backward(ctx, g):
+def _backward(ctx, g, gu):
     p, weight = ctx.saved_tensors
-    dp, dweight, dbias = short_conv_backward(g, p, weight)
-    return dp, dweight, dbias.to(ctx.bias_dtype)
+    dp, dweight, dbias, du = short_conv_backward(g, gu if ctx.has_u else None, p, weight)
+    return dp, dweight, dbias.to(ctx.bias_dtype), du if ctx.has_u else None
 
 
 torch.library.register_autograd("m2dist::short_conv", _backward, setup_context=_setup_context)
@@ -225,4 +272,14 @@ torch.library.register_autograd("m2dist::short_conv", _backward, setup_context=_
 def causal_short_conv(p_BLC: torch.Tensor, weight_C1K: torch.Tensor, bias_C: torch.Tensor) -> torch.Tensor:
     """`reference.causal_short_conv` by the kernels: (B, L, C) -> (B, C, L) in p's dtype,
     accumulated in fp32. The caller checks `supports`."""
-    return short_conv(p_BLC, weight_C1K, bias_C)
+    return short_conv(p_BLC, weight_C1K, bias_C, None)[0]
+
+
+def causal_short_conv_and_layout(
+    p_BLC: torch.Tensor, weight_C1K: torch.Tensor, bias_C: torch.Tensor, u_BLD: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(`causal_short_conv`, u_BLD laid out as (B, D, L)): the long convolution's two inputs in its
+    layout from one kernel, where a copy of its own would transpose u (and, backward, add its
+    gradient back as a transposed tensor). The caller checks `supports`."""
+    x_BCL, u_BDL = short_conv(p_BLC, weight_C1K, bias_C, u_BLD)
+    return x_BCL, u_BDL
