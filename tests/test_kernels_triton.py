@@ -986,14 +986,10 @@ def test_short_conv_takes_the_triton_path_per_op(monkeypatch):
     assert calls == [1]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_short_conv_lays_out_the_mixer_input(dtype):
-    # The kernels that lay out the projection also copy the mixer input u (B, L, D) to (B, D, L)
-    # and its gradient back, bit for bit; D = 13 leaves partial channel tiles (C = 39).
+def _check_short_conv_layout(dtype, batch, length, dim):
     from kernels.mixer import triton_short_conv
 
     gen = torch.Generator().manual_seed(11)
-    batch, length, dim = 3, 37, 13
     p = torch.randn(batch, length, 3 * dim, generator=gen).to(DEVICE, dtype).requires_grad_()
     weight = torch.randn(3 * dim, 1, 3, generator=gen).to(DEVICE).requires_grad_()
     bias = torch.randn(3 * dim, generator=gen).to(DEVICE).requires_grad_()
@@ -1005,8 +1001,23 @@ def test_short_conv_lays_out_the_mixer_input(dtype):
     gu = torch.randn(u_BDL.shape, generator=gen).to(DEVICE)
     dp, dw, db, du = torch.autograd.grad((x, u_BDL), (p, weight, bias, u), (gx, gu))
     assert du.is_contiguous() and torch.equal(du, gu.transpose(1, 2))
-    for ours, alone in zip((dp, dw, db), torch.autograd.grad(triton_short_conv.causal_short_conv(p, weight, bias), (p, weight, bias), gx)):
-        assert torch.equal(ours, alone)
+    alone = torch.autograd.grad(triton_short_conv.causal_short_conv(p, weight, bias), (p, weight, bias), gx)
+    for ours, theirs in zip((dp, dw, db), alone):
+        assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_short_conv_lays_out_the_mixer_input(dtype):
+    # The kernels that lay out the projection also copy the mixer input u (B, L, D) to (B, D, L)
+    # and its gradient back, bit for bit; D = 13 leaves partial channel tiles (C = 39).
+    _check_short_conv_layout(dtype, batch=3, length=37, dim=13)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [16, 256])
+def test_short_conv_lays_out_the_mixer_input_gpu(batch):
+    # M2-BERT-80M at L=128 (fp32 u under autocast, bf16 projection), as fine-tuning and the engine run it.
+    _check_short_conv_layout(torch.bfloat16, batch=batch, length=128, dim=768)
 
 
 def test_triton_mixer_makes_no_strided_pass_over_its_input():
