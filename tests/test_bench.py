@@ -50,18 +50,16 @@ def test_engine_mode_times_the_training_engine(tmp_path):
 def test_finetune_benchmark_times_the_glue_step_on_cpu():
     import torch
 
-    from m2dist.bench.finetune import benchmark_finetune_step, format_row, glue_config_for
+    from m2dist.bench.finetune import FinetuneCase, benchmark_finetune_steps, format_row, glue_config_for
 
-    result = benchmark_finetune_step(
-        "debug", glue_config_for("debug"), 4, True, torch.device("cpu"), seq_len=32, first_steps=2, block_steps=2
+    glue = glue_config_for("debug")
+    cases = [FinetuneCase("debug", glue), FinetuneCase("debug", glue, ("model.kernels.fused_mixer=true",))]
+    result, with_overrides = benchmark_finetune_steps(
+        cases, 4, True, torch.device("cpu"), seq_len=32, first_steps=2, block_steps=1, rounds=2
     )
     assert result.cuda_graph is False  # no CUDA graph on a CPU: the eager step was timed
     assert result.step_ms > 0 and result.epoch_seconds(11_573) == pytest.approx(2894 * result.step_ms / 1000)
     assert format_row(result).startswith("| debug | 4 | eager | ")
-    with_overrides = benchmark_finetune_step(
-        "debug", glue_config_for("debug"), 4, False, torch.device("cpu"), seq_len=32, first_steps=1, block_steps=1,
-        overrides=("model.kernels.fused_mixer=true",),
-    )  # fmt: skip
     assert with_overrides.model == "debug, model.kernels.fused_mixer=true"
 
 
@@ -114,13 +112,11 @@ def test_concurrent_finetune_jobs_share_the_device():
 def test_finetune_benchmark_writes_a_profile_of_the_step(tmp_path):
     import torch
 
-    from m2dist.bench.finetune import benchmark_finetune_step, glue_config_for
+    from m2dist.bench.finetune import FinetuneCase, benchmark_finetune_steps, glue_config_for
 
     report = tmp_path / "profiles" / "finetune-debug-b4.txt"
-    result = benchmark_finetune_step(
-        "debug", glue_config_for("debug"), 4, False, torch.device("cpu"), seq_len=32, first_steps=1, block_steps=1,
-        profile_to=report,
-    )  # fmt: skip
+    case = FinetuneCase("debug", glue_config_for("debug"), profile_to=report)
+    (result,) = benchmark_finetune_steps([case], 4, False, torch.device("cpu"), seq_len=32, first_steps=1, block_steps=1, rounds=1)
     text = report.read_text()
     assert text.startswith(f"fine-tuning step of debug: batch 4, L=32, eager; {result.step_ms:.2f} ms a step unprofiled")
     assert "Top operators by self device time" in text and "aten::" in text

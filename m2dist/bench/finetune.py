@@ -198,24 +198,6 @@ def _profile(run, step: FinetuneStep, case: FinetuneCase, batch_size: int, seq_l
     write_profile_report(prof, PROFILE_STEPS, device.type == "cuda", header, case.profile_to, rows=60)
 
 
-def benchmark_finetune_step(
-    config_name: str,
-    glue: GlueConfig,
-    batch_size: int,
-    cuda_graph: bool,
-    device: torch.device,
-    seq_len: int = 128,
-    first_steps: int = FIRST_STEPS,
-    block_steps: int = BLOCK_STEPS,
-    overrides: tuple[str, ...] = (),
-    profile_to: Path | None = None,
-    rounds: int = ROUNDS,
-) -> FinetuneResult:
-    """`benchmark_finetune_steps` for one config."""
-    case = FinetuneCase(config_name, glue, tuple(overrides), profile_to)
-    return benchmark_finetune_steps([case], batch_size, cuda_graph, device, seq_len, first_steps, block_steps, rounds)[0]
-
-
 def _concurrent_job(args: tuple, barrier, results) -> None:
     """One of `concurrent_step_ms`'s processes: warm up, wait for the others, time the steps."""
     config_name, glue, batch_size, cuda_graph, device, seq_len, overrides, warmup, steps = args
