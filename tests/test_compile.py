@@ -145,6 +145,26 @@ def test_m2_layer_compiles_without_graph_breaks(backend):
     torch.testing.assert_close(compiled(h), layer(h), rtol=1e-5, atol=1e-5)
 
 
+def test_compiled_m2_layer_leaves_the_mixer_input_layout_to_inductor():
+    # Eagerly the short convolution's kernels lay the mixer input u out for the long convolution;
+    # traced into a whole-model graph they do not, and u reaches the long convolution as a
+    # transposed view, whose layout change Inductor fuses into its own kernels.
+    cfg = dataclasses.replace(
+        load_config("debug").model, hidden_size=32, intermediate_size=64, num_layers=1, l_max=40,
+        filter_order=16, hidden_dropout=0.0, kernels=BACKENDS["triton"],
+    )  # fmt: skip
+    layer = M2Layer(cfg).to(DEVICE)
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch.compile(layer, fullgraph=True, backend=record)(_rand(2, 40, 32))
+    calls = [n for g in graphs for n in g.graph.nodes if n.target is torch.ops.m2dist.short_conv.default]
+    assert len(calls) == 1 and calls[0].args[3] is None
+
+
 def test_m2_layer_with_the_fused_mixer_compiles_without_graph_breaks():
     # In bf16 the mixer takes the fused operator, which the compiled graph calls as one op.
     cfg = dataclasses.replace(
