@@ -37,9 +37,9 @@ def _compiled_short_conv():
 
 
 def _short_conv(p_BLC, weight_C1K, bias_C, u_BLD):
-    """(x (B, C, L), u (B, D, L) as a transposed view, or None without u). On a GPU, outside a whole-model compilation,
-    the short convolution runs compiled (one fused pass with its transposition and cast; see
-    `causal_short_conv`)."""
+    """(x (B, C, L), u (B, D, L) as a transposed view, or None without u). On a GPU, outside a
+    whole-model compilation, the short convolution runs compiled (one fused pass with its
+    transposition and cast; see `causal_short_conv`)."""
     compiled = p_BLC.is_cuda and not torch.compiler.is_compiling()
     x_BCL = (_compiled_short_conv() if compiled else causal_short_conv)(p_BLC, weight_C1K, bias_C)
     return x_BCL, None if u_BLD is None else u_BLD.transpose(1, 2)

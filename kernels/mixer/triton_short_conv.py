@@ -262,8 +262,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, g, gu):
     p, weight = ctx.saved_tensors
-    dp, dweight, dbias, du = short_conv_backward(g, gu if ctx.has_u else None, p, weight)
-    return dp, dweight, dbias.to(ctx.bias_dtype), du if ctx.has_u else None
+    has_gu = ctx.has_u and gu is not None
+    dp, dweight, dbias, du = short_conv_backward(g, gu if has_gu else None, p, weight)
+    return dp, dweight, dbias.to(ctx.bias_dtype), du if has_gu else None
 
 
 torch.library.register_autograd("m2dist::short_conv", _backward, setup_context=_setup_context)
