@@ -7,17 +7,21 @@ transform pair (an FFT of size 2L does ~10 passes over twice the data in fp32), 
 the length where the O(L) work per element overtakes the O(log L) of the FFT (`MAX_LEN`, measured
 on an H200; longer inputs take the FFT kernels of `triton_fftconv`).
 
+- Filter rows: a small kernel rotates each fp32 filter row K by L (R[j] = K[(j - L) mod N], so
+  that T[t, s] = R[t - s + L]) and splits it into a high and a low half-precision part, once per
+  call; the forward keeps them for the backward.
 - Forward: one program per (channel, block of BT output positions, group of BPG sequences). It
-  reads the filter tiles of all L inputs by its BT outputs from the kernel row K (fp32) once, split
-  into a high and a low half-precision part, so the filter keeps ~16 mantissa bits while the
-  activations enter the tensor cores as they are (bf16 or fp16, as torch's path rounds them), and
-  runs them over its sequences BB at a time (one GEMM with K = L per block); fp32 accumulation.
+  reads the filter tiles of all L inputs by its BT outputs from the rows once, the filter keeping
+  ~16 mantissa bits in its two parts while the activations enter the tensor cores as they are
+  (bf16 or fp16, as torch's path rounds them), and runs them over its sequences BB at a time
+  (one GEMM with K = L per block); fp32 accumulation.
   Building the tiles costs about as much as a block's products, hence the groups. The gating, both
   skip terms, the post-gate and the residual convolution are fused; the gated conv output z1 is
   kept for the backward. The gated branch's inputs come packed, x = [x1; x2; v] (B, 3D, L), as the
   short convolution writes them.
 - Backward, activations: the same GEMM with T transposed, per block of input positions; writes the
-  packed gradient [dx1; dx2; dv], du, and per-program partial sums of the skip-weight gradients.
+  packed gradient [dx1; dx2; dv], du, and per-program partial sums of the skip-weight gradients,
+  which a finishing kernel adds up with the filter gradients' lag sums below.
 - Backward, filters: dK[j] = sum over (b, t - s = j mod N) of ga[b, t] a[b, s]. A program owns one
   diagonal of the (t block, s block) grid, where every tile has the same lags, so it accumulates
   `ga[:, t block]^T a[:, s block]` (a GEMM over the batch) over the whole diagonal and reduces the
