@@ -155,9 +155,9 @@ def benchmark_finetune_steps(
     the cases run blocks of 2 x `block_steps` steps in turn, `rounds` rounds, and a row's step time
     is the median of its blocks. Every case is timed in the same stretch of the run, so no row
     depends on its position in it: timed one after the other, on one H100, whichever model came
-    second ran 3-5% slower at batch 16 and 32 than when it came first (the GPU's clocks fall under
-    minutes of load). A case's peak memory is what it allocated beyond the cases built before it.
-    With a case's `profile_to`, `PROFILE_STEPS` more of its steps run under torch.profiler after
+    second ran 3-5% slower at batch 16 and 32 than when it came first (the cause not measured;
+    most likely the GPU's clocks under minutes of load). A case's peak memory is what it
+    allocated beyond the cases built before it. With a case's `profile_to`, `PROFILE_STEPS` more of its steps run under torch.profiler after
     the timing, and the report (top operators by device and host time) goes there."""
     warmed = []
     for case in cases:
