@@ -179,3 +179,35 @@ def test_evaluation_fills_its_last_batch_and_drops_the_filled_outputs():
     plain = evaluate(model, split, 4, torch.device("cpu"), bf16=False, fill_last=False)
     assert shapes[3:] == [4, 4, 3] and filled.shape == plain.shape == (11, 3)
     np.testing.assert_allclose(filled, plain, rtol=1e-5, atol=1e-6)
+
+
+def test_adam_chunks_per_launch_packs_as_torch():
+    # 36 tensors close a launch, so do 320 chunks (the tensor that fills it goes on in the next).
+    from m2dist.glue.finetune import adam_chunks_per_launch
+
+    chunk = 65536
+    assert adam_chunks_per_launch([torch.empty(10)] * 36) == 36
+    assert adam_chunks_per_launch([torch.empty(10)] * 37) == 37 / 2
+    assert adam_chunks_per_launch([torch.empty(320 * chunk + 1)]) == 321 / 2
+    assert adam_chunks_per_launch([torch.empty(300 * chunk), torch.empty(40 * chunk)]) == 340 / 2
+
+
+def test_optimizer_order_sorts_m2s_parameters_and_keeps_berts():
+    # M2's layers mix large weights with many small tensors: its launches, in model order, carry
+    # too few chunks, and its groups go largest first; BERT's order fills launches and stays.
+    from m2dist.glue.finetune import ADAM_LAUNCH_CHUNKS, adam_chunks_per_launch
+
+    for name, sorted_groups in (("m2-bert-80M", {"global", "filter"}), ("bert-base", set())):
+        model = SequenceClassifier(load_config(name).model, num_labels=2)
+        position = {id(p): i for i, p in enumerate(model.parameters())}
+        optimizer = build_optimizer(model, GlueConfig(), TaskConfig(lr=1e-3, batch_size=16))
+        for group in optimizer.param_groups:
+            params = group["params"]
+            in_model_order = sorted(params, key=lambda p: position[id(p)])
+            sizes = [p.numel() for p in params]
+            if group["name"] in sorted_groups:
+                assert adam_chunks_per_launch(in_model_order) < ADAM_LAUNCH_CHUNKS / 2
+                assert sizes == sorted(sizes, reverse=True), group["name"]
+                assert [id(p) for p in params] != [id(p) for p in in_model_order], group["name"]
+            else:
+                assert [position[id(p)] for p in params] == sorted(position[id(p)] for p in params), (name, group["name"])

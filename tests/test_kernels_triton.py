@@ -1047,6 +1047,36 @@ def test_triton_mixer_makes_no_strided_pass_over_its_input():
     assert strided == [] and du.is_contiguous()
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_channels_first_input_linear_keeps_the_gradient_in_the_input_layout(autocast):
+    # The mixer's out_linear: the same output and gradients as nn.Linear (bf16 under CPU autocast),
+    # with the input's gradient laid out (B, D, L) as the input is stored.
+    from kernels.mixer import channels_first_input_linear
+
+    gen = torch.Generator().manual_seed(3)
+    x_BDL = torch.randn(3, 8, 5, generator=gen)
+    weight, bias = torch.randn(6, 8, generator=gen), torch.randn(6, generator=gen)
+    grad_out = torch.randn(3, 5, 6, generator=gen)
+    results = []
+    for fn in (channels_first_input_linear, torch.nn.functional.linear):
+        leaves = [t.clone().requires_grad_() for t in (x_BDL, weight, bias)]
+        x_BLD = leaves[0].transpose(1, 2)
+        seen = []
+        x_BLD.register_hook(seen.append)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = fn(x_BLD, leaves[1], leaves[2])
+        out.backward(grad_out.to(out.dtype))
+        results.append((out, seen[0], [t.grad for t in leaves]))
+    (out, seen, grads), (out_ref, seen_ref, grads_ref) = results
+    assert out.dtype == out_ref.dtype == (torch.bfloat16 if autocast else torch.float32)
+    tol = {"atol": 2e-2, "rtol": 2e-2} if autocast else {}
+    torch.testing.assert_close(out, out_ref, **tol)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, **tol)
+    assert seen.transpose(1, 2).is_contiguous() and not seen.is_contiguous()
+    assert seen_ref.is_contiguous()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("batch", [16, 48, 256])
 def test_short_conv_gpu(batch):
@@ -1059,3 +1089,12 @@ def test_short_conv_gpu(batch):
     bias = (torch.randn(2304, generator=gen, dtype=f64) * 0.1).to(DEVICE)
     _compare(triton_short_conv.causal_short_conv, mixer_reference.causal_short_conv, [p, weight, bias], torch.bfloat16,
              atol_rel=1e-3, fp32_inputs=(1,))  # fmt: skip
+
+
+def test_mixer_output_linear_takes_any_input_as_nn_linear():
+    # 2-D and contiguous 3-D inputs take F.linear.
+    from m2dist.models.m2 import MixerOutputLinear
+
+    linear = MixerOutputLinear(8, 6)
+    for x in (torch.randn(5, 8), torch.randn(2, 5, 8)):
+        torch.testing.assert_close(linear(x), torch.nn.functional.linear(x, linear.weight, linear.bias))

@@ -101,6 +101,47 @@ def _auto(triton_path, triton_conv, reference_conv, p_BLC, *args):
     return _per_op(reference_conv, p_BLC, *args)
 
 
+class _ChannelsFirstInputLinear(torch.autograd.Function):
+    """`F.linear` of x (B, L, D) stored channels-first, as x_BDL (B, D, L) contiguous, whose input
+    gradient comes back in that same storage. The output and the weight's gradient need x as (B L, D)
+    rows, so the forward lays it out once (the copy `F.linear` makes too) and keeps it; the input's
+    gradient, `F.linear`'s (B, L, D) rows that the convolution's backward then copied to (B, D, L),
+    is here one batched GEMM per sequence, W^T (D, O) @ dOut_b^T (O, L), straight into (B, D, L).
+    Under autocast the operands are cast once to its dtype, as autocast would cast them."""
+
+    @staticmethod
+    def forward(ctx, x_BDL, weight_OD, bias_O):
+        device = x_BDL.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x_BDL.dtype
+        x_BLD = x_BDL.to(dtype).transpose(1, 2).contiguous()
+        weight_OD = weight_OD.to(dtype)
+        ctx.save_for_backward(x_BLD, weight_OD)
+        ctx.has_bias = bias_O is not None
+        return torch.nn.functional.linear(x_BLD, weight_OD, None if bias_O is None else bias_O.to(dtype))
+
+    @staticmethod
+    def backward(ctx, grad_BLO):
+        x_BLD, weight_OD = ctx.saved_tensors
+        grad_BLO = grad_BLO.to(x_BLD.dtype)
+        batch, _, dim = x_BLD.shape
+        needs_x, needs_weight, needs_bias = ctx.needs_input_grad
+        grad_BDL = torch.bmm(weight_OD.t().expand(batch, dim, -1), grad_BLO.transpose(1, 2)) if needs_x else None
+        grad_weight = grad_BLO.flatten(0, 1).t() @ x_BLD.flatten(0, 1) if needs_weight else None
+        grad_bias = grad_BLO.sum((0, 1)) if ctx.has_bias and needs_bias else None
+        return grad_BDL, grad_weight, grad_bias
+
+
+def channels_first_input_linear(x_BLD: torch.Tensor, weight_OD: torch.Tensor, bias_O: torch.Tensor | None) -> torch.Tensor:
+    """`F.linear(x_BLD, weight, bias)`; where x is a transposed view of a contiguous (B, D, L) tensor,
+    as the per-op mixer returns its output, run eagerly, its gradient comes back in that layout
+    (`_ChannelsFirstInputLinear`), so that the convolution's backward reads it without a copy. Inside a
+    whole-model compilation Inductor places the layout changes itself."""
+    channels_first = x_BLD.dim() == 3 and x_BLD.transpose(1, 2).is_contiguous() and not x_BLD.is_contiguous()
+    if not channels_first or torch.compiler.is_compiling():
+        return torch.nn.functional.linear(x_BLD, weight_OD, bias_O)
+    return _ChannelsFirstInputLinear.apply(x_BLD.transpose(1, 2), weight_OD, bias_O)
+
+
 def _check_shapes(p_BLC, weight_C1K, bias_C, u_BLD, k1_DN, d1_D, k2_DN, d2_D) -> None:
     if u_BLD.dim() != 3 or p_BLC.shape != (*u_BLD.shape[:2], 3 * u_BLD.shape[-1]):
         raise ValueError(

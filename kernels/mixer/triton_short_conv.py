@@ -282,5 +282,4 @@ def causal_short_conv_and_layout(
     """(`causal_short_conv`, u_BLD laid out as (B, D, L)): the long convolution's two inputs in its
     layout from one kernel, where a copy of its own would transpose u (and, backward, add its
     gradient back as a transposed tensor). The caller checks `supports`."""
-    x_BCL, u_BDL = short_conv(p_BLC, weight_C1K, bias_C, u_BLD)
-    return x_BCL, u_BDL
+    return short_conv(p_BLC, weight_C1K, bias_C, u_BLD)

@@ -157,8 +157,9 @@ def benchmark_finetune_steps(
     depends on its position in it: timed one after the other, on one H100, whichever model came
     second ran 3-5% slower at batch 16 and 32 than when it came first (the cause not measured;
     most likely the GPU's clocks under minutes of load). A case's peak memory is what it
-    allocated beyond the cases built before it. With a case's `profile_to`, `PROFILE_STEPS` more of its steps run under torch.profiler after
-    the timing, and the report (top operators by device and host time) goes there."""
+    allocated beyond the cases built before it. With a case's `profile_to`, `PROFILE_STEPS` more
+    of its steps run under torch.profiler after the timing, and the report (top operators by
+    device and host time) goes there."""
     warmed = []
     for case in cases:
         base = 0

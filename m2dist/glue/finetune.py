@@ -154,7 +154,8 @@ def build_optimizer(
     model: torch.nn.Module, glue: GlueConfig, settings: TaskConfig, device: torch.device | None = None
 ) -> torch.optim.AdamW:
     """AdamW over m2dist's pretraining parameter groups (global; M2 filters; M2 positional features z);
-    on a CUDA `device` fused (one kernel per step) and capturable (`step.FinetuneStep`'s graph).
+    on a CUDA `device` fused (multi-tensor kernels over each group, in `optimizer_order`) and capturable
+    (`step.FinetuneStep`'s graph).
 
     `build_param_groups` gives Composer's DecoupledAdamW (decay `wd x lr_t / peak_lr` per step), as
     "decoupled_adamw" asks, for every group (upstream); a task with optimizer "adamw", and the
@@ -173,10 +174,47 @@ def build_optimizer(
         ),
     )
     for group in groups:
+        group["params"] = optimizer_order(group["params"])
         if settings.optimizer == "adamw" or (group["name"] == "filter" and glue.filter_decay == "adamw"):
             group["weight_decay"] = group["decoupled_weight_decay"]
     on_gpu = device is not None and device.type == "cuda"
     return torch.optim.AdamW(groups, betas=glue.betas, eps=glue.eps, fused=on_gpu, capturable=on_gpu)
+
+
+# torch's fused AdamW packs its launches (multi_tensor_apply over 4 tensor lists) with at most this
+# many tensors and this many blocks, each block a chunk of up to 65,536 elements of one tensor.
+ADAM_LAUNCH_TENSORS, ADAM_LAUNCH_CHUNKS, ADAM_CHUNK = 36, 320, 65536
+
+
+def adam_chunks_per_launch(params: list[torch.nn.Parameter]) -> float:
+    """The mean number of chunks (thread blocks) in the fused AdamW kernel's launches over `params`
+    in this order, as torch packs them."""
+    launches = tensors = chunks = 0
+    total = sum(math.ceil(p.numel() / ADAM_CHUNK) for p in params)
+    for p in params:
+        tensors += 1
+        n = math.ceil(p.numel() / ADAM_CHUNK)
+        for i in range(n):
+            chunks += 1
+            if chunks == ADAM_LAUNCH_CHUNKS or (tensors == ADAM_LAUNCH_TENSORS and i == n - 1):
+                launches += 1
+                chunks, tensors = 0, 0 if i == n - 1 else 1
+    launches += 1 if chunks else 0
+    return total / max(1, launches)
+
+
+def optimizer_order(params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+    """`params` in the order the fused AdamW kernel runs best: their own, unless its launches would
+    carry fewer than half the chunks a launch takes, then largest first. In M2's order a layer's
+    large weights sit among its many small tensors (biases, norms, short filters), so launches
+    stopped at 36 tensors with ~130 chunks, about one block per SM of an H100; sorted, the large
+    tensors fill launches of 320 chunks and the small ones share the rest (on one H100, fine-tuning
+    step at batch 16: 8.84 against 8.99 ms). BERT's order averages ~256 chunks a launch and stays
+    (sorted measured 8.53 against 8.47 ms). The order is the optimizer's own: fine-tuning saves no
+    optimizer state."""
+    if adam_chunks_per_launch(params) >= ADAM_LAUNCH_CHUNKS / 2:
+        return params
+    return sorted(params, key=lambda p: p.numel(), reverse=True)
 
 
 def build_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_fraction: float) -> torch.optim.lr_scheduler.LambdaLR:

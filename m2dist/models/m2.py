@@ -175,6 +175,14 @@ def zero_padding(x_BLC: torch.Tensor, mask_BL: torch.Tensor | None) -> torch.Ten
     return x_BLC * mask_BL.to(x_BLC.dtype)[..., None]
 
 
+class MixerOutputLinear(nn.Linear):
+    """The mixer's `out_linear`: an nn.Linear (same parameters and keys) whose input gradient keeps
+    the mixer output's channels-first layout (`kernels.mixer.channels_first_input_linear`)."""
+
+    def forward(self, x_BLD: torch.Tensor) -> torch.Tensor:
+        return kernels.mixer.channels_first_input_linear(x_BLD, self.weight, self.bias)
+
+
 class MonarchMixerSequenceMixing(nn.Module):
     """The sequence mixer that replaces attention. (B, L, D) -> (B, L, D); no residual, no norm around it."""
 
@@ -187,7 +195,7 @@ class MonarchMixerSequenceMixing(nn.Module):
         self.filter_fn = HyenaFilter(config)
         self.filter_fn2 = HyenaFilter(config) if config.residual_long_conv else None
         self.in_linear = nn.Linear(d, 3 * d)
-        self.out_linear = nn.Linear(d, d)
+        self.out_linear = MixerOutputLinear(d, d)
         # Upstream's `hyena_training_additions`: default nn.LayerNorm eps (1e-5), not layer_norm_eps.
         self.layernorm = nn.LayerNorm(d) if config.pre_layernorm else None
         # Its parameters (named as upstream's); applied by `kernels.mixer.causal_short_conv`.
