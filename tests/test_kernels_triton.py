@@ -1077,6 +1077,55 @@ def test_channels_first_input_linear_keeps_the_gradient_in_the_input_layout(auto
     assert seen_ref.is_contiguous()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_channels_last_transposes(dtype):
+    # Partial tiles in both dimensions (the kernel's are 64 x 64), three sequences.
+    from kernels.mixer.triton_layout import channels_last
+
+    x = torch.randn(3, 70, 100, generator=torch.Generator().manual_seed(5)).to(DEVICE, dtype)
+    y = channels_last(x)
+    assert y.shape == (3, 100, 70) and y.is_contiguous() and y.dtype == dtype
+    assert torch.equal(y, x.transpose(1, 2))
+
+
+@pytest.mark.gpu
+def test_channels_last_gpu():
+    # The fine-tuning step's mixer output at batch 48 (M2-BERT-80M, L=128).
+    from kernels.mixer.triton_layout import channels_last
+
+    x = torch.randn(48, 768, 128, device=DEVICE, dtype=torch.bfloat16)
+    assert torch.equal(channels_last(x), x.transpose(1, 2))
+
+
+def test_m2_mixer_makes_no_strided_copy_of_its_output():
+    # The eager per-op M2 mixer with its out_linear (bf16, as under autocast): no aten layout copy of
+    # the mixer output or its gradient. The forward's layout change for the projection is the
+    # tiled transpose's (`triton_layout`); the convolution's backward reads the gradient as
+    # out_linear gives it.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    _, layer = _layer_pair(32, 16, 32, torch.bfloat16, KernelConfig(fftconv="triton"))
+    mixing = layer.attention
+    h = torch.randn(2, 32, 16, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    size = h.numel()
+    passes = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.__name__ in ("clone.default", "copy_.default", "_to_copy.default"):
+                sized = [a for a in args if isinstance(a, torch.Tensor) and a.numel() == size]
+                passes.extend((phase, func.__name__) for a in sized if not a.is_contiguous())
+            return out
+
+    with Record():
+        phase = "forward"
+        y = mixing(h)
+        phase = "backward"
+        y.backward(torch.randn_like(y))
+    assert passes == []
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("batch", [16, 48, 256])
 def test_short_conv_gpu(batch):

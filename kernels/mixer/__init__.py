@@ -104,7 +104,8 @@ def _auto(triton_path, triton_conv, reference_conv, p_BLC, *args):
 class _ChannelsFirstInputLinear(torch.autograd.Function):
     """`F.linear` of x (B, L, D) stored channels-first, as x_BDL (B, D, L) contiguous, whose input
     gradient comes back in that same storage. The output and the weight's gradient need x as (B L, D)
-    rows, so the forward lays it out once (the copy `F.linear` makes too) and keeps it; the input's
+    rows, so the forward lays it out once (the copy `F.linear` makes too; on a GPU by a tiled
+    transpose, `triton_layout`, where aten's copy is a strided pass) and keeps it; the input's
     gradient, `F.linear`'s (B, L, D) rows that the convolution's backward then copied to (B, D, L),
     is here one batched GEMM per sequence, W^T (D, O) @ dOut_b^T (O, L), straight into (B, D, L).
     Under autocast the operands are cast once to its dtype, as autocast would cast them."""
@@ -113,7 +114,14 @@ class _ChannelsFirstInputLinear(torch.autograd.Function):
     def forward(ctx, x_BDL, weight_OD, bias_O):
         device = x_BDL.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x_BDL.dtype
-        x_BLD = x_BDL.to(dtype).transpose(1, 2).contiguous()
+        x_BDL = x_BDL.to(dtype)
+        if can_run(x_BDL):
+            # Imported on first use: Triton modules must be imported after TRITON_INTERPRET is set.
+            from kernels.mixer.triton_layout import channels_last
+
+            x_BLD = channels_last(x_BDL)
+        else:
+            x_BLD = x_BDL.transpose(1, 2).contiguous()
         weight_OD = weight_OD.to(dtype)
         ctx.save_for_backward(x_BLD, weight_OD)
         ctx.has_bias = bias_O is not None
