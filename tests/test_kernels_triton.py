@@ -921,6 +921,50 @@ def test_blockdiag_gemms_of_each_engine_match_the_reference(engine, nblocks, p, 
     torch.testing.assert_close(dw, w_.grad, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bias_and_residual_in_one_pass(dtype):
+    # 37 x 300: partial tiles of rows and columns (16 x 256). fp32 sums, rounded once (the
+    # interpreter rounds bf16 by truncation: one ulp).
+    gen = torch.Generator().manual_seed(9)
+    y, bias, r = (torch.randn(*shape, generator=gen).to(DEVICE, dtype).requires_grad_() for shape in ((37, 300), (300,), (37, 300)))
+    out = triton_blockdiag.add_bias_and_residual(y, bias, r)
+    expected = (y.detach().float() + bias.detach().float() + r.detach().float()).to(dtype)
+    ulp = 0.0 if dtype == torch.float32 else 2**-7
+    torch.testing.assert_close(out, expected, rtol=ulp, atol=1e-6)
+    g = torch.randn(37, 300, generator=gen).to(DEVICE, dtype)
+    out.backward(g)
+    assert torch.equal(y.grad, g) and torch.equal(r.grad, g)
+    torch.testing.assert_close(bias.grad, g.sum(0))
+
+
+def test_m2_mlp_adds_bias_and_residual_in_one_pass_on_cublas(monkeypatch):
+    # The block-diagonal output projection on cuBLAS's GEMMs (torch.bmm, which the CPU runs too)
+    # with the residual: the bias and residual added by the one-pass kernel, the MLP's output and
+    # gradients as the reference backend's.
+    calls = []
+    fused = triton_blockdiag._BiasResidualAdd
+
+    class Counted(fused):
+        @staticmethod
+        def forward(ctx, *args):
+            calls.append(1)
+            return fused.forward(ctx, *args)
+
+    monkeypatch.setattr(triton_blockdiag, "cublas_gemms", lambda t: True)
+    monkeypatch.setattr(triton_blockdiag, "_BiasResidualAdd", Counted)
+    ref, tri = _layer_pair(16, 32, 64, torch.float32, KernelConfig(blockdiag="triton"))
+    x = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(2)).to(DEVICE).requires_grad_()
+    outs = []
+    for mlp in (ref.mlp, tri.mlp):
+        x.grad = None
+        y = mlp(x)
+        y.backward(torch.ones_like(y) * torch.linspace(-1, 1, y.numel()).reshape(y.shape))
+        outs.append([y, x.grad] + [p.grad for p in mlp.parameters()])
+    assert calls == [1]
+    for a, b in zip(*outs):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
 # The short convolution's kernels: awkward L and C (partial tiles of positions and channels), the
 # projection's (B, L, C) layout in, (B, C, L) out, fp32 and bf16 activations with fp32 parameters.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

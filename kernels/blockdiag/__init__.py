@@ -13,9 +13,12 @@ from kernels.blockdiag import reference
 from kernels.triton_common import can_run, warn_once
 
 
-def _reference_matmul(x: torch.Tensor, weight_KQP: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _reference_matmul(
+    x: torch.Tensor, weight_KQP: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None = None
+) -> torch.Tensor:
     y = reference.blockdiag_matmul(x, weight_KQP)
-    return y if bias is None else y + bias
+    y = y if bias is None else y + bias
+    return y if residual is None else y + residual
 
 
 def _no_triton(x: torch.Tensor) -> bool:
@@ -28,12 +31,14 @@ def _no_triton(x: torch.Tensor) -> bool:
 
 # The Triton module is imported on first use: it must follow TRITON_INTERPRET=1 in tests, and
 # `import kernels.blockdiag` must work on machines without a GPU.
-def _triton_matmul(x: torch.Tensor, weight_KQP: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _triton_matmul(
+    x: torch.Tensor, weight_KQP: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None = None
+) -> torch.Tensor:
     if _no_triton(x):
-        return _reference_matmul(x, weight_KQP, bias)
+        return _reference_matmul(x, weight_KQP, bias, residual)
     from kernels.blockdiag import triton_blockdiag
 
-    return triton_blockdiag.blockdiag_matmul(x, weight_KQP, bias)
+    return triton_blockdiag.blockdiag_matmul(x, weight_KQP, bias, residual)
 
 
 def _triton_glu(x: torch.Tensor, weight_KQP: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
@@ -44,8 +49,10 @@ def _triton_glu(x: torch.Tensor, weight_KQP: torch.Tensor, dropout_p: float = 0.
     return triton_blockdiag.blockdiag_glu(x, weight_KQP, dropout_p)
 
 
-def _auto_matmul(x: torch.Tensor, weight_KQP: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return (_triton_matmul if use_triton(x) else _reference_matmul)(x, weight_KQP, bias)
+def _auto_matmul(
+    x: torch.Tensor, weight_KQP: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None = None
+) -> torch.Tensor:
+    return (_triton_matmul if use_triton(x) else _reference_matmul)(x, weight_KQP, bias, residual)
 
 
 def _auto_glu(x: torch.Tensor, weight_KQP: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
@@ -76,10 +83,12 @@ def glu_implementation(backend: str) -> Callable[..., torch.Tensor]:
 
 
 def blockdiag_matmul(
-    x: torch.Tensor, weight_KQP: torch.Tensor, bias: torch.Tensor | None = None, *, backend: str = "reference"
-) -> torch.Tensor:
-    """x: (..., K*P), weight_KQP: (K, Q, P), bias: (K*Q,) or None -> (..., K*Q)."""
-    return matmul_implementation(backend)(x, weight_KQP, bias)
+    x: torch.Tensor, weight_KQP: torch.Tensor, bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+    *, backend: str = "reference",
+) -> torch.Tensor:  # fmt: skip
+    """x @ blockdiag(weight)^T + bias (+ residual). x: (..., K*P), weight_KQP: (K, Q, P), bias: (K*Q,)
+    or None, residual: (..., K*Q) or None -> (..., K*Q)."""
+    return matmul_implementation(backend)(x, weight_KQP, bias, residual)
 
 
 def blockdiag_glu(

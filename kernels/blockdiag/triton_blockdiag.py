@@ -892,22 +892,81 @@ def _cast(x: torch.Tensor, *params):
     return [t if t is None else t.to(dtype) for t in (x, *params)]
 
 
-def blockdiag_matmul(x: torch.Tensor, weight_KQP: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ blockdiag(weight)^T + bias. x: (..., K*P), weight_KQP: (K, Q, P), bias: (K*Q,) or None
-    -> (..., K*Q)."""
+@triton.jit
+def _bias_residual_kernel(y_ptr, bias_ptr, r_ptr, out_ptr, M, N, BM: tl.constexpr, BN: tl.constexpr):
+    """out = y + bias + r on the [BM, BN] tile (i_m, i_n) of the (M, N) rows, summed in fp32 and
+    rounded once to out's dtype."""
+    i_m, i_n = tl.program_id(0), tl.program_id(1)
+    o_m = i_m * BM + tl.arange(0, BM)
+    o_n = i_n * BN + tl.arange(0, BN)
+    m_n = o_n < N
+    m = (o_m[:, None] < M) & m_n[None, :]
+    p = o_m[:, None].to(tl.int64) * N + o_n[None, :]
+    acc = tl.load(y_ptr + p, mask=m, other=0.0).to(tl.float32)
+    acc += tl.load(bias_ptr + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
+    acc += tl.load(r_ptr + p, mask=m, other=0.0).to(tl.float32)
+    tl.store(out_ptr + p, acc.to(out_ptr.dtype.element_ty), mask=m)
+
+
+class _BiasResidualAdd(torch.autograd.Function):
+    """y + bias + residual over (M, N) rows in one pass (`_bias_residual_kernel`); the backward passes
+    the gradient on to y and the residual and sums it for the bias."""
+
+    @staticmethod
+    def forward(ctx, y_MN, bias_N, r_MN):
+        rows, width = y_MN.shape
+        out = new_output((rows, width), y_MN.dtype, y_MN.device)
+        grid = (triton.cdiv(rows, BIAS_RESIDUAL_ROWS), triton.cdiv(width, BIAS_RESIDUAL_COLS))
+        _bias_residual_kernel[grid](y_MN, bias_N, r_MN, out, rows, width, BM=BIAS_RESIDUAL_ROWS, BN=BIAS_RESIDUAL_COLS)
+        return out
+
+    @staticmethod
+    def backward(ctx, g_MN):
+        return g_MN, g_MN.sum(0), g_MN
+
+
+# `_bias_residual_kernel`'s tile.
+BIAS_RESIDUAL_ROWS, BIAS_RESIDUAL_COLS = 16, 256
+
+
+def add_bias_and_residual(y: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """y + bias + residual for y (..., N), bias (N,) and residual shaped as y: one Triton pass where
+    all three share y's dtype and are contiguous, run eagerly (aten adds a broadcast bias with its
+    non-vectorized kernel, then the residual in a second pass); torch's adds elsewhere, inside a
+    compiled graph too, where Inductor fuses them."""
+    fused = (
+        not torch.compiler.is_compiling()
+        and residual.shape == y.shape
+        and all(t.dtype == y.dtype and t.is_contiguous() for t in (y, bias, residual))
+    )
+    if not fused:
+        return y + bias + residual
+    width = y.shape[-1]
+    return _BiasResidualAdd.apply(y.reshape(-1, width), bias, residual.reshape(-1, width)).reshape(y.shape)
+
+
+def blockdiag_matmul(
+    x: torch.Tensor, weight_KQP: torch.Tensor, bias: torch.Tensor | None = None, residual: torch.Tensor | None = None
+) -> torch.Tensor:
+    """y = x @ blockdiag(weight)^T + bias (+ residual). x: (..., K*P), weight_KQP: (K, Q, P), bias:
+    (K*Q,) or None, residual: (..., K*Q) or None -> (..., K*Q)."""
     _check(x, weight_KQP)
     x, weight_KQP, bias = _cast(x, weight_KQP, bias)
     nb, q, p = weight_KQP.shape
     # The Triton GEMM adds the bias in its epilogue. cuBLAS's batched GEMM has no bias epilogue, so
     # on cuBLAS the bias is added here, outside the op, where a compiled graph fuses it into the
-    # kernel that follows (the MLP's residual add and LayerNorm); inside the op it was a broadcast
-    # add of its own over the output, one aten `elementwise_kernel` a layer (71 us at 32,768 tokens,
-    # d=768, in the engine's profile on one H200).
+    # kernel that follows (the MLP's residual add and LayerNorm), and an eager one adds it with the
+    # residual in one pass (`add_bias_and_residual`); inside the op it was a broadcast add of its
+    # own over the output, one aten `elementwise_kernel` a layer (71 us at 32,768 tokens, d=768, in
+    # the engine's profile on one H200).
     bias_in_op = None if cublas_gemms(x) else bias
     y_MKQ = blockdiag_matmul_op(x.reshape(-1, nb * p), weight_KQP, bias_in_op)
+    y = y_MKQ.reshape(*x.shape[:-1], nb * q)
     if bias is not None and bias_in_op is None:
-        y_MKQ = y_MKQ + bias
-    return y_MKQ.reshape(*x.shape[:-1], nb * q)
+        if residual is not None:
+            return add_bias_and_residual(y, bias, residual)
+        y = y + bias
+    return y if residual is None else y + residual
 
 
 def blockdiag_glu(x: torch.Tensor, weight_KQP: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:

@@ -257,8 +257,10 @@ class BlockdiagLinear(nn.Module):
             bound = 1 / math.sqrt(self.out_features)
             nn.init.uniform_(self.bias, -bound, bound)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.matmul(x, self.weight, self.bias)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ W^T + bias, plus `residual` (shaped as the output) if given: the Triton backend adds
+        the bias and the residual in one pass where its GEMMs have no bias epilogue."""
+        return self.matmul(x, self.weight, self.bias, residual)
 
 
 class GatedBlockdiagMLP(nn.Module):
@@ -277,7 +279,7 @@ class GatedBlockdiagMLP(nn.Module):
 
     def forward(self, x_BLD: torch.Tensor) -> torch.Tensor:
         a_BLI = self.glu(x_BLD, self.gated_layers.weight, self.dropout_p if self.training else 0.0)
-        return self.layernorm(self.wo(a_BLI) + x_BLD)
+        return self.layernorm(self.wo(a_BLI, residual=x_BLD))
 
 
 class M2Layer(nn.Module):
