@@ -364,3 +364,72 @@ def test_fft_benchmark_times_each_plan_with_each_transform_operand(monkeypatch):
     assert labels == ["FFT N=256 R=1 M=16x16 C=8 tf32", "FFT N=256 R=1 M=16x16 C=8 tf32", "FFT N=256 R=1 M=16x16 C=8 fp16"]
     assert set(precisions) == {"tf32", "fp16"} and precisions[0] == "tf32" and precisions[-1] == "fp16"
     assert triton_fftconv.FP16_OPERANDS is None
+
+
+def _tree_copy(into):
+    """The importable part of the repository (m2dist, kernels, configs) copied to `into`."""
+    import shutil
+
+    for name in ("m2dist", "kernels", "configs"):
+        shutil.copytree(REPO_ROOT / name, into / name, ignore=shutil.ignore_patterns("__pycache__"))
+    return into
+
+
+@pytest.mark.slow
+def test_revisions_are_timed_in_turn_each_from_its_own_tree(tmp_path):
+    # Two trees of the code, one whose fine-tuning step sleeps 0.3 s more: each worker imports its
+    # own tree, the revisions take turns block by block with the first of each round rotating, and
+    # the slow tree's step measures the longer one.
+    from m2dist.bench.revisions import Revision, format_table, time_revisions
+
+    slow = _tree_copy(tmp_path / "slow")
+    with open(slow / "m2dist" / "glue" / "step.py", "a") as step_py:
+        step_py.write(
+            "\n\n_plain_call = FinetuneStep.__call__\n\n\ndef _slow_call(self, *args, **kwargs):\n"
+            "    import time\n\n    time.sleep(0.3)\n    return _plain_call(self, *args, **kwargs)\n\n\n"
+            "FinetuneStep.__call__ = _slow_call\n"
+        )
+    order = []
+    timings = time_revisions(
+        [Revision("plain", REPO_ROOT), Revision("slow", slow)], "debug", [2], "cpu", False,
+        overrides=("model.num_layers=1",), seq_len=16, first_steps=1, block_steps=1, rounds=2, order_log=order,
+    )  # fmt: skip
+    assert order == [("slow", 2), ("plain", 2), ("plain", 2), ("slow", 2)]
+    by_label = {t.label: t for t in timings}
+    assert [len(t.blocks_ms) for t in timings] == [2, 2]
+    assert by_label["slow"].step_ms - by_label["plain"].step_ms > 200, timings
+    table = format_table(timings, "plain")
+    assert table.splitlines()[0] == "| batch | plain ms/step | slow ms/step | slow / plain |"
+    ratio = by_label["slow"].step_ms / by_label["plain"].step_ms
+    assert table.splitlines()[2] == f"| 2 | {by_label['plain'].step_ms:.2f} | {by_label['slow'].step_ms:.2f} | {ratio:.3f}x |"
+
+
+def test_a_revision_whose_worker_fails_is_named(tmp_path):
+    from m2dist.bench.revisions import Revision, time_revisions
+
+    broken = _tree_copy(tmp_path / "broken")
+    with open(broken / "m2dist" / "bench" / "finetune.py", "a") as finetune_py:
+        finetune_py.write("\nraise ImportError('this tree does not import')\n")
+    with pytest.raises(RuntimeError, match=f"worker of revision broken \\({broken}\\) exited with code 1"):
+        time_revisions([Revision("broken", broken)], "debug", [2], "cpu", False, seq_len=16, first_steps=1, block_steps=1, rounds=1)
+
+
+@pytest.mark.skipif(not (REPO_ROOT / ".git").exists(), reason="needs the repository's git history")
+def test_revisions_resolve_directories_and_git_revisions(tmp_path):
+    from m2dist.bench.revisions import resolved
+    from m2dist.errors import ConfigError
+
+    with resolved([str(REPO_ROOT), "base=HEAD"]) as (here, base):
+        assert (here.label, here.tree) == (str(REPO_ROOT), REPO_ROOT.resolve())
+        assert base.label == "base" and (base.tree / "m2dist" / "bench" / "finetune.py").is_file()
+        exported = base.tree
+    assert not exported.exists()  # the export was temporary
+    with pytest.raises(ConfigError, match="'no-such-revision' is neither a directory nor a git revision"):
+        with resolved(["no-such-revision"]):
+            pass
+    with pytest.raises(ConfigError, match="share a label"):
+        with resolved([str(REPO_ROOT), f"{REPO_ROOT}"]):
+            pass
+    with pytest.raises(ConfigError, match="not a tree of m2dist"):
+        with resolved([str(tmp_path)]):
+            pass

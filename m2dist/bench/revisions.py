@@ -1,0 +1,198 @@
+"""The fine-tuning step at several revisions of the code, timed in turn in one run.
+
+A change to a kernel or to the step is worth a few percent of the step at most, less than what
+separates two runs of the same code an hour apart, or the first and the second model of one run
+(`benchmark_finetune_steps`). So each revision gets a process of its own (`revision_worker`,
+which imports m2dist from that revision's tree), all of them on the same GPU, built and warmed up
+one after the other; then they run blocks of steps in turn, one process at a time, the order
+rotated every round, and each revision's step time is the median of its blocks.
+
+A revision is a directory holding a tree of the repository (m2dist/, kernels/, configs/), or a
+git revision of the repository this module belongs to, which is exported (`git archive`) into a
+temporary directory for the run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from m2dist.bench import revision_worker
+from m2dist.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class Revision:
+    """A tree of the code to time, under a label for the table."""
+
+    label: str
+    tree: Path
+
+
+def _export(revision: str, repo: Path, into: Path) -> Path:
+    """The files of git revision `revision` of `repo`, extracted under `into`."""
+    archive = subprocess.run(["git", "-C", str(repo), "archive", "--format=tar", revision], capture_output=True, check=False)
+    if archive.returncode != 0:
+        raise ConfigError(
+            f"{revision!r} is neither a directory nor a git revision of {repo}: {archive.stderr.decode().strip()}"
+        )
+    into.mkdir(parents=True)
+    with tempfile.TemporaryFile() as tar_file:
+        tar_file.write(archive.stdout)
+        tar_file.seek(0)
+        with tarfile.open(fileobj=tar_file) as tar:
+            tar.extractall(into, filter="data")
+    return into
+
+
+@contextmanager
+def resolved(specs: list[str], repo: Path = REPO_ROOT) -> Iterator[list[Revision]]:
+    """The revisions `specs` name, each `PATH`, `REV` or `LABEL=PATH|REV`, as trees on disk; git
+    revisions are exported into a temporary directory that is removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="m2dist-revisions-") as scratch:
+        revisions = []
+        for index, spec in enumerate(specs):
+            label, _, target = spec.rpartition("=")
+            label = label or target
+            if Path(target).is_dir():
+                tree = Path(target).resolve()
+            else:
+                tree = _export(target, repo, Path(scratch).resolve() / f"{index}")
+            if not (tree / "m2dist" / "bench" / "finetune.py").is_file():
+                raise ConfigError(f"{tree} (revision {spec!r}) holds no m2dist/bench/finetune.py: not a tree of m2dist")
+            revisions.append(Revision(label, tree))
+        if len({r.label for r in revisions}) != len(revisions):
+            raise ConfigError(f"two revisions share a label in {specs}: name them LABEL=PATH|REV")
+        yield revisions
+
+
+@dataclass
+class Worker:
+    """A running `revision_worker` process and the revision it times."""
+
+    revision: Revision
+    process: subprocess.Popen
+    info: dict = field(default_factory=dict)
+
+    def request(self, message: dict) -> dict:
+        self.process.stdin.write(json.dumps(message) + "\n")
+        self.process.stdin.flush()
+        return self.read_reply()
+
+    def read_reply(self) -> dict:
+        for line in self.process.stdout:
+            if line.startswith(revision_worker.REPLY):
+                return json.loads(line[len(revision_worker.REPLY) :])
+        code = self.process.wait()
+        raise RuntimeError(f"the worker of revision {self.revision.label} ({self.revision.tree}) exited with code {code}; its errors are above")
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            try:
+                self.process.stdin.write(json.dumps({"quit": True}) + "\n")
+                self.process.stdin.close()
+                self.process.wait(timeout=60)
+            except (OSError, subprocess.TimeoutExpired):
+                self.process.kill()
+
+
+def start_worker(revision: Revision, spec: dict) -> Worker:
+    """The worker of `revision`, built and warmed up (its first steps and blocks until two agree)."""
+    spec = {**spec, "tree": str(revision.tree)}
+    launcher = (
+        "import runpy, sys; sys.argv = [sys.argv[1], sys.argv[2]]; "
+        "runpy.run_path(sys.argv[0], run_name='__main__')"
+    )
+    # PYTHONPATH first: an editable install of another tree must not win over this revision's.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(revision.tree), os.environ.get("PYTHONPATH", "")])}
+    process = subprocess.Popen(
+        [sys.executable, "-c", launcher, revision_worker.__file__, json.dumps(spec)],
+        cwd=revision.tree, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    worker = Worker(revision, process)
+    worker.info = worker.read_reply()
+    if Path(worker.info["m2dist"]).resolve().parents[1] != revision.tree:
+        worker.close()
+        raise RuntimeError(f"revision {revision.label}'s worker imported m2dist from {worker.info['m2dist']}, not from {revision.tree}")
+    return worker
+
+
+@dataclass
+class RevisionTiming:
+    label: str
+    batch_size: int
+    step_ms: float
+    blocks_ms: list[float]
+
+
+def time_revisions(
+    revisions: list[Revision],
+    config_name: str,
+    batch_sizes: list[int],
+    device: str,
+    cuda_graph: bool,
+    *,
+    overrides: tuple[str, ...] = (),
+    seq_len: int = 128,
+    first_steps: int = 20,
+    block_steps: int = 40,
+    rounds: int = 7,
+    order_log: list[tuple[str, int]] | None = None,
+) -> list[RevisionTiming]:
+    """Each revision's fine-tuning step of `config_name` at each batch size, in ms: the median of
+    `rounds` blocks of `block_steps` steps, the revisions taking turns block by block (one
+    untimed round first, so that no revision starts timing after a long idle stretch), the first
+    of each round rotating. `order_log`, given, records (label, batch) in the order blocks ran."""
+    spec = {
+        "config": config_name, "overrides": list(overrides), "batch_sizes": list(batch_sizes), "device": device,
+        "cuda_graph": cuda_graph, "seq_len": seq_len, "first_steps": first_steps, "block_steps": block_steps,
+    }  # fmt: skip
+    workers: list[Worker] = []
+    try:
+        for revision in revisions:
+            workers.append(start_worker(revision, spec))
+        blocks: dict[tuple[str, int], list[float]] = {(r.label, b): [] for r in revisions for b in batch_sizes}
+        for round_index in range(rounds + 1):
+            shift = round_index % len(workers)
+            for batch in batch_sizes:
+                for worker in workers[shift:] + workers[:shift]:
+                    seconds = worker.request({"batch": batch, "steps": block_steps})["seconds"]
+                    if round_index == 0:
+                        continue
+                    blocks[worker.revision.label, batch].append(1000 * seconds / block_steps)
+                    if order_log is not None:
+                        order_log.append((worker.revision.label, batch))
+    finally:
+        for worker in workers:
+            worker.close()
+    return [
+        RevisionTiming(label, batch, statistics.median(times), times) for (label, batch), times in blocks.items()
+    ]
+
+
+def format_table(timings: list[RevisionTiming], baseline: str) -> str:
+    """A markdown table: a row per batch size, ms/step per revision and each one's ratio to
+    `baseline`'s."""
+    labels = list(dict.fromkeys(t.label for t in timings))
+    by_key = {(t.label, t.batch_size): t for t in timings}
+    others = [label for label in labels if label != baseline]
+    header = "| batch | " + " | ".join(f"{label} ms/step" for label in labels)
+    header += "".join(f" | {label} / {baseline}" for label in others) + " |"
+    lines = [header, "|" + "---|" * (1 + len(labels) + len(others))]
+    for batch in dict.fromkeys(t.batch_size for t in timings):
+        base = by_key[baseline, batch].step_ms
+        cells = [f"{by_key[label, batch].step_ms:.2f}" for label in labels]
+        cells += [f"{by_key[label, batch].step_ms / base:.3f}x" for label in others]
+        lines.append(f"| {batch} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

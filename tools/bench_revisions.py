@@ -1,0 +1,48 @@
+"""The fine-tuning step of one config at two or more revisions of the code, timed in turn in one run
+(`m2dist.bench.revisions`): what a change to a kernel or to the step is worth, measured side by
+side with the code before it. The first revision is the baseline of the ratios.
+
+  python tools/bench_revisions.py HEAD~1 HEAD --config m2-bert-80M --batch-sizes 16 48
+  python tools/bench_revisions.py before=../m2dist-old after=. --config bert-base
+
+A revision is a directory holding a tree of the repository, or a git revision of this repository
+(exported for the run), optionally named LABEL=....
+"""
+
+import argparse
+
+import torch
+
+from m2dist.bench.revisions import format_table, resolved, time_revisions
+from m2dist.cli import run_cli
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("revisions", nargs="+", help="PATH, REV or LABEL=PATH|REV; the first is the baseline")
+    parser.add_argument("--config", default="m2-bert-80M")
+    parser.add_argument("--override", action="append", default=[], help="key=value for the config (repeatable)")
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[16, 48])
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=7, help="timed blocks per revision and batch size")
+    parser.add_argument("--block-steps", type=int, default=40)
+    parser.add_argument("--eager", action="store_true", help="time the eager step instead of the CUDA-graph step")
+    args = parser.parse_args()
+    if len(args.revisions) < 2:
+        parser.error("name at least two revisions to compare")
+    on_gpu = torch.cuda.is_available()
+    with resolved(args.revisions) as revisions:
+        timings = time_revisions(
+            revisions, args.config, args.batch_sizes, "cuda" if on_gpu else "cpu", on_gpu and not args.eager,
+            overrides=tuple(args.override), seq_len=args.seq_len, block_steps=args.block_steps, rounds=args.rounds,
+        )  # fmt: skip
+    device = torch.cuda.get_device_name() if on_gpu else "cpu"
+    print(f"\n{args.config}, fine-tuning step ({'eager' if args.eager or not on_gpu else 'CUDA graph'}), L={args.seq_len}, "
+          f"on {device}, torch {torch.__version__}; median of {args.rounds} blocks of {args.block_steps} steps")  # fmt: skip
+    for revision in revisions:
+        print(f"  {revision.label}: {revision.tree}")
+    print(format_table(timings, revisions[0].label))
+
+
+if __name__ == "__main__":
+    run_cli(main)
