@@ -73,11 +73,14 @@ def test_opcheck_short_conv(dtype):
     p = _rand(2, 37, 40, dtype=dtype, requires_grad=True)  # partial tiles of positions and channels
     weight, bias = _rand(40, 1, 3, requires_grad=True), _rand(40, requires_grad=True)
     u = _rand(2, 37, 13, requires_grad=True)  # the mixer input, laid out by the same kernels
-    for u_or_none in (None, u):
-        torch.library.opcheck(triton_short_conv.short_conv, (p, weight, bias, u_or_none), test_utils=OPCHECK_ALL)
-        out, ut = triton_short_conv.short_conv(p, weight, bias, u_or_none)
+    in_bias = _rand(40, requires_grad=True)  # in_linear's bias, added to p by the same kernels
+    for u_or_none, in_bias_or_none in ((None, None), (u, None), (u, in_bias), (None, in_bias)):
+        args = (p, weight, bias, u_or_none, in_bias_or_none)
+        torch.library.opcheck(triton_short_conv.short_conv, args, test_utils=OPCHECK_ALL)
+        out, ut = triton_short_conv.short_conv(*args)
         gu = None if u_or_none is None else torch.randn_like(ut)
-        bwd_args = (torch.randn_like(out), gu, p.detach(), weight.detach())
+        in_bias_ = None if in_bias_or_none is None else in_bias_or_none.detach()
+        bwd_args = (torch.randn_like(out), gu, p.detach(), weight.detach(), in_bias_)
         torch.library.opcheck(triton_short_conv.short_conv_backward, bwd_args, test_utils=OPCHECK_ALL[:3])
 
 
@@ -162,7 +165,8 @@ def test_compiled_m2_layer_leaves_the_mixer_input_layout_to_inductor():
 
     torch.compile(layer, fullgraph=True, backend=record)(_rand(2, 40, 32))
     calls = [n for g in graphs for n in g.graph.nodes if n.target is torch.ops.m2dist.short_conv.default]
-    assert len(calls) == 1 and calls[0].args[3] is None
+    # u as a view; in_linear's bias goes to the op (its gradient comes back with the filter's)
+    assert len(calls) == 1 and calls[0].args[3] is None and calls[0].args[4] is not None
 
 
 def test_m2_layer_with_the_fused_mixer_compiles_without_graph_breaks():

@@ -967,20 +967,24 @@ def test_m2_mlp_adds_bias_and_residual_in_one_pass_on_cublas(monkeypatch):
 
 # The short convolution's kernels: awkward L and C (partial tiles of positions and channels), the
 # projection's (B, L, C) layout in, (B, C, L) out, fp32 and bf16 activations with fp32 parameters.
+# With `in_linear`'s bias (the projection without it), its gradient, dp's column sums, comes from the
+# backward kernel's partial sums.
+@pytest.mark.parametrize("in_bias", [False, True], ids=["", "in_bias"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch,length,width", [(3, 37, 40), (1, 5, 24), (2, 64, 48)])
-def test_short_conv_matches_reference(dtype, batch, length, width):
+def test_short_conv_matches_reference(dtype, batch, length, width, in_bias):
     from kernels.mixer import triton_short_conv
 
     gen = torch.Generator().manual_seed(length + width)
     p = torch.randn(batch, length, width, generator=gen, dtype=f64).to(DEVICE)
     weight = torch.randn(width, 1, 3, generator=gen, dtype=f64).to(DEVICE)
     bias = torch.randn(width, generator=gen, dtype=f64).to(DEVICE)
-    out = triton_short_conv.causal_short_conv(p.to(dtype), weight.float(), bias.float())
+    params = [weight, bias] + ([torch.randn(width, generator=gen, dtype=f64).to(DEVICE)] if in_bias else [])
+    out = triton_short_conv.causal_short_conv(p.to(dtype), *[t.float() for t in params])
     assert out.shape == (batch, width, length) and out.is_contiguous() and out.dtype == dtype
     # (Triton's interpreter rounds to bf16 by truncation, up to one ulp: 2^-8 of the output's scale.)
     bf16_atol = 2**-7 if triton_common.INTERPRET else 1e-3
-    _compare(triton_short_conv.causal_short_conv, mixer_reference.causal_short_conv, [p, weight, bias], dtype,
+    _compare(triton_short_conv.causal_short_conv, mixer_reference.causal_short_conv, [p, *params], dtype,
              atol_rel=1e-6 if dtype == torch.float32 else bf16_atol, fp32_inputs=(1,))  # fmt: skip
 
 
@@ -1028,6 +1032,68 @@ def test_short_conv_takes_the_triton_path_per_op(monkeypatch):
     monkeypatch.setattr(mixer, "TRITON_SHORT_CONV", False)
     mixer.implementation("triton")(*args)
     assert calls == [1]
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_m2_mixer_adds_the_projection_bias_in_the_short_convolution(backend):
+    # Without a padding mask in_linear runs without its bias and the short convolution adds it: the
+    # same output and gradients as with the bias in in_linear (the path a padding mask takes; an
+    # all-ones mask changes nothing else). On the Triton path no reduction over the projection's
+    # gradient runs besides the kernels: the bias's gradient comes with the filter's.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    _, layer = _layer_pair(32, 16, 32, torch.float32, KernelConfig(fftconv=backend))
+    mixing = layer.attention
+    h = torch.randn(2, 32, 16, generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    grad_out = torch.randn(2, 32, 16, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    projection_size = 2 * 32 * 3 * 16
+
+    class RecordSums(TorchDispatchMode):
+        """The sums over a tensor of the projection's size."""
+
+        def __init__(self):
+            super().__init__()
+            self.sums = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.__name__.startswith("sum") and args[0].numel() == projection_size:
+                self.sums.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    results = []
+    for mask in (None, torch.ones(2, 32, device=DEVICE)):
+        x = h.clone().requires_grad_()
+        mixing.zero_grad()
+        with RecordSums() as record:
+            mixing(x, mask_BL=mask).backward(grad_out)
+        results.append(([x.grad] + [p.grad.clone() for p in mixing.parameters()], record.sums))
+    (folded, folded_sums), (in_linear, in_linear_sums) = results
+    for a, b in zip(folded, in_linear):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert mixing.in_linear.bias.grad.abs().sum() > 0
+    assert len(in_linear_sums) >= 1  # F.linear's bias gradient
+    if backend == "triton":
+        assert folded_sums == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests run the kernels themselves")
+def test_short_conv_kernels_compile_for_hopper_without_spills():
+    # The interpreter does not compile: the short convolution's kernels at their GPU tile, with and
+    # without in_linear's bias, compiled for sm_90 (an H100/H200), spill nothing.
+    report = _sm90_report(
+        "from kernels.mixer import triton_short_conv as t\n"
+        "report = {}\n"
+        "fwd = dict(p_ptr='bf16', out_ptr='bf16')\n"
+        "bwd = dict(g_ptr='bf16', p_ptr='bf16', dp_ptr='bf16')\n"
+        "for bias in (False, True):\n"
+        "    rows = 5 if bias else 4\n"
+        "    tile = dict(HAS_U=True, HAS_IN_BIAS=bias, BL=t.ROWS, BC=t.COLS)\n"
+        "    report[f'forward {bias}'] = resources(t._fwd_kernel, tile, fwd, 4)\n"
+        "    report[f'backward {bias}'] = resources(t._bwd_kernel, {**tile, 'ROWS': rows}, bwd, t.BWD_WARPS)\n"
+        "    sums = dict(ROWS=rows, BP=t.PARAM_ROWS, BC=t.PARAM_COLS)\n"
+        "    report[f'parameter sums {bias}'] = resources(t._param_grads_kernel, sums, {}, 4)\n"
+    )
+    assert len(report) == 6 and all(usage["spill_bytes"] == 0 for usage in report.values()), report
 
 
 def _check_short_conv_layout(dtype, batch, length, dim):

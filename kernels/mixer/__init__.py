@@ -36,12 +36,12 @@ def _compiled_short_conv():
     return torch.compile(causal_short_conv, dynamic=False)
 
 
-def _short_conv(p_BLC, weight_C1K, bias_C, u_BLD):
+def _short_conv(p_BLC, weight_C1K, bias_C, u_BLD, in_bias_C=None):
     """(x (B, C, L), u (B, D, L) as a transposed view, or None without u). On a GPU, outside a
     whole-model compilation, the short convolution runs compiled (one fused pass with its
     transposition and cast; see `causal_short_conv`)."""
     compiled = p_BLC.is_cuda and not torch.compiler.is_compiling()
-    x_BCL = (_compiled_short_conv() if compiled else causal_short_conv)(p_BLC, weight_C1K, bias_C)
+    x_BCL = (_compiled_short_conv() if compiled else causal_short_conv)(p_BLC, weight_C1K, bias_C, in_bias_C)
     return x_BCL, None if u_BLD is None else u_BLD.transpose(1, 2)
 
 
@@ -50,7 +50,7 @@ def _short_conv(p_BLC, weight_C1K, bias_C, u_BLD):
 TRITON_SHORT_CONV = True
 
 
-def _triton_short_conv(p_BLC, weight_C1K, bias_C, u_BLD):
+def _triton_short_conv(p_BLC, weight_C1K, bias_C, u_BLD, in_bias_C=None):
     """(x (B, C, L), u (B, D, L)) from the short convolution's kernels; `_short_conv` where they do
     not apply. Run eagerly (as the fine-tuning step's graph runs them), the kernels also lay u out
     contiguously (and its gradient back), where aten's copies were strided passes of their own;
@@ -61,19 +61,22 @@ def _triton_short_conv(p_BLC, weight_C1K, bias_C, u_BLD):
 
     if TRITON_SHORT_CONV and triton_short_conv.supports(p_BLC, weight_C1K):
         if u_BLD is None or torch.compiler.is_compiling():
-            x_BCL = triton_short_conv.causal_short_conv(p_BLC, weight_C1K, bias_C)
+            x_BCL = triton_short_conv.causal_short_conv(p_BLC, weight_C1K, bias_C, in_bias_C)
             return x_BCL, None if u_BLD is None else u_BLD.transpose(1, 2)
-        return triton_short_conv.causal_short_conv_and_layout(p_BLC, weight_C1K, bias_C, u_BLD)
-    return _short_conv(p_BLC, weight_C1K, bias_C, u_BLD)
+        return triton_short_conv.causal_short_conv_and_layout(p_BLC, weight_C1K, bias_C, u_BLD, in_bias_C)
+    return _short_conv(p_BLC, weight_C1K, bias_C, u_BLD, in_bias_C)
 
 
-def _per_op(gated_long_conv, p_BLC, weight_C1K, bias_C, u_BLD, k1_DN, d1_D, k2_DN, d2_D, mask_BL, short_conv=_short_conv):
+def _per_op(
+    gated_long_conv, p_BLC, weight_C1K, bias_C, u_BLD, k1_DN, d1_D, k2_DN, d2_D, mask_BL, in_bias_C,
+    short_conv=_short_conv,
+):  # fmt: skip
     """`gated_long_conv`: `kernels.fftconv`'s packed implementation, which takes the short
     convolution's (B, 3D, L) output x = [x1; x2; v] as it is. `short_conv` gives x and u in the
     long convolution's (B, D, L) layout (u only for the residual convolution, the one that reads it)."""
     dim = u_BLD.shape[-1]
     residual = k2_DN is not None
-    x_BCL, u_BDL = short_conv(p_BLC, weight_C1K, bias_C, u_BLD if residual else None)
+    x_BCL, u_BDL = short_conv(p_BLC, weight_C1K, bias_C, u_BLD if residual else None, in_bias_C)
     if mask_BL is not None:
         x1_BDL, x2_BDL, v_BDL = x_BCL.split(dim, dim=1)
         x_BCL = torch.cat([x1_BDL, x2_BDL, v_BDL * mask_BL.to(v_BDL.dtype)[:, None, :]], dim=1)
@@ -81,13 +84,15 @@ def _per_op(gated_long_conv, p_BLC, weight_C1K, bias_C, u_BLD, k1_DN, d1_D, k2_D
     return y_BDL.transpose(1, 2)
 
 
-def _fused_or_per_op(per_op_conv, p_BLC, weight_C1K, bias_C, u_BLD, k1_DN, d1_D, k2_DN, d2_D, mask_BL):
+def _fused_or_per_op(per_op_conv, p_BLC, weight_C1K, bias_C, u_BLD, k1_DN, d1_D, k2_DN, d2_D, mask_BL, in_bias_C):
     # Imported on first use: Triton modules must be imported after TRITON_INTERPRET is set.
     from kernels.mixer import triton_mixer
 
     if mask_BL is None and can_run(p_BLC) and triton_mixer.supports(p_BLC):
+        if in_bias_C is not None:  # the fused operator takes the projection with its bias
+            p_BLC = (p_BLC + in_bias_C).to(p_BLC.dtype)
         return triton_mixer.sequence_mixer(p_BLC, weight_C1K, bias_C, u_BLD, k1_DN, d1_D, k2_DN, d2_D)
-    return _triton_per_op(per_op_conv, p_BLC, weight_C1K, bias_C, u_BLD, k1_DN, d1_D, k2_DN, d2_D, mask_BL)
+    return _triton_per_op(per_op_conv, p_BLC, weight_C1K, bias_C, u_BLD, k1_DN, d1_D, k2_DN, d2_D, mask_BL, in_bias_C)
 
 
 def _triton_per_op(per_op_conv, p_BLC, *args):
@@ -171,17 +176,25 @@ def _check_shapes(p_BLC, weight_C1K, bias_C, u_BLD, k1_DN, d1_D, k2_DN, d2_D) ->
             )
 
 
-def _checked(impl, p_BLC, weight_C1K, bias_C, u_BLD, k1_DN, d1_D, k2_DN=None, d2_D=None, mask_BL=None):
+def _checked(impl, p_BLC, weight_C1K, bias_C, u_BLD, k1_DN, d1_D, k2_DN=None, d2_D=None, mask_BL=None, *, in_bias_C=None):
     _check_shapes(p_BLC, weight_C1K, bias_C, u_BLD, k1_DN, d1_D, k2_DN, d2_D)
-    return impl(p_BLC, weight_C1K, bias_C, u_BLD, k1_DN, d1_D, k2_DN, d2_D, mask_BL)
+    if in_bias_C is not None and in_bias_C.shape != bias_C.shape:
+        raise ValueError(f"in_bias_C must be ({p_BLC.shape[-1]},), got {tuple(in_bias_C.shape)}")
+    if in_bias_C is not None and mask_BL is not None:
+        raise ValueError("in_bias_C with mask_BL: pass the projection with its bias, its padding zeroed")
+    return impl(p_BLC, weight_C1K, bias_C, u_BLD, k1_DN, d1_D, k2_DN, d2_D, mask_BL, in_bias_C)
 
 
 def implementation(backend: str, fused: bool = False) -> SequenceMixer:
     """The sequence mixer with `kernels.fftconv`'s `backend`, called as
-    `mixer(projected_BLC, short_weight_C1K, short_bias_C, u_BLD, k1_DN, d1_D, k2_DN, d2_D, mask_BL)`.
+    `mixer(projected_BLC, short_weight_C1K, short_bias_C, u_BLD, k1_DN, d1_D, k2_DN, d2_D, mask_BL,
+    in_bias_C=None)`.
 
     `fused` (Triton backends only) computes it as one operator where that applies, per op elsewhere.
-    mask_BL (B, L), 1 at tokens: the short convolution's v is zeroed at padding (per op only)."""
+    mask_BL (B, L), 1 at tokens: the short convolution's v is zeroed at padding (per op only).
+    in_bias_C: `in_linear`'s bias, where the projection comes without it: the short convolution adds
+    it to its input and takes its gradient (`triton_short_conv`: no reduction pass over the
+    projection's gradient of its own)."""
     gated_long_conv = kernels.fftconv.implementation(backend, packed=True)
     reference_conv = kernels.fftconv.implementation("reference", packed=True)
     if backend == "reference":
@@ -204,11 +217,13 @@ def sequence_mixer(
     k2_DN: torch.Tensor | None = None,
     d2_D: torch.Tensor | None = None,
     *,
+    in_bias_C: torch.Tensor | None = None,
     backend: str = "reference",
     fused: bool = False,
 ) -> torch.Tensor:
     """`reference.sequence_mixer` by `backend` (see `implementation`)."""
-    return implementation(backend, fused)(projected_BLC, short_weight_C1K, short_bias_C, u_BLD, k1_DN, d1_D, k2_DN, d2_D)
+    mixer = implementation(backend, fused)
+    return mixer(projected_BLC, short_weight_C1K, short_bias_C, u_BLD, k1_DN, d1_D, k2_DN, d2_D, in_bias_C=in_bias_C)
 
 
 __all__ = ["SequenceMixer", "causal_short_conv", "implementation", "reference", "sequence_mixer"]

@@ -10,6 +10,10 @@ depthwise Conv1d of 3 taps, cut to its first L outputs), in the layouts around i
   reads the output's gradient g in the (B, C, L) layout and p, writes p's gradient in the (B, L, C)
   layout, dp[s] = sum_j w_j g[s + 2 - j], and accumulates the filter's and the bias's gradients
   over its sequences; a second kernel adds up their per-program partial sums.
+- `in_linear`'s bias (optional): `in_linear` then runs without it, the forward adds it to every p
+  it loads (in fp32, zero padding left zero), and the backward sums its gradient, which is dp's
+  column sum, with the filter's: no reduction pass over dp of its own (one a layer, reading the
+  whole (B, L, 3D) gradient, where `F.linear`'s backward takes the bias's gradient).
 - The mixer input u (B, L, D), which the long convolution's kernels read as (B, D, L), is laid
   out by the same kernels (`causal_short_conv_and_layout`): the forward's programs of the first D
   channels copy their tile of u transposed, the backward's copy u's gradient back to (B, L, D).
@@ -75,6 +79,24 @@ def _rows_at(ptr, base, o_s, o_c, m_c, L, C):
 
 
 @triton.jit
+def _inputs_at(ptr, base, o_s, o_c, m_c, L, C, in_bias, HAS_IN_BIAS: tl.constexpr):
+    """[BL, BC] of the convolution's input at positions o_s: p (B, L, C), plus `in_linear`'s bias
+    (in_bias, [BC] fp32) with HAS_IN_BIAS, zero outside [0, L); fp32."""
+    x = _rows_at(ptr, base, o_s, o_c, m_c, L, C)
+    if HAS_IN_BIAS:
+        x = tl.where(((o_s >= 0) & (o_s < L))[:, None], x + in_bias[None, :], x)
+    return x
+
+
+@triton.jit
+def _in_bias(inb_ptr, o_c, m_c, HAS_IN_BIAS: tl.constexpr):
+    """`in_linear`'s bias at channels o_c, fp32 (zeros without HAS_IN_BIAS, unused)."""
+    if HAS_IN_BIAS:
+        return tl.load(inb_ptr + o_c, mask=m_c, other=0.0).to(tl.float32)
+    return tl.zeros_like(o_c).to(tl.float32)
+
+
+@triton.jit
 def _cols_at(ptr, base, o_t, o_c, m_c, L):
     """[BL, BC] of a (B, C, L) tensor at positions o_t (zero past L), fp32."""
     m = (o_t < L)[:, None] & m_c[None, :]
@@ -83,11 +105,12 @@ def _cols_at(ptr, base, o_t, o_c, m_c, L):
 
 @triton.jit
 def _fwd_kernel(
-    p_ptr, w_ptr, b_ptr, out_ptr, u_ptr, ut_ptr, L, C, D,
-    HAS_U: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr,
+    p_ptr, w_ptr, b_ptr, inb_ptr, out_ptr, u_ptr, ut_ptr, L, C, D,
+    HAS_U: tl.constexpr, HAS_IN_BIAS: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr,
 ):  # fmt: skip
-    """out[b, c, t] = bias[c] + sum_j w[c, j] p[b, t + j - 2, c] for this program's tile; with
-    HAS_U, the tiles of the first D channels also copy u (B, L, D) to ut (B, D, L)."""
+    """out[b, c, t] = bias[c] + sum_j w[c, j] x[b, t + j - 2, c] for this program's tile, x = p
+    (+ in_bias with HAS_IN_BIAS); with HAS_U, the tiles of the first D channels also copy u
+    (B, L, D) to ut (B, D, L)."""
     i_t, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_t = i_t * BL + tl.arange(0, BL)
     o_c = i_c * BC + tl.arange(0, BC)
@@ -101,10 +124,11 @@ def _fwd_kernel(
             tl.store(ut_ptr + base_u + o_c[None, :] * L + o_t[:, None], u.to(ut_ptr.dtype.element_ty), mask=m)
     base = i_b.to(tl.int64) * L * C
     w0, w1, w2 = _taps(w_ptr, o_c, m_c)
+    in_bias = _in_bias(inb_ptr, o_c, m_c, HAS_IN_BIAS)
     # the reference's order: ((x0 w0 + x1 w1) + x2 w2), then the bias
-    acc = _rows_at(p_ptr, base, o_t - 2, o_c, m_c, L, C) * w0[None, :]
-    acc += _rows_at(p_ptr, base, o_t - 1, o_c, m_c, L, C) * w1[None, :]
-    acc += _rows_at(p_ptr, base, o_t, o_c, m_c, L, C) * w2[None, :]
+    acc = _inputs_at(p_ptr, base, o_t - 2, o_c, m_c, L, C, in_bias, HAS_IN_BIAS) * w0[None, :]
+    acc += _inputs_at(p_ptr, base, o_t - 1, o_c, m_c, L, C, in_bias, HAS_IN_BIAS) * w1[None, :]
+    acc += _inputs_at(p_ptr, base, o_t, o_c, m_c, L, C, in_bias, HAS_IN_BIAS) * w2[None, :]
     acc = tl.load(b_ptr + o_c, mask=m_c, other=0.0).to(tl.float32)[None, :] + acc
     m = (o_t < L)[:, None] & m_c[None, :]
     tl.store(out_ptr + base + o_c[None, :] * L + o_t[:, None], acc.to(out_ptr.dtype.element_ty), mask=m)
@@ -112,11 +136,12 @@ def _fwd_kernel(
 
 @triton.jit
 def _bwd_kernel(
-    g_ptr, p_ptr, w_ptr, dp_ptr, part_ptr, gu_ptr, du_ptr, B, L, C, D, BPG,
-    HAS_U: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr,
+    g_ptr, p_ptr, w_ptr, inb_ptr, dp_ptr, part_ptr, gu_ptr, du_ptr, B, L, C, D, BPG,
+    HAS_U: tl.constexpr, HAS_IN_BIAS: tl.constexpr, ROWS: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr,
 ):  # fmt: skip
     """dp at this tile's positions for the sequences of group i_g; the filter's and bias's
-    gradients over them as partial sums at part[(i_g * n_t + i_t), 0..3, c] (taps 0-2, bias); with
+    gradients over them as partial sums at part[(i_g * n_t + i_t), 0..3, c] (taps 0-2, bias; ROWS
+    rows a program), with HAS_IN_BIAS `in_linear`'s bias's (dp's sum) at row 4 (ROWS 5); with
     HAS_U, the tiles of the first D channels also copy ut's gradient gu (B, D, L) to du (B, L, D)."""
     i_t, i_c, i_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_s = i_t * BL + tl.arange(0, BL)
@@ -132,36 +157,45 @@ def _bwd_kernel(
                 m_du = (o_s < L)[:, None] & m_u[None, :]
                 tl.store(du_ptr + base_u + o_s[:, None] * D + o_c[None, :], gu.to(du_ptr.dtype.element_ty), mask=m_du)
     w0, w1, w2 = _taps(w_ptr, o_c, m_c)
+    in_bias = _in_bias(inb_ptr, o_c, m_c, HAS_IN_BIAS)
     dw0 = tl.zeros([BL, BC], dtype=tl.float32)
     dw1 = tl.zeros([BL, BC], dtype=tl.float32)
     dw2 = tl.zeros([BL, BC], dtype=tl.float32)
     db = tl.zeros([BL, BC], dtype=tl.float32)
+    dinb = tl.zeros([BL, BC], dtype=tl.float32)
     for b in range(i_g * BPG, tl.minimum(B, (i_g + 1) * BPG)):
         base = (b + tl.zeros([], dtype=tl.int64)) * L * C
         # output position t = s + 2 - j took input position s through tap j
         g0 = _cols_at(g_ptr, base, o_s + 2, o_c, m_c, L)
         g1 = _cols_at(g_ptr, base, o_s + 1, o_c, m_c, L)
         g2 = _cols_at(g_ptr, base, o_s, o_c, m_c, L)
-        x = _rows_at(p_ptr, base, o_s, o_c, m_c, L, C)
+        x = _inputs_at(p_ptr, base, o_s, o_c, m_c, L, C, in_bias, HAS_IN_BIAS)
         dp = g0 * w0[None, :] + g1 * w1[None, :] + g2 * w2[None, :]
         tl.store(dp_ptr + base + o_s[:, None] * C + o_c[None, :], dp.to(dp_ptr.dtype.element_ty), mask=m)
         dw0 += g0 * x
         dw1 += g1 * x
         dw2 += g2 * x
         db += g2  # every output position once: t = s over s < L
-    p_part = part_ptr + (i_g * tl.num_programs(0) + i_t).to(tl.int64) * 4 * C + o_c
+        if HAS_IN_BIAS:
+            dinb += dp  # zero past L: no output reads those positions
+    p_part = part_ptr + (i_g * tl.num_programs(0) + i_t).to(tl.int64) * ROWS * C + o_c
     tl.store(p_part, tl.sum(dw0, axis=0), mask=m_c)
     tl.store(p_part + C, tl.sum(dw1, axis=0), mask=m_c)
     tl.store(p_part + 2 * C, tl.sum(dw2, axis=0), mask=m_c)
     tl.store(p_part + 3 * C, tl.sum(db, axis=0), mask=m_c)
+    if HAS_IN_BIAS:
+        tl.store(p_part + 4 * C, tl.sum(dinb, axis=0), mask=m_c)
 
 
 @triton.jit
-def _param_grads_kernel(part_ptr, dw_ptr, db_ptr, P, C, BP: tl.constexpr, BC: tl.constexpr):
+def _param_grads_kernel(
+    part_ptr, dw_ptr, db_ptr, dinb_ptr, P, C, ROWS: tl.constexpr, BP: tl.constexpr, BC: tl.constexpr
+):  # fmt: skip
     """Row j of the parameter gradients for a block of channels: the sum over the P programs'
-    partial sums part[:, j, c] (P, 4, C), rounded once to the output's dtype, into dweight (C, 1, 3)
-    for taps j = 0-2, dbias (C,) for j = 3. One launch where torch took four (two sums, a
-    transposition, a cast), each a few microseconds at fine-tuning sizes."""
+    partial sums part[:, j, c] (P, ROWS, C), rounded once to the output's dtype, into dweight
+    (C, 1, 3) for taps j = 0-2, dbias (C,) for j = 3 and `in_linear`'s dbias (C,) for j = 4. One
+    launch where torch took four (two sums, a transposition, a cast), each a few microseconds at
+    fine-tuning sizes."""
     i_c, j = tl.program_id(0), tl.program_id(1)
     o_c = i_c * BC + tl.arange(0, BC)
     m_c = o_c < C
@@ -169,12 +203,14 @@ def _param_grads_kernel(part_ptr, dw_ptr, db_ptr, P, C, BP: tl.constexpr, BC: tl
     for r0 in range(0, P, BP):
         o_r = r0 + tl.arange(0, BP)
         m = (o_r < P)[:, None] & m_c[None, :]
-        acc += tl.load(part_ptr + (o_r[:, None].to(tl.int64) * 4 + j) * C + o_c[None, :], mask=m, other=0.0)
+        acc += tl.load(part_ptr + (o_r[:, None].to(tl.int64) * ROWS + j) * C + o_c[None, :], mask=m, other=0.0)
     total = tl.sum(acc, axis=0)
     if j < 3:
         tl.store(dw_ptr + o_c * 3 + j, total.to(dw_ptr.dtype.element_ty), mask=m_c)
-    else:
+    elif j == 3:
         tl.store(db_ptr + o_c, total.to(db_ptr.dtype.element_ty), mask=m_c)
+    else:
+        tl.store(dinb_ptr + o_c, total.to(dinb_ptr.dtype.element_ty), mask=m_c)
 
 
 # The parameter-gradient reduction's tile: partial-sum rows by channels.
@@ -183,103 +219,121 @@ PARAM_ROWS, PARAM_COLS = 32, 64
 
 @torch.library.custom_op("m2dist::short_conv", mutates_args=())
 def short_conv(
-    p: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, u: torch.Tensor | None
+    p: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, u: torch.Tensor | None, in_bias: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, ut): out (B, C, L) in p's dtype, contiguous, of p (B, L, C), weight (C, 1, 3), bias
-    (C,); ut, with u (B, L, D) given, u laid out as (B, D, L) in u's dtype (else an empty tensor)."""
+    (C,), and `in_linear`'s bias (C,) added to p where given; ut, with u (B, L, D) given, u laid out
+    as (B, D, L) in u's dtype (else an empty tensor)."""
     batch, length, width = p.shape
     p, weight = p.contiguous(), weight.contiguous()
     blk = _blocks(batch, length, width)
     out = new_output((batch, width, length), p.dtype, p.device)
-    has_u = u is not None
+    has_u, has_in_bias = u is not None, in_bias is not None
     u = u.contiguous() if has_u else p
     ut = new_output((batch, u.shape[2], length), u.dtype, p.device) if has_u else p.new_empty(0)
     grid = (triton.cdiv(length, blk["BL"]), triton.cdiv(width, blk["BC"]), batch)
     _fwd_kernel[grid](
-        p, weight, bias.contiguous(), out, u, ut if has_u else out, length, width, u.shape[2] if has_u else 0,
-        HAS_U=has_u, BL=blk["BL"], BC=blk["BC"], num_warps=blk["num_warps"],
+        p, weight, bias.contiguous(), in_bias.contiguous() if has_in_bias else bias, out, u, ut if has_u else out,
+        length, width, u.shape[2] if has_u else 0,
+        HAS_U=has_u, HAS_IN_BIAS=has_in_bias, BL=blk["BL"], BC=blk["BC"], num_warps=blk["num_warps"],
     )  # fmt: skip
     return out, ut
 
 
 @short_conv.register_fake
-def _(p, weight, bias, u):
+def _(p, weight, bias, u, in_bias):
     ut = p.new_empty(0) if u is None else u.new_empty((u.shape[0], u.shape[2], u.shape[1]))
     return p.new_empty((p.shape[0], p.shape[2], p.shape[1])), ut
 
 
 @torch.library.custom_op("m2dist::short_conv_backward", mutates_args=())
-def short_conv_backward(g: torch.Tensor, gu: torch.Tensor | None, p: torch.Tensor, weight: torch.Tensor) -> list[torch.Tensor]:
-    """[dp (B, L, C) in p's dtype, dweight (C, 1, 3) and dbias (C,) in weight's dtype, du] from the
-    output's gradient g (B, C, L) and, where given, ut's gradient gu (B, D, L), which comes back
-    laid out as u (B, L, D) in du (else an empty tensor)."""
+def short_conv_backward(
+    g: torch.Tensor, gu: torch.Tensor | None, p: torch.Tensor, weight: torch.Tensor, in_bias: torch.Tensor | None
+) -> list[torch.Tensor]:
+    """[dp (B, L, C) in p's dtype, dweight (C, 1, 3) and dbias (C,) in weight's dtype, du, din_bias]
+    from the output's gradient g (B, C, L) and, where given, ut's gradient gu (B, D, L), which comes
+    back laid out as u (B, L, D) in du (else an empty tensor); din_bias, `in_linear`'s bias's
+    gradient, in weight's dtype where `in_bias` was given (else an empty tensor)."""
     batch, length, width = p.shape
     g, p, weight = g.contiguous(), p.contiguous(), weight.contiguous()
     dp = new_output(p.shape, p.dtype, p.device)
-    has_u = gu is not None
+    has_u, has_in_bias = gu is not None, in_bias is not None
     gu = gu.contiguous() if has_u else g
     du = new_output((batch, length, gu.shape[1]), gu.dtype, p.device) if has_u else p.new_empty(0)
-    parts = launch_backward(g, p, weight, dp, _blocks(batch, length, width), gu if has_u else None, du)
+    in_bias = in_bias.contiguous() if has_in_bias else None
+    parts = launch_backward(g, p, weight, dp, _blocks(batch, length, width), gu if has_u else None, du, in_bias)
     dweight = new_output(weight.shape, weight.dtype, p.device)
     dbias = new_output((width,), weight.dtype, p.device)
-    _param_grads_kernel[(triton.cdiv(width, PARAM_COLS), TAPS + 1)](
-        parts, dweight, dbias, parts.shape[0], width, BP=PARAM_ROWS, BC=PARAM_COLS
-    )
-    return [dp, dweight, dbias, du]
+    din_bias = new_output((width,), weight.dtype, p.device) if has_in_bias else p.new_empty(0)
+    rows = parts.shape[1]
+    _param_grads_kernel[(triton.cdiv(width, PARAM_COLS), rows)](
+        parts, dweight, dbias, din_bias if has_in_bias else dbias, parts.shape[0], width,
+        ROWS=rows, BP=PARAM_ROWS, BC=PARAM_COLS,
+    )  # fmt: skip
+    return [dp, dweight, dbias, du, din_bias]
 
 
 def launch_backward(
     g: torch.Tensor, p: torch.Tensor, weight: torch.Tensor, dp: torch.Tensor, blk: dict,
-    gu: torch.Tensor | None = None, du: torch.Tensor | None = None,
+    gu: torch.Tensor | None = None, du: torch.Tensor | None = None, in_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """`_bwd_kernel` over contiguous g (B, C, L) and p (B, L, C) into dp (and gu (B, D, L) into du
-    (B, L, D)) with the blocks `blk` (`_blocks`); returns the per-program partial sums of the taps'
-    and the bias's gradients, (programs along L and the batch, 4, C) fp32."""
+    """`_bwd_kernel` over contiguous g (B, C, L) and p (B, L, C) (plus `in_linear`'s bias, where
+    given) into dp (and gu (B, D, L) into du (B, L, D)) with the blocks `blk` (`_blocks`); returns
+    the per-program partial sums of the taps', the bias's and `in_bias`'s gradients, (programs
+    along L and the batch, 4 or 5, C) fp32."""
     batch, length, width = p.shape
     grid = (triton.cdiv(length, blk["BL"]), triton.cdiv(width, blk["BC"]), triton.cdiv(batch, blk["BPG"]))
-    parts = new_output((grid[2] * grid[0], 4, width), torch.float32, p.device)
-    has_u = gu is not None
+    has_u, has_in_bias = gu is not None, in_bias is not None
+    rows = 5 if has_in_bias else 4
+    parts = new_output((grid[2] * grid[0], rows, width), torch.float32, p.device)
     _bwd_kernel[grid](
-        g, p, weight, dp, parts, gu if has_u else g, du if has_u else dp, batch, length, width,
-        gu.shape[1] if has_u else 0, blk["BPG"], HAS_U=has_u, BL=blk["BL"], BC=blk["BC"], num_warps=blk["num_warps_bwd"],
+        g, p, weight, in_bias if has_in_bias else weight, dp, parts, gu if has_u else g, du if has_u else dp,
+        batch, length, width, gu.shape[1] if has_u else 0, blk["BPG"],
+        HAS_U=has_u, HAS_IN_BIAS=has_in_bias, ROWS=rows, BL=blk["BL"], BC=blk["BC"], num_warps=blk["num_warps_bwd"],
     )  # fmt: skip
     return parts
 
 
 @short_conv_backward.register_fake
-def _(g, gu, p, weight):
+def _(g, gu, p, weight, in_bias):
     dp = torch.empty_like(p, memory_format=torch.contiguous_format)
     du = p.new_empty(0) if gu is None else gu.new_empty((gu.shape[0], gu.shape[2], gu.shape[1]))
-    return [dp, torch.empty_like(weight), weight.new_empty(weight.shape[0]), du]
+    din_bias = p.new_empty(0) if in_bias is None else weight.new_empty(weight.shape[0])
+    return [dp, torch.empty_like(weight), weight.new_empty(weight.shape[0]), du, din_bias]
 
 
 def _setup_context(ctx, inputs, output):
-    p, weight, bias, u = inputs
-    ctx.save_for_backward(p, weight)
+    p, weight, bias, u, in_bias = inputs
+    ctx.save_for_backward(p, weight, in_bias)
     ctx.bias_dtype = bias.dtype
+    ctx.in_bias_dtype = None if in_bias is None else in_bias.dtype
     ctx.has_u = u is not None
 
 
 def _backward(ctx, g, gu):
-    p, weight = ctx.saved_tensors
+    p, weight, in_bias = ctx.saved_tensors
     has_gu = ctx.has_u and gu is not None
-    dp, dweight, dbias, du = short_conv_backward(g, gu if has_gu else None, p, weight)
-    return dp, dweight, dbias.to(ctx.bias_dtype), du if has_gu else None
+    dp, dweight, dbias, du, din_bias = short_conv_backward(g, gu if has_gu else None, p, weight, in_bias)
+    din_bias = None if in_bias is None else din_bias.to(ctx.in_bias_dtype)
+    return dp, dweight, dbias.to(ctx.bias_dtype), du if has_gu else None, din_bias
 
 
 torch.library.register_autograd("m2dist::short_conv", _backward, setup_context=_setup_context)
 
 
-def causal_short_conv(p_BLC: torch.Tensor, weight_C1K: torch.Tensor, bias_C: torch.Tensor) -> torch.Tensor:
+def causal_short_conv(
+    p_BLC: torch.Tensor, weight_C1K: torch.Tensor, bias_C: torch.Tensor, in_bias_C: torch.Tensor | None = None
+) -> torch.Tensor:
     """`reference.causal_short_conv` by the kernels: (B, L, C) -> (B, C, L) in p's dtype,
     accumulated in fp32. The caller checks `supports`."""
-    return short_conv(p_BLC, weight_C1K, bias_C, None)[0]
+    return short_conv(p_BLC, weight_C1K, bias_C, None, in_bias_C)[0]
 
 
 def causal_short_conv_and_layout(
-    p_BLC: torch.Tensor, weight_C1K: torch.Tensor, bias_C: torch.Tensor, u_BLD: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+    p_BLC: torch.Tensor, weight_C1K: torch.Tensor, bias_C: torch.Tensor, u_BLD: torch.Tensor,
+    in_bias_C: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """(`causal_short_conv`, u_BLD laid out as (B, D, L)): the long convolution's two inputs in its
     layout from one kernel, where a copy of its own would transpose u (and, backward, add its
     gradient back as a transposed tensor). The caller checks `supports`."""
-    return short_conv(p_BLC, weight_C1K, bias_C, u_BLD)
+    return short_conv(p_BLC, weight_C1K, bias_C, u_BLD, in_bias_C)

@@ -12,6 +12,7 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import kernels.blockdiag
 import kernels.fftconv
@@ -218,13 +219,18 @@ class MonarchMixerSequenceMixing(nn.Module):
         if self.layernorm is not None:
             u_BLD = self.layernorm(u_BLD)
         u_BLD = zero_padding(u_BLD, mask_BL)
-        projected_BLC = zero_padding(self.in_linear(u_BLD), mask_BL)
+        # Without a padding mask `in_linear`'s bias goes to the mixer, whose short convolution adds it
+        # to its input and takes its gradient with the filter's (no reduction over the projection's
+        # gradient of its own); with one, the padding must read zero, bias included.
+        in_bias_C = self.in_linear.bias if mask_BL is None else None
+        projected_BLC = F.linear(u_BLD, self.in_linear.weight, None if mask_BL is None else self.in_linear.bias)
+        projected_BLC = zero_padding(projected_BLC, mask_BL)
         k2_DN = d2_D = None
         if self.filter_fn2 is not None:
             k2_DN, d2_D = filters_DN[1], self.filter_fn2.bias
         y_BLD = self.sequence_mixer(
             projected_BLC, self.short_filter.weight, self.short_filter.bias, u_BLD,
-            filters_DN[0], self.filter_fn.bias, k2_DN, d2_D, mask_BL,
+            filters_DN[0], self.filter_fn.bias, k2_DN, d2_D, mask_BL, in_bias_C=in_bias_C,
         )  # fmt: skip
         return self.out_linear(y_BLD)
 
