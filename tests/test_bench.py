@@ -424,12 +424,27 @@ def test_revisions_resolve_directories_and_git_revisions(tmp_path):
         assert base.label == "base" and (base.tree / "m2dist" / "bench" / "finetune.py").is_file()
         exported = base.tree
     assert not exported.exists()  # the export was temporary
-    with pytest.raises(ConfigError, match="'no-such-revision' is neither a directory nor a git revision"):
-        with resolved(["no-such-revision"]):
-            pass
-    with pytest.raises(ConfigError, match="share a label"):
-        with resolved([str(REPO_ROOT), f"{REPO_ROOT}"]):
-            pass
-    with pytest.raises(ConfigError, match="not a tree of m2dist"):
-        with resolved([str(tmp_path)]):
-            pass
+    with pytest.raises(ConfigError, match="'no-such-revision' is neither a directory nor a git revision"), resolved(["no-such-revision"]):
+        pass
+    with pytest.raises(ConfigError, match="share a label"), resolved([str(REPO_ROOT), str(REPO_ROOT)]):
+        pass
+    with pytest.raises(ConfigError, match="not a tree of m2dist"), resolved([str(tmp_path)]):
+        pass
+
+
+@pytest.mark.slow
+def test_revisions_time_the_training_engine_each_in_its_own_process_group(tmp_path):
+    # Two workers of the engine step at once, each a process group of its own (its own port),
+    # without a launcher's variables; one batch size a run.
+    from m2dist.bench.revisions import Revision, time_revisions
+    from m2dist.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="one batch size a run"):
+        time_revisions([Revision("a", REPO_ROOT)], "debug", [2, 4], "cpu", False, step="engine")
+    revisions = [Revision("a", REPO_ROOT), Revision("b", _tree_copy(tmp_path / "b"))]
+    timings = time_revisions(
+        revisions, "debug", [4], "cpu", False, step="engine", overrides=("data.num_workers=0",), seq_len=32,
+        first_steps=1, block_steps=1, rounds=2,
+    )  # fmt: skip
+    assert [(t.label, t.batch_size, len(t.blocks_ms)) for t in timings] == [("a", 4, 2), ("b", 4, 2)]
+    assert all(t.step_ms > 0 for t in timings)

@@ -1,16 +1,19 @@
 """One revision's side of `m2dist.bench.revisions`: a process that imports m2dist from that
-revision's tree, builds and warms up its fine-tuning steps, then times blocks of steps on request.
+revision's tree, builds and warms up its steps, then times blocks of steps on request.
 
 Run by path (`runpy`), not imported: the tree under test owns the `m2dist` package in this
-process. It uses only `m2dist.bench.finetune`'s `_finetune_runner`, `_settle` and
-`glue_config_for`, which every revision since the fine-tuning benchmark has. Replies go to stdout
-as lines that start with `REPLY`, so that whatever else the libraries print there is skipped.
-Requests come on stdin, one JSON object a line: {"batch": B, "steps": N} times N steps at batch B
-and replies {"seconds": s}; {"quit": true} ends the process.
+process. The steps are `m2dist.bench.finetune`'s fine-tuning step (`_finetune_runner`, one per
+batch size) or the training engine's (`m2dist.bench.train.engine_config` and the `Trainer`, one
+batch size: a process joins one process group), names that every revision since those benchmarks
+has. Replies go to stdout as lines that start with `REPLY`, so that whatever else the libraries
+print there is skipped. Requests come on stdin, one JSON object a line: {"batch": B, "steps": N}
+times N steps at batch B and replies {"seconds": s}; {"quit": true} ends the process.
 """
 
 import json
 import sys
+import tempfile
+import time
 
 REPLY = "@@revision-worker "
 
@@ -19,29 +22,78 @@ def reply(message: dict) -> None:
     print(REPLY + json.dumps(message), flush=True)
 
 
-def main(spec: dict) -> None:
-    sys.path.insert(0, spec["tree"])
-    import torch
+def _settle(run, block_steps: int) -> None:
+    """Blocks of steps until two in a row agree within 3% (at most 10 more)."""
+    previous = run(block_steps) / block_steps
+    for _ in range(10):
+        current = run(block_steps) / block_steps
+        if abs(current - previous) <= 0.03 * previous:
+            return
+        previous = current
 
-    import m2dist
-    from m2dist.bench.finetune import _finetune_runner, _settle, glue_config_for
 
-    device = torch.device(spec["device"])
+def _finetune_runners(spec: dict, device) -> dict:
+    from m2dist.bench.finetune import _finetune_runner, glue_config_for
+
     glue = glue_config_for(spec["config"])
     runners = {}
     for batch in spec["batch_sizes"]:
         run, _, _ = _finetune_runner(
             spec["config"], glue, batch, spec["cuda_graph"], device, spec["seq_len"], tuple(spec["overrides"])
         )
-        run(spec["first_steps"])
-        _settle(run, spec["block_steps"])
         runners[batch] = run
-    reply({"ready": True, "m2dist": m2dist.__file__})
-    for line in sys.stdin:
-        request = json.loads(line)
-        if request.get("quit"):
-            break
-        reply({"seconds": runners[request["batch"]](request["steps"])})
+    return runners
+
+
+def _engine_runners(spec: dict, device, closers: list) -> dict:
+    import torch
+
+    from m2dist.bench.train import engine_config
+    from m2dist.engine.trainer import Trainer
+
+    (batch,) = spec["batch_sizes"]
+    output = tempfile.TemporaryDirectory(prefix="m2dist-revision-engine-")
+    trainer = Trainer(engine_config(spec["config"], spec["seq_len"], batch, output.name, tuple(spec["overrides"])))
+    closers += [output.cleanup, trainer.close]
+
+    def run(steps: int) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        for _ in range(steps):
+            trainer.train_step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - started
+
+    return {batch: run}
+
+
+def main(spec: dict) -> None:
+    sys.path.insert(0, spec["tree"])
+    import torch
+
+    import m2dist
+
+    device = torch.device(spec["device"])
+    closers: list = []
+    try:
+        if spec["step"] == "engine":
+            runners = _engine_runners(spec, device, closers)
+        else:
+            runners = _finetune_runners(spec, device)
+        for run in runners.values():
+            run(spec["first_steps"])
+            _settle(run, spec["block_steps"])
+        reply({"ready": True, "m2dist": m2dist.__file__})
+        for line in sys.stdin:
+            request = json.loads(line)
+            if request.get("quit"):
+                break
+            reply({"seconds": runners[request["batch"]](request["steps"])})
+    finally:
+        for close in reversed(closers):
+            close()
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The fine-tuning step at several revisions of the code, timed in turn in one run.
+"""The fine-tuning step, or the training engine's, at several revisions of the code, timed in turn in
+one run.
 
 A change to a kernel or to the step is worth a few percent of the step at most, less than what
 separates two runs of the same code an hour apart, or the first and the second model of one run
@@ -114,8 +115,11 @@ def start_worker(revision: Revision, spec: dict) -> Worker:
         "import runpy, sys; sys.argv = [sys.argv[1], sys.argv[2]]; "
         "runpy.run_path(sys.argv[0], run_name='__main__')"
     )
-    # PYTHONPATH first: an editable install of another tree must not win over this revision's.
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(revision.tree), os.environ.get("PYTHONPATH", "")])}
+    # PYTHONPATH first: an editable install of another tree must not win over this revision's. A
+    # worker is a process group of its own (the engine step): no launcher's rank or address.
+    launcher_keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in launcher_keys}
+    env["PYTHONPATH"] = os.pathsep.join([str(revision.tree), os.environ.get("PYTHONPATH", "")])
     process = subprocess.Popen(
         [sys.executable, "-c", launcher, revision_worker.__file__, json.dumps(spec)],
         cwd=revision.tree, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
@@ -136,6 +140,11 @@ class RevisionTiming:
     blocks_ms: list[float]
 
 
+# The steps a revision's worker times: GLUE's fine-tuning step (`tools/eval_glue.py`), or the
+# training engine's (`m2dist/train.py`; one batch size a run).
+STEPS = ("finetune", "engine")
+
+
 def time_revisions(
     revisions: list[Revision],
     config_name: str,
@@ -143,6 +152,7 @@ def time_revisions(
     device: str,
     cuda_graph: bool,
     *,
+    step: str = "finetune",
     overrides: tuple[str, ...] = (),
     seq_len: int = 128,
     first_steps: int = 20,
@@ -150,13 +160,20 @@ def time_revisions(
     rounds: int = 7,
     order_log: list[tuple[str, int]] | None = None,
 ) -> list[RevisionTiming]:
-    """Each revision's fine-tuning step of `config_name` at each batch size, in ms: the median of
-    `rounds` blocks of `block_steps` steps, the revisions taking turns block by block (one
-    untimed round first, so that no revision starts timing after a long idle stretch), the first
-    of each round rotating. `order_log`, given, records (label, batch) in the order blocks ran."""
+    """Each revision's `step` ("finetune" or "engine") of `config_name` at each batch size
+    (sequences a step), in ms: the median of `rounds` blocks of `block_steps` steps, the revisions
+    taking turns block by block (one untimed round first, so that no revision starts timing after a
+    long idle stretch), the first of each round rotating. `cuda_graph` is the fine-tuning step's
+    (the engine's follows its config). `order_log`, given, records (label, batch) in the order
+    blocks ran."""
+    if step not in STEPS:
+        raise ConfigError(f"step must be one of {STEPS}, got {step!r}")
+    if step == "engine" and len(batch_sizes) != 1:
+        raise ConfigError(f"the engine step is timed at one batch size a run (a process joins one process group), got {batch_sizes}")
     spec = {
-        "config": config_name, "overrides": list(overrides), "batch_sizes": list(batch_sizes), "device": device,
-        "cuda_graph": cuda_graph, "seq_len": seq_len, "first_steps": first_steps, "block_steps": block_steps,
+        "step": step, "config": config_name, "overrides": list(overrides), "batch_sizes": list(batch_sizes),
+        "device": device, "cuda_graph": cuda_graph, "seq_len": seq_len, "first_steps": first_steps,
+        "block_steps": block_steps,
     }  # fmt: skip
     workers: list[Worker] = []
     try:
