@@ -119,7 +119,7 @@ def start_worker(revision: Revision, spec: dict) -> Worker:
     # worker is a process group of its own (the engine step): no launcher's rank or address.
     launcher_keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
     env = {k: v for k, v in os.environ.items() if k not in launcher_keys}
-    env["PYTHONPATH"] = os.pathsep.join([str(revision.tree), os.environ.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(revision.tree), os.environ.get("PYTHONPATH")) if p)
     process = subprocess.Popen(
         [sys.executable, "-c", launcher, revision_worker.__file__, json.dumps(spec)],
         cwd=revision.tree, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
