@@ -4,10 +4,11 @@ revision's tree, builds and warms up its steps, then times blocks of steps on re
 Run by path (`runpy`), not imported: the tree under test owns the `m2dist` package in this
 process. The steps are `m2dist.bench.finetune`'s fine-tuning step (`_finetune_runner`, one per
 batch size) or the training engine's (`m2dist.bench.train.engine_config` and the `Trainer`, one
-batch size: a process joins one process group), names that every revision since those benchmarks
-has. Replies go to stdout as lines that start with `REPLY`, so that whatever else the libraries
-print there is skipped. Requests come on stdin, one JSON object a line: {"batch": B, "steps": N}
-times N steps at batch B and replies {"seconds": s}; {"quit": true} ends the process.
+batch size: a process joins one process group), warmed up by `m2dist.bench.finetune._settle`:
+names that every revision since those benchmarks has. Replies go to stdout as lines that start
+with `REPLY`, so that whatever else the libraries print there is skipped. Requests come on stdin,
+one JSON object a line: {"batch": B, "steps": N} times N steps at batch B and replies
+{"seconds": s}; {"quit": true} ends the process.
 """
 
 import json
@@ -20,16 +21,6 @@ REPLY = "@@revision-worker "
 
 def reply(message: dict) -> None:
     print(REPLY + json.dumps(message), flush=True)
-
-
-def _settle(run, block_steps: int) -> None:
-    """Blocks of steps until two in a row agree within 3% (at most 10 more)."""
-    previous = run(block_steps) / block_steps
-    for _ in range(10):
-        current = run(block_steps) / block_steps
-        if abs(current - previous) <= 0.03 * previous:
-            return
-        previous = current
 
 
 def _finetune_runners(spec: dict, device) -> dict:
@@ -74,6 +65,7 @@ def main(spec: dict) -> None:
     import torch
 
     import m2dist
+    from m2dist.bench.finetune import _settle
 
     device = torch.device(spec["device"])
     closers: list = []
