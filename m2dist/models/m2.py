@@ -176,6 +176,14 @@ def zero_padding(x_BLC: torch.Tensor, mask_BL: torch.Tensor | None) -> torch.Ten
     return x_BLC * mask_BL.to(x_BLC.dtype)[..., None]
 
 
+class MixerInputLinear(nn.Linear):
+    """The mixer's `in_linear`: an nn.Linear (same parameters and keys) that can leave its bias out,
+    for the short convolution to add (`kernels.mixer.implementation`'s in_bias_C)."""
+
+    def forward(self, x_BLD: torch.Tensor, add_bias: bool = True) -> torch.Tensor:
+        return F.linear(x_BLD, self.weight, self.bias if add_bias else None)
+
+
 class MixerOutputLinear(nn.Linear):
     """The mixer's `out_linear`: an nn.Linear (same parameters and keys) whose input gradient keeps
     the mixer output's channels-first layout (`kernels.mixer.channels_first_input_linear`)."""
@@ -195,7 +203,7 @@ class MonarchMixerSequenceMixing(nn.Module):
         self.sequence_mixer = kernels.mixer.implementation(config.kernels.fftconv, fused=config.kernels.fused_mixer)
         self.filter_fn = HyenaFilter(config)
         self.filter_fn2 = HyenaFilter(config) if config.residual_long_conv else None
-        self.in_linear = nn.Linear(d, 3 * d)
+        self.in_linear = MixerInputLinear(d, 3 * d)
         self.out_linear = MixerOutputLinear(d, d)
         # Upstream's `hyena_training_additions`: default nn.LayerNorm eps (1e-5), not layer_norm_eps.
         self.layernorm = nn.LayerNorm(d) if config.pre_layernorm else None
@@ -223,8 +231,7 @@ class MonarchMixerSequenceMixing(nn.Module):
         # to its input and takes its gradient with the filter's (no reduction over the projection's
         # gradient of its own); with one, the padding must read zero, bias included.
         in_bias_C = self.in_linear.bias if mask_BL is None else None
-        projected_BLC = F.linear(u_BLD, self.in_linear.weight, None if mask_BL is None else self.in_linear.bias)
-        projected_BLC = zero_padding(projected_BLC, mask_BL)
+        projected_BLC = zero_padding(self.in_linear(u_BLD, add_bias=mask_BL is not None), mask_BL)
         k2_DN = d2_D = None
         if self.filter_fn2 is not None:
             k2_DN, d2_D = filters_DN[1], self.filter_fn2.bias
