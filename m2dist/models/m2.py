@@ -229,9 +229,11 @@ class MonarchMixerSequenceMixing(nn.Module):
         u_BLD = zero_padding(u_BLD, mask_BL)
         # Without a padding mask `in_linear`'s bias goes to the mixer, whose short convolution adds it
         # to its input and takes its gradient with the filter's (no reduction over the projection's
-        # gradient of its own); with one, the padding must read zero, bias included.
-        in_bias_C = self.in_linear.bias if mask_BL is None else None
+        # gradient of its own); with one, the padding must read zero, bias included. The bias is read
+        # after in_linear's forward: ZeRO-3 partitions a module's parameters again when its forward
+        # ends, and a parameter read afterwards is gathered for this module (as the short filter's).
         projected_BLC = zero_padding(self.in_linear(u_BLD, add_bias=mask_BL is not None), mask_BL)
+        in_bias_C = self.in_linear.bias if mask_BL is None else None
         k2_DN = d2_D = None
         if self.filter_fn2 is not None:
             k2_DN, d2_D = filters_DN[1], self.filter_fn2.bias
