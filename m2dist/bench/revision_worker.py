@@ -37,8 +37,7 @@ def _finetune_runners(spec: dict, device) -> dict:
 
 
 def _engine_runners(spec: dict, device, closers: list) -> dict:
-    import torch
-
+    from m2dist.bench.finetune import _synchronize
     from m2dist.bench.train import engine_config
     from m2dist.engine.trainer import Trainer
 
@@ -48,13 +47,11 @@ def _engine_runners(spec: dict, device, closers: list) -> dict:
     closers += [output.cleanup, trainer.close]
 
     def run(steps: int) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        _synchronize(device)
         started = time.perf_counter()
         for _ in range(steps):
             trainer.train_step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        _synchronize(device)
         return time.perf_counter() - started
 
     return {batch: run}

@@ -15,6 +15,7 @@ temporary directory for the run.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import statistics
@@ -49,11 +50,8 @@ def _export(revision: str, repo: Path, into: Path) -> Path:
             f"{revision!r} is neither a directory nor a git revision of {repo}: {archive.stderr.decode().strip()}"
         )
     into.mkdir(parents=True)
-    with tempfile.TemporaryFile() as tar_file:
-        tar_file.write(archive.stdout)
-        tar_file.seek(0)
-        with tarfile.open(fileobj=tar_file) as tar:
-            tar.extractall(into, filter="data")
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(into, filter="data")
     return into
 
 
