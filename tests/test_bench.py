@@ -327,6 +327,34 @@ def test_aten_by_input_shape_ranks_eager_operators_by_their_kernels_time_per_ste
     assert "    850.0 us    12.0 calls  aten::copy_ [[256, 768, 128], [256, 768, 128]]" in text
 
 
+def test_kernels_by_kind_sums_each_kind_per_step_with_the_projects_triton_kernels_by_module():
+    from types import SimpleNamespace
+
+    from m2dist.bench.profile import format_kernels_by_kind, kernel_kind, kernels_by_kind
+
+    def avg(key, device_us, count):
+        return SimpleNamespace(key=key, self_device_time_total=device_us, count=count)
+
+    conv, glu = kernel_kind("_bwd_inputs_kernel"), kernel_kind("_glu_act_fwd_kernel")
+    assert conv.startswith("M2 convolution") and glu.startswith("block-diagonal GLU")
+    assert kernel_kind("_fwd_kernel") == conv  # the name of the Toeplitz, FFT and short convolutions' forwards
+    assert kernel_kind("_channels_last_kernel") == "layout transposes (Triton)"
+    assert kernel_kind("sm80_xmma_gemm_f32f32_f32f32_f32_nn_n_tilesize64x64x8") == "fp32 GEMMs (the filter MLPs)"
+    assert kernel_kind("void at::native::elementwise_kernel<128, 2, ...>").startswith("strided elementwise")
+    assert kernel_kind("void at::native::vectorized_elementwise_kernel<8, ...>").startswith("other elementwise")
+    averages = [
+        avg("_fwd_kernel", 2000.0, 48), avg("_bwd_inputs_kernel", 1000.0, 24), avg("_glu_act_fwd_kernel", 600.0, 24),
+        avg("nvjet_sm90_tst_96x128_64x6_2x1_v_bz_NNN", 2400.0, 96), avg("a mystery kernel", 20.0, 2),
+    ]  # fmt: skip
+    rows = kernels_by_kind(averages, steps=2)
+    assert [(r.kind, r.device_us, r.launches) for r in rows] == [
+        (conv, 1500.0, 36), ("GEMMs (cuBLAS)", 1200.0, 48), (glu, 300.0, 12), ("other", 10.0, 1),
+    ]  # fmt: skip
+    text = format_kernels_by_kind(rows)
+    assert f"      1.50 ms       36  {conv}" in text
+    assert text.endswith("      3.01 ms       97  all\n")
+
+
 def test_engine_profile_reports_the_step_and_its_top_operators(tmp_path, in_process_rank):
     from m2dist.bench.profile import profile_training
     from m2dist.config import load_config

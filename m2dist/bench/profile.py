@@ -10,6 +10,10 @@ the engine's own overhead (host time with the GPU idle, `device_idle`) rather th
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib
+import inspect
+import re
 from pathlib import Path
 
 import torch
@@ -172,15 +176,105 @@ def format_aten_by_input_shape(rows: list[ShapedOperator]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# The project's Triton kernels by the kind reported, from the modules that define them: kernel names
+# repeat across modules (the Toeplitz, FFT and short convolutions each have a `_fwd_kernel`), so
+# the kinds are as coarse as the names allow.
+TRITON_KERNEL_KINDS = (
+    ("M2 convolution kernels (Triton: Toeplitz, FFT, short convolution, fused mixer)", (
+        "kernels.fftconv.triton_toeplitz", "kernels.fftconv.triton_fftconv",
+        "kernels.mixer.triton_short_conv", "kernels.mixer.triton_mixer",
+    )),
+    ("block-diagonal GLU kernels (Triton: activation, matmuls, bias and residual)", ("kernels.blockdiag.triton_blockdiag",)),
+    ("layout transposes (Triton)", ("kernels.mixer.triton_layout",)),
+)  # fmt: skip
+
+# Other device events by name, the first match wins; what matches none is "other".
+KERNEL_KINDS = (
+    ("fused AdamW", r"FusedAdam|fused_adam"),
+    ("other multi-tensor kernels (norms, scaling)", r"multi_tensor_apply"),
+    ("fp32 GEMMs (the filter MLPs)", r"gemm_f32f32|sgemm|f32f32_f32f32"),
+    ("attention", r"fmha|flash|attention|cudnn"),
+    ("GEMMs (cuBLAS)", r"nvjet|cutlass|xmma_gemm|gemm"),
+    ("Inductor's fused kernels (compiled code)", r"^triton_"),
+    ("LayerNorm, forward and backward", r"layer_norm|LayerNorm|GammaBeta"),
+    ("reductions (bias gradients, sums)", r"reduce_kernel"),
+    ("embedding gradients", r"embedding"),
+    ("random numbers and dropout", r"distribution|dropout"),
+    ("concatenation", r"CatArray"),
+    ("strided elementwise (aten's non-vectorized kernel: layout copies, broadcasts)", r"native::elementwise_kernel"),
+    ("other elementwise (casts, adds)", r"elementwise_kernel"),
+    ("gathers and index kernels", r"gather|index"),
+    ("copies and memsets", r"^Memcpy|^Memset"),
+)
+
+
+@functools.cache
+def project_triton_kernels() -> dict[str, str]:
+    """{kernel name: kind} for the project's Triton kernels (`TRITON_KERNEL_KINDS`; a name that two
+    kinds define goes to the first)."""
+    kinds: dict[str, str] = {}
+    for kind, modules in TRITON_KERNEL_KINDS:
+        for module_name in modules:
+            for value in vars(importlib.import_module(module_name)).values():
+                # A Triton kernel wraps its Python function (`fn`), as do autotuners around it, and
+                # the interpreter's functions (TRITON_INTERPRET=1)
+                function = value
+                while not inspect.isfunction(function) and hasattr(function, "fn"):
+                    function = function.fn
+                if function is not value and inspect.isfunction(function):
+                    kinds.setdefault(function.__name__, kind)
+    return kinds
+
+
+def kernel_kind(name: str) -> str:
+    """The kind of a device event (kernel, copy or memset) by its name."""
+    kind = project_triton_kernels().get(name)
+    if kind is not None:
+        return kind
+    for kind, pattern in KERNEL_KINDS:
+        if re.search(pattern, name):
+            return kind
+    return "other"
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelKind:
+    kind: str
+    device_us: float  # per step
+    launches: float  # per step
+
+
+def kernels_by_kind(device_events, steps: int) -> list[KernelKind]:
+    """The device time and launches per step of each kind of kernel (`kernel_kind`), most time
+    first, from a profile's averages of its device events (`key`, `self_device_time_total`, `count`)."""
+    totals: dict[str, list[float]] = {}
+    for event in device_events:
+        entry = totals.setdefault(kernel_kind(event.key), [0.0, 0.0])
+        entry[0] += event.self_device_time_total / steps
+        entry[1] += event.count / steps
+    rows = [KernelKind(kind, us, launches) for kind, (us, launches) in totals.items()]
+    return sorted(rows, key=lambda r: -r.device_us)
+
+
+def format_kernels_by_kind(rows: list[KernelKind]) -> str:
+    lines = ["Device time per step by kind of kernel (ms, launches):"]
+    lines += [f"  {r.device_us / 1000:8.2f} ms {r.launches:8,.0f}  {r.kind}" for r in rows]
+    total_us, launches = sum(r.device_us for r in rows), sum(r.launches for r in rows)
+    lines.append(f"  {total_us / 1000:8.2f} ms {launches:8,.0f}  all")
+    return "\n".join(lines) + "\n"
+
+
 def write_profile_report(prof, steps: int, cuda: bool, header: str, output: Path, rows: int = 30) -> str:
     """Write `header`, the device time per step (the sum of the kernels over `steps` profiled steps),
-    where the device waited (`device_idle`, on a GPU), the eager aten operators by input shapes
+    where the device waited (`device_idle`, on a GPU), that time by kind of kernel
+    (`kernels_by_kind`, on a GPU), the eager aten operators by input shapes
     (`aten_by_input_shape`, on a GPU; shapes where `prof` recorded them) and the profile's top
     operators by device time and by host time to `output`; returns the header line."""
     averages = prof.key_averages()
     device_key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     # Only the device's own events (kernels, copies): an operator's "self device time" repeats the
     # time of the kernels it launched.
+    device_events = []
     if cuda:
         device_events = [e for e in averages if _is_device_work(e)]
         device_us = sum(e.self_device_time_total for e in device_events) / steps
@@ -194,6 +288,7 @@ def write_profile_report(prof, steps: int, cuda: bool, header: str, output: Path
     report = (
         header
         + ("" if idle is None else "\n" + format_device_idle(idle, steps))
+        + ("" if not device_events else "\n" + format_kernels_by_kind(kernels_by_kind(device_events, steps)))
         + ("" if not shaped else "\n" + format_aten_by_input_shape(shaped))
         + "\nTop operators by self device time:\n"
         + averages.table(sort_by=device_key, row_limit=rows)
