@@ -52,19 +52,19 @@ def test_opcheck_fftconv(residual):
     torch.library.opcheck(triton_fftconv.fftconv_backward, bwd_args, test_utils=OPCHECK_ALL[:3])
 
 
-@pytest.mark.parametrize("residual", [True, False])
-def test_opcheck_toeplitz(residual):
+@pytest.mark.parametrize("residual,operands", [(True, "fp16"), (False, "fp16"), (True, "split")])
+def test_opcheck_toeplitz(residual, operands):
     batch, dim, length = 3, 4, 40  # two 32-position tiles in the interpreter
     u = _rand(batch, dim, length, requires_grad=True) if residual else None
     # x = [x1; x2; v] packed along the channels, as the short convolution writes it
     x = _rand(batch, 3 * dim, length, dtype=torch.bfloat16, requires_grad=True)
     k1, d1 = (_rand(dim, 2 * length) * 0.1).requires_grad_(), _rand(dim, requires_grad=True)
     k2, d2 = ((_rand(dim, 2 * length) * 0.1).requires_grad_(), _rand(dim, requires_grad=True)) if residual else (None, None)
-    args = (u, x, k1, d1, k2, d2, True, True)
+    args = (u, x, k1, d1, k2, d2, operands, True)
     torch.library.opcheck(triton_toeplitz.toeplitz_conv, args, test_utils=OPCHECK_ALL)
-    y, z1, rows = triton_toeplitz.toeplitz_conv(*args)
+    y, z1, rows, scales = triton_toeplitz.toeplitz_conv(*args)
     u_, x_, k1_, d1_, k2_, d2_ = (t.detach() if isinstance(t, torch.Tensor) else t for t in args[:6])
-    bwd_args = (torch.randn_like(y), u_, x_, z1.detach(), rows.detach(), k1_, d1_, k2_, d2_, True)
+    bwd_args = (torch.randn_like(y), u_, x_, z1.detach(), rows.detach(), scales.detach(), k1_, d1_, k2_, d2_)
     torch.library.opcheck(triton_toeplitz.toeplitz_conv_backward, bwd_args, test_utils=OPCHECK_ALL[:3])
 
 

@@ -270,14 +270,52 @@ def test_fftconv_dispatch_and_errors():
 
 # The Toeplitz GEMM path (bf16/fp16 inputs): L = 63 and 80 leave partial blocks (block 32 in the
 # interpreter), batch 3 a partial batch block; with and without the residual convolution. L = 32
-# is its own padded length: the tiles are read without masks.
+# is its own padded length: the tiles are read without masks. Both operand modes.
+@pytest.mark.parametrize("operands", triton_toeplitz.OPERAND_MODES)
 @pytest.mark.parametrize(
     "length,dtype,residual", [(63, torch.bfloat16, True), (80, torch.float16, False), (32, torch.bfloat16, True)]
 )
-def test_fftconv_toeplitz_matches_reference(length, dtype, residual):
+def test_fftconv_toeplitz_matches_reference(length, dtype, residual, operands):
     inputs = _conv_inputs(3, 16, length, residual, seed=length)
     mask = [residual, True, True, True, True, True, residual, residual]
-    _compare(triton_toeplitz.gated_long_conv, fftconv_reference.gated_long_conv, inputs, dtype, atol_rel=1e-3, grad_mask=mask)
+    fn = functools.partial(triton_toeplitz.gated_long_conv, operands=operands)
+    _compare(fn, fftconv_reference.gated_long_conv, inputs, dtype, atol_rel=1e-3, grad_mask=mask)
+
+
+# fp16 operands are scaled into fp16's range: each filter row by its own power of two, each
+# sequence's activations and gradients by theirs. Filters from 1e-7 (subnormal in fp16 unscaled)
+# to 1e3 across the channels (one channel's both filters all zeros, their scale 1), activations 300x (the gated
+# product ~1e5, past fp16's largest 65,504) and an upstream gradient of 1e-6, no skip terms: every
+# channel of the output and of the input gradients stays within a few bf16 ulps of its own scale of
+# the "split" operands' results, whose filter parts keep bf16's (fp32's) range.
+def test_fftconv_toeplitz_fp16_operands_scale_into_range():
+    u, x1, x2, v, k1, d1, k2, d2 = _conv_inputs(3, 16, 40, True, seed=9)
+    k1 = k1 * torch.logspace(-6, 4, 16, dtype=f64, device=k1.device)[:, None]
+    k1[3] = 0.0
+    k2 = k2 * torch.logspace(4, -6, 16, dtype=f64, device=k2.device)[:, None]
+    k2[3] = 0.0
+    acts = [(t * scale).bfloat16().requires_grad_() for t, scale in ((u, 300), (x1, 300), (x2, 1), (v, 300))]
+    params = [k1.float(), torch.zeros_like(d1).float(), k2.float(), torch.zeros_like(d2).float()]  # no skip terms
+    upstream = (1e-6 * torch.randn(3, 16, 40, generator=torch.Generator().manual_seed(2))).bfloat16().to(DEVICE)
+    results = {}
+    for operands in triton_toeplitz.OPERAND_MODES:
+        y = triton_toeplitz.gated_long_conv(*acts, *params, operands=operands)
+        results[operands] = (y, *torch.autograd.grad(y, acts, upstream))
+    names = ["output", "du", "dx1", "dx2", "dv"]
+    for name, ours, split in zip(names, results["fp16"], results["split"]):
+        ours, split = ours.double(), split.double()
+        assert ours.isfinite().all(), name
+        scale = split.abs().amax(dim=(0, 2))
+        assert (scale[[i for i in range(16) if i != 3]] > 0).all(), name
+        err = (ours - split).abs().amax(dim=(0, 2))
+        assert (err <= 2**-6 * scale).all(), f"{name}: per-channel error / scale {(err / scale).max().item():.2e}"
+    assert (results["fp16"][0][:, 3] == 0).all()
+
+
+def test_fftconv_toeplitz_operands_checked():
+    inputs = [t.bfloat16() if t.dim() == 3 else t.float() for t in _conv_inputs(1, 16, 8, False, seed=1)[:6]]
+    with pytest.raises(ValueError, match="operands must be one of .*, got 'tf32'"):
+        triton_toeplitz.gated_long_conv(*inputs, operands="tf32")
 
 
 # A program runs its filter tiles over a group of sequences, 16 at a time in the interpreter: batch

@@ -108,7 +108,7 @@ def _dot(a, b, acc, PREC: tl.constexpr):
 
 
 @triton.jit
-def _unit_scale(amax):
+def unit_scale(amax):
     """The power of two 2^-e that brings amax >= 0 to at most 1 (1 for 0; e within +-100)."""
     e = tl.ceil(tl.log2(tl.where(amax > 0, amax, 1.0)))
     return tl.exp2(-tl.minimum(tl.maximum(e, -100.0), 100.0))
@@ -206,7 +206,7 @@ def _dft(
     """
     fa_r, fa_i, ta_r, ta_i, fb_r, fb_i, tb_r, tb_i, fc_r, fc_i = _tab_offsets(tab_ptr, M1, M2, P2)
     if PREC == "fp16":
-        scale = _unit_scale(amax)
+        scale = unit_scale(amax)
         xr *= scale
         if HAS_IMAG:
             xi *= scale
@@ -243,7 +243,7 @@ def _idft(
     spectra by the power of two that brings their largest part to at most 1 (undone on the output)."""
     fa_r, fa_i, ta_r, ta_i, fb_r, fb_i, tb_r, tb_i, fc_r, fc_i = _tab_offsets(tab_ptr, M1, M2, P2)
     if PREC == "fp16":
-        scale = _unit_scale(tl.maximum(tl.max(tl.abs(yr)), tl.max(tl.abs(yi))))
+        scale = unit_scale(tl.maximum(tl.max(tl.abs(yr)), tl.max(tl.abs(yi))))
         yr *= scale
         yi *= scale
     if P2 == 1:

@@ -8,13 +8,16 @@ the length where the O(L) work per element overtakes the O(log L) of the FFT (`M
 on an H200; longer inputs take the FFT kernels of `triton_fftconv`).
 
 - Filter rows: a small kernel rotates each fp32 filter row K by L (R[j] = K[(j - L) mod N], so
-  that T[t, s] = R[t - s + L]) and splits it into a high and a low half-precision part, once per
-  call; the forward keeps them for the backward.
+  that T[t, s] = R[t - s + L]) once per call, in the form the tensor cores take (`OPERANDS`):
+  "fp16", R scaled by a power of two into fp16's range (11 significant bits), or "split", a high
+  and a low part in the activations' dtype (~16 bits, two products per block); the forward keeps
+  the rows for the backward.
 - Forward: one program per (channel, block of BT output positions, group of BPG sequences). It
-  reads the filter tiles of all L inputs by its BT outputs from the rows once, the filter keeping
-  ~16 mantissa bits in its two parts while the activations enter the tensor cores as they are
-  (bf16 or fp16, as torch's path rounds them), and runs them over its sequences BB at a time
-  (one GEMM with K = L per block); fp32 accumulation.
+  reads the filter tiles of all L inputs by its BT outputs from the rows once and runs them over
+  its sequences BB at a time (one GEMM with K = L per block, or two with "split"); fp32
+  accumulation. The activations enter the tensor cores as torch's path rounds them (bf16 or
+  fp16); with "fp16" operands each sequence's row is first scaled by a power of two to at most 1,
+  which bf16 values survive exactly, and the product is scaled back.
   Building the tiles costs about as much as a block's products, hence the groups. The gating, both
   skip terms, the post-gate and the residual convolution are fused; the gated conv output z1 is
   kept for the backward. The gated branch's inputs come packed, x = [x1; x2; v] (B, 3D, L), as the
@@ -36,7 +39,14 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.fftconv.triton_fftconv import unit_scale
 from kernels.triton_common import INTERPRET, new_output
+
+# How the filter enters the tensor cores: "fp16" (one product per block; the filter row and each
+# sequence's activations scaled by powers of two into fp16's range, 11 significant bits) or
+# "split" (the filter as high and low parts in the activations' dtype, ~16 bits, two products).
+OPERAND_MODES = ("fp16", "split")
+OPERANDS = "fp16"
 
 # Longest L sent to this path by the dispatch: on an H200 (bf16, d=768, fwd + bwd) it takes 3.9 ms
 # against the FFT kernel's 6.5 ms at L=128, but 10.9 against 7.6 at L=512 (`tools/bench_kernels.py`).
@@ -44,12 +54,17 @@ MAX_LEN = 128
 
 
 @triton.jit
-def _rows_kernel(k1_ptr, k2_ptr, rows_ptr, L, N, HAS_RES: tl.constexpr, NP: tl.constexpr):
+def _rows_kernel(
+    k1_ptr, k2_ptr, rows_ptr, scales_ptr, L, N, HAS_RES: tl.constexpr, SPLIT: tl.constexpr, NP: tl.constexpr,
+):  # fmt: skip
     """The filter rows the GEMM kernels build their Toeplitz tiles from, for channel i_d: row
-    R[j] = K[(j - L) mod N] (so that T[t, s] = R[t - s + L], an index without wrap-around) as its
-    high part hi = R rounded to the activations' dtype and the low part lo = R - hi rounded again,
-    at rows[f, i_d, 0 (hi) or 1 (lo), j] for filter f (k1, then k2 with the residual branch)."""
+    R[j] = K[(j - L) mod N] (so that T[t, s] = R[t - s + L], an index without wrap-around) for
+    filter f (k1, then k2 with the residual branch), in rows' dtype. SPLIT: the high part
+    hi = R rounded and the low part lo = R - hi rounded again at rows[f, i_d, 0 or 1, j], and
+    scales[f, i_d] = 1; else R times the power of two 2^-e that brings its largest magnitude to at
+    most 1 at rows[f, i_d, 0, j], and 2^e at scales[f, i_d]."""
     DT: tl.constexpr = rows_ptr.dtype.element_ty
+    PARTS: tl.constexpr = 2 if SPLIT else 1
     i_d, D = tl.program_id(0), tl.num_programs(0)
     o_j = tl.arange(0, NP)
     m = o_j < N
@@ -57,10 +72,16 @@ def _rows_kernel(k1_ptr, k2_ptr, rows_ptr, L, N, HAS_RES: tl.constexpr, NP: tl.c
     for f in tl.static_range(2 if HAS_RES else 1):
         k_ptr = k1_ptr if f == 0 else k2_ptr
         row = tl.load(k_ptr + i_d * N + src, mask=m, other=0.0)
-        hi = row.to(DT)
-        p_out = rows_ptr + (f * D + i_d) * 2 * N + o_j
-        tl.store(p_out, hi, mask=m)
-        tl.store(p_out + N, (row - hi.to(tl.float32)).to(DT), mask=m)
+        p_out = rows_ptr + (f * D + i_d) * PARTS * N + o_j
+        if SPLIT:
+            hi = row.to(DT)
+            tl.store(p_out, hi, mask=m)
+            tl.store(p_out + N, (row - hi.to(tl.float32)).to(DT), mask=m)
+            tl.store(scales_ptr + f * D + i_d, 1.0)
+        else:
+            scale = unit_scale(tl.max(tl.abs(row), axis=0))
+            tl.store(p_out, (row * scale).to(DT), mask=m)
+            tl.store(scales_ptr + f * D + i_d, 1.0 / scale)
 
 
 @triton.jit
@@ -93,8 +114,8 @@ def _tile_load(ptr, idx, o_t, o_s, L, FULL: tl.constexpr, UPCAST: tl.constexpr):
 def _filter_parts(row_ptr, o_t, o_s, L, N, SPLIT: tl.constexpr, FULL: tl.constexpr, UPCAST: tl.constexpr):
     """The Toeplitz tile T[t, s] = K[(t - s) mod N] for the index grids o_t, o_s (broadcast to one
     tile), zero where t or s is past L, as tensor-core operands read from the channel's filter rows
-    (`_rows_kernel`): its high part and, with SPLIT, its low part (else the high part again, unused).
-    FULL: L is the padded length, so no index reaches L."""
+    (`_rows_kernel`, `row_ptr` at the channel's first): its high (or scaled) part and, with SPLIT,
+    its low part (else the first again, unused). FULL: L is the padded length, so no index reaches L."""
     idx = o_t - o_s + L
     hi = _tile_load(row_ptr, idx, o_t, o_s, L, FULL, UPCAST)
     lo = hi
@@ -105,12 +126,15 @@ def _filter_parts(row_ptr, o_t, o_s, L, N, SPLIT: tl.constexpr, FULL: tl.constex
 
 @triton.jit
 def _product(a_f32, hi, lo, DT: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr):
-    """a @ (hi + lo): a rounded to DT, the filter tile as its parts (`_filter_parts`), fp32."""
-    a = _operand(a_f32, DT, UPCAST)
-    acc = tl.dot(a, hi)
+    """a @ (hi + lo) in fp32, the filter tile as its parts (`_filter_parts`) in DT. SPLIT: a (whose
+    values are DT's, as the caller rounded them) as it is, two products; else each row of a scaled
+    by the power of two that brings it to at most 1 (exact for bf16 values within fp16's range
+    after it), one product, and the rows scaled back (the filter's scale is the caller's)."""
     if SPLIT:
-        acc = tl.dot(a, lo, acc)
-    return acc
+        a = _operand(a_f32, DT, UPCAST)
+        return tl.dot(a, lo, tl.dot(a, hi))
+    scale = unit_scale(tl.max(tl.abs(a_f32), axis=1))[:, None]
+    return tl.dot(_operand(a_f32 * scale, DT, UPCAST), hi) / scale
 
 
 @triton.jit
@@ -133,7 +157,7 @@ def _rows(o_b, i_d, D, L, CH: tl.constexpr):
 
 @triton.jit
 def _fwd_kernel(
-    u_ptr, x_ptr, rows_ptr, d1_ptr, d2_ptr, y_ptr, z1_ptr,
+    u_ptr, x_ptr, rows_ptr, scales_ptr, d1_ptr, d2_ptr, y_ptr, z1_ptr,
     B, D, L, BPG,
     HAS_RES: tl.constexpr, SAVE_Z1: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr,
     LP: tl.constexpr, BB: tl.constexpr, BT: tl.constexpr, FULL: tl.constexpr,
@@ -141,14 +165,18 @@ def _fwd_kernel(
     """y at output positions o_t of channel i_d for the sequences of group i_g (BPG of them). The
     filter tiles (all L inputs by BT outputs) are built once and serve every batch block."""
     DT: tl.constexpr = y_ptr.dtype.element_ty
+    OP: tl.constexpr = rows_ptr.dtype.element_ty
+    PARTS: tl.constexpr = 2 if SPLIT else 1
     i_d, i_t, i_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     N = 2 * L
     DL = D * L
     o_t = i_t * BT + tl.arange(0, BT)
     o_s = tl.arange(0, LP)
-    k1_hi, k1_lo = _filter_parts(rows_ptr + i_d * 2 * N, o_t[None, :], o_s[:, None], L, N, SPLIT, FULL, UPCAST)
+    k1_hi, k1_lo = _filter_parts(rows_ptr + i_d * PARTS * N, o_t[None, :], o_s[:, None], L, N, SPLIT, FULL, UPCAST)
+    k1_scale = tl.load(scales_ptr + i_d)
     if HAS_RES:
-        k2_hi, k2_lo = _filter_parts(rows_ptr + (D + i_d) * 2 * N, o_t[None, :], o_s[:, None], L, N, SPLIT, FULL, UPCAST)
+        k2_hi, k2_lo = _filter_parts(rows_ptr + (D + i_d) * PARTS * N, o_t[None, :], o_s[:, None], L, N, SPLIT, FULL, UPCAST)
+        k2_scale = tl.load(scales_ptr + D + i_d)
     d1 = tl.load(d1_ptr + i_d)
     d2 = tl.load(d2_ptr + i_d)
     for b0 in range(i_g * BPG, tl.minimum(B, (i_g + 1) * BPG), BB):
@@ -156,13 +184,13 @@ def _fwd_kernel(
         m_b = o_b[:, None] < B
         x_row, u_row = _rows(o_b, i_d, D, L, 3), _rows(o_b, i_d, D, L, 1)
         m_in = m_b & (o_s[None, :] < L)
-        acc = _product(_gated(x_ptr, x_row + o_s[None, :], m_in, DL, DT), k1_hi, k1_lo, DT, SPLIT, UPCAST)
+        acc = _product(_gated(x_ptr, x_row + o_s[None, :], m_in, DL, DT), k1_hi, k1_lo, OP, SPLIT, UPCAST) * k1_scale
         m_out = m_b & (o_t[None, :] < L)
         p_x, p_u = x_row + o_t[None, :], u_row + o_t[None, :]
         b_z1 = (acc + _gated(x_ptr, p_x, m_out, DL, DT) * d1).to(DT)
         b_y = b_z1.to(tl.float32) * _load(x_ptr, p_x + DL, m_out)
         if HAS_RES:
-            b_y += _product(_load(u_ptr, u_row + o_s[None, :], m_in), k2_hi, k2_lo, DT, SPLIT, UPCAST)
+            b_y += _product(_load(u_ptr, u_row + o_s[None, :], m_in), k2_hi, k2_lo, OP, SPLIT, UPCAST) * k2_scale
             b_y += _load(u_ptr, p_u, m_out) * d2
         tl.store(y_ptr + p_u, b_y.to(DT), mask=m_out)
         if SAVE_Z1:
@@ -171,7 +199,7 @@ def _fwd_kernel(
 
 @triton.jit
 def _bwd_inputs_kernel(
-    dy_ptr, u_ptr, x_ptr, z1_ptr, rows_ptr, d1_ptr, d2_ptr,
+    dy_ptr, u_ptr, x_ptr, z1_ptr, rows_ptr, scales_ptr, d1_ptr, d2_ptr,
     du_ptr, dx_ptr, dd1_ptr, dd2_ptr,
     B, D, L, BPG,
     HAS_RES: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr,
@@ -181,14 +209,18 @@ def _bwd_inputs_kernel(
     the packed [dx1; dx2; dv] rows and du; the skip-weight gradients as this program's partial
     sums at dd*_ptr[(i_g * n_s + i_s) * D + i_d]. The transposed filter tiles are built once."""
     DT: tl.constexpr = dx_ptr.dtype.element_ty
+    OP: tl.constexpr = rows_ptr.dtype.element_ty
+    PARTS: tl.constexpr = 2 if SPLIT else 1
     i_d, i_s, i_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     N = 2 * L
     DL = D * L
     o_s = i_s * BS + tl.arange(0, BS)
     o_t = tl.arange(0, LP)
-    k1_hi, k1_lo = _filter_parts(rows_ptr + i_d * 2 * N, o_t[:, None], o_s[None, :], L, N, SPLIT, FULL, UPCAST)
+    k1_hi, k1_lo = _filter_parts(rows_ptr + i_d * PARTS * N, o_t[:, None], o_s[None, :], L, N, SPLIT, FULL, UPCAST)
+    k1_scale = tl.load(scales_ptr + i_d)
     if HAS_RES:
-        k2_hi, k2_lo = _filter_parts(rows_ptr + (D + i_d) * 2 * N, o_t[:, None], o_s[None, :], L, N, SPLIT, FULL, UPCAST)
+        k2_hi, k2_lo = _filter_parts(rows_ptr + (D + i_d) * PARTS * N, o_t[:, None], o_s[None, :], L, N, SPLIT, FULL, UPCAST)
+        k2_scale = tl.load(scales_ptr + D + i_d)
     d1 = tl.load(d1_ptr + i_d)
     d2 = tl.load(d2_ptr + i_d)
     dd1 = tl.zeros([BB, BS], dtype=tl.float32)
@@ -200,9 +232,9 @@ def _bwd_inputs_kernel(
         m_in = m_b & (o_t[None, :] < L)
         b_g = _load(dy_ptr, u_row + o_t[None, :], m_in)
         b_ga = (b_g * _load(x_ptr, x_row + DL + o_t[None, :], m_in)).to(DT).to(tl.float32)
-        acc = _product(b_ga, k1_hi, k1_lo, DT, SPLIT, UPCAST)
+        acc = _product(b_ga, k1_hi, k1_lo, OP, SPLIT, UPCAST) * k1_scale
         if HAS_RES:
-            acc2 = _product(b_g, k2_hi, k2_lo, DT, SPLIT, UPCAST)
+            acc2 = _product(b_g, k2_hi, k2_lo, OP, SPLIT, UPCAST) * k2_scale
         m = m_b & (o_s[None, :] < L)
         p_x, p_u = x_row + o_s[None, :], u_row + o_s[None, :]
         b_g = _load(dy_ptr, p_u, m)
@@ -389,37 +421,51 @@ def supports(v_BDL: torch.Tensor) -> bool:
     )
 
 
-def filter_rows(k1, k2, dtype: torch.dtype) -> torch.Tensor:
-    """The tile rows of fp32 filters k1 (and k2) (D, N): (1 or 2, D, 2, N) in `dtype`, high and low
-    parts (`_rows_kernel`)."""
+def check_operands(operands: str) -> str:
+    if operands not in OPERAND_MODES:
+        raise ValueError(f"the Toeplitz kernels' operands must be one of {OPERAND_MODES}, got {operands!r}")
+    return operands
+
+
+def filter_rows(k1, k2, dtype: torch.dtype, operands: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, scales): the tile rows of fp32 filters k1 (and k2) (D, N) for activations of `dtype`
+    (`_rows_kernel`), with "split" operands (1 or 2, D, 2, N) in `dtype`, high and low parts, with
+    "fp16" (1 or 2, D, 1, N) in fp16, scaled; and the rows' scales (1 or 2, D) fp32 (ones for "split")."""
     dim, n = k1.shape
-    rows = new_output((1 if k2 is None else 2, dim, 2, n), dtype, k1.device)
-    _rows_kernel[(dim,)](k1, k1 if k2 is None else k2, rows, n // 2, n, HAS_RES=k2 is not None, NP=triton.next_power_of_2(n))
-    return rows
+    split = check_operands(operands) == "split"
+    filters = 1 if k2 is None else 2
+    rows = new_output((filters, dim, 2 if split else 1, n), dtype if split else torch.float16, k1.device)
+    scales = new_output((filters, dim), torch.float32, k1.device)
+    _rows_kernel[(dim,)](
+        k1, k1 if k2 is None else k2, rows, scales, n // 2, n,
+        HAS_RES=k2 is not None, SPLIT=split, NP=triton.next_power_of_2(n),
+    )  # fmt: skip
+    return rows, scales
 
 
-def launch_forward(u, x, rows, d1, d2, y, z1, has_res: bool, save_z1: bool, split: bool, blk: dict) -> None:
-    """`_fwd_kernel` over (B, 3D, L) x into y (and z1) with the filter rows `rows` (`filter_rows`) and
-    the block sizes `blk` (`_blocks`)."""
+def launch_forward(u, x, rows, scales, d1, d2, y, z1, has_res: bool, save_z1: bool, blk: dict) -> None:
+    """`_fwd_kernel` over (B, 3D, L) x into y (and z1) with the filter rows and their scales
+    (`filter_rows`; the rows' shape says how they were made) and the block sizes `blk` (`_blocks`)."""
     batch, width, length = x.shape
     dim = width // 3
     grid = (dim, triton.cdiv(length, blk["BT"]), triton.cdiv(batch, blk["BPG"]))
     _fwd_kernel[grid](
-        u, x, rows, d1, d2, y, z1 if save_z1 else y, batch, dim, length, blk["BPG"],
-        HAS_RES=has_res, SAVE_Z1=save_z1, SPLIT=split, UPCAST=INTERPRET,
+        u, x, rows, scales, d1, d2, y, z1 if save_z1 else y, batch, dim, length, blk["BPG"],
+        HAS_RES=has_res, SAVE_Z1=save_z1, SPLIT=rows.shape[2] == 2, UPCAST=INTERPRET,
         LP=blk["LP"], BB=blk["BB"], BT=blk["BT"], FULL=length == blk["LP"], num_warps=blk["num_warps"],
     )  # fmt: skip
 
 
-def launch_backward_inputs(dy, u, x, z1, rows, d1, d2, du, dx, has_res: bool, split: bool, blk: dict):
-    """`_bwd_inputs_kernel` into dx (and du); returns the skip weights' partial sums (2 or 1, P, D)."""
+def launch_backward_inputs(dy, u, x, z1, rows, scales, d1, d2, du, dx, has_res: bool, blk: dict):
+    """`_bwd_inputs_kernel` into dx (and du) with the forward's filter rows and scales; returns the
+    skip weights' partial sums (2 or 1, P, D)."""
     batch, width, length = x.shape
     dim = width // 3
     n_s, n_g = triton.cdiv(length, blk["BS"]), triton.cdiv(batch, blk["BPG_BWD"])
     dd_parts = new_output((2 if has_res else 1, n_g * n_s, dim), torch.float32, x.device)
     _bwd_inputs_kernel[(dim, n_s, n_g)](
-        dy, u, x, z1, rows, d1, d2, du, dx, dd_parts[0], dd_parts[-1], batch, dim, length, blk["BPG_BWD"],
-        HAS_RES=has_res, SPLIT=split, UPCAST=INTERPRET,
+        dy, u, x, z1, rows, scales, d1, d2, du, dx, dd_parts[0], dd_parts[-1], batch, dim, length, blk["BPG_BWD"],
+        HAS_RES=has_res, SPLIT=rows.shape[2] == 2, UPCAST=INTERPRET,
         LP=blk["LP"], BB=blk["BB_BWD"], BS=blk["BS"], FULL=length == blk["LP"], num_warps=blk["num_warps_bwd"],
     )  # fmt: skip
     return dd_parts
@@ -467,11 +513,11 @@ def finish_filter_grads(lag_sums, neg_end, pos_start, dd_parts, k1, d1, k2, d2) 
 @torch.library.custom_op("m2dist::toeplitz_conv", mutates_args=())
 def toeplitz_conv(
     u: torch.Tensor | None, x: torch.Tensor, k1: torch.Tensor, d1: torch.Tensor,
-    k2: torch.Tensor | None, d2: torch.Tensor | None, split: bool, save_z1: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """(y, z1, rows): the output (B, D, L) in x's dtype; if `save_z1`, the gated convolution before
-    the post-gate (kept for the backward; else an empty tensor); the filters' tile rows
-    (`filter_rows`, kept for the backward's input gradients)."""
+    k2: torch.Tensor | None, d2: torch.Tensor | None, operands: str, save_z1: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(y, z1, rows, scales): the output (B, D, L) in x's dtype; if `save_z1`, the gated convolution
+    before the post-gate (kept for the backward; else an empty tensor); the filters' tile rows and
+    their scales for `operands` (`filter_rows`, kept for the backward's input gradients)."""
     batch, width, length = x.shape
     dim = width // 3
     has_res = k2 is not None
@@ -479,45 +525,47 @@ def toeplitz_conv(
     u = u.contiguous() if has_res else x
     d1 = d1.float().contiguous()
     d2 = d2.float().contiguous() if has_res else d1
-    rows = filter_rows(k1.float().contiguous(), k2.float().contiguous() if has_res else None, x.dtype)
+    rows, scales = filter_rows(k1.float().contiguous(), k2.float().contiguous() if has_res else None, x.dtype, operands)
     y = new_output((batch, dim, length), x.dtype, x.device)
     z1 = new_output((batch, dim, length), x.dtype, x.device) if save_z1 else x.new_empty(0)
-    launch_forward(u, x, rows, d1, d2, y, z1, has_res, save_z1, split, _blocks(batch, dim, length))
-    return y, z1, rows
+    launch_forward(u, x, rows, scales, d1, d2, y, z1, has_res, save_z1, _blocks(batch, dim, length))
+    return y, z1, rows, scales
 
 
 @toeplitz_conv.register_fake
-def _(u, x, k1, d1, k2, d2, split, save_z1):
+def _(u, x, k1, d1, k2, d2, operands, save_z1):
     shape = (x.shape[0], x.shape[1] // 3, x.shape[2])
-    rows = x.new_empty((1 if k2 is None else 2, k1.shape[0], 2, k1.shape[1]))
-    return x.new_empty(shape), x.new_empty(shape if save_z1 else (0,)), rows
+    filters, split = 1 if k2 is None else 2, check_operands(operands) == "split"
+    rows = x.new_empty((filters, k1.shape[0], 2 if split else 1, k1.shape[1]), dtype=x.dtype if split else torch.float16)
+    scales = x.new_empty((filters, k1.shape[0]), dtype=torch.float32)
+    return x.new_empty(shape), x.new_empty(shape if save_z1 else (0,)), rows, scales
 
 
 @torch.library.custom_op("m2dist::toeplitz_conv_backward", mutates_args=())
 def toeplitz_conv_backward(
     dy: torch.Tensor, u: torch.Tensor | None, x: torch.Tensor, z1: torch.Tensor, rows: torch.Tensor,
-    k1: torch.Tensor, d1: torch.Tensor, k2: torch.Tensor | None, d2: torch.Tensor | None, split: bool,
+    scales: torch.Tensor, k1: torch.Tensor, d1: torch.Tensor, k2: torch.Tensor | None, d2: torch.Tensor | None,
 ) -> list[torch.Tensor]:  # fmt: skip
     """[dx, dk1, dd1] and, with the residual branch, [du, dk2, dd2] after them; dx packed as x
-    (B, 3D, L), each gradient in its input's dtype. `rows`: the forward's filter rows."""
+    (B, 3D, L), each gradient in its input's dtype. `rows`, `scales`: the forward's filter rows."""
     has_res = k2 is not None
     batch, width, length = x.shape
     dim = width // 3
     blk = _blocks(batch, dim, length)
-    dy, x, z1, rows = dy.contiguous(), x.contiguous(), z1.contiguous(), rows.contiguous()
+    dy, x, z1, rows, scales = dy.contiguous(), x.contiguous(), z1.contiguous(), rows.contiguous(), scales.contiguous()
     u = u.contiguous() if has_res else x
     d1f = d1.float().contiguous()
     d2f = d2.float().contiguous() if has_res else d1f
     dx = new_output(x.shape, x.dtype, x.device)
     du = new_output(u.shape, u.dtype, u.device) if has_res else dx
-    dd_parts = launch_backward_inputs(dy, u, x, z1, rows, d1f, d2f, du, dx, has_res, split, blk)
+    dd_parts = launch_backward_inputs(dy, u, x, z1, rows, scales, d1f, d2f, du, dx, has_res, blk)
     lag_sums, neg_end, pos_start = launch_backward_filters(dy, u, x, has_res, blk)
     params = finish_filter_grads(lag_sums, neg_end, pos_start, dd_parts, k1, d1, k2, d2)
     return [dx, *params[:2], du, *params[2:]] if has_res else [dx, *params]
 
 
 @toeplitz_conv_backward.register_fake
-def _(dy, u, x, z1, rows, k1, d1, k2, d2, split):
+def _(dy, u, x, z1, rows, scales, k1, d1, k2, d2):
     grads = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (x, k1, d1)]
     if k2 is not None:
         grads += [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (u, k2, d2)]
@@ -525,17 +573,16 @@ def _(dy, u, x, z1, rows, k1, d1, k2, d2, split):
 
 
 def _toeplitz_setup_context(ctx, inputs, output):
-    u, x, k1, d1, k2, d2, split, _ = inputs
-    ctx.save_for_backward(u, x, output[1], output[2], k1, d1, k2, d2)
-    ctx.split = split
+    u, x, k1, d1, k2, d2, _, _ = inputs
+    ctx.save_for_backward(u, x, output[1], output[2], output[3], k1, d1, k2, d2)
 
 
-def _toeplitz_backward(ctx, dy, _dz1, _drows):
-    u, x, z1, rows, k1, d1, k2, d2 = ctx.saved_tensors
+def _toeplitz_backward(ctx, dy, _dz1, _drows, _dscales):
+    u, x, z1, rows, scales, k1, d1, k2, d2 = ctx.saved_tensors
     # dy reaches here as the transposed view of the (B, L, D) gradient that `out_linear` gives:
     # laid out here, outside the op, a compiled backward does it as one of Inductor's tiled
     # transposes (inside, it was aten's strided copy, one of the slowest kernels of the step).
-    grads = toeplitz_conv_backward(dy.contiguous(), u, x, z1, rows, k1, d1, k2, d2, ctx.split)
+    grads = toeplitz_conv_backward(dy.contiguous(), u, x, z1, rows, scales, k1, d1, k2, d2)
     dx, dk1, dd1 = grads[:3]
     du, dk2, dd2 = grads[3:] if k2 is not None else (None, None, None)
     return du, dx, dk1, dd1, dk2, dd2, None, None
@@ -544,14 +591,14 @@ def _toeplitz_backward(ctx, dy, _dz1, _drows):
 torch.library.register_autograd("m2dist::toeplitz_conv", _toeplitz_backward, setup_context=_toeplitz_setup_context)
 
 
-def packed_gated_long_conv(u_BDL, x_BCL, k1_DN, d1_D, k2_DN=None, d2_D=None, *, split: bool = True):
+def packed_gated_long_conv(u_BDL, x_BCL, k1_DN, d1_D, k2_DN=None, d2_D=None, *, operands: str | None = None):
     """`gated_long_conv` with the gated branch's inputs packed as x = [x1; x2; v] (B, 3D, L) in bf16
     or fp16, as the short convolution writes them; its gradient comes back packed the same way.
 
     u (B, D, L) in any float dtype, rounded to x's for the tensor cores (its skip term is not); it
     is laid out contiguously here, once, so that the backward reuses the forward's copy. The
-    output has x's dtype. k1_DN, k2_DN: (D, 2L) circular filters; d1_D, d2_D: (D,). `split` False
-    rounds the filter to the activations' dtype (one GEMM, not two). The caller checks shapes."""
+    output has x's dtype. k1_DN, k2_DN: (D, 2L) circular filters; d1_D, d2_D: (D,). `operands`: how
+    the filter enters the tensor cores (`OPERAND_MODES`; None: `OPERANDS`). The caller checks shapes."""
     if x_BCL.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"the Toeplitz path takes bf16 or fp16 activations, got {x_BCL.dtype}")
     if x_BCL.shape[-1] > MAX_LEN:
@@ -560,14 +607,14 @@ def packed_gated_long_conv(u_BDL, x_BCL, k1_DN, d1_D, k2_DN=None, d2_D=None, *, 
     has_res = k2_DN is not None
     inputs = (u_BDL.contiguous() if has_res else None, x_BCL, k1_DN, d1_D, k2_DN, d2_D)
     save_z1 = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
-    return toeplitz_conv(*inputs, split, save_z1)[0]
+    return toeplitz_conv(*inputs, check_operands(operands or OPERANDS), save_z1)[0]
 
 
-def gated_long_conv(u_BDL, x1_BDL, x2_BDL, v_BDL, k1_DN, d1_D, k2_DN=None, d2_D=None, *, split: bool = True):
+def gated_long_conv(u_BDL, x1_BDL, x2_BDL, v_BDL, k1_DN, d1_D, k2_DN=None, d2_D=None, *, operands: str | None = None):
     """`y = (conv(v * x1; k1) + (v * x1) * d1) * x2 + conv(u; k2) + u * d2` by the Toeplitz GEMM.
 
     x1, x2, v (B, D, L) in bf16 or fp16 (one dtype), packed into one tensor here (one copy; the
     sequence mixer passes the packed tensor to `packed_gated_long_conv` instead); otherwise as
     `packed_gated_long_conv`. The caller (`kernels.fftconv`) checks shapes and picks this path.
     """
-    return packed_gated_long_conv(u_BDL, torch.cat([x1_BDL, x2_BDL, v_BDL], dim=1), k1_DN, d1_D, k2_DN, d2_D, split=split)
+    return packed_gated_long_conv(u_BDL, torch.cat([x1_BDL, x2_BDL, v_BDL], dim=1), k1_DN, d1_D, k2_DN, d2_D, operands=operands)

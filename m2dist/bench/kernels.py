@@ -108,10 +108,9 @@ def bench_fftconv(lengths, tokens, dim, variants, copy_bw, toeplitz_max, operand
         if length <= min(toeplitz_max, triton_toeplitz.MAX_LEN):
             # The gated inputs packed as the sequence mixer passes them (one (B, 3D, L) tensor).
             x = torch.cat([x1, x2, v], dim=1).detach().requires_grad_()
-            for split in (True, False):
-                label = "Toeplitz GEMM" + ("" if split else ", filter in bf16")
-                fn = functools.partial(triton_toeplitz.packed_gated_long_conv, split=split)
-                measure(label, fn, [u, x, k1, d1, k2, d2])
+            for operands in triton_toeplitz.OPERAND_MODES:
+                fn = functools.partial(triton_toeplitz.packed_gated_long_conv, operands=operands)
+                measure(f"Toeplitz GEMM, {operands} operands", fn, [u, x, k1, d1, k2, d2])
             del x
         del inputs, u, x1, x2, v, upstream
         if device == "cuda":
@@ -383,7 +382,7 @@ def sweep_conv_blocks(dim, length, batches, top=3, device="cuda"):
         d1, d2 = rand(dim, dtype=torch.float32), rand(dim, dtype=torch.float32)
         dy, z1, y = rand(batch, dim, length), rand(batch, dim, length), rand(batch, dim, length)
         dx, du = torch.empty_like(x), torch.empty_like(u)
-        filter_rows = triton_toeplitz.filter_rows(k1, k2, x.dtype)
+        rows, scales = triton_toeplitz.filter_rows(k1, k2, x.dtype, triton_toeplitz.OPERANDS)
         # the short convolution: in_linear's output p (B, L, 3D), its output's gradient in x's layout
         p, taps = rand(batch, length, 3 * dim), rand(3 * dim, 1, 3, dtype=torch.float32)
         dp = torch.empty_like(p)
@@ -392,11 +391,11 @@ def sweep_conv_blocks(dim, length, batches, top=3, device="cuda"):
         launches = {
             "forward": (
                 toeplitz_blocks,
-                lambda blk: triton_toeplitz.launch_forward(u, x, filter_rows, d1, d2, y, z1, True, True, True, blk),
+                lambda blk: triton_toeplitz.launch_forward(u, x, rows, scales, d1, d2, y, z1, True, True, blk),
             ),
             "input gradients": (
                 toeplitz_blocks,
-                lambda blk: triton_toeplitz.launch_backward_inputs(dy, u, x, z1, filter_rows, d1, d2, du, dx, True, True, blk),
+                lambda blk: triton_toeplitz.launch_backward_inputs(dy, u, x, z1, rows, scales, d1, d2, du, dx, True, blk),
             ),
             "filter gradients": (toeplitz_blocks, lambda blk: triton_toeplitz.launch_backward_filters(dy, u, x, True, blk)),
             "short conv backward": (short_conv_blocks, lambda blk: triton_short_conv.launch_backward(x, p, taps, dp, blk)),
