@@ -108,9 +108,9 @@ def bench_fftconv(lengths, tokens, dim, variants, copy_bw, toeplitz_max, operand
         if length <= min(toeplitz_max, triton_toeplitz.MAX_LEN):
             # The gated inputs packed as the sequence mixer passes them (one (B, 3D, L) tensor).
             x = torch.cat([x1, x2, v], dim=1).detach().requires_grad_()
-            for operands in triton_toeplitz.OPERAND_MODES:
-                fn = functools.partial(triton_toeplitz.packed_gated_long_conv, operands=operands)
-                measure(f"Toeplitz GEMM, {operands} operands", fn, [u, x, k1, d1, k2, d2])
+            for mode in triton_toeplitz.OPERAND_MODES:
+                fn = functools.partial(triton_toeplitz.packed_gated_long_conv, operands=mode)
+                measure(f"Toeplitz GEMM, {mode} operands", fn, [u, x, k1, d1, k2, d2])
             del x
         del inputs, u, x1, x2, v, upstream
         if device == "cuda":
