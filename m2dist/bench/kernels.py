@@ -382,7 +382,7 @@ def sweep_conv_blocks(dim, length, batches, top=3, device="cuda"):
         d1, d2 = rand(dim, dtype=torch.float32), rand(dim, dtype=torch.float32)
         dy, z1, y = rand(batch, dim, length), rand(batch, dim, length), rand(batch, dim, length)
         dx, du = torch.empty_like(x), torch.empty_like(u)
-        rows, scales = triton_toeplitz.filter_rows(k1, k2, x.dtype, triton_toeplitz.OPERANDS)
+        tile_rows, row_scales = triton_toeplitz.filter_rows(k1, k2, x.dtype, triton_toeplitz.OPERANDS)
         # the short convolution: in_linear's output p (B, L, 3D), its output's gradient in x's layout
         p, taps = rand(batch, length, 3 * dim), rand(3 * dim, 1, 3, dtype=torch.float32)
         dp = torch.empty_like(p)
@@ -391,11 +391,11 @@ def sweep_conv_blocks(dim, length, batches, top=3, device="cuda"):
         launches = {
             "forward": (
                 toeplitz_blocks,
-                lambda blk: triton_toeplitz.launch_forward(u, x, rows, scales, d1, d2, y, z1, True, True, blk),
+                lambda blk: triton_toeplitz.launch_forward(u, x, tile_rows, row_scales, d1, d2, y, z1, True, True, blk),
             ),
             "input gradients": (
                 toeplitz_blocks,
-                lambda blk: triton_toeplitz.launch_backward_inputs(dy, u, x, z1, rows, scales, d1, d2, du, dx, True, blk),
+                lambda blk: triton_toeplitz.launch_backward_inputs(dy, u, x, z1, tile_rows, row_scales, d1, d2, du, dx, True, blk),
             ),
             "filter gradients": (toeplitz_blocks, lambda blk: triton_toeplitz.launch_backward_filters(dy, u, x, True, blk)),
             "short conv backward": (short_conv_blocks, lambda blk: triton_short_conv.launch_backward(x, p, taps, dp, blk)),
