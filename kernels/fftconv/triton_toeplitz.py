@@ -383,7 +383,8 @@ def _blocks(
     and runs them over BPG sequences, a batch block at a time, so that the tiles are shared by as
     many sequences as a grid of about `FORWARD_TARGET_PROGRAMS` (forward) or `TARGET_PROGRAMS`
     (input gradients) leaves; `target_programs` sets both. The defaults are the fastest of a
-    sweep with the "split" operands (before the fp16 ones; not swept again since) on one H200 (d=768, L=128, batch 16, 32, 48, 128 and 256, each kernel alone): the forward
+    sweep with the "split" operands (before the fp16 ones; not swept again since) on one H200
+    (d=768, L=128, batch 16, 32, 48, 128 and 256, each kernel alone): the forward
     with 8 warps, 32 rows by 128 outputs from batch 32 on (60 against 67 us at batch 32, 166 against
     183 at 128, 271 against 320 at 256; at 16, 16 by 64; on one H100 with the tiles read from
     pre-split rows and one group per tile, 86 against 93 us at batch 48), the input gradients with
