@@ -422,21 +422,26 @@ def supports(v_BDL: torch.Tensor) -> bool:
     )
 
 
-def check_operands(operands: str) -> str:
+def _rows_layout(
+    k1: torch.Tensor, two_filters: bool, dtype: torch.dtype, operands: str,
+) -> tuple[tuple[int, int, int, int], torch.dtype, bool]:  # fmt: skip
+    """(shape, dtype, split) of the filter rows for (D, N) filters and activations of `dtype`:
+    "split" operands (1 or 2, D, 2, N) in `dtype`, high and low parts; "fp16" (1 or 2, D, 1, N) in
+    fp16, scaled. Their scales are (1 or 2, D) fp32, the shape's first two."""
     if operands not in OPERAND_MODES:
         raise ValueError(f"the Toeplitz kernels' operands must be one of {OPERAND_MODES}, got {operands!r}")
-    return operands
+    split = operands == "split"
+    dim, n = k1.shape
+    return (2 if two_filters else 1, dim, 2 if split else 1, n), (dtype if split else torch.float16), split
 
 
 def filter_rows(k1, k2, dtype: torch.dtype, operands: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows, scales): the tile rows of fp32 filters k1 (and k2) (D, N) for activations of `dtype`
-    (`_rows_kernel`), with "split" operands (1 or 2, D, 2, N) in `dtype`, high and low parts, with
-    "fp16" (1 or 2, D, 1, N) in fp16, scaled; and the rows' scales (1 or 2, D) fp32 (ones for "split")."""
+    (`_rows_kernel`, laid out as `_rows_layout` says) and the rows' scales (ones for "split")."""
+    shape, rows_dtype, split = _rows_layout(k1, k2 is not None, dtype, operands)
     dim, n = k1.shape
-    split = check_operands(operands) == "split"
-    filters = 1 if k2 is None else 2
-    rows = new_output((filters, dim, 2 if split else 1, n), dtype if split else torch.float16, k1.device)
-    scales = new_output((filters, dim), torch.float32, k1.device)
+    rows = new_output(shape, rows_dtype, k1.device)
+    scales = new_output(shape[:2], torch.float32, k1.device)
     _rows_kernel[(dim,)](
         k1, k1 if k2 is None else k2, rows, scales, n // 2, n,
         HAS_RES=k2 is not None, SPLIT=split, NP=triton.next_power_of_2(n),
@@ -536,9 +541,9 @@ def toeplitz_conv(
 @toeplitz_conv.register_fake
 def _(u, x, k1, d1, k2, d2, operands, save_z1):
     shape = (x.shape[0], x.shape[1] // 3, x.shape[2])
-    filters, split = 1 if k2 is None else 2, check_operands(operands) == "split"
-    rows = x.new_empty((filters, k1.shape[0], 2 if split else 1, k1.shape[1]), dtype=x.dtype if split else torch.float16)
-    scales = x.new_empty((filters, k1.shape[0]), dtype=torch.float32)
+    rows_shape, rows_dtype, _ = _rows_layout(k1, k2 is not None, x.dtype, operands)
+    rows = x.new_empty(rows_shape, dtype=rows_dtype)
+    scales = x.new_empty(rows_shape[:2], dtype=torch.float32)
     return x.new_empty(shape), x.new_empty(shape if save_z1 else (0,)), rows, scales
 
 
@@ -608,7 +613,7 @@ def packed_gated_long_conv(u_BDL, x_BCL, k1_DN, d1_D, k2_DN=None, d2_D=None, *, 
     has_res = k2_DN is not None
     inputs = (u_BDL.contiguous() if has_res else None, x_BCL, k1_DN, d1_D, k2_DN, d2_D)
     save_z1 = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
-    return toeplitz_conv(*inputs, check_operands(operands or OPERANDS), save_z1)[0]
+    return toeplitz_conv(*inputs, operands or OPERANDS, save_z1)[0]
 
 
 def gated_long_conv(u_BDL, x1_BDL, x2_BDL, v_BDL, k1_DN, d1_D, k2_DN=None, d2_D=None, *, operands: str | None = None):
