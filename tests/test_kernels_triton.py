@@ -13,6 +13,7 @@ import os
 import pytest
 import torch
 import triton
+import triton.language as tl
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -120,6 +121,33 @@ def test_fftconv_matches_reference(length, dtype, residual):
         triton_fftconv.gated_long_conv, fftconv_reference.gated_long_conv, inputs, dtype,
         atol_rel=1e-5 if dtype == torch.float32 else 1e-3, grad_mask=mask,
     )  # fmt: skip
+
+
+@triton.jit
+def _tf32_round_kernel(x_ptr, out_ptr, N, BLOCK: tl.constexpr):
+    o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + o, triton_fftconv._tf32_round(tl.load(x_ptr + o, mask=o < N)), mask=o < N)
+
+
+def test_tf32_rounding_is_to_the_nearest():
+    # The tensor cores truncate fp32 operands to tf32 (the interpreter models it, `_tf32_truncate`);
+    # the FFT kernels round them first. Each value must land on the nearer of its two tf32
+    # neighbours, halfway cases away from zero, across magnitudes and at the exponent's carry.
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4096, generator=gen) * torch.logspace(-30, 30, 4096)
+    bits = x.view(torch.int32)
+    ties = ((bits & ~0x1FFF) | 0x1000).view(torch.float32)[:512]  # exactly halfway
+    carry = torch.tensor([1.99999, -1.99999, 3.9999995, 0.0, -0.0])  # rounding into the next binade
+    x = torch.cat([x, ties, carry]).to(DEVICE)
+    out = torch.empty_like(x)
+    _tf32_round_kernel[(triton.cdiv(x.numel(), 1024),)](x, out, x.numel(), BLOCK=1024)
+    x64, out = x.double().cpu(), out.cpu()
+    down = (x.cpu().view(torch.int32) & ~0x1FFF).view(torch.float32).double()
+    up = down + torch.sign(x64) * torch.ldexp(torch.ones_like(x64), torch.frexp(down)[1] - 11)
+    up = torch.where(down == 0, down, up)
+    nearer = torch.where((x64 - down).abs() < (up - x64).abs(), down, up)
+    assert torch.equal(out.double(), nearer), "not rounded to the nearest tf32 value (ties away from zero)"
+    assert ((out.view(torch.int32) & 0x1FFF) == 0).all(), "low mantissa bits left"
 
 
 def test_fftconv_autocast_mix():

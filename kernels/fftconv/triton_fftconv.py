@@ -62,8 +62,15 @@ FP16_OPERANDS: bool | None = None
 # On-chip transform size from which the default takes fp16 operands.
 FP16_MIN_ONCHIP = 4096
 # Triton's interpreter does not round a half-precision tl.dot as a GPU does: there the operands are
-# rounded to fp16 and multiplied in fp32, which is exact for them, as on the tensor cores.
+# rounded to fp16 and multiplied in fp32, which is exact for them, as on the tensor cores. Its tf32
+# products are exact fp32 ones, where the tensor cores drop an fp32 operand's 13 low mantissa bits
+# (truncation, not rounding: Triton passes fp32 registers to the tf32 MMA as they are); the
+# interpreter drops them too (`_tf32_truncate`), so that it computes what the GPU computes.
 _UPCAST = tl.constexpr(INTERPRET)
+# fp32's bits that tf32 keeps (sign, exponent, 10 mantissa bits), and half the unit of the 13 it
+# leaves out (the rounding's bias).
+_TF32_KEPT_BITS = tl.constexpr(0xFFFFE000)
+_TF32_HALF_UNIT = tl.constexpr(0x1000)
 
 
 def transform_precision(dtype: torch.dtype, plan=None) -> str:
@@ -85,24 +92,46 @@ def _cmul(ar, ai, br, bi):
 
 
 @triton.jit
+def _tf32_round(x):
+    """fp32 x rounded to the nearest tf32 value (ties away from zero, as PTX's cvt.rna.tf32.f32),
+    still fp32: the magnitude's bits plus half the dropped unit, then the 13 low bits cleared (a
+    carry into the exponent is the correct rounding up; x's near fp32's largest value do not occur)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    return ((bits + _TF32_HALF_UNIT) & _TF32_KEPT_BITS).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _tf32_truncate(x):
+    """fp32 x with the 13 low mantissa bits that tf32 leaves out cleared: what the tensor cores take
+    of an fp32 operand (the interpreter's model of them)."""
+    return (x.to(tl.uint32, bitcast=True) & _TF32_KEPT_BITS).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _operand(x, PREC: tl.constexpr):
     """x as a tensor-core operand: PREC "fp16" rounds it to fp16 (the caller keeps it in range; in
-    the interpreter carried in fp32 after the rounding), other precisions leave it to tl.dot."""
+    the interpreter carried in fp32 after the rounding); "tf32" rounds it to the nearest tf32 value
+    (the tensor cores would truncate it: 2x the error, which the fp32 residual input's filter
+    gradient showed); the 3-pass precisions leave it to tl.dot."""
     if PREC == "fp16":
         x = x.to(tl.float16)
         if _UPCAST:
             x = x.to(tl.float32)
+    elif PREC == "tf32":
+        x = _tf32_round(x)
     return x
 
 
 @triton.jit
 def _dot(a, b, acc, PREC: tl.constexpr):
-    """a @ b (+ acc) with fp32 accumulation. PREC "fp16": fp16 operands (`_operand`); otherwise
-    fp32 operands with that tl.dot input precision."""
+    """a @ b (+ acc) with fp32 accumulation, a and b already PREC's operands (`_operand`: each tile
+    made one once, where it is loaded or computed, not once per product)."""
     if PREC == "fp16":
         if _UPCAST:
-            return tl.dot(_operand(a, PREC), _operand(b, PREC), acc, input_precision="ieee")
-        return tl.dot(_operand(a, PREC), _operand(b, PREC), acc)
+            return tl.dot(a, b, acc, input_precision="ieee")
+        return tl.dot(a, b, acc)
+    elif PREC == "tf32" and _UPCAST:
+        return tl.dot(_tf32_truncate(a), _tf32_truncate(b), acc, input_precision="ieee")
     else:
         return tl.dot(a, b, acc, input_precision=PREC)
 
@@ -127,8 +156,8 @@ def _stage_first(
     o_m2 = tl.arange(0, M2)
     # [K1, M1]
     p_f = o_k[:, None] * M1 + o_m1[None, :]
-    b_fr = tl.load(fr_ptr + p_f)
-    b_fi = tl.load(fi_ptr + p_f)
+    b_fr = _operand(tl.load(fr_ptr + p_f), PREC)
+    b_fi = _operand(tl.load(fi_ptr + p_f), PREC)
     b_br = _dot(xr, b_fr, None, PREC)
     b_bi = _dot(xr, b_fi, None, PREC)
     if HAS_IMAG:
@@ -147,8 +176,8 @@ def _stage_dft(xr, xi, fr_ptr, fi_ptr, M2: tl.constexpr, CONJ: tl.constexpr, PRE
     o_m2 = tl.arange(0, M2)
     # [M2, M2]
     p_f = o_m2[:, None] * M2 + o_m2[None, :]
-    b_fr = tl.load(fr_ptr + p_f)
-    b_fi = tl.load(fi_ptr + p_f)
+    b_fr = _operand(tl.load(fr_ptr + p_f), PREC)
+    b_fi = _operand(tl.load(fi_ptr + p_f), PREC)
     if CONJ:
         b_fi = -b_fi
     b_yr = _dot(xr, b_fr, None, PREC)
@@ -180,8 +209,8 @@ def _stage_last_inv(
     b_ei = tl.reshape(tl.permute(b_ei, (0, 2, 1)), (C * M2, M1))
     # [M1, K1]
     p_f = o_m1[:, None] * M1 + o_k[None, :]
-    b_fr = tl.load(fr_ptr + p_f)
-    b_fi = tl.load(fi_ptr + p_f)
+    b_fr = _operand(tl.load(fr_ptr + p_f), PREC)
+    b_fi = _operand(tl.load(fi_ptr + p_f), PREC)
     b_or = _dot(b_er, b_fr, None, PREC)
     b_or = _dot(b_ei, b_fi, b_or, PREC)
     b_oi = _dot(b_ei, b_fr, None, PREC)
@@ -210,6 +239,9 @@ def _dft(
         xr *= scale
         if HAS_IMAG:
             xi *= scale
+    xr = _operand(xr, PREC)
+    if HAS_IMAG:
+        xi = _operand(xi, PREC)
     b_cr, b_ci = _stage_first(xr, xi, fa_r, fa_i, ta_r, ta_i, C, M1, M2, K1, HAS_IMAG, PREC)
     # Rounded to the operand dtype before the layout change (fp16 moves half the bytes).
     b_cr, b_ci = _operand(b_cr, PREC), _operand(b_ci, PREC)
@@ -246,6 +278,7 @@ def _idft(
         scale = unit_scale(tl.maximum(tl.max(tl.abs(yr)), tl.max(tl.abs(yi))))
         yr *= scale
         yi *= scale
+    yr, yi = _operand(yr, PREC), _operand(yi, PREC)
     if P2 == 1:
         b_dr, b_di = _stage_dft(yr, yi, fc_r, fc_i, M2, True, PREC)
     else:
