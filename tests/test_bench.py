@@ -240,6 +240,21 @@ def test_glu_tile_sweep_times_each_tile_and_marks_the_candidates(monkeypatch):
     assert bench._fmt_sweep(rows[0], {(16, 16, 64, 4, 2)}).endswith("| 2.000 | yes |")
 
 
+def test_act_tile_sweep_times_both_kernels_at_each_tile_and_the_default(monkeypatch):
+    # Interpreter, tiny sizes: both activation kernels launch at each tile and at the default.
+    import m2dist.bench.kernels as bench
+
+    monkeypatch.setattr(bench, "_ACT_SWEEP", [dict(rows=16, cols=32), dict(rows=32, cols=32, warps=2)])
+    times = iter([3.0, 3.0, 1.0, 2.0, 4.0, 4.0])
+    monkeypatch.setattr(bench, "_bench", lambda fn: (fn(), next(times))[1])
+    rows = bench.sweep_glu_act_tiles(8, 64, copy_bw=1e6, top=1, device="cpu")
+    # the fastest of the two tiles, then the default (8 x 64 x 2 bytes: 3 moved forward, 5 backward)
+    assert [(r[0], r[1], r[2]) for r in rows] == [(dict(rows=32, cols=32, warps=2), 1.0, 2.0), ({}, 4.0, 4.0)]
+    assert rows[0][3] == 3 * 64 * 32 * 2 / 1e-3 / 1e6
+    assert bench._fmt_act_sweep(rows[0]) == "| rows=32, cols=32, warps=2 | 1000.0 | 2000.0 | 1229% | 1024% |"
+    assert bench._fmt_act_sweep(rows[1]).startswith("| default | 4000.0 |")
+
+
 def test_conv_block_sweep_times_each_kernel_at_each_block_choice(monkeypatch):
     # Interpreter, tiny channels: every kernel launches at the default blocks and at each choice.
     import m2dist.bench.kernels as bench

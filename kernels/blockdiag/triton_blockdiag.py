@@ -484,8 +484,17 @@ def _glu_act_bwd_kernel(
     tl.store(p_dg + I, (b_da * b_gelu).to(dp_ptr.dtype.element_ty), mask=m)
 
 
-def _act_grid(m: int, inner: int) -> tuple[dict, tuple[int, int]]:
-    blocks = dict(BM=16, BN=32) if INTERPRET else dict(BM=32, BN=128, num_warps=4)
+# The activation kernels' tile on a GPU, rows by output columns, and their warps.
+ACT_ROWS, ACT_COLS, ACT_WARPS = 32, 128, 4
+
+
+def _act_grid(
+    m: int, inner: int, rows: int | None = None, cols: int | None = None, warps: int | None = None
+) -> tuple[dict, tuple[int, int]]:  # fmt: skip
+    """The activation kernels' blocks (ACT_ROWS x ACT_COLS, ACT_WARPS on a GPU; the keywords
+    override them, `tools/bench_kernels.py --act-sweep` times them) and their grid over (M, I)."""
+    bm, bn, warps_default = (16, 32, 4) if INTERPRET else (ACT_ROWS, ACT_COLS, ACT_WARPS)
+    blocks = dict(BM=rows or bm, BN=cols or bn, num_warps=warps or warps_default)
     return blocks, (triton.cdiv(m, blocks["BM"]), triton.cdiv(inner, blocks["BN"]))
 
 

@@ -340,6 +340,53 @@ def _fmt_sweep(r, candidates):
     return f"| {' x '.join(map(str, config[:3]))} | {config[3]} | {config[4]} | {fwd_ms:.3f} | {bwd_ms:.3f} | {fwd_ms + bwd_ms:.3f} | {mark} |"
 
 
+# The GLU activation kernels' tiles (`triton_blockdiag._act_grid`): rows x columns x warps.
+_ACT_SWEEP = [
+    dict(rows=rows, cols=cols, warps=warps) for rows, cols, warps in itertools.product((8, 16, 32, 64), (64, 128, 256), (4, 8))
+]
+
+
+def sweep_glu_act_tiles(dim, tokens, copy_bw, top=5, dropout_p=0.1, device="cuda"):
+    """Time the GLU's activation kernels (the MLP on the plain GEMMs: GELU(g) * n and its gradient,
+    with dropout as in training) at every tile of `_ACT_SWEEP`, launched directly, for I = 4 dim
+    and `tokens` rows; rows (overrides, forward ms, backward ms, their shares of the copy bandwidth
+    `copy_bw`), the `top` fastest forward + backward first and the default tile last (overrides {})."""
+    inner, gen = 4 * dim, torch.Generator(device=device).manual_seed(0)
+    pre = torch.randn(tokens, 2 * inner, device=device, dtype=torch.bfloat16, generator=gen)
+    da = torch.randn(tokens, inner, device=device, dtype=torch.bfloat16, generator=gen)
+    out, dpre = torch.empty_like(da), torch.empty_like(pre)
+    seed = torch.tensor([1234], device=device, dtype=torch.int64)
+    dropout = triton_blockdiag._dropout_args(seed, dropout_p, 2 * inner // 4, out)
+    # bytes: forward reads [g, n] and writes the output; backward reads [g, n] and da, writes d[g, n]
+    fwd_bytes, bwd_bytes = 3 * tokens * inner * 2, 5 * tokens * inner * 2
+
+    def time(overrides):
+        blocks, grid = triton_blockdiag._act_grid(tokens, inner, **overrides)
+        fwd_ms = _bench(lambda: triton_blockdiag._glu_act_fwd_kernel[grid](
+            pre, out, M=tokens, I=inner, s_pm=pre.stride(0), s_om=out.stride(0), **blocks, **dropout
+        ))  # fmt: skip
+        bwd_ms = _bench(lambda: triton_blockdiag._glu_act_bwd_kernel[grid](
+            pre, da, dpre, M=tokens, I=inner, s_pm=pre.stride(0), s_dam=da.stride(0), s_dpm=dpre.stride(0),
+            **blocks, **dropout,
+        ))  # fmt: skip
+        return overrides, fwd_ms, bwd_ms, fwd_bytes / (fwd_ms * 1e-3) / copy_bw, bwd_bytes / (bwd_ms * 1e-3) / copy_bw
+
+    rows = []
+    for overrides in _ACT_SWEEP:
+        try:
+            rows.append(time(overrides))
+        except _TILE_ERRORS:
+            continue
+    rows.sort(key=lambda r: r[1] + r[2])
+    return rows[:top] + [time({})]
+
+
+def _fmt_act_sweep(r):
+    overrides, fwd_ms, bwd_ms, fwd_share, bwd_share = r
+    tile = ", ".join(f"{k}={v}" for k, v in overrides.items()) or "default"
+    return f"| {tile} | {fwd_ms * 1000:.1f} | {bwd_ms * 1000:.1f} | {fwd_share:.0%} | {bwd_share:.0%} |"
+
+
 # The L=128 convolution kernels' block sweep, per kernel: keyword overrides of
 # `triton_toeplitz._blocks` (the Toeplitz kernels) or `triton_short_conv._blocks` (the short
 # convolution's backward).
@@ -464,14 +511,16 @@ def run_kernel_benchmarks(
     glu_sweep: bool = False,
     conv_sweep: list[int] = (),
     fft_operands: list[str] = ("default",),
+    act_sweep: bool = False,
 ) -> None:
     """Measure the ceilings, time the ops named in `ops` ("fftconv", "mixer", "glu") and print one
     Markdown table per op. A variant `(max_onchip, tile, num_warps)` overrides the FFT kernels' plan,
     a mixer variant `(BD, BF, BPP, num_warps)` the fused mixer's blocks. "gemms" times the MLP's
     plain block-diagonal GEMMs on both engines at `gemm_tokens`; `glu_sweep` the GLU kernels' tiles
     at the first of `dims` and `glu_tokens`; `conv_sweep` the blocks of the Toeplitz kernels and the
-    short convolution's backward at these batch sizes (L=128, d = `fft_dim`). `fft_operands`: the
-    FFT kernels' transform operands to time each plan with ("default", "tf32", "fp16")."""
+    short convolution's backward at these batch sizes (L=128, d = `fft_dim`); `act_sweep` the GLU
+    activation kernels' tiles at the first of `dims` and `glu_tokens`. `fft_operands`: the FFT
+    kernels' transform operands to time each plan with ("default", "tf32", "fp16")."""
     copy_bw, gemm_rate = measure_ceilings()
     print(f"{torch.cuda.get_device_name()}: copy {copy_bw / 1e12:.2f} TB/s (read + write), bf16 GEMM {gemm_rate / 1e12:.0f} TFLOP/s")
     fft_rows, mixer_rows, glu_rows = [], [], []
@@ -484,6 +533,7 @@ def run_kernel_benchmarks(
     gemm_rows = bench_blockdiag_gemms(dims, gemm_tokens, gemm_rate) if "gemms" in ops else []
     sweep_rows = sweep_glu_tiles(dims[0], glu_tokens) if glu_sweep else []
     conv_rows = sweep_conv_blocks(fft_dim, triton_toeplitz.MAX_LEN, conv_sweep) if conv_sweep else []
+    act_rows = sweep_glu_act_tiles(dims[0], glu_tokens, copy_bw) if act_sweep else []
     _print_table(
         "Gated FFT long conv (steps 4-7 with residual), bf16, forward + backward",
         "size | algorithm | reference ms | Triton ms | speedup | fwd speedup | GB/s (floor bytes) | of copy BW | x floor",
@@ -516,6 +566,11 @@ def run_kernel_benchmarks(
         f"Convolution kernel blocks, d={fft_dim}, L={triton_toeplitz.MAX_LEN}, bf16 (fastest first per batch and kernel)",
         "batch | kernel | blocks | us | default blocks us | speedup over the default",
         [_fmt_conv_sweep(r) for r in conv_rows],
+    )  # fmt: skip
+    _print_table(
+        f"GLU activation kernel tiles, d={dims[0]}, {glu_tokens} tokens, bf16, dropout 0.1 (fastest forward + backward first, the default last)",
+        "tile | forward us | backward us | forward of copy BW | backward of copy BW",
+        [_fmt_act_sweep(r) for r in act_rows],
     )  # fmt: skip
 
 
