@@ -361,7 +361,6 @@ def test_fftconv_toeplitz_batch_groups(monkeypatch):
     monkeypatch.setattr(triton_toeplitz, "_blocks", blocks_of)
     for target, groups in ((1024, 3), (16, 2), (1, 1)):
         monkeypatch.setattr(triton_toeplitz, "TARGET_PROGRAMS", target)
-        monkeypatch.setattr(triton_toeplitz, "FORWARD_TARGET_PROGRAMS", target)
         blocks = blocks_of(40, 4, 40)
         for per_group, rows in ((blocks["BPG"], blocks["BB"]), (blocks["BPG_BWD"], blocks["BB_BWD"])):
             assert triton.cdiv(40, per_group) == groups and per_group % rows == 0
@@ -377,7 +376,6 @@ def test_fftconv_toeplitz_batch_groups(monkeypatch):
     # (the bf16 rounding of z1 and of the gate products, kept as the kernels always did, reaches a
     # few times torch's worst-case error on dv at this batch)
     monkeypatch.setattr(triton_toeplitz, "TARGET_PROGRAMS", 16)
-    monkeypatch.setattr(triton_toeplitz, "FORWARD_TARGET_PROGRAMS", 16)
     _compare(triton_toeplitz.gated_long_conv, fftconv_reference.gated_long_conv, _conv_inputs(40, 4, 40, True, seed=5),
              torch.bfloat16, atol_rel=1e-2)  # fmt: skip
 

@@ -484,8 +484,11 @@ def _glu_act_bwd_kernel(
     tl.store(p_dg + I, (b_da * b_gelu).to(dp_ptr.dtype.element_ty), mask=m)
 
 
-# The activation kernels' tile on a GPU, rows by output columns, and their warps.
-ACT_ROWS, ACT_COLS, ACT_WARPS = 32, 128, 4
+# The activation kernels' tile on a GPU, rows by output columns, and their warps: the fastest
+# forward + backward of `tools/bench_kernels.py --ops none --dims 768 --act-sweep` on one H100
+# (32,768 rows, I = 3072, dropout 0.1): 231 + 346 us, 87% and 96% of the copy bandwidth, against
+# 244 + 418 with 32 x 128 tiles and 4 warps.
+ACT_ROWS, ACT_COLS, ACT_WARPS = 8, 256, 8
 
 
 def _act_grid(

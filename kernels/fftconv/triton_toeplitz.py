@@ -350,12 +350,10 @@ def _finish_filter_kernel(
         tl.store(dd2_ptr + o_d, dd.to(dd2_ptr.dtype.element_ty), mask=m_d)
 
 
-# The input-gradient kernel's grid aims at about this many programs (8 per SM of an H200), sharing
-# each program's filter tiles among as many sequences as that leaves; the forward's at fewer: at
-# d=768 one group of sequences per channel and output block, the tiles built once (on one H100,
-# 86 against 96 us at batch 48, 258 against 281 at 256 with 1024).
-TARGET_PROGRAMS = 1024
-FORWARD_TARGET_PROGRAMS = 256
+# The GEMM kernels' grids aim at about this many programs (2 per SM of an H200 at d=768: one group
+# of sequences per channel and output block up to batch 256, the filter tiles built once each),
+# sharing each program's filter tiles among as many sequences as that leaves.
+TARGET_PROGRAMS = 256
 
 
 def _groups(batch: int, programs_per_group: int, rows: int, target: int) -> int:
@@ -365,13 +363,9 @@ def _groups(batch: int, programs_per_group: int, rows: int, target: int) -> int:
     return triton.cdiv(triton.cdiv(batch, groups), rows) * rows
 
 
-# The forward takes 32-row blocks by 128 output positions from a batch of 32 on.
-WIDE_FORWARD_ROWS = 32
-
-
 def _blocks(
-    batch: int, dim: int, length: int, *, rows_fwd: int | None = None, cols_fwd: int | None = None, warps: int = 8,
-    rows_bwd: int | None = None, cols_bwd: int | None = None, warps_bwd: int = 4, target_programs: int | None = None,
+    batch: int, dim: int, length: int, *, rows_fwd: int = 16, cols_fwd: int | None = None, warps: int = 8,
+    rows_bwd: int = 16, cols_bwd: int | None = None, warps_bwd: int = 8, target_programs: int | None = None,
     rows_filter: int = 16, blk_filter: int | None = None, warps_filter: int = 4,
 ) -> dict[str, int]:  # fmt: skip
     """Block sizes of the three kernels; the keywords override the defaults (`tools/bench_kernels.py
@@ -379,33 +373,27 @@ def _blocks(
     sequences per program; input gradients: BB_BWD, BS (input positions) and BPG_BWD; filter
     gradients: BB_F rows per step through the batch and BLK, its tile.
 
-    A GEMM program builds its filter tiles (all L inputs by BT outputs, high and low parts) once
-    and runs them over BPG sequences, a batch block at a time, so that the tiles are shared by as
-    many sequences as a grid of about `FORWARD_TARGET_PROGRAMS` (forward) or `TARGET_PROGRAMS`
-    (input gradients) leaves; `target_programs` sets both. The defaults are the fastest of a
-    sweep with the "split" operands (before the fp16 ones; not swept again since) on one H200
-    (d=768, L=128, batch 16, 32, 48, 128 and 256, each kernel alone): the forward
-    with 8 warps, 32 rows by 128 outputs from batch 32 on (60 against 67 us at batch 32, 166 against
-    183 at 128, 271 against 320 at 256; at 16, 16 by 64; on one H100 with the tiles read from
-    pre-split rows and one group per tile, 86 against 93 us at batch 48), the input gradients with
-    32-position tiles at batch 16 (51 against 58 us), the filter gradients with 4 warps (44 against
-    72 us at batch 16, 64 against 91 at 48, 177 against 219 at 256). The filter kernel steps
-    through the batch 16 rows at a time: with 32 rows, Triton 3.6 on an H200 computed the residual
-    filter's gradient wrong (6-9% off, `test_fftconv_toeplitz_gpu` at batch 48), with 16 or 64 rows
-    right."""
+    A GEMM program builds its filter tiles (all L inputs by BT outputs) once and runs them over BPG
+    sequences, a batch block at a time, so that the tiles are shared by as many sequences as a grid
+    of about `TARGET_PROGRAMS` (`target_programs`) leaves. The defaults are the fastest of a sweep
+    with the fp16 operands on one H100 (d=768, L=128, batch 16, 48 and 256, each kernel alone):
+    16-row blocks by all 128 positions with 8 warps for both GEMM kernels (forward 29 against 35 us
+    at batch 16, 59 against 82 at 48 and 214 against 258 at 256 with the previous 32 x 128 blocks
+    from batch 32 on and 16 x 64 below, input gradients 36 against 45, 74 against 99 and 319 against
+    379 with the previous 32 x 64 blocks (16 x 32 at batch 16) and 1,024 programs; 4 warps within 2%), the filter
+    gradients with 4 warps (on one H200 with the split operands, 44 against 72 us at batch 16, 64
+    against 91 at 48, 177 against 219 at 256; the fp16 sweep found no faster tile). The filter
+    kernel steps through the batch 16 rows at a time: with 32 rows, Triton 3.6 on an H200 computed
+    the residual filter's gradient wrong (6-9% off, `test_fftconv_toeplitz_gpu` at batch 48), with
+    16 or 64 rows right."""
     padded = max(16, triton.next_power_of_2(length))
-    target_fwd = target_programs or FORWARD_TARGET_PROGRAMS
     target = target_programs or TARGET_PROGRAMS
-    wide = batch >= WIDE_FORWARD_ROWS and not INTERPRET
-    rows_fwd = rows_fwd or (32 if wide else 16)
-    cols_fwd = min(cols_fwd or (32 if INTERPRET else 128 if wide else 64), padded)
-    if rows_bwd is None:
-        rows_bwd = 16 if INTERPRET else min(32, max(16, triton.next_power_of_2(batch)))
-    cols_bwd = min(cols_bwd or (32 if INTERPRET or batch <= 16 else 64), padded)
+    cols_fwd = min(cols_fwd or (32 if INTERPRET else 128), padded)
+    cols_bwd = min(cols_bwd or (32 if INTERPRET else 128), padded)
     return {
         "LP": padded,
         "BB": rows_fwd, "BT": cols_fwd, "num_warps": warps,
-        "BPG": _groups(batch, dim * triton.cdiv(length, cols_fwd), rows_fwd, target_fwd),
+        "BPG": _groups(batch, dim * triton.cdiv(length, cols_fwd), rows_fwd, target),
         "BB_BWD": rows_bwd, "BS": cols_bwd, "num_warps_bwd": warps_bwd,
         "BPG_BWD": _groups(batch, dim * triton.cdiv(length, cols_bwd), rows_bwd, target),
         "BB_F": rows_filter, "BLK": blk_filter or (32 if INTERPRET else 64), "num_warps_filter": warps_filter,
