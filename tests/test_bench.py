@@ -282,6 +282,23 @@ def test_conv_block_sweep_times_each_kernel_at_each_block_choice(monkeypatch):
     assert bench._fmt_conv_sweep(rows[0]) == expected
 
 
+def test_conv_block_sweep_times_only_the_kernels_named(monkeypatch):
+    import runpy
+
+    import m2dist.bench.kernels as bench
+
+    monkeypatch.setattr(bench, "_CONV_SWEEP", {**bench._CONV_SWEEP, "filter gradients": [dict(rows_filter=64)]})
+    monkeypatch.setattr(bench, "_bench", lambda fn: (fn(), 1.0)[1])
+    rows = bench.sweep_conv_blocks(2, 128, [16], device="cpu", kernels=["filter gradients"])
+    assert [(r[1], r[2]) for r in rows] == [("filter gradients", dict(rows_filter=64))]
+    with pytest.raises(ValueError, match="unknown convolution kernels \\['backward'\\]"):
+        bench.sweep_conv_blocks(2, 128, [16], device="cpu", kernels=["backward"])
+    # the tool refuses a wrong name before it touches a GPU
+    monkeypatch.setattr("sys.argv", ["bench_kernels.py", "--conv-sweep", "16", "--conv-kernels", "forward,backward"])
+    with pytest.raises(SystemExit, match="--conv-kernels: expected a comma list of forward, input gradients"):
+        runpy.run_path(str(REPO_ROOT / "tools" / "bench_kernels.py"), run_name="__main__")
+
+
 def test_device_idle_finds_the_gaps_between_kernels_and_the_host_work_in_them():
     from types import SimpleNamespace
 

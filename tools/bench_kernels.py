@@ -11,6 +11,7 @@ useful FLOPs / bf16 GEMM rate for the GLU MLP).
     python tools/bench_kernels.py --ops gemms --dims 768 --gemm-tokens 32768,2048   # Triton or cuBLAS, per GEMM
     python tools/bench_kernels.py --ops glu --dims 768 --glu-sweep                  # the GLU kernels' tiles
     python tools/bench_kernels.py --ops none --conv-sweep 16,48,256                 # the L=128 convolution kernels' blocks
+    python tools/bench_kernels.py --ops none --conv-sweep 256 --conv-kernels "short conv backward"
     python tools/bench_kernels.py --ops none --dims 768 --act-sweep                  # the GLU activation kernels' tiles
 
 A variant `max_onchip:tile:num_warps` overrides the FFT kernels' plan, a mixer variant
@@ -19,7 +20,7 @@ A variant `max_onchip:tile:num_warps` overrides the FFT kernels' plan, a mixer v
 
 import argparse
 
-from m2dist.bench.kernels import run_kernel_benchmarks
+from m2dist.bench.kernels import CONV_SWEEP_KERNELS, run_kernel_benchmarks
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -45,6 +46,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--glu-sweep", action="store_true", help="also time the GLU kernels at each tile of a sweep (first of --dims)")
     parser.add_argument("--conv-sweep", default="", help="comma list of batch sizes: time the blocks of the "
                         "Toeplitz kernels and the short convolution's backward at L=128")  # fmt: skip
+    parser.add_argument("--conv-kernels", default="",
+                        help="comma list of the kernels --conv-sweep times (default all): "
+                        "forward, input gradients, filter gradients, short conv backward")  # fmt: skip
     parser.add_argument("--act-sweep", action="store_true",
                         help="also time the GLU activation kernels at each tile of a sweep (first of --dims, --glu-tokens rows)")  # fmt: skip
     args = parser.parse_args(argv)
@@ -66,6 +70,7 @@ def main(argv: list[str] | None = None) -> None:
         conv_sweep=[int(x) for x in args.conv_sweep.split(",") if x],
         fft_operands=_choices(args.fft_operands, ("default", "tf32", "fp16"), "--fft-operands"),
         act_sweep=args.act_sweep,
+        conv_kernels=_choices(args.conv_kernels, CONV_SWEEP_KERNELS, "--conv-kernels") if args.conv_kernels else None,
     )
 
 

@@ -412,11 +412,18 @@ _CONV_SWEEP = {
 }
 
 
-def sweep_conv_blocks(dim, length, batches, top=3, device="cuda"):
+CONV_SWEEP_KERNELS = tuple(_CONV_SWEEP)
+
+
+def sweep_conv_blocks(dim, length, batches, top=3, device="cuda", kernels=None):
     """Time each convolution kernel of the L <= 128 path (the Toeplitz kernels with bf16
     activations, fp32 u as the model passes it and the residual branch on; the short convolution's
-    backward) at every block choice of `_CONV_SWEEP` for each batch size, launched directly; rows
-    (batch, kernel, overrides, ms, default ms), the `top` fastest per batch and kernel."""
+    backward), or those named in `kernels` (keys of `_CONV_SWEEP`), at every block choice of
+    `_CONV_SWEEP` for each batch size, launched directly; rows (batch, kernel, overrides, ms,
+    default ms), the `top` fastest per batch and kernel."""
+    unknown = set(kernels or ()) - set(_CONV_SWEEP)
+    if unknown:
+        raise ValueError(f"unknown convolution kernels {sorted(unknown)}; expected some of {list(_CONV_SWEEP)}")
     gen = torch.Generator(device=device).manual_seed(0)
     rows = []
     for batch in batches:
@@ -448,6 +455,8 @@ def sweep_conv_blocks(dim, length, batches, top=3, device="cuda"):
             "short conv backward": (short_conv_blocks, lambda blk: triton_short_conv.launch_backward(x, p, taps, dp, blk)),
         }
         for kernel, (blocks, launch) in launches.items():
+            if kernels and kernel not in kernels:
+                continue
             default_ms = _bench(lambda: launch(blocks()))
             timed = []
             for overrides in _CONV_SWEEP[kernel]:
@@ -512,13 +521,15 @@ def run_kernel_benchmarks(
     conv_sweep: list[int] = (),
     fft_operands: list[str] = ("default",),
     act_sweep: bool = False,
+    conv_kernels: list[str] | None = None,
 ) -> None:
     """Measure the ceilings, time the ops named in `ops` ("fftconv", "mixer", "glu") and print one
     Markdown table per op. A variant `(max_onchip, tile, num_warps)` overrides the FFT kernels' plan,
     a mixer variant `(BD, BF, BPP, num_warps)` the fused mixer's blocks. "gemms" times the MLP's
     plain block-diagonal GEMMs on both engines at `gemm_tokens`; `glu_sweep` the GLU kernels' tiles
     at the first of `dims` and `glu_tokens`; `conv_sweep` the blocks of the Toeplitz kernels and the
-    short convolution's backward at these batch sizes (L=128, d = `fft_dim`); `act_sweep` the GLU
+    short convolution's backward at these batch sizes (L=128, d = `fft_dim`; only `conv_kernels`
+    where given); `act_sweep` the GLU
     activation kernels' tiles at the first of `dims` and `glu_tokens`. `fft_operands`: the FFT
     kernels' transform operands to time each plan with ("default", "tf32", "fp16")."""
     copy_bw, gemm_rate = measure_ceilings()
@@ -532,7 +543,7 @@ def run_kernel_benchmarks(
         glu_rows = bench_glu_mlp(dims, glu_tokens, gemm_rate, glu_compiled_reference)
     gemm_rows = bench_blockdiag_gemms(dims, gemm_tokens, gemm_rate) if "gemms" in ops else []
     sweep_rows = sweep_glu_tiles(dims[0], glu_tokens) if glu_sweep else []
-    conv_rows = sweep_conv_blocks(fft_dim, triton_toeplitz.MAX_LEN, conv_sweep) if conv_sweep else []
+    conv_rows = sweep_conv_blocks(fft_dim, triton_toeplitz.MAX_LEN, conv_sweep, kernels=conv_kernels) if conv_sweep else []
     act_rows = sweep_glu_act_tiles(dims[0], glu_tokens, copy_bw) if act_sweep else []
     _print_table(
         "Gated FFT long conv (steps 4-7 with residual), bf16, forward + backward",
