@@ -148,6 +148,11 @@ def test_tf32_rounding_is_to_the_nearest():
     nearer = torch.where((x64 - down).abs() < (up - x64).abs(), down, up)
     assert torch.equal(out.double(), nearer), "not rounded to the nearest tf32 value (ties away from zero)"
     assert ((out.view(torch.int32) & 0x1FFF) == 0).all(), "low mantissa bits left"
+    # past tf32's largest value to infinity; infinities and NaN stay
+    special = torch.tensor([3.4028235e38, -3.4028235e38, float("inf"), float("-inf"), float("nan")], device=DEVICE)
+    out = torch.empty_like(special)
+    _tf32_round_kernel[(1,)](special, out, special.numel(), BLOCK=8)
+    assert out[:4].tolist() == [float("inf"), float("-inf"), float("inf"), float("-inf")] and out[4].isnan()
 
 
 def test_fftconv_autocast_mix():

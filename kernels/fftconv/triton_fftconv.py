@@ -94,8 +94,9 @@ def _cmul(ar, ai, br, bi):
 @triton.jit
 def _tf32_round(x):
     """fp32 x rounded to the nearest tf32 value (ties away from zero, as PTX's cvt.rna.tf32.f32),
-    still fp32: the magnitude's bits plus half the dropped unit, then the 13 low bits cleared (a
-    carry into the exponent is the correct rounding up; x's near fp32's largest value do not occur)."""
+    still fp32: the magnitude's bits plus half the dropped unit, then the 13 low bits cleared. A
+    carry into the exponent is the correct rounding up (to infinity past tf32's largest value);
+    infinities and NaNs stay what they are."""
     bits = x.to(tl.uint32, bitcast=True)
     return ((bits + _TF32_HALF_UNIT) & _TF32_KEPT_BITS).to(tl.float32, bitcast=True)
 

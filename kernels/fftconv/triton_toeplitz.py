@@ -350,9 +350,9 @@ def _finish_filter_kernel(
         tl.store(dd2_ptr + o_d, dd.to(dd2_ptr.dtype.element_ty), mask=m_d)
 
 
-# The GEMM kernels' grids aim at about this many programs (2 per SM of an H200 at d=768: one group
-# of sequences per channel and output block up to batch 256, the filter tiles built once each),
-# sharing each program's filter tiles among as many sequences as that leaves.
+# The GEMM kernels' grids aim at about this many programs, sharing each program's filter tiles
+# among as many sequences as that leaves. At d=768 and L=128 a channel's programs alone exceed it:
+# one group of all the sequences, each channel's tiles built once.
 TARGET_PROGRAMS = 256
 
 
@@ -377,15 +377,15 @@ def _blocks(
     sequences, a batch block at a time, so that the tiles are shared by as many sequences as a grid
     of about `TARGET_PROGRAMS` (`target_programs`) leaves. The defaults are the fastest of a sweep
     with the fp16 operands on one H100 (d=768, L=128, batch 16, 48 and 256, each kernel alone):
-    16-row blocks by all 128 positions with 8 warps for both GEMM kernels (forward 29 against 35 us
-    at batch 16, 59 against 82 at 48 and 214 against 258 at 256 with the previous 32 x 128 blocks
-    from batch 32 on and 16 x 64 below, input gradients 36 against 45, 74 against 99 and 319 against
-    379 with the previous 32 x 64 blocks (16 x 32 at batch 16) and 1,024 programs; 4 warps within 2%), the filter
-    gradients with 4 warps (on one H200 with the split operands, 44 against 72 us at batch 16, 64
-    against 91 at 48, 177 against 219 at 256; the fp16 sweep found no faster tile). The filter
-    kernel steps through the batch 16 rows at a time: with 32 rows, Triton 3.6 on an H200 computed
-    the residual filter's gradient wrong (6-9% off, `test_fftconv_toeplitz_gpu` at batch 48), with
-    16 or 64 rows right."""
+    16-row blocks by all 128 positions with 8 warps for both GEMM kernels, 4 warps within 2%
+    (forward 29 against 35 us at batch 16, 59 against 82 at 48 and 214 against 258 at 256 with the
+    previous 32 x 128 blocks from batch 32 on and 16 x 64 below; input gradients 36 against 45, 74
+    against 99 and 319 against 379 with the previous 32 x 64 blocks, 16 x 32 at batch 16, and 1,024
+    programs), the filter gradients with 4 warps (on one H200 with the split operands, 44 against 72
+    us at batch 16, 64 against 91 at 48, 177 against 219 at 256; the fp16 sweep found no faster
+    tile). The filter kernel steps through the batch 16 rows at a time: with 32 rows, Triton 3.6 on
+    an H200 computed the residual filter's gradient wrong (6-9% off, `test_fftconv_toeplitz_gpu` at
+    batch 48), with 16 or 64 rows right."""
     padded = max(16, triton.next_power_of_2(length))
     target = target_programs or TARGET_PROGRAMS
     cols_fwd = min(cols_fwd or (32 if INTERPRET else 128), padded)
