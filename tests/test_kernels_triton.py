@@ -8,6 +8,7 @@ a small atol (`err(kernel) <= 2 * err(torch) + atol`), and every output starts N
 
 import dataclasses
 import functools
+import math
 import os
 
 import pytest
@@ -1038,12 +1039,14 @@ def test_m2_mlp_adds_bias_and_residual_in_one_pass_on_cublas(monkeypatch):
 # projection's (B, L, C) layout in, (B, C, L) out, fp32 and bf16 activations with fp32 parameters.
 # With `in_linear`'s bias (the projection without it), its gradient, dp's column sums, comes from the
 # backward kernel's partial sums.
+@pytest.mark.parametrize("pair_shifted_inputs", [False, True], ids=["", "pair_shifted_inputs"])
 @pytest.mark.parametrize("in_bias", [False, True], ids=["", "in_bias"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch,length,width", [(3, 37, 40), (1, 5, 24), (2, 64, 48)])
-def test_short_conv_matches_reference(dtype, batch, length, width, in_bias):
+def test_short_conv_matches_reference(dtype, batch, length, width, in_bias, pair_shifted_inputs, monkeypatch):
     from kernels.mixer import triton_short_conv
 
+    monkeypatch.setattr(triton_short_conv, "PAIR_SHIFTED_INPUTS", pair_shifted_inputs)
     gen = torch.Generator().manual_seed(length + width)
     p = torch.randn(batch, length, width, generator=gen, dtype=f64).to(DEVICE)
     weight = torch.randn(width, 1, 3, generator=gen, dtype=f64).to(DEVICE)
@@ -1075,7 +1078,10 @@ def test_short_conv_backward_blocks_give_the_same_gradients():
 
     dp, sums, default = backward()
     assert default["BPG"] == 1  # the default grid: one sequence a program at this size
-    for overrides in (dict(target_programs=1), dict(rows=32, cols=16, target_programs=4), dict(rows=16, cols=32)):
+    for overrides in (
+        dict(target_programs=1), dict(rows=32, cols=16, target_programs=4), dict(rows=16, cols=32),
+        dict(pair_shifted_inputs=True), dict(pair_shifted_inputs=True, rows=32, cols=16, target_programs=4),
+    ):  # fmt: skip
         dp_, sums_, blk = backward(**overrides)
         assert blk != default
         torch.testing.assert_close(dp_, dp, rtol=0, atol=0)
@@ -1158,11 +1164,50 @@ def test_short_conv_kernels_compile_for_hopper_without_spills():
         "    rows = 5 if bias else 4\n"
         "    tile = dict(HAS_U=True, HAS_IN_BIAS=bias, BL=t.ROWS, BC=t.COLS)\n"
         "    report[f'forward {bias}'] = resources(t._fwd_kernel, tile, fwd, 4)\n"
-        "    report[f'backward {bias}'] = resources(t._bwd_kernel, {**tile, 'ROWS': rows}, bwd, t.BWD_WARPS)\n"
+        "    for pair in (False, True):\n"
+        "        args = {**tile, 'ROWS': rows, 'PAIR_SHIFTED_INPUTS': pair}\n"
+        "        report[f'backward {bias} {pair}'] = resources(t._bwd_kernel, args, bwd, t.BWD_WARPS)\n"
         "    sums = dict(ROWS=rows, BP=t.PARAM_ROWS, BC=t.PARAM_COLS)\n"
         "    report[f'parameter sums {bias}'] = resources(t._param_grads_kernel, sums, {}, 4)\n"
     )
-    assert len(report) == 6 and all(usage["spill_bytes"] == 0 for usage in report.values()), report
+    assert len(report) == 8 and all(usage["spill_bytes"] == 0 for usage in report.values()), report
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a compile for sm_90 without running it")
+def test_short_conv_backward_pairing_shifted_inputs_takes_fewer_layout_passes():
+    # The backward reads the gradient in its (B, C, L) layout and the projection in (B, L, C):
+    # every product of the two takes one of them through shared memory into the other's register
+    # layout, each sequence. Pairing the unshifted gradient with the shifted inputs
+    # (PAIR_SHIFTED_INPUTS) must leave the compiler fewer such passes in the sequence loop, and
+    # fewer bytes, than pairing the shifted gradients with the inputs.
+    import json
+    import subprocess
+    import sys
+
+    code = (
+        "import json\n"
+        "from kernels.compile_report import loop_layout_conversions\n"
+        "from kernels.mixer import triton_short_conv as t\n"
+        "aligned = ('g_ptr', 'p_ptr', 'dp_ptr', 'w_ptr', 'inb_ptr', 'part_ptr', 'gu_ptr', 'du_ptr', 'L', 'C', 'D')\n"
+        "dtypes = dict(g_ptr='bf16', p_ptr='bf16', dp_ptr='bf16')\n"
+        "report = {}\n"
+        "for pair in (False, True):\n"
+        "    tile = dict(HAS_U=False, HAS_IN_BIAS=True, BL=t.ROWS, BC=t.COLS, ROWS=5, PAIR_SHIFTED_INPUTS=pair)\n"
+        "    report[str(pair)] = loop_layout_conversions(t._bwd_kernel, tile, dtypes, t.BWD_WARPS, aligned_args=aligned)\n"
+        "print(json.dumps(report))\n"
+    )  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    (shifted_gradients,), (shifted_inputs,) = report["False"], report["True"]  # one loop, over the sequences
+
+    def passed_bytes(conversions):
+        sizes = {"f32": 4, "bf16": 2}
+        return sum(math.prod(map(int, c.split("x")[:-1])) * sizes[c.split("x")[-1]] for c in conversions)
+
+    assert len(shifted_inputs) < len(shifted_gradients), report
+    assert passed_bytes(shifted_inputs) < passed_bytes(shifted_gradients), report
 
 
 def _check_short_conv_layout(dtype, batch, length, dim):

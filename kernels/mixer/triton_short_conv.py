@@ -40,22 +40,29 @@ TARGET_PROGRAMS = 2048
 # among the three fastest (64 x 32 tiles, 8 warps: 302 against 336 us; this tile with 8192
 # programs: 304); the engine's L=128 step (batch 256) measured the same with either tile.
 ROWS, COLS, BWD_WARPS = 16, 32, 4
+# How the backward pairs the gradient with the inputs for the taps' gradients (`_bwd_kernel`):
+# not timed on a GPU yet against the first form, which stays the default until it is.
+PAIR_SHIFTED_INPUTS = False
 
 
 def _blocks(
     batch: int, length: int, width: int, rows: int | None = None, cols: int | None = None,
-    target_programs: int | None = None, warps_bwd: int | None = None,
+    target_programs: int | None = None, warps_bwd: int | None = None, pair_shifted_inputs: bool | None = None,
 ) -> dict[str, int]:  # fmt: skip
     """BL positions by BC channels a tile (ROWS x COLS on a GPU), BPG sequences per backward
-    program (for about `target_programs` programs, TARGET_PROGRAMS by default) and the backward's
-    warps (BWD_WARPS on a GPU); the keywords override the defaults (`tools/bench_kernels.py
-    --conv-sweep` times them)."""
+    program (for about `target_programs` programs, TARGET_PROGRAMS by default), the backward's
+    warps (BWD_WARPS on a GPU) and its form of the taps' gradients (PAIR_SHIFTED_INPUTS); the
+    keywords override the defaults (`tools/bench_kernels.py --conv-sweep` times them)."""
     bl, bc = (16, 16) if INTERPRET else (ROWS, COLS)
     bl, bc = rows or bl, cols or bc
     tiles = triton.cdiv(length, bl) * triton.cdiv(width, bc)
     groups = max(1, min(batch, triton.cdiv(target_programs or TARGET_PROGRAMS, tiles)))
     warps = warps_bwd or (4 if INTERPRET else BWD_WARPS)
-    return {"BL": bl, "BC": bc, "BPG": triton.cdiv(batch, groups), "num_warps": 4, "num_warps_bwd": warps}
+    pair = PAIR_SHIFTED_INPUTS if pair_shifted_inputs is None else pair_shifted_inputs
+    return {
+        "BL": bl, "BC": bc, "BPG": triton.cdiv(batch, groups), "num_warps": 4, "num_warps_bwd": warps,
+        "PAIR_SHIFTED_INPUTS": pair,
+    }  # fmt: skip
 
 
 def supports(p_BLC: torch.Tensor, weight_C1K: torch.Tensor) -> bool:
@@ -138,11 +145,21 @@ def _fwd_kernel(
 def _bwd_kernel(
     g_ptr, p_ptr, w_ptr, inb_ptr, dp_ptr, part_ptr, gu_ptr, du_ptr, B, L, C, D, BPG,
     HAS_U: tl.constexpr, HAS_IN_BIAS: tl.constexpr, ROWS: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr,
+    PAIR_SHIFTED_INPUTS: tl.constexpr,
 ):  # fmt: skip
     """dp at this tile's positions for the sequences of group i_g; the filter's and bias's
     gradients over them as partial sums at part[(i_g * n_t + i_t), 0..3, c] (taps 0-2, bias; ROWS
     rows a program), with HAS_IN_BIAS `in_linear`'s bias's (dp's sum) at row 4 (ROWS 5); with
-    HAS_U, the tiles of the first D channels also copy ut's gradient gu (B, D, L) to du (B, L, D)."""
+    HAS_U, the tiles of the first D channels also copy ut's gradient gu (B, D, L) to du (B, L, D).
+
+    g is read in its (B, C, L) layout and p in its (B, L, C) one; products of the two need one
+    of them in the other's register layout, a pass through shared memory. dp takes the three
+    shifted g tiles and is stored in p's layout (one pass, in p's dtype). The taps' gradients
+    either pair each shifted g tile with the input at the tile's positions, or, with
+    PAIR_SHIFTED_INPUTS, the unshifted g tile with the inputs at the three shifted positions (the
+    shifted input rows are aligned loads that the cache serves). An sm_90 compile of the GPU tile
+    (`kernels.compile_report.loop_layout_conversions`) leaves three fp32 passes a sequence in the
+    first form, one fp32 and one bf16 in the second."""
     i_t, i_c, i_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_s = i_t * BL + tl.arange(0, BL)
     o_c = i_c * BC + tl.arange(0, BC)
@@ -169,12 +186,18 @@ def _bwd_kernel(
         g0 = _cols_at(g_ptr, base, o_s + 2, o_c, m_c, L)
         g1 = _cols_at(g_ptr, base, o_s + 1, o_c, m_c, L)
         g2 = _cols_at(g_ptr, base, o_s, o_c, m_c, L)
-        x = _inputs_at(p_ptr, base, o_s, o_c, m_c, L, C, in_bias, HAS_IN_BIAS)
         dp = g0 * w0[None, :] + g1 * w1[None, :] + g2 * w2[None, :]
         tl.store(dp_ptr + base + o_s[:, None] * C + o_c[None, :], dp.to(dp_ptr.dtype.element_ty), mask=m)
-        dw0 += g0 * x
-        dw1 += g1 * x
-        dw2 += g2 * x
+        if PAIR_SHIFTED_INPUTS:
+            # the same sums over output positions t: dw_j pairs g[t] with the input at t + j - 2
+            dw0 += g2 * _inputs_at(p_ptr, base, o_s - 2, o_c, m_c, L, C, in_bias, HAS_IN_BIAS)
+            dw1 += g2 * _inputs_at(p_ptr, base, o_s - 1, o_c, m_c, L, C, in_bias, HAS_IN_BIAS)
+            dw2 += g2 * _inputs_at(p_ptr, base, o_s, o_c, m_c, L, C, in_bias, HAS_IN_BIAS)
+        else:
+            x = _inputs_at(p_ptr, base, o_s, o_c, m_c, L, C, in_bias, HAS_IN_BIAS)
+            dw0 += g0 * x
+            dw1 += g1 * x
+            dw2 += g2 * x
         db += g2  # every output position once: t = s over s < L
         if HAS_IN_BIAS:
             dinb += dp  # zero past L: no output reads those positions
@@ -289,7 +312,8 @@ def launch_backward(
     _bwd_kernel[grid](
         g, p, weight, in_bias if has_in_bias else weight, dp, parts, gu if has_u else g, du if has_u else dp,
         batch, length, width, gu.shape[1] if has_u else 0, blk["BPG"],
-        HAS_U=has_u, HAS_IN_BIAS=has_in_bias, ROWS=rows, BL=blk["BL"], BC=blk["BC"], num_warps=blk["num_warps_bwd"],
+        HAS_U=has_u, HAS_IN_BIAS=has_in_bias, ROWS=rows, BL=blk["BL"], BC=blk["BC"],
+        PAIR_SHIFTED_INPUTS=blk["PAIR_SHIFTED_INPUTS"], num_warps=blk["num_warps_bwd"],
     )  # fmt: skip
     return parts
 

@@ -408,6 +408,11 @@ _CONV_SWEEP = {
     "short conv backward": [
         dict(rows=rows, cols=cols, warps_bwd=warps, target_programs=target)
         for rows, cols, warps, target in itertools.product((16, 32, 64), (32, 64, 128), (4, 8), (512, 2048, 8192, 65536))
+    ]
+    # the taps' gradients from the shifted inputs, at the tiles that were fastest in the first form
+    + [
+        dict(rows=rows, cols=32, warps_bwd=warps, target_programs=target, pair_shifted_inputs=True)
+        for rows, warps, target in itertools.product((16, 32, 64), (4, 8), (2048, 8192))
     ],
 }
 
