@@ -505,19 +505,28 @@ def test_packed_spectrum_is_the_filters_half_spectrum():
     torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-6)
 
 
-def _sm90_report(body: str) -> dict:
+def _compiled_report(body: str) -> dict:
     """The dict `report` that `body` fills, run by Python without Triton's interpreter, where
-    `resources` (`kernels.compile_report`) compiles kernels for sm_90; every kernel in it checked to
-    fit the register file and shared memory."""
+    `kernels.compile_report`'s `resources` and `loop_layout_conversions` (imported for it) compile
+    kernels for sm_90."""
     import json
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = "import json\nfrom kernels.compile_report import resources\n" + body + "print(json.dumps(report))\n"
+    code = (
+        "import json\nfrom kernels.compile_report import loop_layout_conversions, resources\n"
+        + body + "print(json.dumps(report))\n"
+    )  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    report = json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _sm90_report(body: str) -> dict:
+    """`_compiled_report` of `body`, every kernel in it checked to fit the register file and shared
+    memory."""
+    report = _compiled_report(body)
     for name, usage in report.items():
         assert usage["registers"] <= 255 and usage["shared_bytes"] <= 227 * 1024, (name, usage)
     return report
@@ -1180,13 +1189,7 @@ def test_short_conv_backward_pairing_shifted_inputs_takes_fewer_layout_passes():
     # layout, each sequence. Pairing the unshifted gradient with the shifted inputs
     # (PAIR_SHIFTED_INPUTS) must leave the compiler fewer such passes in the sequence loop, and
     # fewer bytes, than pairing the shifted gradients with the inputs.
-    import json
-    import subprocess
-    import sys
-
-    code = (
-        "import json\n"
-        "from kernels.compile_report import loop_layout_conversions\n"
+    report = _compiled_report(
         "from kernels.mixer import triton_short_conv as t\n"
         "aligned = ('g_ptr', 'p_ptr', 'dp_ptr', 'w_ptr', 'inb_ptr', 'part_ptr', 'gu_ptr', 'du_ptr', 'L', 'C', 'D')\n"
         "dtypes = dict(g_ptr='bf16', p_ptr='bf16', dp_ptr='bf16')\n"
@@ -1194,12 +1197,7 @@ def test_short_conv_backward_pairing_shifted_inputs_takes_fewer_layout_passes():
         "for pair in (False, True):\n"
         "    tile = dict(HAS_U=False, HAS_IN_BIAS=True, BL=t.ROWS, BC=t.COLS, ROWS=5, PAIR_SHIFTED_INPUTS=pair)\n"
         "    report[str(pair)] = loop_layout_conversions(t._bwd_kernel, tile, dtypes, t.BWD_WARPS, aligned_args=aligned)\n"
-        "print(json.dumps(report))\n"
     )  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    report = json.loads(out.stdout.strip().splitlines()[-1])
     (shifted_gradients,), (shifted_inputs,) = report["False"], report["True"]  # one loop, over the sequences
 
     def passed_bytes(conversions):

@@ -501,6 +501,25 @@ def _act_grid(
     return blocks, (triton.cdiv(m, blocks["BM"]), triton.cdiv(inner, blocks["BN"]))
 
 
+def launch_act_forward(pre: torch.Tensor, out: torch.Tensor, dropout: dict, **tile) -> None:
+    """`_glu_act_fwd_kernel` from the pre-activation (M, 2I) into out (M, I), with the dropout
+    arguments `dropout` (`_dropout_args`) and the tile overrides `tile` (`_act_grid`)."""
+    blocks, grid = _act_grid(out.shape[0], out.shape[1], **tile)
+    _glu_act_fwd_kernel[grid](
+        pre, out, M=out.shape[0], I=out.shape[1], s_pm=pre.stride(0), s_om=out.stride(0), **blocks, **dropout
+    )  # fmt: skip
+
+
+def launch_act_backward(pre: torch.Tensor, da: torch.Tensor, dpre: torch.Tensor, dropout: dict, **tile) -> None:
+    """`_glu_act_bwd_kernel`: the pre-activation's gradient dpre (M, 2I) from pre (M, 2I) and the
+    output's gradient da (M, I); arguments as `launch_act_forward`'s."""
+    blocks, grid = _act_grid(da.shape[0], da.shape[1], **tile)
+    _glu_act_bwd_kernel[grid](
+        pre, da, dpre, M=da.shape[0], I=da.shape[1], s_pm=pre.stride(0), s_dam=da.stride(0),
+        s_dpm=dpre.stride(0), **blocks, **dropout,
+    )  # fmt: skip
+
+
 def _bmm(a, b, out, bias, n_groups, m, n, k, a_strides, b_strides, c_strides, atomic=False):
     """Launch C[g] = A[g] @ B[g] for g < n_groups; strides are (group, row, column) triples."""
     kernel = _bmm_splitk_kernel if atomic else _bmm_kernel
@@ -715,11 +734,7 @@ def glu_fwd_via_gemms(
     nb, q, _ = w_KQP.shape
     out = new_output((m, nb * q // 2), x_MKP.dtype, x_MKP.device)
     pre = gemms_for(x_MKP).fwd(x_MKP, w_KQP, None)
-    blocks, grid = _act_grid(m, out.shape[1])
-    _glu_act_fwd_kernel[grid](
-        pre, out, M=m, I=out.shape[1], s_pm=pre.stride(0), s_om=out.stride(0),
-        **blocks, **_dropout_args(seed, dropout_p, q, out),
-    )  # fmt: skip
+    launch_act_forward(pre, out, _dropout_args(seed, dropout_p, q, out))
     return out, pre
 
 
@@ -736,11 +751,7 @@ def glu_bwd(
     if pre is not None or glu_via_gemms(x_MKP, _draws_dropout(seed, dropout_p)):
         if pre is None:
             pre = gemms_for(x_MKP).fwd(x_MKP, w_KQP, None)
-        blocks, grid = _act_grid(m, da_MI.shape[1])
-        _glu_act_bwd_kernel[grid](
-            pre, da_MI, dpre, M=m, I=da_MI.shape[1], s_pm=pre.stride(0), s_dam=da_MI.stride(0),
-            s_dpm=dpre.stride(0), **blocks, **_dropout_args(seed, dropout_p, q, dpre),
-        )  # fmt: skip
+        launch_act_backward(pre, da_MI, dpre, _dropout_args(seed, dropout_p, q, dpre))
         return blockdiag_bwd(dpre, x_MKP, w_KQP)
     pa, pb = resident_split(p)
     _glu_bwd[_glu_grid(m, q, nb)](

@@ -361,14 +361,8 @@ def sweep_glu_act_tiles(dim, tokens, copy_bw, top=5, dropout_p=0.1, device="cuda
     fwd_bytes, bwd_bytes = 3 * tokens * inner * 2, 5 * tokens * inner * 2
 
     def time(overrides):
-        blocks, grid = triton_blockdiag._act_grid(tokens, inner, **overrides)
-        fwd_ms = _bench(lambda: triton_blockdiag._glu_act_fwd_kernel[grid](
-            pre, out, M=tokens, I=inner, s_pm=pre.stride(0), s_om=out.stride(0), **blocks, **dropout
-        ))  # fmt: skip
-        bwd_ms = _bench(lambda: triton_blockdiag._glu_act_bwd_kernel[grid](
-            pre, da, dpre, M=tokens, I=inner, s_pm=pre.stride(0), s_dam=da.stride(0), s_dpm=dpre.stride(0),
-            **blocks, **dropout,
-        ))  # fmt: skip
+        fwd_ms = _bench(lambda: triton_blockdiag.launch_act_forward(pre, out, dropout, **overrides))
+        bwd_ms = _bench(lambda: triton_blockdiag.launch_act_backward(pre, da, dpre, dropout, **overrides))
         return overrides, fwd_ms, bwd_ms, fwd_bytes / (fwd_ms * 1e-3) / copy_bw, bwd_bytes / (bwd_ms * 1e-3) / copy_bw
 
     rows = []
