@@ -265,19 +265,21 @@ def test_conv_block_sweep_times_each_kernel_at_each_block_choice(monkeypatch):
             "forward": [dict(rows_fwd=16, cols_fwd=32), dict(rows_fwd=16, cols_fwd=64, target_programs=1)],
             "input gradients": [dict(rows_bwd=16, cols_bwd=32)],
             "filter gradients": [dict(rows_filter=16, blk_filter=32), dict(rows_filter=64, blk_filter=32)],
+            "short conv forward": [dict(rows_fwd=32, cols_fwd=64, warps_fwd=8)],
             "short conv backward": [dict(rows=32, cols=16), dict(target_programs=1)],
         },
     )  # fmt: skip
-    times = iter([4.0, 2.0, 1.0, 3.0, 3.0, 5.0, 6.0, 4.0, 2.0, 3.0, 1.0])
+    times = iter([4.0, 2.0, 1.0, 3.0, 3.0, 5.0, 6.0, 4.0, 2.0, 1.5, 2.0, 3.0, 1.0])
     monkeypatch.setattr(bench, "_bench", lambda fn: (fn(), next(times))[1])
     rows = bench.sweep_conv_blocks(2, 128, [16], top=2, device="cpu")
     assert [(r[1], r[3], r[4]) for r in rows] == [
         ("forward", 1.0, 4.0), ("forward", 2.0, 4.0), ("input gradients", 3.0, 3.0),
-        ("filter gradients", 4.0, 5.0), ("filter gradients", 6.0, 5.0),
+        ("filter gradients", 4.0, 5.0), ("filter gradients", 6.0, 5.0), ("short conv forward", 1.5, 2.0),
         ("short conv backward", 1.0, 2.0), ("short conv backward", 3.0, 2.0),
     ]  # fmt: skip
     assert rows[0][2] == dict(rows_fwd=16, cols_fwd=64, target_programs=1)
-    assert rows[5][2] == dict(target_programs=1)
+    assert rows[5][2] == dict(rows_fwd=32, cols_fwd=64, warps_fwd=8)
+    assert rows[6][2] == dict(target_programs=1)
     expected = "| 16 | forward | rows_fwd=16, cols_fwd=64, target_programs=1 | 1000.0 | 4000.0 | 4.00x |"
     assert bench._fmt_conv_sweep(rows[0]) == expected
 

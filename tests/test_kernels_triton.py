@@ -1098,6 +1098,35 @@ def test_short_conv_backward_blocks_give_the_same_gradients():
     assert triton_short_conv._blocks(batch, length, width, target_programs=1)["BPG"] == batch
 
 
+def test_short_conv_forward_blocks_give_the_same_outputs():
+    # The forward's tiles the benchmark's sweep times compute the same convolution and layout of u,
+    # bit for bit (partial tiles of positions and channels here).
+    from kernels.mixer import triton_short_conv
+
+    gen = torch.Generator().manual_seed(8)
+    batch, length, width, dim = 3, 37, 42, 14
+    p = torch.randn(batch, length, width, generator=gen).to(DEVICE, torch.bfloat16)
+    weight = torch.randn(width, 1, 3, generator=gen).to(DEVICE)
+    bias, in_bias = torch.randn(2, width, generator=gen).to(DEVICE)
+    u = torch.randn(batch, length, dim, generator=gen).to(DEVICE)
+
+    def forward(**overrides):
+        out = torch.empty(batch, width, length, dtype=p.dtype, device=DEVICE)
+        ut = torch.empty(batch, dim, length, device=DEVICE)
+        blk = triton_short_conv._blocks(batch, length, width, **overrides)
+        triton_short_conv.launch_forward(p, weight, bias, out, blk, u, ut, in_bias)
+        return out, ut, blk
+
+    out, ut, default = forward()
+    torch.testing.assert_close(ut, u.transpose(1, 2), rtol=0, atol=0)
+    for overrides in (dict(rows_fwd=32, cols_fwd=16), dict(rows_fwd=16, cols_fwd=32, warps_fwd=8), dict(rows_fwd=64)):
+        out_, ut_, blk = forward(**overrides)
+        tile = ("BL_FWD", "BC_FWD", "num_warps")
+        assert [blk[k] for k in tile] != [default[k] for k in tile]
+        torch.testing.assert_close(out_, out, rtol=0, atol=0)
+        torch.testing.assert_close(ut_, ut, rtol=0, atol=0)
+
+
 def test_short_conv_takes_the_triton_path_per_op(monkeypatch):
     # The Triton backends' per-op mixer calls the kernels, the reference backend the reference; both
     # give the reference mixer's output.

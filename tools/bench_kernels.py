@@ -45,10 +45,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gemm-tokens", default="32768,2048", help="token counts of the plain-GEMM comparison (--ops gemms)")
     parser.add_argument("--glu-sweep", action="store_true", help="also time the GLU kernels at each tile of a sweep (first of --dims)")
     parser.add_argument("--conv-sweep", default="", help="comma list of batch sizes: time the blocks of the "
-                        "Toeplitz kernels and the short convolution's backward at L=128")  # fmt: skip
+                        "Toeplitz kernels and the short convolution's kernels at L=128")  # fmt: skip
     parser.add_argument("--conv-kernels", default="",
                         help="comma list of the kernels --conv-sweep times (default all): "
-                        "forward, input gradients, filter gradients, short conv backward")  # fmt: skip
+                        f"{', '.join(CONV_SWEEP_KERNELS)}")  # fmt: skip
     parser.add_argument("--act-sweep", action="store_true",
                         help="also time the GLU activation kernels at each tile of a sweep (first of --dims, --glu-tokens rows)")  # fmt: skip
     args = parser.parse_args(argv)

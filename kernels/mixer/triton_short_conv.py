@@ -48,11 +48,14 @@ PAIR_SHIFTED_INPUTS = False
 def _blocks(
     batch: int, length: int, width: int, rows: int | None = None, cols: int | None = None,
     target_programs: int | None = None, warps_bwd: int | None = None, pair_shifted_inputs: bool | None = None,
+    rows_fwd: int | None = None, cols_fwd: int | None = None, warps_fwd: int | None = None,
 ) -> dict[str, int]:  # fmt: skip
-    """BL positions by BC channels a tile (ROWS x COLS on a GPU), BPG sequences per backward
-    program (for about `target_programs` programs, TARGET_PROGRAMS by default), the backward's
-    warps (BWD_WARPS on a GPU) and its form of the taps' gradients (PAIR_SHIFTED_INPUTS); the
-    keywords override the defaults (`tools/bench_kernels.py --conv-sweep` times them)."""
+    """The backward's tile, BL positions by BC channels (ROWS x COLS on a GPU), BPG sequences per
+    backward program (for about `target_programs` programs, TARGET_PROGRAMS by default), the
+    backward's warps (BWD_WARPS on a GPU) and its form of the taps' gradients
+    (PAIR_SHIFTED_INPUTS); the forward's tile, BL_FWD x BC_FWD (the backward's by default), and
+    warps (4). The keywords override the defaults (`tools/bench_kernels.py --conv-sweep` times
+    them)."""
     bl, bc = (16, 16) if INTERPRET else (ROWS, COLS)
     bl, bc = rows or bl, cols or bc
     tiles = triton.cdiv(length, bl) * triton.cdiv(width, bc)
@@ -60,8 +63,8 @@ def _blocks(
     warps = warps_bwd or (4 if INTERPRET else BWD_WARPS)
     pair = PAIR_SHIFTED_INPUTS if pair_shifted_inputs is None else pair_shifted_inputs
     return {
-        "BL": bl, "BC": bc, "BPG": triton.cdiv(batch, groups), "num_warps": 4, "num_warps_bwd": warps,
-        "PAIR_SHIFTED_INPUTS": pair,
+        "BL": bl, "BC": bc, "BPG": triton.cdiv(batch, groups), "num_warps_bwd": warps, "PAIR_SHIFTED_INPUTS": pair,
+        "BL_FWD": rows_fwd or bl, "BC_FWD": cols_fwd or bc, "num_warps": warps_fwd or 4,
     }  # fmt: skip
 
 
@@ -249,18 +252,27 @@ def short_conv(
     as (B, D, L) in u's dtype (else an empty tensor)."""
     batch, length, width = p.shape
     p, weight = p.contiguous(), weight.contiguous()
-    blk = _blocks(batch, length, width)
     out = new_output((batch, width, length), p.dtype, p.device)
-    has_u, has_in_bias = u is not None, in_bias is not None
-    u = u.contiguous() if has_u else p
-    ut = new_output((batch, u.shape[2], length), u.dtype, p.device) if has_u else p.new_empty(0)
-    grid = (triton.cdiv(length, blk["BL"]), triton.cdiv(width, blk["BC"]), batch)
-    _fwd_kernel[grid](
-        p, weight, bias.contiguous(), in_bias.contiguous() if has_in_bias else bias, out, u, ut if has_u else out,
-        length, width, u.shape[2] if has_u else 0,
-        HAS_U=has_u, HAS_IN_BIAS=has_in_bias, BL=blk["BL"], BC=blk["BC"], num_warps=blk["num_warps"],
-    )  # fmt: skip
+    u = u.contiguous() if u is not None else None
+    ut = new_output((batch, u.shape[2], length), u.dtype, p.device) if u is not None else p.new_empty(0)
+    launch_forward(p, weight, bias.contiguous(), out, _blocks(batch, length, width), u, ut, in_bias)
     return out, ut
+
+
+def launch_forward(
+    p: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, out: torch.Tensor, blk: dict,
+    u: torch.Tensor | None = None, ut: torch.Tensor | None = None, in_bias: torch.Tensor | None = None,
+) -> None:  # fmt: skip
+    """`_fwd_kernel` over contiguous p (B, L, C) (plus `in_linear`'s bias, where given) into out
+    (B, C, L) (and u (B, L, D) into ut (B, D, L)) with the blocks `blk` (`_blocks`)."""
+    batch, length, width = p.shape
+    has_u, has_in_bias = u is not None, in_bias is not None
+    grid = (triton.cdiv(length, blk["BL_FWD"]), triton.cdiv(width, blk["BC_FWD"]), batch)
+    _fwd_kernel[grid](
+        p, weight, bias, in_bias.contiguous() if has_in_bias else bias, out, u if has_u else p, ut if has_u else out,
+        length, width, u.shape[2] if has_u else 0,
+        HAS_U=has_u, HAS_IN_BIAS=has_in_bias, BL=blk["BL_FWD"], BC=blk["BC_FWD"], num_warps=blk["num_warps"],
+    )  # fmt: skip
 
 
 @short_conv.register_fake

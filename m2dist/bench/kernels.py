@@ -383,7 +383,7 @@ def _fmt_act_sweep(r):
 
 # The L=128 convolution kernels' block sweep, per kernel: keyword overrides of
 # `triton_toeplitz._blocks` (the Toeplitz kernels) or `triton_short_conv._blocks` (the short
-# convolution's backward).
+# convolution's kernels).
 # Grids of about 256 programs give each channel's filter tiles one group of sequences up to batch
 # 256 at d=768 (the tiles built once per channel and output block instead of twice or more).
 _CONV_SWEEP = {
@@ -398,6 +398,10 @@ _CONV_SWEEP = {
     "filter gradients": [
         dict(rows_filter=rows, blk_filter=blk, warps_filter=warps)
         for rows, blk, warps in itertools.product((16, 64), (32, 64), (4, 8))
+    ],
+    "short conv forward": [
+        dict(rows_fwd=rows, cols_fwd=cols, warps_fwd=warps)
+        for rows, cols, warps in itertools.product((16, 32, 64), (32, 64, 128), (4, 8))
     ],
     "short conv backward": [
         dict(rows=rows, cols=cols, warps_bwd=warps, target_programs=target)
@@ -417,9 +421,10 @@ CONV_SWEEP_KERNELS = tuple(_CONV_SWEEP)
 def sweep_conv_blocks(dim, length, batches, top=3, device="cuda", kernels=None):
     """Time each convolution kernel of the L <= 128 path (the Toeplitz kernels with bf16
     activations, fp32 u as the model passes it and the residual branch on; the short convolution's
-    backward), or those named in `kernels` (keys of `_CONV_SWEEP`), at every block choice of
-    `_CONV_SWEEP` for each batch size, launched directly; rows (batch, kernel, overrides, ms,
-    default ms), the `top` fastest per batch and kernel."""
+    forward, with in_linear's bias and u's layout, and backward), or those named in `kernels` (keys
+    of `_CONV_SWEEP`), at every block choice of `_CONV_SWEEP` for each batch size, launched
+    directly; rows (batch, kernel, overrides, ms, default ms), the `top` fastest per batch and
+    kernel."""
     unknown = set(kernels or ()) - set(_CONV_SWEEP)
     if unknown:
         raise ValueError(f"unknown convolution kernels {sorted(unknown)}; expected some of {list(_CONV_SWEEP)}")
@@ -439,6 +444,9 @@ def sweep_conv_blocks(dim, length, batches, top=3, device="cuda", kernels=None):
         # the short convolution: in_linear's output p (B, L, 3D), its output's gradient in x's layout
         p, taps = rand(batch, length, 3 * dim), rand(3 * dim, 1, 3, dtype=torch.float32)
         dp = torch.empty_like(p)
+        # its forward as the model launches it: with in_linear's bias and u (B, L, D) laid out too
+        bias, in_bias = rand(3 * dim, dtype=torch.float32), rand(3 * dim, dtype=torch.float32)
+        u_bld, ut = rand(batch, length, dim, dtype=torch.float32), torch.empty_like(u)
         toeplitz_blocks = functools.partial(triton_toeplitz._blocks, batch, dim, length)
         short_conv_blocks = functools.partial(triton_short_conv._blocks, batch, length, 3 * dim)
         launches = {
@@ -451,6 +459,10 @@ def sweep_conv_blocks(dim, length, batches, top=3, device="cuda", kernels=None):
                 lambda blk: triton_toeplitz.launch_backward_inputs(dy, u, x, z1, tile_rows, row_scales, d1, d2, du, dx, True, blk),
             ),
             "filter gradients": (toeplitz_blocks, lambda blk: triton_toeplitz.launch_backward_filters(dy, u, x, True, blk)),
+            "short conv forward": (
+                short_conv_blocks,
+                lambda blk: triton_short_conv.launch_forward(p, taps, bias, x, blk, u_bld, ut, in_bias),
+            ),
             "short conv backward": (short_conv_blocks, lambda blk: triton_short_conv.launch_backward(x, p, taps, dp, blk)),
         }
         for kernel, (blocks, launch) in launches.items():
