@@ -446,7 +446,7 @@ def sweep_conv_blocks(dim, length, batches, top=3, device="cuda", kernels=None):
         dp = torch.empty_like(p)
         # its forward as the model launches it: with in_linear's bias and u (B, L, D) laid out too
         bias, in_bias = rand(3 * dim, dtype=torch.float32), rand(3 * dim, dtype=torch.float32)
-        u_bld, ut = rand(batch, length, dim, dtype=torch.float32), torch.empty_like(u)
+        u_BLD, ut = rand(batch, length, dim, dtype=torch.float32), torch.empty_like(u)  # ut: (B, D, L), as u
         toeplitz_blocks = functools.partial(triton_toeplitz._blocks, batch, dim, length)
         short_conv_blocks = functools.partial(triton_short_conv._blocks, batch, length, 3 * dim)
         launches = {
@@ -461,7 +461,7 @@ def sweep_conv_blocks(dim, length, batches, top=3, device="cuda", kernels=None):
             "filter gradients": (toeplitz_blocks, lambda blk: triton_toeplitz.launch_backward_filters(dy, u, x, True, blk)),
             "short conv forward": (
                 short_conv_blocks,
-                lambda blk: triton_short_conv.launch_forward(p, taps, bias, x, blk, u_bld, ut, in_bias),
+                lambda blk: triton_short_conv.launch_forward(p, taps, bias, x, blk, u_BLD, ut, in_bias),
             ),
             "short conv backward": (short_conv_blocks, lambda blk: triton_short_conv.launch_backward(x, p, taps, dp, blk)),
         }
