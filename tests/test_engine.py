@@ -22,6 +22,10 @@ pytestmark = pytest.mark.slow
 EMBEDDED_TEXT = REPO_ROOT / "m2dist" / "data" / "assets" / "python-docs-3.11.txt.gz"
 # Small and fast: 2 layers of d=128, L=64; dropout off where runs on different world sizes are compared.
 BASE = ["train.seq_len=64", "train.log_every=1", "train.global_batch_size=8", "data.num_workers=1"]
+# MLflow costs a launch about 10 s of its ~40 on 2 cores (its database made at the start, the final
+# model logged and registered at the end); the runs that do not test tracking leave it off. The
+# user's path (the deepspeed launcher) and the server test keep it.
+NO_TRACKING = "tracking.enabled=false"
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +123,7 @@ def test_zero_stages_train_and_loss_falls(tmp_path, tiny_shards, zero_stage, lau
     returncode, output = launch(
         tmp_path,
         [*BASE, *_data_args(tiny_shards), f"train.zero_stage={zero_stage}", "train.duration=24",
-         f"train.output_dir={out}", "train.eval_every=12"],
+         f"train.output_dir={out}", "train.eval_every=12", f"tracking.enabled={launcher == 'deepspeed'}"],
         launcher=launcher, master_port=port,
     )  # fmt: skip
     _assert_ok(returncode, output)
@@ -130,6 +134,8 @@ def test_zero_stages_train_and_loss_falls(tmp_path, tiny_shards, zero_stage, lau
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 1.0, losses
     assert f"ZeRO-{zero_stage}" in output and "2 rank(s)" in output
     assert "eval/mlm_accuracy" in output and "ETA" in output and "tokens/s" in output
+    # The deepspeed launcher's run tracks to MLflow, as a user's run does by default.
+    assert ("registered as models:/debug/1" in output) == (launcher == "deepspeed")
     # metrics.jsonl: one record per log step, as the scaling tool reads it.
     records = read_metrics(out / METRICS_FILE)
     assert [(r["step"], r["world_size"], r["zero_stage"]) for r in records] == [(s, 2, zero_stage) for s in range(1, 25)]
@@ -153,7 +159,7 @@ def test_bert_baseline_trains(tmp_path, tiny_shards):
     out = tmp_path / "run"
     returncode, output = launch(
         tmp_path,
-        [*BASE, *_data_args(tiny_shards), "model.architecture=bert", "model.num_attention_heads=4",
+        [*BASE, *_data_args(tiny_shards), NO_TRACKING, "model.architecture=bert", "model.num_attention_heads=4",
          "train.duration=20", f"train.output_dir={out}"],
     )  # fmt: skip
     _assert_ok(returncode, output)
@@ -163,7 +169,7 @@ def test_bert_baseline_trains(tmp_path, tiny_shards):
 
 def test_resume_is_exact_across_an_epoch_boundary(tmp_path, tiny_shards):
     """Stop after 5 steps, resume: steps 6-12 (past the epoch end at step 7) equal an uninterrupted run."""
-    common = [*BASE, *_data_args(tiny_shards), "train.precision=fp32", "train.duration=12"]
+    common = [*BASE, *_data_args(tiny_shards), NO_TRACKING, "train.precision=fp32", "train.duration=12"]
     _assert_ok(*launch(tmp_path, [*common, f"train.output_dir={tmp_path / 'full'}"]))
     first = launch(tmp_path, [*common, f"train.output_dir={tmp_path / 'cut'}", "train.stop_after=5"])
     _assert_ok(*first)
@@ -193,7 +199,7 @@ def _train_ranks(launcher_pid: int) -> list:
 
 def test_killed_rank_resumes_from_last_complete_checkpoint(tmp_path, tiny_shards):
     out = tmp_path / "run"
-    args = [*BASE, *_data_args(tiny_shards), "train.duration=40", "train.checkpoint_every=2", "train.keep_last=5",
+    args = [*BASE, *_data_args(tiny_shards), NO_TRACKING, "train.duration=40", "train.checkpoint_every=2", "train.keep_last=5",
             f"train.output_dir={out}", "model.num_layers=4"]  # fmt: skip
     process = start_background(tmp_path, args)
     try:
@@ -231,7 +237,7 @@ def _catches(process, signum: int) -> bool:
 
 def test_signal_during_start_up_leaves_cleanly_for_a_requeue(tmp_path, tiny_shards):
     out = tmp_path / "run"
-    args = [*BASE, *_data_args(tiny_shards), "train.duration=4", "data.num_workers=0", "tracking.enabled=false",
+    args = [*BASE, *_data_args(tiny_shards), "train.duration=4", "data.num_workers=0", NO_TRACKING,
             f"train.output_dir={out}"]  # fmt: skip
     process = start_background(tmp_path, args)
     try:
@@ -261,7 +267,7 @@ def test_resume_on_one_rank_through_universal_checkpoint(tmp_path, tiny_shards):
     weighted slightly differently, so losses agree to ~0.1%, not bit for bit. The epoch ends after
     step 7; from step 8 on, the next epoch's samples are dealt to one rank instead of two, so there
     only the mean loss is compared (within 2%)."""
-    common = [*BASE, *_data_args(tiny_shards), "train.precision=fp32", "train.duration=10", "model.hidden_dropout=0.0",
+    common = [*BASE, *_data_args(tiny_shards), NO_TRACKING, "train.precision=fp32", "train.duration=10", "model.hidden_dropout=0.0",
               "train.zero_stage=2"]  # fmt: skip
     _assert_ok(*launch(tmp_path, [*common, f"train.output_dir={tmp_path / 'full'}"]))
     _assert_ok(*launch(tmp_path, [*common, f"train.output_dir={tmp_path / 'cut'}", "train.stop_after=5"]))
@@ -426,7 +432,7 @@ def test_compiled_model_trains_as_the_eager_one(tmp_path, tiny_shards):
     compiled backward."""
     from m2dist.checkpoint.convert import load_any
 
-    args = [*BASE, *_data_args(tiny_shards), "train.zero_stage=2", "train.duration=4", "train.eval_batches=1",
+    args = [*BASE, *_data_args(tiny_shards), NO_TRACKING, "train.zero_stage=2", "train.duration=4", "train.eval_batches=1",
             "model.hidden_dropout=0.0", "model.num_layers=1"]  # fmt: skip
     runs = {}
     for compiled in (False, True):
