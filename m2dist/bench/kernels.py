@@ -446,7 +446,8 @@ def sweep_conv_blocks(dim, length, batches, top=3, device="cuda", kernels=None):
         dp = torch.empty_like(p)
         # its forward as the model launches it: with in_linear's bias and u (B, L, D) laid out too
         bias, in_bias = rand(3 * dim, dtype=torch.float32), rand(3 * dim, dtype=torch.float32)
-        u_BLD, ut = rand(batch, length, dim, dtype=torch.float32), torch.empty_like(u)  # ut: (B, D, L), as u
+        u_BLD = rand(batch, length, dim, dtype=torch.float32)
+        ut = u_BLD.new_empty(batch, dim, length)
         toeplitz_blocks = functools.partial(triton_toeplitz._blocks, batch, dim, length)
         short_conv_blocks = functools.partial(triton_short_conv._blocks, batch, length, 3 * dim)
         launches = {
