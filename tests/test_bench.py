@@ -510,3 +510,19 @@ def test_revisions_time_the_training_engine_each_in_its_own_process_group(tmp_pa
     )  # fmt: skip
     assert [(t.label, t.batch_size, len(t.blocks_ms)) for t in timings] == [("a", 4, 2), ("b", 4, 2)]
     assert all(t.step_ms > 0 for t in timings)
+
+
+def test_data_benchmark_reads_one_epoch_of_masked_batches(tmp_path):
+    # tools/bench_data.py's measurement, tiny: the shards it makes hold the whole run in one epoch
+    # (a new epoch would start new worker processes inside the timing), and it counts the tokens of
+    # the batches it timed.
+    from m2dist.bench.data import bench_data_path, gpu_tokens_per_s
+    from m2dist.data.manifest import read_manifest
+
+    # 43 batches of 256 at L=128: more than the embedded corpus's ~9,500 windows once.
+    result = bench_data_path(128, tmp_path, tokens_per_batch=128 * 256, num_workers=0, num_batches=40)
+    assert (result.micro_batch_size, result.batches) == (256, 40)
+    (train,) = tmp_path.glob("embedded-concat-L128-x*/train")
+    assert read_manifest(train).counts.samples >= (3 + 40) * 256
+    assert result.tokens_per_s > 0 and result.tokens_per_s == result.tokens_per_s_per_worker
+    assert result.ratio_to_gpu == result.tokens_per_s / gpu_tokens_per_s(128)

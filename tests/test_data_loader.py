@@ -299,3 +299,117 @@ def test_mapped_shard_reads_give_streamings_bytes_and_keep_few_files_open(tmp_pa
             mapped_shards.sample_bytes(missing, 0)
     finally:
         mapped_shards.close_all()
+
+
+def _write_shards(out, dtype, count=300, size_limit=4096, seed=0):
+    from streaming import MDSWriter
+
+    rng = np.random.default_rng(seed)
+    with MDSWriter(out=str(out), columns={"input_ids": f"ndarray:{dtype}"}, size_limit=size_limit) as writer:
+        for _ in range(count):
+            writer.write({"input_ids": rng.integers(0, 70000 if dtype == "uint32" else 30000, rng.integers(1, 300), dtype=dtype)})
+    return json.loads((out / "index.json").read_text())
+
+
+@pytest.mark.parametrize("dtype", ["uint16", "uint32"])
+def test_single_array_samples_decode_as_streaming_decodes_them(tmp_path, dtype):
+    # The loader's decoder of a one-column ndarray shard (what tools/prepare_mds.py writes) gives
+    # streaming's array for every sample, lengths past 255 (a two-byte shape) included; bytes of
+    # another layout are refused, not misread.
+    from streaming.base.format import reader_from_json
+
+    from m2dist.data import mapped_shards
+
+    index = _write_shards(tmp_path / "shards", dtype)
+    for shard in index["shards"]:
+        reader = reader_from_json(str(tmp_path / "shards"), None, shard)
+        assert mapped_shards.single_array_dtype(reader) == np.dtype(dtype)
+        for i in range(reader.samples):
+            data = reader.get_sample_data(i)
+            ours, theirs = mapped_shards.decode_single_array(data, np.dtype(dtype)), reader.decode_sample(data)["input_ids"]
+            assert ours.dtype == theirs.dtype and np.array_equal(ours, theirs)
+    with pytest.raises(ValueError, match="1-D"):
+        mapped_shards.decode_single_array(data[:4] + bytes([2 << 2]) + data[5:], np.dtype(dtype))
+    with pytest.raises(ValueError, match="do not fill"):
+        mapped_shards.decode_single_array(data, np.dtype("uint64"))
+    with pytest.raises(ValueError, match="too short"):
+        mapped_shards.decode_single_array(data[:5], np.dtype(dtype))
+
+
+def test_single_array_layout_only_for_one_unshaped_ndarray_column(tmp_path):
+    from streaming import MDSWriter
+    from streaming.base.format import reader_from_json
+
+    from m2dist.data import mapped_shards
+
+    layouts = {"a": {"input_ids": "ndarray:uint16:4"}, "b": {"input_ids": "ndarray"}, "c": {"input_ids": "ndarray:uint16", "x": "int"}}
+    for name, columns in layouts.items():
+        with MDSWriter(out=str(tmp_path / name), columns=columns) as writer:
+            writer.write({"input_ids": np.arange(4, dtype=np.uint16), "x": 1} if "x" in columns else {"input_ids": np.arange(4, dtype=np.uint16)})
+        shard = json.loads((tmp_path / name / "index.json").read_text())["shards"][0]
+        assert mapped_shards.single_array_dtype(reader_from_json(str(tmp_path / name), None, shard)) is None, name
+
+
+def _sample_order(dataset_class, remote, local, **kwargs):
+    """The sample ids a StreamingDataset subclass yields in one epoch over `remote` (one process)."""
+    dataset = dataset_class(remote=str(remote), local=str(local), **kwargs)
+    try:
+        return list(dataset)
+    finally:
+        iterator = getattr(dataset, "_iterator", None)
+        if iterator is not None:
+            iterator.exit()
+
+
+@pytest.mark.parametrize("chunk, predownload", [(3, 5), (256, None), (7, 1000)])
+def test_chunked_sample_loops_yield_streamings_order(tmp_path, monkeypatch, chunk, predownload):
+    # The prepare, ready and yield loops stepped a run of samples at a time yield the ids that
+    # streaming's own per-sample loops yield, in the same order, over many shards (compressed, so the
+    # prepare loop decompresses each), shuffled, with runs cut by the predownload limit.
+    from streaming import StreamingDataset
+
+    from m2dist.data import sample_loop
+
+    class StreamingIds(StreamingDataset):
+        def get_item(self, sample_id, retry=7):
+            return int(sample_id)
+
+    class ChunkedIds(sample_loop.ChunkedSampleLoop, StreamingIds):
+        pass
+
+    from streaming import MDSWriter
+
+    rng = np.random.default_rng(1)
+    with MDSWriter(out=str(tmp_path / "shards"), columns={"input_ids": "ndarray:uint16"}, size_limit=2048, compression="zstd") as writer:
+        for _ in range(500):
+            writer.write({"input_ids": rng.integers(0, 30000, rng.integers(1, 60), dtype=np.uint16)})
+    monkeypatch.setattr(sample_loop, "CHUNK", chunk)
+    options = {"shuffle": True, "shuffle_seed": 5, "batch_size": 4, "predownload": predownload}
+    theirs = _sample_order(StreamingIds, tmp_path / "shards", tmp_path / "a", **options)
+    ours = _sample_order(ChunkedIds, tmp_path / "shards", tmp_path / "b", **options)
+    assert len(theirs) == 500 and sorted(theirs) == list(range(500)) and theirs != sorted(theirs)
+    assert ours == theirs
+    # Every shard was decompressed into the chunked dataset's cache.
+    assert len(list((tmp_path / "b").glob("shard.*.mds"))) == len(list((tmp_path / "a").glob("shard.*.mds"))) > 5
+
+
+def test_sample_shards_are_found_as_streamings_spanner_finds_them():
+    from streaming.base.spanner import Spanner
+
+    from m2dist.data import sample_loop
+
+    sizes = np.array([5, 1, 7, 3, 1024, 2], dtype=np.int64)
+    spanner = Spanner(sizes.copy(), span_size=8)
+    ids = np.arange(sizes.sum())
+    expected = [spanner[i] for i in ids]
+    assert sample_loop.shards_of(spanner.shard_bounds, np.append(ids, -1)).tolist() == [s for s, _ in expected] + [-1]
+
+    class Holder(sample_loop.ChunkedSampleLoop):
+        pass
+
+    holder = Holder()
+    holder.spanner = spanner
+    assert [holder.shard_and_index(i) for i in ids] == expected
+    for outside in (-1, int(sizes.sum())):
+        with pytest.raises(IndexError, match="Invalid sample index"):
+            holder.shard_and_index(outside)

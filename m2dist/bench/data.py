@@ -19,9 +19,10 @@ from m2dist.data.manifest import MANIFEST_NAME
 from m2dist.data.prepare import prepare_mds
 
 # Tokens/s of one H200 training M2-BERT-80M through m2dist's engine (the default step, 32,768
-# tokens a step; docs/performance.md's engine table of 2026-12-04), by sequence length. The
-# nearest length below is used: lengths in between get the shorter length's (higher) rate.
-GPU_TOKENS_PER_S_80M = {128: 504_527, 8192: 194_019}
+# tokens a step; docs/performance.md's engine table: 2026-12-06 at L=128, 2026-12-05 at 8192), by
+# sequence length. The nearest length below is used: lengths in between get the shorter length's
+# (higher) rate.
+GPU_TOKENS_PER_S_80M = {128: 582_265, 8192: 202_911}
 GOAL_RATIO = 10.0
 
 
@@ -51,10 +52,10 @@ def gpu_tokens_per_s(seq_len: int) -> int:
 def bench_shards(seq_len: int, work_dir: Path, min_samples: int = 2000) -> Path:
     """`concat` shards of the embedded corpus at `seq_len` (repeated until there are about
     `min_samples` windows, so that an epoch outlasts the measurement), reused if already made."""
-    out = work_dir / f"embedded-concat-L{seq_len}"
+    corpus_tokens = 1_200_000
+    copies = max(1, math.ceil(min_samples * seq_len / corpus_tokens))
+    out = work_dir / f"embedded-concat-L{seq_len}-x{copies}"
     if not (out / "train" / MANIFEST_NAME).is_file():
-        corpus_tokens = 1_200_000
-        copies = max(1, math.ceil(min_samples * seq_len / corpus_tokens))
         workers = min(8, os.cpu_count() or 1)
         prepare_mds([EMBEDDED_CORPUS] * copies, out, None, seq_len, "concat", input_format="lines",
                     val_fraction=0.0, num_workers=workers, overwrite=True, progress=False)  # fmt: skip
@@ -72,7 +73,11 @@ def bench_data_path(
     """Time `num_batches` batches of B = tokens_per_batch // seq_len sequences from the training
     loader (shuffle and masking on) over `bench_shards`, after 2 batches per worker of warm-up."""
     micro_batch_size = max(1, tokens_per_batch // seq_len)
-    shards = bench_shards(seq_len, Path(work_dir))
+    warmup_batches = max(3, 2 * num_workers)
+    # One epoch holds the whole run (with a margin): each new epoch starts new worker processes,
+    # which a run of millions of samples an epoch pays once, not every few seconds.
+    needed = (warmup_batches + num_batches) * micro_batch_size * max(num_workers, 1)
+    shards = bench_shards(seq_len, Path(work_dir), min_samples=max(2000, needed * 5 // 4))
     config = config_from_dict(
         {
             "model": {"l_max": seq_len},
@@ -82,7 +87,6 @@ def bench_data_path(
         source="bench_data_path",
     )
     loader = build_mlm_dataloader(config, micro_batch_size)
-    warmup_batches = max(3, 2 * num_workers)
     seen, tokens = 0, 0
     started = time.perf_counter()
     while seen < warmup_batches + num_batches:

@@ -43,6 +43,7 @@ from m2dist.data import mapped_shards
 from m2dist.data.corpus import default_prepared_dir, prepare_default_dataset
 from m2dist.data.manifest import Expected, Manifest, check_manifest, read_manifest
 from m2dist.data.masking import mask_samples
+from m2dist.data.sample_loop import ChunkedSampleLoop
 from m2dist.data.tokenizer import DEFAULT_VOCAB, SpecialIds, file_sha256
 from m2dist.errors import ConfigError, DataError
 
@@ -168,15 +169,25 @@ class MaskingSpec:
     same_masks_every_epoch: bool = False
 
 
-class MLMStreamingDataset(StreamingDataset):
+# How often a process sets the access time of a shard it reads (streaming's cache evicts the shard
+# read longest ago first, where a cache limit is set).
+ACCESS_TIME_STEP_NS = 100_000_000
+
+
+class MLMStreamingDataset(ChunkedSampleLoop, StreamingDataset):
     """StreamingDataset of MLM examples of length L, padded; `MLMCollator` masks them into the
-    batches of the module docstring."""
+    batches of the module docstring. Its sample loops step over runs of samples
+    (`ChunkedSampleLoop`)."""
 
     def __init__(self, *, seq_len: int, masking: MaskingSpec, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.seq_len = seq_len
         self.masking = masking
         self.epoch_of_work = 0
+        # Per shard read through its memory map: (raw file, value dtype of `single_array_dtype`).
+        self._shard_layouts: dict[int, tuple[str, np.dtype | None]] = {}
+        # When this process last set each shard's access time.
+        self._access_times_set: dict[int, int] = {}
 
     def _get_work(self, epoch: int, sample_in_epoch: int) -> np.ndarray:
         # __iter__ calls this once per epoch in each worker, before any sample is read: the one
@@ -197,16 +208,29 @@ class MLMStreamingDataset(StreamingDataset):
     def _stored_ids(self, sample_id: int, retry: int) -> np.ndarray:
         """A sample's stored token ids: read through the shard's memory map (`mapped_shards`) when
         the shard is an MDS file on local disk, else by streaming, which downloads it first."""
-        shard_id, index_in_shard = self.spanner[sample_id]
+        shard_id, index_in_shard = self.shard_and_index(sample_id)
         shard = self.shards[shard_id]
         if isinstance(shard, MDSReader) and not (hasattr(self, "_event") and self._event.is_set()):
+            layout = self._shard_layouts.get(shard_id)
+            if layout is None:
+                layout = self._shard_layouts[shard_id] = (mapped_shards.raw_path(shard), mapped_shards.single_array_dtype(shard))
+            path, dtype = layout
             try:
-                data = mapped_shards.sample_bytes(shard, index_in_shard)
+                data = mapped_shards.sample_bytes_at(path, index_in_shard)
             except FileNotFoundError:
                 pass
             else:
-                # As streaming's own read does: the access time orders its cache evictions.
-                self._shard_access_times[shard_id] = time.time_ns()
+                # As streaming's own read does: the access time orders its cache evictions (set at
+                # most every ACCESS_TIME_STEP_NS a shard: a write to shared memory costs microseconds).
+                now = time.time_ns()
+                if now - self._access_times_set.get(shard_id, 0) > ACCESS_TIME_STEP_NS:
+                    self._shard_access_times[shard_id] = now
+                    self._access_times_set[shard_id] = now
+                if dtype is not None:
+                    try:
+                        return mapped_shards.decode_single_array(data, dtype)
+                    except ValueError as exc:
+                        raise DataError(f"{self._shard_of(sample_id)}: sample {sample_id}: {exc}") from exc
                 return shard.decode_sample(data)["input_ids"]
         return super().get_item(sample_id, retry)["input_ids"]
 

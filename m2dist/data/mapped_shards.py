@@ -16,6 +16,7 @@ import os
 import struct
 from collections import OrderedDict
 
+import numpy as np
 from streaming.base.format.mds.reader import MDSReader
 
 MAX_OPEN = 8
@@ -33,7 +34,11 @@ def raw_path(reader: MDSReader) -> str:
 def sample_bytes(reader: MDSReader, idx: int) -> bytes:
     """The stored bytes of sample `idx` of the shard, as `reader.get_sample_data(idx)` returns them.
     Raises FileNotFoundError while the shard is not on local disk (streaming then downloads it)."""
-    path = raw_path(reader)
+    return sample_bytes_at(raw_path(reader), idx)
+
+
+def sample_bytes_at(path: str, idx: int) -> bytes:
+    """`sample_bytes` of the shard whose raw file is `path` (`raw_path`)."""
     mapped = _maps.get(path)
     if mapped is None:
         with open(path, "rb") as file:
@@ -47,6 +52,41 @@ def sample_bytes(reader: MDSReader, idx: int) -> bytes:
     if not begin < end <= len(mapped):
         raise IndexError(f"{path}: sample {idx} has offsets {begin}..{end}, outside the file's {len(mapped)} bytes")
     return mapped[begin:end]
+
+
+# An MDS ndarray value without a fixed shape: one byte (ndim << 2 | the shape's dtype code), the shape
+# in that dtype, then the values (streaming's `NDArray` encoding).
+_SIZE_AND_HEADER = struct.Struct("<IB")
+_SHAPE_FORMATS = {code: struct.Struct("<" + fmt) for code, fmt in enumerate("BHIQ")}
+
+
+def single_array_dtype(reader: MDSReader) -> np.dtype | None:
+    """The value dtype when the shard's samples are one column of 1-D ndarrays of a fixed dtype and
+    no fixed shape (what tools/prepare_mds.py writes: `ndarray:uint16` or `ndarray:uint32`), else
+    None."""
+    if len(reader.column_encodings) != 1 or reader.column_sizes[0] is not None:
+        return None
+    kind, _, dtype = reader.column_encodings[0].partition(":")
+    if kind != "ndarray" or not dtype or ":" in dtype:
+        return None
+    return np.dtype(dtype)
+
+
+def decode_single_array(data: bytes, dtype: np.dtype) -> np.ndarray:
+    """The 1-D array of a sample of a `single_array_dtype` shard (its 4-byte column size, the
+    encoding's header, the values), as `reader.decode_sample(data)` returns it, without streaming's
+    per-sample parsing of the column layout. Raises ValueError for bytes not of that layout."""
+    if len(data) < 6:
+        raise ValueError(f"{len(data)} bytes, too short for an MDS ndarray sample")
+    size, header = _SIZE_AND_HEADER.unpack_from(data)
+    shape = _SHAPE_FORMATS[header & 3]
+    offset = 5 + shape.size
+    if header >> 2 != 1 or size != len(data) - 4 or len(data) < offset:
+        raise ValueError(f"expected one 1-D array of {len(data) - 4} bytes, got {header >> 2} dimensions in {size} bytes")
+    (count,) = shape.unpack_from(data, 5)
+    if offset + count * dtype.itemsize != len(data):
+        raise ValueError(f"{count} values of {dtype} do not fill its {len(data) - offset} bytes")
+    return np.frombuffer(data, dtype, count, offset)
 
 
 def close_all() -> None:
