@@ -51,7 +51,10 @@ def take(loader, count):
 def test_batches_have_the_documented_layout(embedded_dataset, tmp_path):
     loader = build_mlm_dataloader(debug_config(embedded_dataset, tmp_path), micro_batch_size=16)
     raw = loader.dataset
-    for batch in take(loader, 5):
+    batches = take(loader, 5)
+    # The resumable state counts samples, not the rows of the packed form the batches travel in.
+    assert loader.num_samples_yielded == 5 * 16
+    for batch in batches:
         assert list(batch) == ["input_ids", "attention_mask", "token_type_ids", "labels", "sample_index"]
         for key in ("input_ids", "attention_mask", "token_type_ids", "labels"):
             assert batch[key].shape == (16, 64) and batch[key].dtype == torch.int64, key
