@@ -301,12 +301,13 @@ class MLMCollator:
 
 def unpack_batch(collated: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The batch of the module docstring from `MLMCollator`'s packed form (views of its tensor, and
-    the token types, all zeros, made here)."""
+    the token types, all zeros, made here, in pinned memory where the loader pinned the batch, so
+    that its copy to the GPU does not wait either)."""
     input_ids, attention_mask, labels = collated["packed"].unbind(0)
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
-        "token_type_ids": torch.zeros_like(input_ids),
+        "token_type_ids": torch.zeros(input_ids.shape, dtype=input_ids.dtype, pin_memory=input_ids.is_pinned()),
         "labels": labels,
         "sample_index": collated["sample_index"],
     }
