@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from m2dist.data.corpus import EMBEDDED_CORPUS
-from m2dist.data.masking import IGNORE_INDEX, mask_sample, mask_samples, mask_tokens
+from m2dist.data.masking import IGNORE_INDEX, mask_sample, mask_samples, mask_tokens, sample_key, sample_keys
 from m2dist.data.readers import read_documents
 from m2dist.data.tokenizer import load_tokenizer
 
@@ -98,3 +98,17 @@ def test_a_batch_is_masked_row_by_row_as_each_sample_alone(sequences):
         assert np.array_equal(corrupted[row], alone[0]) and np.array_equal(labels[row], alone[1]), row
     with pytest.raises(ValueError, match="one epoch and sample index per row: 6 rows, 5 epochs"):
         mask_samples(rows[:6], epochs_B=epochs[:5], sample_indices_B=indices[:5], **kwargs)
+
+
+def test_a_batch_of_sample_keys_is_each_samples_key():
+    # The loader derives a batch's keys at once; each must be `sample_key`'s, also for seeds, epochs
+    # and indices whose mixing sets the top bit (where an unsigned product must wrap).
+    rng = np.random.default_rng(3)
+    for seed in (0, 5, 2**62 + 17):
+        epochs = rng.integers(0, 1000, 64).tolist() + [0, 2**40]
+        indices = rng.integers(0, 2**50, 64).tolist() + [2**62, 0]
+        keys = sample_keys(seed, epochs, indices)
+        assert keys.dtype == np.uint64
+        assert [int(k) for k in keys] == [sample_key(seed, e, i) for e, i in zip(epochs, indices)]
+    with pytest.raises(ValueError, match=">= 0"):
+        sample_keys(1, [0, -1], [0, 1])

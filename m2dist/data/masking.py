@@ -125,6 +125,26 @@ def sample_key(seed: int, epoch: int, sample_index: int) -> int:
     return _mix64(_mix64(_mix64(seed & _U64) ^ epoch) ^ sample_index)
 
 
+def _mix64_array(values: np.ndarray) -> np.ndarray:
+    """`_mix64` of each element of a uint64 array (numpy's uint64 products wrap modulo 2**64 as
+    `_mix64`'s masked products do)."""
+    values = values ^ (values >> np.uint64(30))
+    values *= _MIX1
+    values ^= values >> np.uint64(27)
+    values *= _MIX2
+    return values ^ (values >> np.uint64(31))
+
+
+def sample_keys(seed: int, epochs_B: Sequence[int], sample_indices_B: Sequence[int]) -> np.ndarray:
+    """(B,) uint64: `sample_key(seed, epochs_B[b], sample_indices_B[b])` of each b, computed at once."""
+    epochs = np.asarray(epochs_B, dtype=np.int64)
+    indices = np.asarray(sample_indices_B, dtype=np.int64)
+    if int(seed) < 0 or (epochs.size and epochs.min() < 0) or (indices.size and indices.min() < 0):
+        raise ValueError(f"seed, epochs and sample indices must be >= 0, got {seed}, {epochs_B}, {sample_indices_B}")
+    seed_key = np.uint64(_mix64(int(seed) & _U64))
+    return _mix64_array(_mix64_array(seed_key ^ epochs.astype(np.uint64)) ^ indices.astype(np.uint64))
+
+
 def mask_sample(
     ids_L: np.ndarray,
     *,
@@ -160,6 +180,6 @@ def mask_samples(
             f"one epoch and sample index per row: {len(ids_BL)} rows, {len(epochs_B)} epochs, "
             f"{len(sample_indices_B)} indices"
         )
-    keys_B = np.array([sample_key(seed, e, i) for e, i in zip(epochs_B, sample_indices_B)], dtype=np.uint64)
+    keys_B = sample_keys(seed, epochs_B, sample_indices_B)
     bits_BL = splitmix64_streams(keys_B, ids_BL.shape[1])
     return _corrupt(ids_BL, bits_BL, mask_token_id, vocab_size, probability, special_ids)
