@@ -5,7 +5,14 @@ import pytest
 import torch
 
 from m2dist.data.corpus import EMBEDDED_CORPUS
-from m2dist.data.masking import IGNORE_INDEX, mask_sample, mask_samples, mask_tokens, sample_key, sample_keys
+from m2dist.data.masking import (
+    IGNORE_INDEX,
+    mask_sample,
+    mask_samples,
+    mask_tokens,
+    sample_key,
+    sample_keys,
+)
 from m2dist.data.readers import read_documents
 from m2dist.data.tokenizer import load_tokenizer
 
