@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -320,7 +320,7 @@ class MLMDataLoader(StreamingDataLoader):
     def _get_batch_size(self, batch: dict[str, torch.Tensor]) -> int:
         return len(batch["sample_index"])
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         for collated in super().__iter__():
             yield unpack_batch(collated)
 

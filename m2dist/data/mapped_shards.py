@@ -54,10 +54,11 @@ def sample_bytes_at(path: str, idx: int) -> bytes:
     return mapped[begin:end]
 
 
-# An MDS ndarray value without a fixed shape: one byte (ndim << 2 | the shape's dtype code), the shape
-# in that dtype, then the values (streaming's `NDArray` encoding).
-_SIZE_AND_HEADER = struct.Struct("<IB")
-_SHAPE_FORMATS = {code: struct.Struct("<" + fmt) for code, fmt in enumerate("BHIQ")}
+# A sample of one variable-size column: its uint32 size, then the MDS ndarray value without a fixed
+# shape: one byte (ndim << 2 | the shape's dtype code), the shape in that dtype, then the values
+# (streaming's `NDArray` encoding); native byte order, as streaming reads them.
+_SIZE_AND_HEADER = struct.Struct("=IB")
+_SHAPE_FORMATS = {code: struct.Struct("=" + fmt) for code, fmt in enumerate("BHIQ")}
 
 
 def single_array_dtype(reader: MDSReader) -> np.dtype | None:
