@@ -22,7 +22,7 @@ if not torch.cuda.is_available():
 from kernels.blockdiag import reference as blockdiag_reference  # noqa: E402
 from kernels.blockdiag import triton_blockdiag  # noqa: E402
 from kernels.fftconv import reference as fftconv_reference  # noqa: E402
-from kernels.fftconv import triton_fftconv, triton_toeplitz  # noqa: E402
+from kernels.fftconv import triton_cufft, triton_fftconv, triton_toeplitz  # noqa: E402
 from kernels.mixer import reference as mixer_reference  # noqa: E402
 from kernels.mixer import triton_mixer  # noqa: E402
 from kernels import triton_common  # noqa: E402
@@ -314,6 +314,65 @@ def test_fftconv_toeplitz_matches_reference(length, dtype, residual, operands):
     mask = [residual, True, True, True, True, True, residual, residual]
     fn = functools.partial(triton_toeplitz.gated_long_conv, operands=operands)
     _compare(fn, fftconv_reference.gated_long_conv, inputs, dtype, atol_rel=1e-3, grad_mask=mask)
+
+
+# The cuFFT path (fp32 transforms, Triton gates): any length (63 and 500 are not powers of two) and
+# dtype, with and without the residual convolution; autocast's mix (u fp32, gates bf16, the output
+# in the gates' dtype); gradients 1e-5 of the activations.
+@pytest.mark.parametrize(
+    "length,dtype,residual,fp32_u,upstream_scale",
+    [
+        (63, torch.float32, True, False, 1.0),
+        (64, torch.bfloat16, False, False, 1.0),
+        (500, torch.bfloat16, True, True, 1.0),
+        (40, torch.float16, True, False, 1e-5),
+    ],
+)
+def test_fftconv_cufft_matches_reference(length, dtype, residual, fp32_u, upstream_scale):
+    inputs = _conv_inputs(3, 16, length, residual, seed=length)
+    mask = [residual, True, True, True, True, True, residual, residual]
+    _compare(
+        triton_cufft.gated_long_conv, fftconv_reference.gated_long_conv, inputs, dtype,
+        atol_rel=1e-5 if dtype == torch.float32 else 1e-3, grad_mask=mask, fp32_inputs=(0,) if fp32_u else (),
+        upstream_scale=upstream_scale,
+    )  # fmt: skip
+
+
+def test_fftconv_cufft_takes_strided_inputs_and_packs_the_gradient():
+    # The model passes u as a (B, D, L) view of its (B, L, D) input and the output's gradient through
+    # a transpose; the gated inputs' gradient comes back as one (B, 3D, L) tensor.
+    u, x1, x2, v, k1, d1, k2, d2 = (t if t.dim() != 3 else t.float() for t in _conv_inputs(2, 16, 48, True, seed=3))
+    k1, d1, k2, d2 = (t.float() for t in (k1, d1, k2, d2))
+    u_view = u.transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    x = torch.cat([x1, x2, v], dim=1).requires_grad_()
+    y = triton_cufft.packed_gated_long_conv(u_view, x, k1, d1, k2, d2)
+    upstream = torch.randn(y.shape[0], y.shape[2], y.shape[1], device=y.device).transpose(1, 2)
+    y.backward(upstream)
+    u_ref, x_ref = u.clone().requires_grad_(), x.detach().clone().requires_grad_()
+    y_ref = fftconv_reference.gated_long_conv(u_ref, *x_ref.chunk(3, dim=1), k1, d1, k2, d2)
+    y_ref.backward(upstream)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    assert x.grad.shape == x.shape and x.grad.is_contiguous()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(u_view.grad, u_ref.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_fftconv_cufft_dispatch(monkeypatch):
+    # From CUFFT_MIN_LEN on the Triton backend (and the packed form the mixer calls) takes the cuFFT
+    # path; below it, or with no threshold, the kernels it took before.
+    from kernels import fftconv
+
+    calls = []
+    monkeypatch.setattr(triton_cufft, "cufft_conv", lambda *a: calls.append(a[1].shape[-1]) or a[1][:, : a[1].shape[1] // 3])
+    u, x1, x2, v, k1, d1, k2, d2 = (t.float() for t in _conv_inputs(1, 16, 64, True, seed=2))
+    packed = fftconv.implementation("triton", packed=True)
+    x = torch.cat([x1, x2, v], dim=1)
+    for threshold, taken in ((None, False), (128, False), (64, True)):
+        monkeypatch.setattr(fftconv, "CUFFT_MIN_LEN", threshold)
+        calls.clear()
+        fftconv.gated_long_conv(u, x1, x2, v, k1, d1, k2, d2, backend="triton")
+        packed(u, x, k1, d1, k2, d2)
+        assert calls == ([64, 64] if taken else []), threshold
 
 
 # fp16 operands are scaled into fp16's range: each filter row by its own power of two, each

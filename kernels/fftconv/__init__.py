@@ -16,14 +16,19 @@ from kernels.triton_common import can_run, warn_once
 
 
 def _triton_gated_long_conv(u_BDL, x1_BDL, x2_BDL, v_BDL, k1_DN, d1_D, k2_DN, d2_D):
-    """The faster Triton algorithm for the input: the Toeplitz GEMM for half-precision inputs up
-    to `triton_toeplitz.MAX_LEN`, the FFT (DFT matmuls) otherwise; the reference (warned once)
-    where neither can run (a CPU without Triton's interpreter, L above `triton_fftconv.MAX_SEQLEN`)."""
+    """The faster Triton algorithm for the input: cuFFT's transforms from `CUFFT_MIN_LEN` on, the
+    Toeplitz GEMM for half-precision inputs up to `triton_toeplitz.MAX_LEN`, the FFT (DFT matmuls)
+    otherwise; the reference (warned once) where none can run (a CPU without Triton's interpreter,
+    L above `triton_fftconv.MAX_SEQLEN`)."""
     # Imported on first use: the Triton modules must be imported after TRITON_INTERPRET is set,
     # and `import kernels.fftconv` must work on machines without a GPU.
     from kernels.fftconv import triton_fftconv, triton_toeplitz
 
     length = v_BDL.shape[-1]
+    if takes_cufft(v_BDL):
+        from kernels.fftconv import triton_cufft
+
+        return triton_cufft.gated_long_conv(u_BDL, x1_BDL, x2_BDL, v_BDL, k1_DN, d1_D, k2_DN, d2_D)
     if not can_run(v_BDL) or length > triton_fftconv.MAX_SEQLEN:
         warn_once(
             f"fftconv triton backend: L={length} on {v_BDL.device.type} is not supported "
@@ -55,6 +60,18 @@ def _check_shapes(u_BDL, x1_BDL, x2_BDL, v_BDL, k1_DN, d1_D, k2_DN, d2_D) -> Non
             )
 
 
+# The shortest L from which the Triton backend computes the long convolution's transforms with cuFFT
+# (`triton_cufft`: fp32 real-to-complex transforms, the gates and spectrum products in Triton
+# kernels around them) instead of the DFT-matmul kernels (`triton_fftconv`); None: never.
+CUFFT_MIN_LEN: int | None = None
+
+
+def takes_cufft(v_BDL: torch.Tensor) -> bool:
+    """Whether the Triton backend takes the cuFFT path for this input (`CUFFT_MIN_LEN`), on a GPU or
+    in Triton's interpreter."""
+    return CUFFT_MIN_LEN is not None and v_BDL.shape[-1] >= CUFFT_MIN_LEN and can_run(v_BDL)
+
+
 # The longest L at which "auto" takes the Triton kernels; longer inputs take torch.fft (the
 # reference). Measured on one H200 (bf16, d=768, 65,536 tokens, forward + backward, the FFT kernels
 # with their default operands, `tools/bench_kernels.py --ops fftconv,mixer`): at L=32768 the FFT
@@ -67,7 +84,7 @@ AUTO_TRITON_MAX_LEN = 8192
 def _auto_takes_triton(v_BDL: torch.Tensor) -> bool:
     """"auto"'s choice: the Triton kernels on an Ampere or newer GPU (`use_triton`) up to
     `AUTO_TRITON_MAX_LEN`, the reference elsewhere."""
-    return use_triton(v_BDL) and v_BDL.shape[-1] <= AUTO_TRITON_MAX_LEN
+    return use_triton(v_BDL) and (v_BDL.shape[-1] <= AUTO_TRITON_MAX_LEN or takes_cufft(v_BDL))
 
 
 def _auto_gated_long_conv(u_BDL, x1_BDL, x2_BDL, v_BDL, k1_DN, d1_D, k2_DN, d2_D):
@@ -80,10 +97,14 @@ def _unpacked(impl, u_BDL, x_BCL, k1_DN, d1_D, k2_DN, d2_D):
 
 
 def _triton_packed(u_BDL, x_BCL, k1_DN, d1_D, k2_DN, d2_D):
-    """The Toeplitz kernels take the packed tensor as it is (no split, and its gradient comes back
-    in one buffer); the other algorithms take its three views."""
+    """The cuFFT and Toeplitz paths take the packed tensor as it is (no split, and its gradient comes
+    back in one buffer); the DFT-matmul kernels take its three views."""
     from kernels.fftconv import triton_toeplitz
 
+    if takes_cufft(x_BCL):
+        from kernels.fftconv import triton_cufft
+
+        return triton_cufft.packed_gated_long_conv(u_BDL, x_BCL, k1_DN, d1_D, k2_DN, d2_D)
     if triton_toeplitz.supports(x_BCL):  # a GPU or the interpreter, bf16/fp16, L <= MAX_LEN
         return triton_toeplitz.packed_gated_long_conv(u_BDL, x_BCL, k1_DN, d1_D, k2_DN, d2_D)
     return _unpacked(_triton_gated_long_conv, u_BDL, x_BCL, k1_DN, d1_D, k2_DN, d2_D)
