@@ -179,15 +179,23 @@ def test_mixer_benchmark_times_every_path(monkeypatch):
     short_convs = []
     kernel = triton_short_conv.causal_short_conv_and_layout
     monkeypatch.setattr(triton_short_conv, "causal_short_conv_and_layout", lambda *a: (short_convs.append(1), kernel(*a))[1])
+    from kernels.fftconv import triton_cufft
+
+    cufft_calls = []
+    cufft = triton_cufft.packed_gated_long_conv
+    monkeypatch.setattr(triton_cufft, "packed_gated_long_conv", lambda *a: (cufft_calls.append(1), cufft(*a))[1])
     rows = bench.bench_mixer([32], 64, [16], [(16, 16, 1, 4), (16, 32, 2, 4)], copy_bw=1e9, device="cpu")
     assert [r[1] for r in rows] == [
-        "reference", "per op", "per op, compiled short conv", "fused BD=16 BF=16 BPP=1 w=4", "fused BD=16 BF=32 BPP=2 w=4"
+        "reference", "per op", "per op, cuFFT transforms", "per op, compiled short conv",
+        "fused BD=16 BF=16 BPP=1 w=4", "fused BD=16 BF=32 BPP=2 w=4",
     ]  # fmt: skip
     floor_ms = bench.triton_mixer.mixer_traffic_bytes(64, 16)["forward_backward"] / 1e9 * 1e3
-    assert rows[3][5] == pytest.approx(2.0 / floor_ms) and rows[3][6] == pytest.approx(1.0)
-    assert len(timed) == 10 and bench.triton_mixer.BLOCKS is None
-    # the short convolution's kernels on the per-op row only (forward, then forward + backward)
-    assert len(short_convs) == 2 and bench.kernels.mixer.TRITON_SHORT_CONV
+    assert rows[4][5] == pytest.approx(2.0 / floor_ms) and rows[4][6] == pytest.approx(1.0)
+    assert len(timed) == 12 and bench.triton_mixer.BLOCKS is None
+    # the short convolution's kernels on both per-op rows (forward, then forward + backward), the
+    # cuFFT path on its own row only, its switch restored after
+    assert len(short_convs) == 4 and bench.kernels.mixer.TRITON_SHORT_CONV
+    assert len(cufft_calls) == 2 and bench.kernels.fftconv.CUFFT_MIN_LEN is None
     # Beyond the length where "auto" leaves the FFT kernels, the default path gets a row of its own.
     monkeypatch.setattr(bench.kernels.fftconv, "AUTO_TRITON_MAX_LEN", 16)
     rows = bench.bench_mixer([32], 64, [16], [], copy_bw=1e9, device="cpu")
@@ -423,7 +431,10 @@ def test_fft_benchmark_times_each_plan_with_each_transform_operand(monkeypatch):
     )
     rows = bench.bench_fftconv([40], 80, 16, [], copy_bw=1e9, toeplitz_max=0, operands=("default", "tf32", "fp16"), device="cpu")
     labels = [r[1] for r in rows]
-    assert labels == ["FFT N=256 R=1 M=16x16 C=8 tf32", "FFT N=256 R=1 M=16x16 C=8 tf32", "FFT N=256 R=1 M=16x16 C=8 fp16"]
+    assert labels == [
+        "FFT N=256 R=1 M=16x16 C=8 tf32", "FFT N=256 R=1 M=16x16 C=8 tf32", "FFT N=256 R=1 M=16x16 C=8 fp16",
+        "cuFFT transforms, Triton gates",
+    ]  # fmt: skip
     assert set(precisions) == {"tf32", "fp16"} and precisions[0] == "tf32" and precisions[-1] == "fp16"
     assert triton_fftconv.FP16_OPERANDS is None
 

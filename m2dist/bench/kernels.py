@@ -19,7 +19,7 @@ import kernels.mixer
 from kernels.blockdiag import reference as blockdiag_reference
 from kernels.blockdiag import triton_blockdiag
 from kernels.fftconv import reference as fftconv_reference
-from kernels.fftconv import triton_fftconv, triton_toeplitz
+from kernels.fftconv import triton_cufft, triton_fftconv, triton_toeplitz
 from kernels.mixer import implementation as mixer_implementation
 from kernels.mixer import triton_mixer, triton_short_conv
 
@@ -105,13 +105,14 @@ def bench_fftconv(lengths, tokens, dim, variants, copy_bw, toeplitz_max, operand
                 label += f" w={variant[2]}" if variant else ""
                 measure(label, functools.partial(triton_fftconv.gated_long_conv, max_onchip=max_onchip))
             triton_fftconv.TILE, triton_fftconv.NUM_WARPS, triton_fftconv.FP16_OPERANDS = saved
+        # The gated inputs packed as the sequence mixer passes them (one (B, 3D, L) tensor).
+        x = torch.cat([x1, x2, v], dim=1).detach().requires_grad_()
+        measure("cuFFT transforms, Triton gates", triton_cufft.packed_gated_long_conv, [u, x, k1, d1, k2, d2])
         if length <= min(toeplitz_max, triton_toeplitz.MAX_LEN):
-            # The gated inputs packed as the sequence mixer passes them (one (B, 3D, L) tensor).
-            x = torch.cat([x1, x2, v], dim=1).detach().requires_grad_()
             for mode in triton_toeplitz.OPERAND_MODES:
                 fn = functools.partial(triton_toeplitz.packed_gated_long_conv, operands=mode)
                 measure(f"Toeplitz GEMM, {mode} operands", fn, [u, x, k1, d1, k2, d2])
-            del x
+        del x
         del inputs, u, x1, x2, v, upstream
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -175,6 +176,9 @@ def bench_mixer(lengths, tokens, dims, variants, copy_bw, device="cuda"):
             if length > kernels.fftconv.AUTO_TRITON_MAX_LEN:
                 # the default there: the short convolution's kernels, the long convolution on torch.fft
                 measure("per op, torch.fft (default)", mixer_implementation("auto"), per_op_ms)
+            # the long convolution's transforms on cuFFT (`kernels.fftconv.CUFFT_MIN_LEN`) at this length
+            with _setting(kernels.fftconv, "CUFFT_MIN_LEN", length):
+                measure("per op, cuFFT transforms", mixer_implementation("triton"), per_op_ms)
             # the compiled reference short convolution instead of its kernels
             with _setting(kernels.mixer, "TRITON_SHORT_CONV", False):
                 measure("per op, compiled short conv", mixer_implementation("triton"), per_op_ms)
