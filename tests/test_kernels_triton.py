@@ -956,6 +956,18 @@ def test_fftconv_gpu_small_gradients(length, batch, dim, fp16, monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("upstream_scale", [1.0, 1e-5])
+@pytest.mark.parametrize("length,batch,dim", [(500, 4, 960), (2048, 2, 768), (8192, 2, 768), (32768, 1, 768)])
+def test_fftconv_cufft_gpu(length, batch, dim, upstream_scale):
+    # Autocast's mix (u fp32, the gates bf16), and gradients 1e-5 of the activations.
+    inputs = _conv_inputs(batch, dim, length, True, seed=length)
+    _compare(
+        triton_cufft.gated_long_conv, fftconv_reference.gated_long_conv, inputs, torch.bfloat16,
+        atol_rel=1e-3, fp32_inputs=(0,), upstream_scale=upstream_scale,
+    )  # fmt: skip
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("dim", [768, 960])
 def test_blockdiag_gpu(dtype, dim, glu_programs):
