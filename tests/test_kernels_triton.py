@@ -927,6 +927,21 @@ def test_m2_layer_triton_matches_reference_under_autocast():
     _check_layer_autocast(length=63, hidden=32, inner=64, batch=2, kernels=KernelConfig(fftconv="triton"))
 
 
+@pytest.mark.parametrize("transforms", triton_cufft.TRANSFORM_LAYOUTS)
+def test_m2_layer_cufft_matches_reference_under_autocast(monkeypatch, transforms):
+    # The layer's own path to the cuFFT convolution: the short convolution's packed output, u as a
+    # view of the fp32 layer input, the gradient of the packed gates and of u back through the mixer.
+    from kernels import fftconv
+
+    monkeypatch.setattr(fftconv, "CUFFT_MIN_LEN", 16)
+    monkeypatch.setattr(triton_cufft, "TRANSFORMS", transforms)
+    calls = []
+    op = triton_cufft.cufft_conv
+    monkeypatch.setattr(triton_cufft, "cufft_conv", lambda *a: calls.append(a[6]) or op(*a))
+    _check_layer_autocast(length=63, hidden=32, inner=64, batch=2, kernels=KernelConfig(fftconv="triton"))
+    assert set(calls) == {transforms}
+
+
 def test_m2_layer_fused_mixer_matches_reference_under_autocast():
     # bf16 projection, fp32 layer input u: the fused operator with u split for its transforms.
     _check_layer_autocast(length=32, hidden=32, inner=64, batch=3, kernels=KernelConfig(fftconv="triton", fused_mixer=True))
