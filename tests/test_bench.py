@@ -195,11 +195,22 @@ def test_mixer_benchmark_times_every_path(monkeypatch):
     # the short convolution's kernels on both per-op rows (forward, then forward + backward), the
     # cuFFT path on its own row only, its switch restored after
     assert len(short_convs) == 4 and bench.kernels.mixer.TRITON_SHORT_CONV
-    assert len(cufft_calls) == 2 and bench.kernels.fftconv.CUFFT_MIN_LEN is None
+    assert len(cufft_calls) == 2 and bench.kernels.fftconv.CUFFT_MIN_LEN == 2048
     # Beyond the length where "auto" leaves the FFT kernels, the default path gets a row of its own.
     monkeypatch.setattr(bench.kernels.fftconv, "AUTO_TRITON_MAX_LEN", 16)
     rows = bench.bench_mixer([32], 64, [16], [], copy_bw=1e9, device="cpu")
     assert [r[1] for r in rows][:3] == ["reference", "per op", "per op, torch.fft (default)"]
+    # Where the default takes the cuFFT path (beyond that length too), the other row is the
+    # DFT-matmul kernels'. (D = 16: 3D = 48 would pass a threshold of 40 where L = 32 does not.)
+    # The cuFFT path's calls: the default rows' (per op, compiled short conv) or its own row's.
+    for threshold, row, calls in ((32, "per op, DFT-matmul kernels", 4), (40, "per op, cuFFT transforms", 2)):
+        monkeypatch.setattr(bench.kernels.fftconv, "CUFFT_MIN_LEN", threshold)
+        cufft_calls.clear()
+        rows = bench.bench_mixer([32], 64, [16], [], copy_bw=1e9, device="cpu")
+        labels = [r[1] for r in rows]
+        assert row in labels and ("per op, torch.fft (default)" in labels) == (threshold > 32)
+        assert len(cufft_calls) == calls
+        assert bench.kernels.fftconv.CUFFT_MIN_LEN == threshold
 
 
 def test_blockdiag_gemm_benchmark_times_both_engines(monkeypatch):

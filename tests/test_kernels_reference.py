@@ -177,6 +177,30 @@ def test_auto_takes_torch_fft_beyond_the_triton_length(monkeypatch):
     assert taken == ["triton"] * 3 + ["reference", "reference", "triton"]
 
 
+def test_auto_takes_the_cufft_path_beyond_the_triton_length(monkeypatch):
+    # From CUFFT_MIN_LEN on, "auto" on a GPU takes the cuFFT path at every length, also beyond
+    # AUTO_TRITON_MAX_LEN (where it measured faster than torch.fft), through both entries.
+    from kernels import fftconv
+    from kernels.fftconv import triton_cufft
+
+    taken = []
+    monkeypatch.setattr(fftconv, "use_triton", lambda t: True)
+    monkeypatch.setattr(fftconv, "can_run", lambda t: True)
+    monkeypatch.setattr(fftconv, "AUTO_TRITON_MAX_LEN", 16)
+    monkeypatch.setattr(fftconv, "CUFFT_MIN_LEN", 17)
+    unpacked, packed = fftconv.reference.gated_long_conv, fftconv._unpacked
+    monkeypatch.setattr(triton_cufft, "gated_long_conv", lambda *a: taken.append("cufft") or unpacked(*a))
+    monkeypatch.setattr(
+        triton_cufft, "packed_gated_long_conv", lambda *a: taken.append("cufft packed") or packed(unpacked, *a)
+    )
+    gen = torch.Generator().manual_seed(0)
+    u, x1, x2, v = (torch.randn(2, 8, 17, generator=gen) for _ in range(4))
+    k_DN, d_D = torch.randn(8, 34, generator=gen), torch.randn(8, generator=gen)
+    fftconv.gated_long_conv(u, x1, x2, v, k_DN, d_D, k_DN, d_D, backend="auto")
+    fftconv.implementation("auto", packed=True)(u, torch.cat([x1, x2, v], dim=1), k_DN, d_D, k_DN, d_D)
+    assert taken == ["cufft", "cufft packed"]
+
+
 def test_device_constants_refuses_a_new_table_during_a_graph_capture(monkeypatch):
     # A table first asked for while a CUDA graph is captured would be allocated inside the graph:
     # the error says so before anything reaches the device. Off a GPU the tables are moved as given.

@@ -2,33 +2,28 @@
 (M2_SPEC 1.1 steps 4-7): `y = (conv(v * x1; k1) + (v * x1) * d1) * x2 + conv(u; k2) + u * d2`.
 
 Where `triton_fftconv` computes the transforms on chip as products of small DFT matrices, this path
-leaves them to cuFFT (`torch.fft`, fp32) and fuses everything between them into Triton kernels:
-`_pad_kernel` writes the transforms' inputs zero-padded to N = 2L, `_spectra_kernel` multiplies
-the spectra by the filters' in place (and in the backward sums the filters' gradient spectra over
-the batch), and the gate kernels finish the output or the input gradients from the first L points
-of the inverse transforms. With rfft(k) unscaled and the inverse's 1/N, the inverse of the product
-is the circular convolution of size N, whose first L outputs are the bidirectional convolution (the
-padding keeps the wrap-around out); the filters' gradients come back in the time domain as the
-inverse of sum_b conj(A) G, the correlation of each input with its output gradient.
+leaves them to cuFFT (`torch.fft`: fp32, real input, half spectra of L + 1 frequencies) and fuses
+everything between them into Triton kernels, three a direction plus the transforms:
 
-Two layouts of the transforms (`TRANSFORMS`):
-- "paired": two real sequences of similar scale share one complex transform, z = p + i q, whose
-  spectrum gives both, P[k] = (Z[k] + conj(Z[N - k])) / 2 and Q[k] = (Z[k] - conj(Z[N - k])) / 2i;
-  the products are packed the same way, so that one complex inverse returns two real results. The
-  forward transforms a + i u and inverts A K1 + i U K2 (y1 + i y2); the backward transforms a + i u
-  and g1 + i dy (g1 = dy x2) and inverts G1 conj(K1) + i H conj(K2) (the correlations that give da
-  and du). Activations are paired with activations and gradients with gradients: fp32's error is
-  relative to the larger part of a pair, and gradients are orders of magnitude smaller.
-- "real": real-to-complex transforms of each sequence (half spectra). cuFFT's complex-to-real
-  inverse overwrites its input, so torch copies the spectra before each one.
-Both save z1 = y1 + d1 a (the gated convolution before the post-gate) in x's dtype for dx2, as the
-Toeplitz path does, instead of transforming once more in the backward.
+- forward: `_pad_kernel` writes the transforms' inputs, a = v * x1 and u zero-padded to N = 2L, as
+  the slots of one fp32 buffer (S, B, D, N); one batched rfft; `_spectra_kernel` multiplies each
+  slot by its filter's spectrum in place; one batched irfft; `_fwd_gates_kernel` adds the skip
+  terms, applies the post-gate and writes y (B, D, L), and z1 = y1 + d1 a (the gated convolution
+  before the post-gate) in x's dtype for the backward's dx2, as the Toeplitz path keeps it.
+- backward: `_pad_kernel` writes a, g1 = dy * x2, u and dy; one rfft; `_spectra_kernel` forms
+  G1 conj(K1) (the correlation that gives da) and H conj(K2) (du) in place and sums the filters'
+  gradient spectra over the batch, sum_b conj(A) G1 and sum_b conj(U) H; irffts of both;
+  `_bwd_gates_kernel` finishes the input gradients, packed as x, and the skip weights' partial sums.
 
-HBM traffic per element of (B, D, L), "paired", with the residual branch: the forward reads the
-gates and u and writes one complex padded slot (about 24 bytes), the transform and its inverse each
-read and write 16, the spectra pass reads and writes 16, and the gate pass reads the inverse's first
-half, the gates and u and writes y and z1 (about 30): about 150 bytes against the 14 that a fully
-fused kernel would move; the backward, with two slots, about 230.
+With rfft(k) unscaled and irfft's 1/N, irfft(rfft(a) rfft(k)) is the circular convolution of size
+N, whose first L outputs are the bidirectional convolution (the padding keeps the wrap-around
+out); the filters' gradients come back in the time domain as irfft(sum_b conj(A) G), the
+correlation of the input with the output gradient.
+
+Measured on one H100 (`tools/bench_kernels.py`, docs/performance.md): from L=2048 on faster than
+the DFT-matmul kernels, forward and backward, and faster than torch.fft's autograd at every length.
+Pairing two real sequences of like scale in one complex transform (a + i u, and one complex inverse
+for two real results) measured 1.6-1.8x slower than these real transforms at L = 512 ... 8192.
 
 Shape legend: B batch, D channels, L sequence length, N = 2L the transform size, F = L + 1 the
 half spectrum, S slots of a buffer.
@@ -40,9 +35,6 @@ import triton.language as tl
 
 from kernels.triton_common import INTERPRET, new_output
 
-# "paired" or "real" (see above).
-TRANSFORMS = "paired"
-TRANSFORM_LAYOUTS = ("paired", "real")
 # Tiles of the element-wise kernels: (channels, positions) per program, and warps.
 PAD_BLOCK = (32, 128)
 GATES_BLOCK = (32, 128)
@@ -52,28 +44,15 @@ SPECTRA_BLOCK = 512
 
 
 @triton.jit
-def _store_pair(ptr, re, im, m, PAIRED: tl.constexpr, slot):
-    """re (and im) at ptr: interleaved as complex numbers (PAIRED; ptr indexes floats at twice the
-    element offsets), else as two real slots `slot` apart."""
-    if PAIRED:
-        tl.store(ptr, re, mask=m)
-        tl.store(ptr + 1, im, mask=m)
-    else:
-        tl.store(ptr, re, mask=m)
-        tl.store(ptr + slot, im, mask=m)
-
-
-@triton.jit
 def _pad_kernel(
     out_ptr, x_ptr, u_ptr, dy_ptr,
     D, L, slot,
     s_xb, s_xd, s_xl, s_ub, s_ud, s_ul, s_gb, s_gd, s_gl,
-    GRAD: tl.constexpr, HAS_RES: tl.constexpr, PAIRED: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
+    GRAD: tl.constexpr, HAS_RES: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
 ):  # fmt: skip
-    """The transforms' inputs, each zero from L to N = 2L, for a = v * x1, u and, with GRAD,
-    g1 = dy * x2 and dy (x: (B, 3D, L) = [x1; x2; v]; u only with HAS_RES, else zeros).
-    PAIRED: complex slots (S, B, D, N) as (re, im) floats, a + i u[, g1 + i dy]; else real slots
-    (S, B, D, N) a[, g1][, u][, dy]. `slot`: the distance of two slots in floats."""
+    """The transforms' inputs as the slots of out (S, B, D, 2L) fp32, `slot` elements apart, each
+    zero from L on: a = v * x1, then with GRAD g1 = dy * x2, then with HAS_RES u, then with both dy.
+    x: (B, 3D, L) = [x1; x2; v]."""
     i_n = tl.program_id(0)
     i_d = tl.program_id(1)
     i_b = tl.program_id(2).to(tl.int64)
@@ -84,29 +63,22 @@ def _pad_kernel(
     m_in = m_d & (o_n < L)[None, :]
     m_out = m_d & (o_n < N)[None, :]
     p_x = x_ptr + i_b * s_xb + o_d[:, None] * s_xd + o_n[None, :] * s_xl
-    b_a = tl.load(p_x, mask=m_in, other=0.0).to(tl.float32) * tl.load(p_x + 2 * D * s_xd, mask=m_in, other=0.0).to(tl.float32)
-    b_u = tl.zeros((BD, BN), tl.float32)
-    if HAS_RES:
-        b_u = tl.load(u_ptr + i_b * s_ub + o_d[:, None] * s_ud + o_n[None, :] * s_ul, mask=m_in, other=0.0).to(tl.float32)
-    p_out = out_ptr + ((i_b * D + o_d[:, None]) * N + o_n[None, :]) * (2 if PAIRED else 1)
-    if PAIRED:
-        _store_pair(p_out, b_a, b_u, m_out, True, slot)
-    else:
-        tl.store(p_out, b_a, mask=m_out)
+    b_x1 = tl.load(p_x, mask=m_in, other=0.0).to(tl.float32)
+    b_v = tl.load(p_x + 2 * D * s_xd, mask=m_in, other=0.0).to(tl.float32)
+    p_out = out_ptr + (i_b * D + o_d[:, None]) * N + o_n[None, :]
+    tl.store(p_out, b_v * b_x1, mask=m_out)
     if GRAD:
         b_x2 = tl.load(p_x + D * s_xd, mask=m_in, other=0.0).to(tl.float32)
         b_dy = tl.load(dy_ptr + i_b * s_gb + o_d[:, None] * s_gd + o_n[None, :] * s_gl, mask=m_in, other=0.0).to(tl.float32)
         p_out += slot
-        if PAIRED:
-            _store_pair(p_out, b_dy * b_x2, b_dy, m_out, True, slot)
-        elif HAS_RES:
-            # real slots a, g1, u, dy
-            _store_pair(p_out, b_dy * b_x2, b_u, m_out, False, slot)
-            tl.store(p_out + slot + slot, b_dy, mask=m_out)
-        else:
-            tl.store(p_out, b_dy * b_x2, mask=m_out)
-    elif HAS_RES and not PAIRED:
-        tl.store(p_out + slot, b_u, mask=m_out)
+        tl.store(p_out, b_dy * b_x2, mask=m_out)
+    if HAS_RES:
+        b_u = tl.load(u_ptr + i_b * s_ub + o_d[:, None] * s_ud + o_n[None, :] * s_ul, mask=m_in, other=0.0).to(tl.float32)
+        p_out += slot
+        tl.store(p_out, b_u, mask=m_out)
+        if GRAD:
+            p_out += slot
+            tl.store(p_out, b_dy, mask=m_out)
 
 
 @triton.jit
@@ -121,13 +93,6 @@ def _store_complex(ptr, p, re, im, m):
 
 
 @triton.jit
-def _unpair(zr, zi, wr, wi):
-    """The spectra P[k], Q[k] of the real sequences p, q of z = p + i q from Z[k] = zr + i zi and
-    Z[N - k] = wr + i wi."""
-    return (zr + wr) * 0.5, (zi - wi) * 0.5, (zi + wi) * 0.5, (wr - zr) * 0.5
-
-
-@triton.jit
 def _cmul(ar, ai, br, bi):
     return ar * br - ai * bi, ar * bi + ai * br
 
@@ -135,24 +100,18 @@ def _cmul(ar, ai, br, bi):
 @triton.jit
 def _spectra_kernel(
     s_ptr, k_ptr, dk_ptr, B, D, F, slot,
-    GRAD: tl.constexpr, HAS_RES: tl.constexpr, PAIRED: tl.constexpr, BF: tl.constexpr,
+    GRAD: tl.constexpr, HAS_RES: tl.constexpr, BF: tl.constexpr,
 ):  # fmt: skip
-    """The spectra's products with the filters' k (1 or 2, D, F) (complex as (re, im) floats), in
-    place; with GRAD also dk (1 or 2, D, F) = sum_b conj(A) G1[, sum_b conj(U) H]. `slot`: the
-    distance of two slots in floats. One program: one channel, BF frequencies k <= L, every batch row.
-
-    PAIRED (full spectra (S, B, D, N), slot 0 Z of a + i u, slot 1 of g1 + i dy): each program reads
-    Z[k] and Z[N - k] and writes both: forward A K1 + i U K2 into slot 0; GRAD G1 conj(K1) +
-    i H conj(K2) into slot 1. Real (half spectra (S, B, D, F)): forward slots A, U -> A K1, U K2;
-    GRAD slots A, G1[, U, H] -> G1 conj(K1) in slot 1[, H conj(K2) in slot 2]."""
+    """The half spectra s (S, B, D, F) times the filters' k (1 or 2, D, F), in place, complex numbers
+    as (re, im) floats, slots `slot` floats apart. Forward: slots A, U -> A K1, U K2. GRAD: slots
+    A, G1[, U, H] -> G1 conj(K1) in slot 1[, H conj(K2) in slot 2], and dk (1 or 2, D, F) =
+    sum_b conj(A) G1[, sum_b conj(U) H]. One program: one channel, BF frequencies, every batch row."""
     i_f = tl.program_id(0)
     i_d = tl.program_id(1).to(tl.int64)
     o_f = i_f * BF + tl.arange(0, BF)
     m_f = o_f < F
     p_k = (i_d * F + o_f) * 2
     b_k1r, b_k1i = _load_complex(k_ptr, p_k, m_f)
-    b_k2r = tl.zeros((BF,), tl.float32)
-    b_k2i = tl.zeros((BF,), tl.float32)
     if HAS_RES:
         b_k2r, b_k2i = _load_complex(k_ptr + 2 * D * F, p_k, m_f)
     if GRAD:
@@ -163,55 +122,29 @@ def _spectra_kernel(
     s1_ptr = s_ptr + slot
     s2_ptr = s1_ptr + slot
     s3_ptr = s2_ptr + slot
-    N = 2 * (F - 1)
     for i_b in range(B):
-        if PAIRED:
-            row = (i_b * D + i_d) * N
-            p = (row + o_f) * 2
-            # The partner N - k (k = 0 and k = L are their own).
-            p_w = (row + (N - o_f) % N) * 2
-            b_zr, b_zi = _load_complex(s_ptr, p, m_f)
-            b_wr, b_wi = _load_complex(s_ptr, p_w, m_f)
-            b_ar, b_ai, b_ur, b_ui = _unpair(b_zr, b_zi, b_wr, b_wi)
-            if GRAD:
-                b_zr, b_zi = _load_complex(s1_ptr, p, m_f)
-                b_wr, b_wi = _load_complex(s1_ptr, p_w, m_f)
-                b_gr, b_gi, b_hr, b_hi = _unpair(b_zr, b_zi, b_wr, b_wi)
-                b_pr, b_pi = _cmul(b_gr, b_gi, b_k1r, -b_k1i)
-                b_qr, b_qi = _cmul(b_hr, b_hi, b_k2r, -b_k2i)
-                out_ptr = s1_ptr
-            else:
-                b_pr, b_pi = _cmul(b_ar, b_ai, b_k1r, b_k1i)
-                b_qr, b_qi = _cmul(b_ur, b_ui, b_k2r, b_k2i)
-                out_ptr = s_ptr
-            # P + i Q at k, conj(P) + i conj(Q) at N - k (the spectra of real sequences).
-            _store_complex(out_ptr, p, b_pr - b_qi, b_pi + b_qr, m_f)
-            _store_complex(out_ptr, p_w, b_pr + b_qi, b_qr - b_pi, m_f)
-        else:
-            p = ((i_b * D + i_d) * F + o_f) * 2
-            b_ar, b_ai = _load_complex(s_ptr, p, m_f)
-            if GRAD:
-                b_gr, b_gi = _load_complex(s1_ptr, p, m_f)
-                b_pr, b_pi = _cmul(b_gr, b_gi, b_k1r, -b_k1i)
-                _store_complex(s1_ptr, p, b_pr, b_pi, m_f)
-                if HAS_RES:
-                    b_ur, b_ui = _load_complex(s2_ptr, p, m_f)
-                    b_hr, b_hi = _load_complex(s3_ptr, p, m_f)
-                    b_qr, b_qi = _cmul(b_hr, b_hi, b_k2r, -b_k2i)
-                    _store_complex(s2_ptr, p, b_qr, b_qi, m_f)
-            else:
-                b_pr, b_pi = _cmul(b_ar, b_ai, b_k1r, b_k1i)
-                _store_complex(s_ptr, p, b_pr, b_pi, m_f)
-                if HAS_RES:
-                    b_ur, b_ui = _load_complex(s1_ptr, p, m_f)
-                    b_qr, b_qi = _cmul(b_ur, b_ui, b_k2r, b_k2i)
-                    _store_complex(s1_ptr, p, b_qr, b_qi, m_f)
+        p = ((i_b * D + i_d) * F + o_f) * 2
+        b_ar, b_ai = _load_complex(s_ptr, p, m_f)
         if GRAD:
+            b_gr, b_gi = _load_complex(s1_ptr, p, m_f)
+            b_pr, b_pi = _cmul(b_gr, b_gi, b_k1r, -b_k1i)
+            _store_complex(s1_ptr, p, b_pr, b_pi, m_f)
             b_dk1r += b_ar * b_gr + b_ai * b_gi
             b_dk1i += b_ar * b_gi - b_ai * b_gr
             if HAS_RES:
+                b_ur, b_ui = _load_complex(s2_ptr, p, m_f)
+                b_hr, b_hi = _load_complex(s3_ptr, p, m_f)
+                b_qr, b_qi = _cmul(b_hr, b_hi, b_k2r, -b_k2i)
+                _store_complex(s2_ptr, p, b_qr, b_qi, m_f)
                 b_dk2r += b_ur * b_hr + b_ui * b_hi
                 b_dk2i += b_ur * b_hi - b_ui * b_hr
+        else:
+            b_pr, b_pi = _cmul(b_ar, b_ai, b_k1r, b_k1i)
+            _store_complex(s_ptr, p, b_pr, b_pi, m_f)
+            if HAS_RES:
+                b_ur, b_ui = _load_complex(s1_ptr, p, m_f)
+                b_qr, b_qi = _cmul(b_ur, b_ui, b_k2r, b_k2i)
+                _store_complex(s1_ptr, p, b_qr, b_qi, m_f)
     if GRAD:
         _store_complex(dk_ptr, p_k, b_dk1r, b_dk1i, m_f)
         if HAS_RES:
@@ -226,22 +159,15 @@ def _tile(i_d, i_l, D, L, BD: tl.constexpr, BL: tl.constexpr):
 
 
 @triton.jit
-def _conv_pointers(c_ptr, i_b, o_d, o_l, D, L, PAIRED: tl.constexpr, slot):
-    """Pointers to the two results of the inverse transforms at (b, d, t < L) of the tile: the real
-    and imaginary parts (PAIRED: one complex (B, D, N) buffer), or two real slots `slot` apart."""
-    p = c_ptr + ((i_b * D + o_d[:, None]) * (2 * L) + o_l[None, :]) * (2 if PAIRED else 1)
-    return p, p + (1 if PAIRED else slot)
-
-
-@triton.jit
 def _fwd_gates_kernel(
     y_ptr, z1_ptr, c_ptr, x_ptr, u_ptr, d1_ptr, d2_ptr,
     D, L, slot,
     s_xb, s_xd, s_xl, s_ub, s_ud, s_ul,
-    HAS_RES: tl.constexpr, PAIRED: tl.constexpr, SAVE_Z1: tl.constexpr, BD: tl.constexpr, BL: tl.constexpr,
+    HAS_RES: tl.constexpr, SAVE_Z1: tl.constexpr, BD: tl.constexpr, BL: tl.constexpr,
 ):  # fmt: skip
     """y = z1 x2 + y2 + d2 u with z1 = y1 + d1 a into y (B, D, L) (and with SAVE_Z1 z1 (B, D, L) in
-    its dtype), from the convolutions y1, y2 (`_conv_pointers`), x = [x1; x2; v] and u."""
+    its dtype), from the convolutions c (S, B, D, 2L) (y1, y2: the first L of slots `slot` elements
+    apart), x = [x1; x2; v] and u."""
     i_l = tl.program_id(0)
     i_d = tl.program_id(1)
     i_b = tl.program_id(2).to(tl.int64)
@@ -250,9 +176,9 @@ def _fwd_gates_kernel(
     b_x1 = tl.load(p_x, mask=m, other=0.0).to(tl.float32)
     b_x2 = tl.load(p_x + D * s_xd, mask=m, other=0.0).to(tl.float32)
     b_v = tl.load(p_x + 2 * D * s_xd, mask=m, other=0.0).to(tl.float32)
-    p_c1, p_c2 = _conv_pointers(c_ptr, i_b, o_d, o_l, D, L, PAIRED, slot)
+    p_c = c_ptr + (i_b * D + o_d[:, None]) * (2 * L) + o_l[None, :]
     b_d1 = tl.load(d1_ptr + o_d, mask=o_d < D, other=0.0).to(tl.float32)[:, None]
-    b_z1 = tl.load(p_c1, mask=m, other=0.0) + b_d1 * b_v * b_x1
+    b_z1 = tl.load(p_c, mask=m, other=0.0) + b_d1 * b_v * b_x1
     p_out = (i_b * D + o_d[:, None]) * L + o_l[None, :]
     if SAVE_Z1:
         tl.store(z1_ptr + p_out, b_z1.to(z1_ptr.dtype.element_ty), mask=m)
@@ -260,7 +186,7 @@ def _fwd_gates_kernel(
     if HAS_RES:
         b_u = tl.load(u_ptr + i_b * s_ub + o_d[:, None] * s_ud + o_l[None, :] * s_ul, mask=m, other=0.0).to(tl.float32)
         b_d2 = tl.load(d2_ptr + o_d, mask=o_d < D, other=0.0).to(tl.float32)[:, None]
-        b_y += tl.load(p_c2, mask=m, other=0.0) + b_d2 * b_u
+        b_y += tl.load(p_c + slot, mask=m, other=0.0) + b_d2 * b_u
     tl.store(y_ptr + p_out, b_y.to(y_ptr.dtype.element_ty), mask=m)
 
 
@@ -269,11 +195,12 @@ def _bwd_gates_kernel(
     dx_ptr, du_ptr, dd_ptr, c_ptr, z1_ptr, x_ptr, u_ptr, dy_ptr, d1_ptr, d2_ptr,
     D, L, slot, dd_slot,
     s_xb, s_xd, s_xl, s_ub, s_ud, s_ul, s_gb, s_gd, s_gl,
-    HAS_RES: tl.constexpr, PAIRED: tl.constexpr, BD: tl.constexpr, BL: tl.constexpr,
+    HAS_RES: tl.constexpr, BD: tl.constexpr, BL: tl.constexpr,
 ):  # fmt: skip
-    """The input gradients from the correlations of g1 with k1 and of dy with k2
-    (`_conv_pointers`) and the forward's z1: dx (B, 3D, L) packed as x, du (B, D, L); dd (1 or 2,
-    B * n_l, D; `dd_slot` = B n_l D apart) the skip weights' partial sums over the program's positions."""
+    """The input gradients from the correlations c (S, B, D, 2L) of g1 with k1 and of dy with k2
+    (the first L of slots `slot` elements apart) and the forward's z1: dx (B, 3D, L) packed as x,
+    du (B, D, L); dd (1 or 2, B * n_l, D; `dd_slot` = B n_l D apart) the skip weights' partial sums
+    over the program's positions."""
     i_l = tl.program_id(0)
     i_d = tl.program_id(1)
     i_b = tl.program_id(2).to(tl.int64)
@@ -284,12 +211,12 @@ def _bwd_gates_kernel(
     b_x2 = tl.load(p_x + D * s_xd, mask=m, other=0.0).to(tl.float32)
     b_v = tl.load(p_x + 2 * D * s_xd, mask=m, other=0.0).to(tl.float32)
     b_dy = tl.load(dy_ptr + i_b * s_gb + o_d[:, None] * s_gd + o_l[None, :] * s_gl, mask=m, other=0.0).to(tl.float32)
-    p_c1, p_c2 = _conv_pointers(c_ptr, i_b, o_d, o_l, D, L, PAIRED, slot)
+    p_c = c_ptr + (i_b * D + o_d[:, None]) * (2 * L) + o_l[None, :]
     p_out = (i_b * D + o_d[:, None]) * L + o_l[None, :]
     b_z1 = tl.load(z1_ptr + p_out, mask=m, other=0.0).to(tl.float32)
     b_d1 = tl.load(d1_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)[:, None]
     b_g1 = b_dy * b_x2
-    b_da = tl.load(p_c1, mask=m, other=0.0) + b_d1 * b_g1
+    b_da = tl.load(p_c, mask=m, other=0.0) + b_d1 * b_g1
     p_dx = dx_ptr + (i_b * 3 * D + o_d[:, None]) * L + o_l[None, :]
     ty = dx_ptr.dtype.element_ty
     tl.store(p_dx, (b_da * b_v).to(ty), mask=m)
@@ -301,7 +228,7 @@ def _bwd_gates_kernel(
     if HAS_RES:
         b_u = tl.load(u_ptr + i_b * s_ub + o_d[:, None] * s_ud + o_l[None, :] * s_ul, mask=m, other=0.0).to(tl.float32)
         b_d2 = tl.load(d2_ptr + o_d, mask=m_d, other=0.0).to(tl.float32)[:, None]
-        b_du = tl.load(p_c2, mask=m, other=0.0) + b_d2 * b_dy
+        b_du = tl.load(p_c + slot, mask=m, other=0.0) + b_d2 * b_dy
         tl.store(du_ptr + p_out, b_du.to(du_ptr.dtype.element_ty), mask=m)
         tl.store(p_dd + dd_slot, tl.sum(b_dy * b_u, axis=1), mask=m_d)
 
@@ -328,60 +255,38 @@ def _filter_spectra(k1: torch.Tensor, k2: torch.Tensor | None) -> torch.Tensor:
     return torch.fft.rfft(k.float())
 
 
-def _transformed(x, u, dy, has_res: bool, paired: bool) -> torch.Tensor:
-    """The spectra of `_pad_kernel`'s slots (dy given: the backward's), (S, B, D, N) complex64
-    (paired) or (S, B, D, L + 1) (real)."""
+def _transformed(x, u, dy, has_res: bool) -> torch.Tensor:
+    """rfft of `_pad_kernel`'s slots (dy given: the backward's), (S, B, D, L + 1) complex64."""
     batch, width, length = x.shape
     dim = width // 3
     grad = dy is not None
-    if paired:
-        slots = 2 if grad else 1
-        padded = new_output((slots, batch, dim, 2 * length), torch.complex64, x.device)
-    else:
-        slots = (2 if grad else 1) * (2 if has_res else 1)
-        padded = new_output((slots, batch, dim, 2 * length), torch.float32, x.device)
+    slots = (2 if grad else 1) * (2 if has_res else 1)
+    padded = new_output((slots, batch, dim, 2 * length), torch.float32, x.device)
     bd, bn = PAD_BLOCK
     uu = u if has_res else x
     gg = dy if grad else x
     _pad_kernel[(triton.cdiv(2 * length, bn), triton.cdiv(dim, bd), batch)](
-        torch.view_as_real(padded) if paired else padded, x, uu, gg, dim, length,
-        (2 if paired else 1) * batch * dim * 2 * length, *_strides(x, uu, gg),
-        GRAD=grad, HAS_RES=has_res, PAIRED=paired, BD=bd, BN=bn,
+        padded, x, uu, gg, dim, length, padded[0].numel(), *_strides(x, uu, gg),
+        GRAD=grad, HAS_RES=has_res, BD=bd, BN=bn,
     )  # fmt: skip
-    return torch.fft.fft(padded) if paired else torch.fft.rfft(padded)
+    return torch.fft.rfft(padded)
 
 
-def _apply_spectra(spectra: torch.Tensor, k: torch.Tensor, grad: bool, has_res: bool, paired: bool) -> torch.Tensor | None:
+def _apply_spectra(spectra: torch.Tensor, k: torch.Tensor, grad: bool, has_res: bool) -> torch.Tensor | None:
     """`_spectra_kernel` in place on `spectra` (`_transformed`'s); with `grad` returns the filters'
     gradient spectra (1 or 2, D, L + 1) complex64."""
-    _, batch, dim, _ = spectra.shape
-    freqs = k.shape[-1]
+    _, batch, dim, freqs = spectra.shape
     dk = torch.empty_like(k) if grad else k
     _spectra_kernel[(triton.cdiv(freqs, SPECTRA_BLOCK), dim)](
         torch.view_as_real(spectra), torch.view_as_real(k), torch.view_as_real(dk), batch, dim, freqs,
-        2 * spectra[0].numel(), GRAD=grad, HAS_RES=has_res, PAIRED=paired, BF=SPECTRA_BLOCK,
+        2 * spectra[0].numel(), GRAD=grad, HAS_RES=has_res, BF=SPECTRA_BLOCK,
     )  # fmt: skip
     return dk if grad else None
-
-
-def _inverse(spectra: torch.Tensor, length: int, paired: bool) -> tuple[torch.Tensor, int]:
-    """The inverse transforms of the spectra's two results (slots `first` and `first + 1` of real
-    ones), as the float buffer the gate kernels read and the distance of its real slots."""
-    if paired:
-        return torch.view_as_real(torch.fft.ifft(spectra)), 0
-    conv = torch.fft.irfft(spectra, n=2 * length)
-    return conv, conv[0].numel()
 
 
 def _gates_grid(batch: int, dim: int, length: int) -> tuple[int, int, int]:
     bd, bl = GATES_BLOCK
     return triton.cdiv(length, bl), triton.cdiv(dim, bd), batch
-
-
-def _layout(transforms: str) -> bool:
-    if transforms not in TRANSFORM_LAYOUTS:
-        raise ValueError(f"the cuFFT path's transforms must be one of {TRANSFORM_LAYOUTS}, got {transforms!r}")
-    return transforms == "paired"
 
 
 # The ops take the gated branch's inputs packed as x = [x1; x2; v] along the channels (B, 3D, L), as
@@ -391,31 +296,30 @@ def _layout(transforms: str) -> bool:
 @torch.library.custom_op("m2dist::cufft_conv", mutates_args=())
 def cufft_conv(
     u: torch.Tensor | None, x: torch.Tensor, k1: torch.Tensor, d1: torch.Tensor,
-    k2: torch.Tensor | None, d2: torch.Tensor | None, transforms: str, save_z1: bool,
+    k2: torch.Tensor | None, d2: torch.Tensor | None, save_z1: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """(y, z1): the output (B, D, L) in `_out_dtype`; if `save_z1`, the gated convolution before
     the post-gate, y1 + d1 v x1, in x's dtype (kept for the backward; else an empty tensor)."""
     batch, width, length = x.shape
     dim = width // 3
     has_res = k2 is not None
-    paired = _layout(transforms)
-    spectra = _transformed(x, u, None, has_res, paired)
-    _apply_spectra(spectra, _filter_spectra(k1, k2), False, has_res, paired)
-    conv, slot = _inverse(spectra, length, paired)
+    spectra = _transformed(x, u, None, has_res)
+    _apply_spectra(spectra, _filter_spectra(k1, k2), False, has_res)
+    conv = torch.fft.irfft(spectra, n=2 * length)
     del spectra
     y = new_output((batch, dim, length), _out_dtype(x, u, has_res), x.device)
     z1 = new_output((batch, dim, length), x.dtype, x.device) if save_z1 else x.new_empty(0)
     uu = u if has_res else x
     bd, bl = GATES_BLOCK
     _fwd_gates_kernel[_gates_grid(batch, dim, length)](
-        y, z1 if save_z1 else y, conv, x, uu, d1, d2 if has_res else d1, dim, length, slot, *_strides(x, uu),
-        HAS_RES=has_res, PAIRED=paired, SAVE_Z1=save_z1, BD=bd, BL=bl, num_warps=GATES_WARPS,
+        y, z1 if save_z1 else y, conv, x, uu, d1, d2 if has_res else d1, dim, length, conv[0].numel(),
+        *_strides(x, uu), HAS_RES=has_res, SAVE_Z1=save_z1, BD=bd, BL=bl, num_warps=GATES_WARPS,
     )  # fmt: skip
     return y, z1
 
 
 @cufft_conv.register_fake
-def _(u, x, k1, d1, k2, d2, transforms, save_z1):
+def _(u, x, k1, d1, k2, d2, save_z1):
     shape = (x.shape[0], x.shape[1] // 3, x.shape[2])
     return x.new_empty(shape, dtype=_out_dtype(x, u, k2 is not None)), x.new_empty(shape if save_z1 else (0,))
 
@@ -423,18 +327,17 @@ def _(u, x, k1, d1, k2, d2, transforms, save_z1):
 @torch.library.custom_op("m2dist::cufft_conv_backward", mutates_args=())
 def cufft_conv_backward(
     dy: torch.Tensor, u: torch.Tensor | None, x: torch.Tensor, z1: torch.Tensor, k1: torch.Tensor, d1: torch.Tensor,
-    k2: torch.Tensor | None, d2: torch.Tensor | None, transforms: str,
+    k2: torch.Tensor | None, d2: torch.Tensor | None,
 ) -> list[torch.Tensor]:  # fmt: skip
     """[dx, dk1, dd1] and, with the residual branch, [du, dk2, dd2] after them; dx packed as x
     (B, 3D, L), each gradient in its input's dtype. z1: the forward's."""
     batch, width, length = x.shape
     dim = width // 3
     has_res = k2 is not None
-    paired = _layout(transforms)
-    spectra = _transformed(x, u, dy, has_res, paired)
-    dk_spectra = _apply_spectra(spectra, _filter_spectra(k1, k2), True, has_res, paired)
-    # Paired: slot 1 holds G1 conj(K1) + i H conj(K2). Real: slots 1 and 2 G1 conj(K1), H conj(K2).
-    conv, slot = _inverse(spectra[1] if paired else spectra[1 : 3 if has_res else 2], length, paired)
+    spectra = _transformed(x, u, dy, has_res)
+    dk_spectra = _apply_spectra(spectra, _filter_spectra(k1, k2), True, has_res)
+    # Slots 1 and 2: G1 conj(K1), H conj(K2).
+    conv = torch.fft.irfft(spectra[1 : 3 if has_res else 2], n=2 * length)
     del spectra
     dx = new_output(x.shape, x.dtype, x.device)
     du = new_output(u.shape, u.dtype, u.device) if has_res else dx
@@ -443,8 +346,8 @@ def cufft_conv_backward(
     uu = u if has_res else x
     bd, bl = GATES_BLOCK
     _bwd_gates_kernel[(n_l, n_d, batch)](
-        dx, du, dd_parts, conv, z1, x, uu, dy, d1, d2 if has_res else d1, dim, length, slot, batch * n_l * dim,
-        *_strides(x, uu, dy), HAS_RES=has_res, PAIRED=paired, BD=bd, BL=bl, num_warps=GATES_WARPS,
+        dx, du, dd_parts, conv, z1, x, uu, dy, d1, d2 if has_res else d1, dim, length, conv[0].numel(),
+        dd_parts[0].numel(), *_strides(x, uu, dy), HAS_RES=has_res, BD=bd, BL=bl, num_warps=GATES_WARPS,
     )  # fmt: skip
     # Each gradient a tensor of its own (an op's outputs must not alias): one inverse per filter.
     grads = [dx, torch.fft.irfft(dk_spectra[0], n=2 * length).to(k1.dtype), dd_parts[0].sum(0).to(d1.dtype)]
@@ -454,7 +357,7 @@ def cufft_conv_backward(
 
 
 @cufft_conv_backward.register_fake
-def _(dy, u, x, z1, k1, d1, k2, d2, transforms):
+def _(dy, u, x, z1, k1, d1, k2, d2):
     grads = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (x, k1, d1)]
     if k2 is not None:
         grads += [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (u, k2, d2)]
@@ -462,37 +365,35 @@ def _(dy, u, x, z1, k1, d1, k2, d2, transforms):
 
 
 def _cufft_setup_context(ctx, inputs, output):
-    u, x, k1, d1, k2, d2, transforms, _ = inputs
+    u, x, k1, d1, k2, d2, _ = inputs
     ctx.save_for_backward(u, x, output[1], k1, d1, k2, d2)
-    ctx.transforms = transforms
 
 
 def _cufft_backward(ctx, dy, _dz1):
     u, x, z1, k1, d1, k2, d2 = ctx.saved_tensors
-    grads = cufft_conv_backward(dy, u, x, z1, k1, d1, k2, d2, ctx.transforms)
+    grads = cufft_conv_backward(dy, u, x, z1, k1, d1, k2, d2)
     dx, dk1, dd1 = grads[:3]
     du, dk2, dd2 = grads[3:] if k2 is not None else (None, None, None)
-    return du, dx, dk1, dd1, dk2, dd2, None, None
+    return du, dx, dk1, dd1, dk2, dd2, None
 
 
 torch.library.register_autograd("m2dist::cufft_conv", _cufft_backward, setup_context=_cufft_setup_context)
 
 
-def packed_gated_long_conv(u_BDL, x_BCL, k1_DN, d1_D, k2_DN=None, d2_D=None, *, transforms: str | None = None):
+def packed_gated_long_conv(u_BDL, x_BCL, k1_DN, d1_D, k2_DN=None, d2_D=None):
     """`gated_long_conv` with the gated branch's inputs packed as x = [x1; x2; v] (B, 3D, L), as the
     short convolution writes them; its gradient comes back packed the same way. The output has x's
     dtype, promoted with u's (as the reference's). k1_DN, k2_DN: (D, 2L) circular filters; d1_D,
-    d2_D: (D,). `transforms`: `TRANSFORM_LAYOUTS` (None: `TRANSFORMS`). The caller checks shapes."""
+    d2_D: (D,). The caller checks shapes."""
     has_res = k2_DN is not None
     inputs = (u_BDL if has_res else None, x_BCL, k1_DN, d1_D, k2_DN, d2_D)
     save_z1 = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
-    return cufft_conv(*inputs, transforms or TRANSFORMS, save_z1)[0]
+    return cufft_conv(*inputs, save_z1)[0]
 
 
-def gated_long_conv(u_BDL, x1_BDL, x2_BDL, v_BDL, k1_DN, d1_D, k2_DN=None, d2_D=None, *, transforms: str | None = None):
+def gated_long_conv(u_BDL, x1_BDL, x2_BDL, v_BDL, k1_DN, d1_D, k2_DN=None, d2_D=None):
     """`y = (conv(v * x1; k1) + (v * x1) * d1) * x2 + conv(u; k2) + u * d2` with cuFFT's transforms.
 
     x1, x2, v (B, D, L) (one dtype), packed into one tensor here (one copy; the sequence mixer passes
     the packed tensor to `packed_gated_long_conv` instead); otherwise as `packed_gated_long_conv`."""
-    x_BCL = torch.cat([x1_BDL, x2_BDL, v_BDL], dim=1)
-    return packed_gated_long_conv(u_BDL, x_BCL, k1_DN, d1_D, k2_DN, d2_D, transforms=transforms)
+    return packed_gated_long_conv(u_BDL, torch.cat([x1_BDL, x2_BDL, v_BDL], dim=1), k1_DN, d1_D, k2_DN, d2_D)

@@ -173,12 +173,17 @@ def bench_mixer(lengths, tokens, dims, variants, copy_bw, device="cuda"):
 
             measure("reference", mixer_implementation("reference"))
             per_op_ms = measure("per op", mixer_implementation("triton"))
-            if length > kernels.fftconv.AUTO_TRITON_MAX_LEN:
+            takes_cufft = kernels.fftconv.takes_cufft(u.transpose(1, 2))
+            if length > kernels.fftconv.AUTO_TRITON_MAX_LEN and not takes_cufft:
                 # the default there: the short convolution's kernels, the long convolution on torch.fft
                 measure("per op, torch.fft (default)", mixer_implementation("auto"), per_op_ms)
-            # the long convolution's transforms on cuFFT (`kernels.fftconv.CUFFT_MIN_LEN`) at this length
-            with _setting(kernels.fftconv, "CUFFT_MIN_LEN", length):
-                measure("per op, cuFFT transforms", mixer_implementation("triton"), per_op_ms)
+            # the other algorithm of the long convolution's transforms (`kernels.fftconv.CUFFT_MIN_LEN`)
+            if takes_cufft:
+                with _setting(kernels.fftconv, "CUFFT_MIN_LEN", None):
+                    measure("per op, DFT-matmul kernels", mixer_implementation("triton"), per_op_ms)
+            else:
+                with _setting(kernels.fftconv, "CUFFT_MIN_LEN", length):
+                    measure("per op, cuFFT transforms", mixer_implementation("triton"), per_op_ms)
             # the compiled reference short convolution instead of its kernels
             with _setting(kernels.mixer, "TRITON_SHORT_CONV", False):
                 measure("per op, compiled short conv", mixer_implementation("triton"), per_op_ms)
