@@ -63,10 +63,11 @@ def _check_shapes(u_BDL, x1_BDL, x2_BDL, v_BDL, k1_DN, d1_D, k2_DN, d2_D) -> Non
 # The shortest L from which the Triton backend computes the long convolution's transforms with cuFFT
 # (`triton_cufft`: fp32 real-to-complex transforms, the gates and spectrum products in Triton
 # kernels around them) instead of the DFT-matmul kernels (`triton_fftconv`); None: never. Measured on
-# one H100 (bf16 gates, fp32 u, d=768, 32,768 tokens, forward + backward, `tools/bench_kernels.py
-# --ops fftconv`): 4.91 against the kernels' 4.85 ms at L=512, 4.89 against 5.75 at 2048, 5.46
-# against 8.77 at 8192 and 8.90 against 23.67 at 32768 (torch.fft's autograd: 12.07); the L=8192
-# engine step 123.8 against 168.6 ms (`tools/bench_revisions.py`).
+# one H100 (bf16 gates, fp32 u as under autocast, d=768, 32,768 tokens, forward + backward; the
+# table in docs/performance.md, "The cuFFT path"): 4.91 against the kernels' 4.85 ms at L=512,
+# 4.89 against 5.75 at 2048, 5.46 against 8.77 at 8192 and 8.90 against 23.67 at 32768
+# (torch.fft's autograd: 12.07); the L=8192 engine step 123.8 against 168.6 ms
+# (`tools/bench_revisions.py`).
 CUFFT_MIN_LEN: int | None = 2048
 
 
@@ -77,8 +78,9 @@ def takes_cufft(v_BDL: torch.Tensor) -> bool:
 
 
 # Where the cuFFT path does not take the input (`CUFFT_MIN_LEN` None or above L), the longest L at
-# which "auto" takes the Triton kernels; longer inputs take torch.fft (the reference). Measured on one H200 (bf16, d=768, 65,536 tokens, forward + backward, the FFT kernels
-# with their default operands, `tools/bench_kernels.py --ops fftconv,mixer`): at L=32768 the FFT
+# which "auto" takes the Triton kernels; longer inputs take torch.fft (the reference). Measured on
+# one H200 (bf16, d=768, 65,536 tokens, forward + backward, the FFT kernels with their default
+# operands, `tools/bench_kernels.py --ops fftconv,mixer`): at L=32768 the FFT
 # kernels took 34.2 ms against torch.fft's 16.0; at L=8192 the sequence mixer with them took 16.0 ms
 # against 16.8 with torch.fft (both with the compiled reference short convolution), at 2048 12.8
 # against 15.4; at L=16384 (4 x 16384 tokens) 22.4 ms against 18.6 with torch.fft.
@@ -87,7 +89,7 @@ AUTO_TRITON_MAX_LEN = 8192
 
 def _auto_takes_triton(v_BDL: torch.Tensor) -> bool:
     """"auto"'s choice: the Triton kernels on an Ampere or newer GPU (`use_triton`) up to
-    `AUTO_TRITON_MAX_LEN`, the reference elsewhere."""
+    `AUTO_TRITON_MAX_LEN` and wherever the cuFFT path takes the input, the reference elsewhere."""
     return use_triton(v_BDL) and (v_BDL.shape[-1] <= AUTO_TRITON_MAX_LEN or takes_cufft(v_BDL))
 
 
