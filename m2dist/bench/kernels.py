@@ -126,13 +126,14 @@ def _fmt_fft(r):
 def bench_mixer(lengths, tokens, dims, variants, copy_bw, device="cuda"):
     """The sequence mixer after in_linear (short conv, gates, both long convolutions) as the model
     calls it under bf16 autocast: a bf16 projection (B, L, 3D), the fp32 layer input u (B, L, D),
-    fp32 filters. Paths: reference (torch.fft), per op (the Triton convolution kernels with the
-    short convolution's kernels and the transposes around them, the model's path up to
-    `kernels.fftconv.AUTO_TRITON_MAX_LEN`; beyond it the model's path takes torch.fft for the long
-    convolution, a row of its own), the same with the `torch.compile`d reference short convolution
-    instead, and fused
-    (`triton_mixer`, once per block `variant` (BD, BF, BPP, num_warps), where it applies). The floor
-    is `triton_mixer.mixer_traffic_bytes` at the copy bandwidth."""
+    fp32 filters. Paths: reference (torch.fft), per op (the Triton backend's long convolution with
+    the short convolution's kernels and the transposes around them: the model's path, except beyond
+    `kernels.fftconv.AUTO_TRITON_MAX_LEN` where the cuFFT path does not take the input and the
+    model's path takes torch.fft for the long convolution, a row of its own), the same with the
+    long convolution's other transforms (the DFT-matmul kernels where the default takes cuFFT's,
+    cuFFT's elsewhere), the same with the `torch.compile`d reference short convolution instead, and
+    fused (`triton_mixer`, once per block `variant` (BD, BF, BPP, num_warps), where it applies). The
+    floor is `triton_mixer.mixer_traffic_bytes` at the copy bandwidth."""
     rows = []
     for length in lengths:
         batch = max(1, tokens // length)
