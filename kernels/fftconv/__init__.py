@@ -72,8 +72,8 @@ CUFFT_MIN_LEN: int | None = 2048
 
 
 def takes_cufft(v_BDL: torch.Tensor) -> bool:
-    """Whether the Triton backend takes the cuFFT path for this input (`CUFFT_MIN_LEN`), on a GPU or
-    in Triton's interpreter."""
+    """Whether the Triton backend takes the cuFFT path for this input (`CUFFT_MIN_LEN`): any float
+    dtype, on a GPU or in Triton's interpreter (torch.fft's CPU transforms around the kernels)."""
     return CUFFT_MIN_LEN is not None and v_BDL.shape[-1] >= CUFFT_MIN_LEN and can_run(v_BDL)
 
 

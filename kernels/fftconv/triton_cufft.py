@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_common import INTERPRET, new_output
+from kernels.triton_common import new_output
 
 # Tiles of the element-wise kernels: (channels, positions) per program, and warps.
 PAD_BLOCK = (32, 128)
@@ -231,12 +231,6 @@ def _bwd_gates_kernel(
         b_du = tl.load(p_c + slot, mask=m, other=0.0) + b_d2 * b_dy
         tl.store(du_ptr + p_out, b_du.to(du_ptr.dtype.element_ty), mask=m)
         tl.store(p_dd + dd_slot, tl.sum(b_dy * b_u, axis=1), mask=m_d)
-
-
-def supports(v_BDL: torch.Tensor) -> bool:
-    """Whether this path takes the input: on a GPU (cuFFT), or on the CPU in Triton's interpreter
-    (torch.fft's CPU transforms), any float dtype and length."""
-    return v_BDL.device.type == "cuda" or INTERPRET
 
 
 def _strides(*tensors):
