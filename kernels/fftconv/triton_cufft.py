@@ -20,9 +20,9 @@ N, whose first L outputs are the bidirectional convolution (the padding keeps th
 out); the filters' gradients come back in the time domain as irfft(sum_b conj(A) G), the
 correlation of the input with the output gradient.
 
-Measured on one H100 (`tools/bench_kernels.py`, docs/performance.md): from L=2048 on faster than
-the DFT-matmul kernels, forward and backward, and faster than torch.fft's autograd at every length.
-Pairing two real sequences of like scale in one complex transform (a + i u, and one complex inverse
+Measured on one H100 (docs/performance.md, "The cuFFT path"): forward + backward faster than the
+DFT-matmul kernels from L=2048 on (their single fused pass keeps the forward alone faster up to
+2048) and than torch.fft's autograd at every length measured, 512 ... 32768. Pairing two real sequences of like scale in one complex transform (a + i u, and one complex inverse
 for two real results) measured 1.6-1.8x slower than these real transforms at L = 512 ... 8192.
 
 Shape legend: B batch, D channels, L sequence length, N = 2L the transform size, F = L + 1 the
