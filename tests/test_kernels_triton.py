@@ -318,7 +318,7 @@ def test_fftconv_toeplitz_matches_reference(length, dtype, residual, operands):
 
 # The cuFFT path (fp32 transforms, Triton gates): any length (63 and 500 are not powers of two) and
 # dtype, with and without the residual convolution; autocast's mix (u fp32, gates bf16, the output
-# in the gates' dtype); gradients 1e-5 of the activations.
+# in fp32 as the reference's); gradients 1e-5 of the activations.
 @pytest.mark.parametrize(
     "length,dtype,residual,fp32_u,upstream_scale",
     [
