@@ -1,6 +1,6 @@
-"""What the Triton paths of every op share: the interpreter switch, output allocation, the dot
-precision for an input dtype, whether a tensor can run the kernels, constant tables kept on a
-device, and a warning given once.
+"""What the Triton paths of every op share: the interpreter switch, output allocation, kernels'
+stride arguments, the dot precision for an input dtype, whether a tensor can run the kernels,
+constant tables kept on a device, and a warning given once.
 
 Importing this module does not import Triton, so the dispatch can use it on any machine.
 """
@@ -25,6 +25,11 @@ def new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if POISON_OUTPUTS:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+def strides(*tensors: torch.Tensor) -> list[int]:
+    """The strides of `tensors`, one after the other: a kernel's stride arguments."""
+    return [s for t in tensors for s in t.stride()]
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_common import new_output
+from kernels.triton_common import new_output, strides
 
 # Tiles of the element-wise kernels: (channels, positions) per program, and warps.
 PAD_BLOCK = (32, 128)
@@ -233,10 +233,6 @@ def _bwd_gates_kernel(
         tl.store(p_dd + dd_slot, tl.sum(b_dy * b_u, axis=1), mask=m_d)
 
 
-def _strides(*tensors):
-    return [s for t in tensors for s in t.stride()]
-
-
 def _out_dtype(x: torch.Tensor, u: torch.Tensor | None, has_res: bool) -> torch.dtype:
     """The output's dtype, the reference's: x's, promoted with u's where the residual branch adds it
     (under autocast u is the layer's fp32 input while the gates are bf16)."""
@@ -260,7 +256,7 @@ def _transformed(x, u, dy, has_res: bool) -> torch.Tensor:
     uu = u if has_res else x
     gg = dy if grad else x
     _pad_kernel[(triton.cdiv(2 * length, bn), triton.cdiv(dim, bd), batch)](
-        padded, x, uu, gg, dim, length, padded[0].numel(), *_strides(x, uu, gg),
+        padded, x, uu, gg, dim, length, padded[0].numel(), *strides(x, uu, gg),
         GRAD=grad, HAS_RES=has_res, BD=bd, BN=bn,
     )  # fmt: skip
     return torch.fft.rfft(padded)
@@ -307,7 +303,7 @@ def cufft_conv(
     bd, bl = GATES_BLOCK
     _fwd_gates_kernel[_gates_grid(batch, dim, length)](
         y, z1 if save_z1 else y, conv, x, uu, d1, d2 if has_res else d1, dim, length, conv[0].numel(),
-        *_strides(x, uu), HAS_RES=has_res, SAVE_Z1=save_z1, BD=bd, BL=bl, num_warps=GATES_WARPS,
+        *strides(x, uu), HAS_RES=has_res, SAVE_Z1=save_z1, BD=bd, BL=bl, num_warps=GATES_WARPS,
     )  # fmt: skip
     return y, z1
 
@@ -341,7 +337,7 @@ def cufft_conv_backward(
     bd, bl = GATES_BLOCK
     _bwd_gates_kernel[(n_l, n_d, batch)](
         dx, du, dd_parts, conv, z1, x, uu, dy, d1, d2 if has_res else d1, dim, length, conv[0].numel(),
-        dd_parts[0].numel(), *_strides(x, uu, dy), HAS_RES=has_res, BD=bd, BL=bl, num_warps=GATES_WARPS,
+        dd_parts[0].numel(), *strides(x, uu, dy), HAS_RES=has_res, BD=bd, BL=bl, num_warps=GATES_WARPS,
     )  # fmt: skip
     # Each gradient a tensor of its own (an op's outputs must not alias): one inverse per filter.
     grads = [dx, torch.fft.irfft(dk_spectra[0], n=2 * length).to(k1.dtype), dd_parts[0].sum(0).to(d1.dtype)]

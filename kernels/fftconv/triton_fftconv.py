@@ -36,7 +36,13 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_common import INTERPRET, device_constants, dot_precision, new_output
+from kernels.triton_common import (
+    INTERPRET,
+    device_constants,
+    dot_precision,
+    new_output,
+    strides,
+)
 
 # Cap on the on-chip transform size M (a power of two >= 256; tests lower it). MAX_ONCHIP, TILE and
 # NUM_WARPS are the defaults of the plan; tools/bench_kernels.py --variants overrides them to tune.
@@ -758,10 +764,6 @@ def _launch_config(batch: int, dim: int, plan, device: torch.device, waves: int)
     return b_per, nsplit, num_warps
 
 
-def _strides(*tensors):
-    return [s for t in tensors for s in t.stride()]
-
-
 def _out_dtype(*tensors) -> torch.dtype:
     """The inputs' promoted dtype (None entries skipped)."""
     return functools.reduce(torch.promote_types, [t.dtype for t in tensors if t is not None])
@@ -791,7 +793,7 @@ def fftconv_fwd(u, x1, x2, v, k1r, k1i, d1, k2r, k2i, d2, plan) -> torch.Tensor:
         uu, x1, x2, v, y, sr, si,
         k1r, k1i, k2r if has_res else k1r, k2i if has_res else k1i, d1, d2 if has_res else d1,
         tabs["tab"], tabs["otr"], tabs["oti"], tabs["wc"], tabs["ws"],
-        batch, dim, length, b_per, *_strides(uu, x1, x2, v, y),
+        batch, dim, length, b_per, *strides(uu, x1, x2, v, y),
         R=r, M1=m1, M2=m2, P2=p2, K1=k1, C=c, HAS_RES=has_res, PREC=transform_precision(v.dtype, plan), num_warps=num_warps,
         num_stages=1,
     )  # fmt: skip
@@ -799,7 +801,7 @@ def fftconv_fwd(u, x1, x2, v, k1r, k1i, d1, k2r, k2i, d2, plan) -> torch.Tensor:
         blk = min(m, 4096 // r)
         _fwd_combine_kernel[(m // blk, dim, batch)](
             sr, si, uu, x1, x2, v, y, d1, d2 if has_res else d1, tabs["wc"], tabs["ws"],
-            dim, length, *_strides(uu, x1, x2, v, y),
+            dim, length, *strides(uu, x1, x2, v, y),
             R=r, M=m, BLK=blk, HAS_RES=has_res, num_warps=4,
         )  # fmt: skip
     return y
@@ -838,7 +840,7 @@ def fftconv_bwd(dy, u, x1, x2, v, k1r, k1i, d1, k2r, k2i, d2, plan):
         k1r, k1i, k2r if has_res else k1r, k2i if has_res else k1i, dk1r, dk1i, dk2r, dk2i,
         d1, d2 if has_res else d1,
         tabs["tab"], tabs["otr"], tabs["oti"], tabs["wc"], tabs["ws"],
-        batch, dim, length, b_per, *_strides(uu, x1, x2, v, dy),
+        batch, dim, length, b_per, *strides(uu, x1, x2, v, dy),
         R=r, M1=m1, M2=m2, P2=p2, K1=k1, C=c, HAS_RES=has_res, ATOMIC=atomic,
         PREC=transform_precision(v.dtype, plan),
         num_warps=num_warps, num_stages=1,
@@ -847,7 +849,7 @@ def fftconv_bwd(dy, u, x1, x2, v, k1r, k1i, d1, k2r, k2i, d2, plan):
         _bwd_combine_kernel[(m // blk, dim, batch)](
             s1r, s1i, s2r, s2i, scale, uu, x1, x2, v, dy, du, dx1, dx2, dv, dd1, dd2,
             d1, d2 if has_res else d1, tabs["wc"], tabs["ws"],
-            dim, length, *_strides(uu, x1, x2, v, dy),
+            dim, length, *strides(uu, x1, x2, v, dy),
             R=r, M=m, BLK=blk, C=c, HAS_RES=has_res, num_warps=4,
         )  # fmt: skip
     # Partial sums: [n_bsplit, D, M2] (R == 1) or [B, n_mblocks, D].

@@ -53,7 +53,9 @@ def _fwd_bwd(fn, inputs, upstream):
 def bench_fftconv(lengths, tokens, dim, variants, copy_bw, toeplitz_max, operands=("default",), device="cuda"):
     """Rows of the FFT table; each plan (`variants`, else the default) is timed with the transforms'
     tensor-core operands of each of `operands` ("default": the kernels' choice for the plan; "tf32",
-    "fp16": forced through `triton_fftconv.FP16_OPERANDS`). The label names the operands used."""
+    "fp16": forced through `triton_fftconv.FP16_OPERANDS`). The label names the operands used. The
+    cuFFT path (`triton_cufft`) has a row of its own at every length, the Toeplitz kernels theirs up
+    to `toeplitz_max`."""
     rows = []
     for length in lengths:
         batch = max(1, tokens // length)
