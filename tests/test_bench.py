@@ -182,6 +182,7 @@ def test_mixer_benchmark_times_every_path(monkeypatch):
     from kernels.fftconv import triton_cufft
 
     cufft_calls = []
+    cufft_min_len = bench.kernels.fftconv.CUFFT_MIN_LEN
     cufft = triton_cufft.packed_gated_long_conv
     monkeypatch.setattr(triton_cufft, "packed_gated_long_conv", lambda *a: (cufft_calls.append(1), cufft(*a))[1])
     rows = bench.bench_mixer([32], 64, [16], [(16, 16, 1, 4), (16, 32, 2, 4)], copy_bw=1e9, device="cpu")
@@ -195,7 +196,7 @@ def test_mixer_benchmark_times_every_path(monkeypatch):
     # the short convolution's kernels on both per-op rows (forward, then forward + backward), the
     # cuFFT path on its own row only, its switch restored after
     assert len(short_convs) == 4 and bench.kernels.mixer.TRITON_SHORT_CONV
-    assert len(cufft_calls) == 2 and bench.kernels.fftconv.CUFFT_MIN_LEN == 2048
+    assert len(cufft_calls) == 2 and bench.kernels.fftconv.CUFFT_MIN_LEN == cufft_min_len
     # Beyond the length where "auto" leaves the FFT kernels, the default path gets a row of its own.
     monkeypatch.setattr(bench.kernels.fftconv, "AUTO_TRITON_MAX_LEN", 16)
     rows = bench.bench_mixer([32], 64, [16], [], copy_bw=1e9, device="cpu")
@@ -548,3 +549,25 @@ def test_data_benchmark_reads_one_epoch_of_masked_batches(tmp_path):
     assert read_manifest(train).counts.samples >= (3 + 40) * 256
     assert result.tokens_per_s > 0 and result.tokens_per_s == result.tokens_per_s_per_worker
     assert result.ratio_to_gpu == result.tokens_per_s / gpu_tokens_per_s(128)
+
+
+def test_conv_block_sweep_beyond_the_toeplitz_length_times_the_short_convolution(monkeypatch):
+    import m2dist.bench.kernels as bench
+
+    monkeypatch.setattr(
+        bench, "_CONV_SWEEP",
+        {**bench._CONV_SWEEP, "short conv forward": [{"rows_fwd": 32}], "short conv backward": [{"rows": 32, "cols": 16}]},
+    )  # fmt: skip
+    shapes = []
+    backward = bench.triton_short_conv.launch_backward
+    monkeypatch.setattr(
+        bench.triton_short_conv, "launch_backward", lambda g, p, *a: (shapes.append(tuple(p.shape)), backward(g, p, *a))[1]
+    )
+    monkeypatch.setattr(bench, "_bench", lambda fn: (fn(), 1.0)[1])
+    rows = bench.sweep_conv_blocks(2, 160, [3], device="cpu")
+    assert [(r[1], r[2]) for r in rows] == [
+        ("short conv forward", {"rows_fwd": 32}), ("short conv backward", {"rows": 32, "cols": 16}),
+    ]  # fmt: skip
+    assert set(shapes) == {(3, 160, 6)}
+    with pytest.raises(ValueError, match="\\['forward'\\] run at L <= 128 only \\(L=160\\)"):
+        bench.sweep_conv_blocks(2, 160, [3], device="cpu", kernels=["forward", "short conv backward"])

@@ -12,6 +12,7 @@ useful FLOPs / bf16 GEMM rate for the GLU MLP).
     python tools/bench_kernels.py --ops glu --dims 768 --glu-sweep                  # the GLU kernels' tiles
     python tools/bench_kernels.py --ops none --conv-sweep 16,48,256                 # the L=128 convolution kernels' blocks
     python tools/bench_kernels.py --ops none --conv-sweep 256 --conv-kernels "short conv backward"
+    python tools/bench_kernels.py --ops none --conv-sweep 4 --conv-sweep-length 8192   # the short convolution's at L=8192
     python tools/bench_kernels.py --ops none --dims 768 --act-sweep                  # the GLU activation kernels' tiles
 
 A variant `max_onchip:tile:num_warps` overrides the FFT kernels' plan, a mixer variant
@@ -46,6 +47,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--glu-sweep", action="store_true", help="also time the GLU kernels at each tile of a sweep (first of --dims)")
     parser.add_argument("--conv-sweep", default="", help="comma list of batch sizes: time the blocks of the "
                         "Toeplitz kernels and the short convolution's kernels at L=128")  # fmt: skip
+    parser.add_argument("--conv-sweep-length", type=int, default=None,
+                        help="L of --conv-sweep (default 128); beyond 128 it times the short convolution's kernels only")  # fmt: skip
     parser.add_argument("--conv-kernels", default="",
                         help="comma list of the kernels --conv-sweep times (default all): "
                         f"{', '.join(CONV_SWEEP_KERNELS)}")  # fmt: skip
@@ -71,6 +74,7 @@ def main(argv: list[str] | None = None) -> None:
         fft_operands=_choices(args.fft_operands, ("default", "tf32", "fp16"), "--fft-operands"),
         act_sweep=args.act_sweep,
         conv_kernels=_choices(args.conv_kernels, CONV_SWEEP_KERNELS, "--conv-kernels") if args.conv_kernels else None,
+        conv_sweep_length=args.conv_sweep_length,
     )
 
 

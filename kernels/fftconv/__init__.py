@@ -63,12 +63,12 @@ def _check_shapes(u_BDL, x1_BDL, x2_BDL, v_BDL, k1_DN, d1_D, k2_DN, d2_D) -> Non
 # The shortest L from which the Triton backend computes the long convolution's transforms with cuFFT
 # (`triton_cufft`: fp32 real-to-complex transforms, the gates and spectrum products in Triton
 # kernels around them) instead of the DFT-matmul kernels (`triton_fftconv`); None: never. Measured on
-# one H100 (bf16 gates, fp32 u as under autocast, d=768, 32,768 tokens, forward + backward; the
-# table in docs/performance.md, "The cuFFT path"): 4.91 against the kernels' 4.85 ms at L=512,
-# 4.89 against 5.75 at 2048, 5.46 against 8.77 at 8192 and 8.90 against 23.67 at 32768
-# (torch.fft's autograd: 12.07); the L=8192 engine step 123.8 against 168.6 ms
-# (`tools/bench_revisions.py`).
-CUFFT_MIN_LEN: int | None = 2048
+# one H100 (`tools/bench_kernels.py --ops fftconv,mixer`, the sequence mixer with bf16 gates and fp32
+# u as under autocast, d=768, 65,536 tokens, forward + backward; docs/performance.md, "The cuFFT
+# path"): 8.28 against the DFT-matmul kernels' 11.16 ms at L=512, 8.19 against 14.75 at 1024, 8.09
+# against 12.57 at 2048, 8.62 against 16.44 at 8192, 13.02 against 42.12 at 32768. L = 129 ... 511
+# was not measured (L <= 128 takes the Toeplitz kernels).
+CUFFT_MIN_LEN: int | None = 512
 
 
 def takes_cufft(v_BDL: torch.Tensor) -> bool:

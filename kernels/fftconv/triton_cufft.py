@@ -7,12 +7,13 @@ everything between them into Triton kernels, three a direction plus the transfor
 
 - forward: `_pad_kernel` writes the transforms' inputs, a = v * x1 and u zero-padded to N = 2L, as
   the slots of one fp32 buffer (S, B, D, N); one batched rfft; `_spectra_kernel` multiplies each
-  slot by its filter's spectrum in place; one batched irfft; `_fwd_gates_kernel` adds the skip
-  terms, applies the post-gate and writes y (B, D, L), and z1 = y1 + d1 a (the gated convolution
-  before the post-gate) in x's dtype for the backward's dx2, as the Toeplitz path keeps it.
+  slot by its filter's spectrum and writes the product in the form the inverse takes (below); one
+  batched complex inverse; `_fwd_gates_kernel` adds the skip terms, applies the post-gate and
+  writes y (B, D, L), and z1 = y1 + d1 a (the gated convolution before the post-gate) in x's dtype
+  for the backward's dx2, as the Toeplitz path keeps it.
 - backward: `_pad_kernel` writes a, g1 = dy * x2, u and dy; one rfft; `_spectra_kernel` forms
-  G1 conj(K1) (the correlation that gives da) and H conj(K2) (du) in place and sums the filters'
-  gradient spectra over the batch, sum_b conj(A) G1 and sum_b conj(U) H; irffts of both;
+  G1 conj(K1) (the correlation that gives da) and H conj(K2) (du) and sums the filters' gradient
+  spectra over the batch, sum_b conj(A) G1 and sum_b conj(U) H; one complex inverse of both;
   `_bwd_gates_kernel` finishes the input gradients, packed as x, and the skip weights' partial sums.
 
 With rfft(k) unscaled and irfft's 1/N, irfft(rfft(a) rfft(k)) is the circular convolution of size
@@ -20,13 +21,21 @@ N, whose first L outputs are the bidirectional convolution (the padding keeps th
 out); the filters' gradients come back in the time domain as irfft(sum_b conj(A) G), the
 correlation of the input with the output gradient.
 
+The inverses are not irfft: torch's real inverse copies its input first (cuFFT's complex-to-real
+transform overwrites it) and scales its output by 1/N in a pass of its own, two extra passes over
+the largest buffer. The spectrum kernel instead writes, for each product Y, the spectrum Z of size
+M = L of the complex sequence y[2n] + i y[2n + 1] (the standard real-from-half-size-complex
+identity, `_half_spectrum_pair`) with the 1/N folded in; an unnormalized complex inverse of Z is
+then the real result, its floats in order.
+
 Measured on one H100 (docs/performance.md, "The cuFFT path"): forward + backward faster than the
-DFT-matmul kernels from L=2048 on (their single fused pass keeps the forward alone faster up to
-2048) and than torch.fft's autograd at every length measured, 512 ... 32768. Pairing two real sequences of like scale in one complex transform (a + i u, and one complex inverse
-for two real results) measured 1.6-1.8x slower than these real transforms at L = 512 ... 8192.
+DFT-matmul kernels from L=512 on and than torch.fft's autograd at every length measured, 512 ...
+32768. Pairing two real sequences of like scale in one complex transform (a + i u, and one complex
+inverse for two real results) measured 1.6-1.8x slower than these real transforms at L = 512 ...
+8192.
 
 Shape legend: B batch, D channels, L sequence length, N = 2L the transform size, F = L + 1 the
-half spectrum, S slots of a buffer.
+half spectrum, M = L, S slots of a buffer.
 """
 
 import torch
@@ -83,13 +92,15 @@ def _pad_kernel(
 
 @triton.jit
 def _load_complex(ptr, p, m):
-    return tl.load(ptr + p, mask=m, other=0.0), tl.load(ptr + p + 1, mask=m, other=0.0)
+    """(re, im) of the complex numbers at float offsets p (each the real part's), one vector load."""
+    pair = tl.arange(0, 2)[None, :]
+    return tl.split(tl.load(ptr + p[:, None] + pair, mask=m[:, None] & (pair < 2), other=0.0))
 
 
 @triton.jit
 def _store_complex(ptr, p, re, im, m):
-    tl.store(ptr + p, re, mask=m)
-    tl.store(ptr + p + 1, im, mask=m)
+    pair = tl.arange(0, 2)[None, :]
+    tl.store(ptr + p[:, None] + pair, tl.join(re, im), mask=m[:, None] & (pair < 2))
 
 
 @triton.jit
@@ -98,57 +109,109 @@ def _cmul(ar, ai, br, bi):
 
 
 @triton.jit
+def _half_spectrum_pair(pr, pi, qr, qi, tr, ti, scale):
+    """Z[k] and Z[M - k] of the complex sequence z[n] = y[2n] + i y[2n + 1] (times `scale`), from
+    the real y's half spectrum at k (p) and M - k (q), M = N / 2 and t = exp(i pi k / M): with
+    E = (p + conj q) / 2 and O = (p - conj q) t / 2 (the even and odd samples' spectra at k),
+    Z[k] = E + i O and Z[M - k] = conj E + i conj O."""
+    er = (pr + qr) * 0.5
+    ei = (pi - qi) * 0.5
+    or_, oi = _cmul((pr - qr) * 0.5, (pi + qi) * 0.5, tr, ti)
+    return (er - oi) * scale, (ei + or_) * scale, (er + oi) * scale, (or_ - ei) * scale
+
+
+@triton.jit
 def _spectra_kernel(
-    s_ptr, k_ptr, dk_ptr, B, D, F, slot,
+    s_ptr, z_ptr, k1_ptr, k2_ptr, dk1_ptr, dk2_ptr, B, D, M, s_slot, z_slot,
     GRAD: tl.constexpr, HAS_RES: tl.constexpr, BF: tl.constexpr,
 ):  # fmt: skip
-    """The half spectra s (S, B, D, F) times the filters' k (1 or 2, D, F), in place, complex numbers
-    as (re, im) floats, slots `slot` floats apart. Forward: slots A, U -> A K1, U K2. GRAD: slots
-    A, G1[, U, H] -> G1 conj(K1) in slot 1[, H conj(K2) in slot 2], and dk (1 or 2, D, F) =
-    sum_b conj(A) G1[, sum_b conj(U) H]. One program: one channel, BF frequencies, every batch row."""
+    """The products of the half spectra s (S, B, D, M + 1) with the filters' k1, k2 (D, M + 1),
+    written as the inverse transforms' inputs: z (S', B, D, M), each product Y in the half-size
+    form Z whose unnormalized complex inverse of size M is irfft(Y) (1/N included) with its even and
+    odd samples as real and imaginary parts, y[2n] + i y[2n + 1]. Complex numbers as (re, im) floats, slots `s_slot` and `z_slot` floats apart.
+    Forward: slots A, U -> A K1, U K2. GRAD: slots A, G1[, U, H] -> G1 conj(K1)[, H conj(K2)], and
+    dk1 (D, M + 1) = sum_b conj(A) G1[, dk2 = sum_b conj(U) H]. One program: one channel, BF
+    frequencies k <= M / 2 and their mirrors M - k, every batch row."""
     i_f = tl.program_id(0)
     i_d = tl.program_id(1).to(tl.int64)
-    o_f = i_f * BF + tl.arange(0, BF)
-    m_f = o_f < F
-    p_k = (i_d * F + o_f) * 2
-    b_k1r, b_k1i = _load_complex(k_ptr, p_k, m_f)
+    F = M + 1
+    o_k = i_f * BF + tl.arange(0, BF)
+    m_k = o_k <= M // 2
+    o_q = M - o_k
+    # Z has M entries: the mirror of k = 0 is the Nyquist frequency, an input only.
+    m_zq = m_k & (o_k > 0)
+    angle = o_k.to(tl.float32) * (3.141592653589793 / M)
+    b_tr = tl.cos(angle)
+    b_ti = tl.sin(angle)
+    scale = 1.0 / M
+    p_kp = (i_d * F + o_k) * 2
+    p_kq = (i_d * F + o_q) * 2
+    b_k1pr, b_k1pi = _load_complex(k1_ptr, p_kp, m_k)
+    b_k1qr, b_k1qi = _load_complex(k1_ptr, p_kq, m_k)
     if HAS_RES:
-        b_k2r, b_k2i = _load_complex(k_ptr + 2 * D * F, p_k, m_f)
+        b_k2pr, b_k2pi = _load_complex(k2_ptr, p_kp, m_k)
+        b_k2qr, b_k2qi = _load_complex(k2_ptr, p_kq, m_k)
     if GRAD:
-        b_dk1r = tl.zeros((BF,), tl.float32)
-        b_dk1i = tl.zeros((BF,), tl.float32)
-        b_dk2r = tl.zeros((BF,), tl.float32)
-        b_dk2i = tl.zeros((BF,), tl.float32)
-    s1_ptr = s_ptr + slot
-    s2_ptr = s1_ptr + slot
-    s3_ptr = s2_ptr + slot
-    for i_b in range(B):
-        p = ((i_b * D + i_d) * F + o_f) * 2
-        b_ar, b_ai = _load_complex(s_ptr, p, m_f)
-        if GRAD:
-            b_gr, b_gi = _load_complex(s1_ptr, p, m_f)
-            b_pr, b_pi = _cmul(b_gr, b_gi, b_k1r, -b_k1i)
-            _store_complex(s1_ptr, p, b_pr, b_pi, m_f)
-            b_dk1r += b_ar * b_gr + b_ai * b_gi
-            b_dk1i += b_ar * b_gi - b_ai * b_gr
-            if HAS_RES:
-                b_ur, b_ui = _load_complex(s2_ptr, p, m_f)
-                b_hr, b_hi = _load_complex(s3_ptr, p, m_f)
-                b_qr, b_qi = _cmul(b_hr, b_hi, b_k2r, -b_k2i)
-                _store_complex(s2_ptr, p, b_qr, b_qi, m_f)
-                b_dk2r += b_ur * b_hr + b_ui * b_hi
-                b_dk2i += b_ur * b_hi - b_ui * b_hr
-        else:
-            b_pr, b_pi = _cmul(b_ar, b_ai, b_k1r, b_k1i)
-            _store_complex(s_ptr, p, b_pr, b_pi, m_f)
-            if HAS_RES:
-                b_ur, b_ui = _load_complex(s1_ptr, p, m_f)
-                b_qr, b_qi = _cmul(b_ur, b_ui, b_k2r, b_k2i)
-                _store_complex(s1_ptr, p, b_qr, b_qi, m_f)
-    if GRAD:
-        _store_complex(dk_ptr, p_k, b_dk1r, b_dk1i, m_f)
+        # The filters' conjugates: the backward's products are correlations.
+        b_k1pi = -b_k1pi
+        b_k1qi = -b_k1qi
         if HAS_RES:
-            _store_complex(dk_ptr + 2 * D * F, p_k, b_dk2r, b_dk2i, m_f)
+            b_k2pi = -b_k2pi
+            b_k2qi = -b_k2qi
+        b_dk1pr = tl.zeros((BF,), tl.float32)
+        b_dk1pi = tl.zeros((BF,), tl.float32)
+        b_dk1qr = tl.zeros((BF,), tl.float32)
+        b_dk1qi = tl.zeros((BF,), tl.float32)
+        b_dk2pr = tl.zeros((BF,), tl.float32)
+        b_dk2pi = tl.zeros((BF,), tl.float32)
+        b_dk2qr = tl.zeros((BF,), tl.float32)
+        b_dk2qi = tl.zeros((BF,), tl.float32)
+    # Input slots read per product (the transform's of the product, and, with GRAD, the conjugated
+    # factor of the filter's gradient): forward A, [U]; backward G1 (A), [H (U)].
+    x1_ptr = s_ptr + s_slot if GRAD else s_ptr
+    x2_ptr = s_ptr + (3 if GRAD else 1) * s_slot
+    for i_b in range(B):
+        row = i_b * D + i_d
+        p_p = (row * F + o_k) * 2
+        p_q = (row * F + o_q) * 2
+        p_zk = (row * M + o_k) * 2
+        p_zq = (row * M + o_q) * 2
+        b_xpr, b_xpi = _load_complex(x1_ptr, p_p, m_k)
+        b_xqr, b_xqi = _load_complex(x1_ptr, p_q, m_k)
+        b_pr, b_pi = _cmul(b_xpr, b_xpi, b_k1pr, b_k1pi)
+        b_qr, b_qi = _cmul(b_xqr, b_xqi, b_k1qr, b_k1qi)
+        b_zkr, b_zki, b_zqr, b_zqi = _half_spectrum_pair(b_pr, b_pi, b_qr, b_qi, b_tr, b_ti, scale)
+        _store_complex(z_ptr, p_zk, b_zkr, b_zki, m_k)
+        _store_complex(z_ptr, p_zq, b_zqr, b_zqi, m_zq)
+        if GRAD:
+            b_apr, b_api = _load_complex(s_ptr, p_p, m_k)
+            b_aqr, b_aqi = _load_complex(s_ptr, p_q, m_k)
+            b_dk1pr += b_apr * b_xpr + b_api * b_xpi
+            b_dk1pi += b_apr * b_xpi - b_api * b_xpr
+            b_dk1qr += b_aqr * b_xqr + b_aqi * b_xqi
+            b_dk1qi += b_aqr * b_xqi - b_aqi * b_xqr
+        if HAS_RES:
+            b_xpr, b_xpi = _load_complex(x2_ptr, p_p, m_k)
+            b_xqr, b_xqi = _load_complex(x2_ptr, p_q, m_k)
+            b_pr, b_pi = _cmul(b_xpr, b_xpi, b_k2pr, b_k2pi)
+            b_qr, b_qi = _cmul(b_xqr, b_xqi, b_k2qr, b_k2qi)
+            b_zkr, b_zki, b_zqr, b_zqi = _half_spectrum_pair(b_pr, b_pi, b_qr, b_qi, b_tr, b_ti, scale)
+            _store_complex(z_ptr + z_slot, p_zk, b_zkr, b_zki, m_k)
+            _store_complex(z_ptr + z_slot, p_zq, b_zqr, b_zqi, m_zq)
+            if GRAD:
+                b_upr, b_upi = _load_complex(s_ptr + 2 * s_slot, p_p, m_k)
+                b_uqr, b_uqi = _load_complex(s_ptr + 2 * s_slot, p_q, m_k)
+                b_dk2pr += b_upr * b_xpr + b_upi * b_xpi
+                b_dk2pi += b_upr * b_xpi - b_upi * b_xpr
+                b_dk2qr += b_uqr * b_xqr + b_uqi * b_xqi
+                b_dk2qi += b_uqr * b_xqi - b_uqi * b_xqr
+    if GRAD:
+        # k = M / 2 is its own mirror: both stores write the same sums.
+        _store_complex(dk1_ptr, p_kp, b_dk1pr, b_dk1pi, m_k)
+        _store_complex(dk1_ptr, p_kq, b_dk1qr, b_dk1qi, m_k)
+        if HAS_RES:
+            _store_complex(dk2_ptr, p_kp, b_dk2pr, b_dk2pi, m_k)
+            _store_complex(dk2_ptr, p_kq, b_dk2qr, b_dk2qi, m_k)
 
 
 @triton.jit
@@ -239,12 +302,6 @@ def _out_dtype(x: torch.Tensor, u: torch.Tensor | None, has_res: bool) -> torch.
     return torch.promote_types(x.dtype, u.dtype) if has_res else x.dtype
 
 
-def _filter_spectra(k1: torch.Tensor, k2: torch.Tensor | None) -> torch.Tensor:
-    """rfft of the (D, 2L) filters, stacked (1 or 2, D, L + 1) complex64."""
-    k = k1[None] if k2 is None else torch.stack([k1, k2])
-    return torch.fft.rfft(k.float())
-
-
 def _transformed(x, u, dy, has_res: bool) -> torch.Tensor:
     """rfft of `_pad_kernel`'s slots (dy given: the backward's), (S, B, D, L + 1) complex64."""
     batch, width, length = x.shape
@@ -262,16 +319,29 @@ def _transformed(x, u, dy, has_res: bool) -> torch.Tensor:
     return torch.fft.rfft(padded)
 
 
-def _apply_spectra(spectra: torch.Tensor, k: torch.Tensor, grad: bool, has_res: bool) -> torch.Tensor | None:
-    """`_spectra_kernel` in place on `spectra` (`_transformed`'s); with `grad` returns the filters'
-    gradient spectra (1 or 2, D, L + 1) complex64."""
+def _convolved(spectra: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor | None, grad: bool):
+    """`_spectra_kernel` on `spectra` (`_transformed`'s) with the (D, 2L) filters k1, k2, then the
+    inverse transforms: (c, dk1, dk2) with c (1 or 2, B, D, 2L) fp32 the convolutions (with `grad`
+    the correlations) of which the first L are the output's, and with `grad` the filters' gradient
+    spectra dk (D, L + 1) complex64 (dk2 None without k2)."""
     _, batch, dim, freqs = spectra.shape
-    dk = torch.empty_like(k) if grad else k
-    _spectra_kernel[(triton.cdiv(freqs, SPECTRA_BLOCK), dim)](
-        torch.view_as_real(spectra), torch.view_as_real(k), torch.view_as_real(dk), batch, dim, freqs,
-        2 * spectra[0].numel(), GRAD=grad, HAS_RES=has_res, BF=SPECTRA_BLOCK,
+    half = freqs - 1
+    has_res = k2 is not None
+    k1_spectrum = torch.fft.rfft(k1.float())
+    k2_spectrum = torch.fft.rfft(k2.float()) if has_res else k1_spectrum
+    dk1 = torch.empty_like(k1_spectrum) if grad else k1_spectrum
+    dk2 = torch.empty_like(k1_spectrum) if grad and has_res else dk1
+    z = torch.empty((2 if has_res else 1, batch, dim, half), dtype=spectra.dtype, device=spectra.device)
+    _spectra_kernel[(triton.cdiv(half // 2 + 1, SPECTRA_BLOCK), dim)](
+        torch.view_as_real(spectra), torch.view_as_real(z), torch.view_as_real(k1_spectrum),
+        torch.view_as_real(k2_spectrum), torch.view_as_real(dk1), torch.view_as_real(dk2), batch, dim, half,
+        2 * spectra[0].numel(), 2 * z[0].numel(), GRAD=grad, HAS_RES=has_res, BF=SPECTRA_BLOCK,
     )  # fmt: skip
-    return dk if grad else None
+    del spectra
+    # The complex inverse of size L, unnormalized (the kernel scaled z): no copy of its input, which
+    # the real inverse's C2R transform would overwrite, and no scaling pass after it.
+    c = torch.view_as_real(torch.fft.ifft(z, norm="forward")).flatten(-2)
+    return c, (dk1 if grad else None), (dk2 if grad and has_res else None)
 
 
 def _gates_grid(batch: int, dim: int, length: int) -> tuple[int, int, int]:
@@ -293,10 +363,7 @@ def cufft_conv(
     batch, width, length = x.shape
     dim = width // 3
     has_res = k2 is not None
-    spectra = _transformed(x, u, None, has_res)
-    _apply_spectra(spectra, _filter_spectra(k1, k2), False, has_res)
-    conv = torch.fft.irfft(spectra, n=2 * length)
-    del spectra
+    conv, _, _ = _convolved(_transformed(x, u, None, has_res), k1, k2, False)
     y = new_output((batch, dim, length), _out_dtype(x, u, has_res), x.device)
     z1 = new_output((batch, dim, length), x.dtype, x.device) if save_z1 else x.new_empty(0)
     uu = u if has_res else x
@@ -324,11 +391,7 @@ def cufft_conv_backward(
     batch, width, length = x.shape
     dim = width // 3
     has_res = k2 is not None
-    spectra = _transformed(x, u, dy, has_res)
-    dk_spectra = _apply_spectra(spectra, _filter_spectra(k1, k2), True, has_res)
-    # Slots 1 and 2: G1 conj(K1), H conj(K2).
-    conv = torch.fft.irfft(spectra[1 : 3 if has_res else 2], n=2 * length)
-    del spectra
+    conv, dk1_spectrum, dk2_spectrum = _convolved(_transformed(x, u, dy, has_res), k1, k2, True)
     dx = new_output(x.shape, x.dtype, x.device)
     du = new_output(u.shape, u.dtype, u.device) if has_res else dx
     n_l, n_d, _ = _gates_grid(batch, dim, length)
@@ -339,10 +402,9 @@ def cufft_conv_backward(
         dx, du, dd_parts, conv, z1, x, uu, dy, d1, d2 if has_res else d1, dim, length, conv[0].numel(),
         dd_parts[0].numel(), *strides(x, uu, dy), HAS_RES=has_res, BD=bd, BL=bl, num_warps=GATES_WARPS,
     )  # fmt: skip
-    # Each gradient a tensor of its own (an op's outputs must not alias): one inverse per filter.
-    grads = [dx, torch.fft.irfft(dk_spectra[0], n=2 * length).to(k1.dtype), dd_parts[0].sum(0).to(d1.dtype)]
+    grads = [dx, torch.fft.irfft(dk1_spectrum, n=2 * length).to(k1.dtype), dd_parts[0].sum(0).to(d1.dtype)]
     if has_res:
-        grads += [du, torch.fft.irfft(dk_spectra[1], n=2 * length).to(k2.dtype), dd_parts[1].sum(0).to(d2.dtype)]
+        grads += [du, torch.fft.irfft(dk2_spectrum, n=2 * length).to(k2.dtype), dd_parts[1].sum(0).to(d2.dtype)]
     return grads
 
 

@@ -428,6 +428,8 @@ _CONV_SWEEP = {
 
 
 CONV_SWEEP_KERNELS = tuple(_CONV_SWEEP)
+# The kernels the sweep can time beyond the Toeplitz kernels' longest L.
+SHORT_CONV_SWEEP_KERNELS = ("short conv forward", "short conv backward")
 
 
 def sweep_conv_blocks(dim, length, batches, top=3, device="cuda", kernels=None):
@@ -436,10 +438,20 @@ def sweep_conv_blocks(dim, length, batches, top=3, device="cuda", kernels=None):
     forward, with in_linear's bias and u's layout, and backward), or those named in `kernels` (keys
     of `_CONV_SWEEP`), at every block choice of `_CONV_SWEEP` for each batch size, launched
     directly; rows (batch, kernel, overrides, ms, default ms), the `top` fastest per batch and
-    kernel."""
+    kernel. Beyond the Toeplitz kernels' longest L only the short convolution's kernels run (the
+    default there)."""
+    short_only = length > triton_toeplitz.MAX_LEN
     unknown = set(kernels or ()) - set(_CONV_SWEEP)
     if unknown:
         raise ValueError(f"unknown convolution kernels {sorted(unknown)}; expected some of {list(_CONV_SWEEP)}")
+    if short_only:
+        toeplitz = sorted(set(kernels or ()) - set(SHORT_CONV_SWEEP_KERNELS))
+        if toeplitz:
+            raise ValueError(
+                f"{toeplitz} run at L <= {triton_toeplitz.MAX_LEN} only (L={length}); beyond it the sweep "
+                f"times {list(SHORT_CONV_SWEEP_KERNELS)}"
+            )
+        kernels = kernels or list(SHORT_CONV_SWEEP_KERNELS)
     gen = torch.Generator(device=device).manual_seed(0)
     rows = []
     for batch in batches:
@@ -448,11 +460,6 @@ def sweep_conv_blocks(dim, length, batches, top=3, device="cuda", kernels=None):
             return (torch.randn(*shape, device=device, generator=gen) * scale).to(dtype)
 
         x, u = rand(batch, 3 * dim, length), rand(batch, dim, length, dtype=torch.float32)
-        k1, k2 = rand(dim, 2 * length, dtype=torch.float32, scale=0.1), rand(dim, 2 * length, dtype=torch.float32, scale=0.1)
-        d1, d2 = rand(dim, dtype=torch.float32), rand(dim, dtype=torch.float32)
-        dy, z1, y = rand(batch, dim, length), rand(batch, dim, length), rand(batch, dim, length)
-        dx, du = torch.empty_like(x), torch.empty_like(u)
-        tile_rows, row_scales = triton_toeplitz.filter_rows(k1, k2, x.dtype, triton_toeplitz.OPERANDS)
         # the short convolution: in_linear's output p (B, L, 3D), its output's gradient in x's layout
         p, taps = rand(batch, length, 3 * dim), rand(3 * dim, 1, 3, dtype=torch.float32)
         dp = torch.empty_like(p)
@@ -460,24 +467,33 @@ def sweep_conv_blocks(dim, length, batches, top=3, device="cuda", kernels=None):
         bias, in_bias = rand(3 * dim, dtype=torch.float32), rand(3 * dim, dtype=torch.float32)
         u_BLD = rand(batch, length, dim, dtype=torch.float32)
         ut = u_BLD.new_empty(batch, dim, length)
-        toeplitz_blocks = functools.partial(triton_toeplitz._blocks, batch, dim, length)
         short_conv_blocks = functools.partial(triton_short_conv._blocks, batch, length, 3 * dim)
         launches = {
-            "forward": (
-                toeplitz_blocks,
-                lambda blk: triton_toeplitz.launch_forward(u, x, tile_rows, row_scales, d1, d2, y, z1, True, True, blk),
-            ),
-            "input gradients": (
-                toeplitz_blocks,
-                lambda blk: triton_toeplitz.launch_backward_inputs(dy, u, x, z1, tile_rows, row_scales, d1, d2, du, dx, True, blk),
-            ),
-            "filter gradients": (toeplitz_blocks, lambda blk: triton_toeplitz.launch_backward_filters(dy, u, x, True, blk)),
             "short conv forward": (
                 short_conv_blocks,
                 lambda blk: triton_short_conv.launch_forward(p, taps, bias, x, blk, u_BLD, ut, in_bias),
             ),
             "short conv backward": (short_conv_blocks, lambda blk: triton_short_conv.launch_backward(x, p, taps, dp, blk)),
         }
+        if not short_only:
+            k1, k2 = rand(dim, 2 * length, dtype=torch.float32, scale=0.1), rand(dim, 2 * length, dtype=torch.float32, scale=0.1)
+            d1, d2 = rand(dim, dtype=torch.float32), rand(dim, dtype=torch.float32)
+            dy, z1, y = rand(batch, dim, length), rand(batch, dim, length), rand(batch, dim, length)
+            dx, du = torch.empty_like(x), torch.empty_like(u)
+            tile_rows, row_scales = triton_toeplitz.filter_rows(k1, k2, x.dtype, triton_toeplitz.OPERANDS)
+            toeplitz_blocks = functools.partial(triton_toeplitz._blocks, batch, dim, length)
+            launches = {
+                "forward": (
+                    toeplitz_blocks,
+                    lambda blk: triton_toeplitz.launch_forward(u, x, tile_rows, row_scales, d1, d2, y, z1, True, True, blk),
+                ),
+                "input gradients": (
+                    toeplitz_blocks,
+                    lambda blk: triton_toeplitz.launch_backward_inputs(dy, u, x, z1, tile_rows, row_scales, d1, d2, du, dx, True, blk),
+                ),
+                "filter gradients": (toeplitz_blocks, lambda blk: triton_toeplitz.launch_backward_filters(dy, u, x, True, blk)),
+                **launches,
+            }  # fmt: skip
         for kernel, (blocks, launch) in launches.items():
             if kernels and kernel not in kernels:
                 continue
@@ -546,14 +562,15 @@ def run_kernel_benchmarks(
     fft_operands: list[str] = ("default",),
     act_sweep: bool = False,
     conv_kernels: list[str] | None = None,
+    conv_sweep_length: int | None = None,
 ) -> None:
     """Measure the ceilings, time the ops named in `ops` ("fftconv", "mixer", "glu") and print one
     Markdown table per op. A variant `(max_onchip, tile, num_warps)` overrides the FFT kernels' plan,
     a mixer variant `(BD, BF, BPP, num_warps)` the fused mixer's blocks. "gemms" times the MLP's
     plain block-diagonal GEMMs on both engines at `gemm_tokens`; `glu_sweep` the GLU kernels' tiles
     at the first of `dims` and `glu_tokens`; `conv_sweep` the blocks of the Toeplitz kernels and the
-    short convolution's backward at these batch sizes (L=128, d = `fft_dim`; only `conv_kernels`
-    where given); `act_sweep` the GLU
+    short convolution's at these batch sizes (L = `conv_sweep_length`, by default the Toeplitz
+    kernels' longest, 128; d = `fft_dim`; only `conv_kernels` where given); `act_sweep` the GLU
     activation kernels' tiles at the first of `dims` and `glu_tokens`. `fft_operands`: the FFT
     kernels' transform operands to time each plan with ("default", "tf32", "fp16")."""
     copy_bw, gemm_rate = measure_ceilings()
@@ -567,7 +584,8 @@ def run_kernel_benchmarks(
         glu_rows = bench_glu_mlp(dims, glu_tokens, gemm_rate, glu_compiled_reference)
     gemm_rows = bench_blockdiag_gemms(dims, gemm_tokens, gemm_rate) if "gemms" in ops else []
     sweep_rows = sweep_glu_tiles(dims[0], glu_tokens) if glu_sweep else []
-    conv_rows = sweep_conv_blocks(fft_dim, triton_toeplitz.MAX_LEN, conv_sweep, kernels=conv_kernels) if conv_sweep else []
+    conv_length = conv_sweep_length or triton_toeplitz.MAX_LEN
+    conv_rows = sweep_conv_blocks(fft_dim, conv_length, conv_sweep, kernels=conv_kernels) if conv_sweep else []
     act_rows = sweep_glu_act_tiles(dims[0], glu_tokens, copy_bw) if act_sweep else []
     _print_table(
         "Gated FFT long conv (steps 4-7 with residual), bf16, forward + backward",
@@ -598,7 +616,7 @@ def run_kernel_benchmarks(
         [_fmt_sweep(r, candidates) for r in sweep_rows],
     )  # fmt: skip
     _print_table(
-        f"Convolution kernel blocks, d={fft_dim}, L={triton_toeplitz.MAX_LEN}, bf16 (fastest first per batch and kernel)",
+        f"Convolution kernel blocks, d={fft_dim}, L={conv_length}, bf16 (fastest first per batch and kernel)",
         "batch | kernel | blocks | us | default blocks us | speedup over the default",
         [_fmt_conv_sweep(r) for r in conv_rows],
     )  # fmt: skip
