@@ -1183,6 +1183,30 @@ def test_short_conv_backward_blocks_give_the_same_gradients():
     assert triton_short_conv._blocks(batch, length, width, target_programs=1)["BPG"] == batch
 
 
+def test_short_conv_takes_the_long_blocks_from_their_length_on(monkeypatch):
+    # From LONG_MIN_LEN on the kernels take LONG_BLOCKS' tiles and pairing (the keywords still
+    # override them), and compute what the reference computes with them.
+    from kernels.mixer import triton_short_conv
+
+    long_blocks = triton_short_conv._blocks(4, triton_short_conv.LONG_MIN_LEN, 2304)
+    chosen = triton_short_conv.LONG_BLOCKS
+    assert (long_blocks["BL"], long_blocks["BC"], long_blocks["BL_FWD"], long_blocks["BC_FWD"]) == (
+        chosen["rows"], chosen["cols"], chosen["rows_fwd"], chosen["cols_fwd"],
+    )  # fmt: skip
+    assert long_blocks["PAIR_SHIFTED_INPUTS"] == chosen["pair_shifted_inputs"]
+    assert triton_short_conv._blocks(4, triton_short_conv.LONG_MIN_LEN, 2304, rows=16)["BL"] == 16
+    short = triton_short_conv._blocks(4, triton_short_conv.LONG_MIN_LEN - 1, 2304)
+    assert short["PAIR_SHIFTED_INPUTS"] == triton_short_conv.PAIR_SHIFTED_INPUTS and short["BL_FWD"] == short["BL"]
+    monkeypatch.setattr(triton_short_conv, "LONG_MIN_LEN", 32)
+    gen = torch.Generator().manual_seed(5)
+    batch, length, width = 3, 37, 40
+    p = torch.randn(batch, length, width, generator=gen, dtype=f64).to(DEVICE)
+    params = [torch.randn(width, 1, 3, generator=gen, dtype=f64).to(DEVICE), torch.randn(width, generator=gen, dtype=f64).to(DEVICE)]
+    assert triton_short_conv._blocks(batch, length, width)["BC_FWD"] == chosen["cols_fwd"]
+    _compare(triton_short_conv.causal_short_conv, mixer_reference.causal_short_conv, [p, *params], torch.float32,
+             atol_rel=1e-6, fp32_inputs=(1,))  # fmt: skip
+
+
 def test_short_conv_forward_blocks_give_the_same_outputs():
     # The forward's tiles the benchmark's sweep times compute the same convolution and layout of u,
     # bit for bit (partial tiles of positions and channels here).
@@ -1463,14 +1487,15 @@ def test_m2_mixer_makes_no_strided_copy_of_its_output():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("batch", [16, 48, 256])
-def test_short_conv_gpu(batch):
-    # M2-BERT-80M's projection at L=128 (C = 3 x 768), as the engine and fine-tuning pass it: without
-    # in_linear's bias, which the kernels add (and whose gradient they sum).
+@pytest.mark.parametrize("batch,length", [(16, 128), (48, 128), (256, 128), (4, 8192)])
+def test_short_conv_gpu(batch, length):
+    # M2-BERT-80M's projection at L=128 (C = 3 x 768), as the engine and fine-tuning pass it, and at
+    # L=8192 (the long sequences' blocks): without in_linear's bias, which the kernels add (and
+    # whose gradient they sum).
     from kernels.mixer import triton_short_conv
 
     gen = torch.Generator().manual_seed(batch)
-    p = torch.randn(batch, 128, 2304, generator=gen, dtype=f64).to(DEVICE)
+    p = torch.randn(batch, length, 2304, generator=gen, dtype=f64).to(DEVICE)
     weight = (torch.randn(2304, 1, 3, generator=gen, dtype=f64) * 0.5).to(DEVICE)
     bias = (torch.randn(2304, generator=gen, dtype=f64) * 0.1).to(DEVICE)
     in_bias = (torch.randn(2304, generator=gen, dtype=f64) * 0.1).to(DEVICE)

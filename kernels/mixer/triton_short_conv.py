@@ -41,8 +41,18 @@ TARGET_PROGRAMS = 2048
 # programs: 304); the engine's L=128 step (batch 256) measured the same with either tile.
 ROWS, COLS, BWD_WARPS = 16, 32, 4
 # How the backward pairs the gradient with the inputs for the taps' gradients (`_bwd_kernel`):
-# not timed on a GPU yet against the first form, which stays the default until it is.
+# not timed on a GPU at L=128 against the first form, which stays the default there until it is.
 PAIR_SHIFTED_INPUTS = False
+# From this L on (longer sequences, fewer of them per backward program) the blocks of LONG_BLOCKS:
+# the fastest of `tools/bench_kernels.py --ops none --conv-sweep B --conv-sweep-length L` on one
+# H100 (d=768, 32,768 tokens) at L=512 (batch 64) and 8192 (batch 4), and within 1% of
+# the fastest at 2048 (batch 16): the forward's 16 x 128 tile 180.0 against 225.5 us with the tile
+# above at L=512 and 187.0 against 246.5 at 8192, the backward's 32 x 32 tile with the shifted
+# inputs' pairing 279.6 against 354.9 and 329.3 against 391.0. L = 129 ... 511 was not timed.
+LONG_MIN_LEN = 512
+LONG_BLOCKS = {
+    "rows": 32, "cols": 32, "warps_bwd": 4, "pair_shifted_inputs": True, "rows_fwd": 16, "cols_fwd": 128, "warps_fwd": 4,
+}  # fmt: skip
 
 
 def _blocks(
@@ -54,17 +64,21 @@ def _blocks(
     backward program (for about `target_programs` programs, TARGET_PROGRAMS by default), the
     backward's warps (BWD_WARPS on a GPU) and its form of the taps' gradients
     (PAIR_SHIFTED_INPUTS); the forward's tile, BL_FWD x BC_FWD (the backward's by default), and
-    warps (4). The keywords override the defaults (`tools/bench_kernels.py --conv-sweep` times
-    them)."""
-    bl, bc = (16, 16) if INTERPRET else (ROWS, COLS)
-    bl, bc = rows or bl, cols or bc
+    warps (4); from LONG_MIN_LEN on, LONG_BLOCKS' choices. The keywords override the defaults
+    (`tools/bench_kernels.py --conv-sweep` times them)."""
+    if length >= LONG_MIN_LEN:
+        default = LONG_BLOCKS
+    else:
+        tile = (16, 16, 4) if INTERPRET else (ROWS, COLS, BWD_WARPS)
+        default = dict(zip(("rows", "cols", "warps_bwd"), tile, strict=True)) | {"pair_shifted_inputs": PAIR_SHIFTED_INPUTS}
+    bl, bc = rows or default["rows"], cols or default["cols"]
     tiles = triton.cdiv(length, bl) * triton.cdiv(width, bc)
     groups = max(1, min(batch, triton.cdiv(target_programs or TARGET_PROGRAMS, tiles)))
-    warps = warps_bwd or (4 if INTERPRET else BWD_WARPS)
-    pair = PAIR_SHIFTED_INPUTS if pair_shifted_inputs is None else pair_shifted_inputs
+    pair = default["pair_shifted_inputs"] if pair_shifted_inputs is None else pair_shifted_inputs
     return {
-        "BL": bl, "BC": bc, "BPG": triton.cdiv(batch, groups), "num_warps_bwd": warps, "PAIR_SHIFTED_INPUTS": pair,
-        "BL_FWD": rows_fwd or bl, "BC_FWD": cols_fwd or bc, "num_warps": warps_fwd or 4,
+        "BL": bl, "BC": bc, "BPG": triton.cdiv(batch, groups), "num_warps_bwd": warps_bwd or default["warps_bwd"],
+        "PAIR_SHIFTED_INPUTS": pair, "BL_FWD": rows_fwd or default.get("rows_fwd", bl),
+        "BC_FWD": cols_fwd or default.get("cols_fwd", bc), "num_warps": warps_fwd or default.get("warps_fwd", 4),
     }  # fmt: skip
 
 
