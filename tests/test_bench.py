@@ -1,5 +1,6 @@
 """The throughput benchmarks' timing and the engine mode of tools/bench_train.py (CPU)."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -487,6 +488,12 @@ def test_revisions_are_timed_in_turn_each_from_its_own_tree(tmp_path):
     assert table.splitlines()[0] == "| batch | plain ms/step | slow ms/step | slow / plain |"
     ratio = by_label["slow"].step_ms / by_label["plain"].step_ms
     assert table.splitlines()[2] == f"| 2 | {by_label['plain'].step_ms:.2f} | {by_label['slow'].step_ms:.2f} | {ratio:.3f}x |"
+    # On a CPU the workers report no GPU memory; on a GPU each revision's peak gets a column.
+    assert all(t.peak_gib is None for t in timings)
+    on_gpu = [dataclasses.replace(t, peak_gib=peak) for t, peak in zip(timings, (1.25, 2.5), strict=True)]
+    lines = format_table(on_gpu, "plain").splitlines()
+    assert lines[0].endswith("| slow / plain | plain peak GiB | slow peak GiB |") and lines[2].endswith(f"| {ratio:.3f}x | 1.2 | 2.5 |")
+    assert lines[1] == "|" + "---|" * 6
 
 
 def test_a_revision_whose_worker_fails_is_named(tmp_path):

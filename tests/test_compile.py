@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from kernels.blockdiag import triton_blockdiag  # noqa: E402
-from kernels.fftconv import triton_fftconv, triton_toeplitz  # noqa: E402
+from kernels.fftconv import triton_cufft, triton_fftconv, triton_toeplitz  # noqa: E402
 from kernels.mixer import triton_mixer, triton_short_conv  # noqa: E402
 from m2dist.config import KernelConfig, load_config  # noqa: E402
 from m2dist.models import MaskedLM  # noqa: E402
@@ -66,6 +66,23 @@ def test_opcheck_toeplitz(residual, operands):
     u_, x_, k1_, d1_, k2_, d2_ = (t.detach() if isinstance(t, torch.Tensor) else t for t in args[:6])
     bwd_args = (torch.randn_like(y), u_, x_, z1.detach(), rows.detach(), scales.detach(), k1_, d1_, k2_, d2_)
     torch.library.opcheck(triton_toeplitz.toeplitz_conv_backward, bwd_args, test_utils=OPCHECK_ALL[:3])
+
+
+@pytest.mark.parametrize("residual", [True, False])
+def test_opcheck_cufft(residual):
+    batch, dim, length = 2, 4, 40
+    u = _rand(batch, dim, length, requires_grad=True) if residual else None
+    x = _rand(batch, 3 * dim, length, dtype=torch.bfloat16, requires_grad=True)
+    k1, d1 = (_rand(dim, 2 * length) * 0.1).requires_grad_(), _rand(dim, requires_grad=True)
+    k2, d2 = ((_rand(dim, 2 * length) * 0.1).requires_grad_(), _rand(dim, requires_grad=True)) if residual else (None, None)
+    args = (u, x, k1, d1, k2, d2)
+    torch.library.opcheck(triton_cufft.cufft_conv, (*args, True), test_utils=OPCHECK_ALL)
+    u_, x_, k1_, d1_, k2_, d2_ = (t.detach() if isinstance(t, torch.Tensor) else t for t in args)
+    # without z1 (as `packed_gated_long_conv` calls it where nothing needs a gradient)
+    torch.library.opcheck(triton_cufft.cufft_conv, (u_, x_, k1_, d1_, k2_, d2_, False), test_utils=OPCHECK_ALL)
+    y, z1 = triton_cufft.cufft_conv(*args, True)
+    bwd_args = (torch.randn_like(y), u_, x_, z1.detach(), k1_, d1_, k2_, d2_)
+    torch.library.opcheck(triton_cufft.cufft_conv_backward, bwd_args, test_utils=OPCHECK_ALL[:3])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -254,3 +271,30 @@ def test_compiled_model_on_gpu_matches_eager(length, batch_size, kernels):
         for name, err in compiled_err.items():
             scale = exact[0].abs().item() if name == "loss" else exact[1][name].abs().max().item()
             assert err <= 2 * eager_err[name] + 2**-7 * scale, f"{name}: compiled {err:.3e}, eager {eager_err[name]:.3e}"
+
+
+def test_compile_caches_are_keyed_on_the_kernels_source(tmp_path):
+    # torch.compile's caches key a graph on the custom ops' names and arguments, not on what the
+    # ops return or save for their backward: importing `kernels` adds a digest of its source to
+    # their key (once), so that another version of the ops never replays this version's graphs.
+    import shutil
+    import subprocess
+    import sys
+
+    import kernels
+
+    tag = torch.compiler.config.cache_key_tag
+    assert f"m2dist-kernels-{kernels.source_fingerprint()}" in tag.split("+")
+    kernels._tag_compile_caches()
+    assert torch.compiler.config.cache_key_tag == tag
+    # A copy of the package with one op's source changed has another digest.
+    copy = tmp_path / "kernels"
+    shutil.copytree(kernels.__path__[0], copy, ignore=shutil.ignore_patterns("__pycache__"))
+    with open(copy / "fftconv" / "triton_cufft.py", "a") as source:
+        source.write("\n# another version\n")
+    script = "import kernels, torch; print(kernels.source_fingerprint(), torch.compiler.config.cache_key_tag)"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "TORCH_COMPILE_CACHE_KEY_TAG": "user"}
+    fingerprint, copied_tag = subprocess.run(
+        [sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert fingerprint != kernels.source_fingerprint() and copied_tag == f"user+m2dist-kernels-{fingerprint}"

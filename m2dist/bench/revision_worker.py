@@ -8,7 +8,8 @@ batch size: a process joins one process group), warmed up by `m2dist.bench.finet
 names that every revision since those benchmarks has. Replies go to stdout as lines that start
 with `REPLY`, so that whatever else the libraries print there is skipped. Requests come on stdin,
 one JSON object a line: {"batch": B, "steps": N} times N steps at batch B and replies
-{"seconds": s}; {"quit": true} ends the process.
+{"seconds": s, "peak_gib": the process's peak of allocated GPU memory so far (null on a CPU)};
+{"quit": true} ends the process.
 """
 
 import json
@@ -79,7 +80,9 @@ def main(spec: dict) -> None:
             request = json.loads(line)
             if request.get("quit"):
                 break
-            reply({"seconds": runners[request["batch"]](request["steps"])})
+            seconds = runners[request["batch"]](request["steps"])
+            peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+            reply({"seconds": seconds, "peak_gib": peak})
     finally:
         for close in reversed(closers):
             close()

@@ -136,6 +136,8 @@ class RevisionTiming:
     batch_size: int
     step_ms: float
     blocks_ms: list[float]
+    # The worker's peak of allocated GPU memory after its last block (None on a CPU).
+    peak_gib: float | None = None
 
 
 # The steps a revision's worker times: GLUE's fine-tuning step (`tools/eval_glue.py`), or the
@@ -178,11 +180,14 @@ def time_revisions(
         for revision in revisions:
             workers.append(start_worker(revision, spec))
         blocks: dict[tuple[str, int], list[float]] = {(r.label, b): [] for r in revisions for b in batch_sizes}
+        peaks: dict[tuple[str, int], float | None] = {}
         for round_index in range(rounds + 1):
             shift = round_index % len(workers)
             for batch in batch_sizes:
                 for worker in workers[shift:] + workers[:shift]:
-                    seconds = worker.request({"batch": batch, "steps": block_steps})["seconds"]
+                    answer = worker.request({"batch": batch, "steps": block_steps})
+                    seconds = answer["seconds"]
+                    peaks[worker.revision.label, batch] = answer.get("peak_gib")
                     if round_index == 0:
                         continue
                     blocks[worker.revision.label, batch].append(1000 * seconds / block_steps)
@@ -192,22 +197,26 @@ def time_revisions(
         for worker in workers:
             worker.close()
     return [
-        RevisionTiming(label, batch, statistics.median(times), times) for (label, batch), times in blocks.items()
+        RevisionTiming(label, batch, statistics.median(times), times, peaks.get((label, batch)))
+        for (label, batch), times in blocks.items()
     ]
 
 
 def format_table(timings: list[RevisionTiming], baseline: str) -> str:
     """A markdown table: a row per batch size, ms/step per revision and each one's ratio to
-    `baseline`'s."""
+    `baseline`'s, and where the workers ran on a GPU each one's peak of allocated memory."""
     labels = list(dict.fromkeys(t.label for t in timings))
     by_key = {(t.label, t.batch_size): t for t in timings}
     others = [label for label in labels if label != baseline]
+    with_peaks = all(t.peak_gib is not None for t in timings)
     header = "| batch | " + " | ".join(f"{label} ms/step" for label in labels)
-    header += "".join(f" | {label} / {baseline}" for label in others) + " |"
-    lines = [header, "|" + "---|" * (1 + len(labels) + len(others))]
+    header += "".join(f" | {label} / {baseline}" for label in others)
+    header += "".join(f" | {label} peak GiB" for label in labels) if with_peaks else ""
+    lines = [header + " |", "|" + "---|" * (1 + len(labels) + len(others) + (len(labels) if with_peaks else 0))]
     for batch in dict.fromkeys(t.batch_size for t in timings):
         base = by_key[baseline, batch].step_ms
         cells = [f"{by_key[label, batch].step_ms:.2f}" for label in labels]
         cells += [f"{by_key[label, batch].step_ms / base:.3f}x" for label in others]
+        cells += [f"{by_key[label, batch].peak_gib:.1f}" for label in labels] if with_peaks else []
         lines.append(f"| {batch} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
