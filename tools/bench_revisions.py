@@ -1,7 +1,7 @@
 """The fine-tuning step (or the training engine's) of one config at two or more revisions of the
 code, timed in turn in one run (`m2dist.bench.revisions`): what a change to a kernel or to the step
 is worth, measured side by side with the code before it. The first revision is the baseline of
-the ratios.
+the ratios. On a GPU the table also gives each revision's peak of allocated memory.
 
   python tools/bench_revisions.py HEAD~1 HEAD --config m2-bert-80M --batch-sizes 16 48
   python tools/bench_revisions.py before=../m2dist-old after=. --config bert-base

@@ -126,11 +126,12 @@ def _spectra_kernel(
     GRAD: tl.constexpr, HAS_RES: tl.constexpr, BF: tl.constexpr,
 ):  # fmt: skip
     """The products of the half spectra s (S, B, D, M + 1) with the filters' k1, k2 (D, M + 1),
-    written as the inverse transforms' inputs: z (S', B, D, M), each product Y in the half-size
-    form Z whose unnormalized complex inverse of size M is irfft(Y) (1/N included) with its even and
-    odd samples as real and imaginary parts, y[2n] + i y[2n + 1]. Complex numbers as (re, im) floats, slots `s_slot` and `z_slot` floats apart.
-    Forward: slots A, U -> A K1, U K2. GRAD: slots A, G1[, U, H] -> G1 conj(K1)[, H conj(K2)], and
-    dk1 (D, M + 1) = sum_b conj(A) G1[, dk2 = sum_b conj(U) H]. One program: one channel, BF
+    written as the inverse transforms' inputs: z (P, B, D, M), P the products (1 or 2), each
+    product Y in the half-size form Z whose unnormalized complex inverse of size M is irfft(Y) (1/N
+    included) with its even and odd samples as real and imaginary parts, y[2n] + i y[2n + 1].
+    Complex numbers as (re, im) floats, slots `s_slot` and `z_slot` floats apart. Forward: slots
+    A[, U] -> A K1[, U K2]. GRAD: slots A, G1[, U, H] -> G1 conj(K1)[, H conj(K2)], and dk1
+    (D, M + 1) = sum_b conj(A) G1[, dk2 = sum_b conj(U) H]. One program: one channel, BF
     frequencies k <= M / 2 and their mirrors M - k, every batch row."""
     i_f = tl.program_id(0)
     i_d = tl.program_id(1).to(tl.int64)
