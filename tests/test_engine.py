@@ -348,25 +348,25 @@ def test_mlflow_server_gets_one_run_and_its_death_does_not_stop_training(tmp_pat
 @pytest.mark.gpu
 # micro_batch_size 8: four micro-batches per step, whose gradients the replayed backward graphs
 # produce in the same memory and the engine accumulates.
-# L=1024: the long convolution on the FFT kernels, whose DFT tables are cached on the device from
-# the graph's warm-up run (kept in the graph's memory pool, they failed its check); and on torch.fft
-# (cuFFT), which "auto" takes beyond kernels.fftconv.AUTO_TRITON_MAX_LEN, lowered here to reach it.
+# L=1024: the long convolution on the cuFFT path (the default there), and on the FFT kernels (the
+# cuFFT path switched off), whose DFT tables are cached on the device from the graph's warm-up run
+# (kept in the graph's memory pool, they failed its check).
 @pytest.mark.parametrize(
-    "zero_stage,micro_batch_size,seq_len,triton_max_len",
-    [(1, 32, 128, None), (1, 8, 128, None), (2, 8, 128, None), (1, 8, 1024, None), (1, 8, 1024, 512)],
+    "zero_stage,micro_batch_size,seq_len,cufft",
+    [(1, 32, 128, True), (1, 8, 128, True), (2, 8, 128, True), (1, 8, 1024, True), (1, 8, 1024, False)],
 )
 def test_compiled_step_with_cuda_graphs_trains_as_the_eager_one_on_gpu(
-    tmp_path, in_process_rank, monkeypatch, zero_stage, micro_batch_size, seq_len, triton_max_len
+    tmp_path, in_process_rank, monkeypatch, zero_stage, micro_batch_size, seq_len, cufft
 ):
     """train.compile_mode=reduce-overhead (the forward and backward replayed as CUDA graphs, with
     the fixed-size masked gather) gives eager training's losses, in bf16 on one GPU, also with
-    gradient accumulation and at a length past the Toeplitz path, on the FFT kernels or torch.fft."""
+    gradient accumulation and at a length past the Toeplitz path, on the cuFFT path or the FFT kernels."""
     import kernels.fftconv
     from m2dist.config import load_config
     from m2dist.engine.trainer import Trainer
 
-    if triton_max_len is not None:
-        monkeypatch.setattr(kernels.fftconv, "AUTO_TRITON_MAX_LEN", triton_max_len)
+    if not cufft:
+        monkeypatch.setattr(kernels.fftconv, "CUFFT_MIN_LEN", None)
 
     losses = {}
     for mode in ("eager", "reduce-overhead"):
