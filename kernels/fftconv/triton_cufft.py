@@ -121,6 +121,27 @@ def _half_spectrum_pair(pr, pi, qr, qi, tr, ti, scale):
 
 
 @triton.jit
+def _product_to_half_spectrum(x_ptr, z_ptr, p_p, p_q, p_zk, p_zq, m_k, m_zq, kpr, kpi, kqr, kqi, tr, ti, scale):
+    """The product of the spectrum at x_ptr with a filter's (k at k and M - k: p and q) written to
+    z_ptr in the inverse's half-size form (`_half_spectrum_pair`); returns the spectrum's values."""
+    xpr, xpi = _load_complex(x_ptr, p_p, m_k)
+    xqr, xqi = _load_complex(x_ptr, p_q, m_k)
+    pr, pi = _cmul(xpr, xpi, kpr, kpi)
+    qr, qi = _cmul(xqr, xqi, kqr, kqi)
+    zkr, zki, zqr, zqi = _half_spectrum_pair(pr, pi, qr, qi, tr, ti, scale)
+    _store_complex(z_ptr, p_zk, zkr, zki, m_k)
+    _store_complex(z_ptr, p_zq, zqr, zqi, m_zq)
+    return xpr, xpi, xqr, xqi
+
+
+@triton.jit
+def _conj_times(a_ptr, p, m, xr, xi):
+    """conj(a) x, a loaded at float offsets p: a term of a filter's gradient spectrum."""
+    ar, ai = _load_complex(a_ptr, p, m)
+    return _cmul(ar, -ai, xr, xi)
+
+
+@triton.jit
 def _spectra_kernel(
     s_ptr, z_ptr, k1_ptr, k2_ptr, dk1_ptr, dk2_ptr, B, D, M, s_slot, z_slot,
     GRAD: tl.constexpr, HAS_RES: tl.constexpr, BF: tl.constexpr,
@@ -177,35 +198,28 @@ def _spectra_kernel(
         p_q = (row * F + o_q) * 2
         p_zk = (row * M + o_k) * 2
         p_zq = (row * M + o_q) * 2
-        b_xpr, b_xpi = _load_complex(x1_ptr, p_p, m_k)
-        b_xqr, b_xqi = _load_complex(x1_ptr, p_q, m_k)
-        b_pr, b_pi = _cmul(b_xpr, b_xpi, b_k1pr, b_k1pi)
-        b_qr, b_qi = _cmul(b_xqr, b_xqi, b_k1qr, b_k1qi)
-        b_zkr, b_zki, b_zqr, b_zqi = _half_spectrum_pair(b_pr, b_pi, b_qr, b_qi, b_tr, b_ti, scale)
-        _store_complex(z_ptr, p_zk, b_zkr, b_zki, m_k)
-        _store_complex(z_ptr, p_zq, b_zqr, b_zqi, m_zq)
+        b_xpr, b_xpi, b_xqr, b_xqi = _product_to_half_spectrum(
+            x1_ptr, z_ptr, p_p, p_q, p_zk, p_zq, m_k, m_zq, b_k1pr, b_k1pi, b_k1qr, b_k1qi, b_tr, b_ti, scale
+        )
         if GRAD:
-            b_apr, b_api = _load_complex(s_ptr, p_p, m_k)
-            b_aqr, b_aqi = _load_complex(s_ptr, p_q, m_k)
-            b_dk1pr += b_apr * b_xpr + b_api * b_xpi
-            b_dk1pi += b_apr * b_xpi - b_api * b_xpr
-            b_dk1qr += b_aqr * b_xqr + b_aqi * b_xqi
-            b_dk1qi += b_aqr * b_xqi - b_aqi * b_xqr
+            b_cr, b_ci = _conj_times(s_ptr, p_p, m_k, b_xpr, b_xpi)
+            b_dk1pr += b_cr
+            b_dk1pi += b_ci
+            b_cr, b_ci = _conj_times(s_ptr, p_q, m_k, b_xqr, b_xqi)
+            b_dk1qr += b_cr
+            b_dk1qi += b_ci
         if HAS_RES:
-            b_xpr, b_xpi = _load_complex(x2_ptr, p_p, m_k)
-            b_xqr, b_xqi = _load_complex(x2_ptr, p_q, m_k)
-            b_pr, b_pi = _cmul(b_xpr, b_xpi, b_k2pr, b_k2pi)
-            b_qr, b_qi = _cmul(b_xqr, b_xqi, b_k2qr, b_k2qi)
-            b_zkr, b_zki, b_zqr, b_zqi = _half_spectrum_pair(b_pr, b_pi, b_qr, b_qi, b_tr, b_ti, scale)
-            _store_complex(z_ptr + z_slot, p_zk, b_zkr, b_zki, m_k)
-            _store_complex(z_ptr + z_slot, p_zq, b_zqr, b_zqi, m_zq)
+            b_xpr, b_xpi, b_xqr, b_xqi = _product_to_half_spectrum(
+                x2_ptr, z_ptr + z_slot, p_p, p_q, p_zk, p_zq, m_k, m_zq,
+                b_k2pr, b_k2pi, b_k2qr, b_k2qi, b_tr, b_ti, scale,
+            )  # fmt: skip
             if GRAD:
-                b_upr, b_upi = _load_complex(s_ptr + 2 * s_slot, p_p, m_k)
-                b_uqr, b_uqi = _load_complex(s_ptr + 2 * s_slot, p_q, m_k)
-                b_dk2pr += b_upr * b_xpr + b_upi * b_xpi
-                b_dk2pi += b_upr * b_xpi - b_upi * b_xpr
-                b_dk2qr += b_uqr * b_xqr + b_uqi * b_xqi
-                b_dk2qi += b_uqr * b_xqi - b_uqi * b_xqr
+                b_cr, b_ci = _conj_times(s_ptr + 2 * s_slot, p_p, m_k, b_xpr, b_xpi)
+                b_dk2pr += b_cr
+                b_dk2pi += b_ci
+                b_cr, b_ci = _conj_times(s_ptr + 2 * s_slot, p_q, m_k, b_xqr, b_xqi)
+                b_dk2qr += b_cr
+                b_dk2qi += b_ci
     if GRAD:
         # k = M / 2 is its own mirror: both stores write the same sums.
         _store_complex(dk1_ptr, p_kp, b_dk1pr, b_dk1pi, m_k)
