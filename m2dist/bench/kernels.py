@@ -459,7 +459,7 @@ def sweep_conv_blocks(dim, length, batches, top=3, device="cuda", kernels=None):
         def rand(*shape, dtype=torch.bfloat16, scale=1.0):
             return (torch.randn(*shape, device=device, generator=gen) * scale).to(dtype)
 
-        x, u = rand(batch, 3 * dim, length), rand(batch, dim, length, dtype=torch.float32)
+        x = rand(batch, 3 * dim, length)
         # the short convolution: in_linear's output p (B, L, 3D), its output's gradient in x's layout
         p, taps = rand(batch, length, 3 * dim), rand(3 * dim, 1, 3, dtype=torch.float32)
         dp = torch.empty_like(p)
@@ -476,6 +476,7 @@ def sweep_conv_blocks(dim, length, batches, top=3, device="cuda", kernels=None):
             "short conv backward": (short_conv_blocks, lambda blk: triton_short_conv.launch_backward(x, p, taps, dp, blk)),
         }
         if not short_only:
+            u = rand(batch, dim, length, dtype=torch.float32)
             k1, k2 = rand(dim, 2 * length, dtype=torch.float32, scale=0.1), rand(dim, 2 * length, dtype=torch.float32, scale=0.1)
             d1, d2 = rand(dim, dtype=torch.float32), rand(dim, dtype=torch.float32)
             dy, z1, y = rand(batch, dim, length), rand(batch, dim, length), rand(batch, dim, length)
