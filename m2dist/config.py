@@ -338,6 +338,10 @@ class DataConfig:
     # Train on the embedded corpus when `train` is "" (the debug config); false: a run without
     # `train` stops before any work, so that a real recipe never trains on 5 MB of documentation.
     allow_embedded_corpus: bool = False
+    # How the embedded corpus is cut into samples: "pad" (a paragraph per sample, padded to L) or
+    # "concat" (the paragraphs joined into full windows of L tokens, as long-context pretraining
+    # packs its text; batches then carry no attention mask, see m2dist/data/loader.py).
+    embedded_mode: Literal["pad", "concat"] = "pad"
     # Where the embedded corpus is tokenized when `train` is ""; "" = ~/.cache/m2dist/embedded.
     prepared_dir: str = ""
     # Root of streaming's local cache of remote shards; each job gets a fresh folder under it.

@@ -836,7 +836,7 @@ def training_datasets(config: Any) -> list[tuple[ShardDataset, str, dict[str, st
     else:
         seq_len = config.seq_len
         tokenizer = Path(data.tokenizer) if data.tokenizer else DEFAULT_VOCAB
-        root = Path(data.prepared_dir) if data.prepared_dir else default_prepared_dir(seq_len, tokenizer)
+        root = Path(data.prepared_dir) if data.prepared_dir else default_prepared_dir(seq_len, tokenizer, data.embedded_mode)
         where = [(str(root / "train"), "train", {}), (str(root / "val"), "validation", {})]
     with tempfile.TemporaryDirectory(prefix="m2dist-manifests-") as tmp:
         return [

@@ -160,6 +160,8 @@ def test_a_benchmark_variant_names_its_kernels_and_overrides():
     assert config.model.kernels.fused_mixer and config.train.compile
     # the loader runs as in training, with the config's workers (not in the timed step)
     assert config.data.num_workers == load_config("debug").data.num_workers > 0
+    # full rows of real tokens at every length: no padding for the models to compute, no attention mask
+    assert config.data.embedded_mode == "concat" and load_config("debug").data.embedded_mode == "pad"
 
 
 def test_mixer_benchmark_times_every_path(monkeypatch):

@@ -17,6 +17,7 @@ from m2dist.data.loader import (
     build_mlm_dataloader,
     clean_stale_shared_memory,
     close_mlm_dataloader,
+    has_validation_split,
     streaming_registration_lock,
 )
 from m2dist.data.manifest import read_manifest
@@ -153,6 +154,42 @@ def test_streams_mix_in_the_given_proportions(embedded_dataset, tmp_path):
     assert abs(len(indices) - (n_first + n_second)) < 50
     share_second = (indices >= n_first).float().mean().item()
     assert abs(share_second - 0.75) < 0.03
+
+
+def test_concat_mode_batches_are_full_rows_without_an_attention_mask(embedded_dataset, tmp_path):
+    # Every sample of concat-mode shards fills its L positions, so the batches leave the mask out
+    # (the models then take none, and BERT's SDPA may run its flash kernel); a stream in pad mode
+    # among them brings it back.
+    cfg = debug_config(embedded_dataset, tmp_path, embedded_mode="concat", prepared_dir=str(tmp_path / "concat"))
+    loader = build_mlm_dataloader(cfg, micro_batch_size=8)
+    assert loader.full_rows
+    manifest = read_manifest(tmp_path / "concat" / "train")
+    assert manifest.mode == "concat" and manifest.counts.samples >= 16
+    for batch in take(loader, 2):
+        assert list(batch) == ["input_ids", "token_type_ids", "labels", "sample_index"]
+        original = torch.where(batch["labels"] == IGNORE_INDEX, batch["input_ids"], batch["labels"])
+        assert batch["input_ids"].shape == (8, 64) and (original != 0).all()
+    mixed = f"{tmp_path / 'concat' / 'train'},{embedded_dataset.train}"
+    loader = build_mlm_dataloader(debug_config(embedded_dataset, tmp_path, train=mixed, val=""), micro_batch_size=8)
+    assert not loader.full_rows
+    assert "attention_mask" in take(loader, 1)[0]
+
+
+def test_an_embedded_validation_split_without_samples_means_no_validation(embedded_dataset, tmp_path, monkeypatch, caplog):
+    import m2dist.data.loader as loader_module
+    from m2dist.config import StreamSpec
+    from m2dist.data.corpus import prepare_default_dataset
+
+    # At long L in concat mode the embedded corpus' validation text fills no window: the run trains
+    # without validation (and says so) instead of stopping at the empty split's manifest.
+    assert has_validation_split(debug_config(embedded_dataset, tmp_path))
+    small = prepare_default_dataset(tmp_path / "small", max_len=64, mode="concat", max_documents=100)
+    assert read_manifest(small.val).counts.samples == 0 < read_manifest(small.train).counts.samples
+    monkeypatch.setattr(loader_module, "resolve_streams", lambda cfg, split, *_: [StreamSpec(str(getattr(small, split)))])
+    assert not has_validation_split(debug_config(embedded_dataset, tmp_path, embedded_mode="concat"))
+    assert "validation split has no sample of 64 tokens; no validation" in caplog.text
+    # with data.train set, data.val alone decides
+    assert not has_validation_split(debug_config(embedded_dataset, tmp_path, train=str(small.train)))
 
 
 def test_masks_do_not_depend_on_the_number_of_workers(embedded_dataset, tmp_path):

@@ -57,6 +57,26 @@ def test_long_configs_run_at_their_full_length(name):
     assert model.bert.encoder.layer[0].attention.filter_fn.pos_emb.z.grad is not None
 
 
+@pytest.mark.parametrize("architecture", ["m2", "bert"])
+def test_no_attention_mask_is_a_mask_of_ones(architecture):
+    # Batches of full rows (concat-mode shards) come without a mask: the model must compute what
+    # a mask of all ones gives, loss and every gradient.
+    config = dataclasses.replace(load_config("debug").model, architecture=architecture, num_attention_heads=4)
+    model = MaskedLM(config)
+    input_ids, labels = _tiny_batch(config, batch=2, length=32)
+    grads = []
+    for mask in (torch.ones_like(input_ids), None):
+        model.zero_grad()
+        torch.manual_seed(3)  # the same dropout draws
+        out = model(input_ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        grads.append((out.loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (loss_ones, grads_ones), (loss_none, grads_none) = grads
+    torch.testing.assert_close(loss_none, loss_ones)
+    for with_ones, without in zip(grads_ones, grads_none):
+        torch.testing.assert_close(without, with_ones)
+
+
 def test_longer_than_l_max_is_an_error():
     config = load_config("debug").model
     with pytest.raises(ValueError, match="exceeds the model's l_max=128"):

@@ -42,11 +42,13 @@ class PreparedDataset:
         return self.train if split == "train" else self.val
 
 
-def default_prepared_dir(max_len: int, tokenizer_path: str | Path | None = None) -> Path:
-    """~/.cache/m2dist/embedded-L{max_len}-{tokenizer hash} (XDG_CACHE_HOME respected)."""
+def default_prepared_dir(max_len: int, tokenizer_path: str | Path | None = None, mode: str = "pad") -> Path:
+    """~/.cache/m2dist/embedded-L{max_len}-{tokenizer hash}, embedded-concat-... in concat mode
+    (XDG_CACHE_HOME respected)."""
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     digest = file_sha256(tokenizer_path or DEFAULT_VOCAB)[:12]
-    return cache / "m2dist" / f"embedded-L{max_len}-{digest}"
+    kind = "embedded" if mode == "pad" else f"embedded-{mode}"
+    return cache / "m2dist" / f"{kind}-L{max_len}-{digest}"
 
 
 def _debug_seq_len() -> int:

@@ -5,7 +5,10 @@ Shapes: B = micro-batch size (per rank), L = sequence length (the shards' max_le
 `build_mlm_dataloader(cfg, micro_batch_size)` returns a `StreamingDataLoader` (`MLMDataLoader`) whose
 batches are dicts of CPU tensors:
     input_ids       (B, L) int64  ids after MLM corruption ([MASK] / random / kept)
-    attention_mask  (B, L) int64  1 on tokens, 0 on padding
+    attention_mask  (B, L) int64  1 on tokens, 0 on padding; left out where every stream was made in
+                                  concat mode, whose samples are all full windows (`full_rows`):
+                                  the models then take no mask, and BERT's attention runs SDPA's
+                                  flash kernel, which a mask, even one of all ones, rules out
     token_type_ids  (B, L) int64  zeros (one segment)
     labels          (B, L) int64  the original id where selected for prediction, -100 elsewhere
     sample_index    (B,)   int64  global index of the sample in the dataset (logging, tests)
@@ -299,30 +302,36 @@ class MLMCollator:
         return {"sample_index": torch.tensor(sample_index_B, dtype=torch.int64), "packed": torch.from_numpy(packed)}
 
 
-def unpack_batch(collated: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def unpack_batch(collated: dict[str, torch.Tensor], full_rows: bool = False) -> dict[str, torch.Tensor]:
     """The batch of the module docstring from `MLMCollator`'s packed form (views of its tensor, and
     the token types, all zeros, made here, in pinned memory where the loader pinned the batch, so
-    that its copy to the GPU does not wait either)."""
+    that its copy to the GPU does not wait either); without the attention mask if `full_rows`."""
     input_ids, attention_mask, labels = collated["packed"].unbind(0)
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "token_type_ids": torch.zeros(input_ids.shape, dtype=input_ids.dtype, pin_memory=input_ids.is_pinned()),
-        "labels": labels,
-        "sample_index": collated["sample_index"],
-    }
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if full_rows:
+        del batch["attention_mask"]
+    batch["token_type_ids"] = torch.zeros(input_ids.shape, dtype=input_ids.dtype, pin_memory=input_ids.is_pinned())
+    batch["labels"] = labels
+    batch["sample_index"] = collated["sample_index"]
+    return batch
 
 
 class MLMDataLoader(StreamingDataLoader):
     """A StreamingDataLoader of `MLMCollator`'s packed batches that yields them unpacked
-    (`unpack_batch`); its resumable state counts samples as streaming's does."""
+    (`unpack_batch`); its resumable state counts samples as streaming's does. `full_rows`: every
+    sample fills its L positions (all streams made in concat mode), so batches carry no attention
+    mask."""
+
+    def __init__(self, *args: Any, full_rows: bool = False, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.full_rows = full_rows
 
     def _get_batch_size(self, batch: dict[str, torch.Tensor]) -> int:
         return len(batch["sample_index"])
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         for collated in super().__iter__():
-            yield unpack_batch(collated)
+            yield unpack_batch(collated, self.full_rows)
 
 
 def close_mlm_dataloader(loader: StreamingDataLoader) -> None:
@@ -413,13 +422,29 @@ def resolve_streams(
     if data.val:
         raise ConfigError(f"data.val: expected empty when data.train is empty (the embedded corpus), got {data.val!r}")
 
-    out_dir = Path(data.prepared_dir) if data.prepared_dir else default_prepared_dir(seq_len, tokenizer_path)
+    mode = data.embedded_mode
+    out_dir = Path(data.prepared_dir) if data.prepared_dir else default_prepared_dir(seq_len, tokenizer_path, mode)
     if _local_rank() == 0:
-        prepare_default_dataset(out_dir, max_len=seq_len, tokenizer_path=tokenizer_path)
+        prepare_default_dataset(out_dir, max_len=seq_len, tokenizer_path=tokenizer_path, mode=mode)
     _barrier()
     # Other ranks find it made (a shared file system with several nodes: whoever renames first wins).
-    prepared = prepare_default_dataset(out_dir, max_len=seq_len, tokenizer_path=tokenizer_path)
+    prepared = prepare_default_dataset(out_dir, max_len=seq_len, tokenizer_path=tokenizer_path, mode=mode)
     return [StreamSpec(str(prepared[split]))]
+
+
+def has_validation_split(cfg: Config) -> bool:
+    """Whether the run validates: on `data.val` when `data.train` is set; on the embedded corpus'
+    own split otherwise, unless that split holds no sample (in concat mode at long L its ~24k
+    tokens of validation text fill no window of 32,768; the corpus is prepared here if needed)."""
+    data = cfg.data
+    if data.train:
+        return bool(data.val)
+    tokenizer_path = Path(data.tokenizer) if data.tokenizer else DEFAULT_VOCAB
+    (stream,) = resolve_streams(cfg, "val", cfg.seq_len, tokenizer_path)
+    if read_manifest(stream.path).counts.samples > 0:
+        return True
+    log.warning("%s: the embedded corpus' validation split has no sample of %d tokens; no validation", stream.path, cfg.seq_len)
+    return False
 
 
 def build_mlm_dataloader(
@@ -485,4 +510,5 @@ def build_mlm_dataloader(
         pin_memory=torch.cuda.is_available(),
         drop_last=is_train,
         persistent_workers=False,
+        full_rows=all(manifest.mode == "concat" for manifest in manifests),
     )

@@ -23,13 +23,17 @@ class TrainingData:
 
     def __init__(self, config: Config, env: DistEnv, layout: BatchLayout):
         # Imported here: the loader imports streaming, seconds of start-up that only a run with data needs.
-        from m2dist.data.loader import DEFAULT_VOCAB, build_mlm_dataloader
+        from m2dist.data.loader import (
+            DEFAULT_VOCAB,
+            build_mlm_dataloader,
+            has_validation_split,
+        )
 
         self.config = config
         self.layout = layout
         self.seq_len = config.seq_len
         self.train_loader = build_mlm_dataloader(config, layout.micro_batch_size, "train")
-        self.has_validation = not config.data.train or bool(config.data.val)
+        self.has_validation = has_validation_split(config)
         # Built now, so that a wrong validation path or manifest stops the run before its first step.
         self._eval_loader = build_mlm_dataloader(config, layout.micro_batch_size, "val") if self.has_validation else None
         self._train_iter: Iterator[dict[str, torch.Tensor]] | None = None
@@ -37,7 +41,8 @@ class TrainingData:
         self.artifacts = [tokenizer]
 
     def next_train_batch(self) -> dict[str, torch.Tensor]:
-        """(micro_batch, L) tensors: input_ids, attention_mask, labels (and token_type_ids if present)."""
+        """(micro_batch, L) tensors: input_ids, token_type_ids, labels, and attention_mask unless the
+        streams hold full rows only (concat mode; `m2dist/data/loader.py`)."""
         while True:
             if self._train_iter is None:
                 self._train_iter = iter(self.train_loader)
