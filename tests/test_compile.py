@@ -70,6 +70,7 @@ def test_opcheck_toeplitz(residual, operands):
 
 @pytest.mark.parametrize("residual", [True, False])
 def test_opcheck_cufft(residual):
+    # The forward keeps z1 and its spectra for the backward (empty tensors when nothing needs it).
     batch, dim, length = 2, 4, 40
     u = _rand(batch, dim, length, requires_grad=True) if residual else None
     x = _rand(batch, 3 * dim, length, dtype=torch.bfloat16, requires_grad=True)
@@ -78,10 +79,10 @@ def test_opcheck_cufft(residual):
     args = (u, x, k1, d1, k2, d2)
     torch.library.opcheck(triton_cufft.cufft_conv, (*args, True), test_utils=OPCHECK_ALL)
     u_, x_, k1_, d1_, k2_, d2_ = (t.detach() if isinstance(t, torch.Tensor) else t for t in args)
-    # without z1 (as `packed_gated_long_conv` calls it where nothing needs a gradient)
+    # without a backward to feed (as `packed_gated_long_conv` calls it where nothing needs a gradient)
     torch.library.opcheck(triton_cufft.cufft_conv, (u_, x_, k1_, d1_, k2_, d2_, False), test_utils=OPCHECK_ALL)
-    y, z1 = triton_cufft.cufft_conv(*args, True)
-    bwd_args = (torch.randn_like(y), u_, x_, z1.detach(), k1_, d1_, k2_, d2_)
+    y, *kept = triton_cufft.cufft_conv(*args, True)
+    bwd_args = (torch.randn_like(y), u_, x_, *(t.detach() for t in kept), k1_, d1_, k2_, d2_)
     torch.library.opcheck(triton_cufft.cufft_conv_backward, bwd_args, test_utils=OPCHECK_ALL[:3])
 
 

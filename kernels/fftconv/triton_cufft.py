@@ -60,8 +60,8 @@ def _pad_kernel(
     GRAD: tl.constexpr, HAS_RES: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
 ):  # fmt: skip
     """The transforms' inputs as the slots of out (S, B, D, 2L) fp32, `slot` elements apart, each
-    zero from L on: a = v * x1, then with GRAD g1 = dy * x2, then with HAS_RES u, then with both dy.
-    x: (B, 3D, L) = [x1; x2; v]."""
+    zero from L on: forward a = v * x1, then with HAS_RES u; with GRAD g1 = dy * x2, then with
+    HAS_RES dy. x: (B, 3D, L) = [x1; x2; v]."""
     i_n = tl.program_id(0)
     i_d = tl.program_id(1)
     i_b = tl.program_id(2).to(tl.int64)
@@ -72,22 +72,20 @@ def _pad_kernel(
     m_in = m_d & (o_n < L)[None, :]
     m_out = m_d & (o_n < N)[None, :]
     p_x = x_ptr + i_b * s_xb + o_d[:, None] * s_xd + o_n[None, :] * s_xl
-    b_x1 = tl.load(p_x, mask=m_in, other=0.0).to(tl.float32)
-    b_v = tl.load(p_x + 2 * D * s_xd, mask=m_in, other=0.0).to(tl.float32)
     p_out = out_ptr + (i_b * D + o_d[:, None]) * N + o_n[None, :]
-    tl.store(p_out, b_v * b_x1, mask=m_out)
     if GRAD:
         b_x2 = tl.load(p_x + D * s_xd, mask=m_in, other=0.0).to(tl.float32)
         b_dy = tl.load(dy_ptr + i_b * s_gb + o_d[:, None] * s_gd + o_n[None, :] * s_gl, mask=m_in, other=0.0).to(tl.float32)
-        p_out += slot
         tl.store(p_out, b_dy * b_x2, mask=m_out)
-    if HAS_RES:
-        b_u = tl.load(u_ptr + i_b * s_ub + o_d[:, None] * s_ud + o_n[None, :] * s_ul, mask=m_in, other=0.0).to(tl.float32)
-        p_out += slot
-        tl.store(p_out, b_u, mask=m_out)
-        if GRAD:
-            p_out += slot
-            tl.store(p_out, b_dy, mask=m_out)
+        if HAS_RES:
+            tl.store(p_out + slot, b_dy, mask=m_out)
+    else:
+        b_x1 = tl.load(p_x, mask=m_in, other=0.0).to(tl.float32)
+        b_v = tl.load(p_x + 2 * D * s_xd, mask=m_in, other=0.0).to(tl.float32)
+        tl.store(p_out, b_v * b_x1, mask=m_out)
+        if HAS_RES:
+            p_u = u_ptr + i_b * s_ub + o_d[:, None] * s_ud + o_n[None, :] * s_ul
+            tl.store(p_out + slot, tl.load(p_u, mask=m_in, other=0.0).to(tl.float32), mask=m_out)
 
 
 @triton.jit
@@ -143,17 +141,18 @@ def _conj_times(a_ptr, p, m, xr, xi):
 
 @triton.jit
 def _spectra_kernel(
-    s_ptr, z_ptr, k1_ptr, k2_ptr, dk1_ptr, dk2_ptr, B, D, M, s_slot, z_slot,
+    s_ptr, a_ptr, z_ptr, k1_ptr, k2_ptr, dk1_ptr, dk2_ptr, B, D, M, slot, z_slot,
     GRAD: tl.constexpr, HAS_RES: tl.constexpr, BF: tl.constexpr,
 ):  # fmt: skip
-    """The products of the half spectra s (S, B, D, M + 1) with the filters' k1, k2 (D, M + 1),
-    written as the inverse transforms' inputs: z (P, B, D, M), P the products (1 or 2), each
+    """The products of the half spectra s (S, B, D, M + 1), S the products (1 or 2), with the
+    filters' k1, k2 (D, M + 1), written as the inverse transforms' inputs: z (S, B, D, M), each
     product Y in the half-size form Z whose unnormalized complex inverse of size M is irfft(Y) (1/N
     included) with its even and odd samples as real and imaginary parts, y[2n] + i y[2n + 1].
-    Complex numbers as (re, im) floats, slots `s_slot` and `z_slot` floats apart. Forward: slots
-    A[, U] -> A K1[, U K2]. GRAD: slots A, G1[, U, H] -> G1 conj(K1)[, H conj(K2)], and dk1
-    (D, M + 1) = sum_b conj(A) G1[, dk2 = sum_b conj(U) H]. One program: one channel, BF
-    frequencies k <= M / 2 and their mirrors M - k, every batch row."""
+    Complex numbers as (re, im) floats; the slots of s (and a) `slot` floats apart, of z `z_slot`.
+    Forward: slots A[, U] -> A K1[, U K2]. GRAD: slots G1[, H] -> G1 conj(K1)[, H conj(K2)], and
+    with the forward's spectra a (S, B, D, M + 1) = [A, U], dk1 (D, M + 1) = sum_b conj(A) G1[,
+    dk2 = sum_b conj(U) H]. One program: one channel, BF frequencies k <= M / 2 and their mirrors
+    M - k, every batch row."""
     i_f = tl.program_id(0)
     i_d = tl.program_id(1).to(tl.int64)
     F = M + 1
@@ -188,10 +187,6 @@ def _spectra_kernel(
         b_dk2pi = tl.zeros((BF,), tl.float32)
         b_dk2qr = tl.zeros((BF,), tl.float32)
         b_dk2qi = tl.zeros((BF,), tl.float32)
-    # Input slots read per product (the transform's of the product, and, with GRAD, the conjugated
-    # factor of the filter's gradient): forward A, [U]; backward G1 (A), [H (U)].
-    x1_ptr = s_ptr + s_slot if GRAD else s_ptr
-    x2_ptr = s_ptr + (3 if GRAD else 1) * s_slot
     for i_b in range(B):
         row = i_b * D + i_d
         p_p = (row * F + o_k) * 2
@@ -199,25 +194,25 @@ def _spectra_kernel(
         p_zk = (row * M + o_k) * 2
         p_zq = (row * M + o_q) * 2
         b_xpr, b_xpi, b_xqr, b_xqi = _product_to_half_spectrum(
-            x1_ptr, z_ptr, p_p, p_q, p_zk, p_zq, m_k, m_zq, b_k1pr, b_k1pi, b_k1qr, b_k1qi, b_tr, b_ti, scale
+            s_ptr, z_ptr, p_p, p_q, p_zk, p_zq, m_k, m_zq, b_k1pr, b_k1pi, b_k1qr, b_k1qi, b_tr, b_ti, scale
         )
         if GRAD:
-            b_cr, b_ci = _conj_times(s_ptr, p_p, m_k, b_xpr, b_xpi)
+            b_cr, b_ci = _conj_times(a_ptr, p_p, m_k, b_xpr, b_xpi)
             b_dk1pr += b_cr
             b_dk1pi += b_ci
-            b_cr, b_ci = _conj_times(s_ptr, p_q, m_k, b_xqr, b_xqi)
+            b_cr, b_ci = _conj_times(a_ptr, p_q, m_k, b_xqr, b_xqi)
             b_dk1qr += b_cr
             b_dk1qi += b_ci
         if HAS_RES:
             b_xpr, b_xpi, b_xqr, b_xqi = _product_to_half_spectrum(
-                x2_ptr, z_ptr + z_slot, p_p, p_q, p_zk, p_zq, m_k, m_zq,
+                s_ptr + slot, z_ptr + z_slot, p_p, p_q, p_zk, p_zq, m_k, m_zq,
                 b_k2pr, b_k2pi, b_k2qr, b_k2qi, b_tr, b_ti, scale,
             )  # fmt: skip
             if GRAD:
-                b_cr, b_ci = _conj_times(s_ptr + 2 * s_slot, p_p, m_k, b_xpr, b_xpi)
+                b_cr, b_ci = _conj_times(a_ptr + slot, p_p, m_k, b_xpr, b_xpi)
                 b_dk2pr += b_cr
                 b_dk2pi += b_ci
-                b_cr, b_ci = _conj_times(s_ptr + 2 * s_slot, p_q, m_k, b_xqr, b_xqi)
+                b_cr, b_ci = _conj_times(a_ptr + slot, p_q, m_k, b_xqr, b_xqi)
                 b_dk2qr += b_cr
                 b_dk2qi += b_ci
     if GRAD:
@@ -318,12 +313,12 @@ def _out_dtype(x: torch.Tensor, u: torch.Tensor | None, has_res: bool) -> torch.
 
 
 def _transformed(x, u, dy, has_res: bool) -> torch.Tensor:
-    """rfft of `_pad_kernel`'s slots (dy given: the backward's), (S, B, D, L + 1) complex64."""
+    """rfft of `_pad_kernel`'s slots, (S, B, D, L + 1) complex64: the forward's [A, U], with dy
+    the backward's [G1, H]."""
     batch, width, length = x.shape
     dim = width // 3
     grad = dy is not None
-    slots = (2 if grad else 1) * (2 if has_res else 1)
-    padded = new_output((slots, batch, dim, 2 * length), torch.float32, x.device)
+    padded = new_output((2 if has_res else 1, batch, dim, 2 * length), torch.float32, x.device)
     bd, bn = PAD_BLOCK
     uu = u if has_res else x
     gg = dy if grad else x
@@ -334,22 +329,26 @@ def _transformed(x, u, dy, has_res: bool) -> torch.Tensor:
     return torch.fft.rfft(padded)
 
 
-def _convolved(spectra: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor | None, grad: bool):
-    """`_spectra_kernel` on `spectra` (`_transformed`'s) with the (D, 2L) filters k1, k2, then the
-    inverse transforms: (c, dk1, dk2) with c (1 or 2, B, D, 2L) fp32 the convolutions (with `grad`
-    the correlations) of which the first L are the output's, and with `grad` the filters' gradient
-    spectra dk (D, L + 1) complex64 (dk2 None without k2)."""
+def _convolved(
+    spectra: torch.Tensor, k1_spectrum: torch.Tensor, k2_spectrum: torch.Tensor | None,
+    forward_spectra: torch.Tensor | None = None,
+):  # fmt: skip
+    """`_spectra_kernel` on `spectra` (`_transformed`'s) with the filters' spectra (D, L + 1)
+    complex64, then the inverse transforms: (c, dk1, dk2) with c (1 or 2, B, D, 2L) fp32 the
+    convolutions (in the backward, given the forward's spectra, the correlations) of which the
+    first L are the output's; in the backward also the filters' gradient spectra dk (D, L + 1)
+    complex64 (dk2 None without the residual branch)."""
     _, batch, dim, freqs = spectra.shape
     half = freqs - 1
-    has_res = k2 is not None
-    k1_spectrum = torch.fft.rfft(k1.float())
-    k2_spectrum = torch.fft.rfft(k2.float()) if has_res else k1_spectrum
+    grad = forward_spectra is not None
+    has_res = k2_spectrum is not None
+    k2_spectrum = k1_spectrum if k2_spectrum is None else k2_spectrum
     dk1 = torch.empty_like(k1_spectrum) if grad else k1_spectrum
     dk2 = torch.empty_like(k1_spectrum) if grad and has_res else dk1
     z = torch.empty((2 if has_res else 1, batch, dim, half), dtype=spectra.dtype, device=spectra.device)
+    a = forward_spectra if grad else spectra
     _spectra_kernel[(triton.cdiv(half // 2 + 1, SPECTRA_BLOCK), dim)](
-        torch.view_as_real(spectra), torch.view_as_real(z), torch.view_as_real(k1_spectrum),
-        torch.view_as_real(k2_spectrum), torch.view_as_real(dk1), torch.view_as_real(dk2), batch, dim, half,
+        *(torch.view_as_real(t) for t in (spectra, a, z, k1_spectrum, k2_spectrum, dk1, dk2)), batch, dim, half,
         2 * spectra[0].numel(), 2 * z[0].numel(), GRAD=grad, HAS_RES=has_res, BF=SPECTRA_BLOCK,
     )  # fmt: skip
     del spectra
@@ -367,46 +366,66 @@ def _gates_grid(batch: int, dim: int, length: int) -> tuple[int, int, int]:
 # The ops take the gated branch's inputs packed as x = [x1; x2; v] along the channels (B, 3D, L), as
 # the short convolution writes them, in any strides (u too: the model passes a transposed view of
 # its (B, L, D) input), and return fresh contiguous tensors, which is what the fake implementations
-# state to torch.compile. The residual branch is present iff k2 is given.
+# state to torch.compile. The residual branch is present iff k2 is given. For the backward the
+# forward keeps, besides z1, the spectra it computed: the inputs' [A, U] (S, B, D, L + 1) and the
+# filters' (D, L + 1), as (re, im) float pairs; the backward then transforms only g1 and dy.
 @torch.library.custom_op("m2dist::cufft_conv", mutates_args=())
 def cufft_conv(
     u: torch.Tensor | None, x: torch.Tensor, k1: torch.Tensor, d1: torch.Tensor,
-    k2: torch.Tensor | None, d2: torch.Tensor | None, save_z1: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """(y, z1): the output (B, D, L) in `_out_dtype`; if `save_z1`, the gated convolution before
-    the post-gate, y1 + d1 v x1, in x's dtype (kept for the backward; else an empty tensor)."""
+    k2: torch.Tensor | None, d2: torch.Tensor | None, for_backward: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(y, z1, spectra, k1_spectrum, k2_spectrum): the output (B, D, L) in `_out_dtype`; if
+    `for_backward`, the gated convolution before the post-gate, y1 + d1 v x1, in x's dtype, and the
+    spectra (fp32 (..., L + 1, 2); k2's empty without the residual branch), else empty tensors."""
     batch, width, length = x.shape
     dim = width // 3
     has_res = k2 is not None
-    conv, _, _ = _convolved(_transformed(x, u, None, has_res), k1, k2, False)
+    spectra = _transformed(x, u, None, has_res)
+    k1_spectrum = torch.fft.rfft(k1.float())
+    k2_spectrum = torch.fft.rfft(k2.float()) if has_res else None
+    conv, _, _ = _convolved(spectra, k1_spectrum, k2_spectrum)
     y = new_output((batch, dim, length), _out_dtype(x, u, has_res), x.device)
-    z1 = new_output((batch, dim, length), x.dtype, x.device) if save_z1 else x.new_empty(0)
+    z1 = new_output((batch, dim, length), x.dtype, x.device) if for_backward else x.new_empty(0)
     uu = u if has_res else x
     bd, bl = GATES_BLOCK
     _fwd_gates_kernel[_gates_grid(batch, dim, length)](
-        y, z1 if save_z1 else y, conv, x, uu, d1, d2 if has_res else d1, dim, length, conv[0].numel(),
-        *strides(x, uu), HAS_RES=has_res, SAVE_Z1=save_z1, BD=bd, BL=bl, num_warps=GATES_WARPS,
+        y, z1 if for_backward else y, conv, x, uu, d1, d2 if has_res else d1, dim, length, conv[0].numel(),
+        *strides(x, uu), HAS_RES=has_res, SAVE_Z1=for_backward, BD=bd, BL=bl, num_warps=GATES_WARPS,
     )  # fmt: skip
-    return y, z1
+    if not for_backward:
+        return y, z1, *(x.new_empty(0, dtype=torch.float32) for _ in range(3))
+    kept = [torch.view_as_real(t) for t in (spectra, k1_spectrum)]
+    return y, z1, *kept, torch.view_as_real(k2_spectrum) if has_res else x.new_empty(0, dtype=torch.float32)
 
 
 @cufft_conv.register_fake
-def _(u, x, k1, d1, k2, d2, save_z1):
-    shape = (x.shape[0], x.shape[1] // 3, x.shape[2])
-    return x.new_empty(shape, dtype=_out_dtype(x, u, k2 is not None)), x.new_empty(shape if save_z1 else (0,))
+def _(u, x, k1, d1, k2, d2, for_backward):
+    batch, width, length = x.shape
+    shape = (batch, width // 3, length)
+    y = x.new_empty(shape, dtype=_out_dtype(x, u, k2 is not None))
+    if not for_backward:
+        return y, x.new_empty(0), *(x.new_empty(0, dtype=torch.float32) for _ in range(3))
+    freqs = (width // 3, length + 1, 2)
+    slots = 1 if k2 is None else 2
+    kept = [x.new_empty((slots, batch, *freqs), dtype=torch.float32), x.new_empty(freqs, dtype=torch.float32)]
+    return y, x.new_empty(shape), *kept, x.new_empty(freqs if k2 is not None else (0,), dtype=torch.float32)
 
 
 @torch.library.custom_op("m2dist::cufft_conv_backward", mutates_args=())
 def cufft_conv_backward(
-    dy: torch.Tensor, u: torch.Tensor | None, x: torch.Tensor, z1: torch.Tensor, k1: torch.Tensor, d1: torch.Tensor,
+    dy: torch.Tensor, u: torch.Tensor | None, x: torch.Tensor, z1: torch.Tensor, spectra: torch.Tensor,
+    k1_spectrum: torch.Tensor, k2_spectrum: torch.Tensor, k1: torch.Tensor, d1: torch.Tensor,
     k2: torch.Tensor | None, d2: torch.Tensor | None,
 ) -> list[torch.Tensor]:  # fmt: skip
     """[dx, dk1, dd1] and, with the residual branch, [du, dk2, dd2] after them; dx packed as x
-    (B, 3D, L), each gradient in its input's dtype. z1: the forward's."""
+    (B, 3D, L), each gradient in its input's dtype. z1 and the spectra: the forward's."""
     batch, width, length = x.shape
     dim = width // 3
     has_res = k2 is not None
-    conv, dk1_spectrum, dk2_spectrum = _convolved(_transformed(x, u, dy, has_res), k1, k2, True)
+    conv, dk1_spectrum, dk2_spectrum = _convolved(
+        _transformed(x, u, dy, has_res), torch.view_as_complex(k1_spectrum),
+        torch.view_as_complex(k2_spectrum) if has_res else None, torch.view_as_complex(spectra),
+    )  # fmt: skip
     dx = new_output(x.shape, x.dtype, x.device)
     du = new_output(u.shape, u.dtype, u.device) if has_res else dx
     n_l, n_d, _ = _gates_grid(batch, dim, length)
@@ -424,7 +443,7 @@ def cufft_conv_backward(
 
 
 @cufft_conv_backward.register_fake
-def _(dy, u, x, z1, k1, d1, k2, d2):
+def _(dy, u, x, z1, spectra, k1_spectrum, k2_spectrum, k1, d1, k2, d2):
     grads = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (x, k1, d1)]
     if k2 is not None:
         grads += [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (u, k2, d2)]
@@ -433,12 +452,12 @@ def _(dy, u, x, z1, k1, d1, k2, d2):
 
 def _cufft_setup_context(ctx, inputs, output):
     u, x, k1, d1, k2, d2, _ = inputs
-    ctx.save_for_backward(u, x, output[1], k1, d1, k2, d2)
+    ctx.save_for_backward(u, x, *output[1:], k1, d1, k2, d2)
 
 
-def _cufft_backward(ctx, dy, _dz1):
-    u, x, z1, k1, d1, k2, d2 = ctx.saved_tensors
-    grads = cufft_conv_backward(dy, u, x, z1, k1, d1, k2, d2)
+def _cufft_backward(ctx, dy, *_):
+    u, x, z1, spectra, k1_spectrum, k2_spectrum, k1, d1, k2, d2 = ctx.saved_tensors
+    grads = cufft_conv_backward(dy, u, x, z1, spectra, k1_spectrum, k2_spectrum, k1, d1, k2, d2)
     dx, dk1, dd1 = grads[:3]
     du, dk2, dd2 = grads[3:] if k2 is not None else (None, None, None)
     return du, dx, dk1, dd1, dk2, dd2, None
@@ -454,8 +473,8 @@ def packed_gated_long_conv(u_BDL, x_BCL, k1_DN, d1_D, k2_DN=None, d2_D=None):
     d2_D: (D,). The caller checks shapes."""
     has_res = k2_DN is not None
     inputs = (u_BDL if has_res else None, x_BCL, k1_DN, d1_D, k2_DN, d2_D)
-    save_z1 = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
-    return cufft_conv(*inputs, save_z1)[0]
+    for_backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    return cufft_conv(*inputs, for_backward)[0]
 
 
 def gated_long_conv(u_BDL, x1_BDL, x2_BDL, v_BDL, k1_DN, d1_D, k2_DN=None, d2_D=None):
