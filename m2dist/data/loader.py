@@ -307,9 +307,9 @@ def unpack_batch(collated: dict[str, torch.Tensor], full_rows: bool = False) -> 
     the token types, all zeros, made here, in pinned memory where the loader pinned the batch, so
     that its copy to the GPU does not wait either); without the attention mask if `full_rows`."""
     input_ids, attention_mask, labels = collated["packed"].unbind(0)
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if full_rows:
-        del batch["attention_mask"]
+    batch = {"input_ids": input_ids}
+    if not full_rows:
+        batch["attention_mask"] = attention_mask
     batch["token_type_ids"] = torch.zeros(input_ids.shape, dtype=input_ids.dtype, pin_memory=input_ids.is_pinned())
     batch["labels"] = labels
     batch["sample_index"] = collated["sample_index"]
