@@ -44,7 +44,12 @@ from m2dist.config import REMOTE_SCHEMES, TrackingConfig, parse_streams
 from m2dist.data.corpus import default_prepared_dir
 from m2dist.data.manifest import read_manifest
 from m2dist.data.prepare import prepare_mds
-from m2dist.data.tokenizer import DEFAULT_VOCAB, file_sha256, train_tokenizer_from_files
+from m2dist.data.tokenizer import (
+    DEFAULT_VOCAB,
+    file_sha256,
+    tokenizer_file,
+    train_tokenizer_from_files,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -835,7 +840,7 @@ def training_datasets(config: Any) -> list[tuple[ShardDataset, str, dict[str, st
                  for s, context in streams]  # fmt: skip
     else:
         seq_len = config.seq_len
-        tokenizer = Path(data.tokenizer) if data.tokenizer else DEFAULT_VOCAB
+        tokenizer = tokenizer_file(data.tokenizer)
         root = Path(data.prepared_dir) if data.prepared_dir else default_prepared_dir(seq_len, tokenizer, data.embedded_mode)
         where = [(str(root / "train"), "train", {}), (str(root / "val"), "validation", {})]
     with tempfile.TemporaryDirectory(prefix="m2dist-manifests-") as tmp:
@@ -850,7 +855,7 @@ def log_training_inputs(tracker: Tracker, config: Any) -> None:
     tokenizer's SHA-256, from the tracker's thread. A manifest that cannot be read is warned about."""
     if isinstance(tracker, NullTracker):
         return
-    tokenizer = Path(config.data.tokenizer) if config.data.tokenizer else DEFAULT_VOCAB
+    tokenizer = tokenizer_file(config.data.tokenizer)
 
     def log(client: Any, run_id: str) -> None:
         from mlflow.entities import RunTag
@@ -975,7 +980,7 @@ def log_final_model(
     if name:
 
         def register(client: Any, run_id: str) -> None:
-            tokenizer = Path(config.data.tokenizer) if config.data.tokenizer else DEFAULT_VOCAB
+            tokenizer = tokenizer_file(config.data.tokenizer)
             tags = {TRAINING_RUN_TAG: run_id, TOKENIZER_SHA_TAG: file_sha256(tokenizer), "m2dist.config_name": config.name}
             version = register_model_version(client, name, run_id, tags)
             write_lineage(

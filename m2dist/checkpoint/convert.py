@@ -26,7 +26,7 @@ from m2dist.checkpoint.io import load_deepspeed_file, read_safetensors_header, w
 from m2dist.checkpoint.layout import CLIENT_STATE, COMPLETE, make_universal, run_markers, universal_tag
 from m2dist.checkpoint.release import CONFIG_FILE, RELEASE_FORMAT, WEIGHTS_FILE, load_release, save_release
 from m2dist.checkpoint.upstream import WEIGHT_FILES, export_upstream, import_upstream
-from m2dist.data.tokenizer import DEFAULT_VOCAB
+from m2dist.data.tokenizer import tokenizer_file
 from m2dist.errors import CheckpointError, OutputExistsError
 from m2dist.models import MaskedLM, SequenceClassifier
 
@@ -217,7 +217,7 @@ def _copy_tokenizer(state: dict[str, Any], destination: Path) -> str:
     """Copy the run's tokenizer (data.tokenizer, or the shipped default vocab) as vocab.txt or
     tokenizer.model; returns the file name."""
     configured = state["config"].get("data", {}).get("tokenizer", "")
-    path = Path(configured) if configured else DEFAULT_VOCAB
+    path = tokenizer_file(configured)
     if not path.is_file():
         raise CheckpointError(f"the run's tokenizer {path} (data.tokenizer) is not a file here; run from the training directory")
     name = "tokenizer.model" if path.suffix == ".model" else "vocab.txt"

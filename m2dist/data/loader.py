@@ -47,7 +47,7 @@ from m2dist.data.corpus import default_prepared_dir, prepare_default_dataset
 from m2dist.data.manifest import Expected, Manifest, check_manifest, read_manifest
 from m2dist.data.masking import mask_samples
 from m2dist.data.sample_loop import ChunkedSampleLoop
-from m2dist.data.tokenizer import DEFAULT_VOCAB, SpecialIds, file_sha256
+from m2dist.data.tokenizer import SpecialIds, file_sha256, tokenizer_file
 from m2dist.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -439,7 +439,7 @@ def has_validation_split(cfg: Config) -> bool:
     data = cfg.data
     if data.train:
         return bool(data.val)
-    tokenizer_path = Path(data.tokenizer) if data.tokenizer else DEFAULT_VOCAB
+    tokenizer_path = tokenizer_file(data.tokenizer)
     (stream,) = resolve_streams(cfg, "val", cfg.seq_len, tokenizer_path)
     if read_manifest(stream.path).counts.samples > 0:
         return True
@@ -468,7 +468,7 @@ def build_mlm_dataloader(
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     data = cfg.data
     seq_len = cfg.seq_len
-    tokenizer_path = Path(data.tokenizer) if data.tokenizer else DEFAULT_VOCAB
+    tokenizer_path = tokenizer_file(data.tokenizer)
     if not tokenizer_path.is_file():
         raise FileNotFoundError(f"data.tokenizer: file not found: {tokenizer_path}")
     expected = Expected(

@@ -172,10 +172,16 @@ class SentencePieceTokenizer(Tokenizer):
         return self._sp.decode(list(ids))
 
 
+def tokenizer_file(path: str | Path | None) -> Path:
+    """The tokenizer file `path` names (`data.tokenizer`); None or "" = the bert-base-uncased
+    vocab.txt shipped in m2dist/data/assets."""
+    return Path(path) if path else DEFAULT_VOCAB
+
+
 def load_tokenizer(path: str | Path | None = None) -> Tokenizer:
     """A `.txt` WordPiece vocabulary or a `.model` sentencepiece file; None or "" = the
     bert-base-uncased vocab.txt shipped in m2dist/data/assets."""
-    path = Path(path) if path else DEFAULT_VOCAB
+    path = tokenizer_file(path)
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer file not found: {path}")
     if path.suffix == ".txt":

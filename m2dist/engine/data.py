@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,11 +22,8 @@ class TrainingData:
 
     def __init__(self, config: Config, env: DistEnv, layout: BatchLayout):
         # Imported here: the loader imports streaming, seconds of start-up that only a run with data needs.
-        from m2dist.data.loader import (
-            DEFAULT_VOCAB,
-            build_mlm_dataloader,
-            has_validation_split,
-        )
+        from m2dist.data.loader import build_mlm_dataloader, has_validation_split
+        from m2dist.data.tokenizer import tokenizer_file
 
         self.config = config
         self.layout = layout
@@ -37,8 +33,7 @@ class TrainingData:
         # Built now, so that a wrong validation path or manifest stops the run before its first step.
         self._eval_loader = build_mlm_dataloader(config, layout.micro_batch_size, "val") if self.has_validation else None
         self._train_iter: Iterator[dict[str, torch.Tensor]] | None = None
-        tokenizer = Path(config.data.tokenizer) if config.data.tokenizer else DEFAULT_VOCAB
-        self.artifacts = [tokenizer]
+        self.artifacts = [tokenizer_file(config.data.tokenizer)]
 
     def next_train_batch(self) -> dict[str, torch.Tensor]:
         """(micro_batch, L) tensors: input_ids, token_type_ids, labels, and attention_mask unless the
