@@ -31,11 +31,14 @@ def in_process_rank():
     """For a test that builds the training engine inside the test process: the engine fills the
     launcher's variables (MASTER_PORT...) in os.environ, which are restored afterwards, or every later
     test's launch would inherit a port that this process still listens on. The one-rank process
-    group stays (DeepSpeed keeps its groups, so a later engine in this process reuses it)."""
+    group stays (DeepSpeed keeps its groups, so a later engine in this process reuses it). The TF32
+    switch that the trainer sets (`train.tf32`) is restored too, for later tests' fp32 references."""
     saved = dict(os.environ)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
     yield
     os.environ.clear()
     os.environ.update(saved)
+    torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 @pytest.fixture

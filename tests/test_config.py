@@ -119,6 +119,18 @@ def test_compile_with_zero_3_is_refused_by_name():
         load_config("debug", ["train.compile=true", "train.zero_stage=3"])
 
 
+def test_tf32_auto_is_on_for_bf16_runs_and_off_for_fp32_runs():
+    from m2dist.engine.deepspeed_config import uses_tf32
+
+    def tf32(*overrides):
+        return uses_tf32(load_config("debug", list(overrides)).train)
+
+    assert tf32("train.precision=bf16") and not tf32("train.precision=fp32")
+    assert tf32("train.precision=fp32", "train.tf32=true") and not tf32("train.precision=bf16", "train.tf32=false")
+    with pytest.raises(ConfigError, match=r"train.tf32: expected one of 'auto', True, False, got 'fast'"):
+        load_config("debug", ["train.tf32=fast"])
+
+
 def test_compile_auto_is_cuda_graphs_on_one_gpu_with_zero_0_to_2_and_eager_elsewhere():
     from m2dist.engine.trainer import resolve_compile_mode
 

@@ -460,7 +460,10 @@ def test_evaluation_gathers_a_fixed_size_and_matches_the_exact_gather(tmp_path, 
         ["train.duration=2", "train.global_batch_size=64", "train.seq_len=32", "train.eval_batches=0",
          "tracking.enabled=false", "data.num_workers=0", f"train.output_dir={tmp_path}"],
     )  # fmt: skip
+    torch.backends.cuda.matmul.allow_tf32 = True
     trainer = Trainer(config)
+    # The debug config's fp32 run keeps its matmuls in fp32 (train.tf32=auto).
+    assert torch.backends.cuda.matmul.allow_tf32 is False
     # The fixed-size gather, as on a GPU or compiled (an eager CPU run takes the exact one).
     assert not trainer.fixed_masked_gather
     trainer.fixed_masked_gather = True

@@ -93,6 +93,8 @@ def benchmark_step(
     torch.manual_seed(0)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
+    # The engine's bf16 runs take TF32 for their fp32 matmuls (train.tf32=auto): M2's filter MLPs.
+    torch.backends.cuda.matmul.allow_tf32 = True
     try:
         model = build().to(device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")

@@ -4,7 +4,7 @@ import importlib.metadata
 from dataclasses import dataclass
 from typing import Any
 
-from m2dist.config import Config
+from m2dist.config import Config, TrainConfig
 from m2dist.errors import ConfigError
 
 # The first DeepSpeed release that reads the `torch_autocast` section; older ones ignore it, and a
@@ -26,6 +26,11 @@ def check_deepspeed_precision(precision: str, deepspeed_version: str | None = No
             f"installed: {version}, with which the run would silently train in fp32. Upgrade deepspeed "
             f"(pip install 'deepspeed>={needed}') or set train.precision=fp32"
         )
+
+
+def uses_tf32(train: TrainConfig) -> bool:
+    """Whether the run's fp32 matmuls take TF32 (`train.tf32`; "auto": with bf16 precision)."""
+    return train.precision == "bf16" if train.tf32 == "auto" else train.tf32
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,12 @@ from m2dist.checkpoint.layout import CHECKPOINTS_DIR, CLIENT_STATE, find_resume_
 from m2dist.config import Config, TrainConfig, check_training_data
 from m2dist.engine.checkpoint import CheckpointManager
 from m2dist.engine.data import build_data
-from m2dist.engine.deepspeed_config import batch_layout, build_deepspeed_config, check_deepspeed_precision
+from m2dist.engine.deepspeed_config import (
+    batch_layout,
+    build_deepspeed_config,
+    check_deepspeed_precision,
+    uses_tf32,
+)
 from m2dist.engine.distributed import (
     all_reduce_sum, broadcast_object, init_distributed, leave_process_group, unlink_deepspeed_shm,
 )  # fmt: skip
@@ -198,6 +203,7 @@ class Trainer:
         install_device_overflow_check(self.engine.optimizer)
         skip_single_rank_reduction(self.engine.optimizer)
         install_foreach_flatten(self.engine.optimizer)
+        torch.backends.cuda.matmul.allow_tf32 = uses_tf32(train)
         compile_mode = resolve_compile_mode(train, self.device, self.env.world_size)
         if compile_mode is not None:
             # Compiled in place: the module's parameter names, and so the checkpoints, do not change.
