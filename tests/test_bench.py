@@ -509,6 +509,26 @@ def test_a_revision_whose_worker_fails_is_named(tmp_path):
 
 
 @pytest.mark.skipif(not (REPO_ROOT / ".git").exists(), reason="needs the repository's git history")
+def test_revisions_that_would_not_fit_in_gpu_memory_stop_before_the_next_worker(tmp_path):
+    # Every worker stays resident: three of m2-bert-80M-8k's engine step at batch 4, L=8192 held
+    # 28.6 GiB each on an 80 GiB H100, and the third ran out of memory minutes into its warm-up.
+    from m2dist.bench.revisions import Revision, check_room_for_workers
+    from m2dist.errors import ConfigError
+
+    waiting = [Revision("tf32", tmp_path), Revision("cdt", tmp_path)]
+    with pytest.raises(ConfigError, match=r"each holds up to 28.6 GiB .* 50.6 GiB is free after 1 of them, and "
+                                          r"tf32, cdt would need about 60.1 GiB more; time at most 2 revisions"):
+        check_room_for_workers([{"held_gib": 28.6, "free_gib": 50.6}], waiting)
+    check_room_for_workers([{"held_gib": 28.6, "free_gib": 50.6}], waiting[:1])
+    with pytest.raises(ConfigError, match="a smaller batch"):
+        check_room_for_workers([{"held_gib": 60.0, "free_gib": 19.0}], waiting[:1])
+    # The largest worker so far sets the estimate; a CPU's workers report nothing to check.
+    with pytest.raises(ConfigError, match="each holds up to 30.0 GiB"):
+        check_room_for_workers([{"held_gib": 30.0, "free_gib": 49.0}, {"held_gib": 10.0, "free_gib": 29.0}], waiting[1:])
+    check_room_for_workers([{"held_gib": None, "free_gib": None}], waiting)
+    check_room_for_workers([{"held_gib": 28.6, "free_gib": 50.6}], [])
+
+
 def test_revisions_resolve_directories_and_git_revisions(tmp_path):
     from m2dist.bench.revisions import resolved
     from m2dist.errors import ConfigError

@@ -8,7 +8,8 @@ the ratios. On a GPU the table also gives each revision's peak of allocated memo
   python tools/bench_revisions.py HEAD~1 HEAD --step engine --batch-sizes 256 --block-steps 10
 
 A revision is a directory holding a tree of the repository, or a git revision of this repository
-(exported for the run), optionally named LABEL=....
+(exported for the run), optionally named LABEL=.... Each revision's process stays on the GPU for the
+whole run: the tool stops, naming what each holds, before starting one that would not fit.
 """
 
 import argparse

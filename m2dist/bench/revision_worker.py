@@ -9,7 +9,8 @@ names that every revision since those benchmarks has. Replies go to stdout as li
 with `REPLY`, so that whatever else the libraries print there is skipped. Requests come on stdin,
 one JSON object a line: {"batch": B, "steps": N} times N steps at batch B and replies
 {"seconds": s, "peak_gib": the process's peak of allocated GPU memory so far (null on a CPU)};
-{"quit": true} ends the process.
+{"quit": true} ends the process. The first reply, once warmed up, says what the worker holds of the
+GPU's memory (the drop in its free memory since the worker began) and what is left free.
 """
 
 import json
@@ -58,6 +59,13 @@ def _engine_runners(spec: dict, device, closers: list) -> dict:
     return {batch: run}
 
 
+def _free_gib(device) -> float | None:
+    """The GPU's free memory in GiB, all processes counted (None on a CPU)."""
+    import torch
+
+    return torch.cuda.mem_get_info(device)[0] / 2**30 if device.type == "cuda" else None
+
+
 def main(spec: dict) -> None:
     sys.path.insert(0, spec["tree"])
     import torch
@@ -66,6 +74,7 @@ def main(spec: dict) -> None:
     from m2dist.bench.finetune import _settle
 
     device = torch.device(spec["device"])
+    free_at_start = _free_gib(device)
     closers: list = []
     try:
         if spec["step"] == "engine":
@@ -75,7 +84,9 @@ def main(spec: dict) -> None:
         for run in runners.values():
             run(spec["first_steps"])
             _settle(run, spec["block_steps"])
-        reply({"ready": True, "m2dist": m2dist.__file__})
+        free = _free_gib(device)
+        held = None if free is None else free_at_start - free
+        reply({"ready": True, "m2dist": m2dist.__file__, "held_gib": held, "free_gib": free})
         for line in sys.stdin:
             request = json.loads(line)
             if request.get("quit"):

@@ -130,6 +130,26 @@ def start_worker(revision: Revision, spec: dict) -> Worker:
     return worker
 
 
+def check_room_for_workers(started: list[dict], waiting: list[Revision], margin: float = 1.05) -> None:
+    """Stop before a worker that would run out of GPU memory: every worker stays resident, so the
+    ones still `waiting` need about what the largest of those `started` holds each (their ready
+    replies' `held_gib`), and the GPU must have that free (`free_gib`, after the last one started).
+    Without the figures (a CPU, a worker that does not report them) nothing is checked."""
+    last = started[-1]
+    held = [info.get("held_gib") for info in started]
+    if not waiting or last.get("free_gib") is None or None in held:
+        return
+    needed = margin * max(held) * len(waiting)
+    if last["free_gib"] < needed:
+        fits = len(started) + int(last["free_gib"] // (margin * max(held)))
+        advice = f"time at most {fits} revisions a run (the baseline in each)" if fits >= 2 else "a smaller batch"
+        raise ConfigError(
+            f"the revisions' workers would not fit in the GPU's memory: each holds up to {max(held):.1f} GiB "
+            f"with this config and batch, {last['free_gib']:.1f} GiB is free after {len(started)} of them, and "
+            f"{', '.join(r.label for r in waiting)} would need about {needed:.1f} GiB more; {advice}"
+        )
+
+
 @dataclass
 class RevisionTiming:
     label: str
@@ -177,8 +197,9 @@ def time_revisions(
     }  # fmt: skip
     workers: list[Worker] = []
     try:
-        for revision in revisions:
+        for index, revision in enumerate(revisions):
             workers.append(start_worker(revision, spec))
+            check_room_for_workers([w.info for w in workers], revisions[index + 1 :])
         blocks: dict[tuple[str, int], list[float]] = {(r.label, b): [] for r in revisions for b in batch_sizes}
         peaks: dict[tuple[str, int], float | None] = {}
         for round_index in range(rounds + 1):
