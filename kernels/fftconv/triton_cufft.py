@@ -47,6 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.fftconv.triton_fftconv import complex_mul
 from kernels.triton_common import new_output, strides
 
 # Tiles of the element-wise kernels: (channels, positions) per program, and warps.
@@ -107,11 +108,6 @@ def _store_complex(ptr, p, re, im, m):
 
 
 @triton.jit
-def _cmul(ar, ai, br, bi):
-    return ar * br - ai * bi, ar * bi + ai * br
-
-
-@triton.jit
 def _half_spectrum_pair(pr, pi, qr, qi, tr, ti, scale):
     """Z[k] and Z[M - k] of the complex sequence z[n] = y[2n] + i y[2n + 1] (times `scale`), from
     the real y's half spectrum at k (p) and M - k (q), M = N / 2 and t = exp(i pi k / M): with
@@ -119,7 +115,7 @@ def _half_spectrum_pair(pr, pi, qr, qi, tr, ti, scale):
     Z[k] = E + i O and Z[M - k] = conj E + i conj O."""
     er = (pr + qr) * 0.5
     ei = (pi - qi) * 0.5
-    or_, oi = _cmul((pr - qr) * 0.5, (pi + qi) * 0.5, tr, ti)
+    or_, oi = complex_mul((pr - qr) * 0.5, (pi + qi) * 0.5, tr, ti)
     return (er - oi) * scale, (ei + or_) * scale, (er + oi) * scale, (or_ - ei) * scale
 
 
@@ -129,8 +125,8 @@ def _product_to_half_spectrum(x_ptr, z_ptr, p_p, p_q, p_zk, p_zq, m_k, m_zq, kpr
     z_ptr in the inverse's half-size form (`_half_spectrum_pair`); returns the spectrum's values."""
     xpr, xpi = _load_complex(x_ptr, p_p, m_k)
     xqr, xqi = _load_complex(x_ptr, p_q, m_k)
-    pr, pi = _cmul(xpr, xpi, kpr, kpi)
-    qr, qi = _cmul(xqr, xqi, kqr, kqi)
+    pr, pi = complex_mul(xpr, xpi, kpr, kpi)
+    qr, qi = complex_mul(xqr, xqi, kqr, kqi)
     zkr, zki, zqr, zqi = _half_spectrum_pair(pr, pi, qr, qi, tr, ti, scale)
     _store_complex(z_ptr, p_zk, zkr, zki, m_k)
     _store_complex(z_ptr, p_zq, zqr, zqi, m_zq)
@@ -141,7 +137,7 @@ def _product_to_half_spectrum(x_ptr, z_ptr, p_p, p_q, p_zk, p_zq, m_k, m_zq, kpr
 def _conj_times(a_ptr, p, m, xr, xi):
     """conj(a) x, a loaded at float offsets p: a term of a filter's gradient spectrum."""
     ar, ai = _load_complex(a_ptr, p, m)
-    return _cmul(ar, -ai, xr, xi)
+    return complex_mul(ar, -ai, xr, xi)
 
 
 @triton.jit

@@ -93,7 +93,8 @@ def transform_precision(dtype: torch.dtype, plan=None) -> str:
 
 
 @triton.jit
-def _cmul(ar, ai, br, bi):
+def complex_mul(ar, ai, br, bi):
+    """(ar + i ai)(br + i bi) as its real and imaginary parts."""
     return ar * br - ai * bi, ar * bi + ai * br
 
 
@@ -174,7 +175,7 @@ def _stage_first(
     p_tw = o_m2[:, None] * M1 + o_m1[None, :]
     b_twr = tl.load(twr_ptr + p_tw)
     b_twi = tl.load(twi_ptr + p_tw)
-    return _cmul(tl.reshape(b_br, (C, M2, M1)), tl.reshape(b_bi, (C, M2, M1)), b_twr[None, :, :], b_twi[None, :, :])
+    return complex_mul(tl.reshape(b_br, (C, M2, M1)), tl.reshape(b_bi, (C, M2, M1)), b_twr[None, :, :], b_twi[None, :, :])
 
 
 @triton.jit
@@ -208,7 +209,7 @@ def _stage_last_inv(
     p_tw = o_m2[None, :] * M1 + o_m1[:, None]
     b_twr = tl.load(twr_ptr + p_tw)
     b_twi = tl.load(twi_ptr + p_tw)
-    b_er, b_ei = _cmul(
+    b_er, b_ei = complex_mul(
         tl.reshape(dr, (C, M1, M2)), tl.reshape(di, (C, M1, M2)), b_twr[None, :, :], -b_twi[None, :, :]
     )
     b_er, b_ei = _operand(b_er, PREC), _operand(b_ei, PREC)
@@ -424,10 +425,10 @@ def _fwd_kernel(
             i_b, i_r, o_d, o_t, m_d, L, R, M, True,
         )  # fmt: skip
         if R > 1:
-            b_ar, b_ai = _cmul(b_ar, b_ai, b_otr, b_oti)
+            b_ar, b_ai = complex_mul(b_ar, b_ai, b_otr, b_oti)
         b_ar, b_ai = _dft(b_ar, b_ai, amax_a * OUTER_GAIN, tab_ptr, C, M1, M2, P2, K1, R > 1, PREC)
         # The spectra are re-read (from L2) every iteration: holding them costs registers.
-        b_yr, b_yi = _cmul(
+        b_yr, b_yi = complex_mul(
             b_ar, b_ai, tl.load(k1r_ptr + i_k0 + p_k, mask=m_k, other=0.0), tl.load(k1i_ptr + i_k0 + p_k, mask=m_k, other=0.0)
         )
         if HAS_RES:
@@ -436,9 +437,9 @@ def _fwd_kernel(
                 i_b, i_r, o_d, o_t, m_d, L, R, M, False,
             )  # fmt: skip
             if R > 1:
-                b_ur, b_ui = _cmul(b_ur, b_ui, b_otr, b_oti)
+                b_ur, b_ui = complex_mul(b_ur, b_ui, b_otr, b_oti)
             b_ur, b_ui = _dft(b_ur, b_ui, amax_u * OUTER_GAIN, tab_ptr, C, M1, M2, P2, K1, R > 1, PREC)
-            b_ur, b_ui = _cmul(
+            b_ur, b_ui = complex_mul(
                 b_ur, b_ui, tl.load(k2r_ptr + i_k0 + p_k, mask=m_k, other=0.0), tl.load(k2i_ptr + i_k0 + p_k, mask=m_k, other=0.0)
             )
             # Y1 + i Y2: one inverse transform gives y1 (real part) and y2 (imaginary part).
@@ -457,7 +458,7 @@ def _fwd_kernel(
             tl.store(y_ptr + i_b * s_yb + i_d0 * s_yd + o_d * s_yd + o_t * s_yl, b_y.to(y_ptr.dtype.element_ty), mask=m_x)
         else:
             # Conjugate outer twiddle, then the row goes to the scratch [B, D, R, M].
-            b_sr, b_si = _cmul(b_y1, b_y2, b_otr, -b_oti)
+            b_sr, b_si = complex_mul(b_y1, b_y2, b_otr, -b_oti)
             p_s = ((i_b * D + i_d0) * R + i_r) * M + (o_d * (R * M) + o_t)
             tl.store(sr_ptr + p_s, b_sr, mask=m_d)
             tl.store(si_ptr + p_s, b_si, mask=m_d)
@@ -568,8 +569,8 @@ def _bwd_kernel(
             i_b, i_r, o_d, o_t, m_d, L, R, M, True,
         )  # fmt: skip
         if R > 1:
-            b_ar, b_ai = _cmul(b_ar, b_ai, b_otr, b_oti)
-            b_gr, b_gi = _cmul(b_gr, b_gi, b_otr, b_oti)
+            b_ar, b_ai = complex_mul(b_ar, b_ai, b_otr, b_oti)
+            b_gr, b_gi = complex_mul(b_gr, b_gi, b_otr, b_oti)
         b_ar, b_ai = _dft(b_ar, b_ai, amax_a * OUTER_GAIN, tab_ptr, C, M1, M2, P2, K1, R > 1, PREC)
         b_gr, b_gi = _dft(b_gr, b_gi, amax_g * OUTER_GAIN, tab_ptr, C, M1, M2, P2, K1, R > 1, PREC)
         b_dk1r += b_ar * b_gr + b_ai * b_gi
@@ -580,8 +581,8 @@ def _bwd_kernel(
         scale = _pow2_ratio(amax_a, amax_g)
         b_k1r = tl.load(k1r_ptr + i_k0 + p_k, mask=m_k, other=0.0)
         b_k1i = tl.load(k1i_ptr + i_k0 + p_k, mask=m_k, other=0.0)
-        b_pr, b_pi = _cmul(b_ar, b_ai, b_k1r, b_k1i)
-        b_qr, b_qi = _cmul(b_gr * scale, b_gi * scale, b_k1r, -b_k1i)
+        b_pr, b_pi = complex_mul(b_ar, b_ai, b_k1r, b_k1i)
+        b_qr, b_qi = complex_mul(b_gr * scale, b_gi * scale, b_k1r, -b_k1i)
         b_y1, b_dac = _idft(
             b_pr - b_qi, b_pi + b_qr, tab_ptr, C, M1, M2, P2, K1, PREC
         )
@@ -603,7 +604,7 @@ def _bwd_kernel(
         else:
             # The combine kernel divides da by the scale of the row's channel block.
             tl.store(scale_ptr + i_b * tl.num_programs(0) + i_dc, scale)
-            b_sr, b_si = _cmul(b_y1, b_dac, b_otr, -b_oti)
+            b_sr, b_si = complex_mul(b_y1, b_dac, b_otr, -b_oti)
             p_s = ((i_b * D + i_d0) * R + i_r) * M + (o_d * (R * M) + o_t)
             tl.store(s1r_ptr + p_s, b_sr, mask=m_d)
             tl.store(s1i_ptr + p_s, b_si, mask=m_d)
@@ -618,13 +619,13 @@ def _bwd_kernel(
                 i_b, i_r, o_d, o_t, m_d, L, R, M, False,
             )  # fmt: skip
             if R > 1:
-                b_ur, b_ui = _cmul(b_ur, b_ui, b_otr, b_oti)
-                b_hr, b_hi = _cmul(b_hr, b_hi, b_otr, b_oti)
+                b_ur, b_ui = complex_mul(b_ur, b_ui, b_otr, b_oti)
+                b_hr, b_hi = complex_mul(b_hr, b_hi, b_otr, b_oti)
             b_ur, b_ui = _dft(b_ur, b_ui, amax_u * OUTER_GAIN, tab_ptr, C, M1, M2, P2, K1, R > 1, PREC)
             b_hr, b_hi = _dft(b_hr, b_hi, amax_h * OUTER_GAIN, tab_ptr, C, M1, M2, P2, K1, R > 1, PREC)
             b_dk2r += b_ur * b_hr + b_ui * b_hi
             b_dk2i += b_ur * b_hi - b_ui * b_hr
-            b_qr, b_qi = _cmul(
+            b_qr, b_qi = complex_mul(
                 b_hr, b_hi, tl.load(k2r_ptr + i_k0 + p_k, mask=m_k, other=0.0), -tl.load(k2i_ptr + i_k0 + p_k, mask=m_k, other=0.0)
             )
             b_duc, b_duci = _idft(b_qr, b_qi, tab_ptr, C, M1, M2, P2, K1, PREC)
@@ -633,7 +634,7 @@ def _bwd_kernel(
                 tl.store(du_ptr + p_x, (b_duc + b_d2 * b_dy).to(du_ptr.dtype.element_ty), mask=m_x)
                 b_dd2 += tl.sum(b_dy * b_u, axis=1)
             else:
-                b_sr, b_si = _cmul(b_duc, b_duci, b_otr, -b_oti)
+                b_sr, b_si = complex_mul(b_duc, b_duci, b_otr, -b_oti)
                 tl.store(s2r_ptr + p_s, b_sr, mask=m_d)
                 tl.store(s2i_ptr + p_s, b_si, mask=m_d)
     if ATOMIC:
