@@ -508,7 +508,6 @@ def test_a_revision_whose_worker_fails_is_named(tmp_path):
         time_revisions([Revision("broken", broken)], "debug", [2], "cpu", False, seq_len=16, first_steps=1, block_steps=1, rounds=1)
 
 
-@pytest.mark.skipif(not (REPO_ROOT / ".git").exists(), reason="needs the repository's git history")
 def test_revisions_that_would_not_fit_in_gpu_memory_stop_before_the_next_worker(tmp_path):
     # Every worker stays resident: three of m2-bert-80M-8k's engine step at batch 4, L=8192 held
     # 28.6 GiB each on an 80 GiB H100, and the third ran out of memory minutes into its warm-up.
@@ -529,6 +528,7 @@ def test_revisions_that_would_not_fit_in_gpu_memory_stop_before_the_next_worker(
     check_room_for_workers([{"held_gib": 28.6, "free_gib": 50.6}], [])
 
 
+@pytest.mark.skipif(not (REPO_ROOT / ".git").exists(), reason="needs the repository's git history")
 def test_revisions_resolve_directories_and_git_revisions(tmp_path):
     from m2dist.bench.revisions import resolved
     from m2dist.errors import ConfigError

@@ -94,6 +94,7 @@ def benchmark_step(
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     # The engine's bf16 runs take TF32 for their fp32 matmuls (train.tf32=auto): M2's filter MLPs.
+    tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True
     try:
         model = build().to(device)
@@ -113,6 +114,8 @@ def benchmark_step(
         seconds = time_steps(step, steps)
     except torch.OutOfMemoryError:
         return BenchResult(name, seq_len, batch_size, 0.0, 0.0, None, None, 0.0, error="OOM")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     tokens_per_s = batch_size * seq_len / seconds
     flops = tokens_per_s * training_flops_per_token(model_config, seq_len, mlm_probability)
     peak = peak_flops(device, "bf16")
