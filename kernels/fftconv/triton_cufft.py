@@ -31,7 +31,7 @@ transform overwrites it) and scales its output by 1/N in a pass of its own, two 
 the largest buffer. The spectrum kernel instead writes, for each product Y, the spectrum Z of size
 M = L of the complex sequence y[2n] + i y[2n + 1] (the standard real-from-half-size-complex
 identity, `_half_spectrum_pair`) with the 1/N folded in; an unnormalized complex inverse of Z is
-then the real result, its floats in order.
+then the real result, its floats in order. The filters' gradient spectra take the same form.
 
 Measured on one H100 (docs/performance.md, "The cuFFT path"): forward + backward faster than the
 DFT-matmul kernels from L=512 on and than torch.fft's autograd at every length measured, 512 ...
@@ -120,6 +120,14 @@ def _half_spectrum_pair(pr, pi, qr, qi, tr, ti, scale):
 
 
 @triton.jit
+def _store_half_spectrum_pair(z_ptr, p_zk, p_zq, m_k, m_zq, pr, pi, qr, qi, tr, ti, scale):
+    """`_half_spectrum_pair` of a half spectrum's values at k (p) and M - k (q), stored at z_ptr."""
+    zkr, zki, zqr, zqi = _half_spectrum_pair(pr, pi, qr, qi, tr, ti, scale)
+    _store_complex(z_ptr, p_zk, zkr, zki, m_k)
+    _store_complex(z_ptr, p_zq, zqr, zqi, m_zq)
+
+
+@triton.jit
 def _product_to_half_spectrum(x_ptr, z_ptr, p_p, p_q, p_zk, p_zq, m_k, m_zq, kpr, kpi, kqr, kqi, tr, ti, scale):
     """The product of the spectrum at x_ptr with a filter's (k at k and M - k: p and q) written to
     z_ptr in the inverse's half-size form (`_half_spectrum_pair`); returns the spectrum's values."""
@@ -127,9 +135,7 @@ def _product_to_half_spectrum(x_ptr, z_ptr, p_p, p_q, p_zk, p_zq, m_k, m_zq, kpr
     xqr, xqi = _load_complex(x_ptr, p_q, m_k)
     pr, pi = complex_mul(xpr, xpi, kpr, kpi)
     qr, qi = complex_mul(xqr, xqi, kqr, kqi)
-    zkr, zki, zqr, zqi = _half_spectrum_pair(pr, pi, qr, qi, tr, ti, scale)
-    _store_complex(z_ptr, p_zk, zkr, zki, m_k)
-    _store_complex(z_ptr, p_zq, zqr, zqi, m_zq)
+    _store_half_spectrum_pair(z_ptr, p_zk, p_zq, m_k, m_zq, pr, pi, qr, qi, tr, ti, scale)
     return xpr, xpi, xqr, xqi
 
 
@@ -151,9 +157,9 @@ def _spectra_kernel(
     included) with its even and odd samples as real and imaginary parts, y[2n] + i y[2n + 1].
     Complex numbers as (re, im) floats; the slots of s (and a) `slot` floats apart, of z `z_slot`.
     Forward: slots A[, U] -> A K1[, U K2]. GRAD: slots G1[, H] -> G1 conj(K1)[, H conj(K2)], and
-    with the forward's spectra a (S, B, D, M + 1) = [A, U], dk1 (D, M + 1) = sum_b conj(A) G1[,
-    dk2 = sum_b conj(U) H]. One program: one channel, BF frequencies k <= M / 2 and their mirrors
-    M - k, every batch row."""
+    with the forward's spectra a (S, B, D, M + 1) = [A, U], the filters' gradient spectra
+    sum_b conj(A) G1[, sum_b conj(U) H] in the same half-size form, dk1[, dk2] (D, M). One program:
+    one channel, BF frequencies k <= M / 2 and their mirrors M - k, every batch row."""
     i_f = tl.program_id(0)
     i_d = tl.program_id(1).to(tl.int64)
     F = M + 1
@@ -217,12 +223,16 @@ def _spectra_kernel(
                 b_dk2qr += b_cr
                 b_dk2qi += b_ci
     if GRAD:
-        # k = M / 2 is its own mirror: both stores write the same sums.
-        _store_complex(dk1_ptr, p_kp, b_dk1pr, b_dk1pi, m_k)
-        _store_complex(dk1_ptr, p_kq, b_dk1qr, b_dk1qi, m_k)
+        # As the products, in the half-size form (k = M / 2 is its own mirror: both stores write
+        # the same value): an unnormalized complex inverse gives the filter's gradient, where
+        # torch's irfft would copy its input and scale its output, a pass over each of its own.
+        p_zk = (i_d * M + o_k) * 2
+        p_zq = (i_d * M + o_q) * 2
+        _store_half_spectrum_pair(dk1_ptr, p_zk, p_zq, m_k, m_zq, b_dk1pr, b_dk1pi, b_dk1qr, b_dk1qi, b_tr, b_ti, scale)
         if HAS_RES:
-            _store_complex(dk2_ptr, p_kp, b_dk2pr, b_dk2pi, m_k)
-            _store_complex(dk2_ptr, p_kq, b_dk2qr, b_dk2qi, m_k)
+            _store_half_spectrum_pair(
+                dk2_ptr, p_zk, p_zq, m_k, m_zq, b_dk2pr, b_dk2pi, b_dk2qr, b_dk2qi, b_tr, b_ti, scale
+            )
 
 
 @triton.jit
@@ -337,15 +347,15 @@ def _convolved(
     """`_spectra_kernel` on `spectra` (`_transformed`'s) with the filters' spectra (D, L + 1)
     complex64, then the inverse transforms: (c, dk1, dk2) with c (1 or 2, B, D, 2L) fp32 the
     convolutions (in the backward, given the forward's spectra, the correlations) of which the
-    first L are the output's; in the backward also the filters' gradient spectra dk (D, L + 1)
-    complex64 (dk2 None without the residual branch)."""
+    first L are the output's; in the backward also the filters' gradients dk (D, 2L) fp32 (dk2
+    None without the residual branch)."""
     _, batch, dim, freqs = spectra.shape
     half = freqs - 1
     grad = forward_spectra is not None
     has_res = k2_spectrum is not None
     k2_spectrum = k1_spectrum if k2_spectrum is None else k2_spectrum
-    dk1 = torch.empty_like(k1_spectrum) if grad else k1_spectrum
-    dk2 = torch.empty_like(k1_spectrum) if grad and has_res else dk1
+    dk1 = k1_spectrum.new_empty((dim, half)) if grad else k1_spectrum
+    dk2 = k1_spectrum.new_empty((dim, half)) if grad and has_res else dk1
     z = torch.empty((2 if has_res else 1, batch, dim, half), dtype=spectra.dtype, device=spectra.device)
     a = forward_spectra if grad else spectra
     _spectra_kernel[(triton.cdiv(half // 2 + 1, SPECTRA_BLOCK), dim)](
@@ -355,8 +365,14 @@ def _convolved(
     del spectra
     # The complex inverse of size L, unnormalized (the kernel scaled z): no copy of its input, which
     # the real inverse's C2R transform would overwrite, and no scaling pass after it.
-    c = torch.view_as_real(torch.fft.ifft(z, norm="forward")).flatten(-2)
-    return c, (dk1 if grad else None), (dk2 if grad and has_res else None)
+    c = _real_inverse(z)
+    return c, (_real_inverse(dk1) if grad else None), (_real_inverse(dk2) if grad and has_res else None)
+
+
+def _real_inverse(z: torch.Tensor) -> torch.Tensor:
+    """The real sequences (..., 2M) fp32 whose half-size forms (`_half_spectrum_pair`, 1/N
+    included) z (..., M) complex64 holds."""
+    return torch.view_as_real(torch.fft.ifft(z, norm="forward")).flatten(-2)
 
 
 def _gates_grid(batch: int, dim: int, length: int) -> tuple[int, int, int]:
@@ -423,7 +439,7 @@ def cufft_conv_backward(
     batch, width, length = x.shape
     dim = width // 3
     has_res = k2 is not None
-    conv, dk1_spectrum, dk2_spectrum = _convolved(
+    conv, dk1, dk2 = _convolved(
         _transformed(x, u, dy, has_res), torch.view_as_complex(k1_spectrum),
         torch.view_as_complex(k2_spectrum) if has_res else None, torch.view_as_complex(spectra),
     )  # fmt: skip
@@ -437,9 +453,9 @@ def cufft_conv_backward(
         dx, du, dd_parts, conv, z1, x, uu, dy, d1, d2 if has_res else d1, dim, length, conv[0].numel(),
         dd_parts[0].numel(), *strides(x, uu, dy), HAS_RES=has_res, BD=bd, BL=bl, num_warps=GATES_WARPS,
     )  # fmt: skip
-    grads = [dx, torch.fft.irfft(dk1_spectrum, n=2 * length).to(k1.dtype), dd_parts[0].sum(0).to(d1.dtype)]
+    grads = [dx, dk1.to(k1.dtype), dd_parts[0].sum(0).to(d1.dtype)]
     if has_res:
-        grads += [du, torch.fft.irfft(dk2_spectrum, n=2 * length).to(k2.dtype), dd_parts[1].sum(0).to(d2.dtype)]
+        grads += [du, dk2.to(k2.dtype), dd_parts[1].sum(0).to(d2.dtype)]
     return grads
 
 
