@@ -20,7 +20,7 @@ from m2dist.config import load_config
 from m2dist.data.manifest import MANIFEST_NAME, read_manifest
 from m2dist.data.prepare import prepare_mds
 from m2dist.data.readers import read_documents
-from m2dist.data.tokenizer import ASSETS, DEFAULT_VOCAB, file_sha256, train_sentencepiece
+from m2dist.data.tokenizer import ASSETS, file_sha256, tokenizer_file, train_sentencepiece
 from m2dist.errors import DataError, OutputExistsError
 
 EMBEDDED_CORPUS = ASSETS / "python-docs-3.11.txt.gz"
@@ -46,7 +46,7 @@ def default_prepared_dir(max_len: int, tokenizer_path: str | Path | None = None,
     """~/.cache/m2dist/embedded-L{max_len}-{tokenizer hash}, embedded-concat-... in concat mode
     (XDG_CACHE_HOME respected)."""
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    digest = file_sha256(tokenizer_path or DEFAULT_VOCAB)[:12]
+    digest = file_sha256(tokenizer_file(tokenizer_path))[:12]
     kind = "embedded" if mode == "pad" else f"embedded-{mode}"
     return cache / "m2dist" / f"{kind}-L{max_len}-{digest}"
 
@@ -128,7 +128,7 @@ def prepare_default_dataset(
         tokenizer_path = out_dir / "tokenizer.model"
         expected_sha = None
     else:
-        tokenizer_path = Path(tokenizer_path or DEFAULT_VOCAB)
+        tokenizer_path = tokenizer_file(tokenizer_path)
         expected_sha = file_sha256(tokenizer_path)
     settings = _Settings(max_len, mode, max_documents, expected_sha, sentencepiece_vocab_size)
     if out_dir.exists():
