@@ -407,8 +407,13 @@ def test_kernels_by_kind_sums_each_kind_per_step_with_the_projects_triton_kernel
     assert [(r.kind, r.device_us, r.launches) for r in rows] == [
         (conv, 1500.0, 36), ("GEMMs (cuBLAS)", 1200.0, 48), (glu, 300.0, 12), ("other", 10.0, 1),
     ]  # fmt: skip
+    assert [(k.name, k.device_us, k.launches) for k in rows[0].kernels] == [
+        ("_fwd_kernel", 1000.0, 24), ("_bwd_inputs_kernel", 500.0, 12),
+    ]  # fmt: skip
+    assert kernels_by_kind(averages, steps=2, top=1)[0].kernels == rows[0].kernels[:1]
     text = format_kernels_by_kind(rows)
-    assert f"      1.50 ms       36  {conv}" in text
+    assert f"      1.50 ms       36  {conv}\n          1.00 ms     24  _fwd_kernel\n" in text
+    assert "GEMMs (cuBLAS)\n      0.30 ms" in text  # a kind of one kernel: no lines under it
     assert text.endswith("      3.01 ms       97  all\n")
 
 

@@ -238,27 +238,44 @@ def kernel_kind(name: str) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class KernelKind:
-    kind: str
+class KernelTime:
+    name: str
     device_us: float  # per step
     launches: float  # per step
 
 
-def kernels_by_kind(device_events, steps: int) -> list[KernelKind]:
+@dataclasses.dataclass(frozen=True)
+class KernelKind:
+    kind: str
+    device_us: float  # per step
+    launches: float  # per step
+    # the kind's kernels that took the most time, most first (up to `kernels_by_kind`'s `top`)
+    kernels: tuple[KernelTime, ...] = ()
+
+
+def kernels_by_kind(device_events, steps: int, top: int = 4) -> list[KernelKind]:
     """The device time and launches per step of each kind of kernel (`kernel_kind`), most time
-    first, from a profile's averages of its device events (`key`, `self_device_time_total`, `count`)."""
-    totals: dict[str, list[float]] = {}
+    first, each with its `top` kernels by time, from a profile's averages of its device events
+    (`key`, `self_device_time_total`, `count`)."""
+    by_kind: dict[str, list[KernelTime]] = {}
     for event in device_events:
-        entry = totals.setdefault(kernel_kind(event.key), [0.0, 0.0])
-        entry[0] += event.self_device_time_total / steps
-        entry[1] += event.count / steps
-    rows = [KernelKind(kind, us, launches) for kind, (us, launches) in totals.items()]
+        kernel = KernelTime(event.key, event.self_device_time_total / steps, event.count / steps)
+        by_kind.setdefault(kernel_kind(event.key), []).append(kernel)
+    rows = []
+    for kind, kernels in by_kind.items():
+        kernels.sort(key=lambda k: -k.device_us)
+        total_us, launches = sum(k.device_us for k in kernels), sum(k.launches for k in kernels)
+        rows.append(KernelKind(kind, total_us, launches, tuple(kernels[:top])))
     return sorted(rows, key=lambda r: -r.device_us)
 
 
 def format_kernels_by_kind(rows: list[KernelKind]) -> str:
-    lines = ["Device time per step by kind of kernel (ms, launches):"]
-    lines += [f"  {r.device_us / 1000:8.2f} ms {r.launches:8,.0f}  {r.kind}" for r in rows]
+    """Each kind's line and, where it has more than one kernel, its top kernels under it."""
+    lines = ["Device time per step by kind of kernel (ms, launches; a kind's top kernels under it):"]
+    for r in rows:
+        lines.append(f"  {r.device_us / 1000:8.2f} ms {r.launches:8,.0f}  {r.kind}")
+        if len(r.kernels) > 1:
+            lines += [f"      {k.device_us / 1000:8.2f} ms {k.launches:6,.0f}  {_short(k.name, 90)}" for k in r.kernels]
     total_us, launches = sum(r.device_us for r in rows), sum(r.launches for r in rows)
     lines.append(f"  {total_us / 1000:8.2f} ms {launches:8,.0f}  all")
     return "\n".join(lines) + "\n"
