@@ -79,3 +79,32 @@ def loop_layout_conversions(
         elif "ttg.convert_layout" in line:
             loops[-1].append(re.search(r": tensor<([^,>]+)", line).group(1))
     return loops
+
+
+def loop_memory_order(
+    kernel, constexprs: dict, dtypes: dict[str, str], num_warps: int, num_stages: int = 3, arch: int = 90,
+    unit_args: tuple[str, ...] = (), aligned_args: tuple[str, ...] = (),
+) -> list[str]:
+    """Per loop of `kernel`'s sm_`arch` code (innermost loops, in order), its global loads,
+    barriers and global stores in program order, as a string of "L", "|" and "S": whether the
+    loads an iteration waits for are issued before its barriers (a barrier that follows a load
+    of the tile it exchanges waits for memory) or between them. Arguments as `resources`'."""
+    ptx = _compile(kernel, constexprs, dtypes, num_warps, num_stages, arch, unit_args, aligned_args).asm["ptx"]
+    lines = ptx.splitlines()
+    orders = []
+    for start, line in enumerate(lines):
+        if "Loop Header" not in line:
+            continue
+        label = line.split(":")[0].strip()
+        events = []
+        for body in lines[start + 1 :]:
+            if re.search(rf"\bbra(\.uni)?\s+{re.escape(label)};", body):
+                break
+            if "ld.global" in body:
+                events.append("L")
+            elif "bar.sync" in body:
+                events.append("|")
+            elif "st.global" in body:
+                events.append("S")
+        orders.append("".join(events))
+    return orders

@@ -566,7 +566,7 @@ def test_packed_spectrum_is_the_filters_half_spectrum():
 
 def _compiled_report(body: str) -> dict:
     """The dict `report` that `body` fills, run by Python without Triton's interpreter, where
-    `kernels.compile_report`'s `resources` and `loop_layout_conversions` (imported for it) compile
+    `kernels.compile_report`'s `resources`, `loop_layout_conversions` and `loop_memory_order` (imported for it) compile
     kernels for sm_90."""
     import json
     import subprocess
@@ -574,7 +574,7 @@ def _compiled_report(body: str) -> dict:
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = (
-        "import json\nfrom kernels.compile_report import loop_layout_conversions, resources\n"
+        "import json\nfrom kernels.compile_report import loop_layout_conversions, loop_memory_order, resources\n"
         + body + "print(json.dumps(report))\n"
     )  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
@@ -1175,6 +1175,8 @@ def test_short_conv_backward_blocks_give_the_same_gradients():
     for overrides in (
         dict(target_programs=1), dict(rows=32, cols=16, target_programs=4), dict(rows=16, cols=32),
         dict(pair_shifted_inputs=True), dict(pair_shifted_inputs=True, rows=32, cols=16, target_programs=4),
+        dict(prefetch=True, target_programs=1), dict(prefetch=True, rows=32, cols=16, target_programs=4),
+        dict(prefetch=True, pair_shifted_inputs=True, target_programs=1),
     ):  # fmt: skip
         dp_, sums_, blk = backward(**overrides)
         assert blk != default
@@ -1193,10 +1195,11 @@ def test_short_conv_takes_the_long_blocks_from_their_length_on(monkeypatch):
     assert (long_blocks["BL"], long_blocks["BC"], long_blocks["BL_FWD"], long_blocks["BC_FWD"]) == (
         chosen["rows"], chosen["cols"], chosen["rows_fwd"], chosen["cols_fwd"],
     )  # fmt: skip
-    assert long_blocks["PAIR_SHIFTED_INPUTS"] == chosen["pair_shifted_inputs"]
+    assert long_blocks["PAIR_SHIFTED_INPUTS"] == chosen["pair_shifted_inputs"] and long_blocks["PREFETCH"] == chosen["prefetch"]
     assert triton_short_conv._blocks(4, triton_short_conv.LONG_MIN_LEN, 2304, rows=16)["BL"] == 16
     short = triton_short_conv._blocks(4, triton_short_conv.LONG_MIN_LEN - 1, 2304)
     assert short["PAIR_SHIFTED_INPUTS"] == triton_short_conv.PAIR_SHIFTED_INPUTS and short["BL_FWD"] == short["BL"]
+    assert short["PREFETCH"] == triton_short_conv.PREFETCH
     monkeypatch.setattr(triton_short_conv, "LONG_MIN_LEN", 32)
     gen = torch.Generator().manual_seed(5)
     batch, length, width = 3, 37, 40
@@ -1301,7 +1304,8 @@ def test_m2_mixer_adds_the_projection_bias_in_the_short_convolution(backend):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests run the kernels themselves")
 def test_short_conv_kernels_compile_for_hopper_without_spills():
     # The interpreter does not compile: the short convolution's kernels at their GPU tile, with and
-    # without in_linear's bias, compiled for sm_90 (an H100/H200), spill nothing.
+    # without in_linear's bias (the backward in its two pairings, loading ahead with the second),
+    # compiled for sm_90 (an H100/H200), spill nothing.
     report = _sm90_report(
         "from kernels.mixer import triton_short_conv as t\n"
         "report = {}\n"
@@ -1312,7 +1316,7 @@ def test_short_conv_kernels_compile_for_hopper_without_spills():
         "    tile = dict(HAS_U=True, HAS_IN_BIAS=bias, BL=t.ROWS, BC=t.COLS)\n"
         "    report[f'forward {bias}'] = resources(t._fwd_kernel, tile, fwd, 4)\n"
         "    for pair in (False, True):\n"
-        "        args = {**tile, 'ROWS': rows, 'PAIR_SHIFTED_INPUTS': pair}\n"
+        "        args = {**tile, 'ROWS': rows, 'PAIR_SHIFTED_INPUTS': pair, 'PREFETCH': pair}\n"
         "        report[f'backward {bias} {pair}'] = resources(t._bwd_kernel, args, bwd, t.BWD_WARPS)\n"
         "    sums = dict(ROWS=rows, BP=t.PARAM_ROWS, BC=t.PARAM_COLS)\n"
         "    report[f'parameter sums {bias}'] = resources(t._param_grads_kernel, sums, {}, 4)\n"
@@ -1333,7 +1337,7 @@ def test_short_conv_backward_pairing_shifted_inputs_takes_fewer_layout_passes():
         "dtypes = dict(g_ptr='bf16', p_ptr='bf16', dp_ptr='bf16')\n"
         "report = {}\n"
         "for pair in (False, True):\n"
-        "    tile = dict(HAS_U=False, HAS_IN_BIAS=True, BL=t.ROWS, BC=t.COLS, ROWS=5, PAIR_SHIFTED_INPUTS=pair)\n"
+        "    tile = dict(HAS_U=False, HAS_IN_BIAS=True, BL=t.ROWS, BC=t.COLS, ROWS=5, PAIR_SHIFTED_INPUTS=pair, PREFETCH=False)\n"
         "    report[str(pair)] = loop_layout_conversions(t._bwd_kernel, tile, dtypes, t.BWD_WARPS, aligned_args=aligned)\n"
     )  # fmt: skip
     (shifted_gradients,), (shifted_inputs,) = report["False"], report["True"]  # one loop, over the sequences
@@ -1344,6 +1348,32 @@ def test_short_conv_backward_pairing_shifted_inputs_takes_fewer_layout_passes():
 
     assert len(shifted_inputs) < len(shifted_gradients), report
     assert passed_bytes(shifted_inputs) < passed_bytes(shifted_gradients), report
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a compile for sm_90 without running it")
+def test_short_conv_backward_loads_the_next_sequence_before_its_layout_passes():
+    # Each layout pass of the backward's sequence loop ends at a barrier; a pass whose tile was
+    # loaded just before it waits there for memory. The loop issues all its loads first (the
+    # current sequence's, or with PREFETCH the next one's): in the sm_90 code of the GPU tiles
+    # (both pairings, the short and the long blocks), every global load of the loop comes before
+    # its first barrier. (The kernel that loaded its tiles as fp32 one at a time had loads
+    # between the barriers: "LL||LLLL||L||SL" at L=128.)
+    report = _compiled_report(
+        "from kernels.mixer import triton_short_conv as t\n"
+        "aligned = ('g_ptr', 'p_ptr', 'dp_ptr', 'w_ptr', 'inb_ptr', 'part_ptr', 'gu_ptr', 'du_ptr', 'L', 'C', 'D')\n"
+        "dtypes = dict(g_ptr='bf16', p_ptr='bf16', dp_ptr='bf16')\n"
+        "long = t.LONG_BLOCKS\n"
+        "report = {}\n"
+        "for prefetch in (False, True):\n"
+        "    for pair in (False, True):\n"
+        "        for name, bl, bc, warps in (('short', t.ROWS, t.COLS, t.BWD_WARPS), ('long', long['rows'], long['cols'], long['warps_bwd'])):\n"
+        "            tile = dict(HAS_U=False, HAS_IN_BIAS=True, BL=bl, BC=bc, ROWS=5, PAIR_SHIFTED_INPUTS=pair, PREFETCH=prefetch)\n"
+        "            report[f'{prefetch} {name} {pair}'] = loop_memory_order(t._bwd_kernel, tile, dtypes, warps, aligned_args=aligned)\n"
+    )  # fmt: skip
+    assert len(report) == 8, report
+    for name, (order,) in report.items():  # one loop, over the sequences
+        loads_before, barrier, after = order.partition("|")
+        assert barrier and loads_before.count("L") >= 4 and "L" not in after, (name, order)
 
 
 def _check_short_conv_layout(dtype, batch, length, dim):
@@ -1366,10 +1396,17 @@ def _check_short_conv_layout(dtype, batch, length, dim):
         assert torch.equal(ours, theirs)
 
 
+@pytest.mark.parametrize("prefetch", [False, True], ids=["", "prefetch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_short_conv_lays_out_the_mixer_input(dtype):
+def test_short_conv_lays_out_the_mixer_input(dtype, prefetch, monkeypatch):
     # The kernels that lay out the projection also copy the mixer input u (B, L, D) to (B, D, L)
-    # and its gradient back, bit for bit; D = 13 leaves partial channel tiles (C = 39).
+    # and its gradient back, bit for bit; D = 13 leaves partial channel tiles (C = 39). Loading a
+    # sequence ahead, the backward's programs take all three sequences (one program per tile).
+    from kernels.mixer import triton_short_conv
+
+    monkeypatch.setattr(triton_short_conv, "PREFETCH", prefetch)
+    if prefetch:
+        monkeypatch.setattr(triton_short_conv, "TARGET_PROGRAMS", 1)
     _check_short_conv_layout(dtype, batch=3, length=37, dim=13)
 
 

@@ -43,6 +43,11 @@ ROWS, COLS, BWD_WARPS = 16, 32, 4
 # How the backward pairs the gradient with the inputs for the taps' gradients (`_bwd_kernel`):
 # not timed on a GPU at L=128 against the first form, which stays the default there until it is.
 PAIR_SHIFTED_INPUTS = False
+# Whether the backward loads each sequence's tiles an iteration ahead (`_bwd_kernel`'s PREFETCH),
+# which overlaps their wait for memory with the previous sequence's work, for about 30 registers a
+# thread more at the GPU tiles (110 against 80 at L=128: 4 programs an SM instead of 6). Not yet
+# timed on a GPU (`tools/bench_kernels.py --conv-sweep` times both forms); off until it is.
+PREFETCH = False
 # From this L on (longer sequences, fewer of them per backward program) the blocks of LONG_BLOCKS:
 # the fastest of `tools/bench_kernels.py --ops none --conv-sweep B --conv-sweep-length L` on one
 # H100 (d=768, 32,768 tokens) at L=512 (batch 64) and 8192 (batch 4), and within 1% of
@@ -52,32 +57,36 @@ PAIR_SHIFTED_INPUTS = False
 LONG_MIN_LEN = 512
 LONG_BLOCKS = {
     "rows": 32, "cols": 32, "warps_bwd": 4, "pair_shifted_inputs": True, "rows_fwd": 16, "cols_fwd": 128, "warps_fwd": 4,
+    "prefetch": False,
 }  # fmt: skip
 
 
 def _blocks(
     batch: int, length: int, width: int, rows: int | None = None, cols: int | None = None,
     target_programs: int | None = None, warps_bwd: int | None = None, pair_shifted_inputs: bool | None = None,
-    rows_fwd: int | None = None, cols_fwd: int | None = None, warps_fwd: int | None = None,
+    rows_fwd: int | None = None, cols_fwd: int | None = None, warps_fwd: int | None = None, prefetch: bool | None = None,
 ) -> dict[str, int]:  # fmt: skip
     """The backward's tile, BL positions by BC channels (ROWS x COLS on a GPU), BPG sequences per
     backward program (for about `target_programs` programs, TARGET_PROGRAMS by default), the
-    backward's warps (BWD_WARPS on a GPU) and its form of the taps' gradients
-    (PAIR_SHIFTED_INPUTS); the forward's tile, BL_FWD x BC_FWD (the backward's by default), and
-    warps (4); from LONG_MIN_LEN on, LONG_BLOCKS' choices. The keywords override the defaults
-    (`tools/bench_kernels.py --conv-sweep` times them)."""
+    backward's warps (BWD_WARPS on a GPU), its form of the taps' gradients (PAIR_SHIFTED_INPUTS)
+    and whether it loads a sequence ahead (PREFETCH); the forward's tile, BL_FWD x BC_FWD (the
+    backward's by default), and warps (4); from LONG_MIN_LEN on, LONG_BLOCKS' choices. The
+    keywords override the defaults (`tools/bench_kernels.py --conv-sweep` times them)."""
     if length >= LONG_MIN_LEN:
         default = LONG_BLOCKS
     else:
         tile = (16, 16, 4) if INTERPRET else (ROWS, COLS, BWD_WARPS)
-        default = dict(zip(("rows", "cols", "warps_bwd"), tile, strict=True)) | {"pair_shifted_inputs": PAIR_SHIFTED_INPUTS}
+        default = dict(zip(("rows", "cols", "warps_bwd"), tile, strict=True)) | {
+            "pair_shifted_inputs": PAIR_SHIFTED_INPUTS, "prefetch": PREFETCH,
+        }  # fmt: skip
     bl, bc = rows or default["rows"], cols or default["cols"]
     tiles = triton.cdiv(length, bl) * triton.cdiv(width, bc)
     groups = max(1, min(batch, triton.cdiv(target_programs or TARGET_PROGRAMS, tiles)))
     pair = default["pair_shifted_inputs"] if pair_shifted_inputs is None else pair_shifted_inputs
+    prefetch = default["prefetch"] if prefetch is None else prefetch
     return {
         "BL": bl, "BC": bc, "BPG": triton.cdiv(batch, groups), "num_warps_bwd": warps_bwd or default["warps_bwd"],
-        "PAIR_SHIFTED_INPUTS": pair, "BL_FWD": rows_fwd or default.get("rows_fwd", bl),
+        "PAIR_SHIFTED_INPUTS": pair, "PREFETCH": prefetch, "BL_FWD": rows_fwd or default.get("rows_fwd", bl),
         "BC_FWD": cols_fwd or default.get("cols_fwd", bc), "num_warps": warps_fwd or default.get("warps_fwd", 4),
     }  # fmt: skip
 
@@ -96,20 +105,35 @@ def _taps(w_ptr, o_c, m_c):
 
 
 @triton.jit
-def _rows_at(ptr, base, o_s, o_c, m_c, L, C):
-    """[BL, BC] of a (B, L, C) tensor at positions o_s (zero outside [0, L)), fp32."""
-    m = ((o_s >= 0) & (o_s < L))[:, None] & m_c[None, :]
-    return tl.load(ptr + base + o_s[:, None] * C + o_c[None, :], mask=m, other=0.0).to(tl.float32)
+def _raw_rows_at(ptr, base, o_s, o_c, m_c, L, C, valid=True):
+    """[BL, BC] of a (B, L, C) tensor at positions o_s (zero outside [0, L), and everywhere unless
+    `valid`), in the tensor's dtype."""
+    m = (((o_s >= 0) & (o_s < L))[:, None] & m_c[None, :]) & valid
+    return tl.load(ptr + base + o_s[:, None] * C + o_c[None, :], mask=m, other=0.0)
+
+
+@triton.jit
+def _raw_cols_at(ptr, base, o_t, o_c, m_c, L, valid):
+    """[BL, BC] of a (B, C, L) tensor at positions o_t (zero past L, and everywhere unless `valid`),
+    in the tensor's dtype."""
+    m = ((o_t < L)[:, None] & m_c[None, :]) & valid
+    return tl.load(ptr + base + o_c[None, :] * L + o_t[:, None], mask=m, other=0.0)
+
+
+@triton.jit
+def _biased(x, o_s, L, in_bias, HAS_IN_BIAS: tl.constexpr):
+    """A tile of p at positions o_s (`_raw_rows_at`) as the convolution's input, fp32: plus
+    `in_linear`'s bias (in_bias, [BC] fp32) with HAS_IN_BIAS, zero outside [0, L)."""
+    x = x.to(tl.float32)
+    if HAS_IN_BIAS:
+        x = tl.where(((o_s >= 0) & (o_s < L))[:, None], x + in_bias[None, :], x)
+    return x
 
 
 @triton.jit
 def _inputs_at(ptr, base, o_s, o_c, m_c, L, C, in_bias, HAS_IN_BIAS: tl.constexpr):
-    """[BL, BC] of the convolution's input at positions o_s: p (B, L, C), plus `in_linear`'s bias
-    (in_bias, [BC] fp32) with HAS_IN_BIAS, zero outside [0, L); fp32."""
-    x = _rows_at(ptr, base, o_s, o_c, m_c, L, C)
-    if HAS_IN_BIAS:
-        x = tl.where(((o_s >= 0) & (o_s < L))[:, None], x + in_bias[None, :], x)
-    return x
+    """[BL, BC] of the convolution's input at positions o_s, p (B, L, C) (`_biased`); fp32."""
+    return _biased(_raw_rows_at(ptr, base, o_s, o_c, m_c, L, C), o_s, L, in_bias, HAS_IN_BIAS)
 
 
 @triton.jit
@@ -118,13 +142,6 @@ def _in_bias(inb_ptr, o_c, m_c, HAS_IN_BIAS: tl.constexpr):
     if HAS_IN_BIAS:
         return tl.load(inb_ptr + o_c, mask=m_c, other=0.0).to(tl.float32)
     return tl.zeros_like(o_c).to(tl.float32)
-
-
-@triton.jit
-def _cols_at(ptr, base, o_t, o_c, m_c, L):
-    """[BL, BC] of a (B, C, L) tensor at positions o_t (zero past L), fp32."""
-    m = (o_t < L)[:, None] & m_c[None, :]
-    return tl.load(ptr + base + o_c[None, :] * L + o_t[:, None], mask=m, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -143,7 +160,7 @@ def _fwd_kernel(
         if i_c * BC < D:
             m_u = o_c < D
             base_u = i_b.to(tl.int64) * L * D
-            u = _rows_at(u_ptr, base_u, o_t, o_c, m_u, L, D)
+            u = _raw_rows_at(u_ptr, base_u, o_t, o_c, m_u, L, D)
             m = (o_t < L)[:, None] & m_u[None, :]
             tl.store(ut_ptr + base_u + o_c[None, :] * L + o_t[:, None], u.to(ut_ptr.dtype.element_ty), mask=m)
     base = i_b.to(tl.int64) * L * C
@@ -159,10 +176,27 @@ def _fwd_kernel(
 
 
 @triton.jit
+def _sequence_tiles(g_ptr, p_ptr, base, o_s, o_c, m_c, L, C, valid, PAIR_SHIFTED_INPUTS: tl.constexpr):
+    """(g0, g1, g2, x0, x1, x2) of one sequence for `_bwd_kernel`'s tile, in their tensors' dtypes,
+    zero unless `valid`: output position t = s + 2 - j took input position s through tap j, so
+    g0, g1, g2 are g at s + 2, s + 1, s, and x0, x1, x2 p at s - 2, s - 1, s (x0 and x1 are x2
+    without PAIR_SHIFTED_INPUTS, which alone reads them)."""
+    g0 = _raw_cols_at(g_ptr, base, o_s + 2, o_c, m_c, L, valid)
+    g1 = _raw_cols_at(g_ptr, base, o_s + 1, o_c, m_c, L, valid)
+    g2 = _raw_cols_at(g_ptr, base, o_s, o_c, m_c, L, valid)
+    x2 = _raw_rows_at(p_ptr, base, o_s, o_c, m_c, L, C, valid)
+    x0, x1 = x2, x2
+    if PAIR_SHIFTED_INPUTS:
+        x0 = _raw_rows_at(p_ptr, base, o_s - 2, o_c, m_c, L, C, valid)
+        x1 = _raw_rows_at(p_ptr, base, o_s - 1, o_c, m_c, L, C, valid)
+    return g0, g1, g2, x0, x1, x2
+
+
+@triton.jit
 def _bwd_kernel(
     g_ptr, p_ptr, w_ptr, inb_ptr, dp_ptr, part_ptr, gu_ptr, du_ptr, B, L, C, D, BPG,
     HAS_U: tl.constexpr, HAS_IN_BIAS: tl.constexpr, ROWS: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr,
-    PAIR_SHIFTED_INPUTS: tl.constexpr,
+    PAIR_SHIFTED_INPUTS: tl.constexpr, PREFETCH: tl.constexpr,
 ):  # fmt: skip
     """dp at this tile's positions for the sequences of group i_g; the filter's and bias's
     gradients over them as partial sums at part[(i_g * n_t + i_t), 0..3, c] (taps 0-2, bias; ROWS
@@ -176,19 +210,36 @@ def _bwd_kernel(
     PAIR_SHIFTED_INPUTS, the unshifted g tile with the inputs at the three shifted positions (the
     shifted input rows are aligned loads that the cache serves). An sm_90 compile of the GPU tile
     (`kernels.compile_report.loop_layout_conversions`) leaves three fp32 passes a sequence in the
-    first form, one fp32 and one bf16 in the second."""
+    first form, one fp32 and one bf16 in the second.
+
+    The loop walks the group's sequences one after the other, and each layout pass waits at a
+    barrier for the tile it converts. The tiles are loaded in their own dtype, all of them before
+    the first pass (`_sequence_tiles`), so that a sequence waits for memory once: loaded as fp32
+    one at a time (`_cols_at` before), the compiler issued each tile's load just before its pass,
+    three waits a sequence one after the other (`tests/test_kernels_triton.py` checks the order in
+    the sm_90 code; the registers are the same). With PREFETCH each iteration loads the next
+    sequence's tiles before the current one's passes, whose tiles are then already in registers."""
     i_t, i_c, i_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_s = i_t * BL + tl.arange(0, BL)
     o_c = i_c * BC + tl.arange(0, BC)
     m_c = o_c < C
     m = (o_s < L)[:, None] & m_c[None, :]
+    b_start = i_g * BPG
+    b_end = tl.minimum(B, b_start + BPG)
     if HAS_U:  # noqa: SIM102 (a compile-time branch around a run-time one)
         if i_c * BC < D:
             m_u = o_c < D
-            for b in range(i_g * BPG, tl.minimum(B, (i_g + 1) * BPG)):
+            m_du = (o_s < L)[:, None] & m_u[None, :]
+            if PREFETCH:
+                base_u = (b_start + tl.zeros([], dtype=tl.int64)) * L * D
+                gu_next = _raw_cols_at(gu_ptr, base_u, o_s, o_c, m_u, L, b_start < b_end)
+            for b in range(b_start, b_end):
                 base_u = (b + tl.zeros([], dtype=tl.int64)) * L * D
-                gu = _cols_at(gu_ptr, base_u, o_s, o_c, m_u, L)
-                m_du = (o_s < L)[:, None] & m_u[None, :]
+                if PREFETCH:  # as the loop below
+                    gu = gu_next
+                    gu_next = _raw_cols_at(gu_ptr, base_u + L * D, o_s, o_c, m_u, L, b + 1 < b_end)
+                else:
+                    gu = _raw_cols_at(gu_ptr, base_u, o_s, o_c, m_u, L, True)
                 tl.store(du_ptr + base_u + o_s[:, None] * D + o_c[None, :], gu.to(du_ptr.dtype.element_ty), mask=m_du)
     w0, w1, w2 = _taps(w_ptr, o_c, m_c)
     in_bias = _in_bias(inb_ptr, o_c, m_c, HAS_IN_BIAS)
@@ -197,21 +248,30 @@ def _bwd_kernel(
     dw2 = tl.zeros([BL, BC], dtype=tl.float32)
     db = tl.zeros([BL, BC], dtype=tl.float32)
     dinb = tl.zeros([BL, BC], dtype=tl.float32)
-    for b in range(i_g * BPG, tl.minimum(B, (i_g + 1) * BPG)):
+    if PREFETCH:  # the first sequence's tiles; each iteration then loads the next one's
+        first = (b_start + tl.zeros([], dtype=tl.int64)) * L * C
+        g0_next, g1_next, g2_next, x0_next, x1_next, x2_next = _sequence_tiles(
+            g_ptr, p_ptr, first, o_s, o_c, m_c, L, C, b_start < b_end, PAIR_SHIFTED_INPUTS
+        )
+    for b in range(b_start, b_end):
         base = (b + tl.zeros([], dtype=tl.int64)) * L * C
-        # output position t = s + 2 - j took input position s through tap j
-        g0 = _cols_at(g_ptr, base, o_s + 2, o_c, m_c, L)
-        g1 = _cols_at(g_ptr, base, o_s + 1, o_c, m_c, L)
-        g2 = _cols_at(g_ptr, base, o_s, o_c, m_c, L)
+        if PREFETCH:
+            g0, g1, g2, x0, x1, x2 = g0_next, g1_next, g2_next, x0_next, x1_next, x2_next
+            g0_next, g1_next, g2_next, x0_next, x1_next, x2_next = _sequence_tiles(
+                g_ptr, p_ptr, base + L * C, o_s, o_c, m_c, L, C, b + 1 < b_end, PAIR_SHIFTED_INPUTS
+            )
+        else:
+            g0, g1, g2, x0, x1, x2 = _sequence_tiles(g_ptr, p_ptr, base, o_s, o_c, m_c, L, C, True, PAIR_SHIFTED_INPUTS)
+        g0, g1, g2 = g0.to(tl.float32), g1.to(tl.float32), g2.to(tl.float32)
         dp = g0 * w0[None, :] + g1 * w1[None, :] + g2 * w2[None, :]
         tl.store(dp_ptr + base + o_s[:, None] * C + o_c[None, :], dp.to(dp_ptr.dtype.element_ty), mask=m)
+        x = _biased(x2, o_s, L, in_bias, HAS_IN_BIAS)
         if PAIR_SHIFTED_INPUTS:
             # the same sums over output positions t: dw_j pairs g[t] with the input at t + j - 2
-            dw0 += g2 * _inputs_at(p_ptr, base, o_s - 2, o_c, m_c, L, C, in_bias, HAS_IN_BIAS)
-            dw1 += g2 * _inputs_at(p_ptr, base, o_s - 1, o_c, m_c, L, C, in_bias, HAS_IN_BIAS)
-            dw2 += g2 * _inputs_at(p_ptr, base, o_s, o_c, m_c, L, C, in_bias, HAS_IN_BIAS)
+            dw0 += g2 * _biased(x0, o_s - 2, L, in_bias, HAS_IN_BIAS)
+            dw1 += g2 * _biased(x1, o_s - 1, L, in_bias, HAS_IN_BIAS)
+            dw2 += g2 * x
         else:
-            x = _inputs_at(p_ptr, base, o_s, o_c, m_c, L, C, in_bias, HAS_IN_BIAS)
             dw0 += g0 * x
             dw1 += g1 * x
             dw2 += g2 * x
@@ -339,7 +399,7 @@ def launch_backward(
         g, p, weight, in_bias if has_in_bias else weight, dp, parts, gu if has_u else g, du if has_u else dp,
         batch, length, width, gu.shape[1] if has_u else 0, blk["BPG"],
         HAS_U=has_u, HAS_IN_BIAS=has_in_bias, ROWS=rows, BL=blk["BL"], BC=blk["BC"],
-        PAIR_SHIFTED_INPUTS=blk["PAIR_SHIFTED_INPUTS"], num_warps=blk["num_warps_bwd"],
+        PAIR_SHIFTED_INPUTS=blk["PAIR_SHIFTED_INPUTS"], PREFETCH=blk["PREFETCH"], num_warps=blk["num_warps_bwd"],
     )  # fmt: skip
     return parts
 

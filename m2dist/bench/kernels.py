@@ -423,6 +423,11 @@ _CONV_SWEEP = {
     + [
         dict(rows=rows, cols=32, warps_bwd=warps, target_programs=target, pair_shifted_inputs=True)
         for rows, warps, target in itertools.product((16, 32, 64), (4, 8), (2048, 8192))
+    ]
+    # each sequence's tiles loaded an iteration ahead, in both pairings
+    + [
+        dict(rows=rows, cols=32, warps_bwd=warps, target_programs=target, pair_shifted_inputs=pair, prefetch=True)
+        for rows, warps, target, pair in itertools.product((16, 32), (4, 8), (2048, 8192), (False, True))
     ],
 }
 
