@@ -85,10 +85,12 @@ def loop_memory_order(
     kernel, constexprs: dict, dtypes: dict[str, str], num_warps: int, num_stages: int = 3, arch: int = 90,
     unit_args: tuple[str, ...] = (), aligned_args: tuple[str, ...] = (),
 ) -> list[str]:
-    """Per loop of `kernel`'s sm_`arch` code (innermost loops, in order), its global loads,
-    barriers and global stores in program order, as a string of "L", "|" and "S": whether the
-    loads an iteration waits for are issued before its barriers (a barrier that follows a load
-    of the tile it exchanges waits for memory) or between them. Arguments as `resources`'."""
+    """Per loop of `kernel`'s sm_`arch` code (each loop header in order; an outer loop's string
+    includes its inner loops'), its global loads, barriers and global stores in program order, as
+    a string of "L", "|" and "S": whether the loads an iteration waits for are issued before its
+    barriers (a barrier that follows a load of the tile it exchanges waits for memory) or between
+    them. Loads that Triton's pipeliner turned into asynchronous copies (`cp.async`) are not
+    counted. Arguments as `resources`'."""
     ptx = _compile(kernel, constexprs, dtypes, num_warps, num_stages, arch, unit_args, aligned_args).asm["ptx"]
     lines = ptx.splitlines()
     orders = []

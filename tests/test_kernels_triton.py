@@ -1351,7 +1351,7 @@ def test_short_conv_backward_pairing_shifted_inputs_takes_fewer_layout_passes():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a compile for sm_90 without running it")
-def test_short_conv_backward_loads_the_next_sequence_before_its_layout_passes():
+def test_short_conv_backward_loads_each_sequence_before_its_layout_passes():
     # Each layout pass of the backward's sequence loop ends at a barrier; a pass whose tile was
     # loaded just before it waits there for memory. The loop issues all its loads first (the
     # current sequence's, or with PREFETCH the next one's): in the sm_90 code of the GPU tiles
