@@ -394,13 +394,16 @@ def test_kernels_by_kind_sums_each_kind_per_step_with_the_projects_triton_kernel
 
     conv, glu = kernel_kind("_bwd_inputs_kernel"), kernel_kind("_glu_act_fwd_kernel")
     assert conv.startswith("M2 convolution") and glu.startswith("block-diagonal GLU")
-    assert kernel_kind("_fwd_kernel") == conv  # the name of the Toeplitz, FFT and short convolutions' forwards
+    for forward in ("_toeplitz_fwd_kernel", "_dft_conv_fwd_kernel", "_short_conv_fwd_kernel", "_mixer_fwd_kernel"):
+        assert kernel_kind(forward) == conv
+    assert kernel_kind("_spectra_kernel") == conv  # the cuFFT path's own kernels
+    assert kernel_kind("void vector_fft_symm_r2c<16384u, EPT<32u>, 1u, 0u, (padding_t)0>").startswith("cuFFT")
     assert kernel_kind("_channels_last_kernel") == "layout transposes (Triton)"
     assert kernel_kind("sm80_xmma_gemm_f32f32_f32f32_f32_nn_n_tilesize64x64x8") == "fp32 GEMMs (the filter MLPs)"
     assert kernel_kind("void at::native::elementwise_kernel<128, 2, ...>").startswith("strided elementwise")
     assert kernel_kind("void at::native::vectorized_elementwise_kernel<8, ...>").startswith("other elementwise")
     averages = [
-        avg("_fwd_kernel", 2000.0, 48), avg("_bwd_inputs_kernel", 1000.0, 24), avg("_glu_act_fwd_kernel", 600.0, 24),
+        avg("_toeplitz_fwd_kernel", 2000.0, 48), avg("_bwd_inputs_kernel", 1000.0, 24), avg("_glu_act_fwd_kernel", 600.0, 24),
         avg("nvjet_sm90_tst_96x128_64x6_2x1_v_bz_NNN", 2400.0, 96), avg("a mystery kernel", 20.0, 2),
     ]  # fmt: skip
     rows = kernels_by_kind(averages, steps=2)
@@ -408,11 +411,11 @@ def test_kernels_by_kind_sums_each_kind_per_step_with_the_projects_triton_kernel
         (conv, 1500.0, 36), ("GEMMs (cuBLAS)", 1200.0, 48), (glu, 300.0, 12), ("other", 10.0, 1),
     ]  # fmt: skip
     assert [(k.name, k.device_us, k.launches) for k in rows[0].kernels] == [
-        ("_fwd_kernel", 1000.0, 24), ("_bwd_inputs_kernel", 500.0, 12),
+        ("_toeplitz_fwd_kernel", 1000.0, 24), ("_bwd_inputs_kernel", 500.0, 12),
     ]  # fmt: skip
     assert kernels_by_kind(averages, steps=2, top=1)[0].kernels == rows[0].kernels[:1]
     text = format_kernels_by_kind(rows)
-    assert f"      1.50 ms       36  {conv}\n          1.00 ms     24  _fwd_kernel\n" in text
+    assert f"      1.50 ms       36  {conv}\n          1.00 ms     24  _toeplitz_fwd_kernel\n" in text
     assert "GEMMs (cuBLAS)\n      0.30 ms" in text  # a kind of one kernel: no lines under it
     assert text.endswith("      3.01 ms       97  all\n")
 

@@ -524,7 +524,7 @@ def test_fused_mixer_autotuned_launch(monkeypatch):
     upstream = torch.randn_like(y_fixed)
     y_fixed.backward(upstream)
     monkeypatch.setattr(triton_mixer, "_TUNING", [(16, 16, 4)])
-    monkeypatch.setattr(triton_mixer, "_fwd_tuned", triton_mixer._tuned(triton_mixer._fwd_kernel, key=["D", "L"]))
+    monkeypatch.setattr(triton_mixer, "_fwd_tuned", triton_mixer._tuned(triton_mixer._mixer_fwd_kernel, key=["D", "L"]))
     for name, partials in (("_bwd_gated", "dk1_ptr"), ("_bwd_residual", "dk2_ptr")):
         autotuned = triton_mixer._tuned(getattr(triton_mixer, f"{name}_kernel"), key=["D", "L"], reset_to_zero=[partials])
         monkeypatch.setattr(triton_mixer, f"{name}_tuned", autotuned)
@@ -632,8 +632,8 @@ def test_fft_kernels_with_fp16_operands_compile_for_hopper():
         "    plan = dict(R=r, M1=m1, M2=m2, P2=p2, K1=k1, C=c, HAS_RES=True, PREC='fp16')\n"
         "    warps = t._launch_config(1, 768, (n, r, m1, m2, p2, k1, c), t.torch.device('cpu'), 4)[2]\n"
         "    dtypes = dict.fromkeys(acts, 'bf16')\n"
-        "    report[f'forward {length}'] = resources(t._fwd_kernel, plan, dtypes, warps, 1, unit_args=units)\n"
-        "    report[f'backward {length}'] = resources(t._bwd_kernel, dict(plan, ATOMIC=True), dtypes, warps, 1, unit_args=units)\n"
+        "    report[f'forward {length}'] = resources(t._dft_conv_fwd_kernel, plan, dtypes, warps, 1, unit_args=units)\n"
+        "    report[f'backward {length}'] = resources(t._dft_conv_bwd_kernel, dict(plan, ATOMIC=True), dtypes, warps, 1, unit_args=units)\n"
     )
     assert len(report) == 6
     for name, usage in report.items():
@@ -1314,10 +1314,10 @@ def test_short_conv_kernels_compile_for_hopper_without_spills():
         "for bias in (False, True):\n"
         "    rows = 5 if bias else 4\n"
         "    tile = dict(HAS_U=True, HAS_IN_BIAS=bias, BL=t.ROWS, BC=t.COLS)\n"
-        "    report[f'forward {bias}'] = resources(t._fwd_kernel, tile, fwd, 4)\n"
+        "    report[f'forward {bias}'] = resources(t._short_conv_fwd_kernel, tile, fwd, 4)\n"
         "    for pair in (False, True):\n"
         "        args = {**tile, 'ROWS': rows, 'PAIR_SHIFTED_INPUTS': pair, 'PREFETCH': pair}\n"
-        "        report[f'backward {bias} {pair}'] = resources(t._bwd_kernel, args, bwd, t.BWD_WARPS)\n"
+        "        report[f'backward {bias} {pair}'] = resources(t._short_conv_bwd_kernel, args, bwd, t.BWD_WARPS)\n"
         "    sums = dict(ROWS=rows, BP=t.PARAM_ROWS, BC=t.PARAM_COLS)\n"
         "    report[f'parameter sums {bias}'] = resources(t._param_grads_kernel, sums, {}, 4)\n"
     )
@@ -1338,7 +1338,7 @@ def test_short_conv_backward_pairing_shifted_inputs_takes_fewer_layout_passes():
         "report = {}\n"
         "for pair in (False, True):\n"
         "    tile = dict(HAS_U=False, HAS_IN_BIAS=True, BL=t.ROWS, BC=t.COLS, ROWS=5, PAIR_SHIFTED_INPUTS=pair, PREFETCH=False)\n"
-        "    report[str(pair)] = loop_layout_conversions(t._bwd_kernel, tile, dtypes, t.BWD_WARPS, aligned_args=aligned)\n"
+        "    report[str(pair)] = loop_layout_conversions(t._short_conv_bwd_kernel, tile, dtypes, t.BWD_WARPS, aligned_args=aligned)\n"
     )  # fmt: skip
     (shifted_gradients,), (shifted_inputs,) = report["False"], report["True"]  # one loop, over the sequences
 
@@ -1368,7 +1368,7 @@ def test_short_conv_backward_loads_each_sequence_before_its_layout_passes():
         "    for pair in (False, True):\n"
         "        for name, bl, bc, warps in (('short', t.ROWS, t.COLS, t.BWD_WARPS), ('long', long['rows'], long['cols'], long['warps_bwd'])):\n"
         "            tile = dict(HAS_U=False, HAS_IN_BIAS=True, BL=bl, BC=bc, ROWS=5, PAIR_SHIFTED_INPUTS=pair, PREFETCH=prefetch)\n"
-        "            report[f'{prefetch} {name} {pair}'] = loop_memory_order(t._bwd_kernel, tile, dtypes, warps, aligned_args=aligned)\n"
+        "            report[f'{prefetch} {name} {pair}'] = loop_memory_order(t._short_conv_bwd_kernel, tile, dtypes, warps, aligned_args=aligned)\n"
     )  # fmt: skip
     assert len(report) == 8, report
     for name, (order,) in report.items():  # one loop, over the sequences

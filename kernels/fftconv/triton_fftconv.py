@@ -384,7 +384,7 @@ def _tile_indices(
 
 
 @triton.jit
-def _fwd_kernel(
+def _dft_conv_fwd_kernel(
     u_ptr, x1_ptr, x2_ptr, v_ptr, y_ptr, sr_ptr, si_ptr,
     k1r_ptr, k1i_ptr, k2r_ptr, k2i_ptr, d1_ptr, d2_ptr,
     tab_ptr, otr_ptr, oti_ptr, wc_ptr, ws_ptr,
@@ -509,7 +509,7 @@ def _fwd_combine_kernel(
 
 
 @triton.jit
-def _bwd_kernel(
+def _dft_conv_bwd_kernel(
     u_ptr, x1_ptr, x2_ptr, v_ptr, dy_ptr, du_ptr, dx1_ptr, dx2_ptr, dv_ptr,
     s1r_ptr, s1i_ptr, s2r_ptr, s2i_ptr, scale_ptr, dd1_ptr, dd2_ptr,
     k1r_ptr, k1i_ptr, k2r_ptr, k2i_ptr, dk1r_ptr, dk1i_ptr, dk2r_ptr, dk2i_ptr, d1_ptr, d2_ptr,
@@ -519,7 +519,7 @@ def _bwd_kernel(
     R: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr, P2: tl.constexpr, K1: tl.constexpr, C: tl.constexpr,
     HAS_RES: tl.constexpr, ATOMIC: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    """Gradients of `_fwd_kernel`. Input gradients are written (B, D, L) contiguous; with R > 1
+    """Gradients of `_dft_conv_fwd_kernel`. Input gradients are written (B, D, L) contiguous; with R > 1
     the inverse rows go to the scratches S1 = y1 + i da_conv and S2 = du_conv, and the gradients
     are finished by `_bwd_combine_kernel`. dk*: spectrum gradients sum_b conj(X) G in the filter
     layout; dd*: partial sums of the skip-weight gradients per program and tile row, [n_bsplit, D, M2]."""
@@ -790,7 +790,7 @@ def fftconv_fwd(u, x1, x2, v, k1r, k1i, d1, k2r, k2i, d2, plan) -> torch.Tensor:
         sr = si = y
     uu = u if has_res else v
     grid = (triton.cdiv(dim, c), nsplit, r)
-    _fwd_kernel[grid](
+    _dft_conv_fwd_kernel[grid](
         uu, x1, x2, v, y, sr, si,
         k1r, k1i, k2r if has_res else k1r, k2i if has_res else k1i, d1, d2 if has_res else d1,
         tabs["tab"], tabs["otr"], tabs["oti"], tabs["wc"], tabs["ws"],
@@ -836,7 +836,7 @@ def fftconv_bwd(dy, u, x1, x2, v, k1r, k1i, d1, k2r, k2i, d2, plan):
         dd1 = torch.empty((nsplit, dim, m2), dtype=torch.float32, device=dev)
     dd2 = torch.empty_like(dd1) if has_res else dd1
     uu = u if has_res else v
-    _bwd_kernel[(triton.cdiv(dim, c), nsplit, r)](
+    _dft_conv_bwd_kernel[(triton.cdiv(dim, c), nsplit, r)](
         uu, x1, x2, v, dy, du, dx1, dx2, dv, s1r, s1i, s2r, s2i, scale, dd1, dd2,
         k1r, k1i, k2r if has_res else k1r, k2i if has_res else k1i, dk1r, dk1i, dk2r, dk2i,
         d1, d2 if has_res else d1,

@@ -156,7 +156,7 @@ def _rows(o_b, i_d, D, L, CH: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(
+def _toeplitz_fwd_kernel(
     u_ptr, x_ptr, rows_ptr, scales_ptr, d1_ptr, d2_ptr, y_ptr, z1_ptr,
     B, D, L, BPG,
     HAS_RES: tl.constexpr, SAVE_Z1: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr,
@@ -438,12 +438,12 @@ def filter_rows(k1, k2, dtype: torch.dtype, operands: str) -> tuple[torch.Tensor
 
 
 def launch_forward(u, x, rows, scales, d1, d2, y, z1, has_res: bool, save_z1: bool, blk: dict) -> None:
-    """`_fwd_kernel` over (B, 3D, L) x into y (and z1) with the filter rows and their scales
+    """`_toeplitz_fwd_kernel` over (B, 3D, L) x into y (and z1) with the filter rows and their scales
     (`filter_rows`; the rows' shape says how they were made) and the block sizes `blk` (`_blocks`)."""
     batch, width, length = x.shape
     dim = width // 3
     grid = (dim, triton.cdiv(length, blk["BT"]), triton.cdiv(batch, blk["BPG"]))
-    _fwd_kernel[grid](
+    _toeplitz_fwd_kernel[grid](
         u, x, rows, scales, d1, d2, y, z1 if save_z1 else y, batch, dim, length, blk["BPG"],
         HAS_RES=has_res, SAVE_Z1=save_z1, SPLIT=rows.shape[2] == 2, UPCAST=INTERPRET,
         LP=blk["LP"], BB=blk["BB"], BT=blk["BT"], FULL=length == blk["LP"], num_warps=blk["num_warps"],

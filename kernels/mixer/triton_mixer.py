@@ -272,7 +272,7 @@ def _conv_backward(x, g, skip, k_ptr, gk_ptr, dft_ptr, o_c, m_c, D, L: tl.conste
 
 
 @triton.jit
-def _fwd_kernel(
+def _mixer_fwd_kernel(
     p_ptr, w_ptr, b_ptr, u_ptr, k1_ptr, d1_ptr, k2_ptr, d2_ptr, dft_ptr, y_ptr, z1_ptr,
     B, D,
     HAS_RES: tl.constexpr, SAVE_Z1: tl.constexpr, UPCAST: tl.constexpr,
@@ -444,7 +444,7 @@ def _tuned(kernel, key, candidates=None, **options):
     return triton.autotune(configs=configs, key=key, prune_configs_by=prune, **options)(kernel)
 
 
-_fwd_tuned = _tuned(_fwd_kernel, key=["B", "D", "L", "HAS_RES"])
+_fwd_tuned = _tuned(_mixer_fwd_kernel, key=["B", "D", "L", "HAS_RES"])
 # The filter-gradient partials are accumulated in place: zeroed before each timed trial.
 _bwd_gated_tuned = _tuned(
     _bwd_gated_kernel, key=["B", "D", "BPP", "L"], candidates=_TUNING_GATED_BACKWARD, reset_to_zero=["dk1_ptr"]
@@ -496,7 +496,7 @@ def sequence_mixer_op(
     y = new_output((batch, length, dim), p.dtype, p.device)
     z1 = new_output((batch, length, dim), p.dtype, p.device) if save_z1 else p.new_empty(0)
     _launch(
-        _fwd_tuned, _fwd_kernel, dim, batch, length, p, w, b, u, k1, d1, k2, d2, dft, y, z1 if save_z1 else y, batch, dim,
+        _fwd_tuned, _mixer_fwd_kernel, dim, batch, length, p, w, b, u, k1, d1, k2, d2, dft, y, z1 if save_z1 else y, batch, dim,
         HAS_RES=has_res, SAVE_Z1=save_z1, UPCAST=INTERPRET,
     )  # fmt: skip
     return y, z1
@@ -605,5 +605,5 @@ def compile_report(length: int = 128, block: tuple[int, int, int] = _TUNING[0], 
         "HAS_RES": True, "SAVE_Z1": True, "UPCAST": False,
         "L": length, "BF": block_f, "BD": block_d,
     }  # fmt: skip
-    kernels = {"forward": _fwd_kernel, "backward gated": _bwd_gated_kernel, "backward residual": _bwd_residual_kernel}
+    kernels = {"forward": _mixer_fwd_kernel, "backward gated": _bwd_gated_kernel, "backward residual": _bwd_residual_kernel}
     return {name: resources(kernel, constexprs, _REPORT_DTYPES, warps, arch=arch) for name, kernel in kernels.items()}

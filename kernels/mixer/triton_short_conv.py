@@ -40,10 +40,10 @@ TARGET_PROGRAMS = 2048
 # among the three fastest (64 x 32 tiles, 8 warps: 302 against 336 us; this tile with 8192
 # programs: 304); the engine's L=128 step (batch 256) measured the same with either tile.
 ROWS, COLS, BWD_WARPS = 16, 32, 4
-# How the backward pairs the gradient with the inputs for the taps' gradients (`_bwd_kernel`):
+# How the backward pairs the gradient with the inputs for the taps' gradients (`_short_conv_bwd_kernel`):
 # not timed on a GPU at L=128 against the first form, which stays the default there until it is.
 PAIR_SHIFTED_INPUTS = False
-# Whether the backward loads each sequence's tiles an iteration ahead (`_bwd_kernel`'s PREFETCH),
+# Whether the backward loads each sequence's tiles an iteration ahead (`_short_conv_bwd_kernel`'s PREFETCH),
 # which overlaps their wait for memory with the previous sequence's work, for about 30 registers a
 # thread more at the GPU tiles (110 against 80 at L=128: 4 programs an SM instead of 6). Not yet
 # timed on a GPU (`tools/bench_kernels.py --conv-sweep` times both forms); off until it is.
@@ -145,7 +145,7 @@ def _in_bias(inb_ptr, o_c, m_c, HAS_IN_BIAS: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(
+def _short_conv_fwd_kernel(
     p_ptr, w_ptr, b_ptr, inb_ptr, out_ptr, u_ptr, ut_ptr, L, C, D,
     HAS_U: tl.constexpr, HAS_IN_BIAS: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr,
 ):  # fmt: skip
@@ -177,7 +177,7 @@ def _fwd_kernel(
 
 @triton.jit
 def _sequence_tiles(g_ptr, p_ptr, base, o_s, o_c, m_c, L, C, valid, PAIR_SHIFTED_INPUTS: tl.constexpr):
-    """(g0, g1, g2, x0, x1, x2) of one sequence for `_bwd_kernel`'s tile, in their tensors' dtypes,
+    """(g0, g1, g2, x0, x1, x2) of one sequence for `_short_conv_bwd_kernel`'s tile, in their tensors' dtypes,
     zero unless `valid`: output position t = s + 2 - j took input position s through tap j, so
     g0, g1, g2 are g at s + 2, s + 1, s, and x0, x1, x2 p at s - 2, s - 1, s (x0 and x1 are x2
     without PAIR_SHIFTED_INPUTS, which alone reads them)."""
@@ -193,7 +193,7 @@ def _sequence_tiles(g_ptr, p_ptr, base, o_s, o_c, m_c, L, C, valid, PAIR_SHIFTED
 
 
 @triton.jit
-def _bwd_kernel(
+def _short_conv_bwd_kernel(
     g_ptr, p_ptr, w_ptr, inb_ptr, dp_ptr, part_ptr, gu_ptr, du_ptr, B, L, C, D, BPG,
     HAS_U: tl.constexpr, HAS_IN_BIAS: tl.constexpr, ROWS: tl.constexpr, BL: tl.constexpr, BC: tl.constexpr,
     PAIR_SHIFTED_INPUTS: tl.constexpr, PREFETCH: tl.constexpr,
@@ -337,12 +337,12 @@ def launch_forward(
     p: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, out: torch.Tensor, blk: dict,
     u: torch.Tensor | None = None, ut: torch.Tensor | None = None, in_bias: torch.Tensor | None = None,
 ) -> None:  # fmt: skip
-    """`_fwd_kernel` over contiguous p (B, L, C) (plus `in_linear`'s bias, where given) into out
+    """`_short_conv_fwd_kernel` over contiguous p (B, L, C) (plus `in_linear`'s bias, where given) into out
     (B, C, L) (and u (B, L, D) into ut (B, D, L)) with the blocks `blk` (`_blocks`)."""
     batch, length, width = p.shape
     has_u, has_in_bias = u is not None, in_bias is not None
     grid = (triton.cdiv(length, blk["BL_FWD"]), triton.cdiv(width, blk["BC_FWD"]), batch)
-    _fwd_kernel[grid](
+    _short_conv_fwd_kernel[grid](
         p, weight, bias, in_bias.contiguous() if has_in_bias else bias, out, u if has_u else p, ut if has_u else out,
         length, width, u.shape[2] if has_u else 0,
         HAS_U=has_u, HAS_IN_BIAS=has_in_bias, BL=blk["BL_FWD"], BC=blk["BC_FWD"], num_warps=blk["num_warps"],
@@ -386,7 +386,7 @@ def launch_backward(
     g: torch.Tensor, p: torch.Tensor, weight: torch.Tensor, dp: torch.Tensor, blk: dict,
     gu: torch.Tensor | None = None, du: torch.Tensor | None = None, in_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """`_bwd_kernel` over contiguous g (B, C, L) and p (B, L, C) (plus `in_linear`'s bias, where
+    """`_short_conv_bwd_kernel` over contiguous g (B, C, L) and p (B, L, C) (plus `in_linear`'s bias, where
     given) into dp (and gu (B, D, L) into du (B, L, D)) with the blocks `blk` (`_blocks`); returns
     the per-program partial sums of the taps', the bias's and `in_bias`'s gradients, (programs
     along L and the batch, 4 or 5, C) fp32."""
@@ -395,7 +395,7 @@ def launch_backward(
     has_u, has_in_bias = gu is not None, in_bias is not None
     rows = 5 if has_in_bias else 4
     parts = new_output((grid[2] * grid[0], rows, width), torch.float32, p.device)
-    _bwd_kernel[grid](
+    _short_conv_bwd_kernel[grid](
         g, p, weight, in_bias if has_in_bias else weight, dp, parts, gu if has_u else g, du if has_u else dp,
         batch, length, width, gu.shape[1] if has_u else 0, blk["BPG"],
         HAS_U=has_u, HAS_IN_BIAS=has_in_bias, ROWS=rows, BL=blk["BL"], BC=blk["BC"],

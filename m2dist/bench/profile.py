@@ -176,12 +176,12 @@ def format_aten_by_input_shape(rows: list[ShapedOperator]) -> str:
     return "\n".join(lines) + "\n"
 
 
-# The project's Triton kernels by the kind reported, from the modules that define them: kernel names
-# repeat across modules (the Toeplitz, FFT and short convolutions each have a `_fwd_kernel`), so
-# the kinds are as coarse as the names allow.
+# The project's Triton kernels by the kind reported, from the modules that define them. Each kernel's
+# name is the project's only one of that name (a module's forward is `_toeplitz_fwd_kernel`, not
+# `_fwd_kernel`), so that a profile's lines under a kind tell the kernels apart.
 TRITON_KERNEL_KINDS = (
-    ("M2 convolution kernels (Triton: Toeplitz, FFT, short convolution, fused mixer)", (
-        "kernels.fftconv.triton_toeplitz", "kernels.fftconv.triton_fftconv",
+    ("M2 convolution kernels (Triton: Toeplitz, FFT, cuFFT path's, short convolution, fused mixer)", (
+        "kernels.fftconv.triton_toeplitz", "kernels.fftconv.triton_fftconv", "kernels.fftconv.triton_cufft",
         "kernels.mixer.triton_short_conv", "kernels.mixer.triton_mixer",
     )),
     ("block-diagonal GLU kernels (Triton: activation, matmuls, bias and residual)", ("kernels.blockdiag.triton_blockdiag",)),
@@ -194,6 +194,7 @@ KERNEL_KINDS = (
     ("other multi-tensor kernels (norms, scaling)", r"multi_tensor_apply"),
     ("fp32 GEMMs (the filter MLPs)", r"gemm_f32f32|sgemm|f32f32_f32f32"),
     ("attention", r"fmha|flash|attention|cudnn"),
+    ("cuFFT transforms (the long convolution's from L=512 on)", r"vector_fft|regular_fft|^void fft"),
     ("GEMMs (cuBLAS)", r"nvjet|cutlass|xmma_gemm|gemm"),
     ("Inductor's fused kernels (compiled code)", r"^triton_"),
     ("LayerNorm, forward and backward", r"layer_norm|LayerNorm|GammaBeta"),
