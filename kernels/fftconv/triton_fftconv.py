@@ -519,9 +519,9 @@ def _dft_conv_bwd_kernel(
     R: tl.constexpr, M1: tl.constexpr, M2: tl.constexpr, P2: tl.constexpr, K1: tl.constexpr, C: tl.constexpr,
     HAS_RES: tl.constexpr, ATOMIC: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    """Gradients of `_dft_conv_fwd_kernel`. Input gradients are written (B, D, L) contiguous; with R > 1
-    the inverse rows go to the scratches S1 = y1 + i da_conv and S2 = du_conv, and the gradients
-    are finished by `_bwd_combine_kernel`. dk*: spectrum gradients sum_b conj(X) G in the filter
+    """Gradients of `_dft_conv_fwd_kernel`. Input gradients are written (B, D, L) contiguous; with
+    R > 1 the inverse rows go to the scratches S1 = y1 + i da_conv and S2 = du_conv, and the
+    gradients are finished by `_bwd_combine_kernel`. dk*: spectrum gradients sum_b conj(X) G in the filter
     layout; dd*: partial sums of the skip-weight gradients per program and tile row, [n_bsplit, D, M2]."""
     i_dc = tl.program_id(0).to(tl.int64)
     i_bs = tl.program_id(1).to(tl.int64)

@@ -438,8 +438,9 @@ def filter_rows(k1, k2, dtype: torch.dtype, operands: str) -> tuple[torch.Tensor
 
 
 def launch_forward(u, x, rows, scales, d1, d2, y, z1, has_res: bool, save_z1: bool, blk: dict) -> None:
-    """`_toeplitz_fwd_kernel` over (B, 3D, L) x into y (and z1) with the filter rows and their scales
-    (`filter_rows`; the rows' shape says how they were made) and the block sizes `blk` (`_blocks`)."""
+    """`_toeplitz_fwd_kernel` over (B, 3D, L) x into y (and z1) with the filter rows and their
+    scales (`filter_rows`; the rows' shape says how they were made) and the block sizes `blk`
+    (`_blocks`)."""
     batch, width, length = x.shape
     dim = width // 3
     grid = (dim, triton.cdiv(length, blk["BT"]), triton.cdiv(batch, blk["BPG"]))

@@ -40,13 +40,14 @@ TARGET_PROGRAMS = 2048
 # among the three fastest (64 x 32 tiles, 8 warps: 302 against 336 us; this tile with 8192
 # programs: 304); the engine's L=128 step (batch 256) measured the same with either tile.
 ROWS, COLS, BWD_WARPS = 16, 32, 4
-# How the backward pairs the gradient with the inputs for the taps' gradients (`_short_conv_bwd_kernel`):
-# not timed on a GPU at L=128 against the first form, which stays the default there until it is.
+# How the backward pairs the gradient with the inputs for the taps' gradients
+# (`_short_conv_bwd_kernel`): not timed on a GPU at L=128 against the first form, which stays the
+# default there until it is.
 PAIR_SHIFTED_INPUTS = False
-# Whether the backward loads each sequence's tiles an iteration ahead (`_short_conv_bwd_kernel`'s PREFETCH),
-# which overlaps their wait for memory with the previous sequence's work, for about 30 registers a
-# thread more at the GPU tiles (110 against 80 at L=128: 4 programs an SM instead of 6). Not yet
-# timed on a GPU (`tools/bench_kernels.py --conv-sweep` times both forms); off until it is.
+# Whether the backward loads each sequence's tiles an iteration ahead (`_short_conv_bwd_kernel`'s
+# PREFETCH), which overlaps their wait for memory with the previous sequence's work, for about 30
+# registers a thread more at the GPU tiles (110 against 80 at L=128: 4 programs an SM instead of
+# 6). Not yet timed on a GPU (`tools/bench_kernels.py --conv-sweep` times both forms); off until it is.
 PREFETCH = False
 # From this L on (longer sequences, fewer of them per backward program) the blocks of LONG_BLOCKS:
 # the fastest of `tools/bench_kernels.py --ops none --conv-sweep B --conv-sweep-length L` on one
@@ -177,10 +178,10 @@ def _short_conv_fwd_kernel(
 
 @triton.jit
 def _sequence_tiles(g_ptr, p_ptr, base, o_s, o_c, m_c, L, C, valid, PAIR_SHIFTED_INPUTS: tl.constexpr):
-    """(g0, g1, g2, x0, x1, x2) of one sequence for `_short_conv_bwd_kernel`'s tile, in their tensors' dtypes,
-    zero unless `valid`: output position t = s + 2 - j took input position s through tap j, so
-    g0, g1, g2 are g at s + 2, s + 1, s, and x0, x1, x2 p at s - 2, s - 1, s (x0 and x1 are x2
-    without PAIR_SHIFTED_INPUTS, which alone reads them)."""
+    """(g0, g1, g2, x0, x1, x2) of one sequence for `_short_conv_bwd_kernel`'s tile, in their
+    tensors' dtypes, zero unless `valid`: output position t = s + 2 - j took input position s
+    through tap j, so g0, g1, g2 are g at s + 2, s + 1, s, and x0, x1, x2 p at s - 2, s - 1, s (x0
+    and x1 are x2 without PAIR_SHIFTED_INPUTS, which alone reads them)."""
     g0 = _raw_cols_at(g_ptr, base, o_s + 2, o_c, m_c, L, valid)
     g1 = _raw_cols_at(g_ptr, base, o_s + 1, o_c, m_c, L, valid)
     g2 = _raw_cols_at(g_ptr, base, o_s, o_c, m_c, L, valid)
@@ -337,8 +338,8 @@ def launch_forward(
     p: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, out: torch.Tensor, blk: dict,
     u: torch.Tensor | None = None, ut: torch.Tensor | None = None, in_bias: torch.Tensor | None = None,
 ) -> None:  # fmt: skip
-    """`_short_conv_fwd_kernel` over contiguous p (B, L, C) (plus `in_linear`'s bias, where given) into out
-    (B, C, L) (and u (B, L, D) into ut (B, D, L)) with the blocks `blk` (`_blocks`)."""
+    """`_short_conv_fwd_kernel` over contiguous p (B, L, C) (plus `in_linear`'s bias, where given)
+    into out (B, C, L) (and u (B, L, D) into ut (B, D, L)) with the blocks `blk` (`_blocks`)."""
     batch, length, width = p.shape
     has_u, has_in_bias = u is not None, in_bias is not None
     grid = (triton.cdiv(length, blk["BL_FWD"]), triton.cdiv(width, blk["BC_FWD"]), batch)
@@ -386,10 +387,10 @@ def launch_backward(
     g: torch.Tensor, p: torch.Tensor, weight: torch.Tensor, dp: torch.Tensor, blk: dict,
     gu: torch.Tensor | None = None, du: torch.Tensor | None = None, in_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """`_short_conv_bwd_kernel` over contiguous g (B, C, L) and p (B, L, C) (plus `in_linear`'s bias, where
-    given) into dp (and gu (B, D, L) into du (B, L, D)) with the blocks `blk` (`_blocks`); returns
-    the per-program partial sums of the taps', the bias's and `in_bias`'s gradients, (programs
-    along L and the batch, 4 or 5, C) fp32."""
+    """`_short_conv_bwd_kernel` over contiguous g (B, C, L) and p (B, L, C) (plus `in_linear`'s
+    bias, where given) into dp (and gu (B, D, L) into du (B, L, D)) with the blocks `blk`
+    (`_blocks`); returns the per-program partial sums of the taps', the bias's and `in_bias`'s
+    gradients, (programs along L and the batch, 4 or 5, C) fp32."""
     batch, length, width = p.shape
     grid = (triton.cdiv(length, blk["BL"]), triton.cdiv(width, blk["BC"]), triton.cdiv(batch, blk["BPG"]))
     has_u, has_in_bias = gu is not None, in_bias is not None
