@@ -215,11 +215,11 @@ def _short_conv_bwd_kernel(
 
     The loop walks the group's sequences one after the other, and each layout pass waits at a
     barrier for the tile it converts. The tiles are loaded in their own dtype, all of them before
-    the first pass (`_sequence_tiles`), so that a sequence waits for memory once: loaded as fp32
-    one at a time (`_cols_at` before), the compiler issued each tile's load just before its pass,
-    three waits a sequence one after the other (`tests/test_kernels_triton.py` checks the order in
-    the sm_90 code; the registers are the same). With PREFETCH each iteration loads the next
-    sequence's tiles before the current one's passes, whose tiles are then already in registers."""
+    the first pass (`_sequence_tiles`), so that a sequence waits for memory once; each tile loaded
+    as fp32 where it was used, the compiler issued each load just before its pass, three waits a
+    sequence one after the other (`tests/test_kernels_triton.py` checks the order in the sm_90
+    code; the registers are the same). With PREFETCH each iteration loads the next sequence's
+    tiles before the current one's passes, whose tiles are then already in registers."""
     i_t, i_c, i_g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_s = i_t * BL + tl.arange(0, BL)
     o_c = i_c * BC + tl.arange(0, BC)
