@@ -1324,6 +1324,15 @@ def test_short_conv_kernels_compile_for_hopper_without_spills():
     assert len(report) == 8 and all(usage["spill_bytes"] == 0 for usage in report.values()), report
 
 
+# The short convolution's backward as the sm_90 reports below compile it: its module as t, the
+# arguments a launch aligns to 16 bytes (`aligned`) and its tensors' dtypes (`dtypes`).
+_SHORT_CONV_BWD_SM90 = (
+    "from kernels.mixer import triton_short_conv as t\n"
+    "aligned = ('g_ptr', 'p_ptr', 'dp_ptr', 'w_ptr', 'inb_ptr', 'part_ptr', 'gu_ptr', 'du_ptr', 'L', 'C', 'D')\n"
+    "dtypes = dict(g_ptr='bf16', p_ptr='bf16', dp_ptr='bf16')\n"
+)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a compile for sm_90 without running it")
 def test_short_conv_backward_pairing_shifted_inputs_takes_fewer_layout_passes():
     # The backward reads the gradient in its (B, C, L) layout and the projection in (B, L, C):
@@ -1332,10 +1341,8 @@ def test_short_conv_backward_pairing_shifted_inputs_takes_fewer_layout_passes():
     # (PAIR_SHIFTED_INPUTS) must leave the compiler fewer such passes in the sequence loop, and
     # fewer bytes, than pairing the shifted gradients with the inputs.
     report = _compiled_report(
-        "from kernels.mixer import triton_short_conv as t\n"
-        "aligned = ('g_ptr', 'p_ptr', 'dp_ptr', 'w_ptr', 'inb_ptr', 'part_ptr', 'gu_ptr', 'du_ptr', 'L', 'C', 'D')\n"
-        "dtypes = dict(g_ptr='bf16', p_ptr='bf16', dp_ptr='bf16')\n"
-        "report = {}\n"
+        _SHORT_CONV_BWD_SM90
+        + "report = {}\n"
         "for pair in (False, True):\n"
         "    tile = dict(HAS_U=False, HAS_IN_BIAS=True, BL=t.ROWS, BC=t.COLS, ROWS=5, PAIR_SHIFTED_INPUTS=pair, PREFETCH=False)\n"
         "    report[str(pair)] = loop_layout_conversions(t._short_conv_bwd_kernel, tile, dtypes, t.BWD_WARPS, aligned_args=aligned)\n"
@@ -1359,10 +1366,8 @@ def test_short_conv_backward_loads_each_sequence_before_its_layout_passes():
     # its first barrier. (The kernel that loaded its tiles as fp32 one at a time had loads
     # between the barriers: "LL||LLLL||L||SL" at L=128.)
     report = _compiled_report(
-        "from kernels.mixer import triton_short_conv as t\n"
-        "aligned = ('g_ptr', 'p_ptr', 'dp_ptr', 'w_ptr', 'inb_ptr', 'part_ptr', 'gu_ptr', 'du_ptr', 'L', 'C', 'D')\n"
-        "dtypes = dict(g_ptr='bf16', p_ptr='bf16', dp_ptr='bf16')\n"
-        "long = t.LONG_BLOCKS\n"
+        _SHORT_CONV_BWD_SM90
+        + "long = t.LONG_BLOCKS\n"
         "report = {}\n"
         "for prefetch in (False, True):\n"
         "    for pair in (False, True):\n"
