@@ -439,6 +439,45 @@ def test_engine_profile_reports_the_step_and_its_top_operators(tmp_path, in_proc
     assert "Top operators by self device time" in text and "Top operators by total host time" in text
 
 
+def test_host_syncs_are_counted_at_the_frames_that_made_them(monkeypatch):
+    # torch.cuda's sync debug mode needs a GPU: here the step warns as that mode does at each
+    # synchronizing call. Other warnings pass through; the mode is set for the steps and restored.
+    import warnings
+
+    import torch
+
+    from m2dist.bench.profile import SYNC_WARNING, format_host_syncs, host_syncs
+
+    modes = []
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+
+    def read_loss():
+        warnings.warn(f"{SYNC_WARNING}", UserWarning)
+
+    def read_norm():
+        warnings.warn(f"Warning: {SYNC_WARNING}", UserWarning)
+
+    def step():
+        for _ in range(2):
+            read_loss()  # one place, twice a step
+        read_norm()
+        warnings.warn("a warning of another kind", UserWarning)
+
+    with pytest.warns(UserWarning, match="a warning of another kind") as others:
+        syncs = host_syncs(step, steps=2, frames=2)
+    assert modes == ["warn", 0]
+    assert len(others) == 2  # one a step, shown as before; the syncs were not
+    assert [s.count for s in syncs] == [4, 2]
+    (step_frame, loss_frame), (_, norm_frame) = syncs[0].frames, syncs[1].frames
+    assert step_frame.startswith("tests/test_bench.py:") and step_frame.endswith(" in step")
+    assert loss_frame.endswith(" in read_loss") and norm_frame.endswith(" in read_norm")
+    text = format_host_syncs(syncs, steps=2)
+    assert text.startswith("Host syncs in the step (torch.cuda's sync debug mode over 2 steps): 3 a step, at:\n")
+    assert f"  2 a step:\n      {step_frame}\n      {loss_frame}\n  1 a step:\n" in text
+    assert format_host_syncs([], steps=3).endswith(": 0 a step, none\n")
+
+
 def test_fft_benchmark_times_each_plan_with_each_transform_operand(monkeypatch):
     # Interpreter, stand-in timer: the default plan with the kernels' own choice (tf32 for this
     # 256-point transform), then forced to tf32 and to fp16 (the kernels launched with each

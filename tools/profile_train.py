@@ -1,5 +1,6 @@
 """Profile the engine's training step (torch.profiler): top operators by device and host time, and
-on a GPU where the device waits between kernels and what the host does meanwhile.
+on a GPU where the device waits between kernels, what the host does meanwhile, and the host syncs
+inside the step with the Python frames that made them.
 
   python tools/profile_train.py --config m2-bert-80M --output tools/profiles/engine-m2-bert-80M-L128.txt \
       train.seq_len=128 train.global_batch_size=128 train.micro_batch_size=128 tracking.enabled=false

@@ -4,16 +4,22 @@ write a profile's report (`write_profile_report`, which the fine-tuning benchmar
 Runs `warmup` steps, then windows of steps until the step time is steady (`bench.train.time_steps`,
 whose median is the report's wall time per step), then profiles `steps` steps and writes the top
 operators by device time and by host time as text: where a step's time goes, and how much of it is
-the engine's own overhead (host time with the GPU idle, `device_idle`) rather than kernels.
+the engine's own overhead (host time with the GPU idle, `device_idle`) rather than kernels. On a GPU
+it then runs `steps` more steps under torch.cuda's sync debug mode and reports where the host waited
+for the device (`host_syncs`): the usual cause of that idle time.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import importlib
 import inspect
 import re
+import traceback
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -41,6 +47,8 @@ def profile_training(config: Config, warmup: int, steps: int, output: Path, rows
             for _ in range(steps):
                 trainer.train_step()
             sync()
+        # Apart from the profile: the sync check's warnings cost host time of their own.
+        syncs = host_syncs(trainer.train_step, steps) if trainer.device.type == "cuda" else None
     finally:
         trainer.close()
     tokens = trainer.layout.global_batch_size * trainer.seq_len
@@ -50,7 +58,73 @@ def profile_training(config: Config, warmup: int, steps: int, output: Path, rows
         f"{config.model.kernels.blockdiag}\n"
         f"wall time per step {step_ms:.1f} ms ({tokens / step_ms * 1000:,.0f} tokens/s)"
     )
-    return write_profile_report(prof, steps, trainer.device.type == "cuda", header, output, rows)
+    return write_profile_report(prof, steps, trainer.device.type == "cuda", header, output, rows, syncs)
+
+
+# The text of the warning that torch.cuda's sync debug mode gives at a synchronizing CUDA call.
+SYNC_WARNING = "called a synchronizing CUDA operation"
+
+
+@dataclasses.dataclass(frozen=True)
+class HostSync:
+    """A place in the step where the host waited for the device: the innermost Python frames of
+    the synchronizing call, and how often the probed steps made it."""
+
+    frames: tuple[str, ...]  # "file:line in function", outermost first
+    count: int
+
+
+def _frame(frame: traceback.FrameSummary) -> str:
+    path = Path(frame.filename)
+    # The path from the package's folder on (site-packages/deepspeed/..., m2dist/..., kernels/...).
+    parts = path.parts
+    for i, part in enumerate(parts):
+        if part in ("site-packages", "dist-packages"):
+            path = Path(*parts[i + 1 :])
+            break
+    else:
+        path = Path(*parts[-2:])
+    return f"{path}:{frame.lineno} in {frame.name}"
+
+
+def host_syncs(step: Callable[[], None], steps: int, frames: int = 6) -> list[HostSync]:
+    """The host syncs in `steps` calls of `step`, by torch.cuda's sync debug mode (a warning at every
+    synchronizing CUDA call: `.item()`, a blocking copy, `nonzero`, a stream sync...), grouped by the
+    `frames` innermost Python frames of the call, most frequent first. A sync inside the training step
+    leaves the device idle while the host catches up (the profile's gaps); there should be none."""
+    sites: collections.Counter[tuple[str, ...]] = collections.Counter()
+    show = warnings.showwarning
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if SYNC_WARNING not in str(message):
+            show(message, category, filename, lineno, file, line)
+            return
+        # Without the frames of this function and of the warnings machinery that called it.
+        stack = [f for f in traceback.extract_stack()[:-1] if Path(f.filename).name != "warnings.py"]
+        sites[tuple(_frame(f) for f in stack[-frames:])] += 1
+
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(steps):
+                step()
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    return [HostSync(site, count) for site, count in sites.most_common()]
+
+
+def format_host_syncs(syncs: list[HostSync], steps: int) -> str:
+    """The host syncs per step with the frames of each place (innermost last)."""
+    total = sum(s.count for s in syncs)
+    lines = [f"Host syncs in the step (torch.cuda's sync debug mode over {steps} steps): {total / steps:g} a step"
+             + (", none" if not syncs else ", at:")]  # fmt: skip
+    for sync in syncs:
+        lines.append(f"  {sync.count / steps:g} a step:")
+        lines.extend(f"      {frame}" for frame in sync.frames)
+    return "\n".join(lines) + "\n"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,9 +356,12 @@ def format_kernels_by_kind(rows: list[KernelKind]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_profile_report(prof, steps: int, cuda: bool, header: str, output: Path, rows: int = 30) -> str:
+def write_profile_report(
+    prof, steps: int, cuda: bool, header: str, output: Path, rows: int = 30, syncs: list[HostSync] | None = None
+) -> str:
     """Write `header`, the device time per step (the sum of the kernels over `steps` profiled steps),
-    where the device waited (`device_idle`, on a GPU), that time by kind of kernel
+    where the device waited (`device_idle`, on a GPU), the host syncs in the step (`host_syncs`, where
+    `syncs` gives them), that time by kind of kernel
     (`kernels_by_kind`, on a GPU), the eager aten operators by input shapes
     (`aten_by_input_shape`, on a GPU; shapes where `prof` recorded them) and the profile's top
     operators by device time and by host time to `output`; returns the header line."""
@@ -306,6 +383,7 @@ def write_profile_report(prof, steps: int, cuda: bool, header: str, output: Path
     report = (
         header
         + ("" if idle is None else "\n" + format_device_idle(idle, steps))
+        + ("" if syncs is None else "\n" + format_host_syncs(syncs, steps))
         + ("" if not device_events else "\n" + format_kernels_by_kind(kernels_by_kind(device_events, steps)))
         + ("" if not shaped else "\n" + format_aten_by_input_shape(shaped))
         + "\nTop operators by self device time:\n"
