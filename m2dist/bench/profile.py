@@ -6,7 +6,7 @@ whose median is the report's wall time per step), then profiles `steps` steps an
 operators by device time and by host time as text: where a step's time goes, and how much of it is
 the engine's own overhead (host time with the GPU idle, `device_idle`) rather than kernels. On a GPU
 it then runs `steps` more steps under torch.cuda's sync debug mode and reports where the host waited
-for the device (`host_syncs`): the usual cause of that idle time.
+for the device (`host_syncs`): after such a wait the device idles until the host has queued work again.
 """
 
 from __future__ import annotations
@@ -76,7 +76,8 @@ class HostSync:
 
 def _frame(frame: traceback.FrameSummary) -> str:
     path = Path(frame.filename)
-    # The path from the package's folder on (site-packages/deepspeed/..., m2dist/..., kernels/...).
+    # An installed package's file from the package's folder on (deepspeed/runtime/engine.py), any
+    # other file as its folder and name (engine/trainer.py, tests/test_bench.py).
     parts = path.parts
     for i, part in enumerate(parts):
         if part in ("site-packages", "dist-packages"):
