@@ -453,7 +453,7 @@ def test_host_syncs_are_counted_at_the_frames_that_made_them(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
 
     def read_loss():
-        warnings.warn(f"{SYNC_WARNING}", UserWarning)
+        warnings.warn(SYNC_WARNING, UserWarning)
 
     def read_norm():
         warnings.warn(f"Warning: {SYNC_WARNING}", UserWarning)
