@@ -59,7 +59,7 @@ def ensure_slurm_installed(timeout: float = 900) -> None:
         output = update.stdout[-800:] + update.stderr[-800:]
         raise SlurmUnavailable(f"apt-get update failed (repositories unreachable?): {output}")
     install = subprocess.run(
-        ["apt-get", "install", "-y", *SLURM_PACKAGES],
+        ["apt-get", "install", "-y", "--no-install-recommends", *SLURM_PACKAGES],
         env=env, capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
     if install.returncode != 0:
