@@ -166,10 +166,10 @@ def test_m2_layer_compiles_without_graph_breaks(backend):
     torch.testing.assert_close(compiled(h), layer(h), rtol=1e-5, atol=1e-5)
 
 
-def test_compiled_m2_layer_leaves_the_mixer_input_layout_to_inductor():
-    # Eagerly the short convolution's kernels lay the mixer input u out for the long convolution;
-    # traced into a whole-model graph they do not, and u reaches the long convolution as a
-    # transposed view, whose layout change Inductor fuses into its own kernels.
+def test_compiled_m2_layer_has_the_short_convolution_lay_out_the_mixer_input():
+    # The short convolution's kernels lay the mixer input u out for the long convolution inside a
+    # whole-model graph as they do eagerly: left to Inductor as a transposed view, u was written by
+    # a strided fp32 store in the layer norm's kernel before the op.
     cfg = dataclasses.replace(
         load_config("debug").model, hidden_size=32, intermediate_size=64, num_layers=1, l_max=40,
         filter_order=16, hidden_dropout=0.0, kernels=BACKENDS["triton"],
@@ -183,8 +183,8 @@ def test_compiled_m2_layer_leaves_the_mixer_input_layout_to_inductor():
 
     torch.compile(layer, fullgraph=True, backend=record)(_rand(2, 40, 32))
     calls = [n for g in graphs for n in g.graph.nodes if n.target is torch.ops.m2dist.short_conv.default]
-    # u as a view; in_linear's bias goes to the op (its gradient comes back with the filter's)
-    assert len(calls) == 1 and calls[0].args[3] is None and calls[0].args[4] is not None
+    # u goes to the op; so does in_linear's bias (its gradient comes back with the filter's)
+    assert len(calls) == 1 and calls[0].args[3] is not None and calls[0].args[4] is not None
 
 
 def test_m2_layer_with_the_fused_mixer_compiles_without_graph_breaks():

@@ -9,9 +9,9 @@ operator (`triton_mixer`) where it applies (no padding mask, bf16/fp16, L a powe
 Per op, the Triton backends take the short convolution's own kernels (`triton_short_conv`: the
 projection's (B, L, C) layout in, the long convolution's (B, C, L) out, and back; they also lay the
 mixer input u out as (B, D, L) for the long convolution and its gradient back as (B, L, D), where
-separate copies were strided passes of their own, except inside a whole-model compilation, where
-Inductor fuses the layout change into its kernels); the reference backend takes the reference,
-`torch.compile`d on a GPU, and a transposed view of u.
+separate copies were strided passes of their own, eagerly and inside a whole-model compilation
+alike); the reference backend takes the reference, `torch.compile`d on a GPU, and a transposed
+view of u.
 """
 
 import functools
@@ -52,17 +52,15 @@ TRITON_SHORT_CONV = True
 
 def _triton_short_conv(p_BLC, weight_C1K, bias_C, u_BLD, in_bias_C=None):
     """(x (B, C, L), u (B, D, L)) from the short convolution's kernels; `_short_conv` where they do
-    not apply. Run eagerly (as the fine-tuning step's graph runs them), the kernels also lay u out
-    contiguously (and its gradient back), where aten's copies were strided passes of their own;
-    inside a whole-model compilation u stays a transposed view, whose layout change Inductor fuses
-    into its own kernels around the op (the producer's and the gradient's consumer's)."""
+    not apply. The kernels also lay u out contiguously (and its gradient back), where aten's copies
+    were strided passes of their own; inside a whole-model compilation too, where a transposed view
+    left to Inductor became a strided fp32 store in the layer norm's kernel before the op."""
     # Imported on first use: Triton modules must be imported after TRITON_INTERPRET is set.
     from kernels.mixer import triton_short_conv
 
     if TRITON_SHORT_CONV and triton_short_conv.supports(p_BLC, weight_C1K):
-        if u_BLD is None or torch.compiler.is_compiling():
-            x_BCL = triton_short_conv.causal_short_conv(p_BLC, weight_C1K, bias_C, in_bias_C)
-            return x_BCL, None if u_BLD is None else u_BLD.transpose(1, 2)
+        if u_BLD is None:
+            return triton_short_conv.causal_short_conv(p_BLC, weight_C1K, bias_C, in_bias_C), None
         return triton_short_conv.causal_short_conv_and_layout(p_BLC, weight_C1K, bias_C, u_BLD, in_bias_C)
     return _short_conv(p_BLC, weight_C1K, bias_C, u_BLD, in_bias_C)
 
