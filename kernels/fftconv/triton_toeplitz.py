@@ -275,10 +275,12 @@ def _bwd_filter_kernel(
 ):  # fmt: skip
     """Filter gradients by lag for channel i_d and the tile diagonal q = t block - s block: the
     sums of lags q * BLK - c go to neg*[i_d, q * BLK - c + NB * BLK], those of lags
-    q * BLK + BLK - c to pos*[i_d, ...] (rows of width W)."""
+    q * BLK + BLK - c to pos*[i_d, ...] (rows of width W). The diagonals are the grid's first axis,
+    so that a channel's programs, which read overlapping tiles of the same rows, run side by side
+    and share them through the L2 cache."""
     DT: tl.constexpr = dy_ptr.dtype.element_ty
-    i_d = tl.program_id(0)
-    q = tl.program_id(1) - (NB - 1)
+    i_d = tl.program_id(1)
+    q = tl.program_id(0) - (NB - 1)
     o_blk = tl.arange(0, BLK)
     acc1 = tl.zeros([BLK, BLK], dtype=tl.float32)
     acc2 = tl.zeros([BLK, BLK], dtype=tl.float32)
@@ -474,7 +476,7 @@ def launch_backward_filters(dy, u, x, has_res: bool, blk: dict) -> tuple[torch.T
     nb = triton.cdiv(length, blk["BLK"])
     lags = 2 * nb * blk["BLK"] + 1
     lag_sums = new_output((4 if has_res else 2, dim, lags), torch.float32, x.device)
-    _bwd_filter_kernel[(dim, 2 * nb - 1)](
+    _bwd_filter_kernel[(2 * nb - 1, dim)](
         dy, u, x, lag_sums[0], lag_sums[1], lag_sums[-2], lag_sums[-1],
         batch, dim, length, nb, lags, HAS_RES=has_res, UPCAST=INTERPRET,
         BB=blk["BB_F"], BLK=blk["BLK"], num_warps=blk["num_warps_filter"],
