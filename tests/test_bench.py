@@ -442,15 +442,26 @@ def test_engine_profile_reports_the_step_and_its_top_operators(tmp_path, in_proc
 def test_host_syncs_are_counted_at_the_frames_that_made_them(monkeypatch):
     # torch.cuda's sync debug mode needs a GPU: here the step warns as that mode does at each
     # synchronizing call. Other warnings pass through; the mode is set for the steps and restored.
+    # The explicit waits that mode does not report (torch.cuda.synchronize, an event's synchronize)
+    # are counted where they are called, and torch's functions are back in place after.
     import warnings
 
     import torch
 
     from m2dist.bench.profile import SYNC_WARNING, format_host_syncs, host_syncs
 
-    modes = []
+    modes, waited = [], []
     monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: 0)
     monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+
+    def device_wait(device=None):
+        waited.append(("device", device))
+
+    def event_wait(event):
+        waited.append(("event", event))
+
+    monkeypatch.setattr(torch.cuda, "synchronize", device_wait)
+    monkeypatch.setattr(torch.cuda.Event, "synchronize", event_wait)
 
     def read_loss():
         warnings.warn(SYNC_WARNING, UserWarning)
@@ -458,22 +469,32 @@ def test_host_syncs_are_counted_at_the_frames_that_made_them(monkeypatch):
     def read_norm():
         warnings.warn(f"Warning: {SYNC_WARNING}", UserWarning)
 
+    def wait_for_timer():
+        torch.cuda.synchronize(0)  # as DeepSpeed's get_accelerator().synchronize() calls it
+        torch.cuda.Event.synchronize("an event")
+
     def step():
         for _ in range(2):
             read_loss()  # one place, twice a step
         read_norm()
+        wait_for_timer()
         warnings.warn("a warning of another kind", UserWarning)
 
     with pytest.warns(UserWarning, match="a warning of another kind") as others:
         syncs = host_syncs(step, steps=2, frames=2)
     assert modes == ["warn", 0]
     assert len(others) == 2  # one a step, shown as before; the syncs were not
-    assert [s.count for s in syncs] == [4, 2]
+    assert waited == [("device", 0), ("event", "an event")] * 2  # the waits still ran
+    assert torch.cuda.synchronize is device_wait and torch.cuda.Event.synchronize is event_wait
+    assert [s.count for s in syncs] == [4, 2, 2, 2]
     (step_frame, loss_frame), (_, norm_frame) = syncs[0].frames, syncs[1].frames
     assert step_frame.startswith("tests/test_bench.py:") and step_frame.endswith(" in step")
     assert loss_frame.endswith(" in read_loss") and norm_frame.endswith(" in read_norm")
+    # The two waits at their own lines of wait_for_timer, each once a step.
+    waits = sorted(s.frames[-1] for s in syncs[2:])
+    assert len(set(waits)) == 2 and all(frame.endswith(" in wait_for_timer") for frame in waits)
     text = format_host_syncs(syncs, steps=2)
-    assert text.startswith("Host syncs in the step (torch.cuda's sync debug mode over 2 steps): 3 a step, at:\n")
+    assert text.startswith("Host syncs in the step (torch.cuda's sync debug mode and explicit waits, over 2 steps): 5 a step, at:\n")
     assert f"  2 a step:\n      {step_frame}\n      {loss_frame}\n  1 a step:\n" in text
     assert format_host_syncs([], steps=3).endswith(": 0 a step, none\n")
 

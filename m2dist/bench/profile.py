@@ -12,6 +12,7 @@ for the device (`host_syncs`): after such a wait the device idles until the host
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import importlib
@@ -89,23 +90,39 @@ def _frame(frame: traceback.FrameSummary) -> str:
 
 
 def host_syncs(step: Callable[[], None], steps: int, frames: int = 6) -> list[HostSync]:
-    """The host syncs in `steps` calls of `step`, by torch.cuda's sync debug mode (a warning at every
-    synchronizing CUDA call: `.item()`, a blocking copy, `nonzero`, a stream sync...), grouped by the
-    `frames` innermost Python frames of the call, most frequent first. A sync inside the training step
-    leaves the device idle while the host catches up (the profile's gaps); there should be none."""
+    """The host syncs in `steps` calls of `step`, grouped by the `frames` innermost Python frames of
+    the call, most frequent first: those of torch.cuda's sync debug mode (a warning at a synchronizing
+    CUDA call: `.item()`, a blocking copy, `nonzero`, a stream sync...) and the explicit waits that
+    mode does not report, `torch.cuda.synchronize()` (DeepSpeed's `get_accelerator().synchronize()`)
+    and `torch.cuda.Event.synchronize()`, counted where they are called. A sync inside the training
+    step leaves the device idle while the host catches up (the profile's gaps); there should be none."""
     sites: collections.Counter[tuple[str, ...]] = collections.Counter()
     show = warnings.showwarning
+
+    def record_site(*skip: str) -> None:
+        # Without the frames of this module and of the files named in `skip` (the warnings machinery).
+        skip = (*skip, Path(__file__).name)
+        stack = [f for f in traceback.extract_stack() if Path(f.filename).name not in skip]
+        sites[tuple(_frame(f) for f in stack[-frames:])] += 1
 
     def record(message, category, filename, lineno, file=None, line=None):
         if SYNC_WARNING not in str(message):
             show(message, category, filename, lineno, file, line)
             return
-        # Without the frames of this function and of the warnings machinery that called it.
-        stack = [f for f in traceback.extract_stack()[:-1] if Path(f.filename).name != "warnings.py"]
-        sites[tuple(_frame(f) for f in stack[-frames:])] += 1
+        record_site("warnings.py")
+
+    def counted(wait):
+        @functools.wraps(wait)
+        def counted_wait(*args, **kwargs):
+            record_site()
+            return wait(*args, **kwargs)
+
+        return counted_wait
 
     previous = torch.cuda.get_sync_debug_mode()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), contextlib.ExitStack() as waits:
+        for owner in (torch.cuda, torch.cuda.Event):
+            waits.enter_context(_replaced(owner, "synchronize", counted(owner.synchronize)))
         warnings.simplefilter("always")
         warnings.showwarning = record
         torch.cuda.set_sync_debug_mode("warn")
@@ -117,11 +134,22 @@ def host_syncs(step: Callable[[], None], steps: int, frames: int = 6) -> list[Ho
     return [HostSync(site, count) for site, count in sites.most_common()]
 
 
+@contextlib.contextmanager
+def _replaced(owner, name: str, value):
+    """`owner.name` set to `value` inside the block, restored after."""
+    original = owner.__dict__[name]
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
 def format_host_syncs(syncs: list[HostSync], steps: int) -> str:
     """The host syncs per step with the frames of each place (innermost last)."""
     total = sum(s.count for s in syncs)
-    lines = [f"Host syncs in the step (torch.cuda's sync debug mode over {steps} steps): {total / steps:g} a step"
-             + (", none" if not syncs else ", at:")]  # fmt: skip
+    head = f"Host syncs in the step (torch.cuda's sync debug mode and explicit waits, over {steps} steps)"
+    lines = [f"{head}: {total / steps:g} a step" + (", none" if not syncs else ", at:")]
     for sync in syncs:
         lines.append(f"  {sync.count / steps:g} a step:")
         lines.extend(f"      {frame}" for frame in sync.frames)
