@@ -494,7 +494,8 @@ def test_host_syncs_are_counted_at_the_frames_that_made_them(monkeypatch):
     waits = sorted(s.frames[-1] for s in syncs[2:])
     assert len(set(waits)) == 2 and all(frame.endswith(" in wait_for_timer") for frame in waits)
     text = format_host_syncs(syncs, steps=2)
-    assert text.startswith("Host syncs in the step (torch.cuda's sync debug mode and explicit waits, over 2 steps): 5 a step, at:\n")
+    head = "Host syncs in the step (torch.cuda's sync debug mode and explicit waits, over 2 steps)"
+    assert text.startswith(f"{head}: 5 a step, at:\n")
     assert f"  2 a step:\n      {step_frame}\n      {loss_frame}\n  1 a step:\n" in text
     assert format_host_syncs([], steps=3).endswith(": 0 a step, none\n")
 
