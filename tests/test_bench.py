@@ -567,6 +567,34 @@ def test_revisions_are_timed_in_turn_each_from_its_own_tree(tmp_path):
     assert lines[1] == "|" + "---|" * 6
 
 
+@pytest.mark.slow
+def test_revisions_time_the_sequence_mixer_of_each_tree(tmp_path):
+    # The mixer alone, forward and backward, at two batch sizes: a tree whose mixer's backward
+    # sleeps 0.3 s a call measures that much more at each (its backward ran, once a step).
+    from m2dist.bench.revisions import Revision, time_revisions
+
+    slow = _tree_copy(tmp_path / "slow")
+    with open(slow / "kernels" / "mixer" / "__init__.py", "a") as mixer_py:
+        mixer_py.write(
+            "\n\n_plain_implementation = implementation\n\n\n"
+            "class _SlowBackward(torch.autograd.Function):\n"
+            "    @staticmethod\n    def forward(ctx, y):\n        return y.view_as(y)\n\n"
+            "    @staticmethod\n    def backward(ctx, grad):\n"
+            "        import time\n\n        time.sleep(0.3)\n        return grad\n\n\n"
+            "def implementation(backend, fused=False):\n"
+            "    mixer = _plain_implementation(backend, fused)\n"
+            "    return lambda *args, **kwargs: _SlowBackward.apply(mixer(*args, **kwargs))\n"
+        )
+    timings = time_revisions(
+        [Revision("plain", REPO_ROOT), Revision("slow", slow)], "debug", [2, 4], "cpu", False, step="mixer",
+        seq_len=16, first_steps=1, block_steps=1, rounds=2,
+    )  # fmt: skip
+    by_key = {(t.label, t.batch_size): t for t in timings}
+    assert sorted(by_key) == [("plain", 2), ("plain", 4), ("slow", 2), ("slow", 4)]
+    for batch in (2, 4):
+        assert 250 < by_key["slow", batch].step_ms - by_key["plain", batch].step_ms < 1000, timings
+
+
 def test_a_revision_whose_worker_fails_is_named(tmp_path):
     from m2dist.bench.revisions import Revision, time_revisions
 

@@ -160,9 +160,10 @@ class RevisionTiming:
     peak_gib: float | None = None
 
 
-# The steps a revision's worker times: GLUE's fine-tuning step (`tools/eval_glue.py`), or the
-# training engine's (`m2dist/train.py`; one batch size a run).
-STEPS = ("finetune", "engine")
+# The steps a revision's worker times: GLUE's fine-tuning step (`tools/eval_glue.py`), the training
+# engine's (`m2dist/train.py`; one batch size a run), or the sequence mixer's forward and backward
+# alone (the config's `kernels.mixer` path, bf16 projection).
+STEPS = ("finetune", "engine", "mixer")
 
 
 def time_revisions(
@@ -180,7 +181,7 @@ def time_revisions(
     rounds: int = 7,
     order_log: list[tuple[str, int]] | None = None,
 ) -> list[RevisionTiming]:
-    """Each revision's `step` ("finetune" or "engine") of `config_name` at each batch size
+    """Each revision's `step` ("finetune", "engine" or "mixer") of `config_name` at each batch size
     (sequences a step), in ms: the median of `rounds` blocks of `block_steps` steps, the revisions
     taking turns block by block (one untimed round first, so that no revision starts timing after a
     long idle stretch), the first of each round rotating. `cuda_graph` is the fine-tuning step's
