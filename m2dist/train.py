@@ -36,10 +36,16 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     config = load_config(args.config, args.overrides)
     # Imported after the config: a config error is reported before the seconds of torch imports.
-    from m2dist.engine.distributed import leave_process_group
+    from m2dist.engine.distributed import abandon_process_group, leave_process_group
     from m2dist.engine.trainer import train
 
-    train(config)
+    try:
+        train(config)
+    except BaseException:
+        # An error (a refused run folder, bad data...): the group torn down before the exit status
+        # is set, without the barrier, which ranks that failed elsewhere would never reach.
+        abandon_process_group()
+        raise
     # Every rank together, before the interpreter's exit tears the group down in an order that can
     # abort a gloo rank whose peers have gone.
     leave_process_group()

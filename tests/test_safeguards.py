@@ -209,6 +209,41 @@ def test_damaged_checkpoints_fall_back_to_the_newest_intact_one(tmp_path, tiny_s
     assert not (out / ".m2dist.lock").exists()
 
 
+REFUSED_JOB = """
+import sys
+
+import torch.distributed as dist
+
+from m2dist.errors import RunFolderLocked
+from m2dist.train import main
+
+try:
+    main(sys.argv[1:])
+except RunFolderLocked:
+    print("process group after the refusal:", "joined" if dist.is_initialized() else "torn down")
+"""
+
+
+@pytest.mark.slow
+def test_a_refused_job_tears_its_process_group_down_before_it_exits(tmp_path, tiny_shards):  # noqa: F811
+    # The refusal comes after the process group is joined. Left to the interpreter's exit, the gloo
+    # group's destructor once aborted such a job ("terminate called without an active exception",
+    # status -6 where 2 was due, on a loaded CPU); the entry point tears it down on the error.
+    from m2dist.engine.guards import RunLock
+
+    out = tmp_path / "run"
+    lock = RunLock(out)
+    lock.acquire()
+    script = tmp_path / "refused_job.py"
+    script.write_text(REFUSED_JOB)
+    try:
+        args = [*BASE, *_data_args(tiny_shards), "tracking.enabled=false", "data.num_workers=0", f"train.output_dir={out}"]
+        returncode, output = launch(tmp_path, args, nproc=1, launcher="python", script=script, timeout=200)
+    finally:
+        lock.release()
+    assert returncode == 0 and "process group after the refusal: torn down" in output, output[-3000:]
+
+
 @pytest.mark.slow
 def test_second_job_on_a_run_folder_is_refused(tmp_path, tiny_shards):  # noqa: F811
     out = tmp_path / "run"

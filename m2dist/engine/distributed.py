@@ -134,6 +134,16 @@ def leave_process_group() -> None:
         dist.destroy_process_group()
 
 
+def abandon_process_group() -> None:
+    """Tear a gloo process group down without waiting for the other ranks, on a rank that leaves on
+    an error, where its peers need not reach a collective: now rather than in the interpreter's exit,
+    where the group's destructor can abort the rank (`leave_process_group`) and replace the error's
+    exit status with 134. NCCL groups are left to the exit: their teardown can wait on a collective
+    that a peer never joins."""
+    if dist.is_initialized() and dist.get_backend() == "gloo":
+        dist.destroy_process_group()
+
+
 def gather_objects(value, env: DistEnv | None = None) -> list:
     """Every rank's picklable `value`, on every rank (`[value]` when not distributed)."""
     if env is None or env.world_size == 1 or not dist.is_initialized():
