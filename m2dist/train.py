@@ -36,15 +36,20 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     config = load_config(args.config, args.overrides)
     # Imported after the config: a config error is reported before the seconds of torch imports.
+    import torch.distributed as dist
+
     from m2dist.engine.distributed import abandon_process_group, leave_process_group
     from m2dist.engine.trainer import train
 
+    # A group this process joined before (a test calling main in-process) is not the run's to end.
+    joined_before = dist.is_initialized()
     try:
         train(config)
     except BaseException:
         # An error (a refused run folder, bad data...): the group torn down before the exit status
         # is set, without the barrier, which ranks that failed elsewhere would never reach.
-        abandon_process_group()
+        if not joined_before:
+            abandon_process_group()
         raise
     # Every rank together, before the interpreter's exit tears the group down in an order that can
     # abort a gloo rank whose peers have gone.

@@ -244,6 +244,22 @@ def test_a_refused_job_tears_its_process_group_down_before_it_exits(tmp_path, ti
     assert returncode == 0 and "process group after the refusal: torn down" in output, output[-3000:]
 
 
+def test_an_error_leaves_a_process_group_that_was_joined_before_the_run(tmp_path, in_process_rank):
+    # The entry point tears down only the group its run joined: in a process that had joined one
+    # before (the in-process engine tests), DeepSpeed's cached groups refer to it, and every later
+    # engine in the process failed once a failing run in between had destroyed it.
+    import torch.distributed as dist
+
+    from m2dist.engine.distributed import init_distributed
+    from m2dist.errors import ConfigError
+    from m2dist.train import main
+
+    init_distributed(torch.device("cpu"))
+    with pytest.raises(ConfigError, match="data.train: empty"):
+        main(["--config", "m2-bert-80M", f"train.output_dir={tmp_path / 'run'}", "train.device=cpu"])
+    assert dist.is_initialized()
+
+
 @pytest.mark.slow
 def test_second_job_on_a_run_folder_is_refused(tmp_path, tiny_shards):  # noqa: F811
     out = tmp_path / "run"
