@@ -523,12 +523,16 @@ def test_fft_benchmark_times_each_plan_with_each_transform_operand(monkeypatch):
     assert triton_fftconv.FP16_OPERANDS is None
 
 
-def _tree_copy(into):
-    """The importable part of the repository (m2dist, kernels, configs) copied to `into`."""
+def _tree_copy(into, changed: str | None = None, appended: str = ""):
+    """The importable part of the repository (m2dist, kernels, configs) copied to `into`, with
+    `appended` at the end of its file `changed` (a path under `into`)."""
     import shutil
 
     for name in ("m2dist", "kernels", "configs"):
         shutil.copytree(REPO_ROOT / name, into / name, ignore=shutil.ignore_patterns("__pycache__"))
+    if changed is not None:
+        with open(into / changed, "a") as source:
+            source.write(appended)
     return into
 
 
@@ -539,13 +543,12 @@ def test_revisions_are_timed_in_turn_each_from_its_own_tree(tmp_path):
     # the slow tree's step measures the longer one.
     from m2dist.bench.revisions import Revision, format_table, time_revisions
 
-    slow = _tree_copy(tmp_path / "slow")
-    with open(slow / "m2dist" / "glue" / "step.py", "a") as step_py:
-        step_py.write(
-            "\n\n_plain_call = FinetuneStep.__call__\n\n\ndef _slow_call(self, *args, **kwargs):\n"
-            "    import time\n\n    time.sleep(0.5)\n    return _plain_call(self, *args, **kwargs)\n\n\n"
-            "FinetuneStep.__call__ = _slow_call\n"
-        )
+    slow = _tree_copy(
+        tmp_path / "slow", "m2dist/glue/step.py",
+        "\n\n_plain_call = FinetuneStep.__call__\n\n\ndef _slow_call(self, *args, **kwargs):\n"
+        "    import time\n\n    time.sleep(0.5)\n    return _plain_call(self, *args, **kwargs)\n\n\n"
+        "FinetuneStep.__call__ = _slow_call\n",
+    )  # fmt: skip
     order = []
     timings = time_revisions(
         [Revision("plain", REPO_ROOT), Revision("slow", slow)], "debug", [2], "cpu", False,
@@ -573,18 +576,17 @@ def test_revisions_time_the_sequence_mixer_of_each_tree(tmp_path):
     # sleeps 0.3 s a call measures that much more at each (its backward ran, once a step).
     from m2dist.bench.revisions import Revision, time_revisions
 
-    slow = _tree_copy(tmp_path / "slow")
-    with open(slow / "kernels" / "mixer" / "__init__.py", "a") as mixer_py:
-        mixer_py.write(
-            "\n\n_plain_implementation = implementation\n\n\n"
-            "class _SlowBackward(torch.autograd.Function):\n"
-            "    @staticmethod\n    def forward(ctx, y):\n        return y.view_as(y)\n\n"
-            "    @staticmethod\n    def backward(ctx, grad):\n"
-            "        import time\n\n        time.sleep(0.3)\n        return grad\n\n\n"
-            "def implementation(backend, fused=False):\n"
-            "    mixer = _plain_implementation(backend, fused)\n"
-            "    return lambda *args, **kwargs: _SlowBackward.apply(mixer(*args, **kwargs))\n"
-        )
+    slow = _tree_copy(
+        tmp_path / "slow", "kernels/mixer/__init__.py",
+        "\n\n_plain_implementation = implementation\n\n\n"
+        "class _SlowBackward(torch.autograd.Function):\n"
+        "    @staticmethod\n    def forward(ctx, y):\n        return y.view_as(y)\n\n"
+        "    @staticmethod\n    def backward(ctx, grad):\n"
+        "        import time\n\n        time.sleep(0.3)\n        return grad\n\n\n"
+        "def implementation(backend, fused=False):\n"
+        "    mixer = _plain_implementation(backend, fused)\n"
+        "    return lambda *args, **kwargs: _SlowBackward.apply(mixer(*args, **kwargs))\n",
+    )  # fmt: skip
     timings = time_revisions(
         [Revision("plain", REPO_ROOT), Revision("slow", slow)], "debug", [2, 4], "cpu", False, step="mixer",
         seq_len=16, first_steps=1, block_steps=1, rounds=2,
@@ -598,9 +600,7 @@ def test_revisions_time_the_sequence_mixer_of_each_tree(tmp_path):
 def test_a_revision_whose_worker_fails_is_named(tmp_path):
     from m2dist.bench.revisions import Revision, time_revisions
 
-    broken = _tree_copy(tmp_path / "broken")
-    with open(broken / "m2dist" / "bench" / "finetune.py", "a") as finetune_py:
-        finetune_py.write("\nraise ImportError('this tree does not import')\n")
+    broken = _tree_copy(tmp_path / "broken", "m2dist/bench/finetune.py", "\nraise ImportError('this tree does not import')\n")
     with pytest.raises(RuntimeError, match=f"worker of revision broken \\({broken}\\) exited with code 1"):
         time_revisions([Revision("broken", broken)], "debug", [2], "cpu", False, seq_len=16, first_steps=1, block_steps=1, rounds=1)
 
