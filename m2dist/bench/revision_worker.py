@@ -68,8 +68,9 @@ def _mixer_runners(spec: dict, device) -> dict:
     """The config's sequence mixer after `in_linear` (short convolution, gates, both long
     convolutions) forward and backward, one per batch size, with inputs as the model passes them
     under bf16 autocast: the projection (B, L, 3D) in bf16, the layer input u (B, L, D), the filters
-    and skip weights in fp32 (as `m2dist.bench.kernels.bench_mixer` makes them; no in_linear bias,
-    which older trees' mixers do not take). What a change to the mixer's kernels is worth, without
+    and skip weights in fp32 (as `m2dist.bench.kernels.bench_mixer` makes them, built here rather
+    than by a helper of that module, which the older trees compared would not have; no in_linear
+    bias, which their mixers do not take). What a change to the mixer's kernels is worth, without
     the rest of the step."""
     import torch
 
